@@ -1,0 +1,401 @@
+"""FP8 (ModelOpt ``quant_algo: FP8``) transformer builds.
+
+Two ways in:
+- **calibrated** (SGLang ``build_modelopt_fp8_transformer`` semantics): a ModelOpt HF export, the
+  calibrated maxima from ``backbone.pt`` and the BF16 base transformer. Quantized weights keep the
+  export's e4m3 bytes (or are re-quantized from the base with ``requantize=True``); scales are
+  ``amax / 448`` as float32 ``[1]``; preset fallback modules come back from the base in BF16 (decided
+  *before* ModelOpt's ignore list is consulted); ``_quantizer`` state and fallback scales are dropped.
+- **from_bf16** (calibration-free): the base alone; weight scales from the weights' own max |w|
+  (per output channel by default: ``FP8_PER_CHANNEL_PER_TOKEN``, dynamic activations), or per
+  tensor with a static ``input_scale`` from a given activation amax (``FP8``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import numpy as np
+
+from dqfast import __version__
+from dqfast.errors import PlanError
+from dqfast.plan import BuildReport, ModuleDecision, PlanBuilder, execute, parse_size, split_module
+from dqfast.presets import ModelPreset, resolve_preset
+from dqfast.quant_config import QuantConfig, find_component_dir, load_json, resolve_quant_config
+from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
+
+__all__ = ["build_fp8_transformer"]
+
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+E4M3_MAX = 448.0
+
+Rounding = Literal["exact", "modelopt"]
+
+
+def _rounding(r: str) -> str:
+    if r not in ("exact", "modelopt"):
+        raise PlanError(f"rounding must be 'exact' or 'modelopt', not '{r}'")
+    return "exact" if r == "exact" else "source_dtype"
+
+
+def _group_modules(info: CheckpointInfo) -> "OrderedDict[str, dict[str, TensorMeta]]":
+    mods: OrderedDict[str, dict[str, TensorMeta]] = OrderedDict()
+    for name, meta in info.tensors.items():
+        if "_quantizer." in name:
+            continue
+        module, suffix = split_module(name)
+        mods.setdefault(module, {})[suffix] = meta
+    return mods
+
+
+def _ignore_entries(preset: ModelPreset, module: str) -> list[str]:
+    """The diffusers name (vLLM-Omni matches it) and SGLang's preferred runtime name."""
+    preferred = preset.name_variants(module)[-1]
+    return [module] if preferred == module else [module, preferred]
+
+
+def _output_config(
+    src_cfg: dict[str, Any], quant_cfg: dict[str, Any], plan: PlanBuilder
+) -> None:
+    out_cfg = dict(src_cfg)
+    out_cfg["quantization_config"] = quant_cfg
+    plan.text_file("config.json", json.dumps(out_cfg, indent=2, sort_keys=True) + "\n")
+    qjson = json.dumps(quant_cfg, sort_keys=True)
+    plan.shard_metadata = {
+        "format": "pt",
+        "_class_name": str(src_cfg.get("_class_name", "")),
+        "config": json.dumps(out_cfg, sort_keys=True),
+        "quantization_config": qjson,
+        "_quantization_metadata": qjson,
+        "dqfast_version": __version__,
+    }
+
+
+def _fallback_res(patterns: Iterable[str]) -> list[re.Pattern[str]]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise PlanError(f"--fallback pattern '{p}' is not a valid regex: {e}") from None
+    return out
+
+
+def _check_base_tensor(base: CheckpointInfo, name: str, want_shape: tuple[int, ...] | None) -> TensorMeta:
+    meta = base.tensors.get(name)
+    if meta is None:
+        raise PlanError(f"{base.root}: base transformer has no tensor '{name}' (needed for a BF16 fallback)")
+    if want_shape is not None and meta.shape != want_shape:
+        raise PlanError(
+            f"{base.root}: tensor '{name}': base shape {list(meta.shape)} does not match the export's {list(want_shape)}"
+        )
+    return meta
+
+
+def build_fp8_transformer(
+    output_dir: str | os.PathLike[str],
+    *,
+    modelopt_hf_dir: str | os.PathLike[str] | None = None,
+    modelopt_backbone_ckpt: str | os.PathLike[str] | None = None,
+    base_transformer_dir: str | os.PathLike[str] | None = None,
+    model_type: str = "auto",
+    fallback: Iterable[str] = (),
+    from_bf16: bool = False,
+    weight_granularity: Literal["channel", "tensor"] = "channel",
+    activation_amax: float | None = None,
+    rounding: Rounding = "exact",
+    requantize: bool = False,
+    max_shard_size: str | int = "5GB",
+    threads: int = 0,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    fsync: bool = True,
+    component: str = "transformer",
+) -> BuildReport:
+    """Build an FP8 transformer directory that SGLang Diffusion / vLLM-Omni load.
+
+    Raises :class:`dqfast.errors.DqfastError` subclasses naming the file, tensor and problem;
+    nothing is left at ``output_dir`` on failure.
+    """
+    out = Path(output_dir)
+    if out.exists() and not overwrite and not dry_run:
+        from dqfast.errors import OutputExistsError
+
+        raise OutputExistsError(f"{out}: output already exists (pass overwrite to replace it)")
+    plan = PlanBuilder(out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), threads=threads, fsync=fsync)
+    extra = _fallback_res(fallback)
+    if from_bf16:
+        if base_transformer_dir is None:
+            raise PlanError("from_bf16 needs base_transformer_dir")
+        report = _plan_from_bf16(
+            plan, Path(base_transformer_dir), model_type, extra, weight_granularity, activation_amax, _rounding(rounding), component
+        )
+    else:
+        if modelopt_hf_dir is None:
+            raise PlanError("a calibrated FP8 build needs modelopt_hf_dir (or use from_bf16)")
+        report = _plan_calibrated(
+            plan,
+            Path(modelopt_hf_dir),
+            Path(modelopt_backbone_ckpt) if modelopt_backbone_ckpt else None,
+            Path(base_transformer_dir) if base_transformer_dir else None,
+            model_type,
+            extra,
+            _rounding(rounding),
+            requantize,
+            component,
+        )
+    report.dry_run = dry_run
+    if dry_run:
+        report.output_dir = None
+        return report
+    return execute(plan, report)
+
+
+def _plan_calibrated(
+    plan: PlanBuilder,
+    hf_dir: Path,
+    backbone: Path | None,
+    base_dir: Path | None,
+    model_type: str,
+    extra: list[re.Pattern[str]],
+    rounding: str,
+    requantize: bool,
+    component: str,
+) -> BuildReport:
+    from dqfast.amax import load_amax
+
+    export_dir = find_component_dir(hf_dir, component)
+    cfg_path = export_dir / "config.json"
+    export_cfg = load_json(cfg_path) if cfg_path.is_file() else {}
+    qc = resolve_quant_config(export_dir)
+    if qc is None:
+        raise PlanError(f"{cfg_path}: no ModelOpt quantization_config (quant_method must be 'modelopt')")
+    if qc.quant_algo != "FP8":
+        raise PlanError(f"{qc.source}: quant_algo is {qc.quant_algo}; this builder takes FP8 exports")
+    export = open_checkpoint(export_dir)
+    preset = resolve_preset(model_type, export_cfg)
+    base = open_checkpoint(find_component_dir(base_dir, component)) if base_dir else None
+    if backbone is not None:
+        amax = load_amax(backbone)
+        amax_source = str(backbone)
+    else:
+        amax = {}
+        amax_source = ""
+    src_export = plan.source(export_dir)
+    src_base = plan.source(base.root) if base else -1
+
+    report = BuildReport(output_dir=str(plan.output_dir), quant_algo="FP8")
+    counts = {"quantized": 0, "bf16_fallback": 0, "kept_unquantized": 0, "added_scales": 0,
+              "dropped_quantizer_tensors": 0, "dropped_fallback_scales": 0}
+    counts["dropped_quantizer_tensors"] = sum(1 for n in export.tensors if "_quantizer." in n)
+    ignore: set[str] = set(qc.ignore)
+    for module, parts in _group_modules(export).items():
+        weight = parts.get("weight")
+        fb = preset.fp8_fallback_match(module, extra) if weight is not None else None
+        is_fp8 = weight is not None and (weight.dtype == "F8_E4M3" or "weight_scale" in parts)
+        if fb is not None:
+            # Fallbacks first: a fallback weight never stays FP8, whatever ModelOpt's ignore says.
+            if base is None:
+                raise PlanError(
+                    f"module '{module}' matches fallback pattern {fb!r} but no base transformer was given "
+                    "(base_transformer_dir): its BF16 weights can only come from there"
+                )
+            report.decisions.append(ModuleDecision(module, "bf16-fallback", f"matches {fb}"))
+            counts["bf16_fallback"] += 1
+            ignore.update(_ignore_entries(preset, module))
+            for suffix, meta in parts.items():
+                if suffix in ("weight_scale", "input_scale", "weight_scale_2"):
+                    counts["dropped_fallback_scales"] += 1
+                    continue
+                bmeta = _check_base_tensor(base, meta.name, meta.shape)
+                if bmeta.dtype not in FLOAT_DTYPES:
+                    raise PlanError(f"{bmeta.file}: tensor '{meta.name}': base dtype {bmeta.dtype} is not BF16/F16/F32")
+                plan.copy(meta.name, src_base)
+            continue
+        if is_fp8:
+            pair = amax.get(module)
+            scale_from = "backbone"
+            if backbone is None:
+                pair = None
+                scale_from = "export"
+            elif pair is None or pair.weight is None or pair.input is None:
+                missing = "module" if pair is None else ("weight amax" if pair.weight is None else "input amax")
+                raise PlanError(
+                    f"{amax_source}: no calibrated {missing} for '{module}' "
+                    f"({module}.weight_quantizer._amax / .input_quantizer._amax), but the export quantizes it"
+                )
+            w_scale, in_scale = _fp8_scales(export, parts, module, pair, scale_from)
+            report.decisions.append(ModuleDecision(module, "fp8", f"quantized in the export; scales from {scale_from}"))
+            counts["quantized"] += 1
+            for suffix, meta in parts.items():
+                if suffix in ("weight_scale", "input_scale"):
+                    continue
+                if suffix != "weight":
+                    plan.copy(meta.name, src_export)
+                    continue
+                if requantize or meta.dtype != "F8_E4M3":
+                    if requantize:
+                        if base is None:
+                            raise PlanError("requantize needs base_transformer_dir")
+                        src_meta = _check_base_tensor(base, meta.name, meta.shape)
+                        src = src_base
+                    else:
+                        src_meta, src = meta, src_export
+                    if src_meta.dtype not in FLOAT_DTYPES:
+                        raise PlanError(f"{src_meta.file}: tensor '{meta.name}': cannot quantize dtype {src_meta.dtype}")
+                    plan.add(meta.name, "fp8", src=plan.ref(src, meta.name),
+                             scale={"kind": "values", "values": [w_scale]}, rounding=rounding)
+                else:
+                    plan.copy(meta.name, src_export)
+                plan.add(f"{module}.weight_scale", "f32", values=[w_scale], shape=[1])
+                plan.add(f"{module}.input_scale", "f32", values=[in_scale], shape=[1])
+                counts["added_scales"] += 2
+            continue
+        # Neither quantized in the export nor a fallback: kept as ModelOpt wrote it.
+        if weight is not None:
+            why = "in ModelOpt's ignore list" if qc.is_ignored(module) else "not quantized by ModelOpt"
+            if module in amax and amax[module].weight is not None:
+                why += " (its quantizer was disabled after calibration)"
+            report.decisions.append(ModuleDecision(module, "keep", why))
+            counts["kept_unquantized"] += 1
+            if weight.dtype in FLOAT_DTYPES and len(weight.shape) >= 2:
+                ignore.update(_ignore_entries(preset, module))
+        for meta in parts.values():
+            plan.copy(meta.name, src_export)
+
+    quant_cfg = dict(qc.raw)
+    quant_cfg.update({"quant_method": "modelopt", "quant_algo": "FP8", "ignore": sorted(ignore)})
+    quant_cfg.setdefault("quant_type", "FP8")
+    _output_config(export_cfg or (load_json(base.root / "config.json") if base else {}), quant_cfg, plan)
+    for f in sorted(export_dir.iterdir()):
+        if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".index.json")):
+            plan.copy_file(f.name, f)
+    report.counts = counts
+    return report
+
+
+def _scalar(x: np.ndarray, what: str, module: str, source: str) -> float:
+    a = np.asarray(x, dtype=np.float32)
+    if a.size != 1:
+        raise PlanError(
+            f"{source}: {what} of '{module}' has shape {list(a.shape)}; quant_algo FP8 takes one "
+            "per-tensor value (per-channel maxima need FP8_PER_CHANNEL_PER_TOKEN)"
+        )
+    v = float(a.reshape(()))
+    if not np.isfinite(v) or v <= 0:
+        raise PlanError(f"{source}: {what} of '{module}' is {v}; it must be finite and > 0")
+    return v
+
+
+def _fp8_scales(export: CheckpointInfo, parts: dict[str, TensorMeta], module: str, pair: Any, scale_from: str) -> tuple[float, float]:
+    """(weight_scale, input_scale) as float32 values."""
+    if scale_from == "backbone":
+        w = np.float32(_scalar(pair.weight, "weight amax", module, "backbone.pt")) / np.float32(E4M3_MAX)
+        i = np.float32(_scalar(pair.input, "input amax", module, "backbone.pt")) / np.float32(E4M3_MAX)
+        ws_meta = parts.get("weight_scale")
+        if ws_meta is not None and parts["weight"].dtype == "F8_E4M3":
+            exported = np.float32(read_tensor(ws_meta.file, ws_meta.name).reshape(-1)[0])
+            if exported != w:
+                raise PlanError(
+                    f"{ws_meta.file}: tensor '{ws_meta.name}' is {float(exported)!r} but backbone.pt gives "
+                    f"amax/448 = {float(w)!r}: the export and backbone.pt come from different calibrations"
+                )
+        return float(w), float(i)
+    for s in ("weight_scale", "input_scale"):
+        if s not in parts:
+            raise PlanError(f"{export.root}: '{module}.{s}' missing and no backbone.pt given to rebuild it")
+    w = read_tensor(parts["weight_scale"].file, parts["weight_scale"].name)
+    i = read_tensor(parts["input_scale"].file, parts["input_scale"].name)
+    return (_scalar(w, "weight_scale", module, str(export.root)), _scalar(i, "input_scale", module, str(export.root)))
+
+
+def _plan_from_bf16(
+    plan: PlanBuilder,
+    base_dir: Path,
+    model_type: str,
+    extra: list[re.Pattern[str]],
+    granularity: str,
+    activation_amax: float | None,
+    rounding: str,
+    component: str,
+) -> BuildReport:
+    base_dir = find_component_dir(base_dir, component)
+    base_cfg = load_json(base_dir / "config.json") if (base_dir / "config.json").is_file() else {}
+    if resolve_quant_config(base_dir) is not None:
+        raise PlanError(f"{base_dir}: already quantized; from_bf16 takes a BF16/FP16/FP32 transformer")
+    base = open_checkpoint(base_dir)
+    preset = resolve_preset(model_type, base_cfg)
+    if granularity not in ("channel", "tensor"):
+        raise PlanError(f"weight_granularity must be 'channel' or 'tensor', not '{granularity}'")
+    per_row = granularity == "channel"
+    if not per_row and activation_amax is None:
+        raise PlanError(
+            "per-tensor FP8 (quant_algo FP8) needs a static input_scale: pass activation_amax, "
+            "or use weight_granularity='channel' (FP8_PER_CHANNEL_PER_TOKEN, dynamic activations)"
+        )
+    if activation_amax is not None and not (np.isfinite(activation_amax) and activation_amax > 0):
+        raise PlanError(f"activation_amax is {activation_amax}; it must be finite and > 0")
+    algo = "FP8_PER_CHANNEL_PER_TOKEN" if per_row else "FP8"
+    src = plan.source(base.root)
+    report = BuildReport(output_dir=str(plan.output_dir), quant_algo=algo)
+    counts = {"quantized": 0, "bf16_fallback": 0, "kept_unquantized": 0, "added_scales": 0}
+    ignore: set[str] = set()
+    for module, parts in _group_modules(base).items():
+        weight = parts.get("weight")
+        reason = None
+        if weight is None:
+            pass
+        elif weight.dtype not in FLOAT_DTYPES or len(weight.shape) != 2:
+            reason = "not a 2-D float weight (norm, conv or embedding)"
+        elif (m := preset.fp8_fallback_match(module, extra)) is not None:
+            reason = f"fallback pattern {m}"
+            counts["bf16_fallback"] += 1
+        elif (m := preset.ptq_disabled_match(module)) is not None:
+            reason = f"left unquantized by ModelOpt's recipe ({m})"
+            counts["kept_unquantized"] += 1
+        if weight is None or reason is not None:
+            if weight is not None:
+                report.decisions.append(ModuleDecision(module, "keep", reason or ""))
+                ignore.update(_ignore_entries(preset, module))
+            for meta in parts.values():
+                plan.copy(meta.name, src)
+            continue
+        report.decisions.append(ModuleDecision(module, "fp8", f"weight amax per {granularity}"))
+        counts["quantized"] += 1
+        for suffix, meta in parts.items():
+            if suffix != "weight":
+                plan.copy(meta.name, src)
+                continue
+            plan.add(meta.name, "fp8", src=plan.ref(src, meta.name), scale={"kind": "weight_amax", "per_row": per_row},
+                     rounding=rounding)
+            plan.add(f"{module}.weight_scale", "scale_of", of=meta.name, shape=[meta.shape[0]] if per_row else [1])
+            counts["added_scales"] += 1
+            if activation_amax is not None:
+                plan.add(f"{module}.input_scale", "scale_from_amax", amax=[float(activation_amax)], bound=E4M3_MAX, shape=[1])
+                counts["added_scales"] += 1
+    quant_cfg: dict[str, Any] = {
+        "quant_method": "modelopt",
+        "quant_algo": algo,
+        "quant_type": algo,
+        "ignore": sorted(ignore),
+        "producer": {"name": "dqfast", "version": __version__},
+        "config_groups": {
+            "group_0": {
+                "weights": {"num_bits": 8, "type": "float", "dynamic": False,
+                            "strategy": "channel" if per_row else "tensor"},
+                "input_activations": {"num_bits": 8, "type": "float", "dynamic": activation_amax is None,
+                                      "strategy": "token" if activation_amax is None else "tensor"},
+                "targets": ["Linear"],
+            }
+        },
+        "calibration": "weights-only (dqfast from_bf16)"
+        + ("" if activation_amax is None else f"; static activation amax {activation_amax}"),
+    }
+    _output_config(base_cfg, quant_cfg, plan)
+    report.counts = counts
+    return report

@@ -1,0 +1,154 @@
+"""Build plans: the list of output tensors and how each is made, executed by the Rust engine.
+
+The planners (``dqfast.fp8``, ``dqfast.nvfp4``) decide per module what to write; a
+:class:`PlanBuilder` records it; :func:`execute` hands the plan to Rust, which streams it to disk
+with the GIL released and moves the finished directory into place atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dqfast import _core
+
+__all__ = ["PlanBuilder", "ModuleDecision", "BuildReport", "execute", "parse_size"]
+
+Rounding = Literal["exact", "modelopt"]
+
+WEIGHT_SUFFIXES = (".weight_scale_2", ".weight_scale", ".input_scale", ".weight", ".bias")
+
+
+def split_module(tensor: str) -> tuple[str, str]:
+    """``a.b.weight_scale`` -> (``a.b``, ``weight_scale``); names without a known suffix are
+    their own module with an empty suffix."""
+    for s in WEIGHT_SUFFIXES:
+        if tensor.endswith(s):
+            return tensor[: -len(s)], s[1:]
+    return tensor, ""
+
+
+def parse_size(s: str | int) -> int:
+    """``5GB`` / ``500MB`` / ``4GiB`` / plain bytes."""
+    if isinstance(s, int):
+        return s
+    t = s.strip().upper().replace(" ", "")
+    units = {"TIB": 1 << 40, "GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10, "TB": 10**12, "GB": 10**9,
+             "MB": 10**6, "KB": 10**3, "B": 1}
+    for u, m in units.items():
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * m)
+    return int(t)
+
+
+@dataclass
+class ModuleDecision:
+    """What happened to one module and why (shown by ``--dry-run`` and in reports)."""
+
+    module: str
+    action: str
+    reason: str
+
+
+@dataclass
+class BuildReport:
+    output_dir: str | None
+    quant_algo: str
+    decisions: list[ModuleDecision] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    tensors: list[dict[str, Any]] = field(default_factory=list)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    threads: int = 0
+    dry_run: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def throughput_gbps(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class PlanBuilder:
+    """Accumulates a plan in the JSON form the Rust engine reads (``dqfast-core::plan::Plan``)."""
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        max_shard_bytes: int = 5_000_000_000,
+        threads: int = 0,
+        fsync: bool = True,
+        file_prefix: str = "diffusion_pytorch_model",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
+        self.max_shard_bytes = max_shard_bytes
+        self.threads = threads
+        self.fsync = fsync
+        self.file_prefix = file_prefix
+        self.sources: list[str] = []
+        self.tensors: list[dict[str, Any]] = []
+        self.files: list[dict[str, Any]] = []
+        self.shard_metadata: dict[str, str] = {}
+
+    def source(self, path: str | os.PathLike[str]) -> int:
+        p = str(path)
+        if p not in self.sources:
+            self.sources.append(p)
+        return self.sources.index(p)
+
+    def add(self, name: str, op: str, **fields: Any) -> None:
+        self.tensors.append({"name": name, "op": op, **fields})
+
+    @staticmethod
+    def ref(source: int, tensor: str) -> dict[str, Any]:
+        return {"source": source, "tensor": tensor}
+
+    def copy(self, name: str, source: int, tensor: str | None = None) -> None:
+        self.add(name, "copy", src=self.ref(source, tensor or name))
+
+    def text_file(self, name: str, text: str) -> None:
+        self.files.append({"name": name, "text": text})
+
+    def copy_file(self, name: str, path: str | os.PathLike[str]) -> None:
+        self.files.append({"name": name, "copy_from": str(path)})
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "sources": self.sources,
+                "output_dir": str(self.output_dir),
+                "overwrite": self.overwrite,
+                "max_shard_bytes": self.max_shard_bytes,
+                "file_prefix": self.file_prefix,
+                "shard_metadata": self.shard_metadata,
+                "files": self.files,
+                "tensors": self.tensors,
+                "threads": self.threads,
+                "fsync": self.fsync,
+            }
+        )
+
+
+def execute(plan: PlanBuilder, report: BuildReport) -> BuildReport:
+    """Run the plan in Rust and fill ``report`` with what was written."""
+    out = json.loads(_core.execute_plan(plan.to_json()))
+    report.output_dir = out["output_dir"]
+    report.shards = out["shards"]
+    report.tensors = out["tensors"]
+    report.bytes_read = out["bytes_read"]
+    report.bytes_written = out["bytes_written"]
+    report.seconds = out["seconds"]
+    report.peak_rss_bytes = out["peak_rss_bytes"]
+    report.threads = out["threads"]
+    return report

@@ -1,0 +1,81 @@
+"""Per-layer weight error of a quantized checkpoint against its high-precision base."""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from ..runtime import quant as Q
+from ..runtime.loader import FP8_ALGOS, _Reader, _tensor_files, read_quant_spec
+
+# A layer whose weight SNR is this far below the median of layers with the same algo,
+# or whose cosine falls under MIN_COSINE, is flagged as an outlier.
+OUTLIER_DB_BELOW_MEDIAN = 6.0
+MIN_COSINE = 0.99
+
+
+def _dequantize(reader: _Reader, module: str, swap_nibbles: bool) -> tuple[torch.Tensor, str, int]:
+    w = reader.get(f"{module}.weight")
+    scale = reader.get(f"{module}.weight_scale").float()
+    if w.dtype == torch.float8_e4m3fn:
+        s = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
+        return w.float() * s, "FP8", 0
+    if w.dtype == torch.uint8:
+        block = reader.get(f"{module}.weight_scale")
+        raw = block.view(torch.uint8)
+        nan_bytes = int(((raw == 0x7F) | (raw == 0xFF)).sum())
+        if swap_nibbles:
+            w = Q.swap_nibbles(w)
+        gs = reader.get(f"{module}.weight_scale_2").float().reshape(())
+        return Q.nvfp4_dequantize(w, block, gs), "NVFP4", nan_bytes
+    raise ValueError(f"{module}.weight has dtype {w.dtype}; not a quantized weight")
+
+
+def _metrics(ref: torch.Tensor, deq: torch.Tensor) -> dict:
+    ref = ref.double().flatten()
+    deq = deq.double().flatten()
+    err = deq - ref
+    signal = float((ref * ref).sum())
+    noise = float((err * err).sum())
+    denom = float(ref.norm() * deq.norm())
+    return {
+        "max_abs_err": float(err.abs().max()),
+        "mean_abs_err": float(err.abs().mean()),
+        "cosine": float((ref @ deq) / denom) if denom > 0 else float("nan"),
+        "snr_db": 10 * math.log10(signal / noise) if noise > 0 else float("inf"),
+    }
+
+
+def layer_errors(base_dir: str | Path, quant_dir: str | Path) -> list[dict]:
+    """For every quantized Linear in `quant_dir`: its dequantized weight vs `base_dir`'s.
+
+    Each dict: module, algo, shape, max_abs_err, mean_abs_err, cosine, snr_db, nan (NaN in
+    the dequantized weight or NaN scale bytes), nan_scale_bytes, outlier (see module constants).
+    """
+    spec = read_quant_spec(quant_dir)
+    qreader = _Reader(_tensor_files(Path(quant_dir)))
+    breader = _Reader(_tensor_files(Path(base_dir)))
+    modules = sorted(name[: -len(".weight_scale")] for name in qreader.files if name.endswith(".weight_scale"))
+    rows: list[dict] = []
+    for module in modules:
+        deq, algo, nan_bytes = _dequantize(qreader, module, spec.swap_weight_nibbles)
+        if algo == "FP8" and spec.quant_algo in FP8_ALGOS:
+            algo = spec.quant_algo
+        base = breader.get(f"{module}.weight")
+        if tuple(base.shape) != tuple(deq.shape):
+            raise ValueError(f"{module}: base shape {tuple(base.shape)} != quantized {tuple(deq.shape)}")
+        row = {"module": module, "algo": algo, "shape": list(deq.shape)}
+        row.update(_metrics(base.float(), deq))
+        row["nan_scale_bytes"] = nan_bytes
+        row["nan"] = bool(nan_bytes) or bool(torch.isnan(deq).any()) or math.isnan(row["cosine"])
+        rows.append(row)
+    for algo in {r["algo"] for r in rows}:
+        finite = [r["snr_db"] for r in rows if r["algo"] == algo and math.isfinite(r["snr_db"])]
+        median = statistics.median(finite) if finite else float("nan")
+        for r in rows:
+            if r["algo"] == algo:
+                low = math.isfinite(median) and r["snr_db"] < median - OUTLIER_DB_BELOW_MEDIAN
+                r["outlier"] = bool(r["nan"] or low or not (r["cosine"] >= MIN_COSINE))
+    return rows

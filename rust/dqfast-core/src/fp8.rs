@@ -1,0 +1,356 @@
+//! float8_e4m3fn: conversion from BF16/FP16/FP32, scales and amax.
+//!
+//! The f32 → e4m3 rounding reproduces PyTorch's `c10::detail::fp8e4m3fn_from_fp32_value`
+//! bit for bit (round to nearest even; |x| ≥ 480 — and NaN — give the NaN code 0x7F with the
+//! input's sign; 464 < |x| < 480 also round to 0x7F). Checkpoints, however, hold values that
+//! ModelOpt and vLLM clamp to ±448 first; [`Saturation::Clamp`] does that clamp (NaN stays NaN,
+//! as with `torch.clamp`).
+
+use half::{bf16, f16};
+
+use crate::dtype::Dtype;
+
+/// Largest finite e4m3 value.
+pub const E4M3_MAX: f32 = 448.0;
+/// Byte of +448.
+pub const E4M3_MAX_BYTE: u8 = 0x7E;
+
+const FP8_NAN_THRESHOLD: u32 = 1087 << 20; // 480.0f32
+const DENORM_MAGIC: u32 = 141 << 23; // 2^14: adding it aligns the subnormal grid to bit 0
+const MIN_NORMAL_BITS: u32 = 121 << 23; // 2^-6
+const NORMAL_REBIAS: u32 = ((7i32 - 127) << 23) as u32;
+
+/// PyTorch's float → float8_e4m3fn cast, written without branches so loops vectorize.
+#[inline(always)]
+pub fn e4m3_from_f32(f: f32) -> u8 {
+    let bits = f.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let abs = bits & 0x7fff_ffff;
+    let sub = (f32::from_bits(abs) + f32::from_bits(DENORM_MAGIC))
+        .to_bits()
+        .wrapping_sub(DENORM_MAGIC) as u8;
+    let mant_odd = (abs >> 20) & 1;
+    let norm = (abs
+        .wrapping_add(NORMAL_REBIAS)
+        .wrapping_add(0x7FFFF)
+        .wrapping_add(mant_odd)
+        >> 20) as u8;
+    let r = if abs >= FP8_NAN_THRESHOLD {
+        0x7f
+    } else if abs < MIN_NORMAL_BITS {
+        sub
+    } else {
+        norm
+    };
+    r | sign
+}
+
+/// float8_e4m3fn → f32 (exact).
+#[inline]
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let e = ((b >> 3) & 0xF) as i32;
+    let m = (b & 0x7) as f32;
+    if b & 0x7f == 0x7f {
+        return f32::NAN.copysign(sign);
+    }
+    if e == 0 {
+        sign * m * (2.0f32).powi(-9)
+    } else {
+        sign * (1.0 + m / 8.0) * (2.0f32).powi(e - 7)
+    }
+}
+
+/// Whether an e4m3 byte is one of the two NaN codes.
+#[inline]
+pub fn e4m3_is_nan(b: u8) -> bool {
+    b & 0x7f == 0x7f
+}
+
+/// How out-of-range quotients are handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Saturation {
+    /// Clamp to ±448 before the cast, as ModelOpt/vLLM write checkpoints.
+    Clamp,
+    /// PyTorch's plain cast (|x| > 464 becomes NaN).
+    None,
+}
+
+/// How the quotient `w / scale` is formed before the cast.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rounding {
+    /// `(w.float() / scale).to(e4m3)`: divide in float32, round once. The most accurate.
+    Exact,
+    /// `(w / scale).to(e4m3)` with `w` in its own dtype and a 0-dim float32 scale, as ModelOpt's
+    /// export does: torch keeps the quotient in the weight's dtype (BF16/FP16), so it is rounded
+    /// twice. Reproduces ModelOpt's exported bytes.
+    SourceDtype,
+}
+
+/// PyTorch's scalar float → bfloat16 rounding (RNE; NaN becomes the canonical 0x7FC0).
+#[inline(always)]
+pub fn round_to_bf16(f: f32) -> f32 {
+    if f.is_nan() {
+        return f32::from_bits(0x7FC0_0000);
+    }
+    let b = f.to_bits();
+    let r = b.wrapping_add(0x7FFF + ((b >> 16) & 1));
+    f32::from_bits(r & 0xFFFF_0000)
+}
+
+#[inline(always)]
+fn round_to_f16(f: f32) -> f32 {
+    f16::from_f32(f).to_f32()
+}
+
+/// Read element `i` of a little-endian float buffer as f32.
+#[inline(always)]
+pub fn load_f32(src: &[u8], dtype: Dtype, i: usize) -> f32 {
+    match dtype {
+        Dtype::BF16 => bf16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
+        Dtype::F16 => f16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
+        Dtype::F32 => f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().unwrap()),
+        _ => unreachable!("load_f32 on non-float dtype {dtype}"),
+    }
+}
+
+/// Decode a whole float buffer to f32 (for verification and small tensors).
+pub fn to_f32_vec(src: &[u8], dtype: Dtype) -> Vec<f32> {
+    let n = src.len() / dtype.size();
+    (0..n).map(|i| load_f32(src, dtype, i)).collect()
+}
+
+/// Quantize `src` (elements `first_elem..` of a tensor whose rows hold `row_len` elements) to
+/// e4m3 in `out`. `scales` is one per-tensor scale or one scale per row.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_e4m3(
+    src: &[u8],
+    dtype: Dtype,
+    scales: &[f32],
+    row_len: usize,
+    first_elem: usize,
+    rounding: Rounding,
+    saturation: Saturation,
+    out: &mut [u8],
+) {
+    match dtype {
+        Dtype::BF16 => quantize_typed::<Bf16Src>(src, scales, row_len, first_elem, rounding, saturation, out),
+        Dtype::F16 => quantize_typed::<F16Src>(src, scales, row_len, first_elem, rounding, saturation, out),
+        Dtype::F32 => quantize_typed::<F32Src>(src, scales, row_len, first_elem, rounding, saturation, out),
+        _ => unreachable!("quantize_e4m3 on non-float dtype {dtype}"),
+    }
+}
+
+trait Src {
+    const SIZE: usize;
+    fn load(b: &[u8]) -> f32;
+    fn round_native(f: f32) -> f32;
+}
+struct Bf16Src;
+struct F16Src;
+struct F32Src;
+impl Src for Bf16Src {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn load(b: &[u8]) -> f32 {
+        f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
+    }
+    #[inline(always)]
+    fn round_native(f: f32) -> f32 {
+        round_to_bf16(f)
+    }
+}
+impl Src for F16Src {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn load(b: &[u8]) -> f32 {
+        f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+    }
+    #[inline(always)]
+    fn round_native(f: f32) -> f32 {
+        round_to_f16(f)
+    }
+}
+impl Src for F32Src {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    fn load(b: &[u8]) -> f32 {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+    #[inline(always)]
+    fn round_native(f: f32) -> f32 {
+        f
+    }
+}
+
+#[inline(always)]
+fn convert_run<S: Src, const NATIVE: bool, const CLAMP: bool>(src: &[u8], scale: f32, out: &mut [u8]) {
+    for (o, b) in out.iter_mut().zip(src.chunks_exact(S::SIZE)) {
+        let mut q = S::load(b) / scale;
+        if NATIVE {
+            q = S::round_native(q);
+        }
+        if CLAMP {
+            q = q.clamp(-E4M3_MAX, E4M3_MAX);
+        }
+        *o = e4m3_from_f32(q);
+    }
+}
+
+fn quantize_typed<S: Src>(
+    src: &[u8],
+    scales: &[f32],
+    row_len: usize,
+    first_elem: usize,
+    rounding: Rounding,
+    saturation: Saturation,
+    out: &mut [u8],
+) {
+    let n = out.len();
+    debug_assert_eq!(src.len(), n * S::SIZE);
+    let run = match (rounding, saturation) {
+        (Rounding::Exact, Saturation::Clamp) => convert_run::<S, false, true>,
+        (Rounding::Exact, Saturation::None) => convert_run::<S, false, false>,
+        (Rounding::SourceDtype, Saturation::Clamp) => convert_run::<S, true, true>,
+        (Rounding::SourceDtype, Saturation::None) => convert_run::<S, true, false>,
+    };
+    if scales.len() == 1 {
+        run(src, scales[0], out);
+        return;
+    }
+    // Per-row scales: convert one row segment at a time.
+    let mut i = 0;
+    while i < n {
+        let elem = first_elem + i;
+        let row = elem / row_len;
+        let seg = (row_len - elem % row_len).min(n - i);
+        run(&src[i * S::SIZE..(i + seg) * S::SIZE], scales[row], &mut out[i..i + seg]);
+        i += seg;
+    }
+}
+
+/// max |x| over a float buffer; NaN if any element is NaN (as `torch.amax` propagates it).
+pub fn amax(src: &[u8], dtype: Dtype) -> f32 {
+    fn go<S: Src>(src: &[u8]) -> f32 {
+        let mut m = 0.0f32;
+        let mut nan = false;
+        for b in src.chunks_exact(S::SIZE) {
+            let v = S::load(b).abs();
+            nan |= v.is_nan();
+            m = if v > m { v } else { m };
+        }
+        if nan {
+            f32::NAN
+        } else {
+            m
+        }
+    }
+    match dtype {
+        Dtype::BF16 => go::<Bf16Src>(src),
+        Dtype::F16 => go::<F16Src>(src),
+        Dtype::F32 => go::<F32Src>(src),
+        _ => unreachable!("amax on non-float dtype {dtype}"),
+    }
+}
+
+/// Per-row max |x| (rows of `row_len` elements).
+pub fn amax_rows(src: &[u8], dtype: Dtype, row_len: usize) -> Vec<f32> {
+    let rb = row_len * dtype.size();
+    if rb == 0 {
+        return Vec::new();
+    }
+    src.chunks_exact(rb).map(|r| amax(r, dtype)).collect()
+}
+
+/// FP8 dequant scale from a calibrated maximum: `amax / 448` in float32, as ModelOpt and
+/// SGLang's builder compute `weight_scale` and `input_scale`.
+#[inline]
+pub fn scale_from_amax(amax: f32) -> f32 {
+    amax / E4M3_MAX
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_table_round_trips_every_byte() {
+        for b in 0..=255u8 {
+            let f = e4m3_to_f32(b);
+            if e4m3_is_nan(b) {
+                assert!(f.is_nan());
+                assert_eq!(e4m3_from_f32(f), b);
+                continue;
+            }
+            // 0x80 is -0.0 and must come back as 0x80, not 0x00.
+            assert_eq!(e4m3_from_f32(f), b, "byte {b:#04x} value {f}");
+        }
+        assert_eq!(e4m3_to_f32(0x7E), 448.0);
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
+        assert_eq!(e4m3_to_f32(0x08), 2f32.powi(-6));
+    }
+
+    #[test]
+    fn rounding_is_nearest_even_and_torch_overflow() {
+        // Midpoint between 1.0 (0x38) and 1.125 (0x39) ties to even 0x38.
+        assert_eq!(e4m3_from_f32(1.0625), 0x38);
+        // Midpoint between 1.125 and 1.25 ties to even 1.25 (0x3A).
+        assert_eq!(e4m3_from_f32(1.1875), 0x3A);
+        // Above 448 torch does not saturate: 464 ties to 448, just above becomes NaN.
+        assert_eq!(e4m3_from_f32(464.0), 0x7E);
+        assert_eq!(e4m3_from_f32(464.1), 0x7F);
+        assert_eq!(e4m3_from_f32(-1000.0), 0xFF);
+        assert_eq!(e4m3_from_f32(f32::INFINITY), 0x7F);
+        // Subnormals: half of the smallest subnormal ties to zero, just above rounds up.
+        assert_eq!(e4m3_from_f32(2f32.powi(-10)), 0x00);
+        assert_eq!(e4m3_from_f32(2f32.powi(-10) * 1.01), 0x01);
+        assert_eq!(e4m3_from_f32(-0.0), 0x80);
+    }
+
+    #[test]
+    fn clamp_saturates_but_keeps_nan() {
+        let src: Vec<u8> = [1000.0f32, -1000.0, f32::NAN, 3.0]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        let mut out = [0u8; 4];
+        quantize_e4m3(&src, Dtype::F32, &[1.0], 4, 0, Rounding::Exact, Saturation::Clamp, &mut out);
+        assert_eq!(out, [0x7E, 0xFE, 0x7F, e4m3_from_f32(3.0)]);
+    }
+
+    #[test]
+    fn per_row_scales_apply_to_their_rows_across_chunk_offsets() {
+        let vals: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let src: Vec<u8> = vals.iter().flat_map(|f| f.to_le_bytes()).collect();
+        let scales = [1.0f32, 2.0, 4.0];
+        let mut whole = [0u8; 12];
+        quantize_e4m3(&src, Dtype::F32, &scales, 4, 0, Rounding::Exact, Saturation::Clamp, &mut whole);
+        for (i, &b) in whole.iter().enumerate() {
+            assert_eq!(b, e4m3_from_f32(vals[i] / scales[i / 4]));
+        }
+        // The same result when converted in odd-sized pieces.
+        let mut pieces = [0u8; 12];
+        for (a, b) in [(0usize, 3usize), (3, 9), (9, 12)] {
+            quantize_e4m3(&src[a * 4..b * 4], Dtype::F32, &scales, 4, a, Rounding::Exact, Saturation::Clamp, &mut pieces[a..b]);
+        }
+        assert_eq!(whole, pieces);
+    }
+
+    #[test]
+    fn bf16_rounding_matches_definition() {
+        assert_eq!(round_to_bf16(1.0 + 2f32.powi(-8)), 1.0); // tie to even
+        assert_eq!(round_to_bf16(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6)); // tie up to even
+        assert_eq!(round_to_bf16(f32::NAN).to_bits(), 0x7FC0_0000);
+    }
+
+    #[test]
+    fn amax_propagates_nan_and_ignores_sign() {
+        let src: Vec<u8> = [1.0f32, -7.5, 2.0].iter().flat_map(|f| f.to_le_bytes()).collect();
+        assert_eq!(amax(&src, Dtype::F32), 7.5);
+        let src: Vec<u8> = [1.0f32, f32::NAN, 2.0].iter().flat_map(|f| f.to_le_bytes()).collect();
+        assert!(amax(&src, Dtype::F32).is_nan());
+        assert_eq!(amax_rows(&[0u8; 0], Dtype::F32, 4), Vec::<f32>::new());
+    }
+}

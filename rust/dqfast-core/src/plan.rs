@@ -1,0 +1,921 @@
+//! The build engine: execute a [`Plan`] — a list of output tensors, each defined by an operation
+//! on source tensors — into a sharded safetensors directory.
+//!
+//! Memory stays bounded whatever the model size: sources are memory-mapped and their pages
+//! released after use, output headers are computed up front from the plan, and tensor data is
+//! produced in fixed-size batches (converted in parallel by rayon) that a writer thread drains,
+//! so computing batch i+1 overlaps writing batch i.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{Checkpoint, SafeFile};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::fp8::{self, Rounding, Saturation};
+use crate::header::{checked_nbytes, serialize_header, TensorInfo};
+use crate::nvfp4;
+use crate::writer::{assign_shards, index_json, shard_file_name, StagedDir};
+
+/// Bytes produced per batch handed to the writer thread.
+const BATCH_BYTES: usize = 16 << 20;
+/// Bytes each rayon task produces inside a batch.
+const PIECE_BYTES: usize = 1 << 20;
+/// Batches in flight between the producer and the writer (bounds memory to ~3 batches).
+const BATCHES_IN_FLIGHT: usize = 2;
+
+fn default_shard_bytes() -> u64 {
+    5_000_000_000
+}
+fn default_prefix() -> String {
+    "diffusion_pytorch_model".into()
+}
+fn yes() -> bool {
+    true
+}
+fn exact() -> Rounding {
+    Rounding::Exact
+}
+fn clamp() -> Saturation {
+    Saturation::Clamp
+}
+
+/// What to build. Produced by the Python planner, serialized as JSON.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Checkpoints (files or directories) that ops refer to by position.
+    pub sources: Vec<PathBuf>,
+    pub output_dir: PathBuf,
+    #[serde(default)]
+    pub overwrite: bool,
+    #[serde(default = "default_shard_bytes")]
+    pub max_shard_bytes: u64,
+    #[serde(default = "default_prefix")]
+    pub file_prefix: String,
+    /// `__metadata__` of every output shard.
+    #[serde(default)]
+    pub shard_metadata: BTreeMap<String, String>,
+    /// Non-tensor files of the output directory (config.json, copied sidecars).
+    #[serde(default)]
+    pub files: Vec<ExtraFile>,
+    pub tensors: Vec<OutTensor>,
+    /// Worker threads; 0 means one per core.
+    #[serde(default)]
+    pub threads: usize,
+    /// fsync every file before the output is moved into place.
+    #[serde(default = "yes")]
+    pub fsync: bool,
+    /// Write the index json even for a single shard.
+    #[serde(default)]
+    pub always_index: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraFile {
+    pub name: String,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub copy_from: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SrcRef {
+    pub source: usize,
+    pub tensor: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct OutTensor {
+    pub name: String,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// How an output tensor is made.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Byte-for-byte copy.
+    Copy { src: SrcRef },
+    /// `e4m3(w / scale)` of a BF16/FP16/FP32 tensor.
+    Fp8 {
+        src: SrcRef,
+        scale: ScaleSpec,
+        #[serde(default = "exact")]
+        rounding: Rounding,
+        #[serde(default = "clamp")]
+        saturation: Saturation,
+    },
+    /// The float32 scale(s) the `fp8` op that writes tensor `of` used.
+    ScaleOf { of: String, shape: Vec<usize> },
+    /// `amax / bound` in float32 (e.g. an FP8 input_scale: bound 448; NVFP4: 2688).
+    ScaleFromAmax {
+        amax: Vec<f32>,
+        bound: f32,
+        shape: Vec<usize>,
+    },
+    /// A literal float32 tensor.
+    F32 { values: Vec<f32>, shape: Vec<usize> },
+    /// Swap the two nibbles of every byte of a U8 tensor (FP4 element order).
+    SwapNibbles { src: SrcRef },
+    /// Copy an e4m3 tensor, replacing NaN bytes (0x7F/0xFF) by 448 (0x7E).
+    RepairNanE4m3 { src: SrcRef },
+    /// Rows `start..stop` of the first dimension (e.g. q, k, v of a fused projection).
+    SliceRows {
+        src: SrcRef,
+        start: usize,
+        stop: usize,
+    },
+    /// Concatenate tensors along the first dimension (same dtype and trailing shape).
+    ConcatRows { srcs: Vec<SrcRef> },
+    /// Block scales of an e4m3 tensor re-expressed for a new global scale:
+    /// `e4m3(f32(s) * factor)`, rows `start..stop` (the whole tensor when both are 0).
+    RescaleE4m3 {
+        src: SrcRef,
+        factor: f32,
+        #[serde(default)]
+        start: usize,
+        #[serde(default)]
+        stop: usize,
+    },
+    /// NVFP4 packed E2M1 codes `[N, K/2]` of a float tensor `[N, K]`.
+    Nvfp4Weight { src: SrcRef, amax: NvAmax },
+    /// NVFP4 e4m3 block scales `[N, K/16]` of a float tensor `[N, K]`.
+    Nvfp4BlockScales { src: SrcRef, amax: NvAmax },
+    /// NVFP4 `weight_scale_2` (float32) of a float tensor; `shape` is `[]` or `[1]`.
+    Nvfp4GlobalScale { src: SrcRef, amax: NvAmax, shape: Vec<usize> },
+}
+
+/// Where an FP8 scale comes from.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ScaleSpec {
+    /// Calibrated maxima (one, or one per output row): scale = amax / 448.
+    Amax { amax: Vec<f32> },
+    /// Scales given directly.
+    Values { values: Vec<f32> },
+    /// Max |w| of the weight itself, per tensor or per output row.
+    WeightAmax { per_row: bool },
+}
+
+/// Where an NVFP4 global amax comes from.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum NvAmax {
+    Given { amax: f32 },
+    Weight,
+}
+
+/// What was written.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub output_dir: PathBuf,
+    pub shards: Vec<ShardReport>,
+    pub tensors: Vec<TensorReport>,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub seconds: f64,
+    pub peak_rss_bytes: u64,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardReport {
+    pub file: String,
+    pub bytes: u64,
+    pub tensors: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub op: &'static str,
+    pub shard: String,
+    /// Scales an FP8 op used, or the global scale of an NVFP4 op (first 8 values).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<Vec<f32>>,
+}
+
+/// A source tensor located in its file.
+#[derive(Clone, Copy)]
+struct Src<'a> {
+    file: &'a SafeFile,
+    info: &'a TensorInfo,
+}
+
+impl<'a> Src<'a> {
+    fn data(&self) -> &'a [u8] {
+        self.file.data(self.info)
+    }
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::tensor(&self.file.path, &self.info.name, msg)
+    }
+}
+
+enum Kind<'a> {
+    Copy(Src<'a>),
+    Fp8 {
+        src: Src<'a>,
+        scale: FpScale,
+        rounding: Rounding,
+        saturation: Saturation,
+        row_len: usize,
+    },
+    ScaleOf(usize),
+    Bytes(Vec<u8>),
+    SwapNibbles(Src<'a>),
+    RepairNan(Src<'a>),
+    Rows {
+        src: Src<'a>,
+        byte_start: usize,
+    },
+    Concat(Vec<Src<'a>>),
+    Rescale {
+        src: Src<'a>,
+        factor: f32,
+        byte_start: usize,
+    },
+    Nv {
+        src: Src<'a>,
+        amax: NvAmax,
+        what: NvPart,
+        k: usize,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum NvPart {
+    Weight,
+    Scales,
+    Global,
+}
+
+enum FpScale {
+    Fixed(Arc<Vec<f32>>),
+    WeightAmax { per_row: bool },
+}
+
+struct Resolved<'a> {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    nbytes: usize,
+    kind: Kind<'a>,
+    op: &'static str,
+}
+
+fn check_scale_values(src: &Src, what: &str, v: &[f32]) -> Result<()> {
+    for (i, &s) in v.iter().enumerate() {
+        if !s.is_finite() || s <= 0.0 {
+            let at = if v.len() > 1 { format!(" at row {i}") } else { String::new() };
+            return Err(src.err(format!("{what} is {s}{at}; it must be finite and > 0")));
+        }
+    }
+    Ok(())
+}
+
+fn amax_ok(what: &str, name: &str, v: &[f32]) -> Result<()> {
+    for (i, &a) in v.iter().enumerate() {
+        if !a.is_finite() || a <= 0.0 {
+            let at = if v.len() > 1 { format!(" at index {i}") } else { String::new() };
+            return Err(Error::Plan(format!(
+                "tensor '{name}': {what} amax is {a}{at}; it must be finite and > 0"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a>>> {
+    let get = |r: &SrcRef| -> Result<Src<'a>> {
+        let ck = sources.get(r.source).ok_or_else(|| {
+            Error::Plan(format!("source index {} out of range ({} sources)", r.source, sources.len()))
+        })?;
+        let (file, info) = ck.require(&r.tensor)?;
+        Ok(Src { file, info })
+    };
+    let float_src = |s: &Src| -> Result<()> {
+        if s.info.dtype.is_float_source() {
+            Ok(())
+        } else {
+            Err(s.err(format!("dtype {} cannot be quantized (expected BF16, F16 or F32)", s.info.dtype)))
+        }
+    };
+    let mut out: Vec<Resolved<'a>> = Vec::with_capacity(plan.tensors.len());
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for t in &plan.tensors {
+        if index.insert(t.name.as_str(), out.len()).is_some() {
+            return Err(Error::Plan(format!("output tensor '{}' appears twice", t.name)));
+        }
+        let (dtype, shape, kind, op): (Dtype, Vec<usize>, Kind<'a>, &'static str) = match &t.op {
+            Op::Copy { src } => {
+                let s = get(src)?;
+                (s.info.dtype, s.info.shape.clone(), Kind::Copy(s), "copy")
+            }
+            Op::Fp8 { src, scale, rounding, saturation } => {
+                let s = get(src)?;
+                float_src(&s)?;
+                let rows = s.info.shape.first().copied().unwrap_or(1).max(1);
+                let numel = s.info.numel();
+                let row_len = if numel == 0 { 1 } else { numel / rows };
+                let scale = match scale {
+                    ScaleSpec::Amax { amax } => {
+                        if let Err(Error::Plan(m)) = amax_ok("calibrated", &t.name, amax) {
+                            return Err(s.err(m));
+                        }
+                        FpScale::Fixed(Arc::new(amax.iter().map(|&a| fp8::scale_from_amax(a)).collect()))
+                    }
+                    ScaleSpec::Values { values } => {
+                        check_scale_values(&s, "weight scale", values)?;
+                        FpScale::Fixed(Arc::new(values.clone()))
+                    }
+                    ScaleSpec::WeightAmax { per_row } => FpScale::WeightAmax { per_row: *per_row },
+                };
+                if let FpScale::Fixed(v) = &scale {
+                    if v.len() != 1 && v.len() != rows {
+                        return Err(s.err(format!(
+                            "{} scale values for a tensor of shape {:?} (expected 1 or {rows})",
+                            v.len(),
+                            s.info.shape
+                        )));
+                    }
+                    check_scale_values(&s, "weight scale", v)?;
+                }
+                (
+                    Dtype::F8_E4M3,
+                    s.info.shape.clone(),
+                    Kind::Fp8 { src: s, scale, rounding: *rounding, saturation: *saturation, row_len },
+                    "fp8",
+                )
+            }
+            Op::ScaleOf { of, shape } => {
+                let &j = index.get(of.as_str()).ok_or_else(|| {
+                    Error::Plan(format!("'{}': scale_of '{of}' must name an earlier fp8 tensor", t.name))
+                })?;
+                let Kind::Fp8 { src, scale, .. } = &out[j].kind else {
+                    return Err(Error::Plan(format!("'{}': scale_of '{of}' is not an fp8 tensor", t.name)));
+                };
+                let rows = src.info.shape.first().copied().unwrap_or(1);
+                let want = match scale {
+                    FpScale::Fixed(v) => v.len(),
+                    FpScale::WeightAmax { per_row: true } => rows,
+                    FpScale::WeightAmax { per_row: false } => 1,
+                };
+                let numel: usize = shape.iter().product();
+                if numel != want {
+                    return Err(Error::Plan(format!(
+                        "'{}': shape {shape:?} holds {numel} values but '{of}' has {want} scale(s)",
+                        t.name
+                    )));
+                }
+                (Dtype::F32, shape.clone(), Kind::ScaleOf(j), "scale")
+            }
+            Op::ScaleFromAmax { amax, bound, shape } => {
+                amax_ok("calibrated", &t.name, amax)?;
+                if !(bound.is_finite() && *bound > 0.0) {
+                    return Err(Error::Plan(format!("'{}': bound {bound} must be > 0", t.name)));
+                }
+                let vals: Vec<f32> = amax.iter().map(|&a| a / bound).collect();
+                (Dtype::F32, shape.clone(), Kind::Bytes(f32_bytes(&vals, &t.name, shape)?), "scale")
+            }
+            Op::F32 { values, shape } => {
+                (Dtype::F32, shape.clone(), Kind::Bytes(f32_bytes(values, &t.name, shape)?), "f32")
+            }
+            Op::SwapNibbles { src } => {
+                let s = get(src)?;
+                if s.info.dtype != Dtype::U8 {
+                    return Err(s.err(format!("nibble swap needs packed U8 data, found {}", s.info.dtype)));
+                }
+                (Dtype::U8, s.info.shape.clone(), Kind::SwapNibbles(s), "swap_nibbles")
+            }
+            Op::RepairNanE4m3 { src } => {
+                let s = get(src)?;
+                if s.info.dtype != Dtype::F8_E4M3 {
+                    return Err(s.err(format!("NaN repair needs F8_E4M3 data, found {}", s.info.dtype)));
+                }
+                (Dtype::F8_E4M3, s.info.shape.clone(), Kind::RepairNan(s), "repair_nan")
+            }
+            Op::SliceRows { src, start, stop } => {
+                let s = get(src)?;
+                let (shape, byte_start) = row_slice(&s, *start, *stop)?;
+                (s.info.dtype, shape, Kind::Rows { src: s, byte_start }, "slice_rows")
+            }
+            Op::RescaleE4m3 { src, factor, start, stop } => {
+                let s = get(src)?;
+                if s.info.dtype != Dtype::F8_E4M3 {
+                    return Err(s.err(format!("rescale needs F8_E4M3 data, found {}", s.info.dtype)));
+                }
+                if !(factor.is_finite() && *factor > 0.0) {
+                    return Err(s.err(format!("rescale factor {factor} must be finite and > 0")));
+                }
+                let (a, b) = if *start == 0 && *stop == 0 {
+                    (0, s.info.shape.first().copied().unwrap_or(1))
+                } else {
+                    (*start, *stop)
+                };
+                let (shape, byte_start) = row_slice(&s, a, b)?;
+                (Dtype::F8_E4M3, shape, Kind::Rescale { src: s, factor: *factor, byte_start }, "rescale_e4m3")
+            }
+            Op::ConcatRows { srcs } => {
+                if srcs.is_empty() {
+                    return Err(Error::Plan(format!("'{}': concat_rows of nothing", t.name)));
+                }
+                let ss: Vec<Src> = srcs.iter().map(get).collect::<Result<_>>()?;
+                let first = ss[0];
+                if first.info.shape.is_empty() {
+                    return Err(first.err("concat_rows needs tensors with at least one dimension"));
+                }
+                let mut rows = 0;
+                for s in &ss {
+                    if s.info.dtype != first.info.dtype || s.info.shape.get(1..) != first.info.shape.get(1..) {
+                        return Err(s.err(format!(
+                            "cannot concatenate {} {:?} with {} {:?}",
+                            s.info.dtype, s.info.shape, first.info.dtype, first.info.shape
+                        )));
+                    }
+                    rows += s.info.shape[0];
+                }
+                let mut shape = first.info.shape.clone();
+                shape[0] = rows;
+                (first.info.dtype, shape, Kind::Concat(ss), "concat_rows")
+            }
+            Op::Nvfp4Weight { src, amax }
+            | Op::Nvfp4BlockScales { src, amax }
+            | Op::Nvfp4GlobalScale { src, amax, .. } => {
+                let s = get(src)?;
+                float_src(&s)?;
+                if s.info.shape.len() != 2 || s.info.shape[1] % 16 != 0 {
+                    return Err(s.err(format!(
+                        "NVFP4 needs a 2-D weight whose last dimension is a multiple of 16, found {:?}",
+                        s.info.shape
+                    )));
+                }
+                if let NvAmax::Given { amax } = amax {
+                    amax_ok("weight", &t.name, &[*amax]).map_err(|e| s.err(e.to_string()))?;
+                }
+                let (n, k) = (s.info.shape[0], s.info.shape[1]);
+                let (what, dtype, shape, op) = match &t.op {
+                    Op::Nvfp4Weight { .. } => (NvPart::Weight, Dtype::U8, vec![n, k / 2], "nvfp4_weight"),
+                    Op::Nvfp4BlockScales { .. } => {
+                        (NvPart::Scales, Dtype::F8_E4M3, vec![n, k / 16], "nvfp4_block_scales")
+                    }
+                    Op::Nvfp4GlobalScale { shape, .. } => {
+                        if shape.iter().product::<usize>() != 1 {
+                            return Err(Error::Plan(format!("'{}': global scale shape {shape:?} is not a scalar", t.name)));
+                        }
+                        (NvPart::Global, Dtype::F32, shape.clone(), "nvfp4_global_scale")
+                    }
+                    _ => unreachable!(),
+                };
+                (dtype, shape, Kind::Nv { src: s, amax: amax.clone(), what, k }, op)
+            }
+        };
+        let nbytes = checked_nbytes(&shape, dtype.size())
+            .ok_or_else(|| Error::Plan(format!("'{}': shape {shape:?} overflows", t.name)))?;
+        if let Kind::Bytes(b) = &kind {
+            debug_assert_eq!(b.len(), nbytes);
+        }
+        out.push(Resolved { name: t.name.clone(), dtype, shape, nbytes, kind, op });
+    }
+    Ok(out)
+}
+
+fn row_slice(s: &Src, start: usize, stop: usize) -> Result<(Vec<usize>, usize)> {
+    let rows = *s.info.shape.first().ok_or_else(|| s.err("cannot slice rows of a 0-d tensor"))?;
+    if start >= stop || stop > rows {
+        return Err(s.err(format!("row range {start}..{stop} is not inside 0..{rows}")));
+    }
+    let row_bytes = if rows == 0 { 0 } else { s.info.nbytes() / rows };
+    let mut shape = s.info.shape.clone();
+    shape[0] = stop - start;
+    Ok((shape, start * row_bytes))
+}
+
+fn f32_bytes(values: &[f32], name: &str, shape: &[usize]) -> Result<Vec<u8>> {
+    let numel: usize = shape.iter().product();
+    if numel != values.len() {
+        return Err(Error::Plan(format!(
+            "'{name}': {} values for shape {shape:?}",
+            values.len()
+        )));
+    }
+    Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
+/// Scales computed while the build runs (weight amax), shared between an fp8 op and the
+/// `scale_of` tensor that records them, and NVFP4 global scales shared by the three outputs.
+#[derive(Default)]
+struct Memo {
+    fp8: Mutex<HashMap<usize, Arc<Vec<f32>>>>,
+    nv: Mutex<HashMap<(usize, String), f32>>,
+}
+
+fn parallel_amax(src: &Src) -> f32 {
+    let d = src.info.dtype;
+    let piece = PIECE_BYTES / d.size() * d.size();
+    src.data()
+        .par_chunks(piece.max(d.size()))
+        .map(|c| fp8::amax(c, d))
+        .reduce(|| 0.0f32, |a, b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) })
+}
+
+fn weight_scales(src: &Src, per_row: bool) -> Result<Vec<f32>> {
+    let d = src.info.dtype;
+    let amax: Vec<f32> = if per_row {
+        let rows = src.info.shape.first().copied().unwrap_or(1).max(1);
+        let rb = src.info.nbytes() / rows;
+        if rb == 0 {
+            vec![0.0; rows]
+        } else {
+            src.data().par_chunks(rb).map(|r| fp8::amax(r, d)).collect()
+        }
+    } else {
+        vec![parallel_amax(src)]
+    };
+    amax.iter()
+        .enumerate()
+        .map(|(i, &a)| {
+            if a.is_nan() {
+                Err(src.err(format!("contains NaN (row {i}); refusing to quantize")))
+            } else if a.is_infinite() {
+                Err(src.err(format!("contains inf (row {i}); refusing to quantize")))
+            } else if a == 0.0 {
+                // An all-zero weight (or row): any positive scale represents it exactly.
+                Ok(1.0)
+            } else {
+                Ok(fp8::scale_from_amax(a))
+            }
+        })
+        .collect()
+}
+
+impl Memo {
+    fn fp8_scales(&self, idx: usize, r: &Resolved) -> Result<Arc<Vec<f32>>> {
+        let Kind::Fp8 { src, scale, .. } = &r.kind else { unreachable!() };
+        match scale {
+            FpScale::Fixed(v) => Ok(v.clone()),
+            FpScale::WeightAmax { per_row } => {
+                if let Some(v) = self.fp8.lock().unwrap().get(&idx) {
+                    return Ok(v.clone());
+                }
+                let v = Arc::new(weight_scales(src, *per_row)?);
+                self.fp8.lock().unwrap().insert(idx, v.clone());
+                Ok(v)
+            }
+        }
+    }
+
+    fn nv_global(&self, src: &Src, amax: &NvAmax) -> Result<f32> {
+        let a = match amax {
+            NvAmax::Given { amax } => *amax,
+            NvAmax::Weight => {
+                let key = (src.file as *const SafeFile as usize, src.info.name.clone());
+                if let Some(&g) = self.nv.lock().unwrap().get(&key) {
+                    return Ok(g);
+                }
+                let a = parallel_amax(src);
+                if !a.is_finite() {
+                    return Err(src.err(format!("weight amax is {a}; refusing to quantize")));
+                }
+                let g = if a == 0.0 { 1.0 } else { nvfp4::global_scale_from_amax(a) };
+                self.nv.lock().unwrap().insert(key, g);
+                return Ok(g);
+            }
+        };
+        Ok(nvfp4::global_scale_from_amax(a))
+    }
+}
+
+fn send<'a>(tx: &SyncSender<Msg<'a>>, m: Msg<'a>) -> Result<()> {
+    tx.send(m).map_err(|_| Error::Internal("writer thread stopped".into()))
+}
+
+enum Msg<'a> {
+    Open(PathBuf),
+    Owned(Vec<u8>),
+    Borrowed(&'a [u8]),
+    Release(Src<'a>),
+}
+
+/// Writer thread: drains batches into the current shard file; recycles owned buffers.
+fn writer_loop(rx: Receiver<Msg>, recycle: SyncSender<Vec<u8>>, fsync: bool) -> Result<u64> {
+    let mut cur: Option<(PathBuf, BufWriter<File>)> = None;
+    let mut written = 0u64;
+    let finish = |c: Option<(PathBuf, BufWriter<File>)>| -> Result<()> {
+        if let Some((p, w)) = c {
+            let f = w.into_inner().map_err(|e| Error::io(&p, "write", e.into_error()))?;
+            if fsync {
+                f.sync_all().map_err(|e| Error::io(&p, "fsync", e))?;
+            }
+        }
+        Ok(())
+    };
+    for msg in rx {
+        match msg {
+            Msg::Open(p) => {
+                finish(cur.take())?;
+                let f = File::create(&p).map_err(|e| Error::io(&p, "create", e))?;
+                cur = Some((p, BufWriter::with_capacity(1 << 20, f)));
+            }
+            Msg::Owned(buf) => {
+                let (p, w) = cur.as_mut().expect("file open");
+                w.write_all(&buf).map_err(|e| Error::io(p.as_path(), "write", e))?;
+                written += buf.len() as u64;
+                let _ = recycle.try_send(buf);
+            }
+            Msg::Borrowed(b) => {
+                let (p, w) = cur.as_mut().expect("file open");
+                w.write_all(b).map_err(|e| Error::io(p.as_path(), "write", e))?;
+                written += b.len() as u64;
+            }
+            Msg::Release(s) => s.file.release(s.info),
+        }
+    }
+    finish(cur.take())?;
+    Ok(written)
+}
+
+/// Fill `out` with the bytes of `r` starting at output byte `at` (a multiple of `unit`).
+fn fill(r: &Resolved, at: usize, out: &mut [u8], scales: Option<&[f32]>, nv_gs: f32) {
+    match &r.kind {
+        Kind::Fp8 { src, rounding, saturation, row_len, .. } => {
+            let d = src.info.dtype;
+            let s = &src.data()[at * d.size()..(at + out.len()) * d.size()];
+            fp8::quantize_e4m3(s, d, scales.unwrap(), *row_len, at, *rounding, *saturation, out);
+        }
+        Kind::SwapNibbles(src) => nvfp4::swap_nibbles(&src.data()[at..at + out.len()], out),
+        Kind::RepairNan(src) => {
+            out.copy_from_slice(&src.data()[at..at + out.len()]);
+            nvfp4::repair_nan_e4m3(out);
+        }
+        Kind::Rescale { src, factor, byte_start } => {
+            let s = &src.data()[byte_start + at..byte_start + at + out.len()];
+            nvfp4::rescale_block_scales(s, *factor, out);
+        }
+        Kind::Nv { src, what, k, .. } => {
+            let d = src.info.dtype;
+            let (row_out, row_in) = match what {
+                NvPart::Weight => (k / 2, k * d.size()),
+                NvPart::Scales => (k / 16, k * d.size()),
+                NvPart::Global => unreachable!(),
+            };
+            let (r0, r1) = (at / row_out, (at + out.len()) / row_out);
+            let s = &src.data()[r0 * row_in..r1 * row_in];
+            match what {
+                NvPart::Weight => nvfp4::quantize_packed(s, d, *k, nv_gs, out),
+                _ => nvfp4::block_scales(s, d, *k, nv_gs, out),
+            }
+        }
+        _ => unreachable!("fill on a non-computed tensor"),
+    }
+}
+
+/// Output bytes of one indivisible unit of work.
+fn unit_bytes(r: &Resolved) -> usize {
+    match &r.kind {
+        Kind::Nv { what: NvPart::Weight, k, .. } => (k / 2).max(1),
+        Kind::Nv { what: NvPart::Scales, k, .. } => (k / 16).max(1),
+        _ => 1,
+    }
+}
+
+fn emit<'a>(
+    idx: usize,
+    r: &'a Resolved<'a>,
+    all: &'a [Resolved<'a>],
+    memo: &Memo,
+    tx: &SyncSender<Msg<'a>>,
+    pool: &Receiver<Vec<u8>>,
+) -> Result<Option<Vec<f32>>> {
+    let send = |m: Msg<'a>| send(tx, m);
+    match &r.kind {
+        Kind::Copy(s) => {
+            send(Msg::Borrowed(s.data()))?;
+            send(Msg::Release(*s))?;
+            return Ok(None);
+        }
+        Kind::Rows { src, byte_start } => {
+            send(Msg::Borrowed(&src.data()[*byte_start..byte_start + r.nbytes]))?;
+            return Ok(None);
+        }
+        Kind::Concat(ss) => {
+            for s in ss {
+                send(Msg::Borrowed(s.data()))?;
+            }
+            return Ok(None);
+        }
+        Kind::Bytes(b) => {
+            send(Msg::Borrowed(b))?;
+            return Ok(None);
+        }
+        Kind::ScaleOf(j) => {
+            let v = memo.fp8_scales(*j, &all[*j])?;
+            send(Msg::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect()))?;
+            return Ok(Some(v.iter().take(8).copied().collect()));
+        }
+        Kind::Nv { src, amax, what: NvPart::Global, .. } => {
+            let g = memo.nv_global(src, amax)?;
+            send(Msg::Owned(g.to_le_bytes().to_vec()))?;
+            return Ok(Some(vec![g]));
+        }
+        _ => {}
+    }
+    let scales = match &r.kind {
+        Kind::Fp8 { .. } => Some(memo.fp8_scales(idx, r)?),
+        _ => None,
+    };
+    let nv_gs = match &r.kind {
+        Kind::Nv { src, amax, .. } => memo.nv_global(src, amax)?,
+        _ => 0.0,
+    };
+    let unit = unit_bytes(r);
+    let batch = (BATCH_BYTES / unit).max(1) * unit;
+    let piece = (PIECE_BYTES / unit).max(1) * unit;
+    let mut at = 0;
+    while at < r.nbytes {
+        let len = batch.min(r.nbytes - at);
+        let mut buf = pool.try_recv().unwrap_or_default();
+        buf.clear();
+        buf.resize(len, 0);
+        buf.par_chunks_mut(piece).enumerate().for_each(|(i, c)| {
+            fill(r, at + i * piece, c, scales.as_deref().map(|v| v.as_slice()), nv_gs)
+        });
+        send(Msg::Owned(buf))?;
+        at += len;
+    }
+    let src = match &r.kind {
+        Kind::Fp8 { src, .. } | Kind::SwapNibbles(src) | Kind::RepairNan(src) => Some(*src),
+        _ => None,
+    };
+    if let Some(s) = src {
+        send(Msg::Release(s))?;
+    }
+    Ok(match &r.kind {
+        Kind::Fp8 { .. } => scales.map(|v| v.iter().take(8).copied().collect()),
+        Kind::Nv { .. } => Some(vec![nv_gs]),
+        _ => None,
+    })
+}
+
+/// Execute a plan. The output appears at `plan.output_dir` only if everything succeeded.
+pub fn execute(plan: &Plan) -> Result<Report> {
+    let threads = if plan.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        plan.threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Internal(format!("thread pool: {e}")))?;
+    pool.install(|| execute_inner(plan, threads))
+}
+
+fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
+    let t0 = Instant::now();
+    if plan.max_shard_bytes == 0 {
+        return Err(Error::Plan("max_shard_bytes must be > 0".into()));
+    }
+    if plan.file_prefix.is_empty() || plan.file_prefix.contains('/') {
+        return Err(Error::Plan(format!("bad file prefix '{}'", plan.file_prefix)));
+    }
+    // Refuse early, before reading anything.
+    if plan.output_dir.exists() && !plan.overwrite {
+        return Err(Error::OutputExists(plan.output_dir.clone()));
+    }
+    let sources: Vec<Checkpoint> = plan
+        .sources
+        .iter()
+        .map(|p| Checkpoint::open(p))
+        .collect::<Result<_>>()?;
+    for src in &sources {
+        if src.root == plan.output_dir || (src.root.is_dir() && plan.output_dir.starts_with(&src.root)) {
+            return Err(Error::Plan(format!(
+                "output {} would overwrite input {}",
+                plan.output_dir.display(),
+                src.root.display()
+            )));
+        }
+    }
+    let resolved = resolve(plan, &sources)?;
+    for f in &plan.files {
+        if f.name.contains('/') || f.name.ends_with(".safetensors") || f.name.ends_with(".index.json") {
+            return Err(Error::Plan(format!("extra file name '{}' not allowed", f.name)));
+        }
+        if f.text.is_some() == f.copy_from.is_some() {
+            return Err(Error::Plan(format!("extra file '{}' needs exactly one of text / copy_from", f.name)));
+        }
+    }
+
+    let sizes: Vec<u64> = resolved.iter().map(|r| r.nbytes as u64).collect();
+    let shards = assign_shards(&sizes, plan.max_shard_bytes);
+    let n = shards.len();
+    let staged = StagedDir::create(&plan.output_dir, plan.overwrite)?;
+    for f in &plan.files {
+        let dst = staged.tmp.join(&f.name);
+        if let Some(t) = &f.text {
+            std::fs::write(&dst, t).map_err(|e| Error::io(&dst, "write", e))?;
+        } else if let Some(src) = &f.copy_from {
+            std::fs::copy(src, &dst).map_err(|e| Error::io(src, "copy", e))?;
+        }
+        if plan.fsync {
+            File::open(&dst).and_then(|f| f.sync_all()).map_err(|e| Error::io(&dst, "fsync", e))?;
+        }
+    }
+
+    let memo = Memo::default();
+    let mut tensor_reports: Vec<TensorReport> = Vec::with_capacity(resolved.len());
+    let mut shard_reports = Vec::with_capacity(n);
+    let mut weight_map = BTreeMap::new();
+    let (tx, rx) = sync_channel::<Msg>(BATCHES_IN_FLIGHT);
+    let (recycle_tx, recycle_rx) = sync_channel::<Vec<u8>>(BATCHES_IN_FLIGHT + 1);
+    let fsync = plan.fsync;
+    let written = std::thread::scope(|scope| -> Result<u64> {
+        let writer = scope.spawn(move || writer_loop(rx, recycle_tx, fsync));
+        let mut produce = || -> Result<()> {
+            for (si, range) in shards.iter().enumerate() {
+                let fname = shard_file_name(&plan.file_prefix, si, n);
+                let entries: Vec<(String, Dtype, Vec<usize>)> = resolved[range.clone()]
+                    .iter()
+                    .map(|r| (r.name.clone(), r.dtype, r.shape.clone()))
+                    .collect();
+                let (hdr, _) = serialize_header(&plan.shard_metadata, &entries)?;
+                let hdr_len = hdr.len() as u64;
+                send(&tx, Msg::Open(staged.tmp.join(&fname)))?;
+                send(&tx, Msg::Owned(hdr))?;
+                let mut bytes = hdr_len;
+                for i in range.clone() {
+                    let r = &resolved[i];
+                    let scale = emit(i, r, &resolved, &memo, &tx, &recycle_rx)?;
+                    bytes += r.nbytes as u64;
+                    weight_map.insert(r.name.clone(), fname.clone());
+                    tensor_reports.push(TensorReport {
+                        name: r.name.clone(),
+                        dtype: r.dtype,
+                        shape: r.shape.clone(),
+                        op: r.op,
+                        shard: fname.clone(),
+                        scale,
+                    });
+                }
+                shard_reports.push(ShardReport { file: fname, bytes, tensors: range.len() });
+            }
+            Ok(())
+        };
+        let produced = produce();
+        drop(tx);
+        let w = writer.join().map_err(|_| Error::Internal("writer thread panicked".into()))?;
+        // A writer error explains a producer's "writer stopped"; report it first.
+        let w = w?;
+        produced?;
+        Ok(w)
+    })?;
+
+    if n > 1 || plan.always_index {
+        let total: u64 = sizes.iter().sum();
+        let p = staged.tmp.join(format!("{}.safetensors.index.json", plan.file_prefix));
+        std::fs::write(&p, index_json(total, &weight_map)).map_err(|e| Error::io(&p, "write", e))?;
+    }
+    let bytes_read = resolved.iter().map(|r| source_bytes(r)).sum();
+    staged.commit(plan.overwrite)?;
+    Ok(Report {
+        output_dir: plan.output_dir.clone(),
+        shards: shard_reports,
+        tensors: tensor_reports,
+        bytes_read,
+        bytes_written: written,
+        seconds: t0.elapsed().as_secs_f64(),
+        peak_rss_bytes: crate::rss::peak_rss_bytes(),
+        threads,
+    })
+}
+
+fn source_bytes(r: &Resolved) -> u64 {
+    (match &r.kind {
+        Kind::Copy(s) | Kind::Fp8 { src: s, .. } | Kind::SwapNibbles(s) | Kind::RepairNan(s) => s.info.nbytes(),
+        Kind::Nv { src, what: NvPart::Weight, .. } => src.info.nbytes(),
+        Kind::Rows { .. } | Kind::Rescale { .. } => r.nbytes,
+        Kind::Concat(ss) => ss.iter().map(|s| s.info.nbytes()).sum(),
+        _ => 0,
+    }) as u64
+}
+
+/// Convenience for callers holding a JSON plan.
+pub fn execute_json(plan_json: &str) -> Result<Report> {
+    let plan: Plan = serde_json::from_str(plan_json).map_err(|e| Error::Plan(e.to_string()))?;
+    execute(&plan)
+}

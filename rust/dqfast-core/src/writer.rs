@@ -1,0 +1,200 @@
+//! Output side: shard assignment, atomic output directories, and the index json.
+//!
+//! Everything is written under a temporary sibling directory that is renamed into place only
+//! after every file has been written and synced, so an interrupted or failed build never leaves
+//! a half-written checkpoint at the output path.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// How tensors are grouped into shards: greedy in plan order, a new shard when the next tensor
+/// would push the current one past `max_bytes` (huggingface's rule; a single tensor larger than
+/// the limit gets a shard of its own).
+pub fn assign_shards(sizes: &[u64], max_bytes: u64) -> Vec<std::ops::Range<usize>> {
+    let mut shards = Vec::new();
+    let mut start = 0;
+    let mut acc = 0u64;
+    for (i, &s) in sizes.iter().enumerate() {
+        if i > start && acc + s > max_bytes {
+            shards.push(start..i);
+            start = i;
+            acc = 0;
+        }
+        acc += s;
+    }
+    if start < sizes.len() || sizes.is_empty() {
+        shards.push(start..sizes.len());
+    }
+    shards
+}
+
+/// `prefix.safetensors` for one shard, else `prefix-0000i-of-0000n.safetensors`.
+pub fn shard_file_name(prefix: &str, i: usize, n: usize) -> String {
+    if n == 1 {
+        format!("{prefix}.safetensors")
+    } else {
+        format!("{prefix}-{:05}-of-{:05}.safetensors", i + 1, n)
+    }
+}
+
+/// The index json huggingface and diffusers read: `{"metadata": {"total_size"}, "weight_map"}`.
+pub fn index_json(total_size: u64, weight_map: &BTreeMap<String, String>) -> String {
+    let v = serde_json::json!({
+        "metadata": {"total_size": total_size},
+        "weight_map": weight_map,
+    });
+    serde_json::to_string_pretty(&v).expect("index serializes") + "\n"
+}
+
+/// A temporary directory beside `output` that becomes `output` on [`StagedDir::commit`] and is
+/// removed on drop otherwise.
+pub struct StagedDir {
+    pub tmp: PathBuf,
+    pub output: PathBuf,
+    committed: bool,
+}
+
+const TMP_TAG: &str = ".dqfast-tmp-";
+
+impl StagedDir {
+    pub fn create(output: &Path, overwrite: bool) -> Result<StagedDir> {
+        if output.exists() && !overwrite {
+            return Err(Error::OutputExists(output.to_path_buf()));
+        }
+        let parent = match output.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, "create_dir_all", e))?;
+        let name = output
+            .file_name()
+            .ok_or_else(|| Error::Plan(format!("output path {} has no file name", output.display())))?
+            .to_string_lossy()
+            .to_string();
+        clean_stale(&parent, &name);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let tmp = parent.join(format!(".{name}{TMP_TAG}{}-{nanos}", std::process::id()));
+        fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, "create_dir", e))?;
+        Ok(StagedDir {
+            tmp,
+            output: output.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    /// Move the finished directory into place (replacing an existing output when allowed).
+    pub fn commit(mut self, overwrite: bool) -> Result<()> {
+        sync_dir(&self.tmp)?;
+        if self.output.exists() {
+            if !overwrite {
+                return Err(Error::OutputExists(self.output.clone()));
+            }
+            // Rename the old output aside first so the swap itself is two renames, never a
+            // moment with a half-deleted directory at the output path.
+            let old = self.tmp.with_extension("old");
+            fs::rename(&self.output, &old).map_err(|e| Error::io(&self.output, "rename", e))?;
+            fs::rename(&self.tmp, &self.output).map_err(|e| Error::io(&self.tmp, "rename", e))?;
+            let _ = if old.is_dir() {
+                fs::remove_dir_all(&old)
+            } else {
+                fs::remove_file(&old)
+            };
+        } else {
+            fs::rename(&self.tmp, &self.output).map_err(|e| Error::io(&self.tmp, "rename", e))?;
+        }
+        if let Some(p) = self.output.parent() {
+            let _ = sync_dir(if p.as_os_str().is_empty() { Path::new(".") } else { p });
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+fn sync_dir(p: &Path) -> Result<()> {
+    let f = fs::File::open(p).map_err(|e| Error::io(p, "open", e))?;
+    f.sync_all().map_err(|e| Error::io(p, "fsync", e))
+}
+
+/// Remove temporary directories of this output left by processes that no longer exist
+/// (a build killed with SIGKILL cannot clean up after itself).
+fn clean_stale(parent: &Path, name: &str) {
+    let prefix = format!(".{name}{TMP_TAG}");
+    let Ok(rd) = fs::read_dir(parent) else { return };
+    for e in rd.flatten() {
+        let fname = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = fname.strip_prefix(&prefix) else { continue };
+        let pid: Option<i32> = rest.split('-').next().and_then(|p| p.parse().ok());
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_split_greedily() {
+        assert_eq!(assign_shards(&[4, 4, 4], 8), vec![0..2, 2..3]);
+        assert_eq!(assign_shards(&[10, 1], 8), vec![0..1, 1..2]);
+        assert_eq!(assign_shards(&[1, 10, 1], 8), vec![0..1, 1..2, 2..3]);
+        assert_eq!(assign_shards(&[], 8), vec![0..0]);
+        assert_eq!(assign_shards(&[3, 3, 2], 8), vec![0..3]);
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(shard_file_name("m", 0, 1), "m.safetensors");
+        assert_eq!(shard_file_name("m", 1, 3), "m-00002-of-00003.safetensors");
+    }
+
+    #[test]
+    fn staged_dir_is_removed_unless_committed() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        let s = StagedDir::create(&out, false).unwrap();
+        let tmp = s.tmp.clone();
+        assert!(tmp.is_dir());
+        drop(s);
+        assert!(!tmp.exists());
+        assert!(!out.exists());
+        let s = StagedDir::create(&out, false).unwrap();
+        fs::write(s.tmp.join("f"), b"x").unwrap();
+        s.commit(false).unwrap();
+        assert!(out.join("f").is_file());
+        assert!(matches!(StagedDir::create(&out, false), Err(Error::OutputExists(_))));
+        let s = StagedDir::create(&out, true).unwrap();
+        fs::write(s.tmp.join("g"), b"y").unwrap();
+        s.commit(true).unwrap();
+        assert!(out.join("g").is_file());
+        assert!(!out.join("f").exists());
+        let leftovers: Vec<_> = fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1);
+    }
+
+    #[test]
+    fn stale_tmp_dirs_of_dead_processes_are_cleaned() {
+        let d = tempfile::tempdir().unwrap();
+        let stale = d.path().join(".out.dqfast-tmp-999999999-1");
+        fs::create_dir(&stale).unwrap();
+        let s = StagedDir::create(&d.path().join("out"), false).unwrap();
+        assert!(!stale.exists());
+        drop(s);
+    }
+}

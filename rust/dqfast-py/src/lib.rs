@@ -1,0 +1,201 @@
+//! `dqfast._core`: the thin Python face of `dqfast-core`.
+//!
+//! Heavy work runs with the GIL released; every Rust error becomes a typed Python exception
+//! carrying `path` and `tensor` attributes, and a panic is caught here and surfaced as
+//! `InternalError` instead of tearing the interpreter down.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+
+use dqfast_core::checkpoint::Checkpoint;
+use dqfast_core::dtype::Dtype;
+use dqfast_core::error::Error;
+use dqfast_core::fp8::{self, Rounding, Saturation};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+mod nvfp4_py;
+
+create_exception!(_core, DqfastError, PyException, "Base class of every dqfast error.");
+create_exception!(_core, CheckpointError, DqfastError, "A checkpoint file, header, index or tensor is malformed or missing.");
+create_exception!(_core, PlanError, DqfastError, "A build plan or its inputs are inconsistent (bad amax, shapes, options).");
+create_exception!(_core, OutputExistsError, DqfastError, "The output exists and overwrite was not requested.");
+create_exception!(_core, DqfastIOError, DqfastError, "An operating-system error while reading or writing.");
+create_exception!(_core, InternalError, DqfastError, "A bug in dqfast (a caught panic).");
+
+pub(crate) fn to_py(py: Python<'_>, e: Error) -> PyErr {
+    let msg = e.to_string();
+    let (err, path, tensor): (PyErr, Option<PathBuf>, Option<String>) = match e {
+        Error::Io { path, .. } => (DqfastIOError::new_err(msg), Some(path), None),
+        Error::Header { path, .. } => (CheckpointError::new_err(msg), Some(path), None),
+        Error::Tensor { path, tensor, .. } | Error::MissingTensor { path, tensor } => {
+            (CheckpointError::new_err(msg), Some(path), Some(tensor))
+        }
+        Error::Plan(_) => (PlanError::new_err(msg), None, None),
+        Error::OutputExists(p) => (OutputExistsError::new_err(msg), Some(p), None),
+        Error::Internal(_) => (InternalError::new_err(msg), None, None),
+    };
+    let v = err.value(py);
+    let _ = v.setattr("path", path.map(|p| p.display().to_string()));
+    let _ = v.setattr("tensor", tensor);
+    err
+}
+
+/// Run `f` without the GIL, turning errors and panics into Python exceptions.
+pub(crate) fn run_detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> Result<T, Error> + Send,
+) -> PyResult<T> {
+    let r = py.detach(|| catch_unwind(AssertUnwindSafe(f)));
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(to_py(py, e)),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(InternalError::new_err(format!("internal error (please report): {what}")))
+        }
+    }
+}
+
+pub(crate) fn parse_dtype(s: &str) -> PyResult<Dtype> {
+    Dtype::parse(s).ok_or_else(|| PlanError::new_err(format!("unknown dtype '{s}'")))
+}
+
+/// Execute a JSON build plan; returns the JSON report.
+#[pyfunction]
+fn execute_plan(py: Python<'_>, plan_json: String) -> PyResult<String> {
+    let report = run_detached(py, move || dqfast_core::plan::execute_json(&plan_json))?;
+    Ok(serde_json::to_string(&report).expect("report serializes"))
+}
+
+/// Open and validate a checkpoint (file or directory); returns its layout as JSON.
+#[pyfunction]
+fn read_checkpoint(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+    run_detached(py, move || {
+        let ck = Checkpoint::open(&path)?;
+        let files: Vec<serde_json::Value> = ck
+            .files
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "path": f.path,
+                    "metadata": f.header.metadata,
+                    "tensors": f.header.tensors.iter().map(|t| serde_json::json!({
+                        "name": t.name, "dtype": t.dtype.name(), "shape": t.shape, "nbytes": t.nbytes(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        Ok(serde_json::json!({"root": ck.root, "files": files}).to_string())
+    })
+}
+
+/// Raw bytes of one tensor: `(dtype, shape, data)`.
+#[pyfunction]
+fn read_tensor<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    name: String,
+) -> PyResult<(String, Vec<usize>, Bound<'py, PyBytes>)> {
+    let (dtype, shape, data) = run_detached(py, move || {
+        let ck = Checkpoint::open(&path)?;
+        let (f, t) = ck.require(&name)?;
+        Ok((t.dtype.name().to_string(), t.shape.clone(), f.data(t).to_vec()))
+    })?;
+    Ok((dtype, shape, PyBytes::new(py, &data)))
+}
+
+/// `e4m3(w / scale)` of little-endian float bytes; `scales` has one value or one per row.
+#[pyfunction]
+#[pyo3(signature = (data, dtype, scales, row_len, rounding="exact", saturation="clamp"))]
+fn quantize_e4m3<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    dtype: &str,
+    scales: Vec<f32>,
+    row_len: usize,
+    rounding: &str,
+    saturation: &str,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let d = parse_dtype(dtype)?;
+    if !d.is_float_source() {
+        return Err(PlanError::new_err(format!("cannot quantize {d}")));
+    }
+    if data.len() % d.size() != 0 || scales.is_empty() || row_len == 0 {
+        return Err(PlanError::new_err("data length, scales or row_len inconsistent"));
+    }
+    let n = data.len() / d.size();
+    if scales.len() != 1 && scales.len() * row_len != n {
+        return Err(PlanError::new_err(format!("{} scales for {n} elements in rows of {row_len}", scales.len())));
+    }
+    let rounding = match rounding {
+        "exact" => Rounding::Exact,
+        "source_dtype" | "modelopt" => Rounding::SourceDtype,
+        o => return Err(PlanError::new_err(format!("unknown rounding '{o}'"))),
+    };
+    let saturation = match saturation {
+        "clamp" => Saturation::Clamp,
+        "none" => Saturation::None,
+        o => return Err(PlanError::new_err(format!("unknown saturation '{o}'"))),
+    };
+    let mut out = vec![0u8; n];
+    py.detach(|| fp8::quantize_e4m3(data, d, &scales, row_len, 0, rounding, saturation, &mut out));
+    Ok(PyBytes::new(py, &out))
+}
+
+/// e4m3 bytes → little-endian float32 bytes.
+#[pyfunction]
+fn e4m3_to_f32<'py>(py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
+    let out: Vec<u8> = data.iter().flat_map(|&b| fp8::e4m3_to_f32(b).to_le_bytes()).collect();
+    PyBytes::new(py, &out)
+}
+
+/// max |x| of little-endian float bytes (NaN if any element is NaN).
+#[pyfunction]
+fn amax(data: &[u8], dtype: &str) -> PyResult<f32> {
+    let d = parse_dtype(dtype)?;
+    if !d.is_float_source() || data.len() % d.size() != 0 {
+        return Err(PlanError::new_err(format!("cannot take amax of {} bytes of {d}", data.len())));
+    }
+    Ok(fp8::amax(data, d))
+}
+
+/// FP8 scale `amax / 448` in float32.
+#[pyfunction]
+fn fp8_scale_from_amax(amax: f32) -> f32 {
+    fp8::scale_from_amax(amax)
+}
+
+/// Peak resident memory of this process in bytes.
+#[pyfunction]
+fn peak_rss_bytes() -> u64 {
+    dqfast_core::rss::peak_rss_bytes()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("DqfastError", py.get_type::<DqfastError>())?;
+    m.add("CheckpointError", py.get_type::<CheckpointError>())?;
+    m.add("PlanError", py.get_type::<PlanError>())?;
+    m.add("OutputExistsError", py.get_type::<OutputExistsError>())?;
+    m.add("DqfastIOError", py.get_type::<DqfastIOError>())?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
+    m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(read_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(read_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_e4m3, m)?)?;
+    m.add_function(wrap_pyfunction!(e4m3_to_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(amax, m)?)?;
+    m.add_function(wrap_pyfunction!(fp8_scale_from_amax, m)?)?;
+    m.add_function(wrap_pyfunction!(peak_rss_bytes, m)?)?;
+    nvfp4_py::register(m)?;
+    Ok(())
+}
