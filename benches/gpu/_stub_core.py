@@ -20,6 +20,9 @@ def ensure_dqfast_importable() -> bool:
     stub.__version__ = "0+no-core"
 
     def _missing(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
         def fail(*_a, **_k):
             raise RuntimeError(f"dqfast._core.{name}: Rust extension not built")
         return fail

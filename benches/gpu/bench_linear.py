@@ -79,46 +79,62 @@ def shape_benchmarks(rows: list[dict], sweep: bool) -> None:
         f8d = make_fp8(w, None, "triton")
         f8e = make_fp8(w, 0.01, "scaled_mm")
         f4 = make_fp4(w)
+        f4.backend_request = "triton"
         mem = {"bf16_bytes": nbytes(w), "fp8_bytes": nbytes(f8s.weight),
                "nvfp4_bytes": nbytes(f4.weight, f4.weight_scale)}
         for m in MS:
             x = torch.randn(m, k, device=dev).to(torch.bfloat16)
             row = {"model": model, "layer": layer, "M": m, "K": k, "N": n, **mem}
-            try:
-                row["bf16_ms"] = bench(lambda: F.linear(x, w))
-                xq = Q.quantize_fp8(x, torch.tensor(0.01, device=dev))
-                s1 = torch.tensor(0.01, device=dev)
-                row["fp8_gemm_only_ms"] = bench(lambda: torch._scaled_mm(
+            s1 = torch.tensor(0.01, device=dev)
+            xq = Q.quantize_fp8(x, s1)
+            env = os.environ
+
+            def no_share(fn):
+                def run():
+                    env["DQFAST_SHARE_ACT_QUANT"] = "0"  # time quantization on every call
+                    try:
+                        return fn()
+                    finally:
+                        env["DQFAST_SHARE_ACT_QUANT"] = "1"
+                return run
+            measures = {
+                "bf16_ms": lambda: F.linear(x, w),
+                "fp8_gemm_only_ms": lambda: torch._scaled_mm(
                     xq, f8s.weight.t(), scale_a=s1, scale_b=f8s.weight_scale, out_dtype=torch.bfloat16,
-                    use_fast_accum=True))
-                row["fp8_eager_static_ms"] = bench(lambda: f8e(x))
-                os_share = __import__("os").environ
-                os_share["DQFAST_SHARE_ACT_QUANT"] = "0"  # time quantization on every call
-                row["fp8_triton_static_ms"] = bench(lambda: f8s(x))
-                row["fp8_triton_dynamic_ms"] = bench(lambda: f8d(x))
-                os_share["DQFAST_SHARE_ACT_QUANT"] = "1"
-                row["quant_static_ms"] = bench(lambda: TK.fp8_quant_static(x, s1))
-                row["quant_per_token_ms"] = bench(lambda: TK.fp8_quant_per_token(x))
-                row["nvfp4_w4a16_ms"] = bench(lambda: f4(x))
-                if sweep:
-                    best = None
-                    for cfg in TK.W4A16_CONFIGS:
-                        try:
-                            t = bench(lambda: TK.nvfp4_w4a16_matmul(x, f4.weight, f4.weight_scale,
-                                                                    f4.weight_scale_2, None, cfg))
-                        except Exception as exc:  # e.g. out of shared memory for a config
-                            row.setdefault("sweep_errors", []).append(f"{cfg}: {type(exc).__name__}")
-                            continue
-                        if best is None or t < best[0]:
-                            best = (t, cfg)
-                    if best:
-                        row["nvfp4_w4a16_best_ms"], row["nvfp4_w4a16_best_cfg"] = best[0], list(best[1])
+                    use_fast_accum=True),
+                "fp8_eager_static_ms": lambda: f8e(x),
+                "fp8_triton_static_ms": no_share(lambda: f8s(x)),
+                "fp8_triton_dynamic_ms": no_share(lambda: f8d(x)),
+                "quant_static_ms": lambda: TK.fp8_quant_static(x, s1),
+                "quant_per_token_ms": lambda: TK.fp8_quant_per_token(x),
+                "nvfp4_w4a16_ms": lambda: TK.nvfp4_w4a16_matmul(x, f4.weight, f4.weight_scale, f4.weight_scale_2),
+                "nvfp4_dequant_gemm_ms": lambda: TK.nvfp4_dequant_matmul(x, f4.weight, f4.weight_scale,
+                                                                         f4.weight_scale_2),
+                "nvfp4_dequant_only_ms": lambda: TK.nvfp4_dequantize(f4.weight, f4.weight_scale, f4.weight_scale_2),
+                "nvfp4_module_ms": lambda: f4(x),
+            }
+            for key, fn in measures.items():
+                try:
+                    row[key] = bench(fn)
+                except Exception as exc:
+                    row.setdefault("errors", {})[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if sweep:
+                best = None
+                for cfg in TK.W4A16_CONFIGS:
+                    try:
+                        t = bench(lambda: TK.nvfp4_w4a16_matmul(x, f4.weight, f4.weight_scale,
+                                                                f4.weight_scale_2, None, cfg))
+                    except Exception as exc:  # e.g. out of shared memory for a config
+                        row.setdefault("sweep_errors", []).append(f"{cfg}: {type(exc).__name__}")
+                        continue
+                    if best is None or t < best[0]:
+                        best = (t, cfg)
+                if best:
+                    row["nvfp4_w4a16_best_ms"], row["nvfp4_w4a16_best_cfg"] = best[0], list(best[1])
+            if "bf16_ms" in row:
                 for key in list(row):
-                    if key.endswith("_ms") and key != "bf16_ms":
+                    if key.endswith("_ms") and key != "bf16_ms" and not key.startswith(("quant_", "nvfp4_dequant_only")):
                         row["speedup_" + key[:-3]] = row["bf16_ms"] / row[key]
-            except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
             rows.append(row)
             print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}))
         del w, f8s, f8d, f8e, f4
@@ -159,7 +175,9 @@ def flux_stack(img_tokens: int = 4096, txt_tokens: int = 512) -> dict:
         mod8 = make_fp8(w, 0.01, "triton")
         fp8.append(mod8)
         fp8_pre.append(None if fb else mod8)
-        fp4.append(make_fp4(w))
+        m4 = make_fp4(w)
+        m4.backend_request = "triton"
+        fp4.append(m4)
     res = {"layers": len(layers), "img_tokens": img_tokens, "txt_tokens": txt_tokens,
            "bf16_weight_GiB": sum(nbytes(w) for w in bf16) / 2**30,
            "fp8_weight_GiB": sum(nbytes(m.weight) for m in fp8) / 2**30,
@@ -184,7 +202,7 @@ def flux_stack(img_tokens: int = 4096, txt_tokens: int = 512) -> dict:
             mod(acts[key])
 
     for name, fn in [("bf16", run_bf16), ("fp8_triton_all", run_fp8), ("fp8_triton_flux1_preset", run_fp8_preset),
-                     ("nvfp4_w4a16_all", run_fp4)]:
+                     ("nvfp4_triton_auto_all", run_fp4)]:
         fn()
         torch.cuda.synchronize()
         ts = []
@@ -216,8 +234,9 @@ def write_md(path: Path, rows: list[dict], stack: dict | None, device: str) -> N
              "Median ms (triton.testing.do_bench). speedup = BF16 time / path time. fp8 static/dynamic = "
              "fused Triton activation quantization + torch._scaled_mm; eager = torch ops + _scaled_mm.", "",
              "| model | layer | M | K | N | bf16 ms | fp8 GEMM only | fp8 eager static | fp8 triton static | "
-             "fp8 triton per-token | nvfp4 W4A16 (default cfg) | nvfp4 W4A16 best cfg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fp8 triton per-token | nvfp4 fused W4A16 (default cfg) | nvfp4 fused W4A16 best cfg | "
+             "nvfp4 dequant+cuBLAS | nvfp4 module (auto) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r: dict, key: str) -> str:
         if key not in r:
@@ -230,7 +249,8 @@ def write_md(path: Path, rows: list[dict], stack: dict | None, device: str) -> N
         lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {r['bf16_ms']:.3f} | "
                      + " | ".join(cell(r, k) for k in ("fp8_gemm_only_ms", "fp8_eager_static_ms",
                                                         "fp8_triton_static_ms", "fp8_triton_dynamic_ms",
-                                                        "nvfp4_w4a16_ms", "nvfp4_w4a16_best_ms")) + " |")
+                                                        "nvfp4_w4a16_ms", "nvfp4_w4a16_best_ms",
+                                                        "nvfp4_dequant_gemm_ms", "nvfp4_module_ms")) + " |")
     if stack:
         lines += ["", "## FLUX.1-dev-shaped Linear stack (19 double + 38 single blocks, 4096 img + 512 txt tokens)",
                   "", "```", json.dumps(stack, indent=1), "```"]

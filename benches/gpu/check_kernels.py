@@ -95,10 +95,11 @@ def main() -> int:
                 y = TK.nvfp4_w4a16_matmul(x, mod.weight, mod.weight_scale, mod.weight_scale_2, mod.bias, cfg)
                 e = rel(y, ref)
                 record(f"nvfp4 triton cfg={cfg} {tag}", e < 1e-2 and torch.isfinite(y).all(), rel_err=e)
-            mod.backend_request = "triton"
-            y = mod(x)
-            e = rel(y, ref)
-            record(f"nvfp4 triton module default {tag}", e < 1e-2, rel_err=e)
+            for be in ("triton", "triton_fused", "triton_dequant"):
+                mod.backend_request = be
+                y = mod(x)
+                e = rel(y, ref)
+                record(f"nvfp4 {be} module {tag}", e < 1e-2 and torch.isfinite(y).all(), rel_err=e)
             w4a4 = mod.forward_emulation(x)
             record(f"nvfp4 w4a4-vs-w4a16 emulation gap {tag}", True, rel_err=rel(w4a4, ref))
         guarded(f"nvfp4 {tag}", fp4_paths)
@@ -119,8 +120,10 @@ def main() -> int:
         s4 = [nvfp4_linear_from_float(l, input_scale=0.01, backend="triton") for l in lins]
         f4 = fuse_nvfp4_linears(s4)
         ref4 = torch.cat([m.forward_emulation(x, act_quant=False) for m in s4], -1)
-        e4 = rel(f4(x), ref4)
-        record("fused nvfp4 qkv (triton, per-channel gs) vs per-shard emulation", e4 < 1e-2, rel_err=e4)
+        for be in ("triton_fused", "triton_dequant"):
+            f4.backend_request = be
+            e4 = rel(f4(x), ref4)
+            record(f"fused nvfp4 qkv ({be}, per-channel gs) vs per-shard emulation", e4 < 1e-2, rel_err=e4)
     guarded("fused", fused)
 
     def flashinfer_paths() -> None:

@@ -6,7 +6,9 @@ Back ends (env vars override the automatic choice; an explicit constructor argum
     triton:    fused Triton activation quantization + torch._scaled_mm
     flashinfer: flashinfer.bmm_fp8 (static per-tensor scales only)
   DQFAST_FP4_GEMM_BACKEND = auto | emulation | emulation_w4a16 | triton | flashinfer
-    triton:     W4A16 Triton dequant-GEMM (Hopper and older; input_scale unused)
+    triton:     W4A16 on Hopper and older (input_scale unused): below DQFAST_W4A16_DEQUANT_MIN_M
+                rows the fused Triton dequant-GEMM (triton_fused), from there on a Triton
+                dequantize into a transient bf16 weight + cuBLAS GEMM (triton_dequant)
     flashinfer: flashinfer.mm_fp4 (SM100+, W4A4)
     emulation:  dequantize + float32 matmul, W4A4 activation fake-quant (CPU reference)
 """
@@ -23,7 +25,7 @@ from torch import nn
 from . import quant as Q
 
 FP8_BACKENDS = ("auto", "emulation", "scaled_mm", "triton", "flashinfer")
-FP4_BACKENDS = ("auto", "emulation", "emulation_w4a16", "triton", "flashinfer")
+FP4_BACKENDS = ("auto", "emulation", "emulation_w4a16", "triton", "triton_fused", "triton_dequant", "flashinfer")
 
 
 @functools.lru_cache(maxsize=None)
@@ -372,11 +374,17 @@ class Nvfp4Linear(nn.Module):
         if backend == "emulation_w4a16":
             return self.forward_emulation(x, act_quant=False)
         x2d = _flatten(x)
-        if backend == "triton":
+        if backend.startswith("triton"):
             from . import triton_kernels as TK
             xin = x2d if x2d.dtype in (torch.bfloat16, torch.float16) else x2d.to(torch.bfloat16)
-            y = TK.nvfp4_w4a16_matmul(xin, self.weight, self.weight_scale, self.weight_scale_2,
-                                      self.bias)
+            if backend == "triton":
+                min_m = int(os.environ.get("DQFAST_W4A16_DEQUANT_MIN_M", "1024"))
+                backend = "triton_dequant" if xin.shape[0] >= min_m else "triton_fused"
+            bias = self.bias.to(xin.dtype) if self.bias is not None else None
+            if backend == "triton_dequant":
+                y = TK.nvfp4_dequant_matmul(xin, self.weight, self.weight_scale, self.weight_scale_2, bias)
+            else:
+                y = TK.nvfp4_w4a16_matmul(xin, self.weight, self.weight_scale, self.weight_scale_2, bias)
         elif backend == "flashinfer":
             y = self._forward_flashinfer(x2d)
             if self.bias is not None:

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-E4M3_MAX = 448.0
-MIN_AMAX = 1e-12
+E4M3_MAX = tl.constexpr(448.0)
+MIN_AMAX = tl.constexpr(1e-12)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -164,6 +164,56 @@ def _nvfp4_w4a16_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _nvfp4_dequant_kernel(w_ptr, s_ptr, gs_ptr, o_ptr, N, K, stride_wn, stride_sn, stride_on,
+                          PER_CHANNEL_GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    ks = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
+    packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kb[None, :], mask=mask_n[:, None], other=0)
+    scales = tl.load(s_ptr + offs_n[:, None].to(tl.int64) * stride_sn + ks[None, :], mask=mask_n[:, None],
+                     other=0.0).to(tl.float32) * 16384.0
+    if PER_CHANNEL_GS:
+        gs = tl.load(gs_ptr + offs_n, mask=mask_n, other=0.0)
+        scales = scales * gs[:, None]
+    else:
+        scales = scales * tl.load(gs_ptr)
+    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+    vals = tl.reshape(_e2m1_to_f32(codes), (BLOCK_N, BLOCK_K // 16, 16))
+    w = tl.reshape(vals * scales[:, :, None], (BLOCK_N, BLOCK_K))
+    ko = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + ko[None, :], w.to(o_ptr.dtype.element_ty),
+             mask=mask_n[:, None])
+
+
+def nvfp4_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
+                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Packed NVFP4 [N, K/2] -> [N, K] in `dtype` (global scale folded in, one rounding)."""
+    n, kh = packed.shape
+    k = kh * 2
+    block_k = 128 if k % 128 == 0 else (64 if k % 64 == 0 else 32)
+    if k % block_k:
+        raise ValueError(f"K={k} must be a multiple of 32")
+    out = torch.empty((n, k), dtype=dtype, device=packed.device)
+    gs = global_scale.float().reshape(-1)
+    grid = (triton.cdiv(n, 64), k // block_k)
+    _nvfp4_dequant_kernel[grid](packed, block_scale, gs, out, n, k, packed.stride(0), block_scale.stride(0),
+                                out.stride(0), PER_CHANNEL_GS=gs.numel() > 1, BLOCK_N=64, BLOCK_K=block_k,
+                                num_warps=4)
+    return out
+
+
+def nvfp4_dequant_matmul(x2d: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor,
+                         global_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Large-M path: dequantize the weight to a transient bf16 buffer, then a cuBLAS GEMM.
+    Weight memory at rest stays NVFP4; the buffer lives for one layer call."""
+    w = nvfp4_dequantize(packed, block_scale, global_scale, x2d.dtype)
+    return torch.nn.functional.linear(x2d, w, bias)
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP_AB)
 W4A16_CONFIGS: list[tuple[int, int, int, int, int, bool]] = [
     (128, 128, 64, 8, 4, False),
@@ -173,6 +223,9 @@ W4A16_CONFIGS: list[tuple[int, int, int, int, int, bool]] = [
     (128, 128, 64, 8, 4, True),
     (64, 64, 128, 4, 4, True),
     (16, 128, 128, 4, 4, True),
+    (128, 256, 128, 8, 3, False),
+    (256, 128, 64, 8, 3, False),
+    (128, 128, 64, 4, 4, False),
 ]
 
 

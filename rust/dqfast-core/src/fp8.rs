@@ -1,10 +1,11 @@
 //! float8_e4m3fn: conversion from BF16/FP16/FP32, scales and amax.
 //!
-//! The f32 → e4m3 rounding reproduces PyTorch's `c10::detail::fp8e4m3fn_from_fp32_value`
-//! bit for bit (round to nearest even; |x| ≥ 480 — and NaN — give the NaN code 0x7F with the
-//! input's sign; 464 < |x| < 480 also round to 0x7F). Checkpoints, however, hold values that
-//! ModelOpt and vLLM clamp to ±448 first; [`Saturation::Clamp`] does that clamp (NaN stays NaN,
-//! as with `torch.clamp`).
+//! The f32 → e4m3 rounding is c10's `fp8e4m3fn_from_fp32_value` (round to nearest even; in
+//! range it is bit-identical to every PyTorch version). Out of range the versions differ: c10's
+//! scalar rule gives the NaN code for |x| > 464 ([`Saturation::None`]); PyTorch 2.13's CPU cast
+//! saturates to ±448, which equals ModelOpt's/vLLM's clamp-then-cast ([`Saturation::Clamp`], the
+//! default; NaN stays NaN as with `torch.clamp`). `tests/test_fp8_kernels.py` proves both against
+//! torch over every BF16/FP16 input.
 
 use half::{bf16, f16};
 

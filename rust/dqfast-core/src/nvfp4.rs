@@ -35,6 +35,7 @@ pub fn e2m1_encode(x: f32) -> u8 {
     // searchsorted(bounds, a) with right=False counts the bounds b with !(b >= a); written as
     // a sum of comparisons so it vectorizes, and so NaN lands past every bound (code 7) as in torch.
     let mut ord = 0u8;
+    #[allow(clippy::neg_cmp_op_on_partial_ord)] // the negation is the point: NaN must count
     for b in E2M1_BOUNDS {
         ord += (!(b >= a)) as u8;
     }

@@ -1,0 +1,192 @@
+"""The ``dqfast`` command line: a thin layer over the Python API.
+
+Errors print one line (``error: <file>: tensor '<name>': <problem>``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from dqfast.errors import DqfastError
+from dqfast.plan import BuildReport
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(2)
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except DqfastError as e:
+        _fail(str(e))
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        _fail(str(e))
+    except ValueError as e:  # e.g. a malformed backbone.pt
+        _fail(str(e))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def print_report(report: BuildReport, as_json: bool, show_decisions: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if show_decisions:
+        t = Table(title="plan: what happens to each module")
+        for col in ("module", "action", "why"):
+            t.add_column(col)
+        for d in report.decisions:
+            t.add_row(d.module, d.action, d.reason)
+        console.print(t)
+    s = Table(title=f"dqfast {report.quant_algo} build" + (" (dry run: nothing written)" if report.dry_run else ""))
+    s.add_column("what")
+    s.add_column("value", justify="right")
+    for k, v in report.counts.items():
+        s.add_row(k.replace("_", " "), str(v))
+    if not report.dry_run:
+        s.add_row("output", str(report.output_dir))
+        s.add_row("shards", str(len(report.shards)))
+        s.add_row("read", _human(report.bytes_read))
+        s.add_row("written", _human(report.bytes_written))
+        s.add_row("seconds", f"{report.seconds:.2f}")
+        s.add_row("throughput", f"{report.throughput_gbps:.2f} GB/s of input")
+        s.add_row("peak RSS", _human(report.peak_rss_bytes))
+        s.add_row("threads", str(report.threads))
+    console.print(s)
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+@click.group()
+@click.version_option(package_name="dqfast")
+def main() -> None:
+    """Convert diffusion-transformer checkpoints to FP8 / NVFP4 for SGLang Diffusion and vLLM-Omni."""
+
+
+@main.group()
+def build() -> None:
+    """Build a quantized transformer directory."""
+
+
+def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--output-dir", required=True, type=click.Path(path_type=Path), help="Transformer directory to write."),
+        click.option("--model-type", default="auto", show_default=True,
+                     help="Preset: auto, flux1, flux2, hunyuan-video, qwen-image, wan, none."),
+        click.option("--fallback", "fallbacks", multiple=True, metavar="REGEX",
+                     help="Extra module regex to keep in BF16 (repeatable)."),
+        click.option("--max-shard-size", default="5GB", show_default=True),
+        click.option("--threads", default=0, show_default=True, help="Worker threads (0 = all cores)."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
+        click.option("--dry-run", is_flag=True, help="Print the plan (which modules become what, and why); write nothing."),
+        click.option("--no-fsync", is_flag=True, help="Skip fsync before the output is moved into place."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@build.command("fp8")
+@click.option("--modelopt-hf-dir", type=click.Path(exists=True, path_type=Path), help="ModelOpt HF export (root or transformer/).")
+@click.option("--modelopt-backbone-ckpt", type=click.Path(exists=True, path_type=Path),
+              help="ModelOpt backbone.pt (or its folder), or an amax .safetensors sidecar. A pickle: trusted files only "
+                   "(dqfast never executes it, but still reads it).")
+@click.option("--base-transformer-dir", type=click.Path(exists=True, path_type=Path), help="BF16 base transformer (fallback weights).")
+@click.option("--from-bf16", is_flag=True, help="Calibration-free: scales from the base weights themselves.")
+@click.option("--weight-granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True,
+              help="--from-bf16: per output channel (FP8_PER_CHANNEL_PER_TOKEN) or per tensor (FP8, needs --activation-amax).")
+@click.option("--activation-amax", type=float, default=None, help="--from-bf16: static activation amax -> input_scale = amax/448.")
+@click.option("--rounding", type=click.Choice(["exact", "modelopt"]), default="exact", show_default=True,
+              help="When dqfast quantizes: divide in float32 (exact) or in the weight's dtype as ModelOpt's export does.")
+@click.option("--requantize", is_flag=True, help="Re-quantize FP8 weights from the base instead of copying the export's bytes.")
+@_common_build_options
+def build_fp8(**kw: Any) -> None:
+    """FP8 transformer (SGLang build_modelopt_fp8_transformer semantics)."""
+    from dqfast.fp8 import build_fp8_transformer
+
+    report = _run(lambda: build_fp8_transformer(
+        kw["output_dir"],
+        modelopt_hf_dir=kw["modelopt_hf_dir"],
+        modelopt_backbone_ckpt=kw["modelopt_backbone_ckpt"],
+        base_transformer_dir=kw["base_transformer_dir"],
+        model_type=kw["model_type"],
+        fallback=kw["fallbacks"],
+        from_bf16=kw["from_bf16"],
+        weight_granularity=kw["weight_granularity"],
+        activation_amax=kw["activation_amax"],
+        rounding=kw["rounding"],
+        requantize=kw["requantize"],
+        max_shard_size=kw["max_shard_size"],
+        threads=kw["threads"],
+        overwrite=kw["overwrite"],
+        dry_run=kw["dry_run"],
+        fsync=not kw["no_fsync"],
+    ))
+    print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect_cmd(path: Path, as_json: bool) -> None:
+    """Dtypes, shapes, quantization summary and problems of a checkpoint."""
+    from dqfast.inspect import inspect_checkpoint
+
+    r = _run(lambda: inspect_checkpoint(path))
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+    else:
+        click.echo(f"{r.path}: {r.tensors} tensors in {r.files} file(s), {_human(r.total_bytes)}")
+        click.echo(f"class: {r.class_name}   quant_algo: {r.quant_algo} ({r.quant_config_source})")
+        click.echo("dtypes: " + ", ".join(f"{k}={v}" for k, v in sorted(r.dtypes.items())))
+        click.echo("modules: " + ", ".join(f"{k}={v}" for k, v in sorted(r.modules.items())))
+        if r.ignore:
+            click.echo(f"ignore: {len(r.ignore)} pattern(s): " + ", ".join(r.ignore[:8]) + (" ..." if len(r.ignore) > 8 else ""))
+        click.echo(f"problems: {len(r.problems)}")
+        for p in r.problems:
+            click.echo(f"  - {p}")
+    if r.problems:
+        sys.exit(1)
+
+
+@main.command("presets")
+def presets_cmd() -> None:
+    """List the model presets and where their lists come from."""
+    from dqfast.presets import PRESETS
+
+    for p in PRESETS.values():
+        click.echo(f"{p.name}: classes={list(p.class_names)} fp8_fallback={len(p.fp8_fallback)} "
+                   f"nvfp4_fallback={len(p.nvfp4_fallback)} ptq_disabled={len(p.ptq_disabled)}")
+        if p.source:
+            click.echo(f"    source: {p.source}")
+
+
+@main.command("demo")
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
+def demo_cmd(workdir: Path) -> None:
+    """Generate a small synthetic FLUX.1-shaped ModelOpt FP8 export and convert it."""
+    from dqfast.demo import run_demo
+
+    _run(lambda: run_demo(workdir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""``dqfast inspect``: what a checkpoint holds, how it is quantized, and what is wrong with it."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dqfast.plan import split_module
+from dqfast.quant_config import QuantConfig, load_json, resolve_quant_config
+from dqfast.reader import CheckpointInfo, open_checkpoint, read_tensor
+
+__all__ = ["InspectReport", "inspect_checkpoint"]
+
+# Scale tensors are small; reading them all stays cheap even for 14B models.
+_MAX_SCALE_BYTES = 64 << 20
+
+
+@dataclass
+class InspectReport:
+    path: str
+    files: int
+    tensors: int
+    total_bytes: int
+    dtypes: dict[str, int]
+    class_name: str | None
+    quant_algo: str | None
+    quant_config_source: str | None
+    ignore: list[str]
+    modules: dict[str, int]
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _module_kind(parts: dict[str, Any]) -> str:
+    w = parts.get("weight")
+    if w is None:
+        return "other"
+    if w.dtype == "F8_E4M3":
+        return "fp8"
+    if w.dtype == "U8" and "weight_scale" in parts and parts["weight_scale"].dtype == "F8_E4M3":
+        return "nvfp4"
+    if w.dtype in ("BF16", "F16", "F32"):
+        return "float"
+    return w.dtype.lower()
+
+
+def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
+    p = Path(path)
+    comp = p
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "transformer" / "config.json").is_file():
+        comp = p / "transformer"
+    info: CheckpointInfo = open_checkpoint(comp)
+    cfg = load_json(comp / "config.json") if comp.is_dir() and (comp / "config.json").is_file() else {}
+    qc: QuantConfig | None = resolve_quant_config(comp) if comp.is_dir() else None
+    mods: dict[str, dict[str, Any]] = {}
+    for name, meta in info.tensors.items():
+        m, suffix = split_module(name)
+        mods.setdefault(m, {})[suffix or name] = meta
+    kinds = Counter(_module_kind(parts) for parts in mods.values())
+    problems: list[str] = []
+    for m, parts in mods.items():
+        kind = _module_kind(parts)
+        if kind == "fp8":
+            for s in ("weight_scale",):
+                if s not in parts:
+                    problems.append(f"{m}: FP8 weight without {s}")
+            if qc is not None and qc.quant_algo == "FP8" and "input_scale" not in parts:
+                problems.append(f"{m}: FP8 weight without input_scale (quant_algo FP8 is static)")
+        if kind == "nvfp4":
+            w, ws = parts["weight"], parts["weight_scale"]
+            if len(w.shape) == 2 and len(ws.shape) == 2 and w.shape[1] * 2 != ws.shape[1] * 16:
+                problems.append(f"{m}: weight {list(w.shape)} and weight_scale {list(ws.shape)} disagree on K")
+            if "weight_scale_2" not in parts:
+                problems.append(f"{m}: NVFP4 weight without weight_scale_2")
+            if ws.nbytes <= _MAX_SCALE_BYTES:
+                raw = read_tensor(ws.file, ws.name, raw=True)
+                nan = int(np.count_nonzero((raw & 0x7F) == 0x7F))
+                if nan:
+                    problems.append(f"{m}: {nan} NaN byte(s) in weight_scale (repair with --repair-nan-scales)")
+        for s in ("weight_scale", "input_scale", "weight_scale_2"):
+            meta = parts.get(s)
+            if meta is None or meta.dtype != "F32" or meta.nbytes > _MAX_SCALE_BYTES:
+                continue
+            v = read_tensor(meta.file, meta.name)
+            bad = ~np.isfinite(v) | (v <= 0)
+            if bad.any():
+                problems.append(f"{meta.name}: {int(bad.sum())} scale value(s) not finite and > 0")
+        if qc is not None and kind == "float" and len(parts["weight"].shape) == 2 and qc.algo_for(m) not in (None,):
+            if qc.quant_algo != "MIXED_PRECISION":
+                problems.append(f"{m}: float weight but not covered by the ignore list (loaders expect it quantized)")
+    return InspectReport(
+        path=str(comp),
+        files=len(info.files),
+        tensors=len(info.tensors),
+        total_bytes=info.total_bytes,
+        dtypes=dict(Counter(t.dtype for t in info.tensors.values())),
+        class_name=cfg.get("_class_name"),
+        quant_algo=qc.quant_algo if qc else None,
+        quant_config_source=qc.source if qc else None,
+        ignore=list(qc.ignore) if qc else [],
+        modules=dict(kinds),
+        problems=problems,
+    )
