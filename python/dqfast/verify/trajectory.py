@@ -98,12 +98,12 @@ def trajectory(
 
     `inputs` holds the model's forward kwargs; `hidden_states` gives the latent shape (its
     values are replaced by seeded noise), the rest (encoder_hidden_states, ids, guidance...)
-    is passed unchanged. `timestep_scale` maps scheduler timesteps (0..1000) to the model's
+    is passed unchanged (a `timestep` entry is ignored). `timestep_scale` maps scheduler timesteps (0..1000) to the model's
     convention (FLUX: 1/1000; Wan: 1).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    rest = {k: v for k, v in inputs.items() if k != "hidden_states"}
+    rest = {k: v for k, v in inputs.items() if k not in ("hidden_states", "timestep")}
     template = inputs["hidden_states"]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(template.shape, generator=gen, dtype=torch.float32).to(template.device)

@@ -149,6 +149,9 @@ pub enum Op {
         start: usize,
         #[serde(default)]
         stop: usize,
+        /// Replace NaN bytes by 448 before rescaling.
+        #[serde(default)]
+        repair_nan: bool,
     },
     /// NVFP4 packed E2M1 codes `[N, K/2]` of a float tensor `[N, K]`.
     Nvfp4Weight { src: SrcRef, amax: NvAmax },
@@ -175,7 +178,11 @@ pub enum ScaleSpec {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum NvAmax {
     Given { amax: f32 },
+    /// max |w| of the tensor itself.
     Weight,
+    /// max |w| over several tensors (q/k/v shards that a loader fuses must share one global
+    /// scale, since vLLM keeps only the max).
+    MaxOf { srcs: Vec<SrcRef> },
 }
 
 /// What was written.
@@ -248,13 +255,20 @@ enum Kind<'a> {
         src: Src<'a>,
         factor: f32,
         byte_start: usize,
+        repair_nan: bool,
     },
     Nv {
         src: Src<'a>,
-        amax: NvAmax,
+        amax: NvAmaxR<'a>,
         what: NvPart,
         k: usize,
     },
+}
+
+#[derive(Clone)]
+enum NvAmaxR<'a> {
+    Given(f32),
+    Of(Vec<Src<'a>>),
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -414,7 +428,7 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                 let (shape, byte_start) = row_slice(&s, *start, *stop)?;
                 (s.info.dtype, shape, Kind::Rows { src: s, byte_start }, "slice_rows")
             }
-            Op::RescaleE4m3 { src, factor, start, stop } => {
+            Op::RescaleE4m3 { src, factor, start, stop, repair_nan } => {
                 let s = get(src)?;
                 if s.info.dtype != Dtype::F8_E4M3 {
                     return Err(s.err(format!("rescale needs F8_E4M3 data, found {}", s.info.dtype)));
@@ -428,7 +442,7 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                     (*start, *stop)
                 };
                 let (shape, byte_start) = row_slice(&s, a, b)?;
-                (Dtype::F8_E4M3, shape, Kind::Rescale { src: s, factor: *factor, byte_start }, "rescale_e4m3")
+                (Dtype::F8_E4M3, shape, Kind::Rescale { src: s, factor: *factor, byte_start, repair_nan: *repair_nan }, "rescale_e4m3")
             }
             Op::ConcatRows { srcs } => {
                 if srcs.is_empty() {
@@ -464,9 +478,23 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                         s.info.shape
                     )));
                 }
-                if let NvAmax::Given { amax } = amax {
-                    amax_ok("weight", &t.name, &[*amax]).map_err(|e| s.err(e.to_string()))?;
-                }
+                let amax_r = match amax {
+                    NvAmax::Given { amax } => {
+                        amax_ok("weight", &t.name, &[*amax]).map_err(|e| s.err(e.to_string()))?;
+                        NvAmaxR::Given(*amax)
+                    }
+                    NvAmax::Weight => NvAmaxR::Of(vec![s]),
+                    NvAmax::MaxOf { srcs } => {
+                        let v: Vec<Src> = srcs.iter().map(get).collect::<Result<_>>()?;
+                        for x in &v {
+                            float_src(x)?;
+                        }
+                        if v.is_empty() {
+                            return Err(Error::Plan(format!("'{}': max_of needs at least one tensor", t.name)));
+                        }
+                        NvAmaxR::Of(v)
+                    }
+                };
                 let (n, k) = (s.info.shape[0], s.info.shape[1]);
                 let (what, dtype, shape, op) = match &t.op {
                     Op::Nvfp4Weight { .. } => (NvPart::Weight, Dtype::U8, vec![n, k / 2], "nvfp4_weight"),
@@ -481,7 +509,7 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                     }
                     _ => unreachable!(),
                 };
-                (dtype, shape, Kind::Nv { src: s, amax: amax.clone(), what, k }, op)
+                (dtype, shape, Kind::Nv { src: s, amax: amax_r, what, k }, op)
             }
         };
         let nbytes = checked_nbytes(&shape, dtype.size())
@@ -521,7 +549,7 @@ fn f32_bytes(values: &[f32], name: &str, shape: &[usize]) -> Result<Vec<u8>> {
 #[derive(Default)]
 struct Memo {
     fp8: Mutex<HashMap<usize, Arc<Vec<f32>>>>,
-    nv: Mutex<HashMap<(usize, String), f32>>,
+    nv: Mutex<HashMap<Vec<(usize, String)>, f32>>,
 }
 
 fn parallel_amax(src: &Src) -> f32 {
@@ -579,24 +607,31 @@ impl Memo {
         }
     }
 
-    fn nv_global(&self, src: &Src, amax: &NvAmax) -> Result<f32> {
-        let a = match amax {
-            NvAmax::Given { amax } => *amax,
-            NvAmax::Weight => {
-                let key = (src.file as *const SafeFile as usize, src.info.name.clone());
-                if let Some(&g) = self.nv.lock().unwrap().get(&key) {
-                    return Ok(g);
-                }
-                let a = parallel_amax(src);
-                if !a.is_finite() {
-                    return Err(src.err(format!("weight amax is {a}; refusing to quantize")));
-                }
-                let g = if a == 0.0 { 1.0 } else { nvfp4::global_scale_from_amax(a) };
-                self.nv.lock().unwrap().insert(key, g);
-                return Ok(g);
-            }
+    fn nv_global(&self, amax: &NvAmaxR) -> Result<f32> {
+        let srcs = match amax {
+            NvAmaxR::Given(a) => return Ok(nvfp4::global_scale_from_amax(*a)),
+            NvAmaxR::Of(srcs) => srcs,
         };
-        Ok(nvfp4::global_scale_from_amax(a))
+        let key: Vec<(usize, String)> = srcs
+            .iter()
+            .map(|s| (s.file as *const SafeFile as usize, s.info.name.clone()))
+            .collect();
+        if let Some(&g) = self.nv.lock().unwrap().get(&key) {
+            return Ok(g);
+        }
+        let mut a = 0.0f32;
+        for s in srcs {
+            let x = parallel_amax(s);
+            if !x.is_finite() {
+                return Err(s.err(format!("weight amax is {x}; refusing to quantize")));
+            }
+            a = a.max(x);
+        }
+        // An all-zero weight: ModelOpt would write NaN block scales (0/0); any positive global
+        // scale represents zeros exactly, so use 1.
+        let g = if a == 0.0 { 1.0 } else { nvfp4::global_scale_from_amax(a) };
+        self.nv.lock().unwrap().insert(key, g);
+        Ok(g)
     }
 }
 
@@ -662,9 +697,15 @@ fn fill(r: &Resolved, at: usize, out: &mut [u8], scales: Option<&[f32]>, nv_gs: 
             out.copy_from_slice(&src.data()[at..at + out.len()]);
             nvfp4::repair_nan_e4m3(out);
         }
-        Kind::Rescale { src, factor, byte_start } => {
+        Kind::Rescale { src, factor, byte_start, repair_nan } => {
             let s = &src.data()[byte_start + at..byte_start + at + out.len()];
-            nvfp4::rescale_block_scales(s, *factor, out);
+            if *repair_nan {
+                let mut tmp = s.to_vec();
+                nvfp4::repair_nan_e4m3(&mut tmp);
+                nvfp4::rescale_block_scales(&tmp, *factor, out);
+            } else {
+                nvfp4::rescale_block_scales(s, *factor, out);
+            }
         }
         Kind::Nv { src, what, k, .. } => {
             let d = src.info.dtype;
@@ -727,8 +768,8 @@ fn emit<'a>(
             send(Msg::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect()))?;
             return Ok(Some(v.iter().take(8).copied().collect()));
         }
-        Kind::Nv { src, amax, what: NvPart::Global, .. } => {
-            let g = memo.nv_global(src, amax)?;
+        Kind::Nv { amax, what: NvPart::Global, .. } => {
+            let g = memo.nv_global(amax)?;
             send(Msg::Owned(g.to_le_bytes().to_vec()))?;
             return Ok(Some(vec![g]));
         }
@@ -739,7 +780,7 @@ fn emit<'a>(
         _ => None,
     };
     let nv_gs = match &r.kind {
-        Kind::Nv { src, amax, .. } => memo.nv_global(src, amax)?,
+        Kind::Nv { amax, .. } => memo.nv_global(amax)?,
         _ => 0.0,
     };
     let unit = unit_bytes(r);

@@ -1,0 +1,243 @@
+"""FP8 conversion benchmark on a synthetic checkpoint with real diffusers names and shapes.
+
+    python benches/bench_fp8_build.py --family wan --blocks 4 [--keep] [--workdir /tmp/dqfast-bench]
+
+Generates the synthetic checkpoint (Wan2.2-A14B widths; 40 blocks = the full 14B), then runs, each
+in a fresh subprocess (peak RSS from that child's ``wait4`` rusage):
+  (a) disk limit: ``cat`` of the BF16 inputs to /dev/null + ``dd`` of an output-sized file with
+      ``conv=fdatasync``;
+  (b) naive torch + safetensors converter (benches/naive_fp8_convert.py);
+  (c) dqfast ``from_bf16`` per-tensor with ``activation_amax`` and ``model_type="none"`` (same
+      work as (b); outputs must be byte-identical);
+  (d) dqfast calibrated build from the synthetic ModelOpt export + amax sidecar + base.
+Cold runs (page cache dropped before each) when ``/proc/sys/vm/drop_caches`` is writable, then
+warm runs. Writes JSON to benches/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ACT_AMAX = 16.0
+
+
+# --------------------------------------------------------------------------- workers (child side)
+
+
+def _worker(kind: str, args: dict[str, Any]) -> None:
+    if kind == "naive":
+        sys.path.insert(0, str(HERE))
+        from naive_fp8_convert import convert
+
+        convert(Path(args["src"]), Path(args["dst"]), ACT_AMAX)
+        return
+    import dqfast
+
+    if kind == "dqfast-bf16":
+        r = dqfast.build_fp8_transformer(args["dst"], base_transformer_dir=args["src"], from_bf16=True,
+                                         weight_granularity="tensor", activation_amax=ACT_AMAX, model_type="none",
+                                         fsync=args["fsync"], max_shard_size=args["shard"], threads=args["threads"])
+    elif kind == "dqfast-calib":
+        r = dqfast.build_fp8_transformer(args["dst"], modelopt_hf_dir=args["export"], modelopt_backbone_ckpt=args["amax"],
+                                         base_transformer_dir=args["src"], fsync=args["fsync"],
+                                         max_shard_size=args["shard"], threads=args["threads"])
+    else:
+        raise SystemExit(f"unknown worker {kind}")
+    print(json.dumps({"engine_seconds": r.seconds, "engine_peak_rss": r.peak_rss_bytes, "threads": r.threads,
+                      "bytes_read": r.bytes_read, "bytes_written": r.bytes_written}))
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+def _run(cmd: list[str], **kw: Any) -> dict[str, Any]:
+    """Run a child; wall time and its own peak RSS (wait4 rusage, per child)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    out = p.stdout.read() if p.stdout else b""
+    err = p.stderr.read() if p.stderr else b""
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}): {err.decode()[-2000:]}")
+    info: dict[str, Any] = {"wall_s": wall, "peak_rss_bytes": ru.ru_maxrss * 1024}
+    last = out.decode().strip().splitlines()[-1:] if out else []
+    if last and last[0].startswith("{"):
+        info.update(json.loads(last[0]))
+    return info
+
+
+def _drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+
+
+def _compare_outputs(a: Path, b: Path) -> dict[str, Any]:
+    """Byte-compare every tensor of two checkpoint dirs (any sharding)."""
+    import dqfast
+
+    ia, ib = dqfast.open_checkpoint(a), dqfast.open_checkpoint(b)
+    names_equal = set(ia.tensors) == set(ib.tensors)
+    differ: list[str] = []
+    diff_bytes = 0
+    total = 0
+    for name, ma in ia.tensors.items():
+        mb = ib.tensors.get(name)
+        if mb is None:
+            continue
+        ra = dqfast.read_tensor(ma.file, name, raw=True)
+        rb = dqfast.read_tensor(mb.file, name, raw=True)
+        total += ra.nbytes
+        if ma.dtype != mb.dtype or ra.shape != rb.shape or not np.array_equal(ra.reshape(-1), rb.reshape(-1)):
+            differ.append(name)
+            if ra.shape == rb.shape and ra.dtype == rb.dtype:
+                diff_bytes += int(np.count_nonzero(ra.view(np.uint8) != rb.view(np.uint8)))
+    return {"names_equal": names_equal, "tensors": len(ia.tensors), "tensors_differing": len(differ),
+            "first_differing": differ[:5], "bytes_differing": diff_bytes, "bytes_compared": total,
+            "bit_exact": names_equal and not differ}
+
+
+def _machine() -> dict[str, Any]:
+    mem = Path("/proc/meminfo").read_text().split("\n")[0]
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor())
+    return {"cpus": os.cpu_count(), "cpu": cpu, "mem": mem, "kernel": platform.release(), "python": sys.version.split()[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="wan", choices=["wan", "flux1"])
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--single-blocks", type=int, default=None)
+    ap.add_argument("--shard-bytes", type=int, default=2_000_000_000, help="input shard size (naive RSS follows it)")
+    ap.add_argument("--out-shard", default="5GB", help="dqfast output max shard size")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--fsync", action="store_true", help="dqfast fsyncs its output (naive never does)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/dqfast-bench"))
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
+    ap.add_argument("--no-cold", action="store_true")
+    ap.add_argument("--tools", default="limit,naive,dqfast-bf16,dqfast-calib")
+    a = ap.parse_args()
+
+    sys.path.insert(0, str(HERE.parent / "python"))
+    from dqfast.synth import make_transformer
+
+    work = a.workdir / f"{a.family}-{a.blocks}"
+    src_root = work / "src"
+    t0 = time.perf_counter()
+    if not (src_root / "ckpt" / "amax.safetensors").is_file():
+        shutil.rmtree(src_root, ignore_errors=True)
+        paths = make_transformer(src_root, a.family, blocks=a.blocks, single_blocks=a.single_blocks,
+                                 max_shard_bytes=a.shard_bytes, modelopt_fp8_export=True,
+                                 export_filter="no-block-filter", write_backbone=False)
+        gen_s = time.perf_counter() - t0
+    else:
+        gen_s = 0.0
+    base = src_root / "base" / "transformer"
+    export = src_root / "hf"
+    amax = src_root / "ckpt" / "amax.safetensors"
+    in_bytes = _dir_bytes(base)
+    in_files = sorted(str(p) for p in base.glob("*.safetensors"))
+    print(f"synthetic {a.family} x{a.blocks}: {in_bytes / 1e9:.2f} GB BF16 in {len(in_files)} shards "
+          f"(generated in {gen_s:.1f} s)", flush=True)
+
+    tools = a.tools.split(",")
+    can_drop = not a.no_cold and _drop_caches()
+    modes = (["cold"] if can_drop else []) + ["warm"]
+    results: dict[str, dict[str, Any]] = {}
+    wargs = {"src": str(base), "export": str(export), "amax": str(amax), "fsync": a.fsync,
+             "shard": a.out_shard, "threads": a.threads}
+    outs = {t: work / f"out-{t}" for t in ("naive", "dqfast-bf16", "dqfast-calib")}
+    for mode in modes:
+        for tool in [t for t in tools if t != "limit"]:
+            shutil.rmtree(outs[tool], ignore_errors=True)
+            if mode == "cold":
+                _drop_caches()
+            else:  # warm: inputs in page cache
+                subprocess.run(["cat", *in_files], stdout=subprocess.DEVNULL, check=True)
+            r = _run([sys.executable, __file__, "_worker", tool, json.dumps({**wargs, "dst": str(outs[tool])})])
+            r["out_bytes"] = _dir_bytes(outs[tool])
+            results[f"{tool}/{mode}"] = r
+            print(f"  {tool:13s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
+                  f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
+        if "limit" in tools:
+            if mode == "cold":
+                _drop_caches()
+            t = time.perf_counter()
+            subprocess.run(["cat", *in_files], stdout=subprocess.DEVNULL, check=True)
+            read_s = time.perf_counter() - t
+            out_size = results.get(f"dqfast-bf16/{mode}", {}).get("out_bytes") or in_bytes // 2
+            blob = work / "dd.out"
+            mib = max(1, out_size // 2**20)
+            t = time.perf_counter()
+            subprocess.run(["dd", "if=/dev/zero", f"of={blob}", "bs=1M", f"count={mib}", "conv=fdatasync"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            write_s = time.perf_counter() - t
+            blob.unlink()
+            results[f"limit/{mode}"] = {"wall_s": read_s + write_s, "read_s": read_s, "write_s": write_s,
+                                        "write_bytes": mib * 2**20, "peak_rss_bytes": 0}
+            print(f"  {'limit':13s} {mode:4s} {read_s + write_s:7.2f} s  (read {read_s:.2f} s = "
+                  f"{in_bytes / read_s / 1e9:.2f} GB/s, write+fdatasync {write_s:.2f} s = "
+                  f"{mib * 2**20 / write_s / 1e9:.2f} GB/s)", flush=True)
+
+    exact = None
+    if outs["naive"].exists() and outs["dqfast-bf16"].exists():
+        exact = _compare_outputs(outs["naive"], outs["dqfast-bf16"])
+        print(f"bit-exact naive vs dqfast from_bf16: {exact['bit_exact']} ({exact['tensors']} tensors, "
+              f"{exact['tensors_differing']} differ, {exact['bytes_differing']} bytes differ)")
+
+    rows = []
+    print(f"\n{'tool':14s} {'mode':5s} {'wall s':>8s} {'GB/s in':>8s} {'peak RSS GiB':>13s} {'naive/x':>8s} {'x/limit':>8s}")
+    for key, r in results.items():
+        tool, mode = key.split("/")
+        naive = results.get(f"naive/{mode}", {}).get("wall_s")
+        limit = results.get(f"limit/{mode}", {}).get("wall_s")
+        row = {"tool": tool, "mode": mode, "wall_s": r["wall_s"], "gbps_in": in_bytes / r["wall_s"] / 1e9,
+               "peak_rss_gib": r["peak_rss_bytes"] / 2**30,
+               "naive_over_tool": naive / r["wall_s"] if naive else None,
+               "tool_over_limit": r["wall_s"] / limit if limit else None, **r}
+        rows.append(row)
+        fmt = lambda v: f"{v:8.2f}" if v is not None else f"{'-':>8s}"
+        print(f"{tool:14s} {mode:5s} {r['wall_s']:8.2f} {row['gbps_in']:8.2f} {row['peak_rss_gib']:13.2f} "
+              f"{fmt(row['naive_over_tool'])} {fmt(row['tool_over_limit'])}")
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    res_dir = HERE / "results"
+    res_dir.mkdir(exist_ok=True)
+    out = {"date": stamp, "family": a.family, "blocks": a.blocks, "input_bytes": in_bytes, "input_shards": len(in_files),
+           "generate_s": gen_s, "cold_available": can_drop, "fsync": a.fsync, "threads": a.threads,
+           "activation_amax": ACT_AMAX, "machine": _machine(), "rows": rows, "bit_exact_naive_vs_dqfast": exact}
+    path = res_dir / f"fp8_build_{a.family}{a.blocks}_{stamp}.json"
+    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(f"\nwrote {path}")
+    if not a.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "_worker":
+        _worker(sys.argv[2], json.loads(sys.argv[3]))
+    else:
+        main()

@@ -1,0 +1,408 @@
+"""NVFP4 (ModelOpt ``quant_algo: NVFP4``, W4A4, group 16) transformer builds.
+
+- **from a ModelOpt export** (SGLang ``build_modelopt_nvfp4_transformer`` semantics): preset
+  modules come back from the BF16 base, ``_quantizer`` state is dropped, everything else is kept
+  byte for byte — except where dqfast is asked to fix known defects:
+  ``swap_weight_nibbles`` rewrites every packed byte in Rust (the config then says
+  ``swap_weight_nibbles: false``, since the bytes are already in runtime order — never both);
+  NaN block-scale bytes (ModelOpt 0.44) are refused, or clamped to 448 with ``repair_nan_scales``;
+  q/k/v shards that a loader fuses but whose ``weight_scale_2`` differ are reconciled exactly
+  (block scales rescaled to the shared maximum and re-rounded) instead of vLLM's silent max().
+- **from_bf16** (no export): weights quantized in Rust, bit-identical to ModelOpt's
+  ``NVFP4QTensor`` given the same amax; q/k/v shards share one global scale; ``input_scale`` from a
+  given activation amax (default 2688, i.e. ``input_scale = 1``), stated in the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from dqfast import __version__, _core
+from dqfast.errors import PlanError
+from dqfast.fp8 import FLOAT_DTYPES, _check_base_tensor, _group_modules, _ignore_entries, _output_config
+from dqfast.plan import BuildReport, ModuleDecision, PlanBuilder, execute, parse_size
+from dqfast.presets import ModelPreset, glob_to_regex, resolve_preset
+from dqfast.quant_config import find_component_dir, load_json, resolve_quant_config
+from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
+
+__all__ = ["build_nvfp4_transformer", "fused_groups", "nibble_order_report", "NVFP4_BOUND"]
+
+#: ``6 * 448``: E2M1 max times E4M3 max; global scale = amax / NVFP4_BOUND.
+NVFP4_BOUND = 2688.0
+GROUP = 16
+
+# Shards a loader fuses into one GEMM (vLLM-Omni: to_q/k/v -> to_qkv, add_*_proj -> add_kv_proj).
+_FUSED = (
+    (re.compile(r"^(?P<p>.*)\.to_(?P<s>[qkv])$"), "to_qkv"),
+    (re.compile(r"^(?P<p>.*)\.add_(?P<s>[qkv])_proj$"), "add_qkv"),
+    (re.compile(r"^(?P<p>.*)\.(?P<s>[qkv])_proj$"), "qkv_proj"),
+)
+
+
+def fused_groups(modules: Iterable[str]) -> dict[str, list[str]]:
+    """Group q/k/v projection modules that loaders fuse: ``{group key: [q, k, v] modules}``."""
+    groups: dict[str, dict[str, str]] = {}
+    for m in modules:
+        for rx, kind in _FUSED:
+            mt = rx.match(m)
+            if mt:
+                groups.setdefault(f"{mt['p']}.{kind}", {})[mt["s"]] = m
+                break
+    return {k: [v[s] for s in sorted(v)] for k, v in groups.items() if len(v) > 1}
+
+
+def _is_nvfp4(parts: dict[str, TensorMeta]) -> bool:
+    w, s = parts.get("weight"), parts.get("weight_scale")
+    return w is not None and s is not None and w.dtype == "U8" and s.dtype == "F8_E4M3"
+
+
+def _scalar_f32(meta: TensorMeta) -> float:
+    v = read_tensor(meta.file, meta.name).reshape(-1)
+    if v.size != 1:
+        raise PlanError(f"{meta.file}: tensor '{meta.name}' has {v.size} values; expected a scalar")
+    x = float(np.float32(v[0]))
+    if not np.isfinite(x) or x <= 0:
+        raise PlanError(f"{meta.file}: tensor '{meta.name}' is {x}; it must be finite and > 0")
+    return x
+
+
+def _nan_bytes(meta: TensorMeta) -> int:
+    raw = read_tensor(meta.file, meta.name, raw=True)
+    return int(np.count_nonzero((raw & 0x7F) == 0x7F))
+
+
+def _fallback_globs(patterns: Iterable[str]) -> list[re.Pattern[str]]:
+    return [re.compile(glob_to_regex(p)) for p in patterns]
+
+
+def build_nvfp4_transformer(
+    output_dir: str | os.PathLike[str],
+    *,
+    modelopt_hf_dir: str | os.PathLike[str] | None = None,
+    base_transformer_dir: str | os.PathLike[str] | None = None,
+    model_type: str = "auto",
+    fallback: Iterable[str] = (),
+    swap_weight_nibbles: bool = False,
+    repair_nan_scales: bool = False,
+    reconcile_fused_scales: bool = True,
+    from_bf16: bool = False,
+    activation_amax: float | None = None,
+    max_shard_size: str | int = "5GB",
+    threads: int = 0,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    fsync: bool = True,
+    component: str = "transformer",
+) -> BuildReport:
+    """Build a mixed BF16+NVFP4 transformer directory (SGLang Diffusion / vLLM-Omni layout).
+
+    ``fallback`` takes globs (``.`` literal, ``*`` any run, full match), like SGLang's
+    ``--keep-bf16-pattern`` for this builder.
+    """
+    out = Path(output_dir)
+    if out.exists() and not overwrite and not dry_run:
+        from dqfast.errors import OutputExistsError
+
+        raise OutputExistsError(f"{out}: output already exists (pass overwrite to replace it)")
+    plan = PlanBuilder(out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), threads=threads, fsync=fsync)
+    if from_bf16:
+        if base_transformer_dir is None:
+            raise PlanError("from_bf16 needs base_transformer_dir")
+        report = _plan_from_bf16(plan, Path(base_transformer_dir), model_type, list(fallback), activation_amax, component)
+    else:
+        if modelopt_hf_dir is None:
+            raise PlanError("an NVFP4 build needs modelopt_hf_dir (or use from_bf16)")
+        report = _plan_export(
+            plan, Path(modelopt_hf_dir), Path(base_transformer_dir) if base_transformer_dir else None, model_type,
+            list(fallback), swap_weight_nibbles, repair_nan_scales, reconcile_fused_scales, component,
+        )
+    report.dry_run = dry_run
+    if dry_run:
+        report.output_dir = None
+        return report
+    return execute(plan, report)
+
+
+def _preset_fallback(preset: ModelPreset, module: str, extra: list[re.Pattern[str]]) -> str | None:
+    return preset.nvfp4_fallback_match(module, extra)
+
+
+def _plan_export(
+    plan: PlanBuilder,
+    hf_dir: Path,
+    base_dir: Path | None,
+    model_type: str,
+    fallback: list[str],
+    swap: bool,
+    repair: bool,
+    reconcile: bool,
+    component: str,
+) -> BuildReport:
+    export_dir = find_component_dir(hf_dir, component)
+    cfg_path = export_dir / "config.json"
+    export_cfg = load_json(cfg_path) if cfg_path.is_file() else {}
+    qc = resolve_quant_config(export_dir)
+    if qc is None:
+        raise PlanError(f"{cfg_path}: no ModelOpt quantization_config (quant_method must be 'modelopt')")
+    if "FP4" not in qc.quant_algo:
+        raise PlanError(f"{qc.source}: quant_algo is {qc.quant_algo}; this builder takes NVFP4 exports")
+    export = open_checkpoint(export_dir)
+    preset = resolve_preset(model_type, export_cfg)
+    extra = _fallback_globs(fallback)
+    base = open_checkpoint(find_component_dir(base_dir, component)) if base_dir else None
+    src_export = plan.source(export_dir)
+    src_base = plan.source(base.root) if base else -1
+    mods = _group_modules(export)
+
+    report = BuildReport(output_dir=str(plan.output_dir), quant_algo="NVFP4")
+    counts = {"nvfp4": 0, "bf16_fallback": 0, "kept_unquantized": 0, "nibble_swapped": 0,
+              "nan_scale_bytes_repaired": 0, "fused_groups_reconciled": 0,
+              "dropped_quantizer_tensors": sum(1 for n in export.tensors if "_quantizer." in n)}
+
+    # Exact reconciliation of fused shards whose global scales differ.
+    rescale: dict[str, tuple[float, float, float]] = {}  # module -> (factor, gs_max, input_max)
+    fb = {m: _preset_fallback(preset, m, extra) for m in mods}
+    nv_mods = [m for m, p in mods.items() if _is_nvfp4(p) and fb[m] is None]
+    for key, group in fused_groups(nv_mods).items():
+        gs = {m: _scalar_f32(mods[m]["weight_scale_2"]) for m in group if "weight_scale_2" in mods[m]}
+        if len(gs) != len(group):
+            continue
+        ins = {m: _scalar_f32(mods[m]["input_scale"]) for m in group if "input_scale" in mods[m]}
+        if len(set(gs.values())) == 1 and len(set(ins.values())) <= 1:
+            continue
+        if not reconcile:
+            report.warnings.append(
+                f"{key}: shards have different weight_scale_2 {sorted(set(gs.values()))}; a loader that fuses them "
+                "keeps the max and mis-scales the others (pass reconcile_fused_scales=True)"
+            )
+            continue
+        gmax = max(gs.values())
+        imax = max(ins.values()) if ins else 0.0
+        worst = 0.0
+        for m in group:
+            f = float(np.float32(gs[m]) / np.float32(gmax))
+            rescale[m] = (f, gmax, imax)
+            worst = max(worst, _rescale_error(mods[m]["weight_scale"], f, gs[m], gmax))
+        counts["fused_groups_reconciled"] += 1
+        report.decisions.append(ModuleDecision(
+            key, "reconcile", f"weight_scale_2 unified to {gmax:.6g}; block scales re-rounded, max relative change {worst:.3%}"))
+
+    ignore = list(qc.ignore)
+    for module, parts in mods.items():
+        if fb[module] is not None and "weight" in parts:
+            if base is None:
+                raise PlanError(f"module '{module}' matches fallback pattern {fb[module]!r} but no base transformer was given")
+            report.decisions.append(ModuleDecision(module, "bf16-fallback", f"matches {fb[module]}"))
+            counts["bf16_fallback"] += 1
+            for suffix, meta in parts.items():
+                if suffix in ("weight_scale", "weight_scale_2", "input_scale"):
+                    continue
+                want = None
+                if suffix == "weight" and meta.dtype == "U8":
+                    want = (meta.shape[0], meta.shape[1] * 2)
+                elif suffix != "weight" or meta.dtype in FLOAT_DTYPES:
+                    want = meta.shape
+                _check_base_tensor(base, meta.name, want)
+                plan.copy(meta.name, src_base)
+            continue
+        if _is_nvfp4(parts):
+            counts["nvfp4"] += 1
+            report.decisions.append(ModuleDecision(module, "nvfp4", "quantized in the export"))
+            ws = parts["weight_scale"]
+            nan = _nan_bytes(ws)
+            if nan and not repair:
+                raise PlanError(
+                    f"{ws.file}: tensor '{ws.name}': {nan} NaN byte(s) in the block scales (a known ModelOpt 0.44 "
+                    "defect; one ruins the layer): pass repair_nan_scales to clamp them to 448"
+                )
+            counts["nan_scale_bytes_repaired"] += nan
+            for suffix, meta in parts.items():
+                ref = plan.ref(src_export, meta.name)
+                if suffix == "weight":
+                    if swap:
+                        plan.add(meta.name, "swap_nibbles", src=ref)
+                        counts["nibble_swapped"] += 1
+                    else:
+                        plan.copy(meta.name, src_export)
+                elif suffix == "weight_scale" and module in rescale:
+                    plan.add(meta.name, "rescale_e4m3", src=ref, factor=rescale[module][0], repair_nan=bool(nan))
+                elif suffix == "weight_scale" and nan:
+                    plan.add(meta.name, "repair_nan_e4m3", src=ref)
+                elif suffix == "weight_scale_2" and module in rescale:
+                    plan.add(meta.name, "f32", values=[rescale[module][1]], shape=list(meta.shape))
+                elif suffix == "input_scale" and module in rescale and rescale[module][2] > 0:
+                    plan.add(meta.name, "f32", values=[rescale[module][2]], shape=list(meta.shape))
+                else:
+                    plan.copy(meta.name, src_export)
+            continue
+        if "weight" in parts and parts["weight"].dtype in FLOAT_DTYPES and len(parts["weight"].shape) == 2:
+            report.decisions.append(ModuleDecision(module, "keep", "not quantized in the export"))
+            counts["kept_unquantized"] += 1
+        for meta in parts.values():
+            plan.copy(meta.name, src_export)
+    for p in fallback or preset.nvfp4_fallback:
+        if p not in ignore:
+            ignore.append(p)
+    for p in preset.nvfp4_fallback:
+        if p not in ignore:
+            ignore.append(p)
+    quant_cfg = dict(qc.raw)
+    quant_cfg.update({"quant_method": "modelopt", "ignore": ignore, "swap_weight_nibbles": False})
+    quant_cfg.setdefault("quant_type", qc.quant_algo.upper())
+    quant_cfg.setdefault("group_size", qc.group_size or GROUP)
+    quant_cfg.setdefault("checkpoint_weight_scale_layout", "linear")
+    if swap:
+        report.warnings.append("packed weights were nibble-swapped in place; the config says swap_weight_nibbles: false")
+    _output_config(export_cfg or (load_json(base.root / "config.json") if base else {}), quant_cfg, plan)
+    for f in sorted(export_dir.iterdir()):
+        if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".index.json")):
+            plan.copy_file(f.name, f)
+    report.counts = counts
+    return report
+
+
+def _rescale_error(ws: TensorMeta, factor: float, gs_old: float, gs_new: float) -> float:
+    """Largest relative change of a block's dequantization multiplier after rescaling."""
+    raw = read_tensor(ws.file, ws.name, raw=True)
+    raw = np.where((raw & 0x7F) == 0x7F, np.uint8(0x7E), raw).astype(np.uint8)
+    old = np.frombuffer(_core.e4m3_to_f32(raw.tobytes()), dtype=np.float32).astype(np.float64) * gs_old
+    new_b = _core.rescale_block_scales(raw.tobytes(), factor)
+    new = np.frombuffer(_core.e4m3_to_f32(new_b), dtype=np.float32).astype(np.float64) * gs_new
+    nz = old > 0
+    return float(np.max(np.abs(new[nz] - old[nz]) / old[nz])) if nz.any() else 0.0
+
+
+def _plan_from_bf16(
+    plan: PlanBuilder,
+    base_dir: Path,
+    model_type: str,
+    fallback: list[str],
+    activation_amax: float | None,
+    component: str,
+) -> BuildReport:
+    base_dir = find_component_dir(base_dir, component)
+    base_cfg = load_json(base_dir / "config.json") if (base_dir / "config.json").is_file() else {}
+    if resolve_quant_config(base_dir) is not None:
+        raise PlanError(f"{base_dir}: already quantized; from_bf16 takes a BF16/FP16/FP32 transformer")
+    a_amax = NVFP4_BOUND if activation_amax is None else float(activation_amax)
+    if not (np.isfinite(a_amax) and a_amax > 0):
+        raise PlanError(f"activation_amax is {activation_amax}; it must be finite and > 0")
+    base = open_checkpoint(base_dir)
+    preset = resolve_preset(model_type, base_cfg)
+    extra = _fallback_globs(fallback)
+    src = plan.source(base.root)
+    mods = _group_modules(base)
+    report = BuildReport(output_dir=str(plan.output_dir), quant_algo="NVFP4")
+    counts = {"nvfp4": 0, "bf16_fallback": 0, "kept_unquantized": 0}
+    quantize: list[str] = []
+    ignore: set[str] = set()
+    for module, parts in mods.items():
+        w = parts.get("weight")
+        reason = None
+        if w is None:
+            continue
+        if w.dtype not in FLOAT_DTYPES or len(w.shape) != 2:
+            reason = "not a 2-D float weight"
+        elif w.shape[1] % GROUP:
+            reason = f"in-features {w.shape[1]} not a multiple of {GROUP}"
+        elif (m := (preset.nvfp4_fallback_match(module, extra) or preset.fp8_fallback_match(module))) is not None:
+            reason = f"fallback pattern {m}"
+            counts["bf16_fallback"] += 1
+        elif (m := preset.ptq_disabled_match(module)) is not None:
+            reason = f"left unquantized by ModelOpt's recipe ({m})"
+            counts["kept_unquantized"] += 1
+        if reason is None:
+            quantize.append(module)
+        else:
+            report.decisions.append(ModuleDecision(module, "keep", reason))
+            if len(w.shape) == 2 and w.dtype in FLOAT_DTYPES:
+                ignore.update(_ignore_entries(preset, module))
+    # Shards that loaders fuse share one global scale (the max over the group).
+    group_of: dict[str, list[str]] = {}
+    for g in fused_groups(quantize).values():
+        for m in g:
+            group_of[m] = g
+    qset = set(quantize)
+    for module, parts in mods.items():
+        if module not in qset:
+            for meta in parts.values():
+                plan.copy(meta.name, src)
+            continue
+        counts["nvfp4"] += 1
+        members = group_of.get(module, [module])
+        report.decisions.append(ModuleDecision(
+            module, "nvfp4", "weights-only amax" + (f", global scale shared with {len(members) - 1} fused shard(s)" if len(members) > 1 else "")))
+        amax = {"kind": "max_of", "srcs": [plan.ref(src, f"{m}.weight") for m in members]}
+        for suffix, meta in parts.items():
+            if suffix != "weight":
+                plan.copy(meta.name, src)
+                continue
+            ref = plan.ref(src, meta.name)
+            plan.add(meta.name, "nvfp4_weight", src=ref, amax=amax)
+            plan.add(f"{module}.weight_scale", "nvfp4_block_scales", src=ref, amax=amax)
+            plan.add(f"{module}.weight_scale_2", "nvfp4_global_scale", src=ref, amax=amax, shape=[])
+            plan.add(f"{module}.input_scale", "scale_from_amax", amax=[a_amax], bound=NVFP4_BOUND, shape=[])
+    quant_cfg: dict[str, Any] = {
+        "quant_method": "modelopt",
+        "quant_algo": "NVFP4",
+        "quant_type": "NVFP4",
+        "group_size": GROUP,
+        "ignore": sorted(ignore),
+        "swap_weight_nibbles": False,
+        "checkpoint_weight_scale_layout": "linear",
+        "producer": {"name": "dqfast", "version": __version__},
+        "config_groups": {
+            "group_0": {
+                "weights": {"num_bits": 4, "type": "float", "dynamic": False, "group_size": GROUP},
+                "input_activations": {"num_bits": 4, "type": "float", "dynamic": False, "group_size": GROUP},
+                "targets": ["Linear"],
+            }
+        },
+        "calibration": f"weights-only (dqfast from_bf16); activation amax {a_amax:g} -> input_scale {np.float32(a_amax) / np.float32(NVFP4_BOUND):g}",
+    }
+    _output_config(base_cfg, quant_cfg, plan)
+    report.counts = counts
+    return report
+
+
+def nibble_order_report(quant_dir: str | os.PathLike[str], reference_dir: str | os.PathLike[str], limit: int = 8) -> dict[str, Any]:
+    """Which nibble order a checkpoint's packed weights use, judged against a reference.
+
+    Dequantizes up to ``limit`` NVFP4 modules both ways and compares with the reference weights
+    (the BF16 base): the right order gives the E2M1 quantization error (~10% relative), the wrong
+    one an error of order 100%.
+    """
+    q = open_checkpoint(quant_dir)
+    ref = open_checkpoint(reference_dir)
+    mods = _group_modules(q)
+    rows = []
+    for m, parts in mods.items():
+        if not _is_nvfp4(parts) or f"{m}.weight" not in ref.tensors or "weight_scale_2" not in parts:
+            continue
+        w = read_tensor(parts["weight"].file, parts["weight"].name, raw=True)
+        s = read_tensor(parts["weight_scale"].file, parts["weight_scale"].name, raw=True)
+        gs = float(read_tensor(parts["weight_scale_2"].file, parts["weight_scale_2"].name).reshape(-1)[0])
+        k = w.shape[1] * 2
+        r = read_tensor(ref.tensors[f"{m}.weight"].file, f"{m}.weight").astype(np.float64)
+        errs = {}
+        for order, data in (("low_first", w.tobytes()), ("high_first", _core.swap_nibbles(w.tobytes()))):
+            deq = np.frombuffer(_core.nvfp4_dequantize(data, s.tobytes(), k, gs), dtype=np.float32).reshape(r.shape)
+            errs[order] = float(np.linalg.norm(deq - r) / max(np.linalg.norm(r), 1e-30))
+        rows.append({"module": m, **errs})
+        if len(rows) >= limit:
+            break
+    if not rows:
+        return {"order": "unknown", "modules": [], "reason": "no NVFP4 module with a reference weight"}
+    low = float(np.median([r["low_first"] for r in rows]))
+    high = float(np.median([r["high_first"] for r in rows]))
+    order = "low_first" if low < high else "high_first"
+    return {"order": order, "low_first_rel_err": low, "high_first_rel_err": high, "modules": rows,
+            "advice": "bytes are in runtime order (swap_weight_nibbles: false)" if order == "low_first"
+            else "bytes are swapped: rebuild with swap_weight_nibbles=True or set swap_weight_nibbles: true"}
