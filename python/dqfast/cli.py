@@ -47,11 +47,12 @@ def print_report(report: BuildReport, as_json: bool, show_decisions: bool) -> No
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Full names matter more than a tidy table: never truncate, even when not on a terminal.
+    console = Console(width=max(Console().width, 140))
     if show_decisions:
         t = Table(title="plan: what happens to each module")
         for col in ("module", "action", "why"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold")
         for d in report.decisions:
             t.add_row(d.module, d.action, d.reason)
         console.print(t)
@@ -143,16 +144,67 @@ def build_fp8(**kw: Any) -> None:
     print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
 
 
+@build.command("nvfp4")
+@click.option("--modelopt-hf-dir", type=click.Path(exists=True, path_type=Path), help="ModelOpt NVFP4 HF export (root or transformer/).")
+@click.option("--base-transformer-dir", type=click.Path(exists=True, path_type=Path), help="BF16 base transformer (fallback weights).")
+@click.option("--pattern-preset", default=None, help="SGLang's name for --model-type (e.g. flux1-nvfp4).")
+@click.option("--keep-bf16-pattern", "keep_bf16", multiple=True, metavar="GLOB", help="SGLang's name for --fallback (globs).")
+@click.option("--swap-weight-nibbles/--no-swap-weight-nibbles", default=False, show_default=True,
+              help="Rewrite every packed byte (b>>4)|(b<<4) in place; the output then says swap_weight_nibbles: false.")
+@click.option("--repair-nan-scales", is_flag=True, help="Clamp NaN block-scale bytes (0x7F/0xFF) to 448 instead of refusing.")
+@click.option("--no-reconcile-fused", is_flag=True, help="Leave q/k/v shards with different global scales as they are (warn only).")
+@click.option("--from-bf16", is_flag=True, help="No export: quantize the base weights in Rust (weights-only amax).")
+@click.option("--activation-amax", type=float, default=None, help="--from-bf16: activation amax -> input_scale = amax/2688 (default 2688).")
+@_common_build_options
+def build_nvfp4(**kw: Any) -> None:
+    """Mixed BF16+NVFP4 transformer (SGLang build_modelopt_nvfp4_transformer semantics). --fallback takes globs."""
+    from dqfast.nvfp4 import build_nvfp4_transformer
+
+    model_type = kw["model_type"]
+    if kw["pattern_preset"]:
+        model_type = {"flux1-nvfp4": "flux1"}.get(kw["pattern_preset"], kw["pattern_preset"])
+    report = _run(lambda: build_nvfp4_transformer(
+        kw["output_dir"],
+        modelopt_hf_dir=kw["modelopt_hf_dir"],
+        base_transformer_dir=kw["base_transformer_dir"],
+        model_type=model_type,
+        fallback=list(kw["fallbacks"]) + list(kw["keep_bf16"]),
+        swap_weight_nibbles=kw["swap_weight_nibbles"],
+        repair_nan_scales=kw["repair_nan_scales"],
+        reconcile_fused_scales=not kw["no_reconcile_fused"],
+        from_bf16=kw["from_bf16"],
+        activation_amax=kw["activation_amax"],
+        max_shard_size=kw["max_shard_size"],
+        threads=kw["threads"],
+        overwrite=kw["overwrite"],
+        dry_run=kw["dry_run"],
+        fsync=not kw["no_fsync"],
+    ))
+    print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
+
+
 @main.command("inspect")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--base", "base", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Reference BF16 transformer: also judge the NVFP4 nibble order against it.")
 @click.option("--json", "as_json", is_flag=True)
-def inspect_cmd(path: Path, as_json: bool) -> None:
+def inspect_cmd(path: Path, base: Path | None, as_json: bool) -> None:
     """Dtypes, shapes, quantization summary and problems of a checkpoint."""
     from dqfast.inspect import inspect_checkpoint
 
     r = _run(lambda: inspect_checkpoint(path))
+    order = None
+    if base is not None and r.modules.get("nvfp4"):
+        from dqfast.nvfp4 import nibble_order_report
+
+        order = _run(lambda: nibble_order_report(r.path, base))
+        if order["order"] == "high_first":
+            r.problems.append("packed NVFP4 bytes are nibble-swapped relative to the reference: " + order["advice"])
     if as_json:
-        click.echo(json.dumps(r.to_dict(), indent=2))
+        d = r.to_dict()
+        if order is not None:
+            d["nibble_order"] = order
+        click.echo(json.dumps(d, indent=2))
     else:
         click.echo(f"{r.path}: {r.tensors} tensors in {r.files} file(s), {_human(r.total_bytes)}")
         click.echo(f"class: {r.class_name}   quant_algo: {r.quant_algo} ({r.quant_config_source})")
@@ -160,6 +212,9 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
         click.echo("modules: " + ", ".join(f"{k}={v}" for k, v in sorted(r.modules.items())))
         if r.ignore:
             click.echo(f"ignore: {len(r.ignore)} pattern(s): " + ", ".join(r.ignore[:8]) + (" ..." if len(r.ignore) > 8 else ""))
+        if order is not None:
+            click.echo(f"nibble order: {order['order']} (relative error vs reference: low-first "
+                       f"{order.get('low_first_rel_err', float('nan')):.3f}, high-first {order.get('high_first_rel_err', float('nan')):.3f})")
         click.echo(f"problems: {len(r.problems)}")
         for p in r.problems:
             click.echo(f"  - {p}")
@@ -187,6 +242,18 @@ def demo_cmd(workdir: Path) -> None:
 
     _run(lambda: run_demo(workdir))
 
+
+def _register_optional() -> None:
+    # Commands whose modules live elsewhere register themselves here, imported lazily so a
+    # missing optional dependency never breaks the rest of the CLI.
+    try:
+        from dqfast.batch_cli import batch
+    except ImportError:
+        return
+    main.add_command(batch)
+
+
+_register_optional()
 
 if __name__ == "__main__":
     main()
