@@ -183,6 +183,111 @@ def build_nvfp4(**kw: Any) -> None:
     print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
 
 
+# --- build mixed / build components (dqfast.mixed, dqfast.components) ---------------------------
+
+
+def _parse_components(spec: str | None) -> list[str] | None:
+    return None if spec in (None, "", "auto") else [c.strip() for c in spec.split(",") if c.strip()]
+
+
+def _print_components(rep: Any, as_json: bool, show_decisions: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(rep.to_dict(), indent=2))
+        return
+    for c, r in rep.components.items():
+        click.echo(f"== {c} -> {r.output_dir or '(dry run)'}")
+        print_report(r, False, show_decisions)
+
+
+@build.command("mixed")
+@click.option("--base-transformer-dir", required=True, type=click.Path(exists=True, path_type=Path),
+              help="BF16 base transformer (or pipeline root with --components).")
+@click.option("--policy", default=None, metavar="JSON|FILE",
+              help='Per-layer policy {"fp8": [regex], "nvfp4": [regex], "bf16": [regex]} (key order = priority, '
+                   "first match wins, unmatched stay BF16); default: preset's unquantized set BF16, MLPs NVFP4, rest FP8.")
+@click.option("--fp8-activation-amax", type=float, default=None, help="FP8 input_scale = amax/448 (default 448).")
+@click.option("--nvfp4-activation-amax", type=float, default=None, help="NVFP4 input_scale = amax/2688 (default 2688).")
+@click.option("--rounding", type=click.Choice(["exact", "modelopt"]), default="exact", show_default=True)
+@click.option("--components", "components", default=None,
+              help="Build these components of a pipeline root (comma list, or 'auto' for every transformer*/) "
+                   "into <output-dir>/<component>.")
+@_common_build_options
+def build_mixed(**kw: Any) -> None:
+    """ModelOpt MIXED_PRECISION transformer (FP8 + NVFP4 + BF16 per layer) from the BF16 base, weights-only."""
+    from dqfast.mixed import build_mixed_transformer
+
+    policy = None
+    if kw["policy"]:
+        src = Path(kw["policy"])
+        text = src.read_text() if src.is_file() else kw["policy"]
+        try:
+            policy = json.loads(text)
+        except json.JSONDecodeError as e:
+            _fail(f"--policy is neither a JSON file nor JSON: {e}")
+    if kw["fallbacks"]:
+        policy = {"bf16": list(kw["fallbacks"]), **(policy or _default_policy_dict(kw))}
+    args = dict(policy=policy, model_type=kw["model_type"], fp8_activation_amax=kw["fp8_activation_amax"],
+                nvfp4_activation_amax=kw["nvfp4_activation_amax"], rounding=kw["rounding"],
+                max_shard_size=kw["max_shard_size"], threads=kw["threads"], overwrite=kw["overwrite"],
+                dry_run=kw["dry_run"], fsync=not kw["no_fsync"])
+    if kw["components"] is not None:
+        from dqfast.components import build_components
+
+        rep = _run(lambda: build_components("mixed", kw["base_transformer_dir"], kw["output_dir"],
+                                            _parse_components(kw["components"]), **args))
+        _print_components(rep, kw["as_json"], kw["dry_run"])
+        return
+    report = _run(lambda: build_mixed_transformer(kw["output_dir"], kw["base_transformer_dir"], **args))
+    print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
+
+
+def _default_policy_dict(kw: dict[str, Any]) -> dict[str, list[str]]:
+    """The preset's default policy as an ordered dict (so --fallback can be put in front of it)."""
+    from dqfast.mixed import default_policy
+    from dqfast.presets import resolve_preset
+    from dqfast.quant_config import find_component_dir, load_json
+
+    d = find_component_dir(kw["base_transformer_dir"])
+    cfg = load_json(d / "config.json") if (d / "config.json").is_file() else {}
+    out: dict[str, list[str]] = {}
+    for algo, pat in default_policy(resolve_preset(kw["model_type"], cfg)):
+        out.setdefault(algo, []).append(pat)
+    return out
+
+
+@build.command("components")
+@click.argument("kind", type=click.Choice(["fp8", "nvfp4", "mixed"]))
+@click.option("--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Pipeline root holding transformer/, transformer_2/, ... (BF16 base, or a ModelOpt export).")
+@click.option("--components", "components", default="auto", show_default=True, help="Comma list or 'auto'.")
+@click.option("--base-transformer-dir", type=click.Path(exists=True, path_type=Path), default=None,
+              help="BF16 pipeline root for fallbacks when --root is a ModelOpt export.")
+@click.option("--modelopt-backbone-ckpt", default=None, help="backbone.pt per component; '{component}' is substituted.")
+@click.option("--from-bf16", is_flag=True, help="fp8/nvfp4: quantize the base weights (no export).")
+@click.option("--activation-amax", type=float, default=None, help="fp8/nvfp4 --from-bf16 activation amax.")
+@click.option("--weight-granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True)
+@_common_build_options
+def build_components_cmd(**kw: Any) -> None:
+    """Build every transformer component of a pipeline, each into <output-dir>/<component>."""
+    from dqfast.components import build_components
+
+    kind = kw["kind"]
+    args: dict[str, Any] = dict(model_type=kw["model_type"], max_shard_size=kw["max_shard_size"], threads=kw["threads"],
+                                overwrite=kw["overwrite"], dry_run=kw["dry_run"], fsync=not kw["no_fsync"])
+    if kind != "mixed":
+        args.update(fallback=list(kw["fallbacks"]), from_bf16=kw["from_bf16"], activation_amax=kw["activation_amax"])
+        if kw["base_transformer_dir"]:
+            args["base_transformer_dir"] = str(kw["base_transformer_dir"])
+        if kind == "fp8":
+            args["weight_granularity"] = kw["weight_granularity"]
+            if kw["modelopt_backbone_ckpt"]:
+                args["modelopt_backbone_ckpt"] = kw["modelopt_backbone_ckpt"]
+    elif kw["fallbacks"]:
+        _fail("build components mixed: use 'build mixed --components' for policies")
+    rep = _run(lambda: build_components(kind, kw["root"], kw["output_dir"], _parse_components(kw["components"]), **args))
+    _print_components(rep, kw["as_json"], kw["dry_run"])
+
+
 @main.command("inspect")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--base", "base", type=click.Path(exists=True, path_type=Path), default=None,

@@ -685,12 +685,15 @@ fn writer_loop(rx: Receiver<Msg>, recycle: SyncSender<Vec<u8>>, fsync: bool) -> 
 }
 
 /// Fill `out` with the bytes of `r` starting at output byte `at` (a multiple of `unit`).
-fn fill(r: &Resolved, at: usize, out: &mut [u8], scales: Option<&[f32]>, nv_gs: f32) {
+fn fill(r: &Resolved, at: usize, out: &mut [u8], scales: Option<&[f32]>, nv_gs: f32, lut: Option<&fp8::E4m3Lut>) {
     match &r.kind {
         Kind::Fp8 { src, rounding, saturation, row_len, .. } => {
             let d = src.info.dtype;
             let s = &src.data()[at * d.size()..(at + out.len()) * d.size()];
-            fp8::quantize_e4m3(s, d, scales.unwrap(), *row_len, at, *rounding, *saturation, out);
+            match lut {
+                Some(t) => t.apply(s, out),
+                None => fp8::quantize_e4m3(s, d, scales.unwrap(), *row_len, at, *rounding, *saturation, out),
+            }
         }
         Kind::SwapNibbles(src) => nvfp4::swap_nibbles(&src.data()[at..at + out.len()], out),
         Kind::RepairNan(src) => {
@@ -783,6 +786,15 @@ fn emit<'a>(
         Kind::Nv { amax, .. } => memo.nv_global(amax)?,
         _ => 0.0,
     };
+    // Per-tensor scale on a 16-bit source: one 64 KiB table per tensor replaces the arithmetic.
+    let lut = match (&r.kind, scales.as_deref()) {
+        (Kind::Fp8 { src, rounding, saturation, .. }, Some(v))
+            if v.len() == 1 && src.info.dtype.size() == 2 && r.nbytes >= fp8::E4m3Lut::MIN_ELEMS =>
+        {
+            Some(fp8::E4m3Lut::new(src.info.dtype, v[0], *rounding, *saturation))
+        }
+        _ => None,
+    };
     let unit = unit_bytes(r);
     let batch = (BATCH_BYTES / unit).max(1) * unit;
     let piece = (PIECE_BYTES / unit).max(1) * unit;
@@ -793,7 +805,7 @@ fn emit<'a>(
         buf.clear();
         buf.resize(len, 0);
         buf.par_chunks_mut(piece).enumerate().for_each(|(i, c)| {
-            fill(r, at + i * piece, c, scales.as_deref().map(|v| v.as_slice()), nv_gs)
+            fill(r, at + i * piece, c, scales.as_deref().map(|v| v.as_slice()), nv_gs, lut.as_ref())
         });
         send(Msg::Owned(buf))?;
         at += len;

@@ -1,0 +1,111 @@
+"""Build every transformer component of a pipeline (e.g. Wan2.2 A14B: ``transformer`` and
+``transformer_2``) with one call: each goes to ``<out>/<component>`` with its own report.
+
+Path arguments may contain ``{component}`` (e.g. a per-component ``backbone.pt``); directory
+arguments that are pipeline roots are resolved per component by the builders themselves. A failure
+removes the component outputs this call created, so a pipeline is built whole or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dqfast.errors import PlanError
+from dqfast.plan import BuildReport
+
+__all__ = ["BUILDERS", "find_components", "build_components", "ComponentsReport"]
+
+
+def _builder(kind: str) -> Callable[..., BuildReport]:
+    if kind == "fp8":
+        from dqfast.fp8 import build_fp8_transformer
+
+        return build_fp8_transformer
+    if kind == "nvfp4":
+        from dqfast.nvfp4 import build_nvfp4_transformer
+
+        return build_nvfp4_transformer
+    if kind == "mixed":
+        from dqfast.mixed import build_mixed_transformer
+
+        return build_mixed_transformer
+    raise PlanError(f"unknown build kind '{kind}' (known: {', '.join(BUILDERS)})")
+
+
+BUILDERS = ("fp8", "nvfp4", "mixed")
+
+
+def find_components(root: str | os.PathLike[str]) -> list[str]:
+    """Transformer components of a pipeline root: ``transformer``, ``transformer_2``, ... that
+    hold a config.json, in name order (``transformer`` first)."""
+    r = Path(root)
+    if not r.is_dir():
+        raise PlanError(f"{r}: not a directory")
+    found = [p.name for p in r.iterdir() if p.is_dir() and p.name.startswith("transformer") and (p / "config.json").is_file()]
+    if not found:
+        raise PlanError(f"{r}: no transformer*/config.json component directories")
+    return sorted(found, key=lambda n: (n != "transformer", n))
+
+
+@dataclass
+class ComponentsReport:
+    output_dir: str
+    kind: str
+    components: dict[str, BuildReport] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output_dir": self.output_dir, "kind": self.kind,
+                "components": {c: r.to_dict() for c, r in self.components.items()}}
+
+
+def build_components(
+    kind: str,
+    root: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    components: Sequence[str] | None = None,
+    **builder_kwargs: Any,
+) -> ComponentsReport:
+    """Run the ``kind`` builder (fp8 | nvfp4 | mixed) for each component of the pipeline at ``root``.
+
+    ``root`` feeds the builder's main input (``base_transformer_dir`` for mixed and for
+    ``from_bf16`` builds, else ``modelopt_hf_dir``) unless that is given in ``builder_kwargs``;
+    every string/path argument has ``{component}`` substituted. ``components=None`` means all of
+    :func:`find_components`.
+    """
+    builder = _builder(kind)
+    comps = list(components) if components else find_components(root)
+    if len(set(comps)) != len(comps):
+        raise PlanError(f"components listed twice: {comps}")
+    out_root = Path(output_dir)
+    overwrite = bool(builder_kwargs.get("overwrite", False))
+    dry_run = bool(builder_kwargs.get("dry_run", False))
+    main_arg = "base_transformer_dir" if kind == "mixed" or builder_kwargs.get("from_bf16") else "modelopt_hf_dir"
+    builder_kwargs.setdefault(main_arg, str(root))
+    for c in comps:
+        if (out_root / c).exists() and not overwrite and not dry_run:
+            raise PlanError(f"{out_root / c}: output already exists (pass overwrite to replace it)")
+    report = ComponentsReport(output_dir=str(out_root), kind=kind)
+    created: list[Path] = []
+    try:
+        for c in comps:
+            kw = {k: (str(v).replace("{component}", c) if isinstance(v, (str, os.PathLike)) else v)
+                  for k, v in builder_kwargs.items()}
+            target = out_root / c
+            existed = target.exists()
+            if kind == "mixed":
+                base = kw.pop("base_transformer_dir")
+                r = builder(target, base, component=c, **kw)
+            else:
+                r = builder(target, component=c, **kw)
+            if not existed and not dry_run:
+                created.append(target)
+            report.components[c] = r
+    except BaseException:
+        for p in created:
+            shutil.rmtree(p, ignore_errors=True)
+        raise
+    return report

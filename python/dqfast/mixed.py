@@ -1,0 +1,246 @@
+"""ModelOpt ``MIXED_PRECISION`` transformers (FP8 + NVFP4 + BF16 per layer) from a BF16 base.
+
+A policy maps each Linear to an algorithm by regex (``re.search`` on the module name; the first
+match in policy order wins; no match stays BF16). Calibration is weights-only, in Rust: FP8 layers
+get a per-tensor ``weight_scale = max|w| / 448`` and a static ``input_scale`` (vLLM's
+``ModelOptMixedPrecisionConfig`` builds its FP8 sub-config as per-tensor ``quant_method="FP8"``, so
+both scales are required); NVFP4 layers get ModelOpt's NVFP4 recipe with one global scale shared
+over every fused q/k/v group. All shards of a fused group must resolve to the same algorithm (vLLM
+raises on mixed shards) — a policy that splits one is refused.
+
+The config is what vLLM-Omni's ``modelopt_mixed`` path reads (docs/notes/sources.md §4)::
+
+    {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION",
+     "quantized_layers": {"<module>": {"quant_algo": "FP8"} | {"quant_algo": "NVFP4", "group_size": 16}},
+     "ignore": [...], "producer": {...}, "config_groups": {...}}
+
+SGLang Diffusion refuses MIXED_PRECISION at load (sources.md §3).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from dqfast import __version__
+from dqfast.errors import OutputExistsError, PlanError
+from dqfast.fp8 import E4M3_MAX, FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config
+from dqfast.nvfp4 import GROUP, NVFP4_BOUND, fused_groups
+from dqfast.plan import BuildReport, ModuleDecision, PlanBuilder, execute, parse_size
+from dqfast.presets import ModelPreset, resolve_preset
+from dqfast.quant_config import find_component_dir, load_json, resolve_quant_config
+from dqfast.reader import open_checkpoint
+
+__all__ = ["ALGOS", "default_policy", "parse_policy", "build_mixed_transformer"]
+
+ALGOS = ("fp8", "nvfp4", "bf16")
+
+#: Heavy MLP projections (most of the FLOPs and bytes): NVFP4 by default.
+MLP_PATTERNS = (
+    r"\.ff(_context)?\.net\.(0\.proj|2)$",          # diffusers FeedForward (FLUX.1, HunyuanVideo)
+    r"\.ff(_context)?\.(linear_in|linear_out|proj_in|proj_out)$",  # FLUX.2, LTX
+    r"\.proj_mlp$",                                 # FLUX.1 single blocks
+    r"\.ffn\.net\.(0\.proj|2)$",                    # Wan
+    r"\.(img|txt)_mlp\.net\.(0\.proj|2)$",          # Qwen-Image
+)
+
+Policy = Sequence[tuple[str, str]]
+
+
+def default_policy(preset: ModelPreset) -> list[tuple[str, str]]:
+    """Layers ModelOpt's recipe leaves unquantized stay BF16 (embedders, final projection, ...),
+    heavy MLPs NVFP4, every other Linear (attention, modulation: the sensitive ones) FP8."""
+    pol: list[tuple[str, str]] = [("bf16", f"^(?:{p})") for p in preset.ptq_disabled]
+    pol += [("nvfp4", p) for p in MLP_PATTERNS]
+    pol.append(("fp8", r"."))
+    return pol
+
+
+def parse_policy(policy: Mapping[str, Iterable[str]] | Policy) -> list[tuple[str, str]]:
+    """``{"fp8": [regex...], "nvfp4": [...], "bf16": [...]}`` (key order is priority order) or a
+    list of ``(algo, regex)`` pairs -> validated ordered rules."""
+    pairs: list[tuple[str, str]] = []
+    if isinstance(policy, Mapping):
+        for algo, pats in policy.items():
+            if isinstance(pats, str):
+                pats = [pats]
+            pairs += [(algo, p) for p in pats]
+    else:
+        pairs = [(a, p) for a, p in policy]
+    out = []
+    for algo, p in pairs:
+        a = str(algo).lower()
+        if a not in ALGOS:
+            raise PlanError(f"policy algorithm '{algo}' is not one of {', '.join(ALGOS)}")
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise PlanError(f"policy pattern '{p}' ({a}) is not a valid regex: {e}") from None
+        out.append((a, p))
+    return out
+
+
+def _match(rules: list[tuple[str, str]], module: str) -> tuple[str, str] | None:
+    for algo, p in rules:
+        if re.search(p, module):
+            return algo, p
+    return None
+
+
+def build_mixed_transformer(
+    output_dir: str | os.PathLike[str],
+    base_transformer_dir: str | os.PathLike[str],
+    policy: Mapping[str, Iterable[str]] | Policy | None = None,
+    *,
+    model_type: str = "auto",
+    fp8_activation_amax: float | None = None,
+    nvfp4_activation_amax: float | None = None,
+    rounding: str = "exact",
+    max_shard_size: str | int = "5GB",
+    threads: int = 0,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    fsync: bool = True,
+    component: str = "transformer",
+) -> BuildReport:
+    """Write a MIXED_PRECISION transformer directory built from the BF16 base.
+
+    ``fp8_activation_amax`` -> FP8 ``input_scale = amax / 448`` (default 448, i.e. 1.0);
+    ``nvfp4_activation_amax`` -> NVFP4 ``input_scale = amax / 2688`` (default 2688, i.e. 1.0).
+    Both are stated in the config's ``calibration`` entry.
+    """
+    out = Path(output_dir)
+    if out.exists() and not overwrite and not dry_run:
+        raise OutputExistsError(f"{out}: output already exists (pass overwrite to replace it)")
+    if rounding not in ("exact", "modelopt"):
+        raise PlanError(f"rounding must be 'exact' or 'modelopt', not '{rounding}'")
+    base_dir = find_component_dir(base_transformer_dir, component)
+    base_cfg = load_json(base_dir / "config.json") if (base_dir / "config.json").is_file() else {}
+    if resolve_quant_config(base_dir) is not None:
+        raise PlanError(f"{base_dir}: already quantized; a mixed build takes a BF16/FP16/FP32 transformer")
+    report = BuildReport(output_dir=str(out), quant_algo="MIXED_PRECISION")
+    amax: dict[str, float] = {}
+    for key, val, dflt in (("fp8", fp8_activation_amax, E4M3_MAX), ("nvfp4", nvfp4_activation_amax, NVFP4_BOUND)):
+        a = dflt if val is None else float(val)
+        if not (np.isfinite(a) and a > 0):
+            raise PlanError(f"{key}_activation_amax is {val}; it must be finite and > 0")
+        amax[key] = a
+    preset = resolve_preset(model_type, base_cfg)
+    rules = default_policy(preset) if policy is None else parse_policy(policy)
+    base = open_checkpoint(base_dir)
+    plan = PlanBuilder(out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), threads=threads, fsync=fsync)
+    src = plan.source(base.root)
+    mods = _group_modules(base)
+
+    algo_of: dict[str, str] = {}
+    why: dict[str, str] = {}
+    ignore: set[str] = set()
+    counts = {"fp8": 0, "nvfp4": 0, "bf16": 0, "not_linear": 0, "nvfp4_demoted_to_fp8": 0}
+    for module, parts in mods.items():
+        w = parts.get("weight")
+        if w is None:
+            continue
+        if w.dtype not in FLOAT_DTYPES or len(w.shape) != 2:
+            counts["not_linear"] += 1
+            continue
+        hit = _match(rules, module)
+        algo, pat = hit if hit else ("bf16", "no policy rule matched")
+        if algo == "nvfp4" and w.shape[1] % GROUP:
+            report.warnings.append(f"{module}: in-features {w.shape[1]} not a multiple of {GROUP}; FP8 instead of NVFP4")
+            counts["nvfp4_demoted_to_fp8"] += 1
+            algo, pat = "fp8", f"{pat} (NVFP4 impossible: K={w.shape[1]})"
+        algo_of[module], why[module] = algo, pat
+
+    # Fused shards must agree (vLLM: "Mixed quant_algo within fused layer").
+    groups = fused_groups(list(algo_of))
+    group_of: dict[str, list[str]] = {}
+    for key, members in groups.items():
+        algos = {m: algo_of[m] for m in members}
+        if len(set(algos.values())) > 1:
+            detail = ", ".join(f"{m} -> {a} ({why[m]})" for m, a in algos.items())
+            raise PlanError(f"fused group '{key}' would mix algorithms: {detail}; all shards a loader fuses need one algorithm")
+        for m in members:
+            group_of[m] = members
+
+    quantized_layers: dict[str, dict[str, Any]] = {}
+    for module, parts in mods.items():
+        algo = algo_of.get(module)
+        if algo is None or algo == "bf16":
+            if algo == "bf16":
+                counts["bf16"] += 1
+                report.decisions.append(ModuleDecision(module, "bf16", why[module]))
+                ignore.update(_ignore_entries(preset, module))
+            for meta in parts.values():
+                plan.copy(meta.name, src)
+            continue
+        counts[algo] += 1
+        members = group_of.get(module, [module])
+        shared = f"; global scale shared with {len(members) - 1} fused shard(s)" if algo == "nvfp4" and len(members) > 1 else ""
+        report.decisions.append(ModuleDecision(module, algo, f"{why[module]}{shared}"))
+        for suffix, meta in parts.items():
+            if suffix != "weight":
+                plan.copy(meta.name, src)
+                continue
+            ref = plan.ref(src, meta.name)
+            if algo == "fp8":
+                plan.add(meta.name, "fp8", src=ref, scale={"kind": "weight_amax", "per_row": False},
+                         rounding="exact" if rounding == "exact" else "source_dtype")
+                plan.add(f"{module}.weight_scale", "scale_of", of=meta.name, shape=[1])
+                plan.add(f"{module}.input_scale", "scale_from_amax", amax=[amax["fp8"]], bound=E4M3_MAX, shape=[1])
+                quantized_layers[module] = {"quant_algo": "FP8"}
+            else:
+                am = {"kind": "max_of", "srcs": [plan.ref(src, f"{m}.weight") for m in members]}
+                plan.add(meta.name, "nvfp4_weight", src=ref, amax=am)
+                plan.add(f"{module}.weight_scale", "nvfp4_block_scales", src=ref, amax=am)
+                plan.add(f"{module}.weight_scale_2", "nvfp4_global_scale", src=ref, amax=am, shape=[])
+                plan.add(f"{module}.input_scale", "scale_from_amax", amax=[amax["nvfp4"]], bound=NVFP4_BOUND, shape=[])
+                quantized_layers[module] = {"quant_algo": "NVFP4", "group_size": GROUP}
+    if not quantized_layers:
+        raise PlanError("the policy quantizes no layer (MIXED_PRECISION needs a non-empty quantized_layers)")
+
+    fp8_layers = sorted(m for m, v in quantized_layers.items() if v["quant_algo"] == "FP8")
+    nv_layers = sorted(m for m, v in quantized_layers.items() if v["quant_algo"] == "NVFP4")
+    config_groups: dict[str, Any] = {}
+    if fp8_layers:
+        config_groups[f"group_{len(config_groups)}"] = {
+            "weights": {"num_bits": 8, "type": "float", "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "float", "dynamic": False},
+            "targets": fp8_layers,
+        }
+    if nv_layers:
+        config_groups[f"group_{len(config_groups)}"] = {
+            "weights": {"num_bits": 4, "type": "float", "dynamic": False, "group_size": GROUP},
+            "input_activations": {"num_bits": 4, "type": "float", "dynamic": False, "group_size": GROUP},
+            "targets": nv_layers,
+        }
+    quant_cfg: dict[str, Any] = {
+        "quant_method": "modelopt",
+        "quant_algo": "MIXED_PRECISION",
+        "quantized_layers": dict(sorted(quantized_layers.items())),
+        "ignore": sorted(ignore),
+        "producer": {"name": "dqfast", "version": __version__},
+        "config_groups": config_groups,
+        "swap_weight_nibbles": False,
+        "checkpoint_weight_scale_layout": "linear",
+        "calibration": (
+            f"weights-only (dqfast mixed); FP8 activation amax {amax['fp8']:g} -> input_scale "
+            f"{np.float32(amax['fp8']) / np.float32(E4M3_MAX):g}; NVFP4 activation amax {amax['nvfp4']:g} -> "
+            f"input_scale {np.float32(amax['nvfp4']) / np.float32(NVFP4_BOUND):g}"
+        ),
+    }
+    _output_config(base_cfg, quant_cfg, plan)
+    counts["quantized_layers"] = len(quantized_layers)
+    report.counts = counts
+    if fp8_layers and fp8_activation_amax is None:
+        report.warnings.append("FP8 input_scale = 1.0 (activation amax 448 assumed); pass fp8_activation_amax from calibration")
+    report.warnings.append("MIXED_PRECISION loads in vLLM-Omni (modelopt_mixed) and dqfast.runtime; "
+                           "SGLang Diffusion rejects it")
+    report.dry_run = dry_run
+    if dry_run:
+        report.output_dir = None
+        return report
+    return execute(plan, report)

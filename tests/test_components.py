@@ -1,0 +1,113 @@
+"""Multi-transformer pipelines (Wan2.2 A14B-style transformer + transformer_2) in one call."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dqfast.components import build_components, find_components
+from dqfast.errors import PlanError
+from dqfast.mixed import build_mixed_transformer
+
+torch = pytest.importorskip("torch")
+st = pytest.importorskip("safetensors.torch")
+
+
+def _load(d: Path) -> dict[str, "torch.Tensor"]:
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(st.load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """Two tiny components: the seeded FLUX base, and a copy with every weight doubled (so a
+    component built from the wrong directory is detectable)."""
+    pytest.importorskip("diffusers")
+    from modelopt_fixtures import build_base
+
+    base = build_base(tmp_path_factory.mktemp("flux-base"), "flux")
+    root = tmp_path_factory.mktemp("pipe")
+    shutil.copytree(base, root / "transformer")
+    shutil.copytree(base, root / "transformer_2")
+    f = root / "transformer_2" / "diffusion_pytorch_model.safetensors"
+    sd = {k: v * 2 if k.endswith(".weight") else v for k, v in st.load_file(str(f)).items()}
+    st.save_file(sd, str(f), metadata={"format": "pt"})
+    (root / "vae").mkdir()
+    (root / "model_index.json").write_text("{}")
+    return root
+
+
+def test_find_components(pipeline):
+    assert find_components(pipeline) == ["transformer", "transformer_2"]
+
+
+def test_each_component_built_from_its_own_directory(pipeline, tmp_path):
+    out = tmp_path / "out"
+    rep = build_components("mixed", pipeline, out, fp8_activation_amax=10.0)
+    assert list(rep.components) == ["transformer", "transformer_2"]
+    for c in rep.components:
+        assert (out / c / "config.json").is_file()
+        assert rep.components[c].output_dir == str(out / c)
+        assert rep.components[c].counts["quantized_layers"] > 0
+        # Same bytes as a single-component build of that directory.
+        alone = tmp_path / f"alone-{c}"
+        build_mixed_transformer(alone, pipeline / c, fp8_activation_amax=10.0)
+        a, b = _load(out / c), _load(alone)
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
+                               b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]), (c, k)
+    t1, t2 = _load(out / "transformer"), _load(out / "transformer_2")
+    w = "transformer_blocks.0.attn.to_q.weight_scale"
+    assert t2[w].item() == pytest.approx(2 * t1[w].item(), rel=1e-6)
+    d = rep.to_dict()
+    assert set(d["components"]) == {"transformer", "transformer_2"}
+    json.dumps(d)
+
+
+def test_fp8_from_bf16_with_component_subset(pipeline, tmp_path):
+    out = tmp_path / "fp8"
+    rep = build_components("fp8", pipeline, out, ["transformer_2"], from_bf16=True)
+    assert list(rep.components) == ["transformer_2"]
+    assert (out / "transformer_2" / "config.json").is_file() and not (out / "transformer").exists()
+
+
+def test_failure_removes_what_this_call_created(pipeline, tmp_path):
+    root = tmp_path / "pipe"
+    shutil.copytree(pipeline, root)
+    cfg = json.loads((root / "transformer_2" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8"}
+    (root / "transformer_2" / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    with pytest.raises(PlanError, match="already quantized"):
+        build_components("mixed", root, out)
+    assert not (out / "transformer").exists()
+    with pytest.raises(PlanError, match="unknown build kind"):
+        build_components("int4", root, out)
+
+
+def test_cli_build_mixed_components_and_components_command(pipeline, tmp_path):
+    from click.testing import CliRunner
+
+    from dqfast.cli import main
+
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(main, ["build", "mixed", "--base-transformer-dir", str(pipeline), "--output-dir", str(out),
+                                    "--components", "auto", "--policy", '{"nvfp4": ["\\\\.ff\\\\."], "fp8": ["attn"]}',
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert set(rep["components"]) == {"transformer", "transformer_2"}
+    ql = json.loads((out / "transformer_2" / "config.json").read_text())["quantization_config"]["quantized_layers"]
+    assert ql["transformer_blocks.0.ff.net.2"]["quant_algo"] == "NVFP4" and ql["transformer_blocks.0.attn.to_q"]["quant_algo"] == "FP8"
+    assert "transformer_blocks.0.norm1.linear" not in ql
+    out2 = tmp_path / "cli2"
+    res = CliRunner().invoke(main, ["build", "components", "fp8", "--root", str(pipeline), "--output-dir", str(out2),
+                                    "--from-bf16", "--components", "transformer", "--json"])
+    assert res.exit_code == 0, res.output
+    assert (out2 / "transformer" / "config.json").is_file() and not (out2 / "transformer_2").exists()
