@@ -23,17 +23,44 @@ def test_import_needs_no_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_qwen_edge_blocks_resolve_from_block_count():
-    pats = [re.compile(p) for p in get_preset("qwen-image").disable_patterns({"transformer_blocks": 6})]
-    disabled = lambda n: any(p.match(n) for p in pats)  # noqa: E731
-    assert disabled("img_in.weight_quantizer")
-    assert disabled("transformer_blocks.1.attn.to_q.weight_quantizer")
-    assert disabled("transformer_blocks.4.img_mlp.net.2.input_quantizer")
-    assert not disabled("transformer_blocks.2.attn.to_q.weight_quantizer")
-    assert not disabled("transformer_blocks.3.txt_mod.1.weight_quantizer")
+def test_ptq_filters_come_from_model_presets():
+    from dqfast import presets as model_presets
+
+    # One source of truth: the PTQ presets hold no regexes of their own.
+    for name, p in PRESETS.items():
+        assert p.disable == model_presets.PRESETS[name].ptq_disabled
+    assert get_preset("flux").name == "flux1" and get_preset("wan2.2").name == "wan"
+    # ModelOpt's filter_func_flux_dev / filter_func_wan_video, as written in its example.
+    assert get_preset("flux1").disable == (
+        r"(proj_out.*|.*(time_text_embed|context_embedder|x_embedder|norm_out|time_guidance_embed|stream_modulation).*)",)
+    assert get_preset("wan").disable == (r".*(patch_embedding|condition_embedder|proj_out|blocks\.(0|1|2|37|38|39)\.).*",)
+    assert get_preset("flux2").recipe("nvfp4").endswith("nvfp4_fp8_mha")
+    assert get_preset("wan").recipe("nvfp4").endswith("/nvfp4")
+
+
+def test_qwen_block_range_rules_from_block_count():
+    rules = get_preset("qwen-image").block_range.quant_cfg_rules(6)
+    # Last rule wins in ModelOpt's quant_cfg: evaluate the rules in order for a few names.
+    def enabled(q: str) -> bool:
+        state = None
+        for r in rules:
+            if fnmatch.fnmatchcase(q, r["quantizer_name"]):
+                state = r["enable"]
+        return bool(state)
+
+    assert not enabled("img_in.weight_quantizer")
+    assert not enabled("transformer_blocks.1.attn.to_q.weight_quantizer")
+    assert not enabled("transformer_blocks.4.img_mlp.net.2.input_quantizer")
+    assert enabled("transformer_blocks.2.attn.to_q.weight_quantizer")
+    assert enabled("transformer_blocks.3.txt_mod.1.weight_quantizer")
     with pytest.raises(ValueError):
-        get_preset("qwen-image").disable_patterns({})
-    assert {"flux", "wan", "qwen-image", "hunyuan-video"} <= set(PRESETS)
+        get_preset("qwen-image").block_range.quant_cfg_rules(5)
+    # The post-calibration filter (60-block literal) still disables everything outside the blocks.
+    pats = [re.compile(p) for p in get_preset("qwen-image").disable_patterns()]
+    assert any(p.match("img_in.weight_quantizer") for p in pats)
+    assert any(p.match("transformer_blocks.59.attn.to_q.weight_quantizer") for p in pats)
+    assert not any(p.match("transformer_blocks.30.attn.to_q.weight_quantizer") for p in pats)
+    assert {"flux1", "flux2", "wan", "qwen-image", "hunyuan-video", "none"} <= set(PRESETS)
 
 
 torch = pytest.importorskip("torch")
@@ -91,8 +118,7 @@ def test_export_config_and_amax_coverage(modelopt_outputs, model, algo):
     linears = {n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     # Independent expectation: a Linear is left in BF16 iff the preset's regexes hit its weight quantizer.
     preset = get_preset(TINY_CONFIGS[model]["preset"])
-    counts = {n: len(c) for n, c in base.named_children() if hasattr(c, "__len__")}
-    pats = [re.compile(p) for p in preset.disable_patterns(counts)]
+    pats = [re.compile(p) for p in preset.disable_patterns()]
     expect_bf16 = {n for n in linears if any(p.match(f"{n}.weight_quantizer") for p in pats)}
     assert expect_bf16 and expect_bf16 != set(linears)
 

@@ -349,13 +349,20 @@ def demo_cmd(workdir: Path) -> None:
 
 
 def _register_optional() -> None:
-    # Commands whose modules live elsewhere register themselves here, imported lazily so a
-    # missing optional dependency never breaks the rest of the CLI.
+    # Commands whose modules live elsewhere register themselves here; a missing optional
+    # dependency must never break the rest of the CLI.
+    try:
+        from dqfast.ptq_cli import ptq
+    except ImportError:
+        pass
+    else:
+        main.add_command(ptq)
     try:
         from dqfast.batch_cli import batch
     except ImportError:
-        return
-    main.add_command(batch)
+        pass
+    else:
+        main.add_command(batch)
 
 
 _register_optional()

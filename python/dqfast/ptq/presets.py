@@ -1,117 +1,124 @@
-"""Per-model PTQ filters, as data.
+"""ModelOpt-config data per model family, on top of ``dqfast.presets``.
 
-Each preset lists the regexes of ModelOpt's diffusion example
-(`examples/diffusers/quantization/utils.py`, the `filter_func_*` functions that
-`quantize.py` passes to `mtq.disable_quantizer` after calibration). A quantizer
-whose module-relative name (e.g. ``transformer_blocks.0.attn.to_q.weight_quantizer``)
-matches any pattern with ``re.match`` (anchored at the start, as in ModelOpt) is
-disabled, so its Linear stays in the base precision and lands in the export's
-``ignore`` list.
+The filter regexes (the ``filter_func_*`` functions of ModelOpt's diffusion example,
+``examples/diffusers/quantization``, applied with ``mtq.disable_quantizer`` *after*
+calibration) live in one place only: ``dqfast.presets.PRESETS[...].ptq_disabled``. This
+module adds what only matters when dqfast drives ModelOpt itself:
 
-Kept as data, not code, so that the presets are versioned and can be diffed
-against newer ModelOpt releases.
+- which recipe the example picks per format (FLUX models get the FP8-MHA NVFP4 recipe);
+- the example's pre-calibration ``block_range`` recipe (Qwen-Image: only
+  ``transformer_blocks`` quantized, minus the first/last two, sized from the real model);
+- the example's ``--model`` names, for the record.
+
+A quantizer whose name (e.g. ``transformer_blocks.0.attn.to_q.weight_quantizer``) matches a
+``ptq_disabled`` regex with ``re.match`` is disabled: its Linear stays in the base precision
+and lands in the export's ``ignore`` list.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Callable
 
-# The ModelOpt release (and example tree) these patterns were read from.
-MODELOPT_SOURCE = "NVIDIA/Model-Optimizer examples/diffusers/quantization (0.47 era)"
+from dqfast import presets as model_presets
+
+# The example tree these facts were read from (see docs/notes/sources.md §5).
+MODELOPT_SOURCE = "NVIDIA/Model-Optimizer@6b4ad85 examples/diffusers/quantization"
+
+FP8_RECIPE = "configs/ptq/presets/diffusers/fp8"
+NVFP4_RECIPE = "configs/ptq/presets/diffusers/nvfp4"
+NVFP4_FP8_MHA_RECIPE = "configs/ptq/presets/diffusers/nvfp4_fp8_mha"
 
 
 @dataclass(frozen=True)
-class EdgeBlocks:
-    """Keep the first/last blocks of a block list unquantized, sized from the model.
+class BlockRange:
+    """The example's ``block_range`` recipe (``build_block_range_quant_cfg``): applied to the
+    quant config *before* calibration, so excluded quantizers are never calibrated."""
 
-    ModelOpt's newer Qwen-Image recipe computes the excluded indices from the
-    actual block count; resolving them at quantize time keeps tiny test models
-    meaningful too.
-    """
+    block_module: str = "transformer_blocks"
+    exclude_first_n: int = 2
+    exclude_last_n: int = 2
 
-    module_list: str
-    first_n: int
-    last_n: int
+    def quant_cfg_rules(self, num_blocks: int) -> list[dict[str, Any]]:
+        """quant_cfg entries: everything off, the block list on, the edge blocks off again."""
+        # The example refuses models with fewer than two quantized middle blocks.
+        need = self.exclude_first_n + self.exclude_last_n + 2
+        if num_blocks < need:
+            raise ValueError(
+                f"block_range on '{self.block_module}' needs at least {need} blocks, the model has {num_blocks}"
+            )
+        excluded = sorted(set(range(self.exclude_first_n)) | set(range(num_blocks - self.exclude_last_n, num_blocks)))
+        m = self.block_module
+        rules: list[dict[str, Any]] = [
+            {"quantizer_name": "*weight_quantizer", "enable": False},
+            {"quantizer_name": "*input_quantizer", "enable": False},
+            {"quantizer_name": f"*{m}.*weight_quantizer", "enable": True},
+            {"quantizer_name": f"*{m}.*input_quantizer", "enable": True},
+        ]
+        for i in excluded:
+            rules.append({"quantizer_name": f"*{m}.{i}.*weight_quantizer", "enable": False})
+            rules.append({"quantizer_name": f"*{m}.{i}.*input_quantizer", "enable": False})
+        return rules
 
 
 @dataclass(frozen=True)
 class PtqPreset:
-    name: str
-    # Regexes matched with re.match against quantizer names.
-    disable: tuple[str, ...]
-    # ModelOpt's diffusion example uses its FP8-MHA NVFP4 recipe for FLUX models only.
-    nvfp4_recipe: str = "configs/ptq/presets/diffusers/nvfp4"
-    fp8_recipe: str = "configs/ptq/presets/diffusers/fp8"
-    edge_blocks: EdgeBlocks | None = None
+    """ModelOpt-side settings for one ``dqfast.presets`` model family."""
+
+    name: str  # the dqfast.presets name
+    modelopt_model_types: tuple[str, ...] = ()
+    fp8_recipe: str = FP8_RECIPE
+    nvfp4_recipe: str = NVFP4_RECIPE
+    block_range: BlockRange | None = None
     note: str = ""
 
-    def disable_patterns(self, block_counts: dict[str, int] | None = None) -> list[str]:
-        """All disable regexes, with edge blocks resolved against the model's block counts."""
-        patterns = list(self.disable)
-        if self.edge_blocks is not None:
-            eb = self.edge_blocks
-            count = (block_counts or {}).get(eb.module_list)
-            if count is None:
-                raise ValueError(f"preset {self.name!r} needs the length of {eb.module_list!r}")
-            keep = sorted(set(range(min(eb.first_n, count))) | set(range(max(count - eb.last_n, 0), count)))
-            if keep:
-                idx = "|".join(str(i) for i in keep)
-                patterns.append(rf"{re.escape(eb.module_list)}\.({idx})\.")
-        return patterns
+    @property
+    def model(self) -> model_presets.ModelPreset:
+        return model_presets.get_preset(self.name)
+
+    @property
+    def disable(self) -> tuple[str, ...]:
+        """The post-calibration filter regexes (from ``dqfast.presets``)."""
+        return self.model.ptq_disabled
+
+    def recipe(self, algo: str) -> str:
+        if algo == "fp8":
+            return self.fp8_recipe
+        if algo == "nvfp4":
+            return self.nvfp4_recipe
+        raise ValueError(f"unknown algo {algo!r}: expected 'fp8' or 'nvfp4'")
+
+    def disable_patterns(self) -> list[str]:
+        return list(self.disable)
 
 
 PRESETS: dict[str, PtqPreset] = {
-    # filter_func_default: applied by ModelOpt to every model type without its own filter.
-    "default": PtqPreset(
-        name="default",
-        disable=(
-            r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding"
-            r"|pos_embed|time_text_embed|context_embedder|norm_out|x_embedder).*",
-        ),
-    ),
-    # filter_func_flux_dev (flux-dev and flux2-dev; flux-schnell falls back to default).
-    "flux": PtqPreset(
-        name="flux",
-        disable=(
-            r"(proj_out.*|.*(time_text_embed|context_embedder|x_embedder|norm_out"
-            r"|time_guidance_embed|stream_modulation).*)",
-        ),
-        nvfp4_recipe="configs/ptq/presets/diffusers/nvfp4_fp8_mha",
-    ),
-    # filter_func_wan_video: literal block indices of the 40-block Wan2.2-A14B transformer
-    # (ModelOpt applies the same indices to the 30-block 5B model).
-    "wan": PtqPreset(
-        name="wan",
-        disable=(r".*(patch_embedding|condition_embedder|proj_out|blocks\.(0|1|2|37|38|39)\.).*",),
-    ),
-    # filter_func_qwen_image / MODEL_DEFAULTS[qwen-image]["block_range"]: only
-    # transformer_blocks are quantized, minus the first 2 and last 2 blocks.
-    "qwen-image": PtqPreset(
-        name="qwen-image",
-        disable=(r"(?!transformer_blocks\.)",),
-        edge_blocks=EdgeBlocks("transformer_blocks", 2, 2),
-    ),
-    # ModelOpt's example has no HunyuanVideo model type; it would use filter_func_default.
-    "hunyuan-video": PtqPreset(
-        name="hunyuan-video",
-        disable=(
-            r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding"
-            r"|pos_embed|time_text_embed|context_embedder|norm_out|x_embedder).*",
-        ),
-        note="no HunyuanVideo filter in ModelOpt's example: its default filter",
-    ),
+    p.name: p
+    for p in [
+        # The example picks nvfp4_fp8_mha for every model type starting with "flux".
+        PtqPreset("flux1", ("flux-dev", "flux-schnell"), nvfp4_recipe=NVFP4_FP8_MHA_RECIPE,
+                  note="flux-schnell uses filter_func_default upstream; dqfast applies the flux-dev filter to both"),
+        PtqPreset("flux2", ("flux2-dev",), nvfp4_recipe=NVFP4_FP8_MHA_RECIPE),
+        PtqPreset("wan", ("wan2.2-t2v-14b", "wan2.2-t2v-5b"),
+                  note="the filter names literal blocks 0-2 and 37-39 of the 40-block A14B (the 5B too)"),
+        PtqPreset("qwen-image", ("qwen-image",), block_range=BlockRange("transformer_blocks", 2, 2)),
+        PtqPreset("hunyuan-video", (), note="no HunyuanVideo model type upstream: filter_func_default"),
+        PtqPreset("none", (), note="no filter: every layer the recipe covers stays quantized"),
+    ]
 }
 
 
 def get_preset(name: str) -> PtqPreset:
+    """The PTQ preset of a ``dqfast.presets`` name or alias (``flux`` -> ``flux1``)."""
+    canonical = model_presets.get_preset(name).name
     try:
-        return PRESETS[name]
+        return PRESETS[canonical]
     except KeyError:
-        raise KeyError(f"unknown PTQ preset {name!r}; known: {sorted(PRESETS)}") from None
+        raise KeyError(f"no PTQ preset for model type {canonical!r}; known: {sorted(PRESETS)}") from None
 
 
-def compile_filter(patterns: list[str]):
-    """A ModelOpt filter function (name -> bool) for the given regexes."""
+def compile_filter(patterns: list[str]) -> Callable[[str], bool]:
+    """A ModelOpt filter function (quantizer name -> disable?) for the given regexes."""
     compiled = [re.compile(p) for p in patterns]
     return lambda name: any(c.match(name) for c in compiled)

@@ -2,10 +2,12 @@
 steps of ModelOpt's diffusion example (``examples/diffusers/quantization/quantize.py``):
 
 1. recipe: the diffusers FP8 / NVFP4 preset (FLUX gets the FP8-MHA NVFP4 preset),
-   algorithm forced to ``max`` (the example's default ``--quant-algo``),
+   NVFP4 block size 16, ``--quantize-mha`` entry, the model's ``block_range`` rules
+   (Qwen-Image), algorithm forced to ``max`` (the example's default ``--quant-algo``),
    ``trt_high_precision_dtype`` set on every quantizer entry (example default "Half");
-2. ``mtq.quantize`` with a forward loop over the calibration batches;
-3. ``mtq.disable_quantizer`` with the model's filter (``presets.py``);
+2. ``mtq.quantize`` with a forward loop (the denoising-loop calibration of
+   ``calibration.py``, or a list of forward-kwargs batches);
+3. ``mtq.disable_quantizer`` with the model's filter (``dqfast.presets`` ``ptq_disabled``);
 4. attention/conv fix-up (example's ``check_conv_and_mha``): attention BMM/softmax
    quantizers off unless ``quantize_mha`` and head size % 16 == 0; Conv1d/Conv2d
    quantizers off for NVFP4.
@@ -17,11 +19,11 @@ torch, diffusers and modelopt are imported inside the functions so that
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from .presets import PtqPreset, compile_filter, get_preset
+from .presets import FP8_RECIPE, NVFP4_RECIPE, PtqPreset, compile_filter, get_preset
 
 Algo = Literal["fp8", "nvfp4"]
 
@@ -40,17 +42,18 @@ def build_quant_config(
     quantize_mha: bool = False,
     block_size: int = 16,
     trt_high_precision_dtype: str = "Half",
+    block_counts: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The ``mtq.quantize`` config the diffusion example would build for ``algo``."""
+    """The ``mtq.quantize`` config the diffusion example would build for ``algo``.
+
+    ``block_counts`` (module list name -> length) sizes the preset's ``block_range`` rules.
+    """
     from modelopt.torch.opt.config_loader import load_config
     from modelopt.torch.quantization.config import QuantizeConfig
 
-    if algo == "fp8":
-        recipe = (preset.fp8_recipe if preset else "configs/ptq/presets/diffusers/fp8")
-    elif algo == "nvfp4":
-        recipe = (preset.nvfp4_recipe if preset else "configs/ptq/presets/diffusers/nvfp4")
-    else:
+    if algo not in ("fp8", "nvfp4"):
         raise ValueError(f"unknown algo {algo!r}: expected 'fp8' or 'nvfp4'")
+    recipe = preset.recipe(algo) if preset else (FP8_RECIPE if algo == "fp8" else NVFP4_RECIPE)
     base = load_config(recipe, schema_type=QuantizeConfig).model_dump(exclude_unset=True)
     base = copy.deepcopy(base)
 
@@ -63,6 +66,12 @@ def build_quant_config(
         entries.append(entry)
     if quantize_mha:
         entries.append({"quantizer_name": "*[qkv]_bmm_quantizer", "cfg": {"num_bits": (4, 3), "axis": None}})
+    if preset is not None and preset.block_range is not None:
+        br = preset.block_range
+        count = (block_counts or {}).get(br.block_module)
+        if count is None:
+            raise ValueError(f"preset {preset.name!r} needs the length of {br.block_module!r}")
+        entries.extend(br.quant_cfg_rules(count))
     for entry in entries:
         cfg = entry.get("cfg")
         if isinstance(cfg, dict) and "num_bits" in cfg and "trt_high_precision_dtype" not in cfg:
@@ -116,58 +125,98 @@ def quantize(
     quantize_mha: bool = False,
     seed: int = 0,
     extra_disable: Iterable[str] = (),
+    calib: Any = None,
+    forward_loop: Callable[[Any], None] | None = None,
 ) -> Any:
     """Quantize ``transformer`` in place with ModelOpt and return it.
 
-    ``filter``: a preset name from ``dqfast.ptq.presets.PRESETS`` (``flux``, ``wan``,
-    ``qwen-image``, ``hunyuan-video``, ``default``); ``None`` applies no model filter
-    (every Linear the recipe covers stays quantized). ``extra_disable``: more regexes.
-    ``calib_batches``: forward kwargs dicts; ``None`` uses two random batches.
+    ``filter``: a ``dqfast.presets`` model type or alias (``flux``/``flux1``, ``flux2``,
+    ``wan``, ``qwen-image``, ``hunyuan-video``, ``none``); ``None`` applies no model filter
+    and no block range. ``extra_disable``: more regexes.
+    Calibration data, first match wins: ``forward_loop(model)`` (runs the model itself);
+    ``calib`` (a :class:`~dqfast.ptq.calibration.CalibConfig`: denoising-loop calibration
+    with prompt conditioning); ``calib_batches`` (forward-kwargs dicts); else two random
+    batches.
     """
     import torch
     import modelopt.torch.quantization as mtq
 
-    from .calibration import random_calibration_batches
+    from .calibration import CalibConfig, calibrate_denoising, random_calibration_batches
 
     torch.manual_seed(seed)
     preset = get_preset(filter) if filter is not None else None
-    config = build_quant_config(algo, preset, quantize_mha=quantize_mha)
-    batches = list(calib_batches) if calib_batches is not None else random_calibration_batches(transformer, 2, seed)
-    if not batches:
-        raise ValueError("calib_batches is empty: max calibration needs at least one batch")
+    config = build_quant_config(algo, preset, quantize_mha=quantize_mha, block_counts=_block_counts(transformer))
 
-    def forward_loop(model: Any) -> None:
-        for batch in batches:
-            model(**batch)
+    loop: Callable[[Any], None]
+    if forward_loop is not None:
+        loop = forward_loop
+    elif calib is not None:
+        if not isinstance(calib, CalibConfig):
+            raise TypeError(f"calib must be a CalibConfig, not {type(calib).__name__}")
+
+        def loop(model: Any) -> None:
+            calibrate_denoising({"transformer": model}, calib)
+    else:
+        batches = list(calib_batches) if calib_batches is not None else random_calibration_batches(transformer, 2, seed)
+        if not batches:
+            raise ValueError("calib_batches is empty: max calibration needs at least one batch")
+
+        def loop(model: Any) -> None:
+            for batch in batches:
+                model(**batch)
 
     transformer.eval()
     with torch.no_grad():
-        mtq.quantize(transformer, config, forward_loop)
+        mtq.quantize(transformer, config, loop)
 
     patterns = list(extra_disable)
     if preset is not None:
-        patterns += preset.disable_patterns(_block_counts(transformer))
+        patterns += preset.disable_patterns()
     if patterns:
         mtq.disable_quantizer(transformer, compile_filter(patterns))
     _disable_conv_and_mha(transformer, is_fp4=(algo == "nvfp4"), quantize_mha=quantize_mha)
     return transformer
 
 
-def save(transformer: Any, out_dir: str | Path, component: str = "transformer") -> tuple[Path, Path]:
-    """Write ``<out>/ckpt/backbone.pt`` (``mto.save``) then ``<out>/hf/<component>/``
-    (``export_hf_checkpoint``), in the example's order: the export may rewrite modules.
-
-    Returns (backbone_path, hf_component_dir).
-    """
+def save_backbone(transformer: Any, path: str | Path) -> Path:
+    """``mto.save`` the quantized transformer (weights, ``_amax`` and ModelOpt state)."""
     import modelopt.torch.opt as mto
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mto.save(transformer, str(path))
+    return path
+
+
+def export_hf(transformer: Any, hf_dir: str | Path) -> Path:
+    """``export_hf_checkpoint`` of one transformer into ``hf_dir`` (config.json + safetensors).
+
+    The export converts the module's weights in place: run it after every calibration
+    that still needs this module in its float form.
+    """
     from modelopt.torch.export import export_hf_checkpoint
 
-    out = Path(out_dir)
-    ckpt_dir = out / "ckpt"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    backbone = ckpt_dir / "backbone.pt"
-    mto.save(transformer, str(backbone))
-    hf_dir = out / "hf" / component
+    hf_dir = Path(hf_dir)
     hf_dir.mkdir(parents=True, exist_ok=True)
     export_hf_checkpoint(transformer, export_dir=str(hf_dir))
+    return hf_dir
+
+
+def save(
+    transformer: Any,
+    out_dir: str | Path,
+    component: str = "transformer",
+    backbone_file: str = "backbone.pt",
+) -> tuple[Path, Path]:
+    """Write ``<out>/ckpt/<backbone_file>`` (``mto.save``) then ``<out>/hf/<component>/``
+    (``export_hf_checkpoint``), in the example's order: the export may rewrite modules.
+
+    ModelOpt's example (0.44 and later) names the file after the backbone
+    (``transformer.pt``, ``transformer_2.pt``); ``run_ptq`` does that. The default
+    ``backbone.pt`` is the older example's single-backbone name.
+    Returns (backbone_path, hf_component_dir).
+    """
+    out = Path(out_dir)
+    backbone = save_backbone(transformer, out / "ckpt" / backbone_file)
+    hf_dir = export_hf(transformer, out / "hf" / component)
     return backbone, hf_dir

@@ -808,6 +808,12 @@ fn emit<'a>(
             fill(r, at + i * piece, c, scales.as_deref().map(|v| v.as_slice()), nv_gs, lut.as_ref())
         });
         send(Msg::Owned(buf))?;
+        // Elementwise ops never look back: drop the source pages of this batch now, so the
+        // resident set holds about one batch of input, not one tensor.
+        if let Kind::Fp8 { src, .. } | Kind::SwapNibbles(src) | Kind::RepairNan(src) = &r.kind {
+            let sz = src.info.dtype.size();
+            src.file.release_range(src.info, at * sz, (at + len) * sz);
+        }
         at += len;
     }
     let src = match &r.kind {
@@ -913,6 +919,11 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
                 let mut bytes = hdr_len;
                 for i in range.clone() {
                     let r = &resolved[i];
+                    if let Some(next) = resolved.get(i + 1) {
+                        for s in sources_of(next) {
+                            s.file.prefetch(s.info);
+                        }
+                    }
                     let scale = emit(i, r, &resolved, &memo, &tx, &recycle_rx)?;
                     bytes += r.nbytes as u64;
                     weight_map.insert(r.name.clone(), fname.clone());
@@ -955,6 +966,16 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
         peak_rss_bytes: crate::rss::peak_rss_bytes(),
         threads,
     })
+}
+
+/// The source tensors an output reads.
+fn sources_of<'a>(r: &Resolved<'a>) -> Vec<Src<'a>> {
+    match &r.kind {
+        Kind::Copy(s) | Kind::Fp8 { src: s, .. } | Kind::SwapNibbles(s) | Kind::RepairNan(s) => vec![*s],
+        Kind::Rows { src, .. } | Kind::Rescale { src, .. } | Kind::Nv { src, .. } => vec![*src],
+        Kind::Concat(ss) => ss.clone(),
+        _ => Vec::new(),
+    }
 }
 
 fn source_bytes(r: &Resolved) -> u64 {

@@ -1,0 +1,75 @@
+"""``dqfast ptq``: ModelOpt post-training quantization, then (optionally) dqfast build and verify.
+
+Registered by ``dqfast.cli`` with ``main.add_command(ptq)``; usable standalone too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+@click.command("ptq")
+@click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Diffusers pipeline dir (model_index.json; every transformer* component) or one component dir.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Output root: ckpt/<component>.pt, hf/<component>/, dqfast/<component>/, report.json.")
+@click.option("--algo", type=click.Choice(["fp8", "nvfp4"]), default="fp8", show_default=True)
+@click.option("--model-type", default="auto", show_default=True,
+              help="Preset: auto, flux1, flux2, hunyuan-video, qwen-image, wan, none.")
+@click.option("--component", "components", multiple=True, help="Transformer component(s) to quantize (repeatable).")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Calibration prompts, one per line (default: dqfast's built-in set).")
+@click.option("--calib-size", type=int, default=128, show_default=True, help="Prompts used for calibration.")
+@click.option("--n-steps", type=int, default=30, show_default=True, help="Denoising steps per calibration batch.")
+@click.option("--batch-size", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--height", type=int, default=None, help="Calibration image height in pixels (default: ModelOpt's per model).")
+@click.option("--width", type=int, default=None, help="Calibration image width in pixels.")
+@click.option("--num-frames", type=int, default=None, help="Calibration video frames (Wan).")
+@click.option("--text-len", type=int, default=512, show_default=True, help="Text tokens of the pseudo-embeddings.")
+@click.option("--quantize-mha", is_flag=True, help="Also quantize attention Q/K/V BMMs (FP8), as ModelOpt's --quantize-mha.")
+@click.option("--build", is_flag=True, help="Run dqfast build fp8|nvfp4 into <out>/dqfast/<component>.")
+@click.option("--verify", is_flag=True, help="Layer and trajectory verification into <out>/report.json (implies --build).")
+@click.option("--verify-steps", type=int, default=None, help="Trajectory steps (default: min(n-steps, 8)).")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def ptq(**kw: Any) -> None:
+    """ModelOpt PTQ of a diffusers transformer with ModelOpt's diffusion presets.
+
+    Conditioning comes from deterministic pseudo-embeddings (SHA-256-seeded noise per prompt):
+    no text encoder is run. See docs/ptq.md.
+    """
+    from dqfast.errors import DqfastError
+    from dqfast.ptq import CalibConfig, run_ptq
+
+    try:
+        calib = CalibConfig(
+            prompts_file=kw["prompts_file"], calib_size=kw["calib_size"], n_steps=kw["n_steps"],
+            batch_size=kw["batch_size"], seed=kw["seed"], height=kw["height"], width=kw["width"],
+            num_frames=kw["num_frames"], text_len=kw["text_len"],
+        )
+        result = run_ptq(
+            kw["model_dir"], kw["out_dir"], algo=kw["algo"], model_type=kw["model_type"], calib=calib,
+            seed=kw["seed"], quantize_mha=kw["quantize_mha"], build=kw["build"], verify=kw["verify"],
+            components=list(kw["components"]) or None, overwrite=kw["overwrite"], device=kw["device"],
+            verify_steps=kw["verify_steps"], progress=not kw["no_progress"],
+        )
+    except (DqfastError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    for c in result.components:
+        click.echo(f"{c.name}: {c.backbone}  {c.hf_dir}" + (f"  {c.dqfast_dir}" if c.dqfast_dir else ""))
+        if c.trajectory:
+            t = c.trajectory
+            click.echo(f"  layers {c.layers['layers'] if c.layers else 0}, min weight cosine "
+                       f"{c.layers['min_cosine']:.5f}; trajectory final cosine {t['final_cosine']:.6f}, "
+                       f"PSNR {t['final_psnr_db']:.2f} dB")
+    click.echo(f"report: {result.report_path}")
+
+
+__all__ = ["ptq"]
