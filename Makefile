@@ -20,7 +20,7 @@ $(DEPS_STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "maturin>=1.7,<2"
 	$(PIP) install -q torch==2.13.0 nvidia-modelopt==0.47.0 diffusers==0.42.1 "safetensors>=0.4" "pytest>=8" \
-		"numpy>=1.24" "click>=8.1" "rich>=13"
+		"numpy>=1.24" "click>=8.1" "rich>=13" "ray>=2.9" "pyyaml>=6"
 	touch $@
 
 venv: $(DEPS_STAMP)

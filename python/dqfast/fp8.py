@@ -24,9 +24,9 @@ import numpy as np
 
 from dqfast import __version__
 from dqfast.errors import PlanError
-from dqfast.plan import BuildReport, ModuleDecision, PlanBuilder, execute, parse_size, split_module
+from dqfast.plan import BuildReport, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan, split_module
 from dqfast.presets import ModelPreset, resolve_preset
-from dqfast.quant_config import QuantConfig, find_component_dir, load_json, resolve_quant_config
+from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
 
 __all__ = ["build_fp8_transformer"]
@@ -57,6 +57,14 @@ def _ignore_entries(preset: ModelPreset, module: str) -> list[str]:
     """The diffusers name (vLLM-Omni matches it) and SGLang's preferred runtime name."""
     preferred = preset.name_variants(module)[-1]
     return [module] if preferred == module else [module, preferred]
+
+
+def check_activation_amax(value: float | None, default: float, what: str = "activation_amax") -> float:
+    """A static activation amax (``default`` when not given); finite and > 0."""
+    a = default if value is None else float(value)
+    if not (np.isfinite(a) and a > 0):
+        raise PlanError(f"{what} is {value}; it must be finite and > 0")
+    return a
 
 
 def _output_config(
@@ -122,12 +130,7 @@ def build_fp8_transformer(
     Raises :class:`dqfast.errors.DqfastError` subclasses naming the file, tensor and problem;
     nothing is left at ``output_dir`` on failure.
     """
-    out = Path(output_dir)
-    if out.exists() and not overwrite and not dry_run:
-        from dqfast.errors import OutputExistsError
-
-        raise OutputExistsError(f"{out}: output already exists (pass overwrite to replace it)")
-    plan = PlanBuilder(out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), threads=threads, fsync=fsync)
+    plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync)
     extra = _fallback_res(fallback)
     if from_bf16:
         if base_transformer_dir is None:
@@ -169,14 +172,7 @@ def _plan_calibrated(
 ) -> BuildReport:
     from dqfast.amax import load_amax
 
-    export_dir = find_component_dir(hf_dir, component)
-    cfg_path = export_dir / "config.json"
-    export_cfg = load_json(cfg_path) if cfg_path.is_file() else {}
-    qc = resolve_quant_config(export_dir)
-    if qc is None:
-        raise PlanError(f"{cfg_path}: no ModelOpt quantization_config (quant_method must be 'modelopt')")
-    if qc.quant_algo != "FP8":
-        raise PlanError(f"{qc.source}: quant_algo is {qc.quant_algo}; this builder takes FP8 exports")
+    export_dir, export_cfg, qc = load_modelopt_export(hf_dir, component, lambda a: a == "FP8", "FP8")
     export = open_checkpoint(export_dir)
     preset = resolve_preset(model_type, export_cfg)
     base = open_checkpoint(find_component_dir(base_dir, component)) if base_dir else None
@@ -272,9 +268,7 @@ def _plan_calibrated(
     quant_cfg.update({"quant_method": "modelopt", "quant_algo": "FP8", "ignore": sorted(ignore)})
     quant_cfg.setdefault("quant_type", "FP8")
     _output_config(export_cfg or (load_json(base.root / "config.json") if base else {}), quant_cfg, plan)
-    for f in sorted(export_dir.iterdir()):
-        if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".index.json")):
-            plan.copy_file(f.name, f)
+    copy_sidecar_files(plan, export_dir)
     report.counts = counts
     return report
 
@@ -324,10 +318,7 @@ def _plan_from_bf16(
     rounding: str,
     component: str,
 ) -> BuildReport:
-    base_dir = find_component_dir(base_dir, component)
-    base_cfg = load_json(base_dir / "config.json") if (base_dir / "config.json").is_file() else {}
-    if resolve_quant_config(base_dir) is not None:
-        raise PlanError(f"{base_dir}: already quantized; from_bf16 takes a BF16/FP16/FP32 transformer")
+    base_dir, base_cfg = load_float_base(base_dir, component, "from_bf16")
     base = open_checkpoint(base_dir)
     preset = resolve_preset(model_type, base_cfg)
     if granularity not in ("channel", "tensor"):

@@ -27,12 +27,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from dqfast import __version__
-from dqfast.errors import OutputExistsError, PlanError
-from dqfast.fp8 import E4M3_MAX, FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config
+from dqfast.errors import PlanError
+from dqfast.fp8 import E4M3_MAX, FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, check_activation_amax
 from dqfast.nvfp4 import GROUP, NVFP4_BOUND, fused_groups
-from dqfast.plan import BuildReport, ModuleDecision, PlanBuilder, execute, parse_size
+from dqfast.plan import BuildReport, ModuleDecision, execute, new_plan
 from dqfast.presets import ModelPreset, resolve_preset
-from dqfast.quant_config import find_component_dir, load_json, resolve_quant_config
+from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
 
 __all__ = ["ALGOS", "default_policy", "parse_policy", "build_mixed_transformer"]
@@ -114,25 +114,17 @@ def build_mixed_transformer(
     Both are stated in the config's ``calibration`` entry.
     """
     out = Path(output_dir)
-    if out.exists() and not overwrite and not dry_run:
-        raise OutputExistsError(f"{out}: output already exists (pass overwrite to replace it)")
+    plan = new_plan(out, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync)
     if rounding not in ("exact", "modelopt"):
         raise PlanError(f"rounding must be 'exact' or 'modelopt', not '{rounding}'")
-    base_dir = find_component_dir(base_transformer_dir, component)
-    base_cfg = load_json(base_dir / "config.json") if (base_dir / "config.json").is_file() else {}
-    if resolve_quant_config(base_dir) is not None:
-        raise PlanError(f"{base_dir}: already quantized; a mixed build takes a BF16/FP16/FP32 transformer")
+    base_dir, base_cfg = load_float_base(base_transformer_dir, component, "a mixed build")
     report = BuildReport(output_dir=str(out), quant_algo="MIXED_PRECISION")
     amax: dict[str, float] = {}
     for key, val, dflt in (("fp8", fp8_activation_amax, E4M3_MAX), ("nvfp4", nvfp4_activation_amax, NVFP4_BOUND)):
-        a = dflt if val is None else float(val)
-        if not (np.isfinite(a) and a > 0):
-            raise PlanError(f"{key}_activation_amax is {val}; it must be finite and > 0")
-        amax[key] = a
+        amax[key] = check_activation_amax(val, dflt, f"{key}_activation_amax")
     preset = resolve_preset(model_type, base_cfg)
     rules = default_policy(preset) if policy is None else parse_policy(policy)
     base = open_checkpoint(base_dir)
-    plan = PlanBuilder(out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), threads=threads, fsync=fsync)
     src = plan.source(base.root)
     mods = _group_modules(base)
 

@@ -15,10 +15,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,11 +24,11 @@ import numpy as np
 
 from dqfast import __version__, _core
 from dqfast.errors import PlanError
-from dqfast.fp8 import FLOAT_DTYPES, _check_base_tensor, _group_modules, _ignore_entries, _output_config
-from dqfast.plan import BuildReport, ModuleDecision, PlanBuilder, execute, parse_size
+from dqfast.fp8 import FLOAT_DTYPES, _check_base_tensor, _group_modules, _ignore_entries, _output_config, check_activation_amax
+from dqfast.plan import BuildReport, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan
 from dqfast.presets import ModelPreset, glob_to_regex, resolve_preset
-from dqfast.quant_config import find_component_dir, load_json, resolve_quant_config
-from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
+from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
+from dqfast.reader import TensorMeta, open_checkpoint, read_tensor
 
 __all__ = ["build_nvfp4_transformer", "fused_groups", "nibble_order_report", "NVFP4_BOUND"]
 
@@ -106,12 +104,7 @@ def build_nvfp4_transformer(
     ``fallback`` takes globs (``.`` literal, ``*`` any run, full match), like SGLang's
     ``--keep-bf16-pattern`` for this builder.
     """
-    out = Path(output_dir)
-    if out.exists() and not overwrite and not dry_run:
-        from dqfast.errors import OutputExistsError
-
-        raise OutputExistsError(f"{out}: output already exists (pass overwrite to replace it)")
-    plan = PlanBuilder(out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), threads=threads, fsync=fsync)
+    plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync)
     if from_bf16:
         if base_transformer_dir is None:
             raise PlanError("from_bf16 needs base_transformer_dir")
@@ -145,14 +138,7 @@ def _plan_export(
     reconcile: bool,
     component: str,
 ) -> BuildReport:
-    export_dir = find_component_dir(hf_dir, component)
-    cfg_path = export_dir / "config.json"
-    export_cfg = load_json(cfg_path) if cfg_path.is_file() else {}
-    qc = resolve_quant_config(export_dir)
-    if qc is None:
-        raise PlanError(f"{cfg_path}: no ModelOpt quantization_config (quant_method must be 'modelopt')")
-    if "FP4" not in qc.quant_algo:
-        raise PlanError(f"{qc.source}: quant_algo is {qc.quant_algo}; this builder takes NVFP4 exports")
+    export_dir, export_cfg, qc = load_modelopt_export(hf_dir, component, lambda a: "FP4" in a, "NVFP4")
     export = open_checkpoint(export_dir)
     preset = resolve_preset(model_type, export_cfg)
     extra = _fallback_globs(fallback)
@@ -261,9 +247,7 @@ def _plan_export(
     if swap:
         report.warnings.append("packed weights were nibble-swapped in place; the config says swap_weight_nibbles: false")
     _output_config(export_cfg or (load_json(base.root / "config.json") if base else {}), quant_cfg, plan)
-    for f in sorted(export_dir.iterdir()):
-        if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".index.json")):
-            plan.copy_file(f.name, f)
+    copy_sidecar_files(plan, export_dir)
     report.counts = counts
     return report
 
@@ -287,13 +271,8 @@ def _plan_from_bf16(
     activation_amax: float | None,
     component: str,
 ) -> BuildReport:
-    base_dir = find_component_dir(base_dir, component)
-    base_cfg = load_json(base_dir / "config.json") if (base_dir / "config.json").is_file() else {}
-    if resolve_quant_config(base_dir) is not None:
-        raise PlanError(f"{base_dir}: already quantized; from_bf16 takes a BF16/FP16/FP32 transformer")
-    a_amax = NVFP4_BOUND if activation_amax is None else float(activation_amax)
-    if not (np.isfinite(a_amax) and a_amax > 0):
-        raise PlanError(f"activation_amax is {activation_amax}; it must be finite and > 0")
+    base_dir, base_cfg = load_float_base(base_dir, component, "from_bf16")
+    a_amax = check_activation_amax(activation_amax, NVFP4_BOUND)
     base = open_checkpoint(base_dir)
     preset = resolve_preset(model_type, base_cfg)
     extra = _fallback_globs(fallback)

@@ -140,6 +140,33 @@ class PlanBuilder:
         )
 
 
+def new_plan(
+    output_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool,
+    dry_run: bool = False,
+    max_shard_size: str | int = "5GB",
+    threads: int = 0,
+    fsync: bool = True,
+) -> PlanBuilder:
+    """A plan for ``output_dir``, refused up front (before any reading) when the output exists
+    and overwriting was not asked for. Every builder starts here."""
+    out = Path(output_dir)
+    if out.exists() and not overwrite and not dry_run:
+        from dqfast.errors import OutputExistsError
+
+        raise OutputExistsError(f"{out}: output already exists (pass overwrite to replace it)")
+    return PlanBuilder(out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), threads=threads, fsync=fsync)
+
+
+def copy_sidecar_files(plan: PlanBuilder, src_dir: Path) -> None:
+    """Carry over a component directory's non-tensor files (README, generation config, ...)
+    except config.json, which every builder writes itself."""
+    for f in sorted(src_dir.iterdir()):
+        if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".index.json")):
+            plan.copy_file(f.name, f)
+
+
 def execute(plan: PlanBuilder, report: BuildReport) -> BuildReport:
     """Run the plan in Rust and fill ``report`` with what was written."""
     out = json.loads(_core.execute_plan(plan.to_json()))

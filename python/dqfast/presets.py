@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 __all__ = ["ModelPreset", "PRESETS", "get_preset", "detect_preset", "glob_to_regex"]

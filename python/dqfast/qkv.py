@@ -33,8 +33,8 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 from dqfast import __version__
-from dqfast.errors import OutputExistsError, PlanError
-from dqfast.plan import BuildReport, ModuleDecision, PlanBuilder, execute, parse_size, split_module
+from dqfast.errors import PlanError
+from dqfast.plan import BuildReport, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan, split_module
 from dqfast.quant_config import load_json
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
 
@@ -324,8 +324,7 @@ def convert_qkv_layout(
         raise PlanError(f"to must be 'split' or 'fused', not {to!r}")
     src = Path(src_dir)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: output already exists (pass overwrite to replace it)")
+    plan = new_plan(out, overwrite=overwrite, max_shard_size=max_shard_size, threads=threads, fsync=fsync)
     info = open_checkpoint(src)
     root = info.root if info.root.is_dir() else info.root.parent
     cfg_path = root / "config.json"
@@ -352,7 +351,6 @@ def convert_qkv_layout(
         swap_weight_nibbles = bool(explicit.get("swap_weight_nibbles", layout == "packed"))
     swizzled = scale_layout == "swizzled"
 
-    plan = PlanBuilder(out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), threads=threads, fsync=fsync)
     s = plan.source(info.root)
     mods = _group(info)
     report = BuildReport(output_dir=str(out), quant_algo=f"qkv-{to}")
@@ -435,9 +433,7 @@ def convert_qkv_layout(
         new_md["dqfast_version"] = __version__
         plan.shard_metadata = new_md
         if root.is_dir():
-            for fpath in sorted(root.iterdir()):
-                if fpath.is_file() and fpath.name != "config.json" and not fpath.name.endswith((".safetensors", ".index.json")):
-                    plan.copy_file(fpath.name, fpath)
+            copy_sidecar_files(plan, root)
         report.counts = counts
         if has_nv and (scale_layout == "swizzled" or swap_weight_nibbles):
             report.warnings.append(

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dqfast.errors import PlanError
 from dqfast.presets import ignore_pattern_matches
@@ -155,3 +155,28 @@ def _from_safetensors_metadata(d: Path) -> QuantConfig | None:
             if isinstance(cfg, dict):
                 return _normalize(cfg, f"{info.files[0]} metadata '{key}'")
     return None
+
+
+def load_modelopt_export(
+    hf_dir: str | os.PathLike[str], component: str, algo_ok: "Callable[[str], bool]", what: str
+) -> tuple[Path, dict[str, Any], QuantConfig]:
+    """Locate a ModelOpt HF export's component dir, its config and its quantization config,
+    refusing exports that are not ModelOpt or whose ``quant_algo`` this builder does not take."""
+    export_dir = find_component_dir(hf_dir, component)
+    cfg_path = export_dir / "config.json"
+    export_cfg = load_json(cfg_path) if cfg_path.is_file() else {}
+    qc = resolve_quant_config(export_dir)
+    if qc is None:
+        raise PlanError(f"{cfg_path}: no ModelOpt quantization_config (quant_method must be 'modelopt')")
+    if not algo_ok(qc.quant_algo):
+        raise PlanError(f"{qc.source}: quant_algo is {qc.quant_algo}; this builder takes {what} exports")
+    return export_dir, export_cfg, qc
+
+
+def load_float_base(base_dir: str | os.PathLike[str], component: str, builder: str) -> tuple[Path, dict[str, Any]]:
+    """A BF16/FP16/FP32 transformer dir and its config; an already quantized one is refused."""
+    d = find_component_dir(base_dir, component)
+    cfg = load_json(d / "config.json") if (d / "config.json").is_file() else {}
+    if resolve_quant_config(d) is not None:
+        raise PlanError(f"{d}: already quantized; {builder} takes a BF16/FP16/FP32 transformer")
+    return d, cfg

@@ -190,21 +190,15 @@ impl Src for F32Src {
 const LANES: usize = 16;
 
 #[inline(always)]
-fn convert_block<S: Src, const NATIVE: bool, const CLAMP: bool>(src: &[u8], scale: f32, out: &mut [u8]) {
-    let mut v = [0f32; LANES];
-    for (i, x) in v.iter_mut().enumerate() {
-        *x = S::load(&src[i * S::SIZE..(i + 1) * S::SIZE]);
+fn convert_one<S: Src, const NATIVE: bool, const CLAMP: bool>(w: f32, scale: f32) -> u8 {
+    let mut q = w / scale;
+    if NATIVE {
+        q = S::round_native(q);
     }
-    for i in 0..LANES {
-        let mut q = v[i] / scale;
-        if NATIVE {
-            q = S::round_native(q);
-        }
-        if CLAMP {
-            q = q.clamp(-E4M3_MAX, E4M3_MAX);
-        }
-        out[i] = e4m3_from_f32(q);
+    if CLAMP {
+        q = q.clamp(-E4M3_MAX, E4M3_MAX);
     }
+    e4m3_from_f32(q)
 }
 
 #[inline(always)]
@@ -212,18 +206,16 @@ fn convert_run_inline<S: Src, const NATIVE: bool, const CLAMP: bool>(src: &[u8],
     let whole = out.len() / LANES * LANES;
     let (head, tail) = out.split_at_mut(whole);
     for (o, b) in head.chunks_exact_mut(LANES).zip(src.chunks_exact(LANES * S::SIZE)) {
-        convert_block::<S, NATIVE, CLAMP>(b, scale, o);
+        let mut v = [0f32; LANES];
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = S::load(&b[i * S::SIZE..(i + 1) * S::SIZE]);
+        }
+        for i in 0..LANES {
+            o[i] = convert_one::<S, NATIVE, CLAMP>(v[i], scale);
+        }
     }
-    for (i, o) in tail.iter_mut().enumerate() {
-        let b = &src[(whole + i) * S::SIZE..(whole + i + 1) * S::SIZE];
-        let mut q = S::load(b) / scale;
-        if NATIVE {
-            q = S::round_native(q);
-        }
-        if CLAMP {
-            q = q.clamp(-E4M3_MAX, E4M3_MAX);
-        }
-        *o = e4m3_from_f32(q);
+    for (o, b) in tail.iter_mut().zip(src[whole * S::SIZE..].chunks_exact(S::SIZE)) {
+        *o = convert_one::<S, NATIVE, CLAMP>(S::load(b), scale);
     }
 }
 

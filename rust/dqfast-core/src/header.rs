@@ -265,8 +265,11 @@ pub fn serialize_header(
         if map.insert(name.clone(), entry).is_some() {
             return Err(Error::Plan(format!("tensor '{name}' written twice in one shard")));
         }
-        offsets.push((off, off + nbytes));
-        off += nbytes;
+        let end = off
+            .checked_add(nbytes)
+            .ok_or_else(|| Error::Plan(format!("tensor '{name}': shard size overflows")))?;
+        offsets.push((off, end));
+        off = end;
     }
     let mut json = serde_json::to_vec(&Value::Object(map)).expect("header serializes");
     while (8 + json.len()) % 8 != 0 {

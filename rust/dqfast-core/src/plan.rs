@@ -389,7 +389,7 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                     FpScale::WeightAmax { per_row: true } => rows,
                     FpScale::WeightAmax { per_row: false } => 1,
                 };
-                let numel: usize = shape.iter().product();
+                let numel = numel_of(&t.name, shape)?;
                 if numel != want {
                     return Err(Error::Plan(format!(
                         "'{}': shape {shape:?} holds {numel} values but '{of}' has {want} scale(s)",
@@ -502,7 +502,7 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                         (NvPart::Scales, Dtype::F8_E4M3, vec![n, k / 16], "nvfp4_block_scales")
                     }
                     Op::Nvfp4GlobalScale { shape, .. } => {
-                        if shape.iter().product::<usize>() != 1 {
+                        if numel_of(&t.name, shape)? != 1 {
                             return Err(Error::Plan(format!("'{}': global scale shape {shape:?} is not a scalar", t.name)));
                         }
                         (NvPart::Global, Dtype::F32, shape.clone(), "nvfp4_global_scale")
@@ -533,8 +533,13 @@ fn row_slice(s: &Src, start: usize, stop: usize) -> Result<(Vec<usize>, usize)> 
     Ok((shape, start * row_bytes))
 }
 
+/// Elements of a plan-given shape, refusing overflow (a plan is input too).
+fn numel_of(name: &str, shape: &[usize]) -> Result<usize> {
+    checked_nbytes(shape, 1).ok_or_else(|| Error::Plan(format!("'{name}': shape {shape:?} overflows")))
+}
+
 fn f32_bytes(values: &[f32], name: &str, shape: &[usize]) -> Result<Vec<u8>> {
-    let numel: usize = shape.iter().product();
+    let numel = numel_of(name, shape)?;
     if numel != values.len() {
         return Err(Error::Plan(format!(
             "'{name}': {} values for shape {shape:?}",

@@ -79,7 +79,8 @@ impl StagedDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let tmp = parent.join(format!(".{name}{TMP_TAG}{}-{nanos}", std::process::id()));
+        // pid + host: on storage several machines share, only our own host's pids can be checked.
+        let tmp = parent.join(format!(".{name}{TMP_TAG}{}-{}-{nanos}", std::process::id(), hostname()));
         fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, "create_dir", e))?;
         Ok(StagedDir {
             tmp,
@@ -97,7 +98,8 @@ impl StagedDir {
             }
             // Rename the old output aside first so the swap itself is two renames, never a
             // moment with a half-deleted directory at the output path.
-            let old = self.tmp.with_extension("old");
+            // Named like a staging dir, so the stale cleaner removes it if we die right here.
+            let old = PathBuf::from(format!("{}-old", self.tmp.display()));
             fs::rename(&self.output, &old).map_err(|e| Error::io(&self.output, "rename", e))?;
             fs::rename(&self.tmp, &self.output).map_err(|e| Error::io(&self.tmp, "rename", e))?;
             let _ = if old.is_dir() {
@@ -129,17 +131,40 @@ fn sync_dir(p: &Path) -> Result<()> {
     f.sync_all().map_err(|e| Error::io(p, "fsync", e))
 }
 
-/// Remove temporary directories of this output left by processes that no longer exist
-/// (a build killed with SIGKILL cannot clean up after itself).
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().replace(['-', '/'], "_"))
+        .unwrap_or_else(|_| "host".into())
+}
+
+/// Whether a process of this host is running (a zombie — killed, not yet reaped — is not).
+fn pid_alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+/// Remove temporary directories of this output left by processes of this host that no longer
+/// exist (a build killed with SIGKILL cannot clean up after itself). Directories of other hosts
+/// are left alone: their pids mean nothing here.
 fn clean_stale(parent: &Path, name: &str) {
     let prefix = format!(".{name}{TMP_TAG}");
+    let host = hostname();
     let Ok(rd) = fs::read_dir(parent) else { return };
     for e in rd.flatten() {
         let fname = e.file_name().to_string_lossy().to_string();
         let Some(rest) = fname.strip_prefix(&prefix) else { continue };
-        let pid: Option<i32> = rest.split('-').next().and_then(|p| p.parse().ok());
-        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-        if !alive {
+        let mut parts = rest.split('-');
+        let pid: Option<i32> = parts.next().and_then(|p| p.parse().ok());
+        let dir_host = parts.next().unwrap_or("");
+        // Directories named before the host was recorded have a number here.
+        let ours = dir_host == host || dir_host.chars().all(|c| c.is_ascii_digit());
+        if ours && !pid.is_some_and(pid_alive) {
             let _ = fs::remove_dir_all(e.path());
         }
     }
@@ -191,10 +216,16 @@ mod tests {
     #[test]
     fn stale_tmp_dirs_of_dead_processes_are_cleaned() {
         let d = tempfile::tempdir().unwrap();
-        let stale = d.path().join(".out.dqfast-tmp-999999999-1");
+        let stale = d.path().join(format!(".out.dqfast-tmp-999999999-{}-1", hostname()));
         fs::create_dir(&stale).unwrap();
+        let stale_old = d.path().join(format!(".out.dqfast-tmp-999999998-{}-1-old", hostname()));
+        fs::create_dir(&stale_old).unwrap();
+        let foreign = d.path().join(".out.dqfast-tmp-999999999-otherhost-1");
+        fs::create_dir(&foreign).unwrap();
         let s = StagedDir::create(&d.path().join("out"), false).unwrap();
-        assert!(!stale.exists());
+        assert!(!stale.exists() && !stale_old.exists());
+        assert!(foreign.exists(), "another host's staging dir must be left alone");
         drop(s);
+        assert!(pid_alive(std::process::id() as i32));
     }
 }

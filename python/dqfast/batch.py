@@ -1,0 +1,1019 @@
+"""Batch conversion jobs: a manifest of builds, run in parallel, resumable, idempotent.
+
+A manifest (TOML, or YAML when PyYAML is installed) lists jobs; each names a builder from
+:data:`BUILDERS` (looked up by name, so new builders plug in), its input paths, its output and its
+options, with shared ``[defaults]``. Everything is validated before anything runs.
+
+Resumability rests on two facts:
+
+* the Rust writer stages every output in ``.<name>.dqfast-tmp-<pid>-<nanos>`` beside it and
+  renames it into place only once complete (stale staging directories of dead processes are
+  removed by the next build of that output), so an output path holds a complete build or nothing;
+* a *job record* — a sidecar ``.<name>.dqfast-job.json`` beside the output, written atomically
+  (temporary file, fsync, rename) — says which inputs and options produced it. It is written as
+  ``running`` before the build starts (after any stale output was removed) and as ``done`` only
+  after the builder returned, i.e. after the rename, with the checksum of the committed files.
+
+So a record can never claim ``done`` for an incomplete output, and on re-run a job is skipped only
+when its ``done`` record matches the current inputs, options and the files on disk. A ``running``
+record next to an existing output means the process died between the rename and the final record:
+the output was committed by that run (no output existed when it started), so it is adopted.
+
+Executors: ``local`` (default; one subprocess per job, scheduled within core and memory limits)
+and ``ray`` (one Ray task per job with ``num_cpus``/``memory`` resources; outputs on shared
+storage). Both run :func:`run_job`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+from dqfast.errors import DqfastError, OutputExistsError
+
+__all__ = [
+    "Builder",
+    "BUILDERS",
+    "register_builder",
+    "ManifestError",
+    "JobSpec",
+    "JobResult",
+    "BatchSummary",
+    "load_manifest",
+    "parse_manifest",
+    "run_job",
+    "run_batch",
+    "check_plans",
+    "job_state",
+    "input_identity",
+    "output_checksum",
+    "record_path",
+]
+
+RECORD_FORMAT = "dqfast-job/1"
+RECORD_SUFFIX = ".dqfast-job.json"
+STAGING_TAG = ".dqfast-tmp-"
+# Python + numpy + the extension, before any tensor is touched.
+BASE_RSS = 256 << 20
+# The engine keeps about three 16 MiB batches in flight.
+ENGINE_BUFFERS = 64 << 20
+# Small non-safetensors inputs (config.json, index json) are hashed whole even in stat mode.
+SMALL_FILE = 1 << 20
+
+IdentityMode = Literal["stat", "content"]
+
+
+class ManifestError(DqfastError):
+    """The manifest is invalid; ``problems`` lists every problem found (not just the first)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid manifest:\n  - " + "\n  - ".join(problems))
+
+
+# ---- builders -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Builder:
+    """A build function the manifest can name.
+
+    ``target`` is ``"module:function"`` (imported on use, so a builder whose module is not there
+    yet fails only the jobs that use it); the function takes the output directory first and
+    keywords after, as :func:`dqfast.build_fp8_transformer` does. ``inputs`` are the keywords
+    that are paths (checked to exist, fingerprinted for resumability); every other keyword of the
+    function is an option, except those the batch runner sets itself.
+    """
+
+    target: str
+    inputs: tuple[str, ...]
+
+    def load(self) -> Callable[..., Any]:
+        mod, _, fn = self.target.partition(":")
+        return getattr(importlib.import_module(mod), fn)
+
+
+#: Keywords the runner owns: never accepted from a manifest.
+RUNNER_KEYWORDS = frozenset({"output_dir", "overwrite", "dry_run", "threads"})
+
+BUILDERS: dict[str, Builder] = {
+    "fp8": Builder(
+        "dqfast.fp8:build_fp8_transformer",
+        ("modelopt_hf_dir", "modelopt_backbone_ckpt", "base_transformer_dir"),
+    ),
+    "nvfp4": Builder("dqfast.nvfp4:build_nvfp4_transformer", ("modelopt_hf_dir", "base_transformer_dir")),
+}
+
+
+def register_builder(name: str, target: str, inputs: Iterable[str]) -> None:
+    BUILDERS[name] = Builder(target, tuple(inputs))
+
+
+# ---- manifest -------------------------------------------------------------------------------
+
+TOP_KEYS = {"batch", "defaults", "jobs"}
+BATCH_KEYS = {"max_parallel", "cores", "memory_limit", "log_dir", "summary", "identity"}
+JOB_KEYS = {"name", "builder", "inputs", "options", "output", "threads", "memory", "identity"}
+DEFAULT_KEYS = JOB_KEYS - {"name", "output"}
+
+
+@dataclass
+class JobSpec:
+    name: str
+    builder: str
+    output: str
+    inputs: dict[str, str]
+    options: dict[str, Any]
+    threads: int = 1
+    #: Bytes reserved for the job; 0 = estimate from the inputs' largest tensor.
+    memory: int = 0
+    identity: IdentityMode = "stat"
+    log: str = ""
+    #: The builder's ``module:function`` (carried so worker processes need no registry).
+    target: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class BatchSettings:
+    max_parallel: int = 0
+    cores: int = 0
+    memory_limit: int = 0
+    log_dir: str = ""
+    summary: str = ""
+
+
+@dataclass
+class Manifest:
+    path: Path
+    settings: BatchSettings
+    jobs: list[JobSpec]
+
+
+def load_manifest(path: str | os.PathLike[str], *, check_paths: bool = True) -> Manifest:
+    """Read and validate a manifest file (``.toml``, or ``.yaml``/``.yml`` with PyYAML)."""
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as e:
+        raise ManifestError([f"{p}: {e.strerror or e}"]) from None
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ManifestError([f"{p}: YAML manifests need PyYAML (pip install pyyaml), or use TOML"]) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ManifestError([f"{p}: not valid YAML: {e}"]) from None
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ImportError:
+                raise ManifestError([f"{p}: TOML manifests on Python 3.10 need tomli (pip install tomli)"]) from None
+        try:
+            data = tomllib.loads(text.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ManifestError([f"{p}: not valid TOML: {e}"]) from None
+    return parse_manifest(data, base_dir=p.resolve().parent, path=p, check_paths=check_paths)
+
+
+def parse_size(v: Any, what: str, problems: list[str]) -> int:
+    from dqfast.plan import parse_size as _ps
+
+    if v in (None, "auto", 0):
+        return 0
+    try:
+        n = _ps(v)
+    except (ValueError, TypeError):
+        problems.append(f"{what}: '{v}' is not a size (e.g. 8GB, 512MiB, or bytes)")
+        return 0
+    if n < 0:
+        problems.append(f"{what}: {v} is negative")
+    return n
+
+
+def _signature_keywords(builder: Builder) -> set[str] | str:
+    try:
+        fn = builder.load()
+    except (ImportError, AttributeError) as e:
+        return f"builder {builder.target} cannot be imported: {e}"
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return _AnyKeyword()
+    return {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"output_dir"}
+
+
+class _AnyKeyword(set):  # type: ignore[type-arg]
+    """The keywords of a builder taking ``**kwargs``: any name."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+def _int_setting(raw: dict[str, Any], key: str, problems: list[str]) -> int:
+    v = raw.get(key, 0) or 0
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        problems.append(f"[batch] {key} must be a non-negative integer, not {v!r}")
+        return 0
+    return v
+
+
+def parse_manifest(
+    data: Any, *, base_dir: Path, path: Path | None = None, check_paths: bool = True
+) -> Manifest:
+    """Validate a parsed manifest; every problem is collected, then one :class:`ManifestError`."""
+    problems: list[str] = []
+    where = str(path) if path else "manifest"
+    if not isinstance(data, dict):
+        raise ManifestError([f"{where}: top level must be a table/mapping"])
+    for k in sorted(set(data) - TOP_KEYS):
+        problems.append(f"unknown top-level key '{k}' (known: {', '.join(sorted(TOP_KEYS))})")
+    raw_batch = data.get("batch") or {}
+    defaults = data.get("defaults") or {}
+    jobs_raw = data.get("jobs")
+    if not isinstance(raw_batch, dict):
+        problems.append("[batch] must be a table")
+        raw_batch = {}
+    if not isinstance(defaults, dict):
+        problems.append("[defaults] must be a table")
+        defaults = {}
+    for k in sorted(set(raw_batch) - BATCH_KEYS):
+        problems.append(f"[batch]: unknown key '{k}' (known: {', '.join(sorted(BATCH_KEYS))})")
+    for k in sorted(set(defaults) - DEFAULT_KEYS):
+        problems.append(f"[defaults]: unknown key '{k}' (known: {', '.join(sorted(DEFAULT_KEYS))})")
+    if not isinstance(jobs_raw, list) or not jobs_raw:
+        problems.append("no jobs: add [[jobs]] entries")
+        jobs_raw = []
+
+    def resolve(p: Any) -> str:
+        q = Path(os.path.expanduser(str(p)))
+        return str(q if q.is_absolute() else (base_dir / q))
+
+    settings = BatchSettings(
+        max_parallel=_int_setting(raw_batch, "max_parallel", problems),
+        cores=_int_setting(raw_batch, "cores", problems),
+        memory_limit=parse_size(raw_batch.get("memory_limit"), "[batch] memory_limit", problems),
+        log_dir=resolve(raw_batch["log_dir"]) if raw_batch.get("log_dir") else "",
+        summary=resolve(raw_batch["summary"]) if raw_batch.get("summary") else "",
+    )
+    default_identity = raw_batch.get("identity", "stat")
+
+    jobs: list[JobSpec] = []
+    keywords_cache: dict[str, set[str] | str] = {}
+    for i, j in enumerate(jobs_raw):
+        label = f"jobs[{i}]"
+        if not isinstance(j, dict):
+            problems.append(f"{label}: must be a table")
+            continue
+        if isinstance(j.get("name"), str):
+            label = f"job '{j['name']}'"
+        for k in sorted(set(j) - JOB_KEYS):
+            problems.append(f"{label}: unknown key '{k}' (known: {', '.join(sorted(JOB_KEYS))})")
+        merged: dict[str, Any] = {**defaults, **j}
+        for table in ("inputs", "options"):
+            d, own = defaults.get(table) or {}, j.get(table) or {}
+            if not isinstance(d, dict) or not isinstance(own, dict):
+                problems.append(f"{label}: '{table}' must be a table")
+                d, own = {}, {}
+            merged[table] = {**d, **own}
+        builder_name = merged.get("builder")
+        output = merged.get("output")
+        if not isinstance(output, str) or not output:
+            problems.append(f"{label}: missing 'output'")
+            output = ""
+        name = j.get("name") or (Path(output).name if output else f"job{i}")
+        if builder_name not in BUILDERS:
+            problems.append(f"{label}: unknown builder '{builder_name}' (known: {', '.join(sorted(BUILDERS))})")
+            builder = None
+        else:
+            builder = BUILDERS[builder_name]
+        inputs: dict[str, str] = {}
+        options: dict[str, Any] = dict(merged["options"])
+        if builder is not None:
+            if builder_name not in keywords_cache:
+                keywords_cache[builder_name] = _signature_keywords(builder)
+            kws = keywords_cache[builder_name]
+            if isinstance(kws, str):
+                problems.append(f"{label}: {kws}")
+                kws = set(builder.inputs) | set(options)
+            for k, v in merged["inputs"].items():
+                if k not in builder.inputs or k not in kws:
+                    problems.append(f"{label}: unknown input '{k}' for builder '{builder_name}' "
+                                    f"(inputs: {', '.join(builder.inputs)})")
+                elif v is None or v == "":
+                    continue
+                elif not isinstance(v, str):
+                    problems.append(f"{label}: input '{k}' must be a path string")
+                else:
+                    inputs[k] = resolve(v)
+                    if check_paths and not os.path.exists(inputs[k]):
+                        problems.append(f"{label}: input '{k}' = {inputs[k]} does not exist")
+            for k in options:
+                if k in RUNNER_KEYWORDS:
+                    problems.append(f"{label}: option '{k}' is set by the batch runner, not the manifest")
+                elif k in builder.inputs:
+                    problems.append(f"{label}: '{k}' is an input; put it under [inputs]")
+                elif k not in kws:
+                    problems.append(f"{label}: unknown option '{k}' for builder '{builder_name}'")
+            if not inputs:
+                problems.append(f"{label}: no inputs given")
+        threads = merged.get("threads", 1)
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            problems.append(f"{label}: threads must be an integer >= 1, not {threads!r}")
+            threads = 1
+        identity = merged.get("identity", default_identity)
+        if identity not in ("stat", "content"):
+            problems.append(f"{label}: identity must be 'stat' or 'content', not {identity!r}")
+            identity = "stat"
+        memory = parse_size(merged.get("memory"), f"{label}: memory", problems)
+        jobs.append(JobSpec(name=str(name), builder=str(builder_name), output=resolve(output) if output else "",
+                            inputs=inputs, options=options, threads=threads, memory=memory, identity=identity,
+                            target=builder.target if builder else ""))
+
+    _check_cross_job(jobs, problems)
+    if problems:
+        raise ManifestError(problems)
+    return Manifest(path=path or base_dir / "manifest", settings=settings, jobs=jobs)
+
+
+def _real(p: str) -> Path:
+    # Resolve symlinks of the existing part so that two spellings of one directory collide.
+    return Path(os.path.realpath(p))
+
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def _check_cross_job(jobs: list[JobSpec], problems: list[str]) -> None:
+    names: dict[str, int] = {}
+    outputs: dict[Path, str] = {}
+    for j in jobs:
+        if j.name in names:
+            problems.append(f"two jobs are named '{j.name}'")
+        names[j.name] = 1
+        if not j.output:
+            continue
+        out = _real(j.output)
+        for other_out, other in outputs.items():
+            if out == other_out:
+                problems.append(f"jobs '{other}' and '{j.name}' both write {j.output}")
+            elif _inside(out, other_out) or _inside(other_out, out):
+                problems.append(f"outputs of '{other}' and '{j.name}' are nested ({other_out} / {out})")
+        outputs[out] = j.name
+    for j in jobs:
+        for k, v in j.inputs.items():
+            src = _real(v)
+            for out, owner in outputs.items():
+                if _inside(out, src) or _inside(src, out):
+                    who = "its own" if owner == j.name else f"job '{owner}''s"
+                    problems.append(f"job '{j.name}': input '{k}' ({v}) overlaps {who} output {out}; "
+                                    "chained jobs are not supported: run them as two batches")
+
+
+# ---- identities, records, checksums ---------------------------------------------------------
+
+
+def record_path(output: str | os.PathLike[str]) -> Path:
+    o = Path(output)
+    return o.parent / f".{o.name}{RECORD_SUFFIX}"
+
+
+def _hash_file(p: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    left = limit
+    with open(p, "rb") as f:
+        while left is None or left > 0:
+            chunk = f.read(16 << 20 if left is None else min(16 << 20, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h.hexdigest()
+
+
+def _safetensors_header(p: Path) -> tuple[bytes, int]:
+    """The header bytes (8-byte length + JSON, capped) and the largest tensor it claims (0 when
+    the header is unreadable: the build itself reports that with a typed error)."""
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return head, 0
+        n = int.from_bytes(head, "little")
+        body = f.read(min(n, 100 << 20))
+    largest = 0
+    try:
+        for k, v in json.loads(body).items():
+            if k != "__metadata__" and isinstance(v, dict):
+                b, e = v.get("data_offsets", (0, 0))
+                largest = max(largest, int(e) - int(b))
+    except (ValueError, TypeError, AttributeError):
+        largest = 0
+    return head + body, largest
+
+
+def _input_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    out = []
+    for root, dirs, files in os.walk(path):
+        # Staging directories and job records of outputs that live under an input root.
+        dirs[:] = sorted(d for d in dirs if STAGING_TAG not in d)
+        out.extend(Path(root) / f for f in sorted(files) if not f.endswith(RECORD_SUFFIX))
+    return out
+
+
+def input_identity(path: str | os.PathLike[str], mode: IdentityMode = "stat") -> tuple[dict[str, Any], int]:
+    """Identity of an input (file or directory tree) and the largest tensor it holds.
+
+    ``stat``: per file size + mtime, plus the sha256 of safetensors headers and of small files;
+    ``content``: sha256 of every byte.
+    """
+    root = Path(path)
+    files: dict[str, Any] = {}
+    largest = 0
+    for f in _input_files(root):
+        st = f.stat()
+        rel = "." if f == root else str(f.relative_to(root))
+        ident: dict[str, Any] = {"size": st.st_size}
+        if f.suffix == ".safetensors":
+            head, big = _safetensors_header(f)
+            largest = max(largest, big)
+            if mode == "stat":
+                ident["header_sha256"] = hashlib.sha256(head).hexdigest()
+        if mode == "content":
+            ident["sha256"] = _hash_file(f)
+        else:
+            ident["mtime_ns"] = st.st_mtime_ns
+            if f.suffix != ".safetensors" and st.st_size <= SMALL_FILE:
+                ident["sha256"] = _hash_file(f)
+        files[rel] = ident
+    return {"path": str(root), "files": files}, largest
+
+
+def output_checksum(output: str | os.PathLike[str]) -> tuple[str, dict[str, dict[str, Any]]]:
+    """``sha256:<hex>`` over (relative path, size, sha256) of every file, and the per-file list."""
+    root = Path(output)
+    files: dict[str, dict[str, Any]] = {}
+    for f in _input_files(root):
+        files[str(f.relative_to(root))] = {"size": f.stat().st_size, "sha256": _hash_file(f)}
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(f"{rel}\0{files[rel]['size']}\0{files[rel]['sha256']}\n".encode())
+    return "sha256:" + h.hexdigest(), files
+
+
+def _canonical(v: Any) -> Any:
+    """Options as they will be compared across runs (tuples and paths as JSON would write them)."""
+    return json.loads(json.dumps(v, sort_keys=True, default=str))
+
+
+def fingerprint(job: JobSpec) -> tuple[str, dict[str, Any], int]:
+    """sha256 of everything that determines the output, the identity document and the largest
+    input tensor."""
+    from dqfast import __version__
+
+    idents = {}
+    largest = 0
+    for k in sorted(job.inputs):
+        idents[k], big = input_identity(job.inputs[k], job.identity)
+        largest = max(largest, big)
+    doc = {
+        "builder": job.builder,
+        "builder_target": job.target,
+        "dqfast_version": __version__,
+        "identity_mode": job.identity,
+        "inputs": idents,
+        "options": _canonical(job.options),
+    }
+    fp = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    return fp, doc, largest
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """Temporary file + fsync + rename + directory fsync: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_record(output: str | os.PathLike[str]) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(record_path(output).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("format") == RECORD_FORMAT else None
+
+
+def _files_match(output: Path, recorded: dict[str, Any], verify: bool) -> bool:
+    """The output holds exactly the recorded files with the recorded sizes (and hashes)."""
+    try:
+        present = {str(f.relative_to(output)): f for f in _input_files(output)}
+    except OSError:
+        return False
+    if set(present) != set(recorded):
+        return False
+    for rel, f in present.items():
+        try:
+            if f.stat().st_size != recorded[rel]["size"]:
+                return False
+        except OSError:
+            return False
+        if verify and _hash_file(f) != recorded[rel]["sha256"]:
+            return False
+    return True
+
+
+State = Literal["done", "adopt", "build", "foreign"]
+
+
+def job_state(job: JobSpec, fp: str, *, verify: bool = False) -> State:
+    """What a run must do for this job:
+
+    ``done``: a done record matches inputs, options and the files on disk — skip;
+    ``adopt``: a running record with this fingerprint next to an existing output — the previous
+    run died after the atomic rename, before its final record;
+    ``build``: nothing usable (any stale output of ours is replaced);
+    ``foreign``: the output exists but no record of ours says how it was made.
+    """
+    out = Path(job.output)
+    rec = read_record(out)
+    exists = out.exists()
+    if rec is None:
+        return "foreign" if exists else "build"
+    if rec.get("fingerprint") != fp or not exists:
+        return "build"
+    if rec.get("state") == "done":
+        return "done" if _files_match(out, rec.get("output", {}).get("files", {}), verify) else "build"
+    if rec.get("state") == "running":
+        return "adopt"
+    return "build"
+
+
+def _pid_alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a SIGKILLed worker whose parent died stays a
+    zombie until init reaps it; its /proc entry exists but it will never write again)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # Field 3, after the parenthesised command name (which may itself contain spaces).
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _hostname() -> str:
+    """The host tag the Rust writer puts in staging names."""
+    try:
+        h = Path("/proc/sys/kernel/hostname").read_text().strip()
+    except OSError:
+        return "host"
+    return h.replace("-", "_").replace("/", "_")
+
+
+def _clean_stale_staging(output: Path) -> list[str]:
+    """Remove staging directories of this output left by dead processes (the Rust writer does
+    the same on its next build; doing it here makes a skipped job clean up too)."""
+    removed = []
+    prefix = f".{output.name}{STAGING_TAG}"
+    try:
+        entries = list(output.parent.iterdir())
+    except OSError:
+        return removed
+    for e in entries:
+        if not e.name.startswith(prefix):
+            continue
+        # `<pid>-<host>-<nanos>` (the Rust writer's name); only this host's pids can be checked.
+        fields = e.name[len(prefix):].split("-")
+        pid_s = fields[0]
+        host = fields[1] if len(fields) > 1 else ""
+        if not (host == _hostname() or host.isdigit()):
+            continue
+        if not (pid_s.isdigit() and _pid_alive(int(pid_s))):
+            shutil.rmtree(e, ignore_errors=True)
+            removed.append(str(e))
+    return removed
+
+
+def _remove_stale_output(output: Path) -> None:
+    """Move an outdated output of ours aside, then delete it: the output path never holds a
+    half-deleted directory."""
+    aside = output.parent / f".{output.name}{STAGING_TAG}{os.getpid()}-{_hostname()}-{time.time_ns()}-old"
+    os.rename(output, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# ---- running one job ------------------------------------------------------------------------
+
+
+@dataclass
+class JobResult:
+    name: str
+    status: Literal["done", "skipped", "adopted", "failed"]
+    seconds: float = 0.0
+    bytes: int = 0
+    peak_rss_bytes: int = 0
+    output: str = ""
+    output_checksum: str = ""
+    error: str = ""
+    error_type: str = ""
+    log: str = ""
+    host: str = ""
+    #: Wall-clock start and end (seconds since the epoch).
+    started: float = 0.0
+    finished: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets VmHWM, so a reused worker process (Ray) reports this job's peak.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class _Log:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        if not self.path:
+            return
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+
+def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = False) -> JobResult:
+    """Run one job to completion (or skip it); never raises for job failures — they are returned."""
+    t0 = time.monotonic()
+    log = _Log(job.log)
+    wrote_running = False
+    res = JobResult(name=job.name, status="failed", output=job.output, log=job.log, host=socket.gethostname(),
+                    started=time.time())
+    out = Path(job.output)
+    try:
+        _reset_peak_rss()
+        fp, doc, _ = fingerprint(job)
+        _clean_stale_staging(out)
+        state = job_state(job, fp, verify=verify)
+        log(f"job {job.name}: {job.builder} -> {out} (state: {state}, fingerprint {fp[:16]})")
+        rec = read_record(out)
+        if state == "done":
+            assert rec is not None
+            res.status = "skipped"
+            res.output_checksum = rec["output"]["checksum"]
+            res.bytes = rec.get("bytes_written", 0)
+            log("up to date: skipped")
+            res.seconds = time.monotonic() - t0
+            res.finished = time.time()
+            return res
+        base_record = {"format": RECORD_FORMAT, "job": job.name, "fingerprint": fp, "identity": doc,
+                       "host": socket.gethostname(), "pid": os.getpid()}
+        bytes_written = 0
+        if state == "adopt":
+            log("output committed by an interrupted run: adopting it")
+            res.status = "adopted"
+        else:
+            if state == "foreign" and not overwrite_foreign:
+                raise OutputExistsError(
+                    f"{out}: output exists but has no dqfast job record; remove it or pass --overwrite"
+                )
+            if out.exists():
+                log("removing outdated output")
+                _remove_stale_output(out)
+            _write_json_atomic(record_path(out), {**base_record, "state": "running", "started": time.time()})
+            wrote_running = True
+            fn = Builder(job.target or BUILDERS[job.builder].target, ()).load()
+            log(f"building with threads={job.threads} options={json.dumps(_canonical(job.options))}")
+            report = fn(out, **job.inputs, **job.options, threads=job.threads, overwrite=False)
+            bytes_written = int(getattr(report, "bytes_written", 0))
+            res.status = "done"
+        checksum, files = output_checksum(out)
+        res.seconds = time.monotonic() - t0
+        res.peak_rss_bytes = _peak_rss()
+        res.bytes = bytes_written or sum(f["size"] for f in files.values())
+        res.output_checksum = checksum
+        _write_json_atomic(record_path(out), {
+            **base_record, "state": "done", "finished": time.time(), "seconds": res.seconds,
+            "bytes_written": res.bytes, "peak_rss_bytes": res.peak_rss_bytes,
+            "output": {"checksum": checksum, "files": files},
+        })
+        log(f"{res.status}: {res.bytes} bytes in {res.seconds:.2f}s, peak RSS {res.peak_rss_bytes}, {checksum}")
+    except Exception as e:  # noqa: BLE001 - a job failure is a result, not a crash of the batch
+        res.status = "failed"
+        res.error = str(e)
+        res.error_type = type(e).__name__
+        log(f"FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        # A running record without an output says nothing useful; with an output it still
+        # proves where that output came from (adopted next time), so it stays.
+        if wrote_running and not out.exists():
+            try:
+                record_path(out).unlink()
+            except OSError:
+                pass
+    res.seconds = time.monotonic() - t0
+    res.finished = time.time()
+    if not res.peak_rss_bytes:
+        res.peak_rss_bytes = _peak_rss()
+    return res
+
+
+def check_plans(manifest: Manifest) -> dict[str, str]:
+    """Plan every job without writing anything (the builders' ``dry_run``): job name -> error, for
+    the jobs whose inputs or options the builder refuses. Reads headers and calibration files."""
+    errors: dict[str, str] = {}
+    for job in manifest.jobs:
+        fn = Builder(job.target, ()).load()
+        if "dry_run" not in inspect.signature(fn).parameters:
+            continue
+        try:
+            fn(job.output, **job.inputs, **job.options, dry_run=True, overwrite=True)
+        except Exception as e:  # noqa: BLE001 - reported per job
+            errors[job.name] = f"{type(e).__name__}: {e}"
+    return errors
+
+
+# ---- scheduling -----------------------------------------------------------------------------
+
+
+def _mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 8 << 30
+
+
+def estimate_memory(job: JobSpec) -> int:
+    """Peak RSS a job needs: the process, the engine's buffers, and the pages of the largest source
+    tensor (the engine maps sources and releases each tensor's pages once written; an NVFP4
+    global scale shared by fused q/k/v reads up to three at once)."""
+    if job.memory:
+        return job.memory
+    largest = 0
+    for v in job.inputs.values():
+        try:
+            _, big = input_identity(v, "stat")
+        except OSError:
+            big = 0
+        largest = max(largest, big)
+    return BASE_RSS + ENGINE_BUFFERS + 3 * largest
+
+
+@dataclass
+class BatchSummary:
+    manifest: str
+    executor: str
+    seconds: float
+    jobs: list[JobResult] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c: dict[str, int] = {}
+        for j in self.jobs:
+            c[j.status] = c.get(j.status, 0) + 1
+        return c
+
+    @property
+    def ok(self) -> bool:
+        return all(j.status != "failed" for j in self.jobs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"manifest": self.manifest, "executor": self.executor, "seconds": self.seconds,
+                "counts": self.counts, "ok": self.ok, "jobs": [j.to_dict() for j in self.jobs]}
+
+
+#: ``on_event(kind, job, result)``; kind is "start" or "end" (result set on "end").
+EventFn = Callable[[str, JobSpec, "JobResult | None"], None]
+
+
+def _prepare(manifest: Manifest, cores: int, log_dir: Path) -> list[JobSpec]:
+    jobs = []
+    for j in manifest.jobs:
+        j = dataclasses.replace(j, threads=min(j.threads, cores))
+        j.log = str(log_dir / f"{_safe(j.name)}.log")
+        jobs.append(j)
+    return jobs
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def run_batch(
+    manifest: Manifest,
+    *,
+    executor: Literal["local", "ray"] = "local",
+    address: str | None = None,
+    max_parallel: int = 0,
+    cores: int = 0,
+    memory_limit: int = 0,
+    log_dir: str | os.PathLike[str] | None = None,
+    summary_path: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    on_event: EventFn | None = None,
+) -> BatchSummary:
+    """Run every job of ``manifest``; write and return the summary. Arguments override the
+    manifest's ``[batch]`` settings."""
+    s = manifest.settings
+    cores = cores or s.cores or os.cpu_count() or 1
+    max_parallel = max_parallel or s.max_parallel or len(manifest.jobs)
+    memory_limit = memory_limit or s.memory_limit or int(_mem_available() * 0.8)
+    logs = Path(log_dir or s.log_dir or manifest.path.parent / f"{manifest.path.stem}.logs")
+    jobs = _prepare(manifest, cores, logs)
+    t0 = time.monotonic()
+    emit = on_event or (lambda *_: None)
+    if executor == "local":
+        results = _run_local(jobs, cores, max_parallel, memory_limit, overwrite, verify, emit)
+    elif executor == "ray":
+        results = _run_ray(jobs, address, overwrite, verify, emit)
+    else:
+        raise ValueError(f"unknown executor '{executor}' (local or ray)")
+    summary = BatchSummary(manifest=str(manifest.path), executor=executor, seconds=time.monotonic() - t0,
+                           jobs=results)
+    out = Path(summary_path or s.summary or manifest.path.parent / f"{manifest.path.stem}.summary.json")
+    _write_json_atomic(out, summary.to_dict())
+    return summary
+
+
+def _run_local(
+    jobs: list[JobSpec], cores: int, max_parallel: int, memory_limit: int, overwrite: bool, verify: bool,
+    emit: EventFn,
+) -> list[JobResult]:
+    """One subprocess per job (a crash or kill of one job cannot take the batch down), started in
+    manifest order whenever its threads and estimated memory fit beside the running ones."""
+    pending = list(range(len(jobs)))
+    need = {i: estimate_memory(jobs[i]) for i in pending}
+    running: dict[int, tuple[subprocess.Popen[bytes], Path, float]] = {}
+    results: dict[int, JobResult] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="dqfast-batch-"))
+    # Workers import what this process can (a builder registered from a module on sys.path).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        while pending or running:
+            used_cores = sum(jobs[i].threads for i in running)
+            used_mem = sum(need[i] for i in running)
+            for i in list(pending):
+                if len(running) >= max_parallel:
+                    break
+                fits = used_cores + jobs[i].threads <= cores and used_mem + need[i] <= memory_limit
+                if running and not fits:
+                    continue  # a later, smaller job may fit now
+                pending.remove(i)
+                spec = workdir / f"{i}.json"
+                result = workdir / f"{i}.result.json"
+                spec.write_text(json.dumps({"job": jobs[i].to_dict(), "overwrite": overwrite, "verify": verify}))
+                Path(jobs[i].log).parent.mkdir(parents=True, exist_ok=True)
+                with open(jobs[i].log, "ab") as logf:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "dqfast.batch", str(spec), str(result)],
+                        stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                    )
+                running[i] = (proc, result, time.monotonic())
+                used_cores += jobs[i].threads
+                used_mem += need[i]
+                emit("start", jobs[i], None)
+            time.sleep(0.05)
+            for i, (proc, result, started) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[i]
+                try:
+                    res = JobResult(**json.loads(result.read_text()))
+                except (OSError, ValueError, TypeError):
+                    res = JobResult(
+                        name=jobs[i].name, status="failed", output=jobs[i].output, log=jobs[i].log,
+                        seconds=time.monotonic() - started, host=socket.gethostname(),
+                        error=f"job process exited with status {proc.returncode} (see {jobs[i].log})",
+                        error_type="WorkerDied",
+                    )
+                results[i] = res
+                emit("end", jobs[i], res)
+    except BaseException:
+        # Interrupted: stop the children; their staging directories are cleaned by the next run.
+        for proc, _, _ in running.values():
+            proc.kill()
+        for proc, _, _ in running.values():
+            proc.wait()
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return [results[i] for i in range(len(jobs))]
+
+
+def _ray_task(job: dict[str, Any], overwrite: bool, verify: bool) -> dict[str, Any]:
+    return run_job(JobSpec(**job), overwrite_foreign=overwrite, verify=verify).to_dict()
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise DqfastError(
+            "the ray executor needs Ray on this machine and on every node: pip install 'ray>=2.9'"
+        ) from None
+    return ray
+
+
+def _run_ray(
+    jobs: list[JobSpec], address: str | None, overwrite: bool, verify: bool, emit: EventFn
+) -> list[JobResult]:
+    """One Ray task per job, asking for ``num_cpus=threads`` and ``memory=<estimate>`` so Ray's
+    scheduler packs jobs onto nodes; paths must be on storage every node sees."""
+    ray = _import_ray()
+    started_here = False
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+        started_here = True
+    try:
+        remote = ray.remote(_ray_task)
+        futures = {}
+        for i, j in enumerate(jobs):
+            ref = remote.options(num_cpus=j.threads, memory=estimate_memory(j), max_retries=0,
+                                 name=f"dqfast:{j.name}").remote(j.to_dict(), overwrite, verify)
+            futures[ref] = i
+            emit("start", j, None)
+        results: dict[int, JobResult] = {}
+        left = list(futures)
+        while left:
+            done, left = ray.wait(left, num_returns=1)
+            i = futures[done[0]]
+            try:
+                res = JobResult(**ray.get(done[0]))
+            except Exception as e:  # noqa: BLE001 - worker died, node lost, ...
+                res = JobResult(name=jobs[i].name, status="failed", output=jobs[i].output, log=jobs[i].log,
+                                error=f"ray task failed: {e}", error_type=type(e).__name__)
+            results[i] = res
+            emit("end", jobs[i], res)
+        return [results[i] for i in range(len(jobs))]
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _worker_main(argv: list[str]) -> int:
+    """``python -m dqfast.batch SPEC RESULT``: the local executor's per-job process."""
+    spec_path, result_path = argv
+    spec = json.loads(Path(spec_path).read_text())
+    res = run_job(JobSpec(**spec["job"]), overwrite_foreign=spec["overwrite"], verify=spec["verify"])
+    _write_json_atomic(Path(result_path), res.to_dict())
+    return 0 if res.status != "failed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
