@@ -63,6 +63,11 @@ pub(crate) fn run_detached<T: Send>(
     }
 }
 
+/// Run an infallible kernel without the GIL; a panic still becomes `InternalError`.
+pub(crate) fn detach_catch<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
+    run_detached(py, move || Ok(f()))
+}
+
 pub(crate) fn parse_dtype(s: &str) -> PyResult<Dtype> {
     Dtype::parse(s).ok_or_else(|| PlanError::new_err(format!("unknown dtype '{s}'")))
 }
@@ -145,7 +150,7 @@ fn quantize_e4m3<'py>(
         o => return Err(PlanError::new_err(format!("unknown saturation '{o}'"))),
     };
     let mut out = vec![0u8; n];
-    py.detach(|| fp8::quantize_e4m3(data, d, &scales, row_len, 0, rounding, saturation, &mut out));
+    detach_catch(py, || fp8::quantize_e4m3(data, d, &scales, row_len, 0, rounding, saturation, &mut out))?;
     Ok(PyBytes::new(py, &out))
 }
 
@@ -172,6 +177,12 @@ fn fp8_scale_from_amax(amax: f32) -> f32 {
     fp8::scale_from_amax(amax)
 }
 
+/// Panics inside Rust on purpose, to prove a panic surfaces as `InternalError` (tests only).
+#[pyfunction]
+fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
+    run_detached(py, || -> Result<(), Error> { panic!("deliberate test panic") })
+}
+
 /// Peak resident memory of this process in bytes.
 #[pyfunction]
 fn peak_rss_bytes() -> u64 {
@@ -196,6 +207,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(amax, m)?)?;
     m.add_function(wrap_pyfunction!(fp8_scale_from_amax, m)?)?;
     m.add_function(wrap_pyfunction!(peak_rss_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     nvfp4_py::register(m)?;
     Ok(())
 }

@@ -42,12 +42,12 @@ fn nvfp4_quantize<'py>(
         )));
     }
     let gs = nvfp4::global_scale_from_amax(amax);
-    let (packed, scales) = py.detach(|| {
+    let (packed, scales) = crate::detach_catch(py, || {
         let mut packed = vec![0u8; rows * k / 2];
         let mut scales = vec![0u8; rows * k / nvfp4::BLOCK];
         nvfp4::quantize(data, dtype, k, gs, &mut packed, &mut scales);
         (packed, scales)
-    });
+    })?;
     Ok((PyBytes::new(py, &packed), PyBytes::new(py, &scales), gs))
 }
 
@@ -64,12 +64,12 @@ fn nvfp4_dequantize<'py>(
     if packed.len() * 2 != scales.len() * nvfp4::BLOCK || (packed.len() * 2) % k != 0 {
         return Err(PyValueError::new_err("packed and scales lengths do not describe whole rows of k"));
     }
-    let bytes: Vec<u8> = py.detach(|| {
+    let bytes: Vec<u8> = crate::detach_catch(py, || {
         nvfp4::dequantize(packed, scales, k, weight_scale_2)
             .iter()
             .flat_map(|f| f.to_le_bytes())
             .collect()
-    });
+    })?;
     Ok(PyBytes::new(py, &bytes))
 }
 
