@@ -329,3 +329,41 @@ def test_from_bf16_per_tensor_needs_activation_amax(flux_fp8, tmp_path):
     s = got["transformer_blocks.0.attn.to_q.input_scale"]
     assert tuple(s.shape) == (1,) and s.item() == np.float32(12.0) / np.float32(448.0)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_algo"] == "FP8"
+
+
+def test_per_channel_export_gets_per_row_scales(flux_fp8, tmp_path):
+    """FP8_PER_CHANNEL_PER_TOKEN: weight amax [N, 1] -> float32 weight_scale [N], no input_scale."""
+    hf = tmp_path / "hf"
+    import shutil
+
+    shutil.copytree(flux_fp8.hf_dir, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["quantization_config"]["quant_algo"] = "FP8_PER_CHANNEL_PER_TOKEN"
+    (hf / "config.json").write_text(json.dumps(cfg))
+    f = hf / "diffusion_pytorch_model.safetensors"
+    sd = {k: v for k, v in st.load_file(str(f)).items() if not k.endswith(".input_scale")}
+    st.save_file(sd, str(f), metadata={"format": "pt"})
+    base = _load_dir(flux_fp8.base_dir)
+    amax = {}
+    for k, v in _backbone_amax(flux_fp8.backbone).items():
+        if k.endswith(".weight_quantizer._amax"):
+            w = base[k.replace(".weight_quantizer._amax", ".weight")].float()
+            amax[k] = w.abs().amax(dim=1, keepdim=True).to(torch.bfloat16)
+    side = tmp_path / "amax.safetensors"
+    st.save_file(amax, str(side))
+    kw = dict(modelopt_hf_dir=hf, modelopt_backbone_ckpt=side, base_transformer_dir=flux_fp8.base_dir)
+    with pytest.raises(PlanError, match="different calibrations"):
+        dqfast.build_fp8_transformer(tmp_path / "stale", **kw)  # export bytes are per-tensor
+    out = tmp_path / "pc"
+    r = dqfast.build_fp8_transformer(out, requantize=True, **kw)
+    assert r.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"
+    got = _load_dir(out)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN"
+    for m in [d.module for d in r.decisions if d.action == "fp8"]:
+        w = base[f"{m}.weight"].float()
+        s = got[f"{m}.weight_scale"]
+        ref_s = amax[f"{m}.weight_quantizer._amax"].float().reshape(-1) / E4M3_MAX
+        assert tuple(s.shape) == (w.shape[0],) and torch.equal(s, ref_s)
+        ref = (w / s.unsqueeze(1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert torch.equal(got[f"{m}.weight"].view(torch.uint8), ref.view(torch.uint8))
+        assert f"{m}.input_scale" not in got

@@ -32,6 +32,7 @@ from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tens
 __all__ = ["build_fp8_transformer"]
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
+FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
 E4M3_MAX = 448.0
 
 Rounding = Literal["exact", "modelopt"]
@@ -172,7 +173,8 @@ def _plan_calibrated(
 ) -> BuildReport:
     from dqfast.amax import load_amax
 
-    export_dir, export_cfg, qc = load_modelopt_export(hf_dir, component, lambda a: a == "FP8", "FP8")
+    export_dir, export_cfg, qc = load_modelopt_export(hf_dir, component, lambda a: a in FP8_ALGOS, "FP8")
+    per_channel = qc.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"
     export = open_checkpoint(export_dir)
     preset = resolve_preset(model_type, export_cfg)
     base = open_checkpoint(find_component_dir(base_dir, component)) if base_dir else None
@@ -185,7 +187,7 @@ def _plan_calibrated(
     src_export = plan.source(export_dir)
     src_base = plan.source(base.root) if base else -1
 
-    report = BuildReport(output_dir=str(plan.output_dir), quant_algo="FP8")
+    report = BuildReport(output_dir=str(plan.output_dir), quant_algo=qc.quant_algo)
     counts = {"quantized": 0, "bf16_fallback": 0, "kept_unquantized": 0, "added_scales": 0,
               "dropped_quantizer_tensors": 0, "dropped_fallback_scales": 0}
     counts["dropped_quantizer_tensors"] = sum(1 for n in export.tensors if "_quantizer." in n)
@@ -219,13 +221,13 @@ def _plan_calibrated(
             if backbone is None:
                 pair = None
                 scale_from = "export"
-            elif pair is None or pair.weight is None or pair.input is None:
+            elif pair is None or pair.weight is None or (pair.input is None and not per_channel):
                 missing = "module" if pair is None else ("weight amax" if pair.weight is None else "input amax")
                 raise PlanError(
                     f"{amax_source}: no calibrated {missing} for '{module}' "
                     f"({module}.weight_quantizer._amax / .input_quantizer._amax), but the export quantizes it"
                 )
-            w_scale, in_scale = _fp8_scales(export, parts, module, pair, scale_from)
+            w_scale, in_scale = _fp8_scales(export, parts, module, pair, scale_from, per_channel, check_export=not requantize)
             report.decisions.append(ModuleDecision(module, "fp8", f"quantized in the export; scales from {scale_from}"))
             counts["quantized"] += 1
             for suffix, meta in parts.items():
@@ -245,12 +247,17 @@ def _plan_calibrated(
                     if src_meta.dtype not in FLOAT_DTYPES:
                         raise PlanError(f"{src_meta.file}: tensor '{meta.name}': cannot quantize dtype {src_meta.dtype}")
                     plan.add(meta.name, "fp8", src=plan.ref(src, meta.name),
-                             scale={"kind": "values", "values": [w_scale]}, rounding=rounding)
+                             scale={"kind": "values", "values": w_scale}, rounding=rounding)
                 else:
                     plan.copy(meta.name, src_export)
-                plan.add(f"{module}.weight_scale", "f32", values=[w_scale], shape=[1])
-                plan.add(f"{module}.input_scale", "f32", values=[in_scale], shape=[1])
-                counts["added_scales"] += 2
+                if len(w_scale) != 1 and len(w_scale) != meta.shape[0]:
+                    raise PlanError(f"'{module}': {len(w_scale)} per-channel weight maxima for {meta.shape[0]} output rows")
+                # SGLang's builder writes [1]; per-channel scales keep one value per output row.
+                plan.add(f"{module}.weight_scale", "f32", values=w_scale, shape=[len(w_scale)])
+                counts["added_scales"] += 1
+                if in_scale is not None:
+                    plan.add(f"{module}.input_scale", "f32", values=[in_scale], shape=[1])
+                    counts["added_scales"] += 1
             continue
         # Neither quantized in the export nor a fallback: kept as ModelOpt wrote it.
         if weight is not None:
@@ -265,8 +272,8 @@ def _plan_calibrated(
             plan.copy(meta.name, src_export)
 
     quant_cfg = dict(qc.raw)
-    quant_cfg.update({"quant_method": "modelopt", "quant_algo": "FP8", "ignore": sorted(ignore)})
-    quant_cfg.setdefault("quant_type", "FP8")
+    quant_cfg.update({"quant_method": "modelopt", "quant_algo": qc.quant_algo, "ignore": sorted(ignore)})
+    quant_cfg.setdefault("quant_type", qc.quant_algo)
     _output_config(export_cfg or (load_json(base.root / "config.json") if base else {}), quant_cfg, plan)
     copy_sidecar_files(plan, export_dir)
     report.counts = counts
@@ -286,26 +293,52 @@ def _scalar(x: np.ndarray, what: str, module: str, source: str) -> float:
     return v
 
 
-def _fp8_scales(export: CheckpointInfo, parts: dict[str, TensorMeta], module: str, pair: Any, scale_from: str) -> tuple[float, float]:
-    """(weight_scale, input_scale) as float32 values."""
+def _positive(v: np.ndarray, what: str, module: str, source: str) -> np.ndarray:
+    bad = ~np.isfinite(v) | (v <= 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        at = f" (element {i} of {v.size})" if v.size > 1 else ""
+        raise PlanError(f"{source}: {what} of '{module}' is {float(v.reshape(-1)[i])}{at}; it must be finite and > 0")
+    return v
+
+
+def _fp8_scales(
+    export: CheckpointInfo, parts: dict[str, TensorMeta], module: str, pair: Any, scale_from: str, per_channel: bool,
+    check_export: bool = True,
+) -> tuple[list[float], float | None]:
+    """(weight scale values — one, or one per output row —, input scale or None when dynamic).
+
+    ``check_export``: the export's e4m3 bytes will be kept, so its own weight_scale must agree."""
+    bound = np.float32(E4M3_MAX)
     if scale_from == "backbone":
-        w = np.float32(_scalar(pair.weight, "weight amax", module, "backbone.pt")) / np.float32(E4M3_MAX)
-        i = np.float32(_scalar(pair.input, "input amax", module, "backbone.pt")) / np.float32(E4M3_MAX)
+        if per_channel:
+            w = _positive(np.asarray(pair.weight, dtype=np.float32).reshape(-1), "weight amax", module, "backbone.pt") / bound
+        else:
+            w = np.array([_scalar(pair.weight, "weight amax", module, "backbone.pt")], dtype=np.float32) / bound
+        i = None
+        if not per_channel:
+            i = float(np.float32(_scalar(pair.input, "input amax", module, "backbone.pt")) / bound)
         ws_meta = parts.get("weight_scale")
-        if ws_meta is not None and parts["weight"].dtype == "F8_E4M3":
-            exported = np.float32(read_tensor(ws_meta.file, ws_meta.name).reshape(-1)[0])
-            if exported != w:
+        if check_export and ws_meta is not None and parts["weight"].dtype == "F8_E4M3":
+            exported = read_tensor(ws_meta.file, ws_meta.name).astype(np.float32).reshape(-1)
+            if exported.shape != w.shape or np.any(exported != w):
                 raise PlanError(
-                    f"{ws_meta.file}: tensor '{ws_meta.name}' is {float(exported)!r} but backbone.pt gives "
-                    f"amax/448 = {float(w)!r}: the export and backbone.pt come from different calibrations"
+                    f"{ws_meta.file}: tensor '{ws_meta.name}' is {exported[:4].tolist()} but backbone.pt gives "
+                    f"amax/448 = {w[:4].tolist()}: the export and backbone.pt come from different calibrations"
                 )
-        return float(w), float(i)
-    for s in ("weight_scale", "input_scale"):
+        return [float(x) for x in w], i
+    needed = ("weight_scale",) if per_channel else ("weight_scale", "input_scale")
+    for s in needed:
         if s not in parts:
             raise PlanError(f"{export.root}: '{module}.{s}' missing and no backbone.pt given to rebuild it")
-    w = read_tensor(parts["weight_scale"].file, parts["weight_scale"].name)
-    i = read_tensor(parts["input_scale"].file, parts["input_scale"].name)
-    return (_scalar(w, "weight_scale", module, str(export.root)), _scalar(i, "input_scale", module, str(export.root)))
+    w = read_tensor(parts["weight_scale"].file, parts["weight_scale"].name).astype(np.float32).reshape(-1)
+    _positive(w, "weight_scale", module, str(export.root))
+    if not per_channel and w.size != 1:
+        raise PlanError(f"{export.root}: '{module}.weight_scale' has {w.size} values; quant_algo FP8 is per tensor")
+    i = None
+    if not per_channel:
+        i = _scalar(read_tensor(parts["input_scale"].file, parts["input_scale"].name), "input_scale", module, str(export.root))
+    return [float(x) for x in w], i
 
 
 def _plan_from_bf16(
