@@ -102,3 +102,42 @@ def test_qwen_fallback_beats_modelopt_fp8_export(tmp_path: Path):
     ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     assert "transformer_blocks.0.img_mod.1" in ignore and "transformer_blocks.0.img_mod" in ignore
     assert {d.action for d in r.decisions} == {"fp8", "bf16-fallback"}
+
+
+def test_config_resolution_forms(tmp_path: Path):
+    """Flat config, legacy hf_quant_config.json, safetensors metadata, and tensor-family inference."""
+    from dqfast.quant_config import resolve_quant_config
+
+    w = torch.zeros(8, 16, dtype=torch.uint8)
+    s = torch.zeros(8, 2, dtype=torch.float8_e4m3fn)
+    tensors = {"a.weight": w, "a.weight_scale": s, "a.weight_scale_2": torch.tensor(1.0),
+               "b.weight": torch.zeros(4, 4, dtype=torch.bfloat16), "c.weight": torch.zeros(4, 4, dtype=torch.float8_e4m3fn)}
+    d = tmp_path / "inferred"
+    d.mkdir()
+    st.save_file(tensors, str(d / "m.safetensors"))
+    qc = resolve_quant_config(d)
+    assert qc.quant_algo == "MIXED_PRECISION" and qc.group_size == 16
+    assert qc.algo_for("a") == "NVFP4" and qc.algo_for("c") == "FP8" and qc.algo_for("b") is None
+
+    d2 = tmp_path / "meta"
+    d2.mkdir()
+    meta = {"quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": ["b"], "group_size": 16}
+    st.save_file(tensors, str(d2 / "m.safetensors"), metadata={"_quantization_metadata": json.dumps(meta)})
+    qc = resolve_quant_config(d2)
+    assert qc.quant_algo == "NVFP4" and qc.is_ignored("b") and "metadata" in qc.source
+
+    d3 = tmp_path / "legacy"
+    d3.mkdir()
+    (d3 / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"},
+        "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["proj_out"]}}))
+    qc = resolve_quant_config(d3)
+    assert qc.quant_algo == "FP8" and qc.is_ignored("proj_out") and not qc.is_ignored("x")
+
+    d4 = tmp_path / "flat"
+    d4.mkdir()
+    (d4 / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "modelopt",
+        "quant_algo": "MIXED_PRECISION", "quantized_layers": {"blocks.0.ffn": {"quant_algo": "NVFP4", "group_size": 16}}}}))
+    qc = resolve_quant_config(d4)
+    assert qc.algo_for("blocks.0.ffn") == "NVFP4" and qc.algo_for("blocks.1.ffn") is None
+    (d4 / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    assert resolve_quant_config(d4) is None

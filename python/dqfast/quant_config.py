@@ -154,7 +154,36 @@ def _from_safetensors_metadata(d: Path) -> QuantConfig | None:
                 continue
             if isinstance(cfg, dict):
                 return _normalize(cfg, f"{info.files[0]} metadata '{key}'")
-    return None
+    return _from_tensor_families(info)
+
+
+def _from_tensor_families(info: Any) -> QuantConfig | None:
+    """SGLang's last resort (``runtime/utils/quantization_utils.py``): infer the config from the
+    tensors — NVFP4 where ``.weight`` is U8 with an F8_E4M3 ``.weight_scale`` of ndim >= 2
+    (group = 2 * K/2 / scale columns), FP8 where ``.weight`` is F8_E4M3; every other weight
+    module is excluded."""
+    weights = {n[: -len(".weight")]: t for n, t in info.tensors.items() if n.endswith(".weight")}
+    nv, fp8, other = [], [], []
+    group = None
+    for m, w in weights.items():
+        ws = info.tensors.get(f"{m}.weight_scale")
+        if w.dtype == "U8" and ws is not None and ws.dtype == "F8_E4M3" and len(ws.shape) >= 2 and len(w.shape) == 2:
+            nv.append(m)
+            group = 2 * w.shape[1] // max(ws.shape[-1], 1)
+        elif w.dtype == "F8_E4M3":
+            fp8.append(m)
+        else:
+            other.append(m)
+    if not nv and not fp8:
+        return None
+    source = f"{info.root}: inferred from tensor dtypes (no config)"
+    if nv and fp8:
+        layers = {m: {"quant_algo": "NVFP4", "group_size": group} for m in nv}
+        layers.update({m: {"quant_algo": "FP8"} for m in fp8})
+        return QuantConfig("MIXED_PRECISION", ignore=sorted(other), quantized_layers=layers, group_size=group, source=source)
+    if nv:
+        return QuantConfig("NVFP4", ignore=sorted(other), group_size=group, source=source)
+    return QuantConfig("FP8", ignore=sorted(other), source=source)
 
 
 def load_modelopt_export(
