@@ -118,3 +118,19 @@ def test_build_releases_the_gil(flux_fp8, tmp_path):
     stop.set()
     t.join()
     assert during > 1000
+
+
+def test_verify_commands(flux_fp8, tmp_path):
+    import dqfast
+
+    out = tmp_path / "q"
+    dqfast.build_fp8_transformer(out, modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=flux_fp8.backbone,
+                                 base_transformer_dir=flux_fp8.base_dir)
+    r = _run("verify", "layers", str(flux_fp8.base_dir), str(out), "--json", str(tmp_path / "l.json"))
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "l.json").read_text())
+    assert rep["layer_summary"]["layers"] > 10 and rep["layer_summary"]["min_cosine"] > 0.999
+    r = _run("verify", "trajectory", str(flux_fp8.base_dir), str(out), "--steps", "3", "--json", str(tmp_path / "t.json"))
+    assert r.exit_code == 0, r.output
+    t = json.loads((tmp_path / "t.json").read_text())["trajectory"]
+    assert t["num_steps"] == 3 and t["final_cosine"] > 0.999 and "final PSNR" in r.output

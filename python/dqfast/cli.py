@@ -327,6 +327,57 @@ def inspect_cmd(path: Path, base: Path | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+@main.group()
+def verify() -> None:
+    """How far a quantized checkpoint is from its BF16 base."""
+
+
+@verify.command("layers")
+@click.argument("base_dir", type=click.Path(exists=True, path_type=Path))
+@click.argument("quant_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the full table as JSON.")
+def verify_layers(base_dir: Path, quant_dir: Path, json_path: Path | None) -> None:
+    """Per-layer error of the dequantized weights (max/mean abs, cosine, SNR), outliers and NaNs."""
+    from dqfast.verify.checkpoint import verify_checkpoint
+
+    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, trajectory_check=False, json_path=json_path))
+    _print_verify(r)
+
+
+@verify.command("trajectory")
+@click.argument("base_dir", type=click.Path(exists=True, path_type=Path))
+@click.argument("quant_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--steps", default=8, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--png", "png_path", type=click.Path(path_type=Path), default=None, help="Per-step plot (needs matplotlib).")
+def verify_trajectory(base_dir: Path, quant_dir: Path, steps: int, seed: int, device: str,
+                      json_path: Path | None, png_path: Path | None) -> None:
+    """Run BF16 and quantized transformers through the same seeded denoising loop and compare."""
+    from dqfast.verify.checkpoint import verify_checkpoint
+
+    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, steps=steps, seed=seed, device=device,
+                                       json_path=json_path, png_path=png_path))
+    _print_verify(r)
+
+
+def _print_verify(r: dict[str, Any]) -> None:
+    s = r["layer_summary"]
+    click.echo(f"layers: {s['layers']}  min cosine {s.get('min_cosine', float('nan')):.6f} ({s.get('worst_layer')})  "
+               f"median SNR {s.get('median_snr_db') or float('nan'):.1f} dB  min SNR {s.get('min_snr_db') or float('nan'):.1f} dB")
+    if s.get("outliers"):
+        click.echo(f"outliers: {', '.join(s['outliers'])}")
+    if s.get("nan_layers"):
+        click.echo(f"NaN layers: {', '.join(s['nan_layers'])}")
+    t = r.get("trajectory")
+    if t:
+        click.echo(f"trajectory: {t['num_steps']} steps, min cosine {t['min_cosine']:.6f}, final cosine "
+                   f"{t['final_cosine']:.6f}, final PSNR {t['final_psnr_db']:.2f} dB")
+    if s.get("nan_layers"):
+        sys.exit(1)
+
+
 @main.command("presets")
 def presets_cmd() -> None:
     """List the model presets and where their lists come from."""

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from dqfast import presets as model_presets
 
-from .calibration import CalibConfig, calibrate_denoising, model_family, timestep_scale, trajectory_inputs
+from .calibration import CalibConfig, calibrate_denoising, model_family
 from .presets import MODELOPT_SOURCE, get_preset
 from .quantize import Algo, build_quant_config, export_hf, quantize, save_backbone
 
@@ -173,24 +173,6 @@ def _versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def _layer_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    import math
-    import statistics
-
-    if not rows:
-        return {"layers": 0}
-    snrs = [r["snr_db"] for r in rows if math.isfinite(r["snr_db"])]
-    return {
-        "layers": len(rows),
-        "min_cosine": min(r["cosine"] for r in rows),
-        "median_snr_db": statistics.median(snrs) if snrs else None,
-        "min_snr_db": min(snrs) if snrs else None,
-        "outliers": [r["module"] for r in rows if r.get("outlier")],
-        "nan_layers": [r["module"] for r in rows if r.get("nan")],
-        "rows": rows,
-    }
 
 
 def _check_outputs(out: Path, names: list[str], build: bool, overwrite: bool) -> None:
@@ -376,19 +358,7 @@ def _build(algo: str, dq_dir: Path, hf_dir: Path, backbone: Path, base_dir: Path
 
 def _verify(base_dir: Path, dq_dir: Path, cc: CalibConfig, family: str, steps: int, seed: int,
             dev: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    from dqfast.runtime.loader import load_quantized
-    from dqfast.verify import layer_errors, trajectory
+    from dqfast.verify.checkpoint import verify_checkpoint
 
-    rows = layer_errors(base_dir, dq_dir)
-    base = load_transformer(base_dir).to(dev)
-    quant = load_transformer(base_dir)
-    load_report = load_quantized(quant, dq_dir)
-    quant.to(dev)
-    inputs = trajectory_inputs(base, cc)
-    shift = cc.shift if cc.shift is not None else (3.0 if family == "flux" else 5.0)
-    traj = trajectory(base, quant, inputs, steps=steps, seed=seed, shift=shift, timestep_scale=timestep_scale(family))
-    t = traj.to_dict()
-    t.update(inputs_note=f"one prompt ({cc.conditioning_kind()}), latent shape {list(inputs['hidden_states'].shape)}",
-             fp8_layers=len(load_report.fp8_layers), nvfp4_layers=len(load_report.nvfp4_layers),
-             high_precision_layers=len(load_report.high_precision_layers))
-    return _layer_summary(rows), t
+    r = verify_checkpoint(base_dir, dq_dir, steps=steps, seed=seed, device=dev, calib=cc)
+    return r["layer_summary"], r["trajectory"]
