@@ -214,28 +214,6 @@ def profile_breakdown(fn: Callable[[], torch.Tensor], wall_ms: float) -> dict:
 
 # -- quantized module sets -----------------------------------------------------------------------
 
-class CompileFriendlyFp8Linear(nn.Module):
-    """Static-scale FP8 Linear written in plain torch ops (div, clamp, cast, _scaled_mm) so that
-    torch.compile can fuse the activation quantization into the op that produced the input
-    (a norm/modulation, a GELU). Shares the tensors of a runtime Fp8Linear."""
-
-    def __init__(self, src: Fp8Linear) -> None:
-        super().__init__()
-        assert src.input_scale is not None and src.weight_scale.dim() == 0 and not src.shard_sizes
-        self.register_buffer("weight", src.weight)
-        self.register_buffer("weight_scale", src.weight_scale)
-        self.register_buffer("input_scale", src.input_scale)
-        self.bias = src.bias
-        self.out_features = src.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
-        xq = (x2d.float() / self.input_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                             bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=True)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
 def calibrate(model: nn.Module, names: list[str], inputs: dict) -> dict[str, float]:
     amax: dict[str, torch.Tensor] = {}
     hooks = []
@@ -300,6 +278,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip later phases past this many seconds")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     args = ap.parse_args()
     t_start = time.time()
     out = Path(args.out)
@@ -343,6 +322,8 @@ def main() -> None:
     def run_variant(name: str, prepare: Callable[[], None] | None = None, profile: bool = True,
                     est_s: float = 15.0) -> None:
         elapsed = time.time() - t_start
+        if args.only and name not in args.only.split(","):
+            return
         if elapsed + est_s > args.budget_s:
             res["skipped"].append(name)
             print(f"skip {name}: {elapsed:.0f} s elapsed", flush=True)
@@ -418,7 +399,15 @@ def main() -> None:
         swap(model, fp4)
         swap(model, {n: originals[n] for n in fp4_fb})
     run_variant("nvfp4_w4a16_flux1_preset", fp4_preset, profile=False)
+
+    # text-stream Linears (M = 512) through dequant + cuBLAS instead of the fused W4A16 kernel
+    def fp4_min_m_256() -> None:
+        swap(model, fp4)
+        os.environ["DQFAST_W4A16_DEQUANT_MIN_M"] = "256"
+    run_variant("nvfp4_w4a16_all_dequant_min_m_256", fp4_min_m_256)
+    os.environ.pop("DQFAST_W4A16_DEQUANT_MIN_M", None)
     swap(model, originals)
+    run_variant("bf16_repeat", profile=False)  # run-to-run spread of the reference
 
     # 5. torch.compile, regional (each repeated block compiled once, diffusers' recipe)
     if cuda and not args.no_compile:
@@ -428,8 +417,8 @@ def main() -> None:
             if hasattr(dynamo.config, attr):
                 setattr(dynamo.config, attr, 64)
         blocks = [b for b in model.modules() if type(b).__name__ in ("FluxTransformerBlock", "FluxSingleTransformerBlock")]
-        # the runtime modules call Triton launchers and keep Python-side caches: keep them out of graphs
-        Fp8Linear.forward = torch.compiler.disable(Fp8Linear.forward)
+        # Fp8Linear switches to its traceable path while being compiled (activation quantization
+        # then fuses into the producing kernel); Nvfp4Linear's Triton launchers stay out of graphs.
         Nvfp4Linear.forward = torch.compiler.disable(Nvfp4Linear.forward)
 
         def compiled(mods: dict[str, nn.Module] | None) -> Callable[[], None]:
@@ -443,12 +432,10 @@ def main() -> None:
             return prep
 
         run_variant("bf16_compiled", compiled(None), est_s=120)
-        fp8_fused = {n: CompileFriendlyFp8Linear(m) for n, m in fp8.items()}
-        run_variant("fp8_compiled_fused_quant_all", compiled(fp8_fused), est_s=150)
-        fp8_fused_pre = {n: m for n, m in fp8_fused.items() if n not in set(fp8_fb)}
-        run_variant("fp8_compiled_fused_quant_flux1_preset", compiled(fp8_fused_pre), est_s=120)
+        run_variant("fp8_runtime_compiled_all", compiled(fp8), est_s=150)
+        fp8_pre = {n: m for n, m in fp8.items() if n not in set(fp8_fb)}
+        run_variant("fp8_runtime_compiled_flux1_preset", compiled(fp8_pre), est_s=120)
         run_variant("nvfp4_w4a16_all_compiled_rest", compiled(fp4), est_s=150)
-        run_variant("fp8_triton_static_all_compiled_rest", compiled(fp8), est_s=150)
     res["total_s"] = time.time() - t_start
     write_results(out, res)
     print((out / "dit.md").read_text(), flush=True)

@@ -4,6 +4,8 @@ Back ends (env vars override the automatic choice; an explicit constructor argum
   DQFAST_FP8_GEMM_BACKEND = auto | emulation | scaled_mm | triton | flashinfer
     scaled_mm: eager torch activation quantization + torch._scaled_mm (cuBLASLt/CUTLASS, SM89+)
     triton:    fused Triton activation quantization + torch._scaled_mm
+    compile:   plain torch ops + torch._scaled_mm, for torch.compile to fuse (also taken
+               automatically whenever the module is being compiled)
     flashinfer: flashinfer.bmm_fp8 (static per-tensor scales only)
   DQFAST_FP4_GEMM_BACKEND = auto | emulation | emulation_w4a16 | triton | flashinfer
     triton:     W4A16 on Hopper and older (input_scale unused): below DQFAST_W4A16_DEQUANT_MIN_M
@@ -24,7 +26,7 @@ from torch import nn
 
 from . import quant as Q
 
-FP8_BACKENDS = ("auto", "emulation", "scaled_mm", "triton", "flashinfer")
+FP8_BACKENDS = ("auto", "emulation", "scaled_mm", "triton", "flashinfer", "compile")
 FP4_BACKENDS = ("auto", "emulation", "emulation_w4a16", "triton", "triton_fused", "triton_dequant", "flashinfer")
 
 
@@ -95,7 +97,11 @@ class _ActQuantCache:
 
     @staticmethod
     def _key(x: torch.Tensor, mode: tuple) -> tuple:
-        return (x.data_ptr(), x.device, tuple(x.shape), x.stride(), x.dtype, x._version, mode)
+        # Tensors made under torch.inference_mode have no version counter (reading _version
+        # raises), so an in-place edit of one between sibling calls goes unseen; models that do
+        # that must set DQFAST_SHARE_ACT_QUANT=0.
+        version = -1 if x.is_inference() else x._version
+        return (x.data_ptr(), x.device, tuple(x.shape), x.stride(), x.dtype, version, mode)
 
     def get(self, x: torch.Tensor, mode: tuple) -> tuple | None:
         if self.src is not None and self.key == self._key(x, mode):
@@ -263,10 +269,44 @@ class Fp8Linear(nn.Module):
                                self.weight_scale, out_dtype).squeeze(0)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
+    def forward_traceable(self, x: torch.Tensor) -> torch.Tensor:
+        """The GPU path in plain torch ops (divide, clamp, cast, ``_scaled_mm``), no Python-side
+        caches or host syncs: under ``torch.compile`` the activation quantization then fuses into
+        the kernel that produced ``x`` (a norm, a modulation, a GELU). Taken automatically while
+        compiling; ``backend="compile"`` forces it in eager mode too."""
+        x2d = _flatten(x)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        outs = []
+        for i, rows in enumerate(_shard_slices(self.shard_sizes, self.out_features)):
+            w = self.weight[rows]
+            ws = self.weight_scale[rows] if self.weight_scale.dim() == 1 else self.weight_scale
+            if self.input_scale is None:
+                xs = (x2d.float().abs().amax(dim=1, keepdim=True) / 448.0).clamp(min=1e-12)
+            else:
+                xs = self.input_scale[i] if self.input_scale.dim() == 1 else self.input_scale
+            xq = (x2d.float() / xs).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            if xs.numel() > 1 or ws.numel() > 1:
+                sa = xs.reshape(-1, 1).expand(x2d.shape[0], 1).contiguous().float()
+                sb = ws.float().reshape(1, -1).expand(1, w.shape[0]).contiguous()
+                y = torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True)
+            else:
+                y = torch._scaled_mm(xq, w.t(), scale_a=xs.reshape(()), scale_b=ws.reshape(()),
+                                     out_dtype=out_dtype, use_fast_accum=True)
+            if self.bias is not None:
+                y = y + self.bias[rows].to(y.dtype)
+            outs.append(y)
+        y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Decided before any backend lookup: keep the traced graph free of host-side logic.
+            return self.forward_traceable(x) if x.is_cuda else self.forward_emulation(x)
         backend = self.backend
         if backend == "emulation":
             return self.forward_emulation(x)
+        if backend == "compile":
+            return self.forward_traceable(x)
         x2d = _flatten(x)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         if backend == "flashinfer":
@@ -378,7 +418,7 @@ class Nvfp4Linear(nn.Module):
             from . import triton_kernels as TK
             xin = x2d if x2d.dtype in (torch.bfloat16, torch.float16) else x2d.to(torch.bfloat16)
             if backend == "triton":
-                min_m = int(os.environ.get("DQFAST_W4A16_DEQUANT_MIN_M", "1024"))
+                min_m = int(os.environ.get("DQFAST_W4A16_DEQUANT_MIN_M", "256"))
                 backend = "triton_dequant" if xin.shape[0] >= min_m else "triton_fused"
             bias = self.bias.to(xin.dtype) if self.bias is not None else None
             if backend == "triton_dequant":
