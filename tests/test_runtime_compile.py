@@ -40,3 +40,21 @@ def test_traceable_path_compiles_without_graph_breaks():
     x = torch.randn(8, 64).to(torch.bfloat16)
     compiled = torch.compile(m.forward_traceable, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), m.forward_traceable(x))
+
+
+def test_activation_cache_works_on_inference_tensors():
+    """Regression: the q/k/v quantize-once cache must not read `_version` of inference tensors."""
+    from dqfast.runtime.linear import _ActQuantCache
+
+    cache = _ActQuantCache()
+    with torch.inference_mode():
+        x = torch.randn(4, 8)
+        y = torch.randn(4, 8)
+        cache.put(x, ("static", 1.0), ("q", "s"))
+        assert cache.get(x, ("static", 1.0)) == ("q", "s")
+        assert cache.get(x, ("static", 2.0)) is None  # another scale
+        assert cache.get(y, ("static", 1.0)) is None  # another tensor
+    z = torch.randn(4, 8)
+    cache.put(z, ("tok",), ("a", "b"))
+    z.add_(1.0)  # outside inference mode an in-place edit is seen
+    assert cache.get(z, ("tok",)) is None
