@@ -8,7 +8,6 @@ or dtype, each named with its file.
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from .linear import Fp8Linear, Nvfp4Linear
 
 FP8_ALGOS = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN"}
 NVFP4_ALGOS = {"NVFP4", "W4A16_NVFP4"}
-MODELOPT_METHODS = {"modelopt", "modelopt_fp4", "modelopt_mixed"}
 
 
 class CheckpointMismatch(ValueError):
@@ -62,43 +60,36 @@ class QuantSpec:
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:
-    """Exact match, then fnmatch; `module*` also covers `module` itself and `module.*`."""
-    if pattern == name:
-        return True
-    if fnmatch.fnmatchcase(name, pattern):
-        return True
-    if pattern.endswith("*"):
-        stem = pattern[:-1].rstrip(".")
-        return fnmatch.fnmatchcase(name, stem) or fnmatch.fnmatchcase(name, stem + ".*")
-    return False
+    """Ignore-list semantics, shared with the builders (``dqfast.presets``)."""
+    from dqfast.presets import ignore_pattern_matches
+
+    return ignore_pattern_matches(pattern, name)
 
 
 def read_quant_spec(path: str | Path) -> QuantSpec:
-    """Parse the ModelOpt quantization config of a checkpoint directory."""
+    """The ModelOpt quantization config of a checkpoint directory, resolved by the same code the
+    builders use (``dqfast.quant_config``: flat config, legacy ``hf_quant_config.json``,
+    safetensors metadata, tensor dtypes)."""
+    from dqfast.errors import PlanError
+    from dqfast.quant_config import resolve_quant_config
+
     path = Path(path)
-    cfg_file = path / "config.json"
-    qcfg: dict | None = None
-    if cfg_file.is_file():
-        qcfg = json.loads(cfg_file.read_text()).get("quantization_config")
-    if qcfg is None and (path / "hf_quant_config.json").is_file():
-        legacy = json.loads((path / "hf_quant_config.json").read_text()).get("quantization", {})
-        qcfg = {"quant_method": "modelopt", "quant_algo": legacy.get("quant_algo"),
-                "ignore": legacy.get("exclude_modules") or [], "group_size": legacy.get("group_size", 16)}
-    if qcfg is None:
-        raise CheckpointMismatch(f"{path}: no quantization_config in config.json and no hf_quant_config.json")
-    method = str(qcfg.get("quant_method", qcfg.get("method", ""))).lower()
-    producer = (qcfg.get("producer") or {}).get("name", "")
-    if method not in MODELOPT_METHODS and producer != "modelopt":
-        raise CheckpointMismatch(f"{cfg_file}: quant_method {method!r} is not a ModelOpt checkpoint")
-    algo = str(qcfg.get("quant_algo") or qcfg.get("quant_type") or "").upper()
+    try:
+        qc = resolve_quant_config(path)
+    except PlanError as e:
+        raise CheckpointMismatch(str(e)) from None
+    if qc is None:
+        raise CheckpointMismatch(f"{path}: not a ModelOpt checkpoint (no modelopt quantization_config in config.json, "
+                                 "hf_quant_config.json or safetensors metadata)")
+    algo = qc.quant_algo
     if algo not in FP8_ALGOS | NVFP4_ALGOS | {"MIXED_PRECISION"}:
-        raise CheckpointMismatch(f"{cfg_file}: unsupported quant_algo {algo!r}")
+        raise CheckpointMismatch(f"{qc.source}: unsupported quant_algo {algo!r}")
     return QuantSpec(
         quant_algo=algo,
-        ignore=list(qcfg.get("ignore") or qcfg.get("exclude_modules") or []),
-        quantized_layers=dict(qcfg.get("quantized_layers") or {}),
-        group_size=int(qcfg.get("group_size") or 16),
-        swap_weight_nibbles=bool(qcfg.get("swap_weight_nibbles", False)),
+        ignore=list(qc.ignore),
+        quantized_layers=dict(qc.quantized_layers),
+        group_size=int(qc.group_size or 16),
+        swap_weight_nibbles=bool(qc.raw.get("swap_weight_nibbles", False)),
     )
 
 
