@@ -27,6 +27,11 @@ def ensure_dqfast_importable() -> bool:
             raise RuntimeError(f"dqfast._core.{name}: Rust extension not built")
         return fail
 
+    # The exception types are real classes, so `except dqfast.PlanError` keeps working.
+    base = type("DqfastError", (Exception,), {})
+    stub.DqfastError = base
+    for exc in ("CheckpointError", "PlanError", "OutputExistsError", "DqfastIOError", "InternalError"):
+        setattr(stub, exc, type(exc, (base,), {}))
     stub.__getattr__ = _missing  # type: ignore[attr-defined]
     sys.modules["dqfast._core"] = stub
     import dqfast  # noqa: F401
