@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ckpt_helpers import load_dir as _load_dir
 
 import dqfast
 from dqfast.errors import CheckpointError, OutputExistsError, PlanError
@@ -20,11 +21,6 @@ st = pytest.importorskip("safetensors.torch")
 E4M3_MAX = 448.0
 
 
-def _load_dir(d: Path) -> dict[str, "torch.Tensor"]:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(st.load_file(str(f)))
-    return out
 
 
 def _backbone_amax(path: Path) -> dict[str, "torch.Tensor"]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ckpt_helpers import load_dir as _load_dir
 
-import dqfast
 from dqfast import _core
 from dqfast.errors import PlanError
 from dqfast.nvfp4 import build_nvfp4_transformer, fused_groups, nibble_order_report
@@ -18,11 +18,6 @@ torch = pytest.importorskip("torch")
 st = pytest.importorskip("safetensors.torch")
 
 
-def _load_dir(d: Path) -> dict[str, "torch.Tensor"]:
-    out = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update(st.load_file(str(f)))
-    return out
 
 
 def _u8(t: "torch.Tensor") -> "torch.Tensor":

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ckpt_helpers import load_dir as _load
 
 from dqfast.components import build_components, find_components
 from dqfast.errors import PlanError
@@ -16,11 +17,6 @@ torch = pytest.importorskip("torch")
 st = pytest.importorskip("safetensors.torch")
 
 
-def _load(d: Path) -> dict[str, "torch.Tensor"]:
-    out = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update(st.load_file(str(f)))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ckpt_helpers import load_dir as _load
 
 from dqfast import _core
 from dqfast.errors import PlanError
@@ -18,11 +19,6 @@ torch = pytest.importorskip("torch")
 st = pytest.importorskip("safetensors.torch")
 
 
-def _load(d: Path) -> dict[str, "torch.Tensor"]:
-    out = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update(st.load_file(str(f)))
-    return out
 
 
 @pytest.fixture(scope="module")

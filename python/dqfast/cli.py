@@ -105,6 +105,12 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """The options every builder shares, from `_common_build_options`."""
+    return dict(max_shard_size=kw["max_shard_size"], threads=kw["threads"], overwrite=kw["overwrite"],
+                dry_run=kw["dry_run"], fsync=not kw["no_fsync"])
+
+
 @build.command("fp8")
 @click.option("--modelopt-hf-dir", type=click.Path(exists=True, path_type=Path), help="ModelOpt HF export (root or transformer/).")
 @click.option("--modelopt-backbone-ckpt", type=click.Path(exists=True, path_type=Path),
@@ -135,11 +141,7 @@ def build_fp8(**kw: Any) -> None:
         activation_amax=kw["activation_amax"],
         rounding=kw["rounding"],
         requantize=kw["requantize"],
-        max_shard_size=kw["max_shard_size"],
-        threads=kw["threads"],
-        overwrite=kw["overwrite"],
-        dry_run=kw["dry_run"],
-        fsync=not kw["no_fsync"],
+        **_common_build_kwargs(kw),
     ))
     print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
 
@@ -174,11 +176,7 @@ def build_nvfp4(**kw: Any) -> None:
         reconcile_fused_scales=not kw["no_reconcile_fused"],
         from_bf16=kw["from_bf16"],
         activation_amax=kw["activation_amax"],
-        max_shard_size=kw["max_shard_size"],
-        threads=kw["threads"],
-        overwrite=kw["overwrite"],
-        dry_run=kw["dry_run"],
-        fsync=not kw["no_fsync"],
+        **_common_build_kwargs(kw),
     ))
     print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
 
@@ -228,8 +226,7 @@ def build_mixed(**kw: Any) -> None:
         policy = {"bf16": list(kw["fallbacks"]), **(policy or _default_policy_dict(kw))}
     args = dict(policy=policy, model_type=kw["model_type"], fp8_activation_amax=kw["fp8_activation_amax"],
                 nvfp4_activation_amax=kw["nvfp4_activation_amax"], rounding=kw["rounding"],
-                max_shard_size=kw["max_shard_size"], threads=kw["threads"], overwrite=kw["overwrite"],
-                dry_run=kw["dry_run"], fsync=not kw["no_fsync"])
+                **_common_build_kwargs(kw))
     if kw["components"] is not None:
         from dqfast.components import build_components
 
@@ -272,8 +269,7 @@ def build_components_cmd(**kw: Any) -> None:
     from dqfast.components import build_components
 
     kind = kw["kind"]
-    args: dict[str, Any] = dict(model_type=kw["model_type"], max_shard_size=kw["max_shard_size"], threads=kw["threads"],
-                                overwrite=kw["overwrite"], dry_run=kw["dry_run"], fsync=not kw["no_fsync"])
+    args: dict[str, Any] = dict(model_type=kw["model_type"], **_common_build_kwargs(kw))
     if kind != "mixed":
         args.update(fallback=list(kw["fallbacks"]), from_bf16=kw["from_bf16"], activation_amax=kw["activation_amax"])
         if kw["base_transformer_dir"]:
