@@ -312,27 +312,55 @@ fn quantize_typed<S: Src>(
 }
 
 /// max |x| over a float buffer; NaN if any element is NaN (as `torch.amax` propagates it).
+///
+/// Works on bit patterns: with the sign cleared, IEEE order of non-negative values is integer
+/// order, and every NaN pattern sorts above infinity — so one unsigned max (which vectorizes)
+/// gives both the maximum and the NaN check.
 pub fn amax(src: &[u8], dtype: Dtype) -> f32 {
-    fn go<S: Src>(src: &[u8]) -> f32 {
-        let mut m = 0.0f32;
-        let mut nan = false;
-        for b in src.chunks_exact(S::SIZE) {
-            let v = S::load(b).abs();
-            nan |= v.is_nan();
-            m = if v > m { v } else { m };
-        }
-        if nan {
-            f32::NAN
-        } else {
-            m
-        }
-    }
     match dtype {
-        Dtype::BF16 => go::<Bf16Src>(src),
-        Dtype::F16 => go::<F16Src>(src),
-        Dtype::F32 => go::<F32Src>(src),
+        Dtype::BF16 => f32::from_bits((max_abs_bits16(src) as u32) << 16),
+        Dtype::F16 => f16::from_bits(max_abs_bits16(src)).to_f32(),
+        Dtype::F32 => {
+            let mut m = 0u32;
+            for c in src.chunks_exact(4) {
+                m = m.max(u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7fff_ffff);
+            }
+            f32::from_bits(m)
+        }
         _ => unreachable!("amax on non-float dtype {dtype}"),
     }
+}
+
+/// Largest sign-cleared 16-bit pattern: 16 independent lanes so the loop becomes vector maxes.
+#[inline(always)]
+fn max_abs_bits16_inline(src: &[u8]) -> u16 {
+    let mut acc = [0u16; 16];
+    let mut chunks = src.chunks_exact(32);
+    for c in &mut chunks {
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = (*a).max(u16::from_le_bytes([c[2 * i], c[2 * i + 1]]) & 0x7fff);
+        }
+    }
+    let mut m = acc.into_iter().max().unwrap_or(0);
+    for c in chunks.remainder().chunks_exact(2) {
+        m = m.max(u16::from_le_bytes([c[0], c[1]]) & 0x7fff);
+    }
+    m
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_abs_bits16_avx2(src: &[u8]) -> u16 {
+    max_abs_bits16_inline(src)
+}
+
+fn max_abs_bits16(src: &[u8]) -> u16 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { max_abs_bits16_avx2(src) };
+    }
+    max_abs_bits16_inline(src)
 }
 
 /// Per-row max |x| (rows of `row_len` elements).
@@ -423,6 +451,25 @@ mod tests {
         assert_eq!(round_to_bf16(1.0 + 2f32.powi(-8)), 1.0); // tie to even
         assert_eq!(round_to_bf16(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6)); // tie up to even
         assert_eq!(round_to_bf16(f32::NAN).to_bits(), 0x7FC0_0000);
+    }
+
+    #[test]
+    fn amax_bit_trick_equals_float_max_for_every_16bit_pattern() {
+        for dtype in [Dtype::BF16, Dtype::F16] {
+            // Every pattern once, then each pattern paired with a small value: max must be exact.
+            let all: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
+            assert!(amax(&all, dtype).is_nan());
+            for b in (0..=u16::MAX).step_by(7) {
+                let pair: Vec<u8> = [b, 0x3c00u16.min(b)].iter().flat_map(|x| x.to_le_bytes()).collect();
+                let want = {
+                    let a = load_f32(&pair, dtype, 0).abs();
+                    let c = load_f32(&pair, dtype, 1).abs();
+                    if a.is_nan() || c.is_nan() { f32::NAN } else { a.max(c) }
+                };
+                let got = amax(&pair, dtype);
+                assert!(got == want || (got.is_nan() && want.is_nan()), "{dtype} {b:#06x}: {got} vs {want}");
+            }
+        }
     }
 
     #[test]
