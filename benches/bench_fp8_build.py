@@ -4,8 +4,8 @@
 
 Generates the synthetic checkpoint (Wan2.2-A14B widths; 40 blocks = the full 14B), then runs, each
 in a fresh subprocess (peak RSS from that child's ``wait4`` rusage):
-  (a) disk limit: ``cat`` of the BF16 inputs to /dev/null + ``dd`` of an output-sized file with
-      ``conv=fdatasync``;
+  (a) disk limit: ``cat`` of the BF16 inputs to /dev/null + writing an output-sized file of random
+      bytes with ``fdatasync`` (zeros are written unrealistically fast on this VM's disk);
   (b) naive torch + safetensors converter (benches/naive_fp8_convert.py);
   (c) dqfast ``from_bf16`` per-tensor with ``activation_amax`` and ``model_type="none"`` (same
       work as (b); outputs must be byte-identical);
@@ -81,6 +81,27 @@ def _run(cmd: list[str], **kw: Any) -> dict[str, Any]:
     return info
 
 
+def write_limit(path: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` of random (incompressible, non-zero) data and fdatasync it.
+
+    Not ``dd if=/dev/zero``: a virtual disk may write zeros more cheaply than real data (here,
+    1 GiB back to back: 0.94 s of zeros, 1.32 s of random bytes), which would flatter the limit.
+    """
+    block = np.random.default_rng(0).integers(0, 256, 16 << 20, dtype=np.uint8).tobytes()
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, block[: min(left, len(block))])
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t
+    path.unlink()
+    return seconds
+
+
 def _drop_caches() -> bool:
     try:
         subprocess.run(["sync"], check=True)
@@ -138,6 +159,12 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dqfast-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
     ap.add_argument("--no-cold", action="store_true")
+    ap.add_argument("--modes", default="cold,warm",
+                    help="cold and/or warm (warm is meaningless once the input exceeds the page cache)")
+    ap.add_argument("--no-export", action="store_true",
+                    help="skip the ModelOpt-like export and the dqfast-calib tool (saves ~half the input size on disk)")
+    ap.add_argument("--drop-outputs", action="store_true",
+                    help="delete each tool's output right after timing it (no bit-exact comparison; saves disk)")
     ap.add_argument("--tools", default="limit,naive,dqfast-bf16,dqfast-calib")
     a = ap.parse_args()
 
@@ -147,10 +174,11 @@ def main() -> None:
     work = a.workdir / f"{a.family}-{a.blocks}"
     src_root = work / "src"
     t0 = time.perf_counter()
-    if not (src_root / "ckpt" / "amax.safetensors").is_file():
+    ready = src_root / ("base/transformer/config.json" if a.no_export else "ckpt/amax.safetensors")
+    if not ready.is_file():
         shutil.rmtree(src_root, ignore_errors=True)
         paths = make_transformer(src_root, a.family, blocks=a.blocks, single_blocks=a.single_blocks,
-                                 max_shard_bytes=a.shard_bytes, modelopt_fp8_export=True,
+                                 max_shard_bytes=a.shard_bytes, modelopt_fp8_export=not a.no_export,
                                  export_filter="no-block-filter", write_backbone=False)
         gen_s = time.perf_counter() - t0
     else:
@@ -163,9 +191,10 @@ def main() -> None:
     print(f"synthetic {a.family} x{a.blocks}: {in_bytes / 1e9:.2f} GB BF16 in {len(in_files)} shards "
           f"(generated in {gen_s:.1f} s)", flush=True)
 
-    tools = a.tools.split(",")
-    can_drop = not a.no_cold and _drop_caches()
-    modes = (["cold"] if can_drop else []) + ["warm"]
+    tools = [t for t in a.tools.split(",") if not (a.no_export and t == "dqfast-calib")]
+    want = a.modes.split(",")
+    can_drop = not a.no_cold and "cold" in want and _drop_caches()
+    modes = (["cold"] if can_drop else []) + (["warm"] if "warm" in want else [])
     results: dict[str, dict[str, Any]] = {}
     wargs = {"src": str(base), "export": str(export), "amax": str(amax), "fsync": a.fsync,
              "shard": a.out_shard, "threads": a.threads}
@@ -175,27 +204,29 @@ def main() -> None:
             shutil.rmtree(outs[tool], ignore_errors=True)
             if mode == "cold":
                 _drop_caches()
-            else:  # warm: inputs in page cache
+            else:  # warm: inputs in page cache; flush the previous tool's dirty output first so that
+                # its writeback is not charged to this tool
+                subprocess.run(["sync"], check=True)
                 subprocess.run(["cat", *in_files], stdout=subprocess.DEVNULL, check=True)
             r = _run([sys.executable, __file__, "_worker", tool, json.dumps({**wargs, "dst": str(outs[tool])})])
             r["out_bytes"] = _dir_bytes(outs[tool])
             results[f"{tool}/{mode}"] = r
+            if a.drop_outputs:
+                shutil.rmtree(outs[tool], ignore_errors=True)
             print(f"  {tool:13s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
                   f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
         if "limit" in tools:
             if mode == "cold":
                 _drop_caches()
+            else:
+                subprocess.run(["sync"], check=True)
             t = time.perf_counter()
             subprocess.run(["cat", *in_files], stdout=subprocess.DEVNULL, check=True)
             read_s = time.perf_counter() - t
             out_size = results.get(f"dqfast-bf16/{mode}", {}).get("out_bytes") or in_bytes // 2
-            blob = work / "dd.out"
+            blob = work / "limit.out"
             mib = max(1, out_size // 2**20)
-            t = time.perf_counter()
-            subprocess.run(["dd", "if=/dev/zero", f"of={blob}", "bs=1M", f"count={mib}", "conv=fdatasync"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-            write_s = time.perf_counter() - t
-            blob.unlink()
+            write_s = write_limit(blob, mib * 2**20)
             results[f"limit/{mode}"] = {"wall_s": read_s + write_s, "read_s": read_s, "write_s": write_s,
                                         "write_bytes": mib * 2**20, "peak_rss_bytes": 0}
             print(f"  {'limit':13s} {mode:4s} {read_s + write_s:7.2f} s  (read {read_s:.2f} s = "
@@ -227,7 +258,7 @@ def main() -> None:
     res_dir = HERE / "results"
     res_dir.mkdir(exist_ok=True)
     out = {"date": stamp, "family": a.family, "blocks": a.blocks, "input_bytes": in_bytes, "input_shards": len(in_files),
-           "generate_s": gen_s, "cold_available": can_drop, "fsync": a.fsync, "threads": a.threads,
+           "generate_s": gen_s, "cold_available": can_drop, "modes": modes, "fsync": a.fsync, "threads": a.threads,
            "activation_amax": ACT_AMAX, "machine": _machine(), "rows": rows, "bit_exact_naive_vs_dqfast": exact}
     path = res_dir / f"fp8_build_{a.family}{a.blocks}_{stamp}.json"
     path.write_text(json.dumps(out, indent=2, default=str) + "\n")

@@ -627,6 +627,7 @@ impl Memo {
         let mut a = 0.0f32;
         for s in srcs {
             let x = parallel_amax(s);
+            s.file.release(s.info);
             if !x.is_finite() {
                 return Err(s.err(format!("weight amax is {x}; refusing to quantize")));
             }
@@ -759,11 +760,13 @@ fn emit<'a>(
         }
         Kind::Rows { src, byte_start } => {
             send(Msg::Borrowed(&src.data()[*byte_start..byte_start + r.nbytes]))?;
+            send(Msg::Release(*src))?;
             return Ok(None);
         }
         Kind::Concat(ss) => {
             for s in ss {
                 send(Msg::Borrowed(s.data()))?;
+                send(Msg::Release(*s))?;
             }
             return Ok(None);
         }
@@ -815,9 +818,22 @@ fn emit<'a>(
         send(Msg::Owned(buf))?;
         // Elementwise ops never look back: drop the source pages of this batch now, so the
         // resident set holds about one batch of input, not one tensor.
-        if let Kind::Fp8 { src, .. } | Kind::SwapNibbles(src) | Kind::RepairNan(src) = &r.kind {
-            let sz = src.info.dtype.size();
-            src.file.release_range(src.info, at * sz, (at + len) * sz);
+        match &r.kind {
+            Kind::Fp8 { src, .. } | Kind::SwapNibbles(src) | Kind::RepairNan(src) => {
+                let sz = src.info.dtype.size();
+                src.file.release_range(src.info, at * sz, (at + len) * sz);
+            }
+            Kind::Nv { src, what, k, .. } => {
+                // Whole rows were read: release them (the next NVFP4 op of this weight faults
+                // them back in from the page cache, which keeps RSS at one batch).
+                let row_out = if *what == NvPart::Weight { k / 2 } else { k / 16 };
+                let row_in = k * src.info.dtype.size();
+                src.file.release_range(src.info, at / row_out * row_in, (at + len) / row_out * row_in);
+            }
+            Kind::Rescale { src, byte_start, .. } => {
+                src.file.release_range(src.info, byte_start + at, byte_start + at + len);
+            }
+            _ => {}
         }
         at += len;
     }

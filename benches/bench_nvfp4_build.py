@@ -1,0 +1,163 @@
+"""NVFP4 conversion benchmark (BF16 -> NVFP4 weights) on a synthetic checkpoint with real names and shapes.
+
+    python benches/bench_nvfp4_build.py --family wan --blocks 4 [--modes cold,warm] [--keep]
+
+Generates the synthetic BF16 checkpoint (``dqfast.synth``; Wan2.2-A14B widths, 40 blocks = 14B),
+then runs, each in a fresh subprocess (peak RSS from that child's ``wait4`` rusage):
+  (a) disk limit: ``cat`` of the inputs to /dev/null + writing an output-sized file of random bytes + fdatasync;
+  (b) naive torch + safetensors NVFP4 converter (benches/naive_nvfp4_convert.py: ModelOpt's
+      definition in plain torch, tests/nvfp4_reference.py, shard by shard);
+  (c) dqfast ``build_nvfp4_transformer(from_bf16=True, model_type="none")`` — the same work as (b);
+      both outputs are compared tensor by tensor and must be byte-identical.
+Writes JSON to benches/results/nvfp4_build_<family><blocks>_<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_fp8_build import _compare_outputs, _dir_bytes, _drop_caches, _machine, _run, write_limit  # noqa: E402
+
+ACT_AMAX = 16.0
+TOOLS = ("naive", "dqfast")
+
+
+def _worker(kind: str, args: dict[str, Any]) -> None:
+    if kind == "naive":
+        from naive_nvfp4_convert import convert
+
+        convert(Path(args["src"]), Path(args["dst"]), ACT_AMAX)
+        return
+    from dqfast.nvfp4 import build_nvfp4_transformer
+
+    r = build_nvfp4_transformer(args["dst"], base_transformer_dir=args["src"], from_bf16=True, model_type="none",
+                                activation_amax=ACT_AMAX, fsync=False, max_shard_size=args["shard"],
+                                threads=args["threads"])
+    print(json.dumps({"engine_seconds": r.seconds, "engine_peak_rss": r.peak_rss_bytes, "threads": r.threads,
+                      "bytes_read": r.bytes_read, "bytes_written": r.bytes_written}))
+
+
+def _limit(in_files: list[str], out_bytes: int, work: Path) -> dict[str, Any]:
+    t = time.perf_counter()
+    subprocess.run(["cat", *in_files], stdout=subprocess.DEVNULL, check=True)
+    read_s = time.perf_counter() - t
+    mib = max(1, out_bytes // 2**20)
+    write_s = write_limit(work / "limit.out", mib * 2**20)
+    return {"wall_s": read_s + write_s, "read_s": read_s, "write_s": write_s, "write_bytes": mib * 2**20,
+            "peak_rss_bytes": 0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="wan", choices=["wan", "flux1"])
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--single-blocks", type=int, default=None)
+    ap.add_argument("--shard-bytes", type=int, default=2_000_000_000, help="input shard size (naive RSS follows it)")
+    ap.add_argument("--out-shard", default="5GB", help="dqfast output max shard size")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--modes", default="cold,warm", help="cold (page cache dropped first) and/or warm")
+    ap.add_argument("--tools", default="limit,naive,dqfast")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/dqfast-bench"))
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
+    a = ap.parse_args()
+
+    sys.path.insert(0, str(HERE.parent / "python"))
+    from dqfast.synth import make_transformer
+
+    work = a.workdir / f"nvfp4-{a.family}-{a.blocks}"
+    src_root = work / "src"
+    base = src_root / "base" / "transformer"
+    t0 = time.perf_counter()
+    if not (base / "config.json").is_file():
+        shutil.rmtree(src_root, ignore_errors=True)
+        make_transformer(src_root, a.family, blocks=a.blocks, single_blocks=a.single_blocks,
+                         max_shard_bytes=a.shard_bytes, modelopt_fp8_export=False)
+        gen_s = time.perf_counter() - t0
+    else:
+        gen_s = 0.0
+    in_bytes = _dir_bytes(base)
+    in_files = sorted(str(p) for p in base.glob("*.safetensors"))
+    print(f"synthetic {a.family} x{a.blocks}: {in_bytes / 1e9:.2f} GB BF16 in {len(in_files)} shards "
+          f"(generated in {gen_s:.1f} s)", flush=True)
+
+    tools = a.tools.split(",")
+    modes = a.modes.split(",")
+    if "cold" in modes and not _drop_caches():
+        print("cannot drop caches (not root): cold runs skipped", flush=True)
+        modes = [m for m in modes if m != "cold"]
+    results: dict[str, dict[str, Any]] = {}
+    wargs = {"src": str(base), "shard": a.out_shard, "threads": a.threads}
+    outs = {t: work / f"out-{t}" for t in TOOLS}
+    for mode in modes:
+        for tool in [t for t in tools if t in TOOLS]:
+            shutil.rmtree(outs[tool], ignore_errors=True)
+            if mode == "cold":
+                _drop_caches()
+            else:  # flush the previous tool's dirty output so its writeback is not charged here
+                subprocess.run(["sync"], check=True)
+                subprocess.run(["cat", *in_files], stdout=subprocess.DEVNULL, check=True)
+            r = _run([sys.executable, __file__, "_worker", tool, json.dumps({**wargs, "dst": str(outs[tool])})])
+            r["out_bytes"] = _dir_bytes(outs[tool])
+            results[f"{tool}/{mode}"] = r
+            print(f"  {tool:8s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
+                  f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB  out {r['out_bytes'] / 1e9:.2f} GB", flush=True)
+        if "limit" in tools:
+            if mode == "cold":
+                _drop_caches()
+            else:
+                subprocess.run(["sync"], check=True)
+            out_size = results.get(f"dqfast/{mode}", {}).get("out_bytes") or int(in_bytes * 0.29)
+            r = _limit(in_files, out_size, work)
+            results[f"limit/{mode}"] = r
+            print(f"  {'limit':8s} {mode:4s} {r['wall_s']:7.2f} s  (read {r['read_s']:.2f} s, "
+                  f"write+fdatasync {r['write_s']:.2f} s)", flush=True)
+
+    exact = None
+    if outs["naive"].exists() and outs["dqfast"].exists():
+        exact = _compare_outputs(outs["naive"], outs["dqfast"])
+        print(f"bit-exact naive vs dqfast: {exact['bit_exact']} ({exact['tensors']} tensors, "
+              f"{exact['tensors_differing']} differ {exact['first_differing']}, {exact['bytes_differing']} bytes differ)")
+
+    rows = []
+    print(f"\n{'tool':8s} {'mode':5s} {'wall s':>8s} {'GB/s in':>8s} {'peak RSS GiB':>13s} {'naive/x':>8s} {'x/limit':>8s}")
+    for key, r in results.items():
+        tool, mode = key.split("/")
+        naive = results.get(f"naive/{mode}", {}).get("wall_s")
+        limit = results.get(f"limit/{mode}", {}).get("wall_s")
+        row = {"tool": tool, "mode": mode, "wall_s": r["wall_s"], "gbps_in": in_bytes / r["wall_s"] / 1e9,
+               "peak_rss_gib": r["peak_rss_bytes"] / 2**30,
+               "naive_over_tool": naive / r["wall_s"] if naive else None,
+               "tool_over_limit": r["wall_s"] / limit if limit else None, **r}
+        rows.append(row)
+        fmt = lambda v: f"{v:8.2f}" if v is not None else f"{'-':>8s}"  # noqa: E731
+        print(f"{tool:8s} {mode:5s} {r['wall_s']:8.2f} {row['gbps_in']:8.2f} {row['peak_rss_gib']:13.2f} "
+              f"{fmt(row['naive_over_tool'])} {fmt(row['tool_over_limit'])}")
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    res_dir = HERE / "results"
+    res_dir.mkdir(exist_ok=True)
+    out = {"date": stamp, "format": "nvfp4", "family": a.family, "blocks": a.blocks, "input_bytes": in_bytes,
+           "input_shards": len(in_files), "generate_s": gen_s, "modes": modes, "threads": a.threads,
+           "activation_amax": ACT_AMAX, "machine": _machine(), "rows": rows, "bit_exact_naive_vs_dqfast": exact}
+    path = res_dir / f"nvfp4_build_{a.family}{a.blocks}_{stamp}.json"
+    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(f"\nwrote {path}")
+    if not a.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "_worker":
+        _worker(sys.argv[2], json.loads(sys.argv[3]))
+    else:
+        main()
