@@ -140,6 +140,26 @@ def _compare_outputs(a: Path, b: Path) -> dict[str, Any]:
             "bit_exact": names_equal and not differ}
 
 
+def summarize(results: dict[str, dict[str, Any]], in_bytes: int, width: int) -> list[dict[str, Any]]:
+    """Print the comparison table (wall time, GB/s of input, peak RSS, naive/tool, tool/limit) and
+    return its rows; ``results`` maps ``tool/mode`` to a measurement."""
+    rows = []
+    print(f"\n{'tool':{width}s} {'mode':5s} {'wall s':>8s} {'GB/s in':>8s} {'peak RSS GiB':>13s} {'naive/x':>8s} {'x/limit':>8s}")
+    for key, r in results.items():
+        tool, mode = key.split("/")
+        naive = results.get(f"naive/{mode}", {}).get("wall_s")
+        limit = results.get(f"limit/{mode}", {}).get("wall_s")
+        row = {"tool": tool, "mode": mode, "wall_s": r["wall_s"], "gbps_in": in_bytes / r["wall_s"] / 1e9,
+               "peak_rss_gib": r["peak_rss_bytes"] / 2**30,
+               "naive_over_tool": naive / r["wall_s"] if naive else None,
+               "tool_over_limit": r["wall_s"] / limit if limit else None, **r}
+        rows.append(row)
+        fmt = lambda v: f"{v:8.2f}" if v is not None else f"{'-':>8s}"  # noqa: E731
+        print(f"{tool:{width}s} {mode:5s} {r['wall_s']:8.2f} {row['gbps_in']:8.2f} {row['peak_rss_gib']:13.2f} "
+              f"{fmt(row['naive_over_tool'])} {fmt(row['tool_over_limit'])}")
+    return rows
+
+
 def _machine() -> dict[str, Any]:
     mem = Path("/proc/meminfo").read_text().split("\n")[0]
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
@@ -239,20 +259,7 @@ def main() -> None:
         print(f"bit-exact naive vs dqfast from_bf16: {exact['bit_exact']} ({exact['tensors']} tensors, "
               f"{exact['tensors_differing']} differ, {exact['bytes_differing']} bytes differ)")
 
-    rows = []
-    print(f"\n{'tool':14s} {'mode':5s} {'wall s':>8s} {'GB/s in':>8s} {'peak RSS GiB':>13s} {'naive/x':>8s} {'x/limit':>8s}")
-    for key, r in results.items():
-        tool, mode = key.split("/")
-        naive = results.get(f"naive/{mode}", {}).get("wall_s")
-        limit = results.get(f"limit/{mode}", {}).get("wall_s")
-        row = {"tool": tool, "mode": mode, "wall_s": r["wall_s"], "gbps_in": in_bytes / r["wall_s"] / 1e9,
-               "peak_rss_gib": r["peak_rss_bytes"] / 2**30,
-               "naive_over_tool": naive / r["wall_s"] if naive else None,
-               "tool_over_limit": r["wall_s"] / limit if limit else None, **r}
-        rows.append(row)
-        fmt = lambda v: f"{v:8.2f}" if v is not None else f"{'-':>8s}"
-        print(f"{tool:14s} {mode:5s} {r['wall_s']:8.2f} {row['gbps_in']:8.2f} {row['peak_rss_gib']:13.2f} "
-              f"{fmt(row['naive_over_tool'])} {fmt(row['tool_over_limit'])}")
+    rows = summarize(results, in_bytes, width=14)
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     res_dir = HERE / "results"

@@ -26,7 +26,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_fp8_build import _compare_outputs, _dir_bytes, _drop_caches, _machine, _run, write_limit  # noqa: E402
+from bench_fp8_build import _compare_outputs, _dir_bytes, _drop_caches, _machine, _run, summarize, write_limit  # noqa: E402
 
 ACT_AMAX = 16.0
 TOOLS = ("naive", "dqfast")
@@ -128,20 +128,7 @@ def main() -> None:
         print(f"bit-exact naive vs dqfast: {exact['bit_exact']} ({exact['tensors']} tensors, "
               f"{exact['tensors_differing']} differ {exact['first_differing']}, {exact['bytes_differing']} bytes differ)")
 
-    rows = []
-    print(f"\n{'tool':8s} {'mode':5s} {'wall s':>8s} {'GB/s in':>8s} {'peak RSS GiB':>13s} {'naive/x':>8s} {'x/limit':>8s}")
-    for key, r in results.items():
-        tool, mode = key.split("/")
-        naive = results.get(f"naive/{mode}", {}).get("wall_s")
-        limit = results.get(f"limit/{mode}", {}).get("wall_s")
-        row = {"tool": tool, "mode": mode, "wall_s": r["wall_s"], "gbps_in": in_bytes / r["wall_s"] / 1e9,
-               "peak_rss_gib": r["peak_rss_bytes"] / 2**30,
-               "naive_over_tool": naive / r["wall_s"] if naive else None,
-               "tool_over_limit": r["wall_s"] / limit if limit else None, **r}
-        rows.append(row)
-        fmt = lambda v: f"{v:8.2f}" if v is not None else f"{'-':>8s}"  # noqa: E731
-        print(f"{tool:8s} {mode:5s} {r['wall_s']:8.2f} {row['gbps_in']:8.2f} {row['peak_rss_gib']:13.2f} "
-              f"{fmt(row['naive_over_tool'])} {fmt(row['tool_over_limit'])}")
+    rows = summarize(results, in_bytes, width=8)
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     res_dir = HERE / "results"

@@ -46,23 +46,29 @@ def convert(src: Path, dst: Path, activation_amax: float) -> None:
             weight_map[k] = shard.name
             total += v.numel() * v.element_size()
         del out
+    finish_output(src, dst, total, weight_map, {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": []})
+
+
+def finish_output(src: Path, dst: Path, total: int, weight_map: dict[str, str], quant_cfg: dict) -> None:
+    """Index json and config.json with the quantization config, as the Python tools write them."""
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (dst / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": []}
+    cfg["quantization_config"] = quant_cfg
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def cli(convert_fn, doc: str | None) -> None:
+    """``SRC DST [--activation-amax A]``, replacing DST."""
+    ap = argparse.ArgumentParser(description=doc)
     ap.add_argument("src", type=Path)
     ap.add_argument("dst", type=Path)
     ap.add_argument("--activation-amax", type=float, default=16.0)
     a = ap.parse_args()
     if a.dst.exists():
         shutil.rmtree(a.dst)
-    convert(a.src, a.dst, a.activation_amax)
+    convert_fn(a.src, a.dst, a.activation_amax)
 
 
 if __name__ == "__main__":
-    main()
+    cli(convert, __doc__)

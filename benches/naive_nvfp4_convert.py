@@ -13,10 +13,7 @@ member stored in another shard is read from that shard for its amax. No fsync. O
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +23,9 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from nvfp4_reference import BLOCK, E2M1_MAX, E4M3_MAX, quantize  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from naive_fp8_convert import cli, finish_output  # noqa: E402
 
 FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 _FUSED = (re.compile(r"^(.*)\.to_([qkv])$"), re.compile(r"^(.*)\.add_([qkv])_proj$"), re.compile(r"^(.*)\.([qkv])_proj$"))
@@ -94,23 +94,9 @@ def convert(src: Path, dst: Path, activation_amax: float) -> None:
             weight_map[k] = shard.name
             total += v.numel() * v.element_size()
         del out, tensors
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (dst / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": BLOCK, "ignore": []}
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("src", type=Path)
-    ap.add_argument("dst", type=Path)
-    ap.add_argument("--activation-amax", type=float, default=16.0)
-    a = ap.parse_args()
-    if a.dst.exists():
-        shutil.rmtree(a.dst)
-    convert(a.src, a.dst, a.activation_amax)
+    finish_output(src, dst, total, weight_map,
+                  {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": BLOCK, "ignore": []})
 
 
 if __name__ == "__main__":
-    main()
+    cli(convert, __doc__)

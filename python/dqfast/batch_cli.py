@@ -17,11 +17,9 @@ from dqfast.errors import DqfastError
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+    from dqfast.cli import _human as human  # the CLI's one formatter
+
+    return human(n)
 
 
 @click.command("batch")
