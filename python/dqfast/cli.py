@@ -91,8 +91,9 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--output-dir", required=True, type=click.Path(path_type=Path), help="Transformer directory to write."),
         click.option("--model-type", default="auto", show_default=True,
                      help="Preset: auto, flux1, flux2, hunyuan-video, qwen-image, wan, none."),
-        click.option("--fallback", "fallbacks", multiple=True, metavar="REGEX",
-                     help="Extra module regex to keep in BF16 (repeatable)."),
+        click.option("--fallback", "fallbacks", multiple=True, metavar="PATTERN",
+                     help="Extra modules to keep in BF16 (repeatable): a regex for fp8 (SGLang's FP8 builder), "
+                          "a glob for nvfp4 (SGLang's NVFP4 builder)."),
         click.option("--max-shard-size", default="5GB", show_default=True),
         click.option("--threads", default=0, show_default=True, help="Worker threads (0 = all cores)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),

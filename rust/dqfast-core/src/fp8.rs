@@ -46,20 +46,43 @@ pub fn e4m3_from_f32(f: f32) -> u8 {
     r | sign
 }
 
-/// float8_e4m3fn → f32 (exact).
-#[inline]
-pub fn e4m3_to_f32(b: u8) -> f32 {
-    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
-    let e = ((b >> 3) & 0xF) as i32;
-    let m = (b & 0x7) as f32;
+/// f32 bit pattern of an e4m3 byte, built from the format's definition (normals
+/// `(1 + m/8)·2^(e-7)`, subnormals `m·2^-9`, 0x7F/0xFF NaN).
+const fn e4m3_bits(b: u8) -> u32 {
+    let sign = ((b as u32) & 0x80) << 24;
+    let e = ((b >> 3) & 0xF) as u32;
+    let m = (b & 0x7) as u32;
     if b & 0x7f == 0x7f {
-        return f32::NAN.copysign(sign);
+        return sign | 0x7fc0_0000;
     }
-    if e == 0 {
-        sign * m * (2.0f32).powi(-9)
-    } else {
-        sign * (1.0 + m / 8.0) * (2.0f32).powi(e - 7)
+    if e != 0 {
+        return sign | ((e + 120) << 23) | (m << 20);
     }
+    if m == 0 {
+        return sign;
+    }
+    // Subnormal: normalize m·2^-9 (m in 1..=7): p = index of m's top bit.
+    let p = if m >= 4 { 2 } else if m >= 2 { 1 } else { 0 };
+    sign | ((p + 118) << 23) | ((m - (1 << p)) << (23 - p))
+}
+
+const fn e4m3_table() -> [f32; 256] {
+    let mut t = [0f32; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = f32::from_bits(e4m3_bits(i as u8));
+        i += 1;
+    }
+    t
+}
+
+/// Every e4m3 byte's value: decoding is one load (it sits in NVFP4's per-block inner loop).
+static E4M3_TO_F32: [f32; 256] = e4m3_table();
+
+/// float8_e4m3fn → f32 (exact).
+#[inline(always)]
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    E4M3_TO_F32[b as usize]
 }
 
 /// Whether an e4m3 byte is one of the two NaN codes.
@@ -398,6 +421,24 @@ mod tests {
         assert_eq!(e4m3_to_f32(0x7E), 448.0);
         assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
         assert_eq!(e4m3_to_f32(0x08), 2f32.powi(-6));
+    }
+
+    #[test]
+    fn decode_table_matches_the_format_definition() {
+        for b in 0..=255u8 {
+            let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+            let e = ((b >> 3) & 0xF) as i32;
+            let m = (b & 0x7) as f32;
+            let want = if b & 0x7f == 0x7f {
+                f32::NAN
+            } else if e == 0 {
+                sign * m * 2f32.powi(-9)
+            } else {
+                sign * (1.0 + m / 8.0) * 2f32.powi(e - 7)
+            };
+            let got = e4m3_to_f32(b);
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{b:#04x}");
+        }
     }
 
     #[test]
