@@ -160,6 +160,17 @@ def summarize(results: dict[str, dict[str, Any]], in_bytes: int, width: int) -> 
     return rows
 
 
+def save_results(prefix: str, fields: dict[str, Any]) -> Path:
+    """Write one run's JSON (date, machine, the given fields) under benches/results/."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    res_dir = HERE / "results"
+    res_dir.mkdir(exist_ok=True)
+    path = res_dir / f"{prefix}_{stamp}.json"
+    path.write_text(json.dumps({"date": stamp, "machine": _machine(), **fields}, indent=2, default=str) + "\n")
+    print(f"\nwrote {path}")
+    return path
+
+
 def _machine() -> dict[str, Any]:
     mem = Path("/proc/meminfo").read_text().split("\n")[0]
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
@@ -197,9 +208,9 @@ def main() -> None:
     ready = src_root / ("base/transformer/config.json" if a.no_export else "ckpt/amax.safetensors")
     if not ready.is_file():
         shutil.rmtree(src_root, ignore_errors=True)
-        paths = make_transformer(src_root, a.family, blocks=a.blocks, single_blocks=a.single_blocks,
-                                 max_shard_bytes=a.shard_bytes, modelopt_fp8_export=not a.no_export,
-                                 export_filter="no-block-filter", write_backbone=False)
+        make_transformer(src_root, a.family, blocks=a.blocks, single_blocks=a.single_blocks,
+                         max_shard_bytes=a.shard_bytes, modelopt_fp8_export=not a.no_export,
+                         export_filter="no-block-filter", write_backbone=False)
         gen_s = time.perf_counter() - t0
     else:
         gen_s = 0.0
@@ -261,15 +272,10 @@ def main() -> None:
 
     rows = summarize(results, in_bytes, width=14)
 
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    res_dir = HERE / "results"
-    res_dir.mkdir(exist_ok=True)
-    out = {"date": stamp, "family": a.family, "blocks": a.blocks, "input_bytes": in_bytes, "input_shards": len(in_files),
-           "generate_s": gen_s, "cold_available": can_drop, "modes": modes, "fsync": a.fsync, "threads": a.threads,
-           "activation_amax": ACT_AMAX, "machine": _machine(), "rows": rows, "bit_exact_naive_vs_dqfast": exact}
-    path = res_dir / f"fp8_build_{a.family}{a.blocks}_{stamp}.json"
-    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    print(f"\nwrote {path}")
+    save_results(f"fp8_build_{a.family}{a.blocks}",
+                 {"family": a.family, "blocks": a.blocks, "input_bytes": in_bytes, "input_shards": len(in_files),
+                  "generate_s": gen_s, "cold_available": can_drop, "modes": modes, "fsync": a.fsync,
+                  "threads": a.threads, "activation_amax": ACT_AMAX, "rows": rows, "bit_exact_naive_vs_dqfast": exact})
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
 

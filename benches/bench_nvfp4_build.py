@@ -15,7 +15,6 @@ Writes JSON to benches/results/nvfp4_build_<family><blocks>_<date>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_fp8_build import _compare_outputs, _dir_bytes, _drop_caches, _machine, _run, summarize, write_limit  # noqa: E402
+from bench_fp8_build import _compare_outputs, _dir_bytes, _drop_caches, _run, save_results, summarize, write_limit  # noqa: E402
 
 ACT_AMAX = 16.0
 TOOLS = ("naive", "dqfast")
@@ -130,15 +129,10 @@ def main() -> None:
 
     rows = summarize(results, in_bytes, width=8)
 
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    res_dir = HERE / "results"
-    res_dir.mkdir(exist_ok=True)
-    out = {"date": stamp, "format": "nvfp4", "family": a.family, "blocks": a.blocks, "input_bytes": in_bytes,
-           "input_shards": len(in_files), "generate_s": gen_s, "modes": modes, "threads": a.threads,
-           "activation_amax": ACT_AMAX, "machine": _machine(), "rows": rows, "bit_exact_naive_vs_dqfast": exact}
-    path = res_dir / f"nvfp4_build_{a.family}{a.blocks}_{stamp}.json"
-    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    print(f"\nwrote {path}")
+    save_results(f"nvfp4_build_{a.family}{a.blocks}",
+                 {"format": "nvfp4", "family": a.family, "blocks": a.blocks, "input_bytes": in_bytes,
+                  "input_shards": len(in_files), "generate_s": gen_s, "modes": modes, "threads": a.threads,
+                  "activation_amax": ACT_AMAX, "rows": rows, "bit_exact_naive_vs_dqfast": exact})
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
 
