@@ -71,8 +71,15 @@ impl SafeFile {
     pub fn prefetch(&self, t: &TensorInfo) {
         let Some(m) = self.mmap.as_ref() else { return };
         let start = self.header.data_start + t.begin;
-        if t.end > t.begin {
-            let _ = m.advise_range(Advice::WillNeed, start, t.end - t.begin);
+        // The kernel caps one WILLNEED at the device's readahead size (read_ahead_kb, often a few
+        // MB), so a large tensor is requested window by window.
+        const WINDOW: usize = 4 << 20;
+        let len = t.end - t.begin;
+        let mut off = 0;
+        while off < len {
+            let n = WINDOW.min(len - off);
+            let _ = m.advise_range(Advice::WillNeed, start + off, n);
+            off += n;
         }
     }
 

@@ -940,6 +940,11 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
                 let mut bytes = hdr_len;
                 for i in range.clone() {
                     let r = &resolved[i];
+                    if i == range.start {
+                        for s in sources_of(r) {
+                            s.file.prefetch(s.info);
+                        }
+                    }
                     if let Some(next) = resolved.get(i + 1) {
                         for s in sources_of(next) {
                             s.file.prefetch(s.info);
