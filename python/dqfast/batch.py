@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
+from dqfast import _core
 from dqfast.errors import DqfastError, OutputExistsError
 
 __all__ = [
@@ -588,54 +589,17 @@ def job_state(job: JobSpec, fp: str, *, verify: bool = False) -> State:
     return "build"
 
 
-def _pid_alive(pid: int) -> bool:
-    """A process that exists and is not a zombie (a SIGKILLed worker whose parent died stays a
-    zombie until init reaps it; its /proc entry exists but it will never write again)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    # Field 3, after the parenthesised command name (which may itself contain spaces).
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
-def _hostname() -> str:
-    """The host tag the Rust writer puts in staging names."""
-    try:
-        h = Path("/proc/sys/kernel/hostname").read_text().strip()
-    except OSError:
-        return "host"
-    return h.replace("-", "_").replace("/", "_")
-
-
 def _clean_stale_staging(output: Path) -> list[str]:
     """Remove staging directories of this output left by dead processes (the Rust writer does
-    the same on its next build; doing it here makes a skipped job clean up too)."""
-    removed = []
-    prefix = f".{output.name}{STAGING_TAG}"
-    try:
-        entries = list(output.parent.iterdir())
-    except OSError:
-        return removed
-    for e in entries:
-        if not e.name.startswith(prefix):
-            continue
-        # `<pid>-<host>-<nanos>` (the Rust writer's name); only this host's pids can be checked.
-        fields = e.name[len(prefix):].split("-")
-        pid_s = fields[0]
-        host = fields[1] if len(fields) > 1 else ""
-        if not (host == _hostname() or host.isdigit()):
-            continue
-        if not (pid_s.isdigit() and _pid_alive(int(pid_s))):
-            shutil.rmtree(e, ignore_errors=True)
-            removed.append(str(e))
-    return removed
+    the same on its next build; doing it here makes a skipped job clean up too). One
+    implementation, the writer's, so the naming rule lives in one place."""
+    return _core.clean_stale_staging(str(output))
 
 
 def _remove_stale_output(output: Path) -> None:
     """Move an outdated output of ours aside, then delete it: the output path never holds a
-    half-deleted directory."""
-    aside = output.parent / f".{output.name}{STAGING_TAG}{os.getpid()}-{_hostname()}-{time.time_ns()}-old"
+    half-deleted directory. The aside name is a staging name, so a crash here is cleaned up later."""
+    aside = Path(_core.staging_path(str(output)) + "-old")
     os.rename(output, aside)
     shutil.rmtree(aside, ignore_errors=True)
 

@@ -59,28 +59,42 @@ pub struct StagedDir {
 
 const TMP_TAG: &str = ".dqfast-tmp-";
 
+/// The directory an output lives in and the output's file name.
+fn parent_and_name(output: &Path) -> Result<(PathBuf, String)> {
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = output
+        .file_name()
+        .ok_or_else(|| Error::Plan(format!("output path {} has no file name", output.display())))?
+        .to_string_lossy()
+        .to_string();
+    Ok((parent, name))
+}
+
+/// A fresh staging path beside `output` for this process: `.<name>.dqfast-tmp-<pid>-<host>-<nanos>`.
+/// pid + host: on storage several machines share, only our own host's pids can be checked.
+/// Anything named like this (a `-old` suffix included) is removed by [`clean_stale_staging`]
+/// once its process is gone.
+pub fn staging_path(output: &Path) -> Result<PathBuf> {
+    let (parent, name) = parent_and_name(output)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    Ok(parent.join(format!(".{name}{TMP_TAG}{}-{}-{nanos}", std::process::id(), hostname())))
+}
+
 impl StagedDir {
     pub fn create(output: &Path, overwrite: bool) -> Result<StagedDir> {
         if output.exists() && !overwrite {
             return Err(Error::OutputExists(output.to_path_buf()));
         }
-        let parent = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let (parent, _) = parent_and_name(output)?;
         fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, "create_dir_all", e))?;
-        let name = output
-            .file_name()
-            .ok_or_else(|| Error::Plan(format!("output path {} has no file name", output.display())))?
-            .to_string_lossy()
-            .to_string();
-        clean_stale(&parent, &name);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        // pid + host: on storage several machines share, only our own host's pids can be checked.
-        let tmp = parent.join(format!(".{name}{TMP_TAG}{}-{}-{nanos}", std::process::id(), hostname()));
+        clean_stale_staging(output);
+        let tmp = staging_path(output)?;
         fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, "create_dir", e))?;
         Ok(StagedDir {
             tmp,
@@ -149,13 +163,15 @@ fn pid_alive(pid: i32) -> bool {
     }
 }
 
-/// Remove temporary directories of this output left by processes of this host that no longer
-/// exist (a build killed with SIGKILL cannot clean up after itself). Directories of other hosts
-/// are left alone: their pids mean nothing here.
-fn clean_stale(parent: &Path, name: &str) {
+/// Remove temporary directories of `output` left by processes of this host that no longer exist
+/// (a build killed with SIGKILL cannot clean up after itself); returns what was removed.
+/// Directories of other hosts are left alone: their pids mean nothing here.
+pub fn clean_stale_staging(output: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok((parent, name)) = parent_and_name(output) else { return removed };
     let prefix = format!(".{name}{TMP_TAG}");
     let host = hostname();
-    let Ok(rd) = fs::read_dir(parent) else { return };
+    let Ok(rd) = fs::read_dir(&parent) else { return removed };
     for e in rd.flatten() {
         let fname = e.file_name().to_string_lossy().to_string();
         let Some(rest) = fname.strip_prefix(&prefix) else { continue };
@@ -164,10 +180,11 @@ fn clean_stale(parent: &Path, name: &str) {
         let dir_host = parts.next().unwrap_or("");
         // Directories named before the host was recorded have a number here.
         let ours = dir_host == host || dir_host.chars().all(|c| c.is_ascii_digit());
-        if ours && !pid.is_some_and(pid_alive) {
-            let _ = fs::remove_dir_all(e.path());
+        if ours && !pid.is_some_and(pid_alive) && fs::remove_dir_all(e.path()).is_ok() {
+            removed.push(e.path());
         }
     }
+    removed
 }
 
 #[cfg(test)]

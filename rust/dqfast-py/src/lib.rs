@@ -177,6 +177,23 @@ fn fp8_scale_from_amax(amax: f32) -> f32 {
     fp8::scale_from_amax(amax)
 }
 
+/// Remove staging directories of `output` left by dead processes of this host; returns them.
+#[pyfunction]
+fn clean_stale_staging(output: PathBuf) -> Vec<String> {
+    dqfast_core::writer::clean_stale_staging(&output)
+        .into_iter()
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+/// A fresh staging path beside `output` for this process (the name the cleaner recognizes).
+#[pyfunction]
+fn staging_path(py: Python<'_>, output: PathBuf) -> PyResult<String> {
+    dqfast_core::writer::staging_path(&output)
+        .map(|p| p.display().to_string())
+        .map_err(|e| to_py(py, e))
+}
+
 /// Panics inside Rust on purpose, to prove a panic surfaces as `InternalError` (tests only).
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
@@ -208,6 +225,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fp8_scale_from_amax, m)?)?;
     m.add_function(wrap_pyfunction!(peak_rss_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
+    m.add_function(wrap_pyfunction!(clean_stale_staging, m)?)?;
+    m.add_function(wrap_pyfunction!(staging_path, m)?)?;
     nvfp4_py::register(m)?;
     Ok(())
 }
