@@ -25,7 +25,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_fp8_build import _compare_outputs, _dir_bytes, _drop_caches, _run, save_results, summarize, write_limit  # noqa: E402
+from bench_fp8_build import _compare_outputs, _dir_bytes, _drop_caches, _run, disk_limit, save_results, summarize  # noqa: E402
 
 ACT_AMAX = 16.0
 TOOLS = ("naive", "dqfast")
@@ -44,16 +44,6 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
                                 threads=args["threads"])
     print(json.dumps({"engine_seconds": r.seconds, "engine_peak_rss": r.peak_rss_bytes, "threads": r.threads,
                       "bytes_read": r.bytes_read, "bytes_written": r.bytes_written}))
-
-
-def _limit(in_files: list[str], out_bytes: int, work: Path) -> dict[str, Any]:
-    t = time.perf_counter()
-    subprocess.run(["cat", *in_files], stdout=subprocess.DEVNULL, check=True)
-    read_s = time.perf_counter() - t
-    mib = max(1, out_bytes // 2**20)
-    write_s = write_limit(work / "limit.out", mib * 2**20)
-    return {"wall_s": read_s + write_s, "read_s": read_s, "write_s": write_s, "write_bytes": mib * 2**20,
-            "peak_rss_bytes": 0}
 
 
 def main() -> None:
@@ -116,7 +106,7 @@ def main() -> None:
             else:
                 subprocess.run(["sync"], check=True)
             out_size = results.get(f"dqfast/{mode}", {}).get("out_bytes") or int(in_bytes * 0.29)
-            r = _limit(in_files, out_size, work)
+            r = disk_limit(in_files, out_size, work)
             results[f"limit/{mode}"] = r
             print(f"  {'limit':8s} {mode:4s} {r['wall_s']:7.2f} s  (read {r['read_s']:.2f} s, "
                   f"write+fdatasync {r['write_s']:.2f} s)", flush=True)

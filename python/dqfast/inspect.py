@@ -80,8 +80,9 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
             if "weight_scale_2" not in parts:
                 problems.append(f"{m}: NVFP4 weight without weight_scale_2")
             if ws.nbytes <= _MAX_SCALE_BYTES:
-                raw = read_tensor(ws.file, ws.name, raw=True)
-                nan = int(np.count_nonzero((raw & 0x7F) == 0x7F))
+                from dqfast.nvfp4 import nan_scale_bytes
+
+                nan = nan_scale_bytes(ws)
                 if nan:
                     problems.append(f"{m}: {nan} NaN byte(s) in weight_scale (repair with --repair-nan-scales)")
         for s in ("weight_scale", "input_scale", "weight_scale_2"):

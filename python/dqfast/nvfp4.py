@@ -30,7 +30,7 @@ from dqfast.presets import ModelPreset, glob_to_regex, resolve_preset
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import TensorMeta, open_checkpoint, read_tensor
 
-__all__ = ["build_nvfp4_transformer", "fused_groups", "nibble_order_report", "NVFP4_BOUND"]
+__all__ = ["build_nvfp4_transformer", "fused_groups", "nan_scale_bytes", "nibble_order_report", "NVFP4_BOUND"]
 
 #: ``6 * 448``: E2M1 max times E4M3 max; global scale = amax / NVFP4_BOUND.
 NVFP4_BOUND = 2688.0
@@ -71,7 +71,8 @@ def _scalar_f32(meta: TensorMeta) -> float:
     return x
 
 
-def _nan_bytes(meta: TensorMeta) -> int:
+def nan_scale_bytes(meta: TensorMeta) -> int:
+    """How many NaN codes (0x7F/0xFF) an e4m3 tensor holds."""
     raw = read_tensor(meta.file, meta.name, raw=True)
     return int(np.count_nonzero((raw & 0x7F) == 0x7F))
 
@@ -202,7 +203,7 @@ def _plan_export(
             counts["nvfp4"] += 1
             report.decisions.append(ModuleDecision(module, "nvfp4", "quantized in the export"))
             ws = parts["weight_scale"]
-            nan = _nan_bytes(ws)
+            nan = nan_scale_bytes(ws)
             if nan and not repair:
                 raise PlanError(
                     f"{ws.file}: tensor '{ws.name}': {nan} NaN byte(s) in the block scales (a known ModelOpt 0.44 "
@@ -233,10 +234,7 @@ def _plan_export(
             counts["kept_unquantized"] += 1
         for meta in parts.values():
             plan.copy(meta.name, src_export)
-    for p in fallback or preset.nvfp4_fallback:
-        if p not in ignore:
-            ignore.append(p)
-    for p in preset.nvfp4_fallback:
+    for p in [*fallback, *preset.nvfp4_fallback]:
         if p not in ignore:
             ignore.append(p)
     quant_cfg = dict(qc.raw)

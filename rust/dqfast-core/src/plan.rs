@@ -292,26 +292,16 @@ struct Resolved<'a> {
     op: &'static str,
 }
 
-fn check_scale_values(src: &Src, what: &str, v: &[f32]) -> Result<()> {
-    for (i, &s) in v.iter().enumerate() {
-        if !s.is_finite() || s <= 0.0 {
-            let at = if v.len() > 1 { format!(" at row {i}") } else { String::new() };
-            return Err(src.err(format!("{what} is {s}{at}; it must be finite and > 0")));
-        }
-    }
-    Ok(())
-}
-
-fn amax_ok(what: &str, name: &str, v: &[f32]) -> Result<()> {
-    for (i, &a) in v.iter().enumerate() {
-        if !a.is_finite() || a <= 0.0 {
+/// Every value finite and > 0 (amax and scales); the message names the value, the caller the
+/// tensor.
+fn positive_finite(what: &str, v: &[f32]) -> std::result::Result<(), String> {
+    match v.iter().position(|&x| !x.is_finite() || x <= 0.0) {
+        None => Ok(()),
+        Some(i) => {
             let at = if v.len() > 1 { format!(" at index {i}") } else { String::new() };
-            return Err(Error::Plan(format!(
-                "tensor '{name}': {what} amax is {a}{at}; it must be finite and > 0"
-            )));
+            Err(format!("{what} is {}{at}; it must be finite and > 0", v[i]))
         }
     }
-    Ok(())
 }
 
 fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a>>> {
@@ -348,15 +338,11 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                 let row_len = if numel == 0 { 1 } else { numel / rows };
                 let scale = match scale {
                     ScaleSpec::Amax { amax } => {
-                        if let Err(Error::Plan(m)) = amax_ok("calibrated", &t.name, amax) {
-                            return Err(s.err(m));
-                        }
+                        positive_finite("calibrated amax", amax).map_err(|m| s.err(m))?;
                         FpScale::Fixed(Arc::new(amax.iter().map(|&a| fp8::scale_from_amax(a)).collect()))
                     }
-                    ScaleSpec::Values { values } => {
-                        check_scale_values(&s, "weight scale", values)?;
-                        FpScale::Fixed(Arc::new(values.clone()))
-                    }
+                    // Checked with every other fixed scale just below.
+                    ScaleSpec::Values { values } => FpScale::Fixed(Arc::new(values.clone())),
                     ScaleSpec::WeightAmax { per_row } => FpScale::WeightAmax { per_row: *per_row },
                 };
                 if let FpScale::Fixed(v) = &scale {
@@ -367,7 +353,7 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                             s.info.shape
                         )));
                     }
-                    check_scale_values(&s, "weight scale", v)?;
+                    positive_finite("weight scale", v).map_err(|m| s.err(m))?;
                 }
                 (
                     Dtype::F8_E4M3,
@@ -399,7 +385,8 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                 (Dtype::F32, shape.clone(), Kind::ScaleOf(j), "scale")
             }
             Op::ScaleFromAmax { amax, bound, shape } => {
-                amax_ok("calibrated", &t.name, amax)?;
+                positive_finite("calibrated amax", amax)
+                    .map_err(|m| Error::Plan(format!("tensor '{}': {m}", t.name)))?;
                 if !(bound.is_finite() && *bound > 0.0) {
                     return Err(Error::Plan(format!("'{}': bound {bound} must be > 0", t.name)));
                 }
@@ -480,7 +467,7 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                 }
                 let amax_r = match amax {
                     NvAmax::Given { amax } => {
-                        amax_ok("weight", &t.name, &[*amax]).map_err(|e| s.err(e.to_string()))?;
+                        positive_finite("weight amax", &[*amax]).map_err(|m| s.err(m))?;
                         NvAmaxR::Given(*amax)
                     }
                     NvAmax::Weight => NvAmaxR::Of(vec![s]),
