@@ -99,6 +99,9 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
         click.option("--dry-run", is_flag=True, help="Print the plan (which modules become what, and why); write nothing."),
         click.option("--no-fsync", is_flag=True, help="Skip fsync before the output is moved into place."),
+        click.option("--io", "io_mode", type=click.Choice(["auto", "direct", "buffered"]), default="auto", show_default=True,
+                     help="auto: O_DIRECT reads of uncached inputs and O_DIRECT writes (page cache where unsupported); "
+                          "direct: O_DIRECT wherever possible; buffered: mmap + page cache only."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
     ]
     for o in reversed(opts):
@@ -109,7 +112,7 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     """The options every builder shares, from `_common_build_options`."""
     return dict(max_shard_size=kw["max_shard_size"], threads=kw["threads"], overwrite=kw["overwrite"],
-                dry_run=kw["dry_run"], fsync=not kw["no_fsync"])
+                dry_run=kw["dry_run"], fsync=not kw["no_fsync"], io=kw["io_mode"])
 
 
 @build.command("fp8")

@@ -24,7 +24,7 @@ import numpy as np
 
 from dqfast import __version__
 from dqfast.errors import PlanError
-from dqfast.plan import BuildReport, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan, split_module
+from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan, split_module
 from dqfast.presets import ModelPreset, resolve_preset
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
@@ -124,6 +124,7 @@ def build_fp8_transformer(
     overwrite: bool = False,
     dry_run: bool = False,
     fsync: bool = True,
+    io: IoMode = "auto",
     component: str = "transformer",
 ) -> BuildReport:
     """Build an FP8 transformer directory that SGLang Diffusion / vLLM-Omni load.
@@ -131,7 +132,7 @@ def build_fp8_transformer(
     Raises :class:`dqfast.errors.DqfastError` subclasses naming the file, tensor and problem;
     nothing is left at ``output_dir`` on failure.
     """
-    plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync)
+    plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
     extra = _fallback_res(fallback)
     if from_bf16:
         if base_transformer_dir is None:

@@ -30,7 +30,7 @@ from dqfast import __version__
 from dqfast.errors import PlanError
 from dqfast.fp8 import E4M3_MAX, FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, check_activation_amax
 from dqfast.nvfp4 import GROUP, NVFP4_BOUND, fused_groups
-from dqfast.plan import BuildReport, ModuleDecision, execute, new_plan
+from dqfast.plan import BuildReport, IoMode, ModuleDecision, execute, new_plan
 from dqfast.presets import ModelPreset, resolve_preset
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
@@ -105,6 +105,7 @@ def build_mixed_transformer(
     overwrite: bool = False,
     dry_run: bool = False,
     fsync: bool = True,
+    io: IoMode = "auto",
     component: str = "transformer",
 ) -> BuildReport:
     """Write a MIXED_PRECISION transformer directory built from the BF16 base.
@@ -114,7 +115,7 @@ def build_mixed_transformer(
     Both are stated in the config's ``calibration`` entry.
     """
     out = Path(output_dir)
-    plan = new_plan(out, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync)
+    plan = new_plan(out, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
     if rounding not in ("exact", "modelopt"):
         raise PlanError(f"rounding must be 'exact' or 'modelopt', not '{rounding}'")
     base_dir, base_cfg = load_float_base(base_transformer_dir, component, "a mixed build")

@@ -18,6 +18,10 @@ from dqfast import _core
 __all__ = ["PlanBuilder", "ModuleDecision", "BuildReport", "execute", "parse_size"]
 
 Rounding = Literal["exact", "modelopt"]
+# How the engine moves bytes (dqfast-core `IoMode`): "auto" reads source tensors that are not in
+# the page cache with O_DIRECT and writes O_DIRECT; "direct" always; "buffered" = mmap + page cache.
+IoMode = Literal["auto", "direct", "buffered"]
+IO_MODES: tuple[str, ...] = ("auto", "direct", "buffered")
 
 WEIGHT_SUFFIXES = (".weight_scale_2", ".weight_scale", ".input_scale", ".weight", ".bias")
 
@@ -66,6 +70,8 @@ class BuildReport:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     threads: int = 0
+    bytes_read_direct: int = 0
+    direct_writes: bool = False
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -88,6 +94,7 @@ class PlanBuilder:
         max_shard_bytes: int = 5_000_000_000,
         threads: int = 0,
         fsync: bool = True,
+        io: IoMode = "auto",
         file_prefix: str = "diffusion_pytorch_model",
     ) -> None:
         self.output_dir = Path(output_dir)
@@ -95,6 +102,9 @@ class PlanBuilder:
         self.max_shard_bytes = max_shard_bytes
         self.threads = threads
         self.fsync = fsync
+        if io not in IO_MODES:
+            raise ValueError(f"io must be one of {', '.join(IO_MODES)}, not {io!r}")
+        self.io = io
         self.file_prefix = file_prefix
         self.sources: list[str] = []
         self.tensors: list[dict[str, Any]] = []
@@ -136,6 +146,7 @@ class PlanBuilder:
                 "tensors": self.tensors,
                 "threads": self.threads,
                 "fsync": self.fsync,
+                "io": self.io,
             }
         )
 
@@ -148,6 +159,7 @@ def new_plan(
     max_shard_size: str | int = "5GB",
     threads: int = 0,
     fsync: bool = True,
+    io: IoMode = "auto",
 ) -> PlanBuilder:
     """A plan for ``output_dir``, refused up front (before any reading) when the output exists
     and overwriting was not asked for. Every builder starts here."""
@@ -156,7 +168,7 @@ def new_plan(
         from dqfast.errors import OutputExistsError
 
         raise OutputExistsError(f"{out}: output already exists (pass overwrite to replace it)")
-    return PlanBuilder(out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), threads=threads, fsync=fsync)
+    return PlanBuilder(out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), threads=threads, fsync=fsync, io=io)
 
 
 def copy_sidecar_files(plan: PlanBuilder, src_dir: Path) -> None:
@@ -178,4 +190,6 @@ def execute(plan: PlanBuilder, report: BuildReport) -> BuildReport:
     report.seconds = out["seconds"]
     report.peak_rss_bytes = out["peak_rss_bytes"]
     report.threads = out["threads"]
+    report.bytes_read_direct = out["bytes_read_direct"]
+    report.direct_writes = out["direct_writes"]
     return report

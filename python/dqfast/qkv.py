@@ -34,7 +34,7 @@ import numpy as np
 
 from dqfast import __version__
 from dqfast.errors import PlanError
-from dqfast.plan import BuildReport, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan, split_module
+from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan, split_module
 from dqfast.quant_config import load_json
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
 
@@ -312,6 +312,7 @@ def convert_qkv_layout(
     threads: int = 0,
     overwrite: bool = False,
     fsync: bool = True,
+    io: IoMode = "auto",
 ) -> BuildReport:
     """Write a copy of the checkpoint at ``src_dir`` with q/k/v split (``to="split"``) or fused.
 
@@ -324,7 +325,7 @@ def convert_qkv_layout(
         raise PlanError(f"to must be 'split' or 'fused', not {to!r}")
     src = Path(src_dir)
     out = Path(out_dir)
-    plan = new_plan(out, overwrite=overwrite, max_shard_size=max_shard_size, threads=threads, fsync=fsync)
+    plan = new_plan(out, overwrite=overwrite, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
     info = open_checkpoint(src)
     root = info.root if info.root.is_dir() else info.root.parent
     cfg_path = root / "config.json"

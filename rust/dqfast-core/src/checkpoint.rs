@@ -21,6 +21,8 @@ pub struct SafeFile {
     pub header: Header,
     mmap: Option<Mmap>,
     by_name: HashMap<String, usize>,
+    /// The same file opened with `O_DIRECT`, on first use; `None` inside where unsupported.
+    direct: std::sync::OnceLock<Option<File>>,
 }
 
 impl SafeFile {
@@ -53,6 +55,7 @@ impl SafeFile {
             header,
             mmap: Some(mmap),
             by_name,
+            direct: std::sync::OnceLock::new(),
         })
     }
 
@@ -68,6 +71,18 @@ impl SafeFile {
 
     /// Start reading a tensor from disk in the background (so I/O overlaps the work on the
     /// tensor before it).
+    /// Byte offset of a tensor's data in the file.
+    pub fn file_offset(&self, t: &TensorInfo) -> u64 {
+        (self.header.data_start + t.begin) as u64
+    }
+
+    /// A handle for direct (page-cache-bypassing) reads, if the file system supports them.
+    pub fn direct_file(&self) -> Option<&File> {
+        self.direct
+            .get_or_init(|| crate::direct::open_for_read(&self.path))
+            .as_ref()
+    }
+
     pub fn prefetch(&self, t: &TensorInfo) {
         let Some(m) = self.mmap.as_ref() else { return };
         let start = self.header.data_start + t.begin;

@@ -6,6 +6,7 @@
 //! memory and all cores. It has no Python dependency and is tested with `cargo test`.
 
 pub mod checkpoint;
+pub mod direct;
 pub mod dtype;
 pub mod error;
 pub mod fp8;

@@ -6,7 +6,7 @@
 //! produced in fixed-size batches (converted in parallel by rayon) that a writer thread drains,
 //! so computing batch i+1 overlaps writing batch i.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, SafeFile};
+use crate::direct::{self, BufPool, DirectWriter, TensorBuf};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::fp8::{self, Rounding, Saturation};
@@ -31,6 +32,26 @@ const BATCH_BYTES: usize = 16 << 20;
 const PIECE_BYTES: usize = 1 << 20;
 /// Batches in flight between the producer and the writer (bounds memory to ~3 batches).
 const BATCHES_IN_FLIGHT: usize = 2;
+/// Smaller source tensors are read through the map: direct reads pay off for bulk data.
+const MIN_DIRECT_BYTES: usize = 1 << 20;
+
+/// How the engine moves bytes between disk and memory.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IoMode {
+    /// Direct reads of source tensors that are not already in the page cache, direct writes;
+    /// the page cache wherever the file system refuses `O_DIRECT`.
+    #[default]
+    Auto,
+    /// Direct reads and writes wherever the file system allows, cached or not.
+    Direct,
+    /// Memory map and page cache only.
+    Buffered,
+}
+
+fn default_read_buffer() -> u64 {
+    512 << 20
+}
 
 fn default_shard_bytes() -> u64 {
     5_000_000_000
@@ -77,6 +98,12 @@ pub struct Plan {
     /// Write the index json even for a single shard.
     #[serde(default)]
     pub always_index: bool,
+    #[serde(default)]
+    pub io: IoMode,
+    /// Budget of the aligned buffers direct reads go into (source tensors larger than half of
+    /// it are read through the map).
+    #[serde(default = "default_read_buffer")]
+    pub read_buffer_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -196,6 +223,10 @@ pub struct Report {
     pub seconds: f64,
     pub peak_rss_bytes: u64,
     pub threads: usize,
+    /// Source bytes read with direct I/O (the rest came through the memory map).
+    pub bytes_read_direct: u64,
+    /// Whether the output shards were written with direct I/O.
+    pub direct_writes: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -544,16 +575,15 @@ struct Memo {
     nv: Mutex<HashMap<Vec<(usize, String)>, f32>>,
 }
 
-fn parallel_amax(src: &Src) -> f32 {
-    let d = src.info.dtype;
+fn parallel_amax(data: &[u8], d: Dtype) -> f32 {
     let piece = PIECE_BYTES / d.size() * d.size();
-    src.data()
+    data
         .par_chunks(piece.max(d.size()))
         .map(|c| fp8::amax(c, d))
         .reduce(|| 0.0f32, |a, b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) })
 }
 
-fn weight_scales(src: &Src, per_row: bool) -> Result<Vec<f32>> {
+fn weight_scales(src: &Src, data: &[u8], per_row: bool) -> Result<Vec<f32>> {
     let d = src.info.dtype;
     let amax: Vec<f32> = if per_row {
         let rows = src.info.shape.first().copied().unwrap_or(1).max(1);
@@ -561,10 +591,10 @@ fn weight_scales(src: &Src, per_row: bool) -> Result<Vec<f32>> {
         if rb == 0 {
             vec![0.0; rows]
         } else {
-            src.data().par_chunks(rb).map(|r| fp8::amax(r, d)).collect()
+            data.par_chunks(rb).map(|r| fp8::amax(r, d)).collect()
         }
     } else {
-        vec![parallel_amax(src)]
+        vec![parallel_amax(data, d)]
     };
     amax.iter()
         .enumerate()
@@ -584,7 +614,7 @@ fn weight_scales(src: &Src, per_row: bool) -> Result<Vec<f32>> {
 }
 
 impl Memo {
-    fn fp8_scales(&self, idx: usize, r: &Resolved) -> Result<Arc<Vec<f32>>> {
+    fn fp8_scales(&self, idx: usize, r: &Resolved, ld: &Loaded) -> Result<Arc<Vec<f32>>> {
         let Kind::Fp8 { src, scale, .. } = &r.kind else { unreachable!() };
         match scale {
             FpScale::Fixed(v) => Ok(v.clone()),
@@ -592,14 +622,14 @@ impl Memo {
                 if let Some(v) = self.fp8.lock().unwrap().get(&idx) {
                     return Ok(v.clone());
                 }
-                let v = Arc::new(weight_scales(src, *per_row)?);
+                let v = Arc::new(weight_scales(src, ld.data(src), *per_row)?);
                 self.fp8.lock().unwrap().insert(idx, v.clone());
                 Ok(v)
             }
         }
     }
 
-    fn nv_global(&self, amax: &NvAmaxR) -> Result<f32> {
+    fn nv_global(&self, amax: &NvAmaxR, ld: &Loaded) -> Result<f32> {
         let srcs = match amax {
             NvAmaxR::Given(a) => return Ok(nvfp4::global_scale_from_amax(*a)),
             NvAmaxR::Of(srcs) => srcs,
@@ -613,8 +643,8 @@ impl Memo {
         }
         let mut a = 0.0f32;
         for s in srcs {
-            let x = parallel_amax(s);
-            s.file.release(s.info);
+            let x = parallel_amax(ld.data(s), s.info.dtype);
+            ld.release_range(s, 0, s.info.nbytes());
             if !x.is_finite() {
                 return Err(s.err(format!("weight amax is {x}; refusing to quantize")));
             }
@@ -636,65 +666,153 @@ enum Msg<'a> {
     Open(PathBuf),
     Owned(Vec<u8>),
     Borrowed(&'a [u8]),
+    /// A range of a source tensor read into a buffer (direct I/O).
+    Shared(Arc<TensorBuf>, std::ops::Range<usize>),
     Release(Src<'a>),
 }
 
-/// Writer thread: drains batches into the current shard file; recycles owned buffers.
-fn writer_loop(rx: Receiver<Msg>, recycle: SyncSender<Vec<u8>>, fsync: bool) -> Result<u64> {
-    let mut cur: Option<(PathBuf, BufWriter<File>)> = None;
+/// Identity of a source tensor (its file and header entry).
+type SrcKey = (usize, usize);
+
+fn key(s: &Src) -> SrcKey {
+    (s.file as *const SafeFile as usize, s.info as *const TensorInfo as usize)
+}
+
+/// Source tensors currently held in direct-read buffers; every other source is read through
+/// its memory map. Correctness never depends on what is here, only speed.
+#[derive(Default)]
+struct Loaded {
+    bufs: HashMap<SrcKey, Arc<TensorBuf>>,
+}
+
+impl Loaded {
+    fn data<'s, 'a: 's>(&'s self, s: &Src<'a>) -> &'s [u8] {
+        match self.bufs.get(&key(s)) {
+            Some(b) => b.bytes(),
+            None => s.data(),
+        }
+    }
+    fn message<'a>(&self, s: &Src<'a>, range: std::ops::Range<usize>) -> Msg<'a> {
+        match self.bufs.get(&key(s)) {
+            Some(b) => Msg::Shared(b.clone(), range),
+            None => Msg::Borrowed(&s.data()[range]),
+        }
+    }
+    fn buffered(&self, s: &Src) -> bool {
+        self.bufs.contains_key(&key(s))
+    }
+    /// Drop mapped source pages already used (a no-op for buffered sources).
+    fn release_range(&self, s: &Src, from: usize, to: usize) {
+        if !self.buffered(s) {
+            s.file.release_range(s.info, from, to);
+        }
+    }
+}
+
+/// An output shard being written: direct where the file system allows, else buffered.
+enum ShardOut {
+    Direct(DirectWriter),
+    Buffered(PathBuf, BufWriter<File>),
+}
+
+impl ShardOut {
+    fn write_all(&mut self, b: &[u8]) -> Result<()> {
+        match self {
+            ShardOut::Direct(w) => w.write_all(b),
+            ShardOut::Buffered(p, w) => w.write_all(b).map_err(|e| Error::io(p.as_path(), "write", e)),
+        }
+    }
+}
+
+/// Writer thread: drains batches into the current shard file; recycles owned buffers. Returns
+/// the bytes written and whether every shard was written directly.
+fn writer_loop(rx: Receiver<Msg>, recycle: SyncSender<Vec<u8>>, fsync: bool, direct: bool) -> Result<(u64, bool)> {
+    let mut cur: Option<ShardOut> = None;
+    let mut stage: Option<direct::AlignedBuf> = None;
     let mut written = 0u64;
-    let finish = |c: Option<(PathBuf, BufWriter<File>)>| -> Result<()> {
-        if let Some((p, w)) = c {
-            let f = w.into_inner().map_err(|e| Error::io(&p, "write", e.into_error()))?;
-            if fsync {
-                f.sync_all().map_err(|e| Error::io(&p, "fsync", e))?;
+    let mut all_direct = direct;
+    let finish = |c: Option<ShardOut>, stage: &mut Option<direct::AlignedBuf>| -> Result<()> {
+        match c {
+            Some(ShardOut::Direct(w)) => *stage = Some(w.finish(fsync)?),
+            Some(ShardOut::Buffered(p, w)) => {
+                let f = w.into_inner().map_err(|e| Error::io(&p, "write", e.into_error()))?;
+                if fsync {
+                    f.sync_all().map_err(|e| Error::io(&p, "fsync", e))?;
+                }
             }
+            None => {}
         }
         Ok(())
     };
     for msg in rx {
         match msg {
             Msg::Open(p) => {
-                finish(cur.take())?;
-                let f = File::create(&p).map_err(|e| Error::io(&p, "create", e))?;
-                cur = Some((p, BufWriter::with_capacity(1 << 20, f)));
+                finish(cur.take(), &mut stage)?;
+                let mut out = None;
+                if direct {
+                    match DirectWriter::create(&p, stage.take())? {
+                        Ok(w) => out = Some(ShardOut::Direct(w)),
+                        Err(st) => {
+                            stage = st;
+                            all_direct = false;
+                        }
+                    }
+                }
+                cur = Some(match out {
+                    Some(o) => o,
+                    None => {
+                        let f = File::create(&p).map_err(|e| Error::io(&p, "create", e))?;
+                        ShardOut::Buffered(p, BufWriter::with_capacity(1 << 20, f))
+                    }
+                });
             }
             Msg::Owned(buf) => {
-                let (p, w) = cur.as_mut().expect("file open");
-                w.write_all(&buf).map_err(|e| Error::io(p.as_path(), "write", e))?;
+                cur.as_mut().expect("file open").write_all(&buf)?;
                 written += buf.len() as u64;
                 let _ = recycle.try_send(buf);
             }
             Msg::Borrowed(b) => {
-                let (p, w) = cur.as_mut().expect("file open");
-                w.write_all(b).map_err(|e| Error::io(p.as_path(), "write", e))?;
+                cur.as_mut().expect("file open").write_all(b)?;
                 written += b.len() as u64;
+            }
+            Msg::Shared(b, range) => {
+                cur.as_mut().expect("file open").write_all(&b.bytes()[range.clone()])?;
+                written += range.len() as u64;
             }
             Msg::Release(s) => s.file.release(s.info),
         }
     }
-    finish(cur.take())?;
-    Ok(written)
+    finish(cur.take(), &mut stage)?;
+    Ok((written, all_direct))
 }
 
 /// Fill `out` with the bytes of `r` starting at output byte `at` (a multiple of `unit`).
-fn fill(r: &Resolved, at: usize, out: &mut [u8], scales: Option<&[f32]>, nv_gs: f32, lut: Option<&fp8::E4m3Lut>) {
+#[allow(clippy::too_many_arguments)]
+fn fill(
+    r: &Resolved,
+    ld: &Loaded,
+    at: usize,
+    out: &mut [u8],
+    scales: Option<&[f32]>,
+    nv_gs: f32,
+    lut: Option<&fp8::E4m3Lut>,
+) {
     match &r.kind {
         Kind::Fp8 { src, rounding, saturation, row_len, .. } => {
             let d = src.info.dtype;
-            let s = &src.data()[at * d.size()..(at + out.len()) * d.size()];
+            let s = &ld.data(src)[at * d.size()..(at + out.len()) * d.size()];
             match lut {
                 Some(t) => t.apply(s, out),
                 None => fp8::quantize_e4m3(s, d, scales.unwrap(), *row_len, at, *rounding, *saturation, out),
             }
         }
-        Kind::SwapNibbles(src) => nvfp4::swap_nibbles(&src.data()[at..at + out.len()], out),
+        Kind::SwapNibbles(src) => nvfp4::swap_nibbles(&ld.data(src)[at..at + out.len()], out),
         Kind::RepairNan(src) => {
-            out.copy_from_slice(&src.data()[at..at + out.len()]);
+            out.copy_from_slice(&ld.data(src)[at..at + out.len()]);
             nvfp4::repair_nan_e4m3(out);
         }
         Kind::Rescale { src, factor, byte_start, repair_nan } => {
-            let s = &src.data()[byte_start + at..byte_start + at + out.len()];
+            let s = &ld.data(src)[byte_start + at..byte_start + at + out.len()];
             if *repair_nan {
                 let mut tmp = s.to_vec();
                 nvfp4::repair_nan_e4m3(&mut tmp);
@@ -711,7 +829,7 @@ fn fill(r: &Resolved, at: usize, out: &mut [u8], scales: Option<&[f32]>, nv_gs: 
                 NvPart::Global => unreachable!(),
             };
             let (r0, r1) = (at / row_out, (at + out.len()) / row_out);
-            let s = &src.data()[r0 * row_in..r1 * row_in];
+            let s = &ld.data(src)[r0 * row_in..r1 * row_in];
             match what {
                 NvPart::Weight => nvfp4::quantize_packed(s, d, *k, nv_gs, out),
                 _ => nvfp4::block_scales(s, d, *k, nv_gs, out),
@@ -735,25 +853,32 @@ fn emit<'a>(
     r: &'a Resolved<'a>,
     all: &'a [Resolved<'a>],
     memo: &Memo,
+    ld: &Loaded,
     tx: &SyncSender<Msg<'a>>,
     pool: &Receiver<Vec<u8>>,
 ) -> Result<Option<Vec<f32>>> {
     let send = |m: Msg<'a>| send(tx, m);
     match &r.kind {
         Kind::Copy(s) => {
-            send(Msg::Borrowed(s.data()))?;
-            send(Msg::Release(*s))?;
+            send(ld.message(s, 0..s.info.nbytes()))?;
+            if !ld.buffered(s) {
+                send(Msg::Release(*s))?;
+            }
             return Ok(None);
         }
         Kind::Rows { src, byte_start } => {
-            send(Msg::Borrowed(&src.data()[*byte_start..byte_start + r.nbytes]))?;
-            send(Msg::Release(*src))?;
+            send(ld.message(src, *byte_start..byte_start + r.nbytes))?;
+            if !ld.buffered(src) {
+                send(Msg::Release(*src))?;
+            }
             return Ok(None);
         }
         Kind::Concat(ss) => {
             for s in ss {
-                send(Msg::Borrowed(s.data()))?;
-                send(Msg::Release(*s))?;
+                send(ld.message(s, 0..s.info.nbytes()))?;
+                if !ld.buffered(s) {
+                    send(Msg::Release(*s))?;
+                }
             }
             return Ok(None);
         }
@@ -762,23 +887,23 @@ fn emit<'a>(
             return Ok(None);
         }
         Kind::ScaleOf(j) => {
-            let v = memo.fp8_scales(*j, &all[*j])?;
+            let v = memo.fp8_scales(*j, &all[*j], ld)?;
             send(Msg::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect()))?;
             return Ok(Some(v.iter().take(8).copied().collect()));
         }
         Kind::Nv { amax, what: NvPart::Global, .. } => {
-            let g = memo.nv_global(amax)?;
+            let g = memo.nv_global(amax, ld)?;
             send(Msg::Owned(g.to_le_bytes().to_vec()))?;
             return Ok(Some(vec![g]));
         }
         _ => {}
     }
     let scales = match &r.kind {
-        Kind::Fp8 { .. } => Some(memo.fp8_scales(idx, r)?),
+        Kind::Fp8 { .. } => Some(memo.fp8_scales(idx, r, ld)?),
         _ => None,
     };
     let nv_gs = match &r.kind {
-        Kind::Nv { amax, .. } => memo.nv_global(amax)?,
+        Kind::Nv { amax, .. } => memo.nv_global(amax, ld)?,
         _ => 0.0,
     };
     // Per-tensor scale on a 16-bit source: one 64 KiB table per tensor replaces the arithmetic.
@@ -800,7 +925,7 @@ fn emit<'a>(
         buf.clear();
         buf.resize(len, 0);
         buf.par_chunks_mut(piece).enumerate().for_each(|(i, c)| {
-            fill(r, at + i * piece, c, scales.as_deref().map(|v| v.as_slice()), nv_gs, lut.as_ref())
+            fill(r, ld, at + i * piece, c, scales.as_deref().map(|v| v.as_slice()), nv_gs, lut.as_ref())
         });
         send(Msg::Owned(buf))?;
         // Elementwise ops never look back: drop the source pages of this batch now, so the
@@ -808,17 +933,17 @@ fn emit<'a>(
         match &r.kind {
             Kind::Fp8 { src, .. } | Kind::SwapNibbles(src) | Kind::RepairNan(src) => {
                 let sz = src.info.dtype.size();
-                src.file.release_range(src.info, at * sz, (at + len) * sz);
+                ld.release_range(src, at * sz, (at + len) * sz);
             }
             Kind::Nv { src, what, k, .. } => {
                 // Whole rows were read: release them (the next NVFP4 op of this weight faults
                 // them back in from the page cache, which keeps RSS at one batch).
                 let row_out = if *what == NvPart::Weight { k / 2 } else { k / 16 };
                 let row_in = k * src.info.dtype.size();
-                src.file.release_range(src.info, at / row_out * row_in, (at + len) / row_out * row_in);
+                ld.release_range(src, at / row_out * row_in, (at + len) / row_out * row_in);
             }
             Kind::Rescale { src, byte_start, .. } => {
-                src.file.release_range(src.info, byte_start + at, byte_start + at + len);
+                ld.release_range(src, byte_start + at, byte_start + at + len);
             }
             _ => {}
         }
@@ -828,7 +953,7 @@ fn emit<'a>(
         Kind::Fp8 { src, .. } | Kind::SwapNibbles(src) | Kind::RepairNan(src) => Some(*src),
         _ => None,
     };
-    if let Some(s) = src {
+    if let Some(s) = src.filter(|s| !ld.buffered(s)) {
         send(Msg::Release(s))?;
     }
     Ok(match &r.kind {
@@ -836,6 +961,108 @@ fn emit<'a>(
         Kind::Nv { .. } => Some(vec![nv_gs]),
         _ => None,
     })
+}
+
+/// Which source tensors are read directly into buffers, in the order the engine first needs
+/// them, and when each is received and dropped.
+struct Schedule<'a> {
+    loads: Vec<Src<'a>>,
+    /// Per output tensor: loads to receive before emitting it.
+    take: Vec<Vec<usize>>,
+    /// Per output tensor: loads to drop after emitting it.
+    drop: Vec<Vec<usize>>,
+}
+
+/// The source tensors emitting output `i` reads: its own sources, the weights behind an NVFP4
+/// global scale the first time it is needed, and a weight whose amax a `scale_of` computes
+/// before the weight itself is emitted.
+fn uses<'a>(i: usize, all: &[Resolved<'a>], seen_nv: &mut HashSet<Vec<SrcKey>>) -> Vec<Src<'a>> {
+    let mut v = sources_of(&all[i]);
+    match &all[i].kind {
+        Kind::Nv { amax: NvAmaxR::Of(srcs), .. } => {
+            if seen_nv.insert(srcs.iter().map(key).collect()) {
+                v.extend(srcs.iter().copied());
+            }
+        }
+        Kind::ScaleOf(j) if *j > i => {
+            if let Kind::Fp8 { src, scale: FpScale::WeightAmax { .. }, .. } = &all[*j].kind {
+                v.push(*src);
+            }
+        }
+        _ => {}
+    }
+    v
+}
+
+fn wants_direct(s: &Src, io: IoMode) -> bool {
+    io != IoMode::Buffered
+        && s.info.nbytes() >= MIN_DIRECT_BYTES
+        && s.file.direct_file().is_some()
+        // Cached data is cheaper through the map than read again from disk.
+        && (io == IoMode::Direct || direct::resident_fraction(s.data()) < 0.5)
+}
+
+/// Decide the direct loads. The reader thread fills buffers in load order while the engine
+/// consumes them in the same order; a load is taken only if it fits the budget next to every
+/// load still in use when it is first needed, so the reader can always make progress.
+fn schedule<'a>(all: &[Resolved<'a>], io: IoMode, budget: usize) -> Schedule<'a> {
+    let n = all.len();
+    let mut sched = Schedule { loads: Vec::new(), take: vec![Vec::new(); n], drop: vec![Vec::new(); n] };
+    if io == IoMode::Buffered {
+        return sched;
+    }
+    let mut seen_nv = HashSet::new();
+    let per_op: Vec<Vec<Src<'a>>> = (0..n).map(|i| uses(i, all, &mut seen_nv)).collect();
+    let mut last: HashMap<SrcKey, usize> = HashMap::new();
+    for (i, u) in per_op.iter().enumerate() {
+        for s in u {
+            last.insert(key(s), i);
+        }
+    }
+    let mut decided: HashSet<SrcKey> = HashSet::new();
+    let mut live: Vec<(usize, usize)> = Vec::new(); // (last use, bytes)
+    for (i, u) in per_op.iter().enumerate() {
+        live.retain(|&(l, _)| l >= i);
+        for s in u {
+            if !decided.insert(key(s)) {
+                continue;
+            }
+            let need = direct::need_for(s.file.file_offset(s.info), s.info.nbytes());
+            let in_use: usize = live.iter().map(|&(_, b)| b).sum();
+            if need <= budget / 2 && in_use + need <= budget && wants_direct(s, io) {
+                let li = sched.loads.len();
+                let l = last[&key(s)];
+                sched.loads.push(*s);
+                sched.take[i].push(li);
+                sched.drop[l].push(li);
+                live.push((l, need));
+            }
+        }
+    }
+    sched
+}
+
+/// Reader thread: fill buffers for the scheduled loads, in order.
+fn reader_loop(loads: &[Src], pool: &Arc<BufPool>, tx: SyncSender<Result<Arc<TensorBuf>>>) {
+    for s in loads {
+        let file = s.file.direct_file().expect("scheduled only where direct reads work");
+        let r = TensorBuf::read(pool, file, &s.file.path, s.file.file_offset(s.info), s.info.nbytes())
+            .map_err(|e| match e {
+                Error::Io { source, .. } => s.err(format!("direct read failed: {source}")),
+                e => e,
+            });
+        let stop = match r {
+            Ok(Some(b)) => tx.send(Ok(Arc::new(b))).is_err(),
+            Ok(None) => true,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                true
+            }
+        };
+        if stop {
+            return;
+        }
+    }
 }
 
 /// Execute a plan. The output appears at `plan.output_dir` only if everything succeeded.
@@ -904,6 +1131,12 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
         }
     }
 
+    let sched = schedule(&resolved, plan.io, plan.read_buffer_bytes as usize);
+    let direct_keys: HashSet<SrcKey> = sched.loads.iter().map(key).collect();
+    let bytes_read_direct: u64 = sched.loads.iter().map(|s| s.info.nbytes() as u64).sum();
+    let read_pool = BufPool::new(plan.read_buffer_bytes as usize);
+    let (load_tx, load_rx) = sync_channel::<Result<Arc<TensorBuf>>>(sched.loads.len() + 1);
+
     let memo = Memo::default();
     let mut tensor_reports: Vec<TensorReport> = Vec::with_capacity(resolved.len());
     let mut shard_reports = Vec::with_capacity(n);
@@ -911,9 +1144,17 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
     let (tx, rx) = sync_channel::<Msg>(BATCHES_IN_FLIGHT);
     let (recycle_tx, recycle_rx) = sync_channel::<Vec<u8>>(BATCHES_IN_FLIGHT + 1);
     let fsync = plan.fsync;
-    let written = std::thread::scope(|scope| -> Result<u64> {
-        let writer = scope.spawn(move || writer_loop(rx, recycle_tx, fsync));
+    let direct_out = plan.io != IoMode::Buffered;
+    let (written, direct_writes) = std::thread::scope(|scope| -> Result<(u64, bool)> {
+        let writer = scope.spawn(move || writer_loop(rx, recycle_tx, fsync, direct_out));
+        let (loads, pool) = (&sched.loads, &read_pool);
+        if !loads.is_empty() {
+            scope.spawn(move || reader_loop(loads, pool, load_tx));
+        } else {
+            drop(load_tx);
+        }
         let mut produce = || -> Result<()> {
+            let mut ld = Loaded::default();
             for (si, range) in shards.iter().enumerate() {
                 let fname = shard_file_name(&plan.file_prefix, si, n);
                 let entries: Vec<(String, Dtype, Vec<usize>)> = resolved[range.clone()]
@@ -927,17 +1168,27 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
                 let mut bytes = hdr_len;
                 for i in range.clone() {
                     let r = &resolved[i];
+                    let mapped = |s: &Src| !direct_keys.contains(&key(s));
                     if i == range.start {
-                        for s in sources_of(r) {
+                        for s in sources_of(r).iter().filter(|s| mapped(s)) {
                             s.file.prefetch(s.info);
                         }
                     }
                     if let Some(next) = resolved.get(i + 1) {
-                        for s in sources_of(next) {
+                        for s in sources_of(next).iter().filter(|s| mapped(s)) {
                             s.file.prefetch(s.info);
                         }
                     }
-                    let scale = emit(i, r, &resolved, &memo, &tx, &recycle_rx)?;
+                    for &li in &sched.take[i] {
+                        let b = load_rx
+                            .recv()
+                            .map_err(|_| Error::Internal("reader thread stopped".into()))??;
+                        ld.bufs.insert(key(&sched.loads[li]), b);
+                    }
+                    let scale = emit(i, r, &resolved, &memo, &ld, &tx, &recycle_rx)?;
+                    for &li in &sched.drop[i] {
+                        ld.bufs.remove(&key(&sched.loads[li]));
+                    }
                     bytes += r.nbytes as u64;
                     weight_map.insert(r.name.clone(), fname.clone());
                     tensor_reports.push(TensorReport {
@@ -955,6 +1206,9 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
         };
         let produced = produce();
         drop(tx);
+        // Unblock the reader if the build stopped early (its buffers came back when `ld` dropped).
+        read_pool.close();
+        drop(load_rx);
         let w = writer.join().map_err(|_| Error::Internal("writer thread panicked".into()))?;
         // A writer error explains a producer's "writer stopped"; report it first.
         let w = w?;
@@ -978,6 +1232,8 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
         seconds: t0.elapsed().as_secs_f64(),
         peak_rss_bytes: crate::rss::peak_rss_bytes(),
         threads,
+        bytes_read_direct,
+        direct_writes,
     })
 }
 
