@@ -4,11 +4,15 @@
 
 Generates the synthetic checkpoint (Wan2.2-A14B widths; 40 blocks = the full 14B), then runs, each
 in a fresh subprocess (peak RSS from that child's ``wait4`` rusage):
-  (a) disk limit: ``cat`` of the BF16 inputs to /dev/null + writing an output-sized file of random
-      bytes with ``fdatasync`` (zeros are written unrealistically fast on this VM's disk);
+  (a) disk limit: reading the BF16 inputs + writing an output-sized file of random bytes with
+      ``fdatasync`` (zeros are written unrealistically fast on this VM's disk), one after the
+      other, measured two ways: through the page cache (``cat``, buffered write) and with
+      O_DIRECT (``dd iflag=direct``, O_DIRECT write); the limit is the faster read + the faster write;
   (b) naive torch + safetensors converter (benches/naive_fp8_convert.py);
   (c) dqfast ``from_bf16`` per-tensor with ``activation_amax`` and ``model_type="none"`` (same
-      work as (b); outputs must be byte-identical);
+      work as (b); outputs must be byte-identical), with the default ``io="auto"`` (direct I/O)
+      and, as ``dqfast-bf16-buffered``, with ``io="buffered"`` (memory map + page cache: the engine
+      before direct I/O);
   (d) dqfast calibrated build from the synthetic ModelOpt export + amax sidecar + base.
 Cold runs (page cache dropped before each) when ``/proc/sys/vm/drop_caches`` is writable, then
 warm runs. Writes JSON to benches/results/.
@@ -46,10 +50,11 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
         return
     import dqfast
 
-    if kind == "dqfast-bf16":
+    if kind in ("dqfast-bf16", "dqfast-bf16-buffered"):
         r = dqfast.build_fp8_transformer(args["dst"], base_transformer_dir=args["src"], from_bf16=True,
                                          weight_granularity="tensor", activation_amax=ACT_AMAX, model_type="none",
-                                         fsync=args["fsync"], max_shard_size=args["shard"], threads=args["threads"])
+                                         fsync=args["fsync"], max_shard_size=args["shard"], threads=args["threads"],
+                                         io="buffered" if kind.endswith("-buffered") else "auto")
     elif kind == "dqfast-calib":
         r = dqfast.build_fp8_transformer(args["dst"], modelopt_hf_dir=args["export"], modelopt_backbone_ckpt=args["amax"],
                                          base_transformer_dir=args["src"], fsync=args["fsync"],
@@ -57,7 +62,8 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
     else:
         raise SystemExit(f"unknown worker {kind}")
     print(json.dumps({"engine_seconds": r.seconds, "engine_peak_rss": r.peak_rss_bytes, "threads": r.threads,
-                      "bytes_read": r.bytes_read, "bytes_written": r.bytes_written}))
+                      "bytes_read": r.bytes_read, "bytes_read_direct": r.bytes_read_direct,
+                      "direct_writes": r.direct_writes, "bytes_written": r.bytes_written}))
 
 
 # --------------------------------------------------------------------------- parent side
@@ -81,19 +87,23 @@ def _run(cmd: list[str], **kw: Any) -> dict[str, Any]:
     return info
 
 
-def write_limit(path: Path, nbytes: int) -> float:
-    """Seconds to write ``nbytes`` of random (incompressible, non-zero) data and fdatasync it.
+def write_limit(path: Path, nbytes: int, direct: bool = False) -> float:
+    """Seconds to write ``nbytes`` (a multiple of 16 MiB) of random (incompressible, non-zero)
+    data and fdatasync it; ``direct``: with O_DIRECT from a page-aligned buffer.
 
     Not ``dd if=/dev/zero``: a virtual disk may write zeros more cheaply than real data (here,
     1 GiB back to back: 0.94 s of zeros, 1.32 s of random bytes), which would flatter the limit.
     """
-    block = np.random.default_rng(0).integers(0, 256, 16 << 20, dtype=np.uint8).tobytes()
+    import mmap
+
+    block = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT needs
+    block.write(np.random.default_rng(0).integers(0, 256, 16 << 20, dtype=np.uint8).tobytes())
     t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0), 0o644)
     try:
         left = nbytes
         while left > 0:
-            left -= os.write(fd, block[: min(left, len(block))])
+            left -= os.write(fd, block)
         os.fdatasync(fd)
     finally:
         os.close(fd)
@@ -103,15 +113,36 @@ def write_limit(path: Path, nbytes: int) -> float:
 
 
 def disk_limit(in_files: list[str], out_bytes: int, work: Path) -> dict[str, Any]:
-    """The physical limit: `cat` the inputs to /dev/null, then write an output-sized file with
-    fdatasync (one after the other)."""
+    """The physical limit: read the inputs, then write an output-sized file with fdatasync (one
+    after the other), each both through the page cache (`cat`, buffered write) and with O_DIRECT
+    (`dd iflag=direct`, O_DIRECT write). ``wall_s`` = the faster read + the faster write: the
+    disk's limit, not one I/O path's. Call with the page cache dropped for a cold limit (O_DIRECT
+    ignores the cache; warm, `cat` reads from it)."""
+    nbytes = max(1, out_bytes // (16 << 20)) * (16 << 20)
     t = time.perf_counter()
     subprocess.run(["cat", *in_files], stdout=subprocess.DEVNULL, check=True)
-    read_s = time.perf_counter() - t
-    mib = max(1, out_bytes // 2**20)
-    write_s = write_limit(work / "limit.out", mib * 2**20)
-    return {"wall_s": read_s + write_s, "read_s": read_s, "write_s": write_s, "write_bytes": mib * 2**20,
-            "peak_rss_bytes": 0}
+    cached_read = time.perf_counter() - t
+    cached_write = write_limit(work / "limit.out", nbytes)
+    t = time.perf_counter()
+    for f in in_files:
+        subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=16M", "iflag=direct", "status=none"], check=True)
+    direct_read = time.perf_counter() - t
+    direct_write = write_limit(work / "limit.out", nbytes, direct=True)
+    read_s, write_s = min(cached_read, direct_read), min(cached_write, direct_write)
+    kind = lambda c, d: "page cache" if c <= d else "O_DIRECT"  # noqa: E731
+    return {"wall_s": read_s + write_s, "read_s": read_s, "write_s": write_s, "write_bytes": nbytes,
+            "limit_kind": f"read {kind(cached_read, direct_read)} + write {kind(cached_write, direct_write)}",
+            "cached_read_s": cached_read, "cached_write_s": cached_write,
+            "direct_read_s": direct_read, "direct_write_s": direct_write, "peak_rss_bytes": 0}
+
+
+def _limit_line(r: dict[str, Any], mode: str, in_bytes: int, width: int) -> str:
+    gb = lambda n, s: f"{n / s / 1e9:.2f} GB/s"  # noqa: E731
+    return (f"  {'limit':{width}s} {mode:4s} {r['wall_s']:7.2f} s  ({r['limit_kind']}; page cache: read "
+            f"{r['cached_read_s']:.2f} s = {gb(in_bytes, r['cached_read_s'])}, write+fdatasync {r['cached_write_s']:.2f} s"
+            f" = {gb(r['write_bytes'], r['cached_write_s'])}; O_DIRECT: read {r['direct_read_s']:.2f} s = "
+            f"{gb(in_bytes, r['direct_read_s'])}, write+fdatasync {r['direct_write_s']:.2f} s = "
+            f"{gb(r['write_bytes'], r['direct_write_s'])})")
 
 
 def _drop_caches() -> bool:
@@ -208,7 +239,7 @@ def main() -> None:
                     help="skip the ModelOpt-like export and the dqfast-calib tool (saves ~half the input size on disk)")
     ap.add_argument("--drop-outputs", action="store_true",
                     help="delete each tool's output right after timing it (no bit-exact comparison; saves disk)")
-    ap.add_argument("--tools", default="limit,naive,dqfast-bf16,dqfast-calib")
+    ap.add_argument("--tools", default="limit,naive,dqfast-bf16,dqfast-bf16-buffered,dqfast-calib")
     a = ap.parse_args()
 
     sys.path.insert(0, str(HERE.parent / "python"))
@@ -241,7 +272,7 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     wargs = {"src": str(base), "export": str(export), "amax": str(amax), "fsync": a.fsync,
              "shard": a.out_shard, "threads": a.threads}
-    outs = {t: work / f"out-{t}" for t in ("naive", "dqfast-bf16", "dqfast-calib")}
+    outs = {t: work / f"out-{t}" for t in ("naive", "dqfast-bf16", "dqfast-bf16-buffered", "dqfast-calib")}
     for mode in modes:
         for tool in [t for t in tools if t != "limit"]:
             shutil.rmtree(outs[tool], ignore_errors=True)
@@ -256,7 +287,7 @@ def main() -> None:
             results[f"{tool}/{mode}"] = r
             if a.drop_outputs:
                 shutil.rmtree(outs[tool], ignore_errors=True)
-            print(f"  {tool:13s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
+            print(f"  {tool:20s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
                   f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
         if "limit" in tools:
             if mode == "cold":
@@ -266,17 +297,19 @@ def main() -> None:
             out_size = results.get(f"dqfast-bf16/{mode}", {}).get("out_bytes") or in_bytes // 2
             r = disk_limit(in_files, out_size, work)
             results[f"limit/{mode}"] = r
-            print(f"  {'limit':13s} {mode:4s} {r['wall_s']:7.2f} s  (read {r['read_s']:.2f} s = "
-                  f"{in_bytes / r['read_s'] / 1e9:.2f} GB/s, write+fdatasync {r['write_s']:.2f} s = "
-                  f"{r['write_bytes'] / r['write_s'] / 1e9:.2f} GB/s)", flush=True)
+            print(_limit_line(r, mode, in_bytes, 20), flush=True)
 
     exact = None
     if outs["naive"].exists() and outs["dqfast-bf16"].exists():
         exact = _compare_outputs(outs["naive"], outs["dqfast-bf16"])
         print(f"bit-exact naive vs dqfast from_bf16: {exact['bit_exact']} ({exact['tensors']} tensors, "
               f"{exact['tensors_differing']} differ, {exact['bytes_differing']} bytes differ)")
+    if outs["dqfast-bf16-buffered"].exists() and outs["dqfast-bf16"].exists():
+        same = _compare_outputs(outs["dqfast-bf16-buffered"], outs["dqfast-bf16"])
+        print(f"bit-exact dqfast io=buffered vs io=auto: {same['bit_exact']}")
+        exact = {**(exact or {}), "buffered_vs_auto": same["bit_exact"]}
 
-    rows = summarize(results, in_bytes, width=14)
+    rows = summarize(results, in_bytes, width=20)
 
     save_results(f"fp8_build_{a.family}{a.blocks}",
                  {"family": a.family, "blocks": a.blocks, "input_bytes": in_bytes, "input_shards": len(in_files),

@@ -4,11 +4,13 @@
 
 Generates the synthetic BF16 checkpoint (``dqfast.synth``; Wan2.2-A14B widths, 40 blocks = 14B),
 then runs, each in a fresh subprocess (peak RSS from that child's ``wait4`` rusage):
-  (a) disk limit: ``cat`` of the inputs to /dev/null + writing an output-sized file of random bytes + fdatasync;
+  (a) disk limit: reading the inputs + writing an output-sized file of random bytes + fdatasync, the
+      faster of page cache and O_DIRECT (``bench_fp8_build.disk_limit``);
   (b) naive torch + safetensors NVFP4 converter (benches/naive_nvfp4_convert.py: ModelOpt's
       definition in plain torch, tests/nvfp4_reference.py, shard by shard);
   (c) dqfast ``build_nvfp4_transformer(from_bf16=True, model_type="none")`` — the same work as (b);
-      both outputs are compared tensor by tensor and must be byte-identical.
+      both outputs are compared tensor by tensor and must be byte-identical; ``dqfast-buffered``
+      is the same build with ``io="buffered"`` (memory map + page cache, no direct I/O).
 Writes JSON to benches/results/nvfp4_build_<family><blocks>_<date>.json.
 """
 
@@ -25,10 +27,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_fp8_build import _compare_outputs, _dir_bytes, _drop_caches, _run, disk_limit, save_results, summarize  # noqa: E402
+from bench_fp8_build import (  # noqa: E402
+    _compare_outputs, _dir_bytes, _drop_caches, _limit_line, _run, disk_limit, save_results, summarize,
+)
 
 ACT_AMAX = 16.0
-TOOLS = ("naive", "dqfast")
+TOOLS = ("naive", "dqfast", "dqfast-buffered")
 
 
 def _worker(kind: str, args: dict[str, Any]) -> None:
@@ -41,9 +45,10 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
 
     r = build_nvfp4_transformer(args["dst"], base_transformer_dir=args["src"], from_bf16=True, model_type="none",
                                 activation_amax=ACT_AMAX, fsync=False, max_shard_size=args["shard"],
-                                threads=args["threads"])
+                                threads=args["threads"], io="buffered" if kind == "dqfast-buffered" else "auto")
     print(json.dumps({"engine_seconds": r.seconds, "engine_peak_rss": r.peak_rss_bytes, "threads": r.threads,
-                      "bytes_read": r.bytes_read, "bytes_written": r.bytes_written}))
+                      "bytes_read": r.bytes_read, "bytes_read_direct": r.bytes_read_direct,
+                      "direct_writes": r.direct_writes, "bytes_written": r.bytes_written}))
 
 
 def main() -> None:
@@ -55,7 +60,7 @@ def main() -> None:
     ap.add_argument("--out-shard", default="5GB", help="dqfast output max shard size")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--modes", default="cold,warm", help="cold (page cache dropped first) and/or warm")
-    ap.add_argument("--tools", default="limit,naive,dqfast")
+    ap.add_argument("--tools", default="limit,naive,dqfast,dqfast-buffered")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dqfast-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
     a = ap.parse_args()
@@ -98,7 +103,7 @@ def main() -> None:
             r = _run([sys.executable, __file__, "_worker", tool, json.dumps({**wargs, "dst": str(outs[tool])})])
             r["out_bytes"] = _dir_bytes(outs[tool])
             results[f"{tool}/{mode}"] = r
-            print(f"  {tool:8s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
+            print(f"  {tool:15s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
                   f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB  out {r['out_bytes'] / 1e9:.2f} GB", flush=True)
         if "limit" in tools:
             if mode == "cold":
@@ -108,8 +113,7 @@ def main() -> None:
             out_size = results.get(f"dqfast/{mode}", {}).get("out_bytes") or int(in_bytes * 0.29)
             r = disk_limit(in_files, out_size, work)
             results[f"limit/{mode}"] = r
-            print(f"  {'limit':8s} {mode:4s} {r['wall_s']:7.2f} s  (read {r['read_s']:.2f} s, "
-                  f"write+fdatasync {r['write_s']:.2f} s)", flush=True)
+            print(_limit_line(r, mode, in_bytes, 15), flush=True)
 
     exact = None
     if outs["naive"].exists() and outs["dqfast"].exists():
@@ -117,7 +121,7 @@ def main() -> None:
         print(f"bit-exact naive vs dqfast: {exact['bit_exact']} ({exact['tensors']} tensors, "
               f"{exact['tensors_differing']} differ {exact['first_differing']}, {exact['bytes_differing']} bytes differ)")
 
-    rows = summarize(results, in_bytes, width=8)
+    rows = summarize(results, in_bytes, width=15)
 
     save_results(f"nvfp4_build_{a.family}{a.blocks}",
                  {"format": "nvfp4", "family": a.family, "blocks": a.blocks, "input_bytes": in_bytes,

@@ -65,6 +65,8 @@ def print_report(report: BuildReport, as_json: bool, show_decisions: bool) -> No
         s.add_row("output", str(report.output_dir))
         s.add_row("shards", str(len(report.shards)))
         s.add_row("read", _human(report.bytes_read))
+        s.add_row("read with O_DIRECT", _human(report.bytes_read_direct))
+        s.add_row("writes", "O_DIRECT" if report.direct_writes else "page cache")
         s.add_row("written", _human(report.bytes_written))
         s.add_row("seconds", f"{report.seconds:.2f}")
         s.add_row("throughput", f"{report.throughput_gbps:.2f} GB/s of input")

@@ -103,7 +103,9 @@ class PlanBuilder:
         self.threads = threads
         self.fsync = fsync
         if io not in IO_MODES:
-            raise ValueError(f"io must be one of {', '.join(IO_MODES)}, not {io!r}")
+            from dqfast.errors import PlanError
+
+            raise PlanError(f"io must be one of {', '.join(IO_MODES)}, not {io!r}")
         self.io = io
         self.file_prefix = file_prefix
         self.sources: list[str] = []

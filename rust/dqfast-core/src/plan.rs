@@ -973,23 +973,15 @@ struct Schedule<'a> {
     drop: Vec<Vec<usize>>,
 }
 
-/// The source tensors emitting output `i` reads: its own sources, the weights behind an NVFP4
-/// global scale the first time it is needed, and a weight whose amax a `scale_of` computes
-/// before the weight itself is emitted.
+/// The source tensors emitting output `i` reads: its own sources, and the weights behind an
+/// NVFP4 global scale the first time it is needed (a `scale_of` always follows its weight, whose
+/// scales are memoized by then).
 fn uses<'a>(i: usize, all: &[Resolved<'a>], seen_nv: &mut HashSet<Vec<SrcKey>>) -> Vec<Src<'a>> {
     let mut v = sources_of(&all[i]);
-    match &all[i].kind {
-        Kind::Nv { amax: NvAmaxR::Of(srcs), .. } => {
-            if seen_nv.insert(srcs.iter().map(key).collect()) {
-                v.extend(srcs.iter().copied());
-            }
+    if let Kind::Nv { amax: NvAmaxR::Of(srcs), .. } = &all[i].kind {
+        if seen_nv.insert(srcs.iter().map(key).collect()) {
+            v.extend(srcs.iter().copied());
         }
-        Kind::ScaleOf(j) if *j > i => {
-            if let Kind::Fp8 { src, scale: FpScale::WeightAmax { .. }, .. } = &all[*j].kind {
-                v.push(*src);
-            }
-        }
-        _ => {}
     }
     v
 }
