@@ -28,7 +28,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_fp8_build import (  # noqa: E402
-    _compare_outputs, _dir_bytes, _drop_caches, _limit_line, _run, disk_limit, save_results, summarize,
+    _compare_outputs, _dir_bytes, _drop_caches, _limit_line, _run, disk_limit, save_results, summarize, vm_hwm_bytes,
 )
 
 ACT_AMAX = 16.0
@@ -40,6 +40,7 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
         from naive_nvfp4_convert import convert
 
         convert(Path(args["src"]), Path(args["dst"]), ACT_AMAX)
+        print(json.dumps({"peak_rss_bytes": vm_hwm_bytes()}))
         return
     from dqfast.nvfp4 import build_nvfp4_transformer
 
@@ -48,7 +49,8 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
                                 threads=args["threads"], io="buffered" if kind == "dqfast-buffered" else "auto")
     print(json.dumps({"engine_seconds": r.seconds, "engine_peak_rss": r.peak_rss_bytes, "threads": r.threads,
                       "bytes_read": r.bytes_read, "bytes_read_direct": r.bytes_read_direct,
-                      "direct_writes": r.direct_writes, "bytes_written": r.bytes_written}))
+                      "direct_writes": r.direct_writes, "bytes_written": r.bytes_written, "timings": r.timings,
+                      "peak_rss_bytes": vm_hwm_bytes()}))
 
 
 def main() -> None:

@@ -321,7 +321,7 @@ def test_memory_limit_serializes_jobs(tmp_path: Path, inputs: dict[str, Path]) -
     man = B.load_manifest(_manifest(tmp_path, inputs))
     assert all(B.estimate_memory(j) >= B.BASE_RSS for j in man.jobs)
     big = man.jobs[0].inputs["base_transformer_dir"]
-    assert B.estimate_memory(man.jobs[0]) == B.BASE_RSS + B.ENGINE_BUFFERS + 3 * 32 * 64 * 2, big
+    assert B.estimate_memory(man.jobs[0]) == B.BASE_RSS + B.ENGINE_BUFFERS + B.READ_BUFFERS + 3 * 32 * 64 * 2, big
     s = B.run_batch(man, memory_limit=1, cores=2, max_parallel=3)  # every job alone
     spans = sorted((j.started, j.finished) for j in s.jobs)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans

@@ -70,8 +70,10 @@ RECORD_SUFFIX = ".dqfast-job.json"
 STAGING_TAG = ".dqfast-tmp-"
 # Python + numpy + the extension, before any tensor is touched.
 BASE_RSS = 256 << 20
-# The engine keeps about three 16 MiB batches in flight.
-ENGINE_BUFFERS = 64 << 20
+# The engine keeps about three 16 MiB batches in flight and a 16 MiB direct-write staging buffer.
+ENGINE_BUFFERS = 80 << 20
+# Budget of the engine's direct-read buffers (dqfast-core `Plan::read_buffer_bytes` default).
+READ_BUFFERS = 512 << 20
 # Small non-safetensors inputs (config.json, index json) are hashed whole even in stat mode.
 SMALL_FILE = 1 << 20
 
@@ -763,9 +765,10 @@ def _mem_available() -> int:
 
 
 def estimate_memory(job: JobSpec) -> int:
-    """Peak RSS a job needs: the process, the engine's buffers, and the pages of the largest source
-    tensor (the engine maps sources and releases each tensor's pages once written; an NVFP4
-    global scale shared by fused q/k/v reads up to three at once)."""
+    """Peak RSS a job needs: the process, the engine's batch and direct-read buffers, and the pages
+    of the largest source tensor where it is read through the map (the engine releases each
+    tensor's pages once written; an NVFP4 global scale shared by fused q/k/v reads up to three
+    at once)."""
     if job.memory:
         return job.memory
     largest = 0
@@ -775,7 +778,7 @@ def estimate_memory(job: JobSpec) -> int:
         except OSError:
             big = 0
         largest = max(largest, big)
-    return BASE_RSS + ENGINE_BUFFERS + 3 * largest
+    return BASE_RSS + ENGINE_BUFFERS + READ_BUFFERS + 3 * largest
 
 
 @dataclass

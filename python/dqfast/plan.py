@@ -72,6 +72,8 @@ class BuildReport:
     threads: int = 0
     bytes_read_direct: int = 0
     direct_writes: bool = False
+    # Seconds per pipeline stage (read, read_stalled, wait_for_read, wait_for_write, write).
+    timings: dict[str, float] = field(default_factory=dict)
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -194,4 +196,5 @@ def execute(plan: PlanBuilder, report: BuildReport) -> BuildReport:
     report.threads = out["threads"]
     report.bytes_read_direct = out["bytes_read_direct"]
     report.direct_writes = out["direct_writes"]
+    report.timings = out["timings"]
     return report

@@ -18,6 +18,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
@@ -66,6 +67,13 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Direct reads are split into chunks of this size...
+const READ_CHUNK: usize = 8 << 20;
+/// ...read by this many threads at once: one synchronous read at a time leaves the device idle
+/// between requests (measured: `dd iflag=direct bs=16M` 0.7 GB/s where buffered `cat`, whose
+/// readahead keeps several requests in flight, read 1.5 GB/s).
+const READ_STREAMS: usize = 4;
+
 /// Read `len` bytes at `offset` of a file opened with `O_DIRECT` into `buf`; returns where in the
 /// buffer they start (the read itself starts at the aligned offset below `offset`).
 pub fn read_at(file: &File, path: &Path, offset: u64, len: usize, buf: &AlignedBuf) -> Result<usize> {
@@ -73,15 +81,51 @@ pub fn read_at(file: &File, path: &Path, offset: u64, len: usize, buf: &AlignedB
     let skip = offset as usize - start;
     let want = align_up(skip + len);
     assert!(want <= buf.cap, "direct read larger than its buffer");
-    let mut done = 0usize;
-    while done < skip + len {
-        // The buffer is ours and `want <= cap`; the kernel writes at most `want - done` bytes.
+    let chunks = want.div_ceil(READ_CHUNK);
+    let base = buf.ptr() as usize;
+    let chunk = |c: usize| {
+        let (a, b) = (c * READ_CHUNK, ((c + 1) * READ_CHUNK).min(want));
+        read_range(file, path, start, base, a, b, skip + len)
+    };
+    if chunks == 1 {
+        chunk(0)?;
+        return Ok(skip);
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|sc| -> Result<()> {
+        let workers: Vec<_> = (0..READ_STREAMS.min(chunks))
+            .map(|_| {
+                sc.spawn(|| -> Result<()> {
+                    loop {
+                        let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if c >= chunks {
+                            return Ok(());
+                        }
+                        chunk(c)?;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().map_err(|_| Error::Internal("direct read thread panicked".into()))??;
+        }
+        Ok(())
+    })?;
+    Ok(skip)
+}
+
+/// Read buffer bytes `[a, b)` from file offset `file_start + a`; bytes at or past `need_end` may
+/// lie beyond the end of the file (the aligned tail of the last tensor).
+fn read_range(file: &File, path: &Path, file_start: usize, base: usize, a: usize, b: usize, need_end: usize) -> Result<()> {
+    let mut done = a;
+    while done < b {
+        // Disjoint ranges of a buffer we own (`b <= cap`); the kernel writes at most `b - done`.
         let n = unsafe {
             libc::pread(
                 std::os::fd::AsRawFd::as_raw_fd(file),
-                buf.ptr().add(done) as *mut libc::c_void,
-                want - done,
-                (start + done) as libc::off_t,
+                (base + done) as *mut libc::c_void,
+                b - done,
+                (file_start + done) as libc::off_t,
             )
         };
         if n < 0 {
@@ -92,6 +136,9 @@ pub fn read_at(file: &File, path: &Path, offset: u64, len: usize, buf: &AlignedB
             return Err(Error::io(path, "read (O_DIRECT)", e));
         }
         if n == 0 {
+            if done >= need_end {
+                return Ok(());
+            }
             return Err(Error::io(
                 path,
                 "read (O_DIRECT)",
@@ -100,7 +147,7 @@ pub fn read_at(file: &File, path: &Path, offset: u64, len: usize, buf: &AlignedB
         }
         done += n as usize;
     }
-    Ok(skip)
+    Ok(())
 }
 
 /// Open `path` for direct reads, or `None` where the file system does not support it.
@@ -213,11 +260,23 @@ pub struct TensorBuf {
 }
 
 impl TensorBuf {
-    /// Read `len` bytes at `offset` of `file` into a buffer from `pool` (`None`: pool closed).
-    pub fn read(pool: &Arc<BufPool>, file: &File, path: &Path, offset: u64, len: usize) -> Result<Option<TensorBuf>> {
+    /// Read `len` bytes at `offset` of `file` into a buffer from `pool` (`None`: pool closed);
+    /// `timed(waiting for the pool, reading)` is told how long each step took.
+    pub fn read(
+        pool: &Arc<BufPool>,
+        file: &File,
+        path: &Path,
+        offset: u64,
+        len: usize,
+        timed: impl FnOnce(Duration, Duration),
+    ) -> Result<Option<TensorBuf>> {
+        let t0 = Instant::now();
         let Some(buf) = pool.take(need_for(offset, len)) else { return Ok(None) };
+        let t1 = Instant::now();
         let mut tb = TensorBuf { buf: Some(buf), pool: pool.clone(), start: 0, len: 0 };
-        tb.start = read_at(file, path, offset, len, tb.buf.as_ref().unwrap())?;
+        let r = read_at(file, path, offset, len, tb.buf.as_ref().unwrap());
+        timed(t1 - t0, t1.elapsed());
+        tb.start = r?;
         tb.len = len;
         Ok(Some(tb))
     }
@@ -324,7 +383,8 @@ mod tests {
     fn direct_write_then_read_round_trips_unaligned_lengths() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.bin");
-        let data: Vec<u8> = (0..(STAGE_BYTES + 12_345)).map(|i| (i * 7 % 251) as u8).collect();
+        // Longer than the staging buffer and than several read chunks.
+        let data: Vec<u8> = (0..(3 * READ_CHUNK + 12_345)).map(|i| (i * 7 % 251) as u8).collect();
         match DirectWriter::create(&p, None).unwrap() {
             Ok(mut w) => {
                 w.write_all(&data[..100]).unwrap();
@@ -338,13 +398,14 @@ mod tests {
         }
         assert_eq!(std::fs::read(&p).unwrap(), data);
         if let Some(f) = open_for_read(&p) {
-            let pool = BufPool::new(64 << 20);
-            for (off, len) in [(0u64, 10usize), (4095, 2), (5000, 3 << 20), (data.len() as u64 - 7, 7)] {
-                let tb = TensorBuf::read(&pool, &f, &p, off, len).unwrap().unwrap();
+            let pool = BufPool::new(128 << 20);
+            let n = data.len();
+            for (off, len) in [(0u64, 10usize), (4095, 2), (5000, 3 << 20), (n as u64 - 7, 7), (1, n - 1), (4097, n - 4100)] {
+                let tb = TensorBuf::read(&pool, &f, &p, off, len, |_, _| {}).unwrap().unwrap();
                 assert_eq!(tb.bytes(), &data[off as usize..off as usize + len], "offset {off} len {len}");
             }
             // Reading past the end is an error naming the file, not garbage.
-            let e = TensorBuf::read(&pool, &f, &p, data.len() as u64 - 3, 10).err().unwrap();
+            let e = TensorBuf::read(&pool, &f, &p, data.len() as u64 - 3, 10, |_, _| {}).err().unwrap();
             assert!(e.to_string().contains("x.bin"), "{e}");
         }
     }

@@ -1,18 +1,21 @@
 //! The build engine: execute a [`Plan`] — a list of output tensors, each defined by an operation
 //! on source tensors — into a sharded safetensors directory.
 //!
-//! Memory stays bounded whatever the model size: sources are memory-mapped and their pages
-//! released after use, output headers are computed up front from the plan, and tensor data is
-//! produced in fixed-size batches (converted in parallel by rayon) that a writer thread drains,
-//! so computing batch i+1 overlaps writing batch i.
+//! Memory stays bounded whatever the model size: a reader thread reads the source tensors that
+//! are not in the page cache with O_DIRECT into a budgeted pool of reused buffers, ahead of use
+//! (the rest are memory-mapped and their pages released after use); output headers are computed
+//! up front from the plan, and tensor data is produced in fixed-size batches (converted in
+//! parallel by rayon) that a writer thread drains (O_DIRECT where the file system allows), so
+//! reading tensor i+1, computing batch j+1 and writing batch j overlap.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -227,6 +230,50 @@ pub struct Report {
     pub bytes_read_direct: u64,
     /// Whether the output shards were written with direct I/O.
     pub direct_writes: bool,
+    /// Where the wall time went, per thread (seconds).
+    pub timings: Timings,
+}
+
+/// Seconds each stage of the pipeline spent working or waiting: says whether a build was bound
+/// by reading, computing or writing.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    /// Reader thread: in direct reads.
+    pub read: f64,
+    /// Reader thread: waiting for the buffer budget (the engine is behind).
+    pub read_stalled: f64,
+    /// Engine: waiting for a direct read to finish (reading is behind).
+    pub wait_for_read: f64,
+    /// Engine: waiting for the writer to take a batch (writing is behind).
+    pub wait_for_write: f64,
+    /// Writer thread: writing (including copies into its staging buffer).
+    pub write: f64,
+}
+
+/// Nanosecond counters shared by the pipeline's threads.
+#[derive(Default)]
+struct Clocks {
+    read: AtomicU64,
+    read_stalled: AtomicU64,
+    wait_for_read: AtomicU64,
+    wait_for_write: AtomicU64,
+    write: AtomicU64,
+}
+
+impl Clocks {
+    fn add(c: &AtomicU64, since: Instant) {
+        c.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+    fn timings(&self) -> Timings {
+        let s = |c: &AtomicU64| Duration::from_nanos(c.load(Ordering::Relaxed)).as_secs_f64();
+        Timings {
+            read: s(&self.read),
+            read_stalled: s(&self.read_stalled),
+            wait_for_read: s(&self.wait_for_read),
+            wait_for_write: s(&self.wait_for_write),
+            write: s(&self.write),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -658,8 +705,19 @@ impl Memo {
     }
 }
 
-fn send<'a>(tx: &SyncSender<Msg<'a>>, m: Msg<'a>) -> Result<()> {
-    tx.send(m).map_err(|_| Error::Internal("writer thread stopped".into()))
+/// The engine's end of the writer channel; times how long the engine waits on the writer.
+struct Sink<'a, 'c> {
+    tx: SyncSender<Msg<'a>>,
+    clocks: &'c Clocks,
+}
+
+impl<'a> Sink<'a, '_> {
+    fn send(&self, m: Msg<'a>) -> Result<()> {
+        let t = Instant::now();
+        let r = self.tx.send(m).map_err(|_| Error::Internal("writer thread stopped".into()));
+        Clocks::add(&self.clocks.wait_for_write, t);
+        r
+    }
 }
 
 enum Msg<'a> {
@@ -726,7 +784,13 @@ impl ShardOut {
 
 /// Writer thread: drains batches into the current shard file; recycles owned buffers. Returns
 /// the bytes written and whether every shard was written directly.
-fn writer_loop(rx: Receiver<Msg>, recycle: SyncSender<Vec<u8>>, fsync: bool, direct: bool) -> Result<(u64, bool)> {
+fn writer_loop(
+    rx: Receiver<Msg>,
+    recycle: SyncSender<Vec<u8>>,
+    fsync: bool,
+    direct: bool,
+    clocks: &Clocks,
+) -> Result<(u64, bool)> {
     let mut cur: Option<ShardOut> = None;
     let mut stage: Option<direct::AlignedBuf> = None;
     let mut written = 0u64;
@@ -745,6 +809,7 @@ fn writer_loop(rx: Receiver<Msg>, recycle: SyncSender<Vec<u8>>, fsync: bool, dir
         Ok(())
     };
     for msg in rx {
+        let t = Instant::now();
         match msg {
             Msg::Open(p) => {
                 finish(cur.take(), &mut stage)?;
@@ -781,8 +846,11 @@ fn writer_loop(rx: Receiver<Msg>, recycle: SyncSender<Vec<u8>>, fsync: bool, dir
             }
             Msg::Release(s) => s.file.release(s.info),
         }
+        Clocks::add(&clocks.write, t);
     }
+    let t = Instant::now();
     finish(cur.take(), &mut stage)?;
+    Clocks::add(&clocks.write, t);
     Ok((written, all_direct))
 }
 
@@ -854,10 +922,10 @@ fn emit<'a>(
     all: &'a [Resolved<'a>],
     memo: &Memo,
     ld: &Loaded,
-    tx: &SyncSender<Msg<'a>>,
+    tx: &Sink<'a, '_>,
     pool: &Receiver<Vec<u8>>,
 ) -> Result<Option<Vec<f32>>> {
-    let send = |m: Msg<'a>| send(tx, m);
+    let send = |m: Msg<'a>| tx.send(m);
     match &r.kind {
         Kind::Copy(s) => {
             send(ld.message(s, 0..s.info.nbytes()))?;
@@ -1035,10 +1103,13 @@ fn schedule<'a>(all: &[Resolved<'a>], io: IoMode, budget: usize) -> Schedule<'a>
 }
 
 /// Reader thread: fill buffers for the scheduled loads, in order.
-fn reader_loop(loads: &[Src], pool: &Arc<BufPool>, tx: SyncSender<Result<Arc<TensorBuf>>>) {
+fn reader_loop(loads: &[Src], pool: &Arc<BufPool>, tx: SyncSender<Result<Arc<TensorBuf>>>, clocks: &Clocks) {
     for s in loads {
         let file = s.file.direct_file().expect("scheduled only where direct reads work");
-        let r = TensorBuf::read(pool, file, &s.file.path, s.file.file_offset(s.info), s.info.nbytes())
+        let r = TensorBuf::read(pool, file, &s.file.path, s.file.file_offset(s.info), s.info.nbytes(), |stalled, read| {
+            clocks.read_stalled.fetch_add(stalled.as_nanos() as u64, Ordering::Relaxed);
+            clocks.read.fetch_add(read.as_nanos() as u64, Ordering::Relaxed);
+        })
             .map_err(|e| match e {
                 Error::Io { source, .. } => s.err(format!("direct read failed: {source}")),
                 e => e,
@@ -1137,11 +1208,13 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
     let (recycle_tx, recycle_rx) = sync_channel::<Vec<u8>>(BATCHES_IN_FLIGHT + 1);
     let fsync = plan.fsync;
     let direct_out = plan.io != IoMode::Buffered;
+    let clocks = Clocks::default();
+    let sink = Sink { tx, clocks: &clocks };
     let (written, direct_writes) = std::thread::scope(|scope| -> Result<(u64, bool)> {
-        let writer = scope.spawn(move || writer_loop(rx, recycle_tx, fsync, direct_out));
-        let (loads, pool) = (&sched.loads, &read_pool);
+        let (loads, pool, clk) = (&sched.loads, &read_pool, &clocks);
+        let writer = scope.spawn(move || writer_loop(rx, recycle_tx, fsync, direct_out, clk));
         if !loads.is_empty() {
-            scope.spawn(move || reader_loop(loads, pool, load_tx));
+            scope.spawn(move || reader_loop(loads, pool, load_tx, clk));
         } else {
             drop(load_tx);
         }
@@ -1155,8 +1228,8 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
                     .collect();
                 let (hdr, _) = serialize_header(&plan.shard_metadata, &entries)?;
                 let hdr_len = hdr.len() as u64;
-                send(&tx, Msg::Open(staged.tmp.join(&fname)))?;
-                send(&tx, Msg::Owned(hdr))?;
+                sink.send(Msg::Open(staged.tmp.join(&fname)))?;
+                sink.send(Msg::Owned(hdr))?;
                 let mut bytes = hdr_len;
                 for i in range.clone() {
                     let r = &resolved[i];
@@ -1172,12 +1245,13 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
                         }
                     }
                     for &li in &sched.take[i] {
-                        let b = load_rx
-                            .recv()
-                            .map_err(|_| Error::Internal("reader thread stopped".into()))??;
+                        let t = Instant::now();
+                        let b = load_rx.recv();
+                        Clocks::add(&clocks.wait_for_read, t);
+                        let b = b.map_err(|_| Error::Internal("reader thread stopped".into()))??;
                         ld.bufs.insert(key(&sched.loads[li]), b);
                     }
-                    let scale = emit(i, r, &resolved, &memo, &ld, &tx, &recycle_rx)?;
+                    let scale = emit(i, r, &resolved, &memo, &ld, &sink, &recycle_rx)?;
                     for &li in &sched.drop[i] {
                         ld.bufs.remove(&key(&sched.loads[li]));
                     }
@@ -1197,7 +1271,7 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
             Ok(())
         };
         let produced = produce();
-        drop(tx);
+        drop(sink);
         // Unblock the reader if the build stopped early (its buffers came back when `ld` dropped).
         read_pool.close();
         drop(load_rx);
@@ -1226,6 +1300,7 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
         threads,
         bytes_read_direct,
         direct_writes,
+        timings: clocks.timings(),
     })
 }
 
