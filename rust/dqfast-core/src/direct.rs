@@ -67,12 +67,11 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// Direct reads are split into chunks of this size...
-const READ_CHUNK: usize = 8 << 20;
-/// ...read by this many threads at once: one synchronous read at a time leaves the device idle
-/// between requests (measured: `dd iflag=direct bs=16M` 0.7 GB/s where buffered `cat`, whose
-/// readahead keeps several requests in flight, read 1.5 GB/s).
-const READ_STREAMS: usize = 4;
+/// Direct reads are issued this many bytes at a time, one at a time, like the writer's writes.
+/// Measured on the 14B build (docs/performance.md): reads and writes share the disk, and more
+/// reads in flight starve the writes the engine waits for — 4 threads × 8 MiB took 42.7–48.8 s,
+/// 2 × 16 MiB 42.7 s, one 16 MiB read at a time 31.9–38.9 s (one 8 MiB: 35.1 s, one 32 MiB: 36.3 s).
+const READ_CHUNK: usize = 16 << 20;
 
 /// Read `len` bytes at `offset` of a file opened with `O_DIRECT` into `buf`; returns where in the
 /// buffer they start (the read itself starts at the aligned offset below `offset`).
@@ -81,36 +80,12 @@ pub fn read_at(file: &File, path: &Path, offset: u64, len: usize, buf: &AlignedB
     let skip = offset as usize - start;
     let want = align_up(skip + len);
     assert!(want <= buf.cap, "direct read larger than its buffer");
-    let chunks = want.div_ceil(READ_CHUNK);
-    let base = buf.ptr() as usize;
-    let chunk = |c: usize| {
-        let (a, b) = (c * READ_CHUNK, ((c + 1) * READ_CHUNK).min(want));
-        read_range(file, path, start, base, a, b, skip + len)
-    };
-    if chunks == 1 {
-        chunk(0)?;
-        return Ok(skip);
+    let mut a = 0;
+    while a < want {
+        let b = (a + READ_CHUNK).min(want);
+        read_range(file, path, start, buf.ptr() as usize, a, b, skip + len)?;
+        a = b;
     }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|sc| -> Result<()> {
-        let workers: Vec<_> = (0..READ_STREAMS.min(chunks))
-            .map(|_| {
-                sc.spawn(|| -> Result<()> {
-                    loop {
-                        let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if c >= chunks {
-                            return Ok(());
-                        }
-                        chunk(c)?;
-                    }
-                })
-            })
-            .collect();
-        for w in workers {
-            w.join().map_err(|_| Error::Internal("direct read thread panicked".into()))??;
-        }
-        Ok(())
-    })?;
     Ok(skip)
 }
 
@@ -119,7 +94,7 @@ pub fn read_at(file: &File, path: &Path, offset: u64, len: usize, buf: &AlignedB
 fn read_range(file: &File, path: &Path, file_start: usize, base: usize, a: usize, b: usize, need_end: usize) -> Result<()> {
     let mut done = a;
     while done < b {
-        // Disjoint ranges of a buffer we own (`b <= cap`); the kernel writes at most `b - done`.
+        // A buffer we own (`b <= cap`); the kernel writes at most `b - done` bytes at `base + done`.
         let n = unsafe {
             libc::pread(
                 std::os::fd::AsRawFd::as_raw_fd(file),
@@ -313,8 +288,13 @@ pub struct DirectWriter {
 
 impl DirectWriter {
     /// `None` where the file system refuses `O_DIRECT` (the caller writes buffered instead).
-    /// `stage` is reused across files.
-    pub fn create(path: &Path, stage: Option<AlignedBuf>) -> Result<std::result::Result<DirectWriter, Option<AlignedBuf>>> {
+    /// `stage` is reused across files; `size` (the final length) is allocated up front, so that
+    /// the writes fill allocated blocks instead of extending the file one write at a time.
+    pub fn create(
+        path: &Path,
+        stage: Option<AlignedBuf>,
+        size: u64,
+    ) -> Result<std::result::Result<DirectWriter, Option<AlignedBuf>>> {
         let f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -322,13 +302,19 @@ impl DirectWriter {
             .custom_flags(libc::O_DIRECT)
             .open(path);
         match f {
-            Ok(file) => Ok(Ok(DirectWriter {
+            Ok(file) => {
+                if size > 0 {
+                    // Best effort: a file system without fallocate still gets the writes.
+                    let _ = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, size as libc::off_t) };
+                }
+                Ok(Ok(DirectWriter {
                 file,
                 path: path.to_path_buf(),
                 stage: stage.unwrap_or_else(|| AlignedBuf::new(STAGE_BYTES)),
                 fill: 0,
                 written: 0,
-            })),
+            }))
+            }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Err(stage)),
             Err(e) => Err(Error::io(path, "create", e)),
         }
@@ -365,8 +351,9 @@ impl DirectWriter {
             let padded = align_up(self.fill);
             unsafe { std::ptr::write_bytes(self.stage.ptr().add(self.fill), 0, padded - self.fill) };
             self.flush_stage(padded)?;
-            self.file.set_len(logical).map_err(|e| Error::io(&self.path, "truncate", e))?;
         }
+        // Drops the padding of the last block and whatever was allocated beyond what was written.
+        self.file.set_len(logical).map_err(|e| Error::io(&self.path, "truncate", e))?;
         if fsync {
             self.file.sync_all().map_err(|e| Error::io(&self.path, "fsync", e))?;
         }
@@ -385,7 +372,8 @@ mod tests {
         let p = dir.path().join("x.bin");
         // Longer than the staging buffer and than several read chunks.
         let data: Vec<u8> = (0..(3 * READ_CHUNK + 12_345)).map(|i| (i * 7 % 251) as u8).collect();
-        match DirectWriter::create(&p, None).unwrap() {
+        // Allocated larger than written: the file must still end where the data ends.
+        match DirectWriter::create(&p, None, data.len() as u64 + 12_345).unwrap() {
             Ok(mut w) => {
                 w.write_all(&data[..100]).unwrap();
                 w.write_all(&data[100..]).unwrap();

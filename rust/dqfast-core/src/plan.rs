@@ -721,7 +721,8 @@ impl<'a> Sink<'a, '_> {
 }
 
 enum Msg<'a> {
-    Open(PathBuf),
+    /// Start a shard file that will hold this many bytes.
+    Open(PathBuf, u64),
     Owned(Vec<u8>),
     Borrowed(&'a [u8]),
     /// A range of a source tensor read into a buffer (direct I/O).
@@ -811,11 +812,11 @@ fn writer_loop(
     for msg in rx {
         let t = Instant::now();
         match msg {
-            Msg::Open(p) => {
+            Msg::Open(p, size) => {
                 finish(cur.take(), &mut stage)?;
                 let mut out = None;
                 if direct {
-                    match DirectWriter::create(&p, stage.take())? {
+                    match DirectWriter::create(&p, stage.take(), size)? {
                         Ok(w) => out = Some(ShardOut::Direct(w)),
                         Err(st) => {
                             stage = st;
@@ -1228,7 +1229,8 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
                     .collect();
                 let (hdr, _) = serialize_header(&plan.shard_metadata, &entries)?;
                 let hdr_len = hdr.len() as u64;
-                sink.send(Msg::Open(staged.tmp.join(&fname)))?;
+                let shard_bytes = hdr_len + resolved[range.clone()].iter().map(|r| r.nbytes as u64).sum::<u64>();
+                sink.send(Msg::Open(staged.tmp.join(&fname), shard_bytes))?;
                 sink.send(Msg::Owned(hdr))?;
                 let mut bytes = hdr_len;
                 for i in range.clone() {
