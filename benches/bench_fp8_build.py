@@ -41,14 +41,21 @@ ACT_AMAX = 16.0
 # --------------------------------------------------------------------------- workers (child side)
 
 
-def vm_hwm_bytes() -> int:
-    """This process's peak RSS since exec (VmHWM). Not ``wait4``'s ``ru_maxrss``: Linux carries
-    the forking parent's high-water mark across exec into the child's, so a benchmark parent that
-    generated the checkpoint in-process would set every child's figure."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def print_worker_result(report: Any = None) -> None:
+    """The worker's last stdout line, read by `_run`: its own peak RSS since exec (VmHWM, via
+    ``dqfast._core.peak_rss_bytes``) and, for dqfast, the engine's report. Not ``wait4``'s
+    ``ru_maxrss``: Linux carries the forking parent's high-water mark across exec into the
+    child's, so a benchmark parent that generated the checkpoint in-process would set every
+    child's figure."""
+    from dqfast._core import peak_rss_bytes
+
+    out: dict[str, Any] = {}
+    if report is not None:
+        out = {"engine_seconds": report.seconds, "engine_peak_rss": report.peak_rss_bytes, "threads": report.threads,
+               "bytes_read": report.bytes_read, "bytes_read_direct": report.bytes_read_direct,
+               "direct_writes": report.direct_writes, "bytes_written": report.bytes_written,
+               "timings": report.timings}
+    print(json.dumps({**out, "peak_rss_bytes": peak_rss_bytes()}))
 
 
 def _worker(kind: str, args: dict[str, Any]) -> None:
@@ -57,7 +64,7 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
         from naive_fp8_convert import convert
 
         convert(Path(args["src"]), Path(args["dst"]), ACT_AMAX)
-        print(json.dumps({"peak_rss_bytes": vm_hwm_bytes()}))
+        print_worker_result()
         return
     import dqfast
 
@@ -72,10 +79,7 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
                                          max_shard_size=args["shard"], threads=args["threads"])
     else:
         raise SystemExit(f"unknown worker {kind}")
-    print(json.dumps({"engine_seconds": r.seconds, "engine_peak_rss": r.peak_rss_bytes, "threads": r.threads,
-                      "bytes_read": r.bytes_read, "bytes_read_direct": r.bytes_read_direct,
-                      "direct_writes": r.direct_writes, "bytes_written": r.bytes_written, "timings": r.timings,
-                      "peak_rss_bytes": vm_hwm_bytes()}))
+    print_worker_result(r)
 
 
 # --------------------------------------------------------------------------- parent side
@@ -92,7 +96,7 @@ def _run(cmd: list[str], **kw: Any) -> dict[str, Any]:
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}): {err.decode()[-2000:]}")
-    # wait4's figure includes the parent's RSS at fork (see vm_hwm_bytes); kept for reference, the
+    # wait4's figure includes the parent's RSS at fork (see print_worker_result); kept for reference, the
     # worker's own VmHWM (in its JSON line) replaces it.
     info: dict[str, Any] = {"wall_s": wall, "peak_rss_bytes": ru.ru_maxrss * 1024,
                             "wait4_maxrss_bytes": ru.ru_maxrss * 1024}
@@ -168,6 +172,47 @@ def _limit_line(r: dict[str, Any], mode: str, in_bytes: int, width: int) -> str:
             f" = {gb(r['write_bytes'], r['cached_write_s'])}; O_DIRECT: read {r['direct_read_s']:.2f} s = "
             f"{gb(in_bytes, r['direct_read_s'])}, write+fdatasync {r['direct_write_s']:.2f} s = "
             f"{gb(r['write_bytes'], r['direct_write_s'])}; O_DIRECT read and write at once {r['concurrent_s']:.2f} s)")
+
+
+def prepare_mode(mode: str, in_files: list[str], cache_inputs: bool = True) -> None:
+    """Before timing a tool: cold = drop the page cache; warm = flush the previous tool's dirty
+    output (so its writeback is not charged here), then, with ``cache_inputs``, read the inputs into
+    the page cache."""
+    if mode == "cold":
+        _drop_caches()
+        return
+    subprocess.run(["sync"], check=True)
+    if cache_inputs:
+        subprocess.run(["cat", *in_files], stdout=subprocess.DEVNULL, check=True)
+
+
+def time_limit(mode: str, in_files: list[str], in_bytes: int, out_bytes: int, work: Path, width: int) -> dict[str, Any]:
+    """The disk limit in ``mode`` (the limit reads the inputs itself, so warm does not pre-read them)."""
+    prepare_mode(mode, in_files, cache_inputs=False)
+    r = disk_limit(in_files, out_bytes, work)
+    print(_limit_line(r, mode, in_bytes, width), flush=True)
+    return r
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The options both build benchmarks take."""
+    ap.add_argument("--family", default="wan", choices=["wan", "flux1"])
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--single-blocks", type=int, default=None)
+    ap.add_argument("--shard-bytes", type=int, default=2_000_000_000, help="input shard size (naive RSS follows it)")
+    ap.add_argument("--out-shard", default="5GB", help="dqfast output max shard size")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/dqfast-bench"))
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to wait after generating the checkpoint: a VM's host may still be writing it back "
+                         "to its disk for minutes, which slows whatever is timed first")
+
+
+def settle(seconds: float) -> None:
+    """After generating a checkpoint: flush it and wait (see ``--settle``)."""
+    subprocess.run(["sync"], check=True)
+    time.sleep(seconds)
 
 
 def _drop_caches() -> bool:
@@ -251,15 +296,8 @@ def _machine() -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", default="wan", choices=["wan", "flux1"])
-    ap.add_argument("--blocks", type=int, default=4)
-    ap.add_argument("--single-blocks", type=int, default=None)
-    ap.add_argument("--shard-bytes", type=int, default=2_000_000_000, help="input shard size (naive RSS follows it)")
-    ap.add_argument("--out-shard", default="5GB", help="dqfast output max shard size")
-    ap.add_argument("--threads", type=int, default=0)
+    add_common_args(ap)
     ap.add_argument("--fsync", action="store_true", help="dqfast fsyncs its output (naive never does)")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/dqfast-bench"))
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
     ap.add_argument("--no-cold", action="store_true")
     ap.add_argument("--modes", default="cold,warm",
                     help="cold and/or warm (warm is meaningless once the input exceeds the page cache)")
@@ -268,9 +306,6 @@ def main() -> None:
     ap.add_argument("--drop-outputs", action="store_true",
                     help="delete each tool's output right after timing it (no bit-exact comparison; saves disk)")
     ap.add_argument("--tools", default="limit,naive,dqfast-bf16,dqfast-bf16-buffered,dqfast-calib")
-    ap.add_argument("--settle", type=float, default=0.0,
-                    help="seconds to wait after generating the checkpoint: a VM's host may still be writing it back "
-                         "to its disk for minutes, which slows whatever is timed first")
     a = ap.parse_args()
 
     sys.path.insert(0, str(HERE.parent / "python"))
@@ -286,8 +321,7 @@ def main() -> None:
                          max_shard_bytes=a.shard_bytes, modelopt_fp8_export=not a.no_export,
                          export_filter="no-block-filter", write_backbone=False)
         gen_s = time.perf_counter() - t0
-        subprocess.run(["sync"], check=True)
-        time.sleep(a.settle)
+        settle(a.settle)
     else:
         gen_s = 0.0
     base = src_root / "base" / "transformer"
@@ -309,12 +343,7 @@ def main() -> None:
     for mode in modes:
         for tool in [t for t in tools if t != "limit"]:
             shutil.rmtree(outs[tool], ignore_errors=True)
-            if mode == "cold":
-                _drop_caches()
-            else:  # warm: inputs in page cache; flush the previous tool's dirty output first so that
-                # its writeback is not charged to this tool
-                subprocess.run(["sync"], check=True)
-                subprocess.run(["cat", *in_files], stdout=subprocess.DEVNULL, check=True)
+            prepare_mode(mode, in_files)
             r = _run([sys.executable, __file__, "_worker", tool, json.dumps({**wargs, "dst": str(outs[tool])})])
             r["out_bytes"] = _dir_bytes(outs[tool])
             results[f"{tool}/{mode}"] = r
@@ -323,14 +352,8 @@ def main() -> None:
             print(f"  {tool:20s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
                   f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
         if "limit" in tools:
-            if mode == "cold":
-                _drop_caches()
-            else:
-                subprocess.run(["sync"], check=True)
             out_size = results.get(f"dqfast-bf16/{mode}", {}).get("out_bytes") or in_bytes // 2
-            r = disk_limit(in_files, out_size, work)
-            results[f"limit/{mode}"] = r
-            print(_limit_line(r, mode, in_bytes, 20), flush=True)
+            results[f"limit/{mode}"] = time_limit(mode, in_files, in_bytes, out_size, work, 20)
 
     exact = None
     if outs["naive"].exists() and outs["dqfast-bf16"].exists():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_fp8_build import (  # noqa: E402
-    _compare_outputs, _dir_bytes, _drop_caches, _limit_line, _run, disk_limit, save_results, summarize, vm_hwm_bytes,
+    _compare_outputs, _dir_bytes, _drop_caches, _run, add_common_args, prepare_mode, print_worker_result, save_results,
+    settle, summarize, time_limit,
 )
 
 ACT_AMAX = 16.0
@@ -40,31 +40,21 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
         from naive_nvfp4_convert import convert
 
         convert(Path(args["src"]), Path(args["dst"]), ACT_AMAX)
-        print(json.dumps({"peak_rss_bytes": vm_hwm_bytes()}))
+        print_worker_result()
         return
     from dqfast.nvfp4 import build_nvfp4_transformer
 
     r = build_nvfp4_transformer(args["dst"], base_transformer_dir=args["src"], from_bf16=True, model_type="none",
                                 activation_amax=ACT_AMAX, fsync=False, max_shard_size=args["shard"],
                                 threads=args["threads"], io="buffered" if kind == "dqfast-buffered" else "auto")
-    print(json.dumps({"engine_seconds": r.seconds, "engine_peak_rss": r.peak_rss_bytes, "threads": r.threads,
-                      "bytes_read": r.bytes_read, "bytes_read_direct": r.bytes_read_direct,
-                      "direct_writes": r.direct_writes, "bytes_written": r.bytes_written, "timings": r.timings,
-                      "peak_rss_bytes": vm_hwm_bytes()}))
+    print_worker_result(r)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", default="wan", choices=["wan", "flux1"])
-    ap.add_argument("--blocks", type=int, default=4)
-    ap.add_argument("--single-blocks", type=int, default=None)
-    ap.add_argument("--shard-bytes", type=int, default=2_000_000_000, help="input shard size (naive RSS follows it)")
-    ap.add_argument("--out-shard", default="5GB", help="dqfast output max shard size")
-    ap.add_argument("--threads", type=int, default=0)
+    add_common_args(ap)
     ap.add_argument("--modes", default="cold,warm", help="cold (page cache dropped first) and/or warm")
     ap.add_argument("--tools", default="limit,naive,dqfast,dqfast-buffered")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/dqfast-bench"))
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
     a = ap.parse_args()
 
     sys.path.insert(0, str(HERE.parent / "python"))
@@ -79,6 +69,7 @@ def main() -> None:
         make_transformer(src_root, a.family, blocks=a.blocks, single_blocks=a.single_blocks,
                          max_shard_bytes=a.shard_bytes, modelopt_fp8_export=False)
         gen_s = time.perf_counter() - t0
+        settle(a.settle)
     else:
         gen_s = 0.0
     in_bytes = _dir_bytes(base)
@@ -97,25 +88,15 @@ def main() -> None:
     for mode in modes:
         for tool in [t for t in tools if t in TOOLS]:
             shutil.rmtree(outs[tool], ignore_errors=True)
-            if mode == "cold":
-                _drop_caches()
-            else:  # flush the previous tool's dirty output so its writeback is not charged here
-                subprocess.run(["sync"], check=True)
-                subprocess.run(["cat", *in_files], stdout=subprocess.DEVNULL, check=True)
+            prepare_mode(mode, in_files)
             r = _run([sys.executable, __file__, "_worker", tool, json.dumps({**wargs, "dst": str(outs[tool])})])
             r["out_bytes"] = _dir_bytes(outs[tool])
             results[f"{tool}/{mode}"] = r
             print(f"  {tool:15s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
                   f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB  out {r['out_bytes'] / 1e9:.2f} GB", flush=True)
         if "limit" in tools:
-            if mode == "cold":
-                _drop_caches()
-            else:
-                subprocess.run(["sync"], check=True)
             out_size = results.get(f"dqfast/{mode}", {}).get("out_bytes") or int(in_bytes * 0.29)
-            r = disk_limit(in_files, out_size, work)
-            results[f"limit/{mode}"] = r
-            print(_limit_line(r, mode, in_bytes, 15), flush=True)
+            results[f"limit/{mode}"] = time_limit(mode, in_files, in_bytes, out_size, work, 15)
 
     exact = None
     if outs["naive"].exists() and outs["dqfast"].exists():
