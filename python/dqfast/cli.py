@@ -13,7 +13,7 @@ from typing import Any, Callable
 import click
 
 from dqfast.errors import DqfastError
-from dqfast.plan import BuildReport
+from dqfast.plan import IO_MODES, BuildReport
 
 
 def _fail(msg: str) -> None:
@@ -101,7 +101,7 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
         click.option("--dry-run", is_flag=True, help="Print the plan (which modules become what, and why); write nothing."),
         click.option("--no-fsync", is_flag=True, help="Skip fsync before the output is moved into place."),
-        click.option("--io", "io_mode", type=click.Choice(["auto", "direct", "buffered"]), default="auto", show_default=True,
+        click.option("--io", "io_mode", type=click.Choice(IO_MODES), default="auto", show_default=True,
                      help="auto: O_DIRECT reads of uncached inputs and O_DIRECT writes (page cache where unsupported); "
                           "direct: O_DIRECT wherever possible; buffered: mmap + page cache only."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),

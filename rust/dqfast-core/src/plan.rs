@@ -927,27 +927,23 @@ fn emit<'a>(
     pool: &Receiver<Vec<u8>>,
 ) -> Result<Option<Vec<f32>>> {
     let send = |m: Msg<'a>| tx.send(m);
+    // A mapped source's pages are dropped once the writer is past them; a buffered one needs nothing.
+    let release = |s: &Src<'a>| if ld.buffered(s) { Ok(()) } else { send(Msg::Release(*s)) };
     match &r.kind {
         Kind::Copy(s) => {
             send(ld.message(s, 0..s.info.nbytes()))?;
-            if !ld.buffered(s) {
-                send(Msg::Release(*s))?;
-            }
+            release(s)?;
             return Ok(None);
         }
         Kind::Rows { src, byte_start } => {
             send(ld.message(src, *byte_start..byte_start + r.nbytes))?;
-            if !ld.buffered(src) {
-                send(Msg::Release(*src))?;
-            }
+            release(src)?;
             return Ok(None);
         }
         Kind::Concat(ss) => {
             for s in ss {
                 send(ld.message(s, 0..s.info.nbytes()))?;
-                if !ld.buffered(s) {
-                    send(Msg::Release(*s))?;
-                }
+                release(s)?;
             }
             return Ok(None);
         }
@@ -1018,12 +1014,8 @@ fn emit<'a>(
         }
         at += len;
     }
-    let src = match &r.kind {
-        Kind::Fp8 { src, .. } | Kind::SwapNibbles(src) | Kind::RepairNan(src) => Some(*src),
-        _ => None,
-    };
-    if let Some(s) = src.filter(|s| !ld.buffered(s)) {
-        send(Msg::Release(s))?;
+    if let Kind::Fp8 { src, .. } | Kind::SwapNibbles(src) | Kind::RepairNan(src) = &r.kind {
+        release(src)?;
     }
     Ok(match &r.kind {
         Kind::Fp8 { .. } => scales.map(|v| v.iter().take(8).copied().collect()),
