@@ -209,10 +209,28 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
                          "to its disk for minutes, which slows whatever is timed first")
 
 
-def settle(seconds: float) -> None:
-    """After generating a checkpoint: flush it and wait (see ``--settle``)."""
-    subprocess.run(["sync"], check=True)
-    time.sleep(seconds)
+def synthetic_inputs(a: argparse.Namespace, src_root: Path, ready: Path, **synth: Any) -> tuple[Path, int, list[str], float]:
+    """Generate the synthetic checkpoint under ``src_root`` unless ``ready`` exists (then flush it
+    and wait ``--settle`` seconds); return the BF16 base dir, its bytes, its shard files and the
+    generation time."""
+    sys.path.insert(0, str(HERE.parent / "python"))
+    from dqfast.synth import make_transformer
+
+    gen_s = 0.0
+    if not ready.is_file():
+        t0 = time.perf_counter()
+        shutil.rmtree(src_root, ignore_errors=True)
+        make_transformer(src_root, a.family, blocks=a.blocks, single_blocks=a.single_blocks,
+                         max_shard_bytes=a.shard_bytes, **synth)
+        gen_s = time.perf_counter() - t0
+        subprocess.run(["sync"], check=True)
+        time.sleep(a.settle)
+    base = src_root / "base" / "transformer"
+    in_bytes = _dir_bytes(base)
+    in_files = sorted(str(p) for p in base.glob("*.safetensors"))
+    print(f"synthetic {a.family} x{a.blocks}: {in_bytes / 1e9:.2f} GB BF16 in {len(in_files)} shards "
+          f"(generated in {gen_s:.1f} s)", flush=True)
+    return base, in_bytes, in_files, gen_s
 
 
 def _drop_caches() -> bool:
@@ -308,29 +326,13 @@ def main() -> None:
     ap.add_argument("--tools", default="limit,naive,dqfast-bf16,dqfast-bf16-buffered,dqfast-calib")
     a = ap.parse_args()
 
-    sys.path.insert(0, str(HERE.parent / "python"))
-    from dqfast.synth import make_transformer
-
     work = a.workdir / f"{a.family}-{a.blocks}"
     src_root = work / "src"
-    t0 = time.perf_counter()
     ready = src_root / ("base/transformer/config.json" if a.no_export else "ckpt/amax.safetensors")
-    if not ready.is_file():
-        shutil.rmtree(src_root, ignore_errors=True)
-        make_transformer(src_root, a.family, blocks=a.blocks, single_blocks=a.single_blocks,
-                         max_shard_bytes=a.shard_bytes, modelopt_fp8_export=not a.no_export,
-                         export_filter="no-block-filter", write_backbone=False)
-        gen_s = time.perf_counter() - t0
-        settle(a.settle)
-    else:
-        gen_s = 0.0
-    base = src_root / "base" / "transformer"
+    base, in_bytes, in_files, gen_s = synthetic_inputs(
+        a, src_root, ready, modelopt_fp8_export=not a.no_export, export_filter="no-block-filter", write_backbone=False)
     export = src_root / "hf"
     amax = src_root / "ckpt" / "amax.safetensors"
-    in_bytes = _dir_bytes(base)
-    in_files = sorted(str(p) for p in base.glob("*.safetensors"))
-    print(f"synthetic {a.family} x{a.blocks}: {in_bytes / 1e9:.2f} GB BF16 in {len(in_files)} shards "
-          f"(generated in {gen_s:.1f} s)", flush=True)
 
     tools = [t for t in a.tools.split(",") if not (a.no_export and t == "dqfast-calib")]
     want = a.modes.split(",")

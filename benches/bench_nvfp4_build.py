@@ -20,7 +20,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_fp8_build import (  # noqa: E402
     _compare_outputs, _dir_bytes, _drop_caches, _run, add_common_args, prepare_mode, print_worker_result, save_results,
-    settle, summarize, time_limit,
+    summarize, synthetic_inputs, time_limit,
 )
 
 ACT_AMAX = 16.0
@@ -57,25 +56,10 @@ def main() -> None:
     ap.add_argument("--tools", default="limit,naive,dqfast,dqfast-buffered")
     a = ap.parse_args()
 
-    sys.path.insert(0, str(HERE.parent / "python"))
-    from dqfast.synth import make_transformer
-
     work = a.workdir / f"nvfp4-{a.family}-{a.blocks}"
     src_root = work / "src"
-    base = src_root / "base" / "transformer"
-    t0 = time.perf_counter()
-    if not (base / "config.json").is_file():
-        shutil.rmtree(src_root, ignore_errors=True)
-        make_transformer(src_root, a.family, blocks=a.blocks, single_blocks=a.single_blocks,
-                         max_shard_bytes=a.shard_bytes, modelopt_fp8_export=False)
-        gen_s = time.perf_counter() - t0
-        settle(a.settle)
-    else:
-        gen_s = 0.0
-    in_bytes = _dir_bytes(base)
-    in_files = sorted(str(p) for p in base.glob("*.safetensors"))
-    print(f"synthetic {a.family} x{a.blocks}: {in_bytes / 1e9:.2f} GB BF16 in {len(in_files)} shards "
-          f"(generated in {gen_s:.1f} s)", flush=True)
+    base, in_bytes, in_files, gen_s = synthetic_inputs(
+        a, src_root, src_root / "base" / "transformer" / "config.json", modelopt_fp8_export=False)
 
     tools = a.tools.split(",")
     modes = a.modes.split(",")
