@@ -11,7 +11,7 @@ DEPS_STAMP := $(VENV)/.dqfast-deps
 BUILD_STAMP := $(VENV)/.dqfast-build
 RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 
-.PHONY: all venv build demo test test-rust test-python bench clean
+.PHONY: all venv build demo test test-rust test-python lint bench clean
 
 all: build
 
@@ -20,7 +20,8 @@ $(DEPS_STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "maturin>=1.7,<2"
 	$(PIP) install -q torch==2.13.0 nvidia-modelopt==0.47.0 diffusers==0.42.1 "safetensors>=0.4" "pytest>=8" \
-		"numpy>=1.24" "click>=8.1" "rich>=13" "ray>=2.9" "pyyaml>=6"
+		"numpy>=1.24" "click>=8.1" "rich>=13" "ray>=2.9" "pyyaml>=6" \
+		"ruff==0.17.6" "mypy==2.4.1"
 	touch $@
 
 venv: $(DEPS_STAMP)
@@ -40,7 +41,14 @@ test-rust:
 test-python: build
 	$(PY) -m pytest tests -q
 
-test: build test-rust test-python
+# Style and type gates (also part of `make test`).
+lint: venv
+	cargo fmt --all --check
+	cargo clippy --all-targets --release -q -- -D warnings
+	$(VENV)/bin/ruff check -q .
+	$(VENV)/bin/ruff format --check -q .
+
+test: lint build test-rust test-python
 
 bench: build
 	$(PY) benches/bench_fp8_build.py --family wan --blocks 4

@@ -51,10 +51,16 @@ def print_worker_result(report: Any = None) -> None:
 
     out: dict[str, Any] = {}
     if report is not None:
-        out = {"engine_seconds": report.seconds, "engine_peak_rss": report.peak_rss_bytes, "threads": report.threads,
-               "bytes_read": report.bytes_read, "bytes_read_direct": report.bytes_read_direct,
-               "direct_writes": report.direct_writes, "bytes_written": report.bytes_written,
-               "timings": report.timings}
+        out = {
+            "engine_seconds": report.seconds,
+            "engine_peak_rss": report.peak_rss_bytes,
+            "threads": report.threads,
+            "bytes_read": report.bytes_read,
+            "bytes_read_direct": report.bytes_read_direct,
+            "direct_writes": report.direct_writes,
+            "bytes_written": report.bytes_written,
+            "timings": report.timings,
+        }
     print(json.dumps({**out, "peak_rss_bytes": peak_rss_bytes()}))
 
 
@@ -69,14 +75,28 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
     import dqfast
 
     if kind in ("dqfast-bf16", "dqfast-bf16-buffered"):
-        r = dqfast.build_fp8_transformer(args["dst"], base_transformer_dir=args["src"], from_bf16=True,
-                                         weight_granularity="tensor", activation_amax=ACT_AMAX, model_type="none",
-                                         fsync=args["fsync"], max_shard_size=args["shard"], threads=args["threads"],
-                                         io="buffered" if kind.endswith("-buffered") else "auto")
+        r = dqfast.build_fp8_transformer(
+            args["dst"],
+            base_transformer_dir=args["src"],
+            from_bf16=True,
+            weight_granularity="tensor",
+            activation_amax=ACT_AMAX,
+            model_type="none",
+            fsync=args["fsync"],
+            max_shard_size=args["shard"],
+            threads=args["threads"],
+            io="buffered" if kind.endswith("-buffered") else "auto",
+        )
     elif kind == "dqfast-calib":
-        r = dqfast.build_fp8_transformer(args["dst"], modelopt_hf_dir=args["export"], modelopt_backbone_ckpt=args["amax"],
-                                         base_transformer_dir=args["src"], fsync=args["fsync"],
-                                         max_shard_size=args["shard"], threads=args["threads"])
+        r = dqfast.build_fp8_transformer(
+            args["dst"],
+            modelopt_hf_dir=args["export"],
+            modelopt_backbone_ckpt=args["amax"],
+            base_transformer_dir=args["src"],
+            fsync=args["fsync"],
+            max_shard_size=args["shard"],
+            threads=args["threads"],
+        )
     else:
         raise SystemExit(f"unknown worker {kind}")
     print_worker_result(r)
@@ -98,8 +118,7 @@ def _run(cmd: list[str], **kw: Any) -> dict[str, Any]:
         raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}): {err.decode()[-2000:]}")
     # wait4's figure includes the parent's RSS at fork (see print_worker_result); kept for reference, the
     # worker's own VmHWM (in its JSON line) replaces it.
-    info: dict[str, Any] = {"wall_s": wall, "peak_rss_bytes": ru.ru_maxrss * 1024,
-                            "wait4_maxrss_bytes": ru.ru_maxrss * 1024}
+    info: dict[str, Any] = {"wall_s": wall, "peak_rss_bytes": ru.ru_maxrss * 1024, "wait4_maxrss_bytes": ru.ru_maxrss * 1024}
     last = out.decode().strip().splitlines()[-1:] if out else []
     if last and last[0].startswith("{"):
         info.update(json.loads(last[0]))
@@ -151,27 +170,36 @@ def disk_limit(in_files: list[str], out_bytes: int, work: Path) -> dict[str, Any
     # shared virtual disk this can be slower than the serial sum, whose writes the host may absorb
     # in its cache and flush later, after the measurement.
     t = time.perf_counter()
-    reader = subprocess.Popen(["sh", "-c", " && ".join(
-        f"dd if='{f}' of=/dev/null bs=16M iflag=direct status=none" for f in in_files)])
+    reader = subprocess.Popen(["sh", "-c", " && ".join(f"dd if='{f}' of=/dev/null bs=16M iflag=direct status=none" for f in in_files)])
     write_limit(work / "limit.out", nbytes, direct=True)
     reader.wait()
     concurrent = time.perf_counter() - t
     read_s, write_s = min(cached_read, direct_read), min(cached_write, direct_write)
     kind = lambda c, d: "page cache" if c <= d else "O_DIRECT"  # noqa: E731
-    return {"wall_s": read_s + write_s, "read_s": read_s, "write_s": write_s, "write_bytes": nbytes,
-            "limit_kind": f"read {kind(cached_read, direct_read)} + write {kind(cached_write, direct_write)}",
-            "cached_read_s": cached_read, "cached_write_s": cached_write,
-            "direct_read_s": direct_read, "direct_write_s": direct_write, "concurrent_s": concurrent,
-            "peak_rss_bytes": 0}
+    return {
+        "wall_s": read_s + write_s,
+        "read_s": read_s,
+        "write_s": write_s,
+        "write_bytes": nbytes,
+        "limit_kind": f"read {kind(cached_read, direct_read)} + write {kind(cached_write, direct_write)}",
+        "cached_read_s": cached_read,
+        "cached_write_s": cached_write,
+        "direct_read_s": direct_read,
+        "direct_write_s": direct_write,
+        "concurrent_s": concurrent,
+        "peak_rss_bytes": 0,
+    }
 
 
 def _limit_line(r: dict[str, Any], mode: str, in_bytes: int, width: int) -> str:
     gb = lambda n, s: f"{n / s / 1e9:.2f} GB/s"  # noqa: E731
-    return (f"  {'limit':{width}s} {mode:4s} {r['wall_s']:7.2f} s  ({r['limit_kind']}; page cache: read "
-            f"{r['cached_read_s']:.2f} s = {gb(in_bytes, r['cached_read_s'])}, write+fdatasync {r['cached_write_s']:.2f} s"
-            f" = {gb(r['write_bytes'], r['cached_write_s'])}; O_DIRECT: read {r['direct_read_s']:.2f} s = "
-            f"{gb(in_bytes, r['direct_read_s'])}, write+fdatasync {r['direct_write_s']:.2f} s = "
-            f"{gb(r['write_bytes'], r['direct_write_s'])}; O_DIRECT read and write at once {r['concurrent_s']:.2f} s)")
+    return (
+        f"  {'limit':{width}s} {mode:4s} {r['wall_s']:7.2f} s  ({r['limit_kind']}; page cache: read "
+        f"{r['cached_read_s']:.2f} s = {gb(in_bytes, r['cached_read_s'])}, write+fdatasync {r['cached_write_s']:.2f} s"
+        f" = {gb(r['write_bytes'], r['cached_write_s'])}; O_DIRECT: read {r['direct_read_s']:.2f} s = "
+        f"{gb(in_bytes, r['direct_read_s'])}, write+fdatasync {r['direct_write_s']:.2f} s = "
+        f"{gb(r['write_bytes'], r['direct_write_s'])}; O_DIRECT read and write at once {r['concurrent_s']:.2f} s)"
+    )
 
 
 def prepare_mode(mode: str, in_files: list[str], cache_inputs: bool = True) -> None:
@@ -204,9 +232,13 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dqfast-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
-    ap.add_argument("--settle", type=float, default=0.0,
-                    help="seconds to wait after generating the checkpoint: a VM's host may still be writing it back "
-                         "to its disk for minutes, which slows whatever is timed first")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds to wait after generating the checkpoint: a VM's host may still be writing it back "
+        "to its disk for minutes, which slows whatever is timed first",
+    )
 
 
 def synthetic_inputs(a: argparse.Namespace, src_root: Path, ready: Path, **synth: Any) -> tuple[Path, int, list[str], float]:
@@ -220,16 +252,16 @@ def synthetic_inputs(a: argparse.Namespace, src_root: Path, ready: Path, **synth
     if not ready.is_file():
         t0 = time.perf_counter()
         shutil.rmtree(src_root, ignore_errors=True)
-        make_transformer(src_root, a.family, blocks=a.blocks, single_blocks=a.single_blocks,
-                         max_shard_bytes=a.shard_bytes, **synth)
+        make_transformer(src_root, a.family, blocks=a.blocks, single_blocks=a.single_blocks, max_shard_bytes=a.shard_bytes, **synth)
         gen_s = time.perf_counter() - t0
         subprocess.run(["sync"], check=True)
         time.sleep(a.settle)
     base = src_root / "base" / "transformer"
     in_bytes = _dir_bytes(base)
     in_files = sorted(str(p) for p in base.glob("*.safetensors"))
-    print(f"synthetic {a.family} x{a.blocks}: {in_bytes / 1e9:.2f} GB BF16 in {len(in_files)} shards "
-          f"(generated in {gen_s:.1f} s)", flush=True)
+    print(
+        f"synthetic {a.family} x{a.blocks}: {in_bytes / 1e9:.2f} GB BF16 in {len(in_files)} shards (generated in {gen_s:.1f} s)", flush=True
+    )
     return base, in_bytes, in_files, gen_s
 
 
@@ -266,9 +298,15 @@ def _compare_outputs(a: Path, b: Path) -> dict[str, Any]:
             differ.append(name)
             if ra.shape == rb.shape and ra.dtype == rb.dtype:
                 diff_bytes += int(np.count_nonzero(ra.view(np.uint8) != rb.view(np.uint8)))
-    return {"names_equal": names_equal, "tensors": len(ia.tensors), "tensors_differing": len(differ),
-            "first_differing": differ[:5], "bytes_differing": diff_bytes, "bytes_compared": total,
-            "bit_exact": names_equal and not differ}
+    return {
+        "names_equal": names_equal,
+        "tensors": len(ia.tensors),
+        "tensors_differing": len(differ),
+        "first_differing": differ[:5],
+        "bytes_differing": diff_bytes,
+        "bytes_compared": total,
+        "bit_exact": names_equal and not differ,
+    }
 
 
 def summarize(results: dict[str, dict[str, Any]], in_bytes: int, width: int) -> list[dict[str, Any]]:
@@ -276,21 +314,31 @@ def summarize(results: dict[str, dict[str, Any]], in_bytes: int, width: int) -> 
     tool/(reading and writing at once)) and
     return its rows; ``results`` maps ``tool/mode`` to a measurement."""
     rows = []
-    print(f"\n{'tool':{width}s} {'mode':5s} {'wall s':>8s} {'GB/s in':>8s} {'peak RSS GiB':>13s} {'naive/x':>8s} {'x/limit':>8s} {'x/concur':>8s}")
+    print(
+        f"\n{'tool':{width}s} {'mode':5s} {'wall s':>8s} {'GB/s in':>8s} {'peak RSS GiB':>13s} {'naive/x':>8s} {'x/limit':>8s} {'x/concur':>8s}"
+    )
     for key, r in results.items():
         tool, mode = key.split("/")
         naive = results.get(f"naive/{mode}", {}).get("wall_s")
         limit = results.get(f"limit/{mode}", {}).get("wall_s")
         concurrent = results.get(f"limit/{mode}", {}).get("concurrent_s")
-        row = {"tool": tool, "mode": mode, "wall_s": r["wall_s"], "gbps_in": in_bytes / r["wall_s"] / 1e9,
-               "peak_rss_gib": r["peak_rss_bytes"] / 2**30,
-               "naive_over_tool": naive / r["wall_s"] if naive else None,
-               "tool_over_limit": r["wall_s"] / limit if limit else None,
-               "tool_over_concurrent": r["wall_s"] / concurrent if concurrent else None, **r}
+        row = {
+            "tool": tool,
+            "mode": mode,
+            "wall_s": r["wall_s"],
+            "gbps_in": in_bytes / r["wall_s"] / 1e9,
+            "peak_rss_gib": r["peak_rss_bytes"] / 2**30,
+            "naive_over_tool": naive / r["wall_s"] if naive else None,
+            "tool_over_limit": r["wall_s"] / limit if limit else None,
+            "tool_over_concurrent": r["wall_s"] / concurrent if concurrent else None,
+            **r,
+        }
         rows.append(row)
         fmt = lambda v: f"{v:8.2f}" if v is not None else f"{'-':>8s}"  # noqa: E731
-        print(f"{tool:{width}s} {mode:5s} {r['wall_s']:8.2f} {row['gbps_in']:8.2f} {row['peak_rss_gib']:13.2f} "
-              f"{fmt(row['naive_over_tool'])} {fmt(row['tool_over_limit'])} {fmt(row['tool_over_concurrent'])}")
+        print(
+            f"{tool:{width}s} {mode:5s} {r['wall_s']:8.2f} {row['gbps_in']:8.2f} {row['peak_rss_gib']:13.2f} "
+            f"{fmt(row['naive_over_tool'])} {fmt(row['tool_over_limit'])} {fmt(row['tool_over_concurrent'])}"
+        )
     return rows
 
 
@@ -307,8 +355,10 @@ def save_results(prefix: str, fields: dict[str, Any]) -> Path:
 
 def _machine() -> dict[str, Any]:
     mem = Path("/proc/meminfo").read_text().split("\n")[0]
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    cpu = next(
+        (l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")),
+        platform.processor(),
+    )
     return {"cpus": os.cpu_count(), "cpu": cpu, "mem": mem, "kernel": platform.release(), "python": sys.version.split()[0]}
 
 
@@ -317,12 +367,15 @@ def main() -> None:
     add_common_args(ap)
     ap.add_argument("--fsync", action="store_true", help="dqfast fsyncs its output (naive never does)")
     ap.add_argument("--no-cold", action="store_true")
-    ap.add_argument("--modes", default="cold,warm",
-                    help="cold and/or warm (warm is meaningless once the input exceeds the page cache)")
-    ap.add_argument("--no-export", action="store_true",
-                    help="skip the ModelOpt-like export and the dqfast-calib tool (saves ~half the input size on disk)")
-    ap.add_argument("--drop-outputs", action="store_true",
-                    help="delete each tool's output right after timing it (no bit-exact comparison; saves disk)")
+    ap.add_argument("--modes", default="cold,warm", help="cold and/or warm (warm is meaningless once the input exceeds the page cache)")
+    ap.add_argument(
+        "--no-export",
+        action="store_true",
+        help="skip the ModelOpt-like export and the dqfast-calib tool (saves ~half the input size on disk)",
+    )
+    ap.add_argument(
+        "--drop-outputs", action="store_true", help="delete each tool's output right after timing it (no bit-exact comparison; saves disk)"
+    )
     ap.add_argument("--tools", default="limit,naive,dqfast-bf16,dqfast-bf16-buffered,dqfast-calib")
     a = ap.parse_args()
 
@@ -330,7 +383,8 @@ def main() -> None:
     src_root = work / "src"
     ready = src_root / ("base/transformer/config.json" if a.no_export else "ckpt/amax.safetensors")
     base, in_bytes, in_files, gen_s = synthetic_inputs(
-        a, src_root, ready, modelopt_fp8_export=not a.no_export, export_filter="no-block-filter", write_backbone=False)
+        a, src_root, ready, modelopt_fp8_export=not a.no_export, export_filter="no-block-filter", write_backbone=False
+    )
     export = src_root / "hf"
     amax = src_root / "ckpt" / "amax.safetensors"
 
@@ -339,8 +393,7 @@ def main() -> None:
     can_drop = not a.no_cold and "cold" in want and _drop_caches()
     modes = (["cold"] if can_drop else []) + (["warm"] if "warm" in want else [])
     results: dict[str, dict[str, Any]] = {}
-    wargs = {"src": str(base), "export": str(export), "amax": str(amax), "fsync": a.fsync,
-             "shard": a.out_shard, "threads": a.threads}
+    wargs = {"src": str(base), "export": str(export), "amax": str(amax), "fsync": a.fsync, "shard": a.out_shard, "threads": a.threads}
     outs = {t: work / f"out-{t}" for t in ("naive", "dqfast-bf16", "dqfast-bf16-buffered", "dqfast-calib")}
     for mode in modes:
         for tool in [t for t in tools if t != "limit"]:
@@ -351,8 +404,11 @@ def main() -> None:
             results[f"{tool}/{mode}"] = r
             if a.drop_outputs:
                 shutil.rmtree(outs[tool], ignore_errors=True)
-            print(f"  {tool:20s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
-                  f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
+            print(
+                f"  {tool:20s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
+                f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB",
+                flush=True,
+            )
         if "limit" in tools:
             out_size = results.get(f"dqfast-bf16/{mode}", {}).get("out_bytes") or in_bytes // 2
             results[f"limit/{mode}"] = time_limit(mode, in_files, in_bytes, out_size, work, 20)
@@ -360,8 +416,10 @@ def main() -> None:
     exact = None
     if outs["naive"].exists() and outs["dqfast-bf16"].exists():
         exact = _compare_outputs(outs["naive"], outs["dqfast-bf16"])
-        print(f"bit-exact naive vs dqfast from_bf16: {exact['bit_exact']} ({exact['tensors']} tensors, "
-              f"{exact['tensors_differing']} differ, {exact['bytes_differing']} bytes differ)")
+        print(
+            f"bit-exact naive vs dqfast from_bf16: {exact['bit_exact']} ({exact['tensors']} tensors, "
+            f"{exact['tensors_differing']} differ, {exact['bytes_differing']} bytes differ)"
+        )
     if outs["dqfast-bf16-buffered"].exists() and outs["dqfast-bf16"].exists():
         same = _compare_outputs(outs["dqfast-bf16-buffered"], outs["dqfast-bf16"])
         print(f"bit-exact dqfast io=buffered vs io=auto: {same['bit_exact']}")
@@ -369,10 +427,23 @@ def main() -> None:
 
     rows = summarize(results, in_bytes, width=20)
 
-    save_results(f"fp8_build_{a.family}{a.blocks}",
-                 {"family": a.family, "blocks": a.blocks, "input_bytes": in_bytes, "input_shards": len(in_files),
-                  "generate_s": gen_s, "cold_available": can_drop, "modes": modes, "fsync": a.fsync,
-                  "threads": a.threads, "activation_amax": ACT_AMAX, "rows": rows, "bit_exact_naive_vs_dqfast": exact})
+    save_results(
+        f"fp8_build_{a.family}{a.blocks}",
+        {
+            "family": a.family,
+            "blocks": a.blocks,
+            "input_bytes": in_bytes,
+            "input_shards": len(in_files),
+            "generate_s": gen_s,
+            "cold_available": can_drop,
+            "modes": modes,
+            "fsync": a.fsync,
+            "threads": a.threads,
+            "activation_amax": ACT_AMAX,
+            "rows": rows,
+            "bit_exact_naive_vs_dqfast": exact,
+        },
+    )
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
 

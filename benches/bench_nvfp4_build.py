@@ -26,8 +26,17 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_fp8_build import (  # noqa: E402
-    _compare_outputs, _dir_bytes, _drop_caches, _run, add_common_args, prepare_mode, print_worker_result, save_results,
-    summarize, synthetic_inputs, time_limit,
+    _compare_outputs,
+    _dir_bytes,
+    _drop_caches,
+    _run,
+    add_common_args,
+    prepare_mode,
+    print_worker_result,
+    save_results,
+    summarize,
+    synthetic_inputs,
+    time_limit,
 )
 
 ACT_AMAX = 16.0
@@ -43,9 +52,17 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
         return
     from dqfast.nvfp4 import build_nvfp4_transformer
 
-    r = build_nvfp4_transformer(args["dst"], base_transformer_dir=args["src"], from_bf16=True, model_type="none",
-                                activation_amax=ACT_AMAX, fsync=False, max_shard_size=args["shard"],
-                                threads=args["threads"], io="buffered" if kind == "dqfast-buffered" else "auto")
+    r = build_nvfp4_transformer(
+        args["dst"],
+        base_transformer_dir=args["src"],
+        from_bf16=True,
+        model_type="none",
+        activation_amax=ACT_AMAX,
+        fsync=False,
+        max_shard_size=args["shard"],
+        threads=args["threads"],
+        io="buffered" if kind == "dqfast-buffered" else "auto",
+    )
     print_worker_result(r)
 
 
@@ -59,7 +76,8 @@ def main() -> None:
     work = a.workdir / f"nvfp4-{a.family}-{a.blocks}"
     src_root = work / "src"
     base, in_bytes, in_files, gen_s = synthetic_inputs(
-        a, src_root, src_root / "base" / "transformer" / "config.json", modelopt_fp8_export=False)
+        a, src_root, src_root / "base" / "transformer" / "config.json", modelopt_fp8_export=False
+    )
 
     tools = a.tools.split(",")
     modes = a.modes.split(",")
@@ -76,8 +94,11 @@ def main() -> None:
             r = _run([sys.executable, __file__, "_worker", tool, json.dumps({**wargs, "dst": str(outs[tool])})])
             r["out_bytes"] = _dir_bytes(outs[tool])
             results[f"{tool}/{mode}"] = r
-            print(f"  {tool:15s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
-                  f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB  out {r['out_bytes'] / 1e9:.2f} GB", flush=True)
+            print(
+                f"  {tool:15s} {mode:4s} {r['wall_s']:7.2f} s  {in_bytes / r['wall_s'] / 1e9:5.2f} GB/s  "
+                f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB  out {r['out_bytes'] / 1e9:.2f} GB",
+                flush=True,
+            )
         if "limit" in tools:
             out_size = results.get(f"dqfast/{mode}", {}).get("out_bytes") or int(in_bytes * 0.29)
             results[f"limit/{mode}"] = time_limit(mode, in_files, in_bytes, out_size, work, 15)
@@ -85,15 +106,29 @@ def main() -> None:
     exact = None
     if outs["naive"].exists() and outs["dqfast"].exists():
         exact = _compare_outputs(outs["naive"], outs["dqfast"])
-        print(f"bit-exact naive vs dqfast: {exact['bit_exact']} ({exact['tensors']} tensors, "
-              f"{exact['tensors_differing']} differ {exact['first_differing']}, {exact['bytes_differing']} bytes differ)")
+        print(
+            f"bit-exact naive vs dqfast: {exact['bit_exact']} ({exact['tensors']} tensors, "
+            f"{exact['tensors_differing']} differ {exact['first_differing']}, {exact['bytes_differing']} bytes differ)"
+        )
 
     rows = summarize(results, in_bytes, width=15)
 
-    save_results(f"nvfp4_build_{a.family}{a.blocks}",
-                 {"format": "nvfp4", "family": a.family, "blocks": a.blocks, "input_bytes": in_bytes,
-                  "input_shards": len(in_files), "generate_s": gen_s, "modes": modes, "threads": a.threads,
-                  "activation_amax": ACT_AMAX, "rows": rows, "bit_exact_naive_vs_dqfast": exact})
+    save_results(
+        f"nvfp4_build_{a.family}{a.blocks}",
+        {
+            "format": "nvfp4",
+            "family": a.family,
+            "blocks": a.blocks,
+            "input_bytes": in_bytes,
+            "input_shards": len(in_files),
+            "generate_s": gen_s,
+            "modes": modes,
+            "threads": a.threads,
+            "activation_amax": ACT_AMAX,
+            "rows": rows,
+            "bit_exact_naive_vs_dqfast": exact,
+        },
+    )
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
 

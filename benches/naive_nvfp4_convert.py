@@ -94,8 +94,7 @@ def convert(src: Path, dst: Path, activation_amax: float) -> None:
             weight_map[k] = shard.name
             total += v.numel() * v.element_size()
         del out, tensors
-    finish_output(src, dst, total, weight_map,
-                  {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": BLOCK, "ignore": []})
+    finish_output(src, dst, total, weight_map, {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": BLOCK, "ignore": []})
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@ session, reused across tests), and helpers."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 

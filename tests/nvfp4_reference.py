@@ -60,9 +60,7 @@ def block_scales(weight: torch.Tensor, weight_scale_2: torch.Tensor) -> torch.Te
     return scale.clamp(min=2.0**-9, max=E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def quantize(
-    weight: torch.Tensor, amax: torch.Tensor | float | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(weight: torch.Tensor, amax: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NVFP4-quantize a [N, K] weight: (packed uint8 [N, K/2], e4m3 scales [N, K/16], weight_scale_2).
 
     ``amax`` is the calibrated maximum; without it the tensor's own max |w| is used.

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from dqfast.backbone import AmaxPair, BackboneError, list_state_keys, read_amax
 
 torch = pytest.importorskip("torch")
@@ -25,7 +24,7 @@ def modelopt_outputs(tmp_path_factory):
     return {(m, a): build_fixture(fixture_root(base, m), m, a) for m, a in CASES}
 
 
-def _torch_amax(path: Path) -> dict[str, dict[str, "torch.Tensor"]]:
+def _torch_amax(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     state = torch.load(path, mmap=True, weights_only=False)["model_state_dict"]
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -61,9 +60,7 @@ def test_read_amax_accepts_directory(modelopt_outputs):
     by_dir = read_amax(paths.backbone.parent)
     by_file = read_amax(paths.backbone)
     assert set(by_dir) == set(by_file)
-    assert list_state_keys(paths.backbone.parent) == list(
-        torch.load(paths.backbone, mmap=True, weights_only=False)["model_state_dict"]
-    )
+    assert list_state_keys(paths.backbone.parent) == list(torch.load(paths.backbone, mmap=True, weights_only=False)["model_state_dict"])
 
 
 def test_reads_only_selected_storages(modelopt_outputs, monkeypatch):

@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+import dqfast
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-import dqfast
 from dqfast import batch as B
 from dqfast.batch_cli import batch as batch_cmd
-from malformed.corpus import write_base, write_export, write_safetensors, base_tensors, weight
+from malformed.corpus import base_tensors, weight, write_base, write_export, write_safetensors
 
 # ---- fixtures -------------------------------------------------------------------------------
 
@@ -44,8 +43,13 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
     a = write_base(tmp_path / "in" / "a")
     b = write_base(tmp_path / "in" / "b", base_tensors(weight(seed=7, rows=48)))
     calib = write_export(tmp_path / "in" / "calib")
-    return {"a": a, "b": b, "calib_hf": calib["modelopt_hf_dir"], "calib_amax": calib["modelopt_backbone_ckpt"],
-            "calib_base": calib["base_transformer_dir"]}
+    return {
+        "a": a,
+        "b": b,
+        "calib_hf": calib["modelopt_hf_dir"],
+        "calib_amax": calib["modelopt_backbone_ckpt"],
+        "calib_base": calib["base_transformer_dir"],
+    }
 
 
 def _manifest(tmp_path: Path, inputs: dict[str, Path], extra_jobs: str = "") -> Path:
@@ -62,22 +66,22 @@ options = {{ model_type = "none", fsync = false }}
 [[jobs]]
 name = "a-channel"
 output = "out/a-channel"
-inputs = {{ base_transformer_dir = "{inputs['a']}" }}
+inputs = {{ base_transformer_dir = "{inputs["a"]}" }}
 options = {{ from_bf16 = true }}
 
 [[jobs]]
 name = "b-tensor"
 output = "out/b-tensor"
-inputs = {{ base_transformer_dir = "{inputs['b']}" }}
+inputs = {{ base_transformer_dir = "{inputs["b"]}" }}
 options = {{ from_bf16 = true, weight_granularity = "tensor", activation_amax = 3.5 }}
 
 [[jobs]]
 name = "calibrated"
 output = "out/calibrated"
 [jobs.inputs]
-modelopt_hf_dir = "{inputs['calib_hf']}"
-modelopt_backbone_ckpt = "{inputs['calib_amax']}"
-base_transformer_dir = "{inputs['calib_base']}"
+modelopt_hf_dir = "{inputs["calib_hf"]}"
+modelopt_backbone_ckpt = "{inputs["calib_amax"]}"
+base_transformer_dir = "{inputs["calib_base"]}"
 {extra_jobs}
 """)
     return m
@@ -100,7 +104,7 @@ options = {{ model_type = "none" }}
 [[jobs]]
 name = "one"
 output = "out/x"
-inputs = {{ base_transformer_dir = "{inputs['a']}", vae_dir = "/nope" }}
+inputs = {{ base_transformer_dir = "{inputs["a"]}", vae_dir = "/nope" }}
 options = {{ from_bf16 = true, overwrite = true, bogus = 1 }}
 surprise = 1
 [[jobs]]
@@ -114,9 +118,9 @@ builder = "int3"
 output = "out/x/inner"
 [[jobs]]
 name = "four"
-output = "{inputs['a']}/sub"
-inputs = {{ base_transformer_dir = "{inputs['a']}" }}
-options = {{ modelopt_hf_dir = "{inputs['a']}" }}
+output = "{inputs["a"]}/sub"
+inputs = {{ base_transformer_dir = "{inputs["a"]}" }}
+options = {{ modelopt_hf_dir = "{inputs["a"]}" }}
 """)
     with pytest.raises(B.ManifestError) as e:
         B.load_manifest(m)
@@ -149,7 +153,7 @@ def test_yaml_manifest_and_defaults_merge(tmp_path: Path, inputs: dict[str, Path
 defaults:
   builder: fp8
   options: {{model_type: none, from_bf16: true}}
-  inputs: {{base_transformer_dir: {inputs['a']}}}
+  inputs: {{base_transformer_dir: {inputs["a"]}}}
 jobs:
   - output: out/one
   - output: out/two
@@ -158,20 +162,23 @@ jobs:
     jobs = B.load_manifest(m).jobs
     assert [j.name for j in jobs] == ["one", "two"]
     assert jobs[0].options == {"model_type": "none", "from_bf16": True}
-    assert jobs[1].options == {"model_type": "none", "from_bf16": True, "weight_granularity": "tensor",
-                               "activation_amax": 2.0}
+    assert jobs[1].options == {"model_type": "none", "from_bf16": True, "weight_granularity": "tensor", "activation_amax": 2.0}
     assert jobs[1].inputs == {"base_transformer_dir": str(inputs["a"])}
     assert jobs[1].output == str(tmp_path / "out" / "two")
 
 
 def test_check_plans_every_job_without_writing(tmp_path: Path, inputs: dict[str, Path]) -> None:
-    m = _manifest(tmp_path, inputs, extra_jobs=f"""
+    m = _manifest(
+        tmp_path,
+        inputs,
+        extra_jobs=f"""
 [[jobs]]
 name = "no-input-scale"
 output = "out/nis"
-inputs = {{ base_transformer_dir = "{inputs['a']}" }}
+inputs = {{ base_transformer_dir = "{inputs["a"]}" }}
 options = {{ from_bf16 = true, weight_granularity = "tensor" }}
-""")
+""",
+    )
     r = CliRunner().invoke(batch_cmd, [str(m), "--check"])
     assert r.exit_code == 2, r.output
     assert "job 'no-input-scale': PlanError" in r.output and "4 job(s), 1 with errors" in r.output
@@ -193,20 +200,23 @@ def test_cli_registers_in_a_group() -> None:
 
 def test_local_batch_builds_skips_and_resumes(tmp_path: Path, inputs: dict[str, Path]) -> None:
     bad = write_base(tmp_path / "in" / "bad")
-    (bad / "diffusion_pytorch_model.safetensors").write_bytes(b"\x05\0\0\0\0\0\0\0{\"a\":")
-    m = _manifest(tmp_path, inputs, extra_jobs=f"""
+    (bad / "diffusion_pytorch_model.safetensors").write_bytes(b'\x05\0\0\0\0\0\0\0{"a":')
+    m = _manifest(
+        tmp_path,
+        inputs,
+        extra_jobs=f"""
 [[jobs]]
 name = "broken"
 output = "out/broken"
 inputs = {{ base_transformer_dir = "{bad}" }}
 options = {{ from_bf16 = true }}
-""")
+""",
+    )
     man = B.load_manifest(m)
     events: list[tuple[str, str]] = []
     s1 = B.run_batch(man, on_event=lambda k, j, r: events.append((k, j.name)))
     r1 = _by_name(s1)
-    assert {n: r.status for n, r in r1.items()} == {"a-channel": "done", "b-tensor": "done", "calibrated": "done",
-                                                   "broken": "failed"}
+    assert {n: r.status for n, r in r1.items()} == {"a-channel": "done", "b-tensor": "done", "calibrated": "done", "broken": "failed"}
     assert r1["broken"].error_type == "CheckpointError" and "not valid JSON" in r1["broken"].error
     assert not (tmp_path / "out" / "broken").exists()
     assert not B.record_path(tmp_path / "out" / "broken").exists()  # a failure leaves no record
@@ -214,8 +224,9 @@ options = {{ from_bf16 = true }}
 
     # Outputs are what the API builds directly, byte for byte.
     direct = tmp_path / "direct"
-    dqfast.build_fp8_transformer(direct, base_transformer_dir=inputs["b"], from_bf16=True, model_type="none",
-                                 weight_granularity="tensor", activation_amax=3.5)
+    dqfast.build_fp8_transformer(
+        direct, base_transformer_dir=inputs["b"], from_bf16=True, model_type="none", weight_granularity="tensor", activation_amax=3.5
+    )
     assert _dir_files(direct) == _dir_files(tmp_path / "out" / "b-tensor")
 
     # Summary file: per job status, seconds, bytes, peak RSS, checksum (recomputed here).
@@ -226,8 +237,7 @@ options = {{ from_bf16 = true }}
         if j["status"] != "done":
             continue
         out = Path(j["output"])
-        lines = "".join(f"{rel}\0{len(data)}\0{hashlib.sha256(data).hexdigest()}\n"
-                        for rel, data in sorted(_dir_files(out).items()))
+        lines = "".join(f"{rel}\0{len(data)}\0{hashlib.sha256(data).hexdigest()}\n" for rel, data in sorted(_dir_files(out).items()))
         assert j["output_checksum"] == "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
         assert j["bytes"] > 0 and j["peak_rss_bytes"] > 10 << 20 and j["seconds"] > 0
         rec = json.loads(B.record_path(out).read_text())
@@ -237,8 +247,12 @@ options = {{ from_bf16 = true }}
     # Re-run: nothing rebuilt, records untouched.
     mtimes = {n: B.record_path(r.output).stat().st_mtime_ns for n, r in r1.items() if r.status == "done"}
     s2 = _by_name(B.run_batch(man))
-    assert {n: r.status for n, r in s2.items()} == {"a-channel": "skipped", "b-tensor": "skipped",
-                                                   "calibrated": "skipped", "broken": "failed"}
+    assert {n: r.status for n, r in s2.items()} == {
+        "a-channel": "skipped",
+        "b-tensor": "skipped",
+        "calibrated": "skipped",
+        "broken": "failed",
+    }
     assert {n: s2[n].output_checksum for n in mtimes} == {n: r1[n].output_checksum for n in mtimes}
     assert mtimes == {n: B.record_path(r1[n].output).stat().st_mtime_ns for n in mtimes}
 
@@ -264,7 +278,7 @@ def test_changed_options_rebuild_and_content_identity(tmp_path: Path, inputs: di
 builder = "fp8"
 output = "out/a"
 identity = "{identity}"
-inputs = {{ base_transformer_dir = "{inputs['a']}" }}
+inputs = {{ base_transformer_dir = "{inputs["a"]}" }}
 options = {{ from_bf16 = true, model_type = "none", weight_granularity = "{granularity}", activation_amax = 1.0 }}
 """)
         return B.load_manifest(m)
@@ -291,16 +305,20 @@ def test_interrupted_jobs_are_redone_or_adopted(tmp_path: Path, inputs: dict[str
     fp_a, _, _ = B.fingerprint(jobs["a-channel"])
     fp_b, _, _ = B.fingerprint(jobs["b-tensor"])
     # a-channel: killed mid-write — a "running" record and a staging dir of a dead process.
-    B._write_json_atomic(B.record_path(out / "a-channel"), {"format": B.RECORD_FORMAT, "state": "running",
-                                                           "fingerprint": fp_a})
+    B._write_json_atomic(B.record_path(out / "a-channel"), {"format": B.RECORD_FORMAT, "state": "running", "fingerprint": fp_a})
     stale = out / ".a-channel.dqfast-tmp-999999999-1"
     stale.mkdir()
     (stale / "diffusion_pytorch_model.safetensors").write_bytes(b"partial")
     # b-tensor: killed after the atomic rename, before the final record: adopted as is.
-    dqfast.build_fp8_transformer(out / "b-tensor", base_transformer_dir=inputs["b"], from_bf16=True, model_type="none",
-                                 weight_granularity="tensor", activation_amax=3.5)
-    B._write_json_atomic(B.record_path(out / "b-tensor"), {"format": B.RECORD_FORMAT, "state": "running",
-                                                          "fingerprint": fp_b})
+    dqfast.build_fp8_transformer(
+        out / "b-tensor",
+        base_transformer_dir=inputs["b"],
+        from_bf16=True,
+        model_type="none",
+        weight_granularity="tensor",
+        activation_amax=3.5,
+    )
+    B._write_json_atomic(B.record_path(out / "b-tensor"), {"format": B.RECORD_FORMAT, "state": "running", "fingerprint": fp_b})
     # calibrated: an output nobody recorded is not ours to replace...
     (out / "calibrated").mkdir()
     (out / "calibrated" / "precious.txt").write_text("user data")
@@ -330,8 +348,7 @@ def test_memory_limit_serializes_jobs(tmp_path: Path, inputs: dict[str, Path]) -
 def test_sigkill_of_the_whole_batch_then_resume(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     bits = rng.integers(0x3A00, 0x3D00, size=(4096, 4096), dtype=np.uint16)
-    big = write_base(tmp_path / "big", {f"blocks.{i}.proj.weight": ("BF16", [4096, 4096], bits.tobytes())
-                                        for i in range(4)})
+    big = write_base(tmp_path / "big", {f"blocks.{i}.proj.weight": ("BF16", [4096, 4096], bits.tobytes()) for i in range(4)})
     m = tmp_path / "big.toml"
     m.write_text(f"""
 [[jobs]]
@@ -363,7 +380,7 @@ options = {{ from_bf16 = true, model_type = "none" }}
     assert json.loads(B.record_path(out / "big").read_text())["state"] == "running"
     r = CliRunner().invoke(batch_cmd, [str(m), "--json"])
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output[r.output.index("{"):])
+    summary = json.loads(r.output[r.output.index("{") :])
     assert summary["jobs"][0]["status"] == "done"
     assert _leftovers(out) == []
     assert len(dqfast.open_checkpoint(out / "big").tensors) == 8
@@ -373,7 +390,7 @@ def test_nvfp4_jobs_share_the_manifest(tmp_path: Path, inputs: dict[str, Path]) 
     m = tmp_path / "mixed.toml"
     m.write_text(f"""
 [defaults]
-inputs = {{ base_transformer_dir = "{inputs['a']}" }}
+inputs = {{ base_transformer_dir = "{inputs["a"]}" }}
 options = {{ from_bf16 = true, model_type = "none" }}
 [[jobs]]
 builder = "fp8"

@@ -7,11 +7,10 @@ import json
 import re
 from pathlib import Path
 
+import dqfast
 import numpy as np
 import pytest
 from ckpt_helpers import load_dir as _load_dir
-
-import dqfast
 from dqfast.errors import CheckpointError, OutputExistsError, PlanError
 from dqfast.presets import get_preset
 
@@ -21,9 +20,7 @@ st = pytest.importorskip("safetensors.torch")
 E4M3_MAX = 448.0
 
 
-
-
-def _backbone_amax(path: Path) -> dict[str, "torch.Tensor"]:
+def _backbone_amax(path: Path) -> dict[str, torch.Tensor]:
     sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["model_state_dict"]
     return {k: v.float() for k, v in sd.items() if k.endswith("_amax")}
 
@@ -73,8 +70,13 @@ def test_fallbacks_come_from_base_without_scales(flux_fp8, flux_build):
     preset = get_preset("flux1")
     fallbacks = [d.module for d in report.decisions if d.action == "bf16-fallback"]
     # Every module of the base that the preset names is a fallback, and nothing else is.
-    expected = sorted({n.rsplit(".", 1)[0] for n in base if n.endswith(".weight")
-                       and any(re.search(p, n[: -len(".weight")]) for p in preset.fp8_fallback)})
+    expected = sorted(
+        {
+            n.rsplit(".", 1)[0]
+            for n in base
+            if n.endswith(".weight") and any(re.search(p, n[: -len(".weight")]) for p in preset.fp8_fallback)
+        }
+    )
     assert sorted(fallbacks) == expected and expected
     for m in fallbacks:
         assert got[f"{m}.weight"].dtype == torch.bfloat16
@@ -127,8 +129,9 @@ def test_output_dequantizes_close_to_base(flux_fp8, flux_build):
 
 def test_requantize_with_modelopt_rounding_reproduces_export_bytes(flux_fp8, tmp_path):
     """dqfast's 'modelopt' rounding is ModelOpt's export, byte for byte; 'exact' rounds once."""
-    kw = dict(modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=flux_fp8.backbone,
-              base_transformer_dir=flux_fp8.base_dir, requantize=True)
+    kw = dict(
+        modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=flux_fp8.backbone, base_transformer_dir=flux_fp8.base_dir, requantize=True
+    )
     dqfast.build_fp8_transformer(tmp_path / "mo", rounding="modelopt", **kw)
     dqfast.build_fp8_transformer(tmp_path / "ex", rounding="exact", **kw)
     export = _load_dir(flux_fp8.hf_dir)
@@ -139,7 +142,7 @@ def test_requantize_with_modelopt_rounding_reproduces_export_bytes(flux_fp8, tmp
         if w.dtype != torch.float8_e4m3fn or name not in mo or mo[name].dtype != torch.float8_e4m3fn:
             continue
         assert torch.equal(mo[name].view(torch.uint8), w.view(torch.uint8)), name
-        scale = ex[name[: -len('.weight')] + ".weight_scale"]
+        scale = ex[name[: -len(".weight")] + ".weight_scale"]
         ref = (base[name].float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
         assert torch.equal(ex[name].view(torch.uint8), ref.view(torch.uint8)), name
         diff += int((ex[name].view(torch.uint8) != w.view(torch.uint8)).sum())
@@ -149,8 +152,13 @@ def test_requantize_with_modelopt_rounding_reproduces_export_bytes(flux_fp8, tmp
 
 def test_sharded_output_with_index(flux_fp8, tmp_path):
     out = tmp_path / "sharded"
-    r = dqfast.build_fp8_transformer(out, modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=flux_fp8.backbone,
-                                     base_transformer_dir=flux_fp8.base_dir, max_shard_size=20_000)
+    r = dqfast.build_fp8_transformer(
+        out,
+        modelopt_hf_dir=flux_fp8.hf_dir,
+        modelopt_backbone_ckpt=flux_fp8.backbone,
+        base_transformer_dir=flux_fp8.base_dir,
+        max_shard_size=20_000,
+    )
     assert len(r.shards) > 3
     idx = json.loads((out / "diffusion_pytorch_model.safetensors.index.json").read_text())
     files = sorted(p.name for p in out.glob("*.safetensors"))
@@ -160,8 +168,9 @@ def test_sharded_output_with_index(flux_fp8, tmp_path):
     assert set(idx["weight_map"]) == set(got)
     assert idx["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in got.values())
     single = tmp_path / "single"
-    dqfast.build_fp8_transformer(single, modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=flux_fp8.backbone,
-                                 base_transformer_dir=flux_fp8.base_dir)
+    dqfast.build_fp8_transformer(
+        single, modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=flux_fp8.backbone, base_transformer_dir=flux_fp8.base_dir
+    )
     one = _load_dir(single)
     assert set(one) == set(got) and all(torch.equal(one[k].view(torch.uint8), got[k].view(torch.uint8)) for k in one)
 
@@ -178,8 +187,9 @@ def test_scales_from_export_when_no_backbone(flux_fp8, flux_build, tmp_path):
 
 def test_dry_run_writes_nothing_and_explains(flux_fp8, tmp_path):
     out = tmp_path / "dry"
-    r = dqfast.build_fp8_transformer(out, modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=flux_fp8.backbone,
-                                     base_transformer_dir=flux_fp8.base_dir, dry_run=True)
+    r = dqfast.build_fp8_transformer(
+        out, modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=flux_fp8.backbone, base_transformer_dir=flux_fp8.base_dir, dry_run=True
+    )
     assert not out.exists() and r.dry_run
     actions = {d.action for d in r.decisions}
     assert {"fp8", "bf16-fallback", "keep"} <= actions
@@ -189,8 +199,9 @@ def test_dry_run_writes_nothing_and_explains(flux_fp8, tmp_path):
 def test_wan_preset_build(modelopt_fixture, tmp_path):
     fx = modelopt_fixture("wan", "fp8")
     out = tmp_path / "wan"
-    r = dqfast.build_fp8_transformer(out, modelopt_hf_dir=fx.hf_dir, modelopt_backbone_ckpt=fx.backbone,
-                                     base_transformer_dir=fx.base_dir, model_type="auto")
+    r = dqfast.build_fp8_transformer(
+        out, modelopt_hf_dir=fx.hf_dir, modelopt_backbone_ckpt=fx.backbone, base_transformer_dir=fx.base_dir, model_type="auto"
+    )
     got = _load_dir(out)
     base = _load_dir(fx.base_dir)
     # ModelOpt's Wan filter leaves blocks 0-2 unquantized; block 3 is FP8.
@@ -214,20 +225,43 @@ def _amax_sidecar(fx, path: Path, mutate=None) -> Path:
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda a: a.pop("transformer_blocks.0.attn.to_q.weight_quantizer._amax"), "no calibrated weight amax for 'transformer_blocks.0.attn.to_q'"),
-        (lambda a: a.__setitem__("transformer_blocks.0.attn.to_k.input_quantizer._amax", torch.tensor(float("nan"), dtype=torch.bfloat16)), "input amax of 'transformer_blocks.0.attn.to_k' is nan"),
-        (lambda a: a.__setitem__("transformer_blocks.0.attn.to_k.input_quantizer._amax", torch.tensor(0.0, dtype=torch.bfloat16)), "is 0.0"),
-        (lambda a: a.__setitem__("transformer_blocks.0.attn.to_k.input_quantizer._amax", torch.tensor(float("inf"), dtype=torch.bfloat16)), "is inf"),
-        (lambda a: a.__setitem__("transformer_blocks.0.attn.to_k.weight_quantizer._amax", torch.ones(32, 1, dtype=torch.bfloat16)), "shape [32, 1]"),
-        (lambda a: a.__setitem__("transformer_blocks.0.attn.to_v.weight_quantizer._amax", torch.tensor(9.0, dtype=torch.bfloat16)), "different calibrations"),
+        (
+            lambda a: a.pop("transformer_blocks.0.attn.to_q.weight_quantizer._amax"),
+            "no calibrated weight amax for 'transformer_blocks.0.attn.to_q'",
+        ),
+        (
+            lambda a: a.__setitem__(
+                "transformer_blocks.0.attn.to_k.input_quantizer._amax", torch.tensor(float("nan"), dtype=torch.bfloat16)
+            ),
+            "input amax of 'transformer_blocks.0.attn.to_k' is nan",
+        ),
+        (
+            lambda a: a.__setitem__("transformer_blocks.0.attn.to_k.input_quantizer._amax", torch.tensor(0.0, dtype=torch.bfloat16)),
+            "is 0.0",
+        ),
+        (
+            lambda a: a.__setitem__(
+                "transformer_blocks.0.attn.to_k.input_quantizer._amax", torch.tensor(float("inf"), dtype=torch.bfloat16)
+            ),
+            "is inf",
+        ),
+        (
+            lambda a: a.__setitem__("transformer_blocks.0.attn.to_k.weight_quantizer._amax", torch.ones(32, 1, dtype=torch.bfloat16)),
+            "shape [32, 1]",
+        ),
+        (
+            lambda a: a.__setitem__("transformer_blocks.0.attn.to_v.weight_quantizer._amax", torch.tensor(9.0, dtype=torch.bfloat16)),
+            "different calibrations",
+        ),
     ],
 )
 def test_bad_amax_is_refused_and_nothing_written(flux_fp8, tmp_path, mutate, message):
     side = _amax_sidecar(flux_fp8, tmp_path / "amax.safetensors", mutate)
     out = tmp_path / "out"
     with pytest.raises(PlanError) as e:
-        dqfast.build_fp8_transformer(out, modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=side,
-                                     base_transformer_dir=flux_fp8.base_dir)
+        dqfast.build_fp8_transformer(
+            out, modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=side, base_transformer_dir=flux_fp8.base_dir
+        )
     assert message in str(e.value)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["amax.safetensors"]
@@ -259,8 +293,9 @@ def test_truncated_export_is_refused(flux_fp8, tmp_path):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError) as e:
-        dqfast.build_fp8_transformer(tmp_path / "out", modelopt_hf_dir=hf, modelopt_backbone_ckpt=flux_fp8.backbone,
-                                     base_transformer_dir=flux_fp8.base_dir)
+        dqfast.build_fp8_transformer(
+            tmp_path / "out", modelopt_hf_dir=hf, modelopt_backbone_ckpt=flux_fp8.backbone, base_transformer_dir=flux_fp8.base_dir
+        )
     assert str(f) in str(e.value) and e.value.path == str(f)
     assert not (tmp_path / "out").exists()
 
@@ -272,8 +307,9 @@ def test_base_shape_mismatch_is_refused(flux_fp8, tmp_path):
     sd["transformer_blocks.0.norm1.linear.weight"] = sd["transformer_blocks.0.norm1.linear.weight"][:-1].contiguous()
     st.save_file(sd, str(f))
     with pytest.raises(PlanError, match=r"transformer_blocks\.0\.norm1\.linear\.weight': base shape"):
-        dqfast.build_fp8_transformer(tmp_path / "out", modelopt_hf_dir=flux_fp8.hf_dir,
-                                     modelopt_backbone_ckpt=flux_fp8.backbone, base_transformer_dir=base)
+        dqfast.build_fp8_transformer(
+            tmp_path / "out", modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=flux_fp8.backbone, base_transformer_dir=base
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -285,8 +321,9 @@ def test_fallback_without_base_is_refused(flux_fp8, tmp_path):
 def test_non_fp8_export_is_refused(modelopt_fixture, tmp_path):
     fx = modelopt_fixture("flux", "nvfp4")
     with pytest.raises(PlanError, match="quant_algo is NVFP4"):
-        dqfast.build_fp8_transformer(tmp_path / "o", modelopt_hf_dir=fx.hf_dir, modelopt_backbone_ckpt=fx.backbone,
-                                     base_transformer_dir=fx.base_dir)
+        dqfast.build_fp8_transformer(
+            tmp_path / "o", modelopt_hf_dir=fx.hf_dir, modelopt_backbone_ckpt=fx.backbone, base_transformer_dir=fx.base_dir
+        )
 
 
 # ---------------------------------------------------------------- calibration-free
@@ -316,11 +353,11 @@ def test_from_bf16_per_channel(flux_fp8, tmp_path):
 
 def test_from_bf16_per_tensor_needs_activation_amax(flux_fp8, tmp_path):
     with pytest.raises(PlanError, match="activation_amax"):
-        dqfast.build_fp8_transformer(tmp_path / "o", base_transformer_dir=flux_fp8.base_dir, from_bf16=True,
-                                     weight_granularity="tensor")
+        dqfast.build_fp8_transformer(tmp_path / "o", base_transformer_dir=flux_fp8.base_dir, from_bf16=True, weight_granularity="tensor")
     out = tmp_path / "pt"
-    dqfast.build_fp8_transformer(out, base_transformer_dir=flux_fp8.base_dir, from_bf16=True,
-                                 weight_granularity="tensor", activation_amax=12.0)
+    dqfast.build_fp8_transformer(
+        out, base_transformer_dir=flux_fp8.base_dir, from_bf16=True, weight_granularity="tensor", activation_amax=12.0
+    )
     got = _load_dir(out)
     s = got["transformer_blocks.0.attn.to_q.input_scale"]
     assert tuple(s.shape) == (1,) and s.item() == np.float32(12.0) / np.float32(448.0)
@@ -341,7 +378,7 @@ def test_per_channel_export_gets_per_row_scales(flux_fp8, tmp_path):
     st.save_file(sd, str(f), metadata={"format": "pt"})
     base = _load_dir(flux_fp8.base_dir)
     amax = {}
-    for k, v in _backbone_amax(flux_fp8.backbone).items():
+    for k, _v in _backbone_amax(flux_fp8.backbone).items():
         if k.endswith(".weight_quantizer._amax"):
             w = base[k.replace(".weight_quantizer._amax", ".weight")].float()
             amax[k] = w.abs().amax(dim=1, keepdim=True).to(torch.bfloat16)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ckpt_helpers import load_dir as _load_dir
-
 from dqfast import _core
 from dqfast.errors import PlanError
 from dqfast.nvfp4 import build_nvfp4_transformer, fused_groups, nibble_order_report
@@ -18,13 +17,11 @@ torch = pytest.importorskip("torch")
 st = pytest.importorskip("safetensors.torch")
 
 
-
-
-def _u8(t: "torch.Tensor") -> "torch.Tensor":
+def _u8(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.dim() == 0 else t.view(torch.uint8)
 
 
-def _deq(w: "torch.Tensor", s: "torch.Tensor", gs: float) -> np.ndarray:
+def _deq(w: torch.Tensor, s: torch.Tensor, gs: float) -> np.ndarray:
     k = w.shape[1] * 2
     d = _core.nvfp4_dequantize(w.numpy().tobytes(), _u8(s).numpy().tobytes(), k, gs)
     return np.frombuffer(d, dtype=np.float32).reshape(w.shape[0], k)
@@ -38,8 +35,7 @@ def flux_nv(modelopt_fixture):
 @pytest.fixture(scope="module")
 def flux_nv_build(flux_nv, tmp_path_factory):
     out = tmp_path_factory.mktemp("nv") / "flux-nvfp4"
-    r = build_nvfp4_transformer(out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir,
-                                model_type="flux1")
+    r = build_nvfp4_transformer(out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, model_type="flux1")
     return out, r
 
 
@@ -88,8 +84,7 @@ def test_from_bf16_is_bit_identical_to_modelopt_export(flux_nv, tmp_path):
 
 def test_swap_rewrites_bytes_and_inspect_detects_order(flux_nv, flux_nv_build, tmp_path):
     out = tmp_path / "sw"
-    build_nvfp4_transformer(out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir,
-                            swap_weight_nibbles=True)
+    build_nvfp4_transformer(out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, swap_weight_nibbles=True)
     a, b = _load_dir(out), _load_dir(flux_nv_build[0])
     w = "transformer_blocks.0.attn.to_q.weight"
     assert torch.equal(a[w], (b[w] >> 4) | (b[w] << 4))
@@ -117,8 +112,7 @@ def test_nan_scales_refused_or_repaired(flux_nv, tmp_path):
     with pytest.raises(PlanError, match=r"to_out\.0\.weight_scale': 2 NaN byte"):
         build_nvfp4_transformer(tmp_path / "o1", modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir)
     assert not (tmp_path / "o1").exists()
-    r = build_nvfp4_transformer(tmp_path / "o2", modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir,
-                                repair_nan_scales=True)
+    r = build_nvfp4_transformer(tmp_path / "o2", modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir, repair_nan_scales=True)
     assert r.counts["nan_scale_bytes_repaired"] == 2
     got, orig = _u8(_load_dir(tmp_path / "o2")[name]).reshape(-1), _u8(_load_dir(flux_nv.hf_dir)[name]).reshape(-1)
     assert got[0] == 0x7E and got[5] == 0x7E
@@ -162,11 +156,24 @@ def test_fused_shards_with_different_global_scales_are_reconciled_exactly(flux_n
 
 
 def test_fused_group_detection():
-    g = fused_groups(["a.attn.to_q", "a.attn.to_k", "a.attn.to_v", "a.attn.add_q_proj", "a.attn.add_k_proj",
-                      "a.attn.add_v_proj", "a.attn.to_out.0", "b.q_proj", "b.k_proj"])
-    assert g == {"a.attn.to_qkv": ["a.attn.to_k", "a.attn.to_q", "a.attn.to_v"],
-                 "a.attn.add_qkv": ["a.attn.add_k_proj", "a.attn.add_q_proj", "a.attn.add_v_proj"],
-                 "b.qkv_proj": ["b.k_proj", "b.q_proj"]}
+    g = fused_groups(
+        [
+            "a.attn.to_q",
+            "a.attn.to_k",
+            "a.attn.to_v",
+            "a.attn.add_q_proj",
+            "a.attn.add_k_proj",
+            "a.attn.add_v_proj",
+            "a.attn.to_out.0",
+            "b.q_proj",
+            "b.k_proj",
+        ]
+    )
+    assert g == {
+        "a.attn.to_qkv": ["a.attn.to_k", "a.attn.to_q", "a.attn.to_v"],
+        "a.attn.add_qkv": ["a.attn.add_k_proj", "a.attn.add_q_proj", "a.attn.add_v_proj"],
+        "b.qkv_proj": ["b.k_proj", "b.q_proj"],
+    }
 
 
 def test_fp8_export_is_refused(modelopt_fixture, tmp_path):

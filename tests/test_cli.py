@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from dqfast.cli import main
 
 
@@ -24,25 +22,54 @@ def flux_fp8(modelopt_fixture):
 
 def test_build_fp8_cli_matches_api(flux_fp8, tmp_path):
     out = tmp_path / "cli"
-    r = _run("build", "fp8", "--modelopt-hf-dir", str(flux_fp8.out_dir / "hf"), "--modelopt-backbone-ckpt",
-             str(flux_fp8.backbone), "--base-transformer-dir", str(flux_fp8.base_dir), "--output-dir", str(out),
-             "--model-type", "flux1", "--json")
+    r = _run(
+        "build",
+        "fp8",
+        "--modelopt-hf-dir",
+        str(flux_fp8.out_dir / "hf"),
+        "--modelopt-backbone-ckpt",
+        str(flux_fp8.backbone),
+        "--base-transformer-dir",
+        str(flux_fp8.base_dir),
+        "--output-dir",
+        str(out),
+        "--model-type",
+        "flux1",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
     assert rep["counts"]["quantized"] > 0 and rep["output_dir"] == str(out)
     import dqfast
 
-    api = dqfast.build_fp8_transformer(tmp_path / "api", modelopt_hf_dir=flux_fp8.out_dir / "hf",
-                                       modelopt_backbone_ckpt=flux_fp8.backbone, base_transformer_dir=flux_fp8.base_dir,
-                                       model_type="flux1")
-    assert (out / "diffusion_pytorch_model.safetensors").read_bytes() == (tmp_path / "api" / "diffusion_pytorch_model.safetensors").read_bytes()
+    api = dqfast.build_fp8_transformer(
+        tmp_path / "api",
+        modelopt_hf_dir=flux_fp8.out_dir / "hf",
+        modelopt_backbone_ckpt=flux_fp8.backbone,
+        base_transformer_dir=flux_fp8.base_dir,
+        model_type="flux1",
+    )
+    assert (out / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        tmp_path / "api" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
     assert rep["counts"] == api.counts
 
 
 def test_dry_run_prints_plan_and_writes_nothing(flux_fp8, tmp_path):
     out = tmp_path / "dry"
-    r = _run("build", "fp8", "--modelopt-hf-dir", str(flux_fp8.hf_dir), "--modelopt-backbone-ckpt", str(flux_fp8.backbone),
-             "--base-transformer-dir", str(flux_fp8.base_dir), "--output-dir", str(out), "--dry-run")
+    r = _run(
+        "build",
+        "fp8",
+        "--modelopt-hf-dir",
+        str(flux_fp8.hf_dir),
+        "--modelopt-backbone-ckpt",
+        str(flux_fp8.backbone),
+        "--base-transformer-dir",
+        str(flux_fp8.base_dir),
+        "--output-dir",
+        str(out),
+        "--dry-run",
+    )
     assert r.exit_code == 0
     assert "bf16-fallback" in r.output and "transformer_blocks.0.norm1.linear" in r.output
     assert not out.exists()
@@ -51,13 +78,23 @@ def test_dry_run_prints_plan_and_writes_nothing(flux_fp8, tmp_path):
 def test_errors_are_one_line_and_exit_2(flux_fp8, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
-    r = _run("build", "fp8", "--modelopt-hf-dir", str(flux_fp8.hf_dir), "--modelopt-backbone-ckpt", str(flux_fp8.backbone),
-             "--base-transformer-dir", str(flux_fp8.base_dir), "--output-dir", str(out))
+    r = _run(
+        "build",
+        "fp8",
+        "--modelopt-hf-dir",
+        str(flux_fp8.hf_dir),
+        "--modelopt-backbone-ckpt",
+        str(flux_fp8.backbone),
+        "--base-transformer-dir",
+        str(flux_fp8.base_dir),
+        "--output-dir",
+        str(out),
+    )
     assert r.exit_code == 2
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "already exists" in lines[0]
     bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}")
+    bad.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}')
     r = _run("inspect", str(bad))
     assert r.exit_code == 2 and "bad.safetensors" in r.output and "past the end" in r.output
 
@@ -81,24 +118,24 @@ def test_core_conversion_runs_without_torch(flux_fp8, tmp_path):
 import sys
 sys.modules['torch'] = None  # any 'import torch' now fails
 import dqfast
-dqfast.build_fp8_transformer({str(tmp_path / 'a')!r}, base_transformer_dir={str(flux_fp8.base_dir)!r}, from_bf16=True)
-dqfast.build_fp8_transformer({str(tmp_path / 'b')!r}, modelopt_hf_dir={str(flux_fp8.hf_dir)!r},
+dqfast.build_fp8_transformer({str(tmp_path / "a")!r}, base_transformer_dir={str(flux_fp8.base_dir)!r}, from_bf16=True)
+dqfast.build_fp8_transformer({str(tmp_path / "b")!r}, modelopt_hf_dir={str(flux_fp8.hf_dir)!r},
     modelopt_backbone_ckpt={str(side)!r}, base_transformer_dir={str(flux_fp8.base_dir)!r})
-dqfast.build_fp8_transformer({str(tmp_path / 'c')!r}, modelopt_hf_dir={str(flux_fp8.hf_dir)!r},
+dqfast.build_fp8_transformer({str(tmp_path / "c")!r}, modelopt_hf_dir={str(flux_fp8.hf_dir)!r},
     modelopt_backbone_ckpt={str(flux_fp8.backbone)!r}, base_transformer_dir={str(flux_fp8.base_dir)!r})
 print('ok')
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
-    assert (tmp_path / "b" / "diffusion_pytorch_model.safetensors").read_bytes() == \
-        (tmp_path / "c" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (tmp_path / "b" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        tmp_path / "c" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
 
 
 def test_build_releases_the_gil(flux_fp8, tmp_path):
     """While Rust converts, other Python threads keep running."""
     import threading
 
-    import dqfast
     from dqfast import _core
 
     ticks = 0
@@ -124,8 +161,9 @@ def test_verify_commands(flux_fp8, tmp_path):
     import dqfast
 
     out = tmp_path / "q"
-    dqfast.build_fp8_transformer(out, modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=flux_fp8.backbone,
-                                 base_transformer_dir=flux_fp8.base_dir)
+    dqfast.build_fp8_transformer(
+        out, modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=flux_fp8.backbone, base_transformer_dir=flux_fp8.base_dir
+    )
     r = _run("verify", "layers", str(flux_fp8.base_dir), str(out), "--json", str(tmp_path / "l.json"))
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "l.json").read_text())

@@ -8,15 +8,12 @@ from pathlib import Path
 
 import pytest
 from ckpt_helpers import load_dir as _load
-
 from dqfast.components import build_components, find_components
 from dqfast.errors import PlanError
 from dqfast.mixed import build_mixed_transformer
 
 torch = pytest.importorskip("torch")
 st = pytest.importorskip("safetensors.torch")
-
-
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +53,10 @@ def test_each_component_built_from_its_own_directory(pipeline, tmp_path):
         a, b = _load(out / c), _load(alone)
         assert set(a) == set(b)
         for k in a:
-            assert torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
-                               b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]), (c, k)
+            assert torch.equal(
+                a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
+                b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k],
+            ), (c, k)
     t1, t2 = _load(out / "transformer"), _load(out / "transformer_2")
     w = "transformer_blocks.0.attn.to_q.weight_scale"
     assert t2[w].item() == pytest.approx(2 * t1[w].item(), rel=1e-6)
@@ -89,13 +88,25 @@ def test_failure_removes_what_this_call_created(pipeline, tmp_path):
 
 def test_cli_build_mixed_components_and_components_command(pipeline, tmp_path):
     from click.testing import CliRunner
-
     from dqfast.cli import main
 
     out = tmp_path / "cli"
-    res = CliRunner().invoke(main, ["build", "mixed", "--base-transformer-dir", str(pipeline), "--output-dir", str(out),
-                                    "--components", "auto", "--policy", '{"nvfp4": ["\\\\.ff\\\\."], "fp8": ["attn"]}',
-                                    "--json"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "build",
+            "mixed",
+            "--base-transformer-dir",
+            str(pipeline),
+            "--output-dir",
+            str(out),
+            "--components",
+            "auto",
+            "--policy",
+            '{"nvfp4": ["\\\\.ff\\\\."], "fp8": ["attn"]}',
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads(res.output)
     assert set(rep["components"]) == {"transformer", "transformer_2"}
@@ -103,7 +114,21 @@ def test_cli_build_mixed_components_and_components_command(pipeline, tmp_path):
     assert ql["transformer_blocks.0.ff.net.2"]["quant_algo"] == "NVFP4" and ql["transformer_blocks.0.attn.to_q"]["quant_algo"] == "FP8"
     assert "transformer_blocks.0.norm1.linear" not in ql
     out2 = tmp_path / "cli2"
-    res = CliRunner().invoke(main, ["build", "components", "fp8", "--root", str(pipeline), "--output-dir", str(out2),
-                                    "--from-bf16", "--components", "transformer", "--json"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "build",
+            "components",
+            "fp8",
+            "--root",
+            str(pipeline),
+            "--output-dir",
+            str(out2),
+            "--from-bf16",
+            "--components",
+            "transformer",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert (out2 / "transformer" / "config.json").is_file() and not (out2 / "transformer_2").exists()

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import struct
 
-import pytest
-
 import dqfast
+import pytest
 from dqfast import _core
 
 
 def test_hierarchy() -> None:
-    for cls in (dqfast.CheckpointError, dqfast.PlanError, dqfast.OutputExistsError, dqfast.DqfastIOError,
-                dqfast.InternalError):
+    for cls in (dqfast.CheckpointError, dqfast.PlanError, dqfast.OutputExistsError, dqfast.DqfastIOError, dqfast.InternalError):
         assert issubclass(cls, dqfast.DqfastError) and issubclass(cls, Exception)
 
 
@@ -43,6 +41,5 @@ def test_errors_carry_path_and_tensor(tmp_path) -> None:
 
 def test_bad_plan_is_a_plan_error(tmp_path) -> None:
     with pytest.raises(dqfast.PlanError, match="invalid plan"):
-        _core.execute_plan(json.dumps({"sources": [], "output_dir": str(tmp_path / "o"), "tensors": [],
-                                       "bogus": 1}))
+        _core.execute_plan(json.dumps({"sources": [], "output_dir": str(tmp_path / "o"), "tensors": [], "bogus": 1}))
     assert not (tmp_path / "o").exists()

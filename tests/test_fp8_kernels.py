@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from dqfast import _core
 
 torch = pytest.importorskip("torch")
@@ -12,20 +11,20 @@ torch = pytest.importorskip("torch")
 SCALES = [1.0, 0.5, 2.0**-7, 1.0 / 448.0, 3.0e-4, 0.0123, 7.77, 1.0e-6]
 
 
-def _all_bf16() -> "torch.Tensor":
+def _all_bf16() -> torch.Tensor:
     return torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
 
 
-def _all_f16() -> "torch.Tensor":
+def _all_f16() -> torch.Tensor:
     return torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
 
 
-def _ours(w: "torch.Tensor", dtype: str, scale: float, **kw) -> np.ndarray:
+def _ours(w: torch.Tensor, dtype: str, scale: float, **kw) -> np.ndarray:
     raw = w.contiguous().view(torch.uint8).numpy().tobytes()
     return np.frombuffer(_core.quantize_e4m3(raw, dtype, [scale], w.numel(), **kw), dtype=np.uint8)
 
 
-def _bytes(t: "torch.Tensor") -> np.ndarray:
+def _bytes(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).numpy()
 
 
@@ -83,10 +82,12 @@ def test_modelopt_rounding_matches_source_dtype_division(kind: str, scale: float
 
 def test_float32_inputs_random_and_edge_values() -> None:
     g = torch.Generator().manual_seed(0)
-    w = torch.cat([
-        torch.randn(200_000, generator=g) * 3,
-        torch.tensor([0.0, -0.0, 448.0, -448.0, 464.0, 470.0, 480.0, 1e-9, -1e-9, 2.0**-9, 2.0**-10, 1.5 * 2.0**-10]),
-    ])
+    w = torch.cat(
+        [
+            torch.randn(200_000, generator=g) * 3,
+            torch.tensor([0.0, -0.0, 448.0, -448.0, 464.0, 470.0, 480.0, 1e-9, -1e-9, 2.0**-9, 2.0**-10, 1.5 * 2.0**-10]),
+        ]
+    )
     for scale in (1.0, 0.01, 1 / 448):
         s = torch.tensor(scale, dtype=torch.float32)
         ref = _bytes((w / s).clamp(-448, 448).to(torch.float8_e4m3fn))

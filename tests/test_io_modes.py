@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import dqfast
 import pytest
 from click.testing import CliRunner
-
-import dqfast
 from dqfast.cli import main as cli
 from dqfast.nvfp4 import build_nvfp4_transformer
 from dqfast.synth import make_transformer
@@ -40,8 +39,7 @@ def wide_flux(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("kind", ["fp8", "nvfp4"])
 def test_direct_and_buffered_builds_are_byte_identical(wide_flux, tmp_path, kind):
     build = dqfast.build_fp8_transformer if kind == "fp8" else build_nvfp4_transformer
-    kw = dict(base_transformer_dir=wide_flux, from_bf16=True, activation_amax=8.0, fsync=False,
-              max_shard_size="30MB")
+    kw = dict(base_transformer_dir=wide_flux, from_bf16=True, activation_amax=8.0, fsync=False, max_shard_size="30MB")
     reports = {io: build(tmp_path / io, io=io, **kw) for io in ("buffered", "direct", "auto")}
     want = _files(tmp_path / "buffered")
     assert len([n for n in want if n.endswith(".safetensors")]) > 1, "several output shards"
@@ -62,15 +60,30 @@ def test_auto_reads_cached_inputs_through_the_map(wide_flux, tmp_path):
 
 
 def test_cli_io_option(wide_flux, tmp_path):
-    res = CliRunner().invoke(cli, ["build", "fp8", "--base-transformer-dir", str(wide_flux), "--from-bf16",
-                                   "--output-dir", str(tmp_path / "cli"), "--io", "direct", "--no-fsync", "--json"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            "fp8",
+            "--base-transformer-dir",
+            str(wide_flux),
+            "--from-bf16",
+            "--output-dir",
+            str(tmp_path / "cli"),
+            "--io",
+            "direct",
+            "--no-fsync",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    ref = dqfast.build_fp8_transformer(tmp_path / "ref", base_transformer_dir=wide_flux, from_bf16=True,
-                                       fsync=False, io="buffered")
+    ref = dqfast.build_fp8_transformer(tmp_path / "ref", base_transformer_dir=wide_flux, from_bf16=True, fsync=False, io="buffered")
     assert ref.bytes_read_direct == 0
     assert _files(tmp_path / "cli") == _files(tmp_path / "ref")
-    bad = CliRunner().invoke(cli, ["build", "fp8", "--base-transformer-dir", str(wide_flux), "--from-bf16",
-                                   "--output-dir", str(tmp_path / "bad"), "--io", "mmap"])
+    bad = CliRunner().invoke(
+        cli,
+        ["build", "fp8", "--base-transformer-dir", str(wide_flux), "--from-bf16", "--output-dir", str(tmp_path / "bad"), "--io", "mmap"],
+    )
     assert bad.exit_code != 0 and "mmap" in bad.output
     with pytest.raises(dqfast.PlanError, match="io must be one of"):
         dqfast.build_fp8_transformer(tmp_path / "bad2", base_transformer_dir=wide_flux, from_bf16=True, io="mmap")

@@ -15,10 +15,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import dqfast
 import numpy as np
 import pytest
-
-import dqfast
 from dqfast.errors import CheckpointError, DqfastError, DqfastIOError, InternalError, PlanError
 from malformed.corpus import CASES, Case, from_bf16_kwargs, write_base, write_safetensors
 
@@ -51,9 +50,7 @@ def test_malformed_input_gives_typed_error_and_no_output(case: Case, tmp_path: P
         assert e.value.path, str(e.value)
 
 
-@pytest.mark.parametrize(
-    "case", [c for c in CASES if c.error is CheckpointError and not c.id.startswith("weight-")], ids=lambda c: c.id
-)
+@pytest.mark.parametrize("case", [c for c in CASES if c.error is CheckpointError and not c.id.startswith("weight-")], ids=lambda c: c.id)
 def test_malformed_checkpoint_is_refused_by_the_reader(case: Case, tmp_path: Path) -> None:
     kwargs = case.make(tmp_path / "in")
     if "base_transformer_dir" not in kwargs or not kwargs.get("from_bf16"):
@@ -103,7 +100,7 @@ def _big_base(d: Path, rows: int, cols: int, n: int = 1) -> Path:
     ts = {}
     for i in range(n):
         bits = rng.integers(0x3A00, 0x3D00, size=(rows, cols), dtype=np.uint16)
-        bits |= (rng.integers(0, 2, size=(rows, cols), dtype=np.uint16) << 15)
+        bits |= rng.integers(0, 2, size=(rows, cols), dtype=np.uint16) << 15
         ts[f"blocks.{i}.proj.weight"] = ("BF16", [rows, cols], bits.astype("<u2").tobytes())
     return write_base(d, ts)
 
@@ -187,8 +184,10 @@ def test_output_parent_is_a_file(tmp_path: Path) -> None:
 def test_sigkill_mid_write_leaves_only_staging_which_the_next_build_removes(tmp_path: Path) -> None:
     base = _big_base(tmp_path / "base", 4096, 4096, n=4)  # 128 MiB of BF16
     out = tmp_path / "out"
-    script = (f"import dqfast; dqfast.build_fp8_transformer({str(out)!r}, base_transformer_dir={str(base)!r}, "
-              "from_bf16=True, model_type='none', threads=1)")
+    script = (
+        f"import dqfast; dqfast.build_fp8_transformer({str(out)!r}, base_transformer_dir={str(base)!r}, "
+        "from_bf16=True, model_type='none', threads=1)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script])
     staged = None
     deadline = time.monotonic() + 60
@@ -234,8 +233,12 @@ def test_terabyte_tensor_in_a_sparse_file_is_never_allocated(tmp_path: Path) -> 
     """A header that really describes a 1 TiB tensor (a sparse file) opens with bounded memory:
     the reader maps, it does not allocate, and reading another tensor touches only its pages."""
     tib = 1 << 40
-    hdr = ('{"big":{"dtype":"U8","shape":[%d],"data_offsets":[0,%d]},'
-           '"small":{"dtype":"U8","shape":[4],"data_offsets":[%d,%d]}}') % (tib, tib, tib, tib + 4)
+    hdr = ('{"big":{"dtype":"U8","shape":[%d],"data_offsets":[0,%d]},"small":{"dtype":"U8","shape":[4],"data_offsets":[%d,%d]}}') % (
+        tib,
+        tib,
+        tib,
+        tib + 4,
+    )
     f = tmp_path / "sparse.safetensors"
     with open(f, "wb") as fh:
         fh.write(len(hdr).to_bytes(8, "little") + hdr.encode())

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ckpt_helpers import load_dir as _load
-
 from dqfast import _core
 from dqfast.errors import PlanError
 from dqfast.mixed import build_mixed_transformer
@@ -17,8 +16,6 @@ from dqfast.nvfp4 import fused_groups
 
 torch = pytest.importorskip("torch")
 st = pytest.importorskip("safetensors.torch")
-
-
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +105,9 @@ def test_policy_that_splits_a_fused_group_is_refused(base_dir, tmp_path):
 
 
 def test_mixed_checkpoint_loads_and_runs(mixed, base_dir):
+    from dqfast.runtime import Fp8Linear, Nvfp4Linear, load_quantized
     from modelopt_fixtures import TINY_CONFIGS, load_base
     from test_runtime_support import cosine, run_model, tiny_flux_inputs
-
-    from dqfast.runtime import Fp8Linear, Nvfp4Linear, load_quantized
 
     out, r = mixed
     ref = load_base(base_dir, "flux").float()

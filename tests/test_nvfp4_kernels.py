@@ -146,8 +146,9 @@ def assert_same_quantization(got: tuple, want: tuple, what: str) -> None:
     want_packed, want_scales, want_gs = want
     assert torch.equal(packed.view(torch.uint8), want_packed.view(torch.uint8)), f"{what}: packed codes differ"
     assert torch.equal(scales.view(torch.uint8), want_scales.view(torch.uint8)), f"{what}: block scales differ"
-    assert torch.equal(torch.as_tensor(gs).float().reshape(()).view(torch.int32),
-                       torch.as_tensor(want_gs).float().reshape(()).view(torch.int32)), f"{what}: weight_scale_2 differs"
+    assert torch.equal(
+        torch.as_tensor(gs).float().reshape(()).view(torch.int32), torch.as_tensor(want_gs).float().reshape(()).view(torch.int32)
+    ), f"{what}: weight_scale_2 differs"
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -283,8 +284,7 @@ def encoder_grid() -> torch.Tensor:
     every_bf16 = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
     marks = torch.tensor([*BOUNDS, *ref.E2M1_MAGNITUDES, 6.0])
     marks = torch.cat([marks, -marks])
-    near = torch.cat([marks, torch.nextafter(marks, torch.tensor(float("inf"))),
-                      torch.nextafter(marks, torch.tensor(float("-inf")))])
+    near = torch.cat([marks, torch.nextafter(marks, torch.tensor(float("inf"))), torch.nextafter(marks, torch.tensor(float("-inf")))])
     specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"), 1e-45, -1e-45, 3e38])
     return torch.cat([dense, every_bf16, near, specials]).float()
 
@@ -312,9 +312,9 @@ def test_encoder_rounds_to_nearest_even() -> None:
     best = dist.min(dim=1, keepdim=True).values
     # Among the nearest candidates pick the even code (the odd-index tie loses).
     candidates = dist == best
-    even_first = torch.where(candidates[:, ::2].any(dim=1),
-                             (candidates[:, ::2].float().argmax(dim=1) * 2),
-                             (candidates[:, 1::2].float().argmax(dim=1) * 2 + 1))
+    even_first = torch.where(
+        candidates[:, ::2].any(dim=1), (candidates[:, ::2].float().argmax(dim=1) * 2), (candidates[:, 1::2].float().argmax(dim=1) * 2 + 1)
+    )
     assert torch.equal((codes & 7).long(), even_first)
     assert torch.equal((codes & 8) != 0, x < 0)
 
@@ -323,4 +323,3 @@ def test_struct_sanity_of_binding(core: ModuleType) -> None:
     # A tiny hand-checkable case through the binding's byte interface.
     codes = core.e2m1_encode_f32(struct.pack("<4f", 0.75, -5.0, 1.25, -0.0))
     assert list(codes) == [int(c) for c in ref.e2m1_encode(torch.tensor([0.75, -5.0, 1.25, -0.0]))]
-

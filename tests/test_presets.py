@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import dqfast
+import pytest
 from dqfast.presets import PRESETS, detect_preset, get_preset, ignore_pattern_matches
 
 torch = pytest.importorskip("torch")
@@ -92,8 +91,13 @@ def test_qwen_fallback_beats_modelopt_fp8_export(tmp_path: Path):
     st.save_file(export_sd, str(tmp_path / "hf" / "transformer" / "diffusion_pytorch_model.safetensors"))
     st.save_file(amax, str(tmp_path / "amax.safetensors"))
     out = tmp_path / "out"
-    r = dqfast.build_fp8_transformer(out, modelopt_hf_dir=tmp_path / "hf", modelopt_backbone_ckpt=tmp_path / "amax.safetensors",
-                                     base_transformer_dir=tmp_path / "base", model_type="auto")
+    r = dqfast.build_fp8_transformer(
+        out,
+        modelopt_hf_dir=tmp_path / "hf",
+        modelopt_backbone_ckpt=tmp_path / "amax.safetensors",
+        base_transformer_dir=tmp_path / "base",
+        model_type="auto",
+    )
     got = st.load_file(str(out / "diffusion_pytorch_model.safetensors"))
     assert got["transformer_blocks.0.img_mod.1.weight"].dtype == torch.bfloat16
     assert torch.equal(got["transformer_blocks.0.img_mod.1.weight"], base_sd["transformer_blocks.0.img_mod.1.weight"])
@@ -110,8 +114,13 @@ def test_config_resolution_forms(tmp_path: Path):
 
     w = torch.zeros(8, 16, dtype=torch.uint8)
     s = torch.zeros(8, 2, dtype=torch.float8_e4m3fn)
-    tensors = {"a.weight": w, "a.weight_scale": s, "a.weight_scale_2": torch.tensor(1.0),
-               "b.weight": torch.zeros(4, 4, dtype=torch.bfloat16), "c.weight": torch.zeros(4, 4, dtype=torch.float8_e4m3fn)}
+    tensors = {
+        "a.weight": w,
+        "a.weight_scale": s,
+        "a.weight_scale_2": torch.tensor(1.0),
+        "b.weight": torch.zeros(4, 4, dtype=torch.bfloat16),
+        "c.weight": torch.zeros(4, 4, dtype=torch.float8_e4m3fn),
+    }
     d = tmp_path / "inferred"
     d.mkdir()
     st.save_file(tensors, str(d / "m.safetensors"))
@@ -128,15 +137,30 @@ def test_config_resolution_forms(tmp_path: Path):
 
     d3 = tmp_path / "legacy"
     d3.mkdir()
-    (d3 / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"},
-        "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["proj_out"]}}))
+    (d3 / "hf_quant_config.json").write_text(
+        json.dumps(
+            {
+                "producer": {"name": "modelopt"},
+                "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["proj_out"]},
+            }
+        )
+    )
     qc = resolve_quant_config(d3)
     assert qc.quant_algo == "FP8" and qc.is_ignored("proj_out") and not qc.is_ignored("x")
 
     d4 = tmp_path / "flat"
     d4.mkdir()
-    (d4 / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "modelopt",
-        "quant_algo": "MIXED_PRECISION", "quantized_layers": {"blocks.0.ffn": {"quant_algo": "NVFP4", "group_size": 16}}}}))
+    (d4 / "config.json").write_text(
+        json.dumps(
+            {
+                "quantization_config": {
+                    "quant_method": "modelopt",
+                    "quant_algo": "MIXED_PRECISION",
+                    "quantized_layers": {"blocks.0.ffn": {"quant_algo": "NVFP4", "group_size": 16}},
+                }
+            }
+        )
+    )
     qc = resolve_quant_config(d4)
     assert qc.algo_for("blocks.0.ffn") == "NVFP4" and qc.algo_for("blocks.1.ffn") is None
     (d4 / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))

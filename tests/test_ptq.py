@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from dqfast.backbone import read_amax
 from dqfast.ptq.presets import PRESETS, get_preset
 
@@ -32,7 +31,8 @@ def test_ptq_filters_come_from_model_presets():
     assert get_preset("flux").name == "flux1" and get_preset("wan2.2").name == "wan"
     # ModelOpt's filter_func_flux_dev / filter_func_wan_video, as written in its example.
     assert get_preset("flux1").disable == (
-        r"(proj_out.*|.*(time_text_embed|context_embedder|x_embedder|norm_out|time_guidance_embed|stream_modulation).*)",)
+        r"(proj_out.*|.*(time_text_embed|context_embedder|x_embedder|norm_out|time_guidance_embed|stream_modulation).*)",
+    )
     assert get_preset("wan").disable == (r".*(patch_embedding|condition_embedder|proj_out|blocks\.(0|1|2|37|38|39)\.).*",)
     assert get_preset("flux2").recipe("nvfp4").endswith("nvfp4_fp8_mha")
     assert get_preset("wan").recipe("nvfp4").endswith("/nvfp4")
@@ -40,6 +40,7 @@ def test_ptq_filters_come_from_model_presets():
 
 def test_qwen_block_range_rules_from_block_count():
     rules = get_preset("qwen-image").block_range.quant_cfg_rules(6)
+
     # Last rule wins in ModelOpt's quant_cfg: evaluate the rules in order for a few names.
     def enabled(q: str) -> bool:
         state = None
@@ -67,9 +68,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("modelopt")
 pytest.importorskip("diffusers")
 
-from safetensors import safe_open  # noqa: E402
-
 from modelopt_fixtures import TINY_CONFIGS, build_fixture, fixture_root, load_base  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 
 @pytest.fixture(scope="session")

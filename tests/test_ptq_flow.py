@@ -23,7 +23,6 @@ pytest.importorskip("modelopt")
 diffusers = pytest.importorskip("diffusers")
 
 from click.testing import CliRunner  # noqa: E402
-
 from dqfast.backbone import read_amax  # noqa: E402
 from dqfast.ptq import CalibConfig, run_ptq  # noqa: E402
 from dqfast.ptq.calibration import pseudo_embedding  # noqa: E402
@@ -65,11 +64,16 @@ def wan_pipeline(tmp_path_factory):
     pipe = root / "pipe"
     _new_wan(1).save_pretrained(pipe / "transformer")
     _new_wan(2).save_pretrained(pipe / "transformer_2")
-    (pipe / "model_index.json").write_text(json.dumps({
-        "_class_name": "WanPipeline", "boundary_ratio": 0.875,
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "transformer_2": ["diffusers", "WanTransformer3DModel"],
-    }))
+    (pipe / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "WanPipeline",
+                "boundary_ratio": 0.875,
+                "transformer": ["diffusers", "WanTransformer3DModel"],
+                "transformer_2": ["diffusers", "WanTransformer3DModel"],
+            }
+        )
+    )
     result = run_ptq(pipe, root / "out", algo="fp8", calib=_calib(), verify=True, progress=False)
     return pipe, result
 
@@ -163,9 +167,32 @@ def test_cli_smoke(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a lighthouse at night\n\n  a field of tulips  \n")
     out = tmp_path / "out"
-    args = ["--model-dir", str(comp), "--out", str(out), "--algo", "fp8", "--model-type", "flux",
-            "--prompts-file", str(prompts), "--calib-size", "2", "--batch-size", "2", "--n-steps", "2",
-            "--height", "64", "--width", "64", "--text-len", "8", "--build", "--no-progress"]
+    args = [
+        "--model-dir",
+        str(comp),
+        "--out",
+        str(out),
+        "--algo",
+        "fp8",
+        "--model-type",
+        "flux",
+        "--prompts-file",
+        str(prompts),
+        "--calib-size",
+        "2",
+        "--batch-size",
+        "2",
+        "--n-steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--text-len",
+        "8",
+        "--build",
+        "--no-progress",
+    ]
     res = CliRunner().invoke(ptq, args)
     assert res.exit_code == 0, res.output
     assert (out / "ckpt" / "transformer.pt").is_file()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from dqfast import _core
 from dqfast.errors import PlanError
 from dqfast.qkv import FLUX2_BFL_RULES, PACKED_QKV_RE, convert_qkv_layout, detect_qkv_layout
@@ -20,7 +19,7 @@ N = 32  # per-shard output rows
 K = 32  # in-features (2 NVFP4 blocks)
 
 
-def _nvfp4(w: np.ndarray, amax: float | None = None) -> dict[str, "torch.Tensor"]:
+def _nvfp4(w: np.ndarray, amax: float | None = None) -> dict[str, torch.Tensor]:
     """Real NVFP4 tensors of a float32 [rows, k] weight (global amax defaults to max |w|)."""
     rows, k = w.shape
     a = float(np.abs(w).max()) if amax is None else amax
@@ -32,13 +31,13 @@ def _nvfp4(w: np.ndarray, amax: float | None = None) -> dict[str, "torch.Tensor"
     }
 
 
-def _deq(w: "torch.Tensor", s: "torch.Tensor", gs: float) -> np.ndarray:
+def _deq(w: torch.Tensor, s: torch.Tensor, gs: float) -> np.ndarray:
     k = w.shape[1] * 2
     d = _core.nvfp4_dequantize(w.numpy().tobytes(), s.view(torch.uint8).numpy().tobytes(), k, gs)
     return np.frombuffer(d, dtype=np.float32).reshape(w.shape[0], k).astype(np.float64)
 
 
-def _write(d: Path, tensors: dict[str, "torch.Tensor"], config: dict | None = None) -> Path:
+def _write(d: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
     d.mkdir(parents=True)
     st.save_file(tensors, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     if config is not None:
@@ -46,14 +45,14 @@ def _write(d: Path, tensors: dict[str, "torch.Tensor"], config: dict | None = No
     return d
 
 
-def _load(d: Path) -> dict[str, "torch.Tensor"]:
+def _load(d: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(d.glob("*.safetensors")):
         out.update(st.load_file(str(f)))
     return out
 
 
-def _bytes(t: "torch.Tensor") -> bytes:
+def _bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
@@ -76,10 +75,17 @@ def packed_ckpt(tmp_path: Path) -> Path:
             t[f"single_blocks.{i}.linear1.{s}"] = v
         t[f"single_blocks.{i}.linear1.input_scale"] = torch.tensor(0.5, dtype=torch.float32)
     t["img_in.weight"] = torch.randn(K, 16).to(torch.bfloat16)
-    cfg = {"_class_name": "Flux2Transformer2DModel",
-           "quantization_config": {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
-                                   "ignore": ["double_blocks.0.txt_attn.qkv", "double_blocks.1.txt_attn.qkv", "img_in"],
-                                   "checkpoint_weight_scale_layout": "linear", "swap_weight_nibbles": False}}
+    cfg = {
+        "_class_name": "Flux2Transformer2DModel",
+        "quantization_config": {
+            "quant_method": "modelopt",
+            "quant_algo": "NVFP4",
+            "group_size": 16,
+            "ignore": ["double_blocks.0.txt_attn.qkv", "double_blocks.1.txt_attn.qkv", "img_in"],
+            "checkpoint_weight_scale_layout": "linear",
+            "swap_weight_nibbles": False,
+        },
+    }
     return _write(tmp_path / "packed", t, cfg)
 
 
@@ -129,8 +135,10 @@ def test_split_then_fuse_is_identity(packed_ckpt: Path, tmp_path: Path):
     for name in src:
         assert again[name].dtype == src[name].dtype and tuple(again[name].shape) == tuple(src[name].shape), name
         assert _bytes(again[name]) == _bytes(src[name]), name
-    assert json.loads((back / "config.json").read_text())["quantization_config"]["ignore"] == \
-        json.loads((packed_ckpt / "config.json").read_text())["quantization_config"]["ignore"]
+    assert (
+        json.loads((back / "config.json").read_text())["quantization_config"]["ignore"]
+        == json.loads((packed_ckpt / "config.json").read_text())["quantization_config"]["ignore"]
+    )
 
 
 def test_fuse_reconciles_different_global_scales_within_e4m3_bound(tmp_path: Path):
@@ -165,13 +173,15 @@ def test_fuse_reconciles_different_global_scales_within_e4m3_bound(tmp_path: Pat
     for j, s in enumerate("qkv"):
         w, sc, gs = orig[s]
         before = _deq(w, sc, gs)
-        after = w_all[j * N:(j + 1) * N]
+        after = w_all[j * N : (j + 1) * N]
         bound = np.abs(before) * 2.0**-4 + 6 * gmax * 2.0**-10 + np.abs(before) * 2.0**-20
         assert np.all(np.abs(after - before) <= bound), s
-        assert torch.equal(got[f"{f}.weight"][j * N:(j + 1) * N], w)  # codes untouched
+        assert torch.equal(got[f"{f}.weight"][j * N : (j + 1) * N], w)  # codes untouched
         # Block multipliers: relative change <= 2^-4 where the rescaled scale is a normal e4m3 value.
         s_old = np.frombuffer(_core.e4m3_to_f32(_bytes(sc)), np.float32).astype(np.float64) * gs
-        s_new = np.frombuffer(_core.e4m3_to_f32(_bytes(got[f"{f}.weight_scale"][j * N:(j + 1) * N])), np.float32).astype(np.float64) * gmax
+        s_new = (
+            np.frombuffer(_core.e4m3_to_f32(_bytes(got[f"{f}.weight_scale"][j * N : (j + 1) * N])), np.float32).astype(np.float64) * gmax
+        )
         normal = s_new / gmax >= 2.0**-6
         rel = np.abs(s_new - s_old)[normal] / s_old[normal]
         assert np.all(rel <= 2.0**-4 * (1 + 2.0**-20))
@@ -188,15 +198,17 @@ def test_swizzled_scales_split_only_at_tile_boundaries(tmp_path: Path):
     n, k = 128, 64
     nv = _nvfp4(rng.standard_normal((3 * n, k)).astype(np.float32))
     lin = nv["weight_scale"]
-    t = {"double_blocks.0.img_attn.qkv.weight": nv["weight"],
-         "double_blocks.0.img_attn.qkv.weight_scale": swizzle_block_scales_128x4(lin),
-         "double_blocks.0.img_attn.qkv.weight_scale_2": nv["weight_scale_2"]}
+    t = {
+        "double_blocks.0.img_attn.qkv.weight": nv["weight"],
+        "double_blocks.0.img_attn.qkv.weight_scale": swizzle_block_scales_128x4(lin),
+        "double_blocks.0.img_attn.qkv.weight_scale_2": nv["weight_scale_2"],
+    }
     src = _write(tmp_path / "sw", t)  # no config: SGLang would call a packed checkpoint swizzled
     out = tmp_path / "out"
     r = convert_qkv_layout(src, out, to="split")
     got = _load(out)
     for j, s in enumerate("qkv"):
-        want = swizzle_block_scales_128x4(lin[j * n:(j + 1) * n])
+        want = swizzle_block_scales_128x4(lin[j * n : (j + 1) * n])
         assert _bytes(got[f"transformer_blocks.0.attn.to_{s}.weight_scale"]) == _bytes(want)
     md = st.safe_open(str(out / "diffusion_pytorch_model.safetensors"), "pt").metadata()
     assert "swizzled" in md.get("quantization_config", "") or any("swizzled" in w for w in r.warnings)
@@ -225,4 +237,7 @@ def test_fuse_refuses_incomplete_or_mixed_groups(tmp_path: Path):
         convert_qkv_layout(src, tmp_path / "o", to="fused")
     assert not (tmp_path / "o").exists()
     assert FLUX2_BFL_RULES[0].shards_of("double_blocks.7.img_attn.qkv") == [
-        "transformer_blocks.7.attn.to_q", "transformer_blocks.7.attn.to_k", "transformer_blocks.7.attn.to_v"]
+        "transformer_blocks.7.attn.to_q",
+        "transformer_blocks.7.attn.to_k",
+        "transformer_blocks.7.attn.to_v",
+    ]

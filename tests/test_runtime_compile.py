@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 from dqfast.runtime.linear import Fp8Linear  # noqa: E402
 
 
-def _layer(static: bool, per_channel: bool, shards=None) -> "Fp8Linear":
+def _layer(static: bool, per_channel: bool, shards=None) -> Fp8Linear:
     g = torch.Generator().manual_seed(0)
     n, k = 48, 64
     m = Fp8Linear(k, n, per_channel=per_channel, static_input_scale=static, backend="compile", shard_sizes=shards)
@@ -23,8 +23,9 @@ def _layer(static: bool, per_channel: bool, shards=None) -> "Fp8Linear":
     return m
 
 
-@pytest.mark.parametrize("static, per_channel, shards", [(True, False, None), (False, False, None), (False, True, None),
-                                                         (True, False, [16, 32])])
+@pytest.mark.parametrize(
+    "static, per_channel, shards", [(True, False, None), (False, False, None), (False, True, None), (True, False, [16, 32])]
+)
 def test_traceable_path_matches_emulation(static, per_channel, shards):
     m = _layer(static, per_channel, shards)
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)

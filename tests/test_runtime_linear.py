@@ -1,10 +1,9 @@
 """Fp8Linear / Nvfp4Linear emulation against plain float references, fused shards, backends."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from dqfast.runtime import (
     Fp8Linear,
     Nvfp4Linear,
@@ -16,6 +15,7 @@ from dqfast.runtime import (
     resolve_fp8_backend,
 )
 from dqfast.runtime import quant as Q
+from torch import nn
 
 
 def _linear(k: int, n: int, seed: int, scale: float = 1.0) -> nn.Linear:
@@ -39,8 +39,8 @@ def _e4m3_round(v: torch.Tensor) -> torch.Tensor:
     v = v.clamp(-448, 448)
     d = (v.flatten()[:, None] - table[None, :]).abs()
     best = d.min(1, keepdim=True).values
-    cand = (d == best)
-    mant_even = (torch.arange(256, dtype=torch.int32)[torch.isfinite(codes)] % 2 == 0)
+    cand = d == best
+    mant_even = torch.arange(256, dtype=torch.int32)[torch.isfinite(codes)] % 2 == 0
     # map sorted table back to its code parity
     order = torch.sort(finite).indices
     parity = mant_even[order]
@@ -90,10 +90,17 @@ def test_nvfp4_emulation_matches_float_reference() -> None:
     # W4A4: activations fake-quantized per 16 with global scale 1/input_scale
     xb = x.double().reshape(10, 4, 16)
     sb = (xb.abs().amax(-1) / 6 / in_scale).float().clamp(2**-9, 448).to(torch.float8_e4m3fn).double()
-    xdq = torch.tensor(
-        [[float(v) for v in row] for row in
-         Q.e2m1_decode(Q.e2m1_encode((xb / (sb[..., None] * in_scale)).reshape(10, 64).float())).tolist()],
-        dtype=torch.float64).reshape(10, 4, 16) * sb[..., None] * in_scale
+    xdq = (
+        torch.tensor(
+            [
+                [float(v) for v in row]
+                for row in Q.e2m1_decode(Q.e2m1_encode((xb / (sb[..., None] * in_scale)).reshape(10, 64).float())).tolist()
+            ],
+            dtype=torch.float64,
+        ).reshape(10, 4, 16)
+        * sb[..., None]
+        * in_scale
+    )
     ref4 = xdq.reshape(10, 64) @ w_deq.t() + lin.bias.detach().double()
     y = mod(x)
     assert _rel(y, ref4) < 1e-6
@@ -105,8 +112,10 @@ def test_nvfp4_emulation_matches_float_reference() -> None:
 
 def test_fused_fp8_shards_are_exact_with_different_scales() -> None:
     x = torch.randn(5, 64)
-    shards = [fp8_linear_from_float(_linear(64, 16, seed=s, scale=f), input_scale=si, backend="emulation")
-              for s, f, si in [(0, 1.0, 0.01), (1, 8.0, 0.02), (2, 0.1, 0.005)]]
+    shards = [
+        fp8_linear_from_float(_linear(64, 16, seed=s, scale=f), input_scale=si, backend="emulation")
+        for s, f, si in [(0, 1.0, 0.01), (1, 8.0, 0.02), (2, 0.1, 0.005)]
+    ]
     fused = fuse_fp8_linears(shards)
     expect = torch.cat([m(x) for m in shards], dim=-1)
     assert torch.equal(fused(x), expect)
@@ -123,8 +132,10 @@ def test_fused_fp8_equal_input_scales_collapse_to_one() -> None:
 
 def test_fused_nvfp4_shards_keep_per_shard_global_scale() -> None:
     x = torch.randn(6, 64)
-    shards = [nvfp4_linear_from_float(_linear(64, 16, seed=s, scale=f), input_scale=float(x.abs().max() / 2688),
-                                      backend="emulation") for s, f in [(0, 1.0), (1, 10.0), (2, 0.05)]]
+    shards = [
+        nvfp4_linear_from_float(_linear(64, 16, seed=s, scale=f), input_scale=float(x.abs().max() / 2688), backend="emulation")
+        for s, f in [(0, 1.0), (1, 10.0), (2, 0.05)]
+    ]
     fused = fuse_nvfp4_linears(shards)
     expect = torch.cat([m(x) for m in shards], dim=-1)
     assert torch.allclose(fused(x), expect, rtol=1e-6, atol=1e-6)

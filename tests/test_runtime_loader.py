@@ -1,4 +1,5 @@
 """load_quantized on a tiny random FLUX.1 transformer quantized to ModelOpt-format dirs."""
+
 from __future__ import annotations
 
 import json
@@ -6,12 +7,11 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from test_runtime_support import FLUX1_FALLBACK, cosine, run_model, tiny_flux, tiny_flux_inputs
-
 from dqfast.runtime import CheckpointMismatch, Fp8Linear, Nvfp4Linear, load_quantized
 from dqfast.runtime.loader import _pattern_matches
 from dqfast.verify.reference import calibrate_input_amax, export_reference_checkpoint
+from safetensors.torch import load_file, save_file
+from test_runtime_support import FLUX1_FALLBACK, cosine, run_model, tiny_flux, tiny_flux_inputs
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,9 @@ def test_fp8_checkpoint_loads_and_matches_base(tmp_path, base_and_amax) -> None:
     assert isinstance(mods["proj_out"], torch.nn.Linear) and not isinstance(mods["proj_out"], Fp8Linear)
     assert "transformer_blocks.1.norm1.linear" in report.high_precision_layers
     tensors = load_file(str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    assert torch.equal(mods["transformer_blocks.1.attn.to_k"].weight.view(torch.uint8),
-                       tensors["transformer_blocks.1.attn.to_k.weight"].view(torch.uint8))
+    assert torch.equal(
+        mods["transformer_blocks.1.attn.to_k"].weight.view(torch.uint8), tensors["transformer_blocks.1.attn.to_k.weight"].view(torch.uint8)
+    )
     assert report.tensors_loaded == len(tensors)
     c = cosine(run_model(model, inputs), run_model(base, inputs))
     assert c > 0.995, c
@@ -71,8 +72,11 @@ def test_nvfp4_sharded_with_swapped_nibbles(tmp_path, base_and_amax) -> None:
 
 
 def test_mixed_precision(tmp_path, base_and_amax) -> None:
-    layers = {"transformer_blocks.0.attn.to_q": "FP8", "transformer_blocks.0.attn.to_k": "NVFP4",
-              "single_transformer_blocks.1.proj_out": "NVFP4"}
+    layers = {
+        "transformer_blocks.0.attn.to_q": "FP8",
+        "transformer_blocks.0.attn.to_k": "NVFP4",
+        "single_transformer_blocks.1.proj_out": "NVFP4",
+    }
     _export(tmp_path, base_and_amax, "MIXED_PRECISION", layer_algos=layers)
     model = tiny_flux(seed=9)
     report = load_quantized(model, tmp_path)
@@ -107,19 +111,21 @@ def _corrupt(path, fn) -> None:
     save_file(t, str(f))
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("missing_input_scale", r"missing tensor transformer_blocks\.0\.attn\.to_q\.input_scale"),
-    ("wrong_dtype", r"transformer_blocks\.0\.attn\.to_q\.weight in diffusion_pytorch_model\.safetensors: dtype"),
-    ("wrong_shape", r"transformer_blocks\.0\.attn\.to_q\.weight_scale in diffusion_pytorch_model\.safetensors: shape"),
-    ("unexpected", r"unexpected tensor extra\.thing in diffusion_pytorch_model\.safetensors"),
-    ("missing_norm", r"missing tensor norm_out\.linear\.bias"),
-])
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("missing_input_scale", r"missing tensor transformer_blocks\.0\.attn\.to_q\.input_scale"),
+        ("wrong_dtype", r"transformer_blocks\.0\.attn\.to_q\.weight in diffusion_pytorch_model\.safetensors: dtype"),
+        ("wrong_shape", r"transformer_blocks\.0\.attn\.to_q\.weight_scale in diffusion_pytorch_model\.safetensors: shape"),
+        ("unexpected", r"unexpected tensor extra\.thing in diffusion_pytorch_model\.safetensors"),
+        ("missing_norm", r"missing tensor norm_out\.linear\.bias"),
+    ],
+)
 def test_mismatches_are_refused(tmp_path, base_and_amax, case, pattern) -> None:
     _export(tmp_path, base_and_amax, "FP8")
     mutate = {
         "missing_input_scale": lambda t: t.pop("transformer_blocks.0.attn.to_q.input_scale"),
-        "wrong_dtype": lambda t: t.__setitem__("transformer_blocks.0.attn.to_q.weight",
-                                               t["transformer_blocks.0.attn.to_q.weight"].float()),
+        "wrong_dtype": lambda t: t.__setitem__("transformer_blocks.0.attn.to_q.weight", t["transformer_blocks.0.attn.to_q.weight"].float()),
         "wrong_shape": lambda t: t.__setitem__("transformer_blocks.0.attn.to_q.weight_scale", torch.ones(3)),
         "unexpected": lambda t: t.__setitem__("extra.thing", torch.zeros(2)),
         "missing_norm": lambda t: t.pop("norm_out.linear.bias"),

@@ -1,8 +1,8 @@
 """Reference quantization math vs independently derived expectations."""
+
 from __future__ import annotations
 
 import torch
-
 from dqfast.runtime import quant as Q
 
 TABLE = torch.tensor(Q.E2M1_VALUES, dtype=torch.float64)
@@ -16,9 +16,7 @@ def brute_force_e2m1(x: torch.Tensor) -> torch.Tensor:
     best = dist.min(dim=1, keepdim=True).values
     cand = dist == best
     # among tied candidates prefer the even index
-    idx = torch.where(cand.sum(1) > 1,
-                      torch.argmax((cand & (torch.arange(8) % 2 == 0)).int(), dim=1),
-                      torch.argmax(cand.int(), dim=1))
+    idx = torch.where(cand.sum(1) > 1, torch.argmax((cand & (torch.arange(8) % 2 == 0)).int(), dim=1), torch.argmax(cand.int(), dim=1))
     return torch.where(x < 0, -TABLE[idx], TABLE[idx])
 
 

@@ -1,4 +1,5 @@
 """Shared builders for the runtime/verify tests: a tiny random FLUX.1 transformer and inputs."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,16 +22,23 @@ FLUX1_FALLBACK = [  # SGLang's flux1 BF16 fallback preset (docs/formats.md)
 def tiny_flux(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),
     )
     return model.eval()
 
 
 def tiny_flux_inputs(seed: int = 1, batch: int = 1, img_tokens: int = 64, txt_tokens: int = 8) -> dict:
     g = torch.Generator().manual_seed(seed)
-    side = int(img_tokens ** 0.5)
+    side = int(img_tokens**0.5)
     img_ids = torch.zeros(side, side, 3)
     img_ids[..., 1] = torch.arange(side)[:, None]
     img_ids[..., 2] = torch.arange(side)[None, :]

@@ -7,10 +7,9 @@ import hashlib
 import json
 from pathlib import Path
 
+import dqfast
 import numpy as np
 import pytest
-
-import dqfast
 from dqfast.synth import family_config, make_transformer, tensor_specs
 
 torch = pytest.importorskip("torch")
@@ -18,10 +17,18 @@ diffusers = pytest.importorskip("diffusers")
 st_torch = pytest.importorskip("safetensors.torch")
 
 TINY = {
-    "flux1": dict(num_layers=2, num_single_layers=3, attention_head_dim=16, num_attention_heads=2,
-                  in_channels=8, joint_attention_dim=32, pooled_projection_dim=24),
-    "wan": dict(num_layers=3, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-                text_dim=32, freq_dim=16, ffn_dim=48),
+    "flux1": dict(
+        num_layers=2,
+        num_single_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        in_channels=8,
+        joint_attention_dim=32,
+        pooled_projection_dim=24,
+    ),
+    "wan": dict(
+        num_layers=3, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=48
+    ),
 }
 
 
@@ -44,7 +51,7 @@ def test_names_and_shapes_match_diffusers(family: str, extra: dict) -> None:
     assert ours == real
 
 
-def _load_dir(d: Path) -> dict[str, "torch.Tensor"]:
+def _load_dir(d: Path) -> dict[str, torch.Tensor]:
     out: dict = {}
     for f in sorted(d.glob("*.safetensors")):
         out.update(st_torch.load_file(str(f)))
@@ -65,8 +72,7 @@ def _export_kwargs(family: str) -> dict:
 @pytest.mark.parametrize("family", ["flux1", "wan"])
 def test_sharded_base_is_valid_and_deterministic(tmp_path: Path, family: str) -> None:
     a = make_transformer(tmp_path / "a", family, seed=3, max_shard_bytes=30_000, **_export_kwargs(family))
-    b = make_transformer(tmp_path / "b", family, seed=3, max_shard_bytes=30_000, modelopt_fp8_export=True,
-                         **_export_kwargs(family))
+    b = make_transformer(tmp_path / "b", family, seed=3, max_shard_bytes=30_000, modelopt_fp8_export=True, **_export_kwargs(family))
     c = make_transformer(tmp_path / "c", family, seed=4, max_shard_bytes=30_000, **_export_kwargs(family))
     index = json.loads((a.base / "diffusion_pytorch_model.safetensors.index.json").read_text())
     shards = sorted(a.base.glob("*.safetensors"))
@@ -90,8 +96,15 @@ def test_sharded_base_is_valid_and_deterministic(tmp_path: Path, family: str) ->
 @pytest.mark.parametrize("family", ["flux1", "wan"])
 @pytest.mark.parametrize("amax_from", ["backbone", "sidecar"])
 def test_export_converts_and_dequantizes_close_to_base(tmp_path: Path, family: str, amax_from: str) -> None:
-    p = make_transformer(tmp_path / "src", family, seed=1, max_shard_bytes=40_000, modelopt_fp8_export=True,
-                         export_filter="no-block-filter", **_export_kwargs(family))
+    p = make_transformer(
+        tmp_path / "src",
+        family,
+        seed=1,
+        max_shard_bytes=40_000,
+        modelopt_fp8_export=True,
+        export_filter="no-block-filter",
+        **_export_kwargs(family),
+    )
     assert p.backbone is not None and p.amax is not None and p.export is not None
     base = _load_dir(p.base)
     export = _load_dir(p.export)
@@ -110,8 +123,9 @@ def test_export_converts_and_dequantizes_close_to_base(tmp_path: Path, family: s
 
     ckpt = p.backbone if amax_from == "backbone" else p.amax
     out = tmp_path / "out"
-    report = dqfast.build_fp8_transformer(out, modelopt_hf_dir=p.export_root, modelopt_backbone_ckpt=ckpt,
-                                          base_transformer_dir=p.base.parent, fsync=False)
+    report = dqfast.build_fp8_transformer(
+        out, modelopt_hf_dir=p.export_root, modelopt_backbone_ckpt=ckpt, base_transformer_dir=p.base.parent, fsync=False
+    )
     # Modules the preset sends back to BF16 (SGLang's FLUX.1 list) come from the base instead.
     preset = dqfast.get_preset(family)
     fp8_modules = [m for m in p.quantized_modules if preset.fp8_fallback_match(m) is None]

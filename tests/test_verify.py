@@ -5,6 +5,7 @@ FP8 latent cosine 0.99979-0.99981 (PSNR ~50.5 dB), NVFP4 W4A4 0.99728-0.99747 (~
 per-layer weight SNR medians 31.9 dB (FP8) and 19.9 dB (NVFP4). Thresholds keep ~4-5x margin
 on (1 - cosine): FP8 >= 0.999, NVFP4 >= 0.99, and NVFP4 must be measurably worse than FP8.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,11 @@ import statistics
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from test_runtime_support import tiny_flux, tiny_flux_inputs
-
 from dqfast.runtime import load_quantized
 from dqfast.verify import layer_errors, trajectory
 from dqfast.verify.reference import calibrate_input_amax, export_reference_checkpoint, save_base_checkpoint
+from safetensors.torch import load_file, save_file
+from test_runtime_support import tiny_flux, tiny_flux_inputs
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,7 @@ def test_layer_errors_rank_formats(dirs) -> None:
 def test_layer_errors_flags_nan_scales(dirs, tmp_path) -> None:
     _, _, root = dirs
     import shutil
+
     bad = tmp_path / "bad"
     shutil.copytree(root / "NVFP4", bad)
     f = bad / "diffusion_pytorch_model.safetensors"

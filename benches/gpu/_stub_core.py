@@ -1,5 +1,6 @@
 """Let the benches import dqfast where the Rust extension (dqfast._core) is not built, e.g. on
 the device machine: dqfast/__init__ imports it eagerly, the runtime never uses it."""
+
 from __future__ import annotations
 
 import sys
@@ -10,6 +11,7 @@ def ensure_dqfast_importable() -> bool:
     """Import dqfast; if only dqfast._core is missing, install a stub. Returns True if stubbed."""
     try:
         import dqfast  # noqa: F401
+
         return False
     except ImportError as exc:
         if "_core" not in str(exc):
@@ -25,6 +27,7 @@ def ensure_dqfast_importable() -> bool:
 
         def fail(*_a, **_k):
             raise RuntimeError(f"dqfast._core.{name}: Rust extension not built")
+
         return fail
 
     # The exception types are real classes, so `except dqfast.PlanError` keeps working.
@@ -35,4 +38,5 @@ def ensure_dqfast_importable() -> bool:
     stub.__getattr__ = _missing  # type: ignore[attr-defined]
     sys.modules["dqfast._core"] = stub
     import dqfast  # noqa: F401
+
     return True

@@ -15,6 +15,7 @@ Memory: every variant keeps the BF16 Linears alive (parked) so the next variant 
 (max_memory_allocated - memory_allocated before the forward); `raw_max_allocated_GiB` is the
 allocator figure including parked tensors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stub_core import ensure_dqfast_importable  # noqa: E402
@@ -36,27 +37,34 @@ ensure_dqfast_importable()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
 from dqfast.presets import get_preset  # noqa: E402
 from dqfast.runtime.linear import (  # noqa: E402
     _ACT_CACHE,
-    Fp8Linear,
     Nvfp4Linear,
     fp8_linear_from_float,
     nvfp4_linear_from_float,
 )
+from torch import nn  # noqa: E402
 
 GiB = 2.0**30
-FLUX1_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                 guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX1_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
 # CPU smoke-test config (plumbing only): same block types, tiny widths.
-TINY = dict(FLUX1_DEV, num_layers=1, num_single_layers=1, num_attention_heads=2, joint_attention_dim=256,
-            pooled_projection_dim=64)
+TINY = dict(FLUX1_DEV, num_layers=1, num_single_layers=1, num_attention_heads=2, joint_attention_dim=256, pooled_projection_dim=64)
 
 
 # -- model and inputs ---------------------------------------------------------------------------
+
 
 def build_model(cfg: dict, device: torch.device) -> nn.Module:
     from diffusers import FluxTransformer2DModel
@@ -74,7 +82,7 @@ def build_model(cfg: dict, device: torch.device) -> nn.Module:
 
 def make_inputs(cfg: dict, img_tokens: int, txt_tokens: int, device: torch.device) -> dict:
     g = torch.Generator(device="cpu").manual_seed(1)
-    side = int(round(img_tokens ** 0.5))
+    side = int(round(img_tokens**0.5))
     assert side * side == img_tokens, "image tokens must be a square grid"
     ids = torch.zeros(side, side, 3)
     ids[..., 1] = torch.arange(side)[:, None]
@@ -82,6 +90,7 @@ def make_inputs(cfg: dict, img_tokens: int, txt_tokens: int, device: torch.devic
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device=device, dtype=torch.bfloat16)
+
     return dict(
         hidden_states=rnd(1, img_tokens, cfg["in_channels"]),
         encoder_hidden_states=rnd(1, txt_tokens, cfg["joint_attention_dim"]),
@@ -127,6 +136,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 # -- timing, memory, profile ---------------------------------------------------------------------
 
+
 def time_forward(fn: Callable[[], torch.Tensor], warmup: int, iters: int) -> dict:
     cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
@@ -149,8 +159,7 @@ def time_forward(fn: Callable[[], torch.Tensor], warmup: int, iters: int) -> dic
             t = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t) * 1e3)
-    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "iters": iters,
-            "first_call_s": first_s}
+    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "iters": iters, "first_call_s": first_s}
 
 
 def measure_memory(model: nn.Module, fn: Callable[[], torch.Tensor]) -> dict:
@@ -164,8 +173,12 @@ def measure_memory(model: nn.Module, fn: Callable[[], torch.Tensor]) -> dict:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     weights = model_tensor_bytes(model)
-    return {"weights_GiB": weights / GiB, "transient_GiB": (peak - before) / GiB,
-            "peak_GiB": (weights + peak - before) / GiB, "raw_max_allocated_GiB": peak / GiB}
+    return {
+        "weights_GiB": weights / GiB,
+        "transient_GiB": (peak - before) / GiB,
+        "peak_GiB": (weights + peak - before) / GiB,
+        "raw_max_allocated_GiB": peak / GiB,
+    }
 
 
 KERNEL_CLASSES = [
@@ -205,7 +218,9 @@ def profile_breakdown(fn: Callable[[], torch.Tensor], wall_ms: float) -> dict:
     total = sum(by_class.values())
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
     return {
-        "kernels": len(kernels), "kernel_ms": total, "wall_ms": wall_ms,
+        "kernels": len(kernels),
+        "kernel_ms": total,
+        "wall_ms": wall_ms,
         "class_ms": {k: round(v, 3) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
         "class_share": {k: round(v / total, 4) for k, v in by_class.items()} if total else {},
         "top_kernels": [{"name": n[:140], "ms": round(v[0], 3), "count": v[1]} for n, v in top],
@@ -214,13 +229,16 @@ def profile_breakdown(fn: Callable[[], torch.Tensor], wall_ms: float) -> dict:
 
 # -- quantized module sets -----------------------------------------------------------------------
 
+
 def calibrate(model: nn.Module, names: list[str], inputs: dict) -> dict[str, float]:
     amax: dict[str, torch.Tensor] = {}
     hooks = []
     for name in names:
+
         def hook(_mod, args, name=name):
             a = args[0].detach().abs().amax().float()
             amax[name] = torch.maximum(amax[name], a) if name in amax else a
+
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         forward(model, inputs)
@@ -237,17 +255,23 @@ def swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:
 
 # -- main ----------------------------------------------------------------------------------------
 
+
 def write_results(out: Path, res: dict) -> None:
     (out / "dit.json").write_text(json.dumps(res, indent=1))
-    lines = [f"# Whole FLUX.1-dev transformer on {res['env'].get('device')}", "",
-             f"{res['env']}", "",
-             f"Model: diffusers FluxTransformer2DModel, {res['config_note']}; {res['n_linears']} nn.Linear; "
-             f"{res['img_tokens']} image + {res['txt_tokens']} text tokens, batch 1. Latency = median of "
-             f"{res['iters']} forwards (CUDA events) after {res['warmup']} warm-ups. speedup = BF16 eager / variant. "
-             "peak = model tensors + forward transient. cos/rel = output vs BF16 eager.", "",
-             "| variant | ms | speedup | weights GiB | peak GiB | cos | rel err | GEMM share | attn share | "
-             "quant/dequant share | first call s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Whole FLUX.1-dev transformer on {res['env'].get('device')}",
+        "",
+        f"{res['env']}",
+        "",
+        f"Model: diffusers FluxTransformer2DModel, {res['config_note']}; {res['n_linears']} nn.Linear; "
+        f"{res['img_tokens']} image + {res['txt_tokens']} text tokens, batch 1. Latency = median of "
+        f"{res['iters']} forwards (CUDA events) after {res['warmup']} warm-ups. speedup = BF16 eager / variant. "
+        "peak = model tensors + forward transient. cos/rel = output vs BF16 eager.",
+        "",
+        "| variant | ms | speedup | weights GiB | peak GiB | cos | rel err | GEMM share | attn share | "
+        "quant/dequant share | first call s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     base = res["variants"].get("bf16", {}).get("ms")
     for name, v in res["variants"].items():
         if "error" in v:
@@ -258,13 +282,15 @@ def write_results(out: Path, res: dict) -> None:
         lines.append(
             f"| {name} | {v['ms']:.1f} | {base / v['ms']:.2f}x | {v.get('weights_GiB', 0):.2f} | "
             f"{v.get('peak_GiB', 0):.2f} | {v.get('cos', float('nan')):.5f} | {v.get('rel', float('nan')):.4f} | "
-            f"{sh.get('gemm', 0):.0%} | {sh.get('attention', 0):.0%} | {qd:.0%} | {v.get('first_call_s', 0):.1f} |")
+            f"{sh.get('gemm', 0):.0%} | {sh.get('attention', 0):.0%} | {qd:.0%} | {v.get('first_call_s', 0):.1f} |"
+        )
     lines += ["", "Kernel-time breakdown per variant (ms, from one profiled forward):", ""]
     for name, v in res["variants"].items():
         p = v.get("profile")
         if p:
-            lines.append(f"- {name}: kernels {p['kernel_ms']:.1f} ms of {p['wall_ms']:.1f} ms wall, "
-                         f"{p['kernels']} launches; {p['class_ms']}")
+            lines.append(
+                f"- {name}: kernels {p['kernel_ms']:.1f} ms of {p['wall_ms']:.1f} ms wall, {p['kernels']} launches; {p['class_ms']}"
+            )
     if res.get("skipped"):
         lines += ["", f"Skipped (time budget): {res['skipped']}"]
     (out / "dit.md").write_text("\n".join(lines) + "\n")
@@ -291,36 +317,47 @@ def main() -> None:
     fp4_backend = "triton" if cuda else "emulation_w4a16"
 
     import diffusers
-    env = {"torch": torch.__version__, "diffusers": diffusers.__version__,
-           "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu"}
     try:
         import triton
+
         env["triton"] = triton.__version__
     except ImportError:
         pass
     if cuda:
         env["cuda"] = torch.version.cuda
-        env["sdpa_backends"] = {"flash": torch.backends.cuda.flash_sdp_enabled(),
-                                "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
-                                "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled()}
+        env["sdpa_backends"] = {
+            "flash": torch.backends.cuda.flash_sdp_enabled(),
+            "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+            "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+        }
     print(env, flush=True)
 
     model = build_model(cfg, dev)
     inputs = make_inputs(cfg, img_tokens, txt_tokens, dev)
     linear_names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     originals = {n: model.get_submodule(n) for n in linear_names}
-    res: dict = {"env": env, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-                 "config_note": "FLUX.1-dev config (19 double + 38 single blocks, 24x128 heads)" if not args.tiny
-                 else "TINY smoke config", "n_linears": len(linear_names), "img_tokens": img_tokens,
-                 "txt_tokens": txt_tokens, "iters": args.iters, "warmup": args.warmup, "variants": {},
-                 "skipped": []}
-    print(f"built model in {time.time() - t_start:.1f} s; {len(linear_names)} Linears; "
-          f"{model_tensor_bytes(model) / GiB:.2f} GiB on GPU", flush=True)
+    res: dict = {
+        "env": env,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "config_note": "FLUX.1-dev config (19 double + 38 single blocks, 24x128 heads)" if not args.tiny else "TINY smoke config",
+        "n_linears": len(linear_names),
+        "img_tokens": img_tokens,
+        "txt_tokens": txt_tokens,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "variants": {},
+        "skipped": [],
+    }
+    print(
+        f"built model in {time.time() - t_start:.1f} s; {len(linear_names)} Linears; {model_tensor_bytes(model) / GiB:.2f} GiB on GPU",
+        flush=True,
+    )
 
     ref: dict[str, torch.Tensor] = {}
 
-    def run_variant(name: str, prepare: Callable[[], None] | None = None, profile: bool = True,
-                    est_s: float = 15.0) -> None:
+    def run_variant(name: str, prepare: Callable[[], None] | None = None, profile: bool = True, est_s: float = 15.0) -> None:
         elapsed = time.time() - t_start
         if args.only and name not in args.only.split(","):
             return
@@ -357,8 +394,9 @@ def main() -> None:
 
     # 2. FP8, all Linears, static per-tensor scales from one calibration pass
     amax = calibrate(model, linear_names, inputs)
-    fp8 = {n: fp8_linear_from_float(originals[n], per_channel=False, input_scale=amax[n] / 448.0,
-                                    backend=fp8_backend) for n in linear_names}
+    fp8 = {
+        n: fp8_linear_from_float(originals[n], per_channel=False, input_scale=amax[n] / 448.0, backend=fp8_backend) for n in linear_names
+    }
     run_variant("fp8_triton_static_all", lambda: swap(model, fp8))
 
     def set_fp8_backend(backend: str | None, dynamic: bool) -> None:
@@ -371,8 +409,7 @@ def main() -> None:
                 m.input_scale = m.__dict__.pop("_saved_input_scale")
 
     run_variant("fp8_triton_per_token_all", lambda: set_fp8_backend(fp8_backend, True), profile=False)
-    run_variant("fp8_eager_quant_static_all", lambda: set_fp8_backend("scaled_mm" if cuda else "emulation", False),
-                profile=False)
+    run_variant("fp8_eager_quant_static_all", lambda: set_fp8_backend("scaled_mm" if cuda else "emulation", False), profile=False)
     set_fp8_backend(fp8_backend, False)
 
     # 3. FP8 with SGLang's flux1 BF16-fallback list
@@ -383,12 +420,12 @@ def main() -> None:
     def fp8_preset() -> None:
         swap(model, fp8)
         swap(model, {n: originals[n] for n in fp8_fb})
+
     run_variant("fp8_triton_static_flux1_preset", fp8_preset)
 
     # 4. NVFP4 (Hopper: W4A16, dequant + cuBLAS at M >= 1024, fused Triton below)
     swap(model, originals)
-    fp4 = {n: nvfp4_linear_from_float(originals[n], input_scale=amax[n] / (6.0 * 448.0), backend=fp4_backend)
-           for n in linear_names}
+    fp4 = {n: nvfp4_linear_from_float(originals[n], input_scale=amax[n] / (6.0 * 448.0), backend=fp4_backend) for n in linear_names}
     if cuda:
         torch.cuda.synchronize()
     run_variant("nvfp4_w4a16_all", lambda: swap(model, fp4))
@@ -398,12 +435,14 @@ def main() -> None:
     def fp4_preset() -> None:
         swap(model, fp4)
         swap(model, {n: originals[n] for n in fp4_fb})
+
     run_variant("nvfp4_w4a16_flux1_preset", fp4_preset, profile=False)
 
     # text-stream Linears (M = 512) through dequant + cuBLAS instead of the fused W4A16 kernel
     def fp4_min_m_256() -> None:
         swap(model, fp4)
         os.environ["DQFAST_W4A16_DEQUANT_MIN_M"] = "256"
+
     run_variant("nvfp4_w4a16_all_dequant_min_m_256", fp4_min_m_256)
     os.environ.pop("DQFAST_W4A16_DEQUANT_MIN_M", None)
     swap(model, originals)
@@ -429,6 +468,7 @@ def main() -> None:
                 dynamo.reset()
                 for b in blocks:
                     b.compile(dynamic=False)
+
             return prep
 
         run_variant("bf16_compiled", compiled(None), est_s=120)

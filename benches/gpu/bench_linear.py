@@ -4,16 +4,16 @@ plus a FLUX.1-dev-shaped stack of all transformer Linears (GEMM share of a forwa
 
 Writes bench.json and bench.md to --out. Times are medians of triton.testing.do_bench.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys as _sys
 import time
 import traceback
 from pathlib import Path
-
-import os
-import sys as _sys
 
 _sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stub_core import ensure_dqfast_importable  # noqa: E402
@@ -22,11 +22,10 @@ ensure_dqfast_importable()
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
-
 from dqfast.runtime import quant as Q
 from dqfast.runtime import triton_kernels as TK
 from dqfast.runtime.linear import _ACT_CACHE, Fp8Linear, Nvfp4Linear
+from triton.testing import do_bench
 
 # (model, layer, K, N)
 SHAPES = [
@@ -80,8 +79,7 @@ def shape_benchmarks(rows: list[dict], sweep: bool) -> None:
         f8e = make_fp8(w, 0.01, "scaled_mm")
         f4 = make_fp4(w)
         f4.backend_request = "triton"
-        mem = {"bf16_bytes": nbytes(w), "fp8_bytes": nbytes(f8s.weight),
-               "nvfp4_bytes": nbytes(f4.weight, f4.weight_scale)}
+        mem = {"bf16_bytes": nbytes(w), "fp8_bytes": nbytes(f8s.weight), "nvfp4_bytes": nbytes(f4.weight, f4.weight_scale)}
         for m in MS:
             x = torch.randn(m, k, device=dev).to(torch.bfloat16)
             row = {"model": model, "layer": layer, "M": m, "K": k, "N": n, **mem}
@@ -96,20 +94,21 @@ def shape_benchmarks(rows: list[dict], sweep: bool) -> None:
                         return fn()
                     finally:
                         env["DQFAST_SHARE_ACT_QUANT"] = "1"
+
                 return run
+
             measures = {
                 "bf16_ms": lambda: F.linear(x, w),
                 "fp8_gemm_only_ms": lambda: torch._scaled_mm(
-                    xq, f8s.weight.t(), scale_a=s1, scale_b=f8s.weight_scale, out_dtype=torch.bfloat16,
-                    use_fast_accum=True),
+                    xq, f8s.weight.t(), scale_a=s1, scale_b=f8s.weight_scale, out_dtype=torch.bfloat16, use_fast_accum=True
+                ),
                 "fp8_eager_static_ms": lambda: f8e(x),
                 "fp8_triton_static_ms": no_share(lambda: f8s(x)),
                 "fp8_triton_dynamic_ms": no_share(lambda: f8d(x)),
                 "quant_static_ms": lambda: TK.fp8_quant_static(x, s1),
                 "quant_per_token_ms": lambda: TK.fp8_quant_per_token(x),
                 "nvfp4_w4a16_ms": lambda: TK.nvfp4_w4a16_matmul(x, f4.weight, f4.weight_scale, f4.weight_scale_2),
-                "nvfp4_dequant_gemm_ms": lambda: TK.nvfp4_dequant_matmul(x, f4.weight, f4.weight_scale,
-                                                                         f4.weight_scale_2),
+                "nvfp4_dequant_gemm_ms": lambda: TK.nvfp4_dequant_matmul(x, f4.weight, f4.weight_scale, f4.weight_scale_2),
                 "nvfp4_dequant_only_ms": lambda: TK.nvfp4_dequantize(f4.weight, f4.weight_scale, f4.weight_scale_2),
                 "nvfp4_module_ms": lambda: f4(x),
             }
@@ -122,8 +121,7 @@ def shape_benchmarks(rows: list[dict], sweep: bool) -> None:
                 best = None
                 for cfg in TK.W4A16_CONFIGS:
                     try:
-                        t = bench(lambda: TK.nvfp4_w4a16_matmul(x, f4.weight, f4.weight_scale,
-                                                                f4.weight_scale_2, None, cfg))
+                        t = bench(lambda: TK.nvfp4_w4a16_matmul(x, f4.weight, f4.weight_scale, f4.weight_scale_2, None, cfg))
                     except Exception as exc:  # e.g. out of shared memory for a config
                         row.setdefault("sweep_errors", []).append(f"{cfg}: {type(exc).__name__}")
                         continue
@@ -148,9 +146,16 @@ def flux_stack(img_tokens: int = 4096, txt_tokens: int = 512) -> dict:
     h, f = 3072, 12288
     m_img, m_txt, m_all = img_tokens, txt_tokens, img_tokens + txt_tokens
     # (site, M, K, [N...]) : Linears sharing one input site read the same activation tensor
-    double = [("img_in", m_img, h, [h, h, h]), ("txt_in", m_txt, h, [h, h, h]), ("img_attn", m_img, h, [h]),
-              ("txt_attn", m_txt, h, [h]), ("img_ff", m_img, h, [f]), ("img_ff2", m_img, f, [h]),
-              ("txt_ff", m_txt, h, [f]), ("txt_ff2", m_txt, f, [h])]
+    double = [
+        ("img_in", m_img, h, [h, h, h]),
+        ("txt_in", m_txt, h, [h, h, h]),
+        ("img_attn", m_img, h, [h]),
+        ("txt_attn", m_txt, h, [h]),
+        ("img_ff", m_img, h, [f]),
+        ("img_ff2", m_img, f, [h]),
+        ("txt_ff", m_txt, h, [f]),
+        ("txt_ff2", m_txt, f, [h]),
+    ]
     single = [("in", m_all, h, [h, h, h, f]), ("out", m_all, h + f, [h])]
     # flux1 preset BF16 fallbacks (norm*.linear are M=1 modulation GEMVs, omitted): ff*, proj_mlp
     fallback_sites = {"img_ff", "img_ff2", "txt_ff", "txt_ff2"}
@@ -178,10 +183,14 @@ def flux_stack(img_tokens: int = 4096, txt_tokens: int = 512) -> dict:
         m4 = make_fp4(w)
         m4.backend_request = "triton"
         fp4.append(m4)
-    res = {"layers": len(layers), "img_tokens": img_tokens, "txt_tokens": txt_tokens,
-           "bf16_weight_GiB": sum(nbytes(w) for w in bf16) / 2**30,
-           "fp8_weight_GiB": sum(nbytes(m.weight) for m in fp8) / 2**30,
-           "nvfp4_weight_GiB": sum(nbytes(m.weight, m.weight_scale) for m in fp4) / 2**30}
+    res = {
+        "layers": len(layers),
+        "img_tokens": img_tokens,
+        "txt_tokens": txt_tokens,
+        "bf16_weight_GiB": sum(nbytes(w) for w in bf16) / 2**30,
+        "fp8_weight_GiB": sum(nbytes(m.weight) for m in fp8) / 2**30,
+        "nvfp4_weight_GiB": sum(nbytes(m.weight, m.weight_scale) for m in fp4) / 2**30,
+    }
 
     def run_bf16():
         for (key, *_), w in zip(layers, bf16):
@@ -201,8 +210,12 @@ def flux_stack(img_tokens: int = 4096, txt_tokens: int = 512) -> dict:
         for (key, *_), mod in zip(layers, fp4):
             mod(acts[key])
 
-    for name, fn in [("bf16", run_bf16), ("fp8_triton_all", run_fp8), ("fp8_triton_flux1_preset", run_fp8_preset),
-                     ("nvfp4_triton_auto_all", run_fp4)]:
+    for name, fn in [
+        ("bf16", run_bf16),
+        ("fp8_triton_all", run_fp8),
+        ("fp8_triton_flux1_preset", run_fp8_preset),
+        ("nvfp4_triton_auto_all", run_fp4),
+    ]:
         fn()
         torch.cuda.synchronize()
         ts = []
@@ -214,6 +227,7 @@ def flux_stack(img_tokens: int = 4096, txt_tokens: int = 512) -> dict:
         res[name + "_ms"] = sorted(ts)[len(ts) // 2]
         print(name, round(res[name + "_ms"], 2), "ms", flush=True)
     import os
+
     os.environ["DQFAST_SHARE_ACT_QUANT"] = "0"
     run_fp8()
     torch.cuda.synchronize()
@@ -230,30 +244,53 @@ def flux_stack(img_tokens: int = 4096, txt_tokens: int = 512) -> dict:
 
 
 def write_md(path: Path, rows: list[dict], stack: dict | None, device: str) -> None:
-    lines = [f"# Linear benchmarks on {device}", "",
-             "Median ms (triton.testing.do_bench). speedup = BF16 time / path time. fp8 static/dynamic = "
-             "fused Triton activation quantization + torch._scaled_mm; eager = torch ops + _scaled_mm.", "",
-             "| model | layer | M | K | N | bf16 ms | fp8 GEMM only | fp8 eager static | fp8 triton static | "
-             "fp8 triton per-token | nvfp4 fused W4A16 (default cfg) | nvfp4 fused W4A16 best cfg | "
-             "nvfp4 dequant+cuBLAS | nvfp4 module (auto) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Linear benchmarks on {device}",
+        "",
+        "Median ms (triton.testing.do_bench). speedup = BF16 time / path time. fp8 static/dynamic = "
+        "fused Triton activation quantization + torch._scaled_mm; eager = torch ops + _scaled_mm.",
+        "",
+        "| model | layer | M | K | N | bf16 ms | fp8 GEMM only | fp8 eager static | fp8 triton static | "
+        "fp8 triton per-token | nvfp4 fused W4A16 (default cfg) | nvfp4 fused W4A16 best cfg | "
+        "nvfp4 dequant+cuBLAS | nvfp4 module (auto) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def cell(r: dict, key: str) -> str:
         if key not in r:
             return "-"
         return f"{r[key]:.3f} ({r['bf16_ms'] / r[key]:.2f}x)"
+
     for r in rows:
         if "bf16_ms" not in r:
             lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | error: {r.get('error')} |")
             continue
-        lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {r['bf16_ms']:.3f} | "
-                     + " | ".join(cell(r, k) for k in ("fp8_gemm_only_ms", "fp8_eager_static_ms",
-                                                        "fp8_triton_static_ms", "fp8_triton_dynamic_ms",
-                                                        "nvfp4_w4a16_ms", "nvfp4_w4a16_best_ms",
-                                                        "nvfp4_dequant_gemm_ms", "nvfp4_module_ms")) + " |")
+        lines.append(
+            f"| {r['model']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {r['bf16_ms']:.3f} | "
+            + " | ".join(
+                cell(r, k)
+                for k in (
+                    "fp8_gemm_only_ms",
+                    "fp8_eager_static_ms",
+                    "fp8_triton_static_ms",
+                    "fp8_triton_dynamic_ms",
+                    "nvfp4_w4a16_ms",
+                    "nvfp4_w4a16_best_ms",
+                    "nvfp4_dequant_gemm_ms",
+                    "nvfp4_module_ms",
+                )
+            )
+            + " |"
+        )
     if stack:
-        lines += ["", "## FLUX.1-dev-shaped Linear stack (19 double + 38 single blocks, 4096 img + 512 txt tokens)",
-                  "", "```", json.dumps(stack, indent=1), "```"]
+        lines += [
+            "",
+            "## FLUX.1-dev-shaped Linear stack (19 double + 38 single blocks, 4096 img + 512 txt tokens)",
+            "",
+            "```",
+            json.dumps(stack, indent=1),
+            "```",
+        ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -278,8 +315,7 @@ def main() -> None:
         except Exception as exc:
             stack = {"error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc()
-    (out / "bench.json").write_text(json.dumps({"device": device, "torch": torch.__version__,
-                                                "rows": rows, "flux_stack": stack}, indent=1))
+    (out / "bench.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows, "flux_stack": stack}, indent=1))
     write_md(out / "bench.md", rows, stack, device)
     print((out / "bench.md").read_text())
 

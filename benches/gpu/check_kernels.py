@@ -2,16 +2,16 @@
 
 Writes check.json to --out; exits non-zero if any check fails.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import sys as _sys
 import traceback
 from pathlib import Path
-
-import os
-import sys as _sys
 
 _sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stub_core import ensure_dqfast_importable  # noqa: E402
@@ -19,11 +19,14 @@ from _stub_core import ensure_dqfast_importable  # noqa: E402
 ensure_dqfast_importable()
 
 import torch
-
 from dqfast.runtime import quant as Q
 from dqfast.runtime import triton_kernels as TK
 from dqfast.runtime.linear import (
-    _ACT_CACHE, fp8_linear_from_float, fuse_fp8_linears, fuse_nvfp4_linears, nvfp4_linear_from_float,
+    _ACT_CACHE,
+    fp8_linear_from_float,
+    fuse_fp8_linears,
+    fuse_nvfp4_linears,
+    nvfp4_linear_from_float,
 )
 
 SHAPES = [(1024, 3072, 3072), (4096, 3072, 12288), (333, 12288, 3072), (77, 5120, 13824), (4096, 15360, 3072)]
@@ -54,7 +57,7 @@ def main() -> int:
         except Exception as exc:  # keep going: one broken path must not hide the others
             record(name, False, error=f"{type(exc).__name__}: {exc}", tb=traceback.format_exc()[-1500:])
 
-    for (m, k, n) in SHAPES:
+    for m, k, n in SHAPES:
         gen = torch.Generator(device=dev).manual_seed(m + k + n)
         x = (torch.randn(m, k, device=dev, generator=gen) * 2).to(torch.bfloat16)
         x[0, :7] = 0  # a partly-zero row
@@ -71,6 +74,7 @@ def main() -> int:
             q2 = TK.fp8_quant_static(x, st)
             d2 = int((q2.view(torch.uint8) != Q.quantize_fp8(x, st).view(torch.uint8)).sum())
             record(f"fp8_quant_static {tag}", d2 == 0, differing_bytes=d2)
+
         guarded(f"fp8_quant {tag}", quant_kernels)
 
         def fp8_paths() -> None:
@@ -84,8 +88,8 @@ def main() -> int:
                         _ACT_CACHE.clear()
                         y = mod(x)
                         e = rel(y, ref)
-                        record(f"fp8 {be} pc={pc} static={static} {tag}", e < 1e-2 and torch.isfinite(y).all(),
-                               rel_err=e)
+                        record(f"fp8 {be} pc={pc} static={static} {tag}", e < 1e-2 and torch.isfinite(y).all(), rel_err=e)
+
         guarded(f"fp8 {tag}", fp8_paths)
 
         def fp4_paths() -> None:
@@ -102,6 +106,7 @@ def main() -> int:
                 record(f"nvfp4 {be} module {tag}", e < 1e-2 and torch.isfinite(y).all(), rel_err=e)
             w4a4 = mod.forward_emulation(x)
             record(f"nvfp4 w4a4-vs-w4a16 emulation gap {tag}", True, rel_err=rel(w4a4, ref))
+
         guarded(f"nvfp4 {tag}", fp4_paths)
 
     def fused() -> None:
@@ -111,8 +116,10 @@ def main() -> int:
         for i, l in enumerate(lins):
             with torch.no_grad():
                 l.weight.mul_([1.0, 6.0, 0.2][i])
-        s8 = [fp8_linear_from_float(l, input_scale=float(x.float().abs().max() / 448) * f, backend="triton")
-              for l, f in zip(lins, (1.0, 1.3, 0.9))]
+        s8 = [
+            fp8_linear_from_float(l, input_scale=float(x.float().abs().max() / 448) * f, backend="triton")
+            for l, f in zip(lins, (1.0, 1.3, 0.9))
+        ]
         f8 = fuse_fp8_linears(s8)
         ref = torch.cat([m.forward_emulation(x) for m in s8], -1)
         e = rel(f8(x), ref)
@@ -124,6 +131,7 @@ def main() -> int:
             f4.backend_request = be
             e4 = rel(f4(x), ref4)
             record(f"fused nvfp4 qkv ({be}, per-channel gs) vs per-shard emulation", e4 < 1e-2, rel_err=e4)
+
     guarded("fused", fused)
 
     def flashinfer_paths() -> None:
@@ -141,6 +149,7 @@ def main() -> int:
             m4 = nvfp4_linear_from_float(lin, input_scale=float(x.float().abs().max() / 2688), backend="flashinfer")
             e = rel(m4(x), m4.forward_emulation(x))
             record("nvfp4 flashinfer mm_fp4", e < 3e-2, rel_err=e)
+
     guarded("flashinfer", flashinfer_paths)
 
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ class _Inert:
 
     _qualname = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_Inert":
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
         obj = object.__new__(cls)
         obj.__dict__["_args"] = args
         obj.__dict__["_items"] = []
@@ -74,7 +74,7 @@ class _Inert:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def __call__(self, *args: Any, **kwargs: Any) -> "_Inert":
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
         # e.g. getattr(cls, "method")(...) in a reduce: yields another inert value.
         return type(self)(*args)
 
@@ -158,9 +158,7 @@ def _read_tensor(zf: zipfile.ZipFile, prefix: str, big_endian: bool, t: _LazyTen
     except KeyError:
         raise BackboneError(f"{path}: {key}: storage entry {entry} missing") from None
     if info.file_size != st.numel * itemsize:
-        raise BackboneError(
-            f"{path}: {key}: storage {entry} has {info.file_size} bytes, expected {st.numel * itemsize}"
-        )
+        raise BackboneError(f"{path}: {key}: storage {entry} has {info.file_size} bytes, expected {st.numel * itemsize}")
     if any(s < 0 for s in t.size) or any(s < 0 for s in t.stride) or t.offset < 0:
         raise BackboneError(f"{path}: {key}: negative size, stride or offset")
     count = int(np.prod(t.size, dtype=np.int64))

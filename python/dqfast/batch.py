@@ -39,9 +39,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Literal
 
 from dqfast import _core
 from dqfast.errors import DqfastError, OutputExistsError
@@ -241,9 +242,7 @@ def _int_setting(raw: dict[str, Any], key: str, problems: list[str]) -> int:
     return v
 
 
-def parse_manifest(
-    data: Any, *, base_dir: Path, path: Path | None = None, check_paths: bool = True
-) -> Manifest:
+def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check_paths: bool = True) -> Manifest:
     """Validate a parsed manifest; every problem is collected, then one :class:`ManifestError`."""
     problems: list[str] = []
     where = str(path) if path else "manifest"
@@ -321,8 +320,7 @@ def parse_manifest(
                 kws = set(builder.inputs) | set(options)
             for k, v in merged["inputs"].items():
                 if k not in builder.inputs or k not in kws:
-                    problems.append(f"{label}: unknown input '{k}' for builder '{builder_name}' "
-                                    f"(inputs: {', '.join(builder.inputs)})")
+                    problems.append(f"{label}: unknown input '{k}' for builder '{builder_name}' (inputs: {', '.join(builder.inputs)})")
                 elif v is None or v == "":
                     continue
                 elif not isinstance(v, str):
@@ -349,9 +347,19 @@ def parse_manifest(
             problems.append(f"{label}: identity must be 'stat' or 'content', not {identity!r}")
             identity = "stat"
         memory = parse_size(merged.get("memory"), f"{label}: memory", problems)
-        jobs.append(JobSpec(name=str(name), builder=str(builder_name), output=resolve(output) if output else "",
-                            inputs=inputs, options=options, threads=threads, memory=memory, identity=identity,
-                            target=builder.target if builder else ""))
+        jobs.append(
+            JobSpec(
+                name=str(name),
+                builder=str(builder_name),
+                output=resolve(output) if output else "",
+                inputs=inputs,
+                options=options,
+                threads=threads,
+                memory=memory,
+                identity=identity,
+                target=builder.target if builder else "",
+            )
+        )
 
     _check_cross_job(jobs, problems)
     if problems:
@@ -390,8 +398,10 @@ def _check_cross_job(jobs: list[JobSpec], problems: list[str]) -> None:
             for out, owner in outputs.items():
                 if _inside(out, src) or _inside(src, out):
                     who = "its own" if owner == j.name else f"job '{owner}''s"
-                    problems.append(f"job '{j.name}': input '{k}' ({v}) overlaps {who} output {out}; "
-                                    "chained jobs are not supported: run them as two batches")
+                    problems.append(
+                        f"job '{j.name}': input '{k}' ({v}) overlaps {who} output {out}; "
+                        "chained jobs are not supported: run them as two batches"
+                    )
 
 
 # ---- identities, records, checksums ---------------------------------------------------------
@@ -666,8 +676,7 @@ def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = Fal
     t0 = time.monotonic()
     log = _Log(job.log)
     wrote_running = False
-    res = JobResult(name=job.name, status="failed", output=job.output, log=job.log, host=socket.gethostname(),
-                    started=time.time())
+    res = JobResult(name=job.name, status="failed", output=job.output, log=job.log, host=socket.gethostname(), started=time.time())
     out = Path(job.output)
     try:
         _reset_peak_rss()
@@ -685,17 +694,21 @@ def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = Fal
             res.seconds = time.monotonic() - t0
             res.finished = time.time()
             return res
-        base_record = {"format": RECORD_FORMAT, "job": job.name, "fingerprint": fp, "identity": doc,
-                       "host": socket.gethostname(), "pid": os.getpid()}
+        base_record = {
+            "format": RECORD_FORMAT,
+            "job": job.name,
+            "fingerprint": fp,
+            "identity": doc,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
         bytes_written = 0
         if state == "adopt":
             log("output committed by an interrupted run: adopting it")
             res.status = "adopted"
         else:
             if state == "foreign" and not overwrite_foreign:
-                raise OutputExistsError(
-                    f"{out}: output exists but has no dqfast job record; remove it or pass --overwrite"
-                )
+                raise OutputExistsError(f"{out}: output exists but has no dqfast job record; remove it or pass --overwrite")
             if out.exists():
                 log("removing outdated output")
                 _remove_stale_output(out)
@@ -711,11 +724,18 @@ def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = Fal
         res.peak_rss_bytes = _peak_rss()
         res.bytes = bytes_written or sum(f["size"] for f in files.values())
         res.output_checksum = checksum
-        _write_json_atomic(record_path(out), {
-            **base_record, "state": "done", "finished": time.time(), "seconds": res.seconds,
-            "bytes_written": res.bytes, "peak_rss_bytes": res.peak_rss_bytes,
-            "output": {"checksum": checksum, "files": files},
-        })
+        _write_json_atomic(
+            record_path(out),
+            {
+                **base_record,
+                "state": "done",
+                "finished": time.time(),
+                "seconds": res.seconds,
+                "bytes_written": res.bytes,
+                "peak_rss_bytes": res.peak_rss_bytes,
+                "output": {"checksum": checksum, "files": files},
+            },
+        )
         log(f"{res.status}: {res.bytes} bytes in {res.seconds:.2f}s, peak RSS {res.peak_rss_bytes}, {checksum}")
     except Exception as e:  # noqa: BLE001 - a job failure is a result, not a crash of the batch
         res.status = "failed"
@@ -800,8 +820,14 @@ class BatchSummary:
         return all(j.status != "failed" for j in self.jobs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"manifest": self.manifest, "executor": self.executor, "seconds": self.seconds,
-                "counts": self.counts, "ok": self.ok, "jobs": [j.to_dict() for j in self.jobs]}
+        return {
+            "manifest": self.manifest,
+            "executor": self.executor,
+            "seconds": self.seconds,
+            "counts": self.counts,
+            "ok": self.ok,
+            "jobs": [j.to_dict() for j in self.jobs],
+        }
 
 
 #: ``on_event(kind, job, result)``; kind is "start" or "end" (result set on "end").
@@ -851,15 +877,19 @@ def run_batch(
         results = _run_ray(jobs, address, overwrite, verify, emit)
     else:
         raise ValueError(f"unknown executor '{executor}' (local or ray)")
-    summary = BatchSummary(manifest=str(manifest.path), executor=executor, seconds=time.monotonic() - t0,
-                           jobs=results)
+    summary = BatchSummary(manifest=str(manifest.path), executor=executor, seconds=time.monotonic() - t0, jobs=results)
     out = Path(summary_path or s.summary or manifest.path.parent / f"{manifest.path.stem}.summary.json")
     _write_json_atomic(out, summary.to_dict())
     return summary
 
 
 def _run_local(
-    jobs: list[JobSpec], cores: int, max_parallel: int, memory_limit: int, overwrite: bool, verify: bool,
+    jobs: list[JobSpec],
+    cores: int,
+    max_parallel: int,
+    memory_limit: int,
+    overwrite: bool,
+    verify: bool,
     emit: EventFn,
 ) -> list[JobResult]:
     """One subprocess per job (a crash or kill of one job cannot take the batch down), started in
@@ -889,7 +919,10 @@ def _run_local(
                 with open(jobs[i].log, "ab") as logf:
                     proc = subprocess.Popen(
                         [sys.executable, "-m", "dqfast.batch", str(spec), str(result)],
-                        stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                        stdout=logf,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        env=env,
                     )
                 running[i] = (proc, result, time.monotonic())
                 used_cores += jobs[i].threads
@@ -904,8 +937,12 @@ def _run_local(
                     res = JobResult(**json.loads(result.read_text()))
                 except (OSError, ValueError, TypeError):
                     res = JobResult(
-                        name=jobs[i].name, status="failed", output=jobs[i].output, log=jobs[i].log,
-                        seconds=time.monotonic() - started, host=socket.gethostname(),
+                        name=jobs[i].name,
+                        status="failed",
+                        output=jobs[i].output,
+                        log=jobs[i].log,
+                        seconds=time.monotonic() - started,
+                        host=socket.gethostname(),
                         error=f"job process exited with status {proc.returncode} (see {jobs[i].log})",
                         error_type="WorkerDied",
                     )
@@ -931,15 +968,11 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise DqfastError(
-            "the ray executor needs Ray on this machine and on every node: pip install 'ray>=2.9'"
-        ) from None
+        raise DqfastError("the ray executor needs Ray on this machine and on every node: pip install 'ray>=2.9'") from None
     return ray
 
 
-def _run_ray(
-    jobs: list[JobSpec], address: str | None, overwrite: bool, verify: bool, emit: EventFn
-) -> list[JobResult]:
+def _run_ray(jobs: list[JobSpec], address: str | None, overwrite: bool, verify: bool, emit: EventFn) -> list[JobResult]:
     """One Ray task per job, asking for ``num_cpus=threads`` and ``memory=<estimate>`` so Ray's
     scheduler packs jobs onto nodes; paths must be on storage every node sees."""
     ray = _import_ray()
@@ -951,8 +984,9 @@ def _run_ray(
         remote = ray.remote(_ray_task)
         futures = {}
         for i, j in enumerate(jobs):
-            ref = remote.options(num_cpus=j.threads, memory=estimate_memory(j), max_retries=0,
-                                 name=f"dqfast:{j.name}").remote(j.to_dict(), overwrite, verify)
+            ref = remote.options(num_cpus=j.threads, memory=estimate_memory(j), max_retries=0, name=f"dqfast:{j.name}").remote(
+                j.to_dict(), overwrite, verify
+            )
             futures[ref] = i
             emit("start", j, None)
         results: dict[int, JobResult] = {}
@@ -963,8 +997,14 @@ def _run_ray(
             try:
                 res = JobResult(**ray.get(done[0]))
             except Exception as e:  # noqa: BLE001 - worker died, node lost, ...
-                res = JobResult(name=jobs[i].name, status="failed", output=jobs[i].output, log=jobs[i].log,
-                                error=f"ray task failed: {e}", error_type=type(e).__name__)
+                res = JobResult(
+                    name=jobs[i].name,
+                    status="failed",
+                    output=jobs[i].output,
+                    log=jobs[i].log,
+                    error=f"ray task failed: {e}",
+                    error_type=type(e).__name__,
+                )
             results[i] = res
             emit("end", jobs[i], res)
         return [results[i] for i in range(len(jobs))]

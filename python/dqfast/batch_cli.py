@@ -24,23 +24,41 @@ def _human(n: float) -> str:
 
 @click.command("batch")
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: subprocesses on this machine; ray: tasks on a Ray cluster.")
-@click.option("--address", default=None, help="Ray cluster address (e.g. 'auto' or 'ray://head:10001'); "
-              "without it a local Ray instance is started.")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: subprocesses on this machine; ray: tasks on a Ray cluster.",
+)
+@click.option(
+    "--address", default=None, help="Ray cluster address (e.g. 'auto' or 'ray://head:10001'); without it a local Ray instance is started."
+)
 @click.option("--max-parallel", type=int, default=0, help="At most this many jobs at once (local; 0 = no cap).")
 @click.option("--cores", type=int, default=0, help="Cores to share between jobs (local; 0 = all).")
 @click.option("--memory-limit", default=None, help="Memory to share between jobs, e.g. 64GB (local; default 80%% of available).")
 @click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="Per-job logs (default: <manifest>.logs/).")
-@click.option("--summary", "summary_path", type=click.Path(path_type=Path), default=None,
-              help="JSON summary path (default: <manifest>.summary.json).")
+@click.option(
+    "--summary", "summary_path", type=click.Path(path_type=Path), default=None, help="JSON summary path (default: <manifest>.summary.json)."
+)
 @click.option("--overwrite", is_flag=True, help="Rebuild outputs that exist without a dqfast job record.")
 @click.option("--verify", is_flag=True, help="Re-hash finished outputs before skipping them.")
 @click.option("--check", is_flag=True, help="Validate the manifest and plan every job (reading headers, writing nothing); exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
-def batch(manifest: Path, executor: str, address: str | None, max_parallel: int, cores: int,
-          memory_limit: str | None, log_dir: Path | None, summary_path: Path | None, overwrite: bool,
-          verify: bool, check: bool, as_json: bool) -> None:
+def batch(
+    manifest: Path,
+    executor: str,
+    address: str | None,
+    max_parallel: int,
+    cores: int,
+    memory_limit: str | None,
+    log_dir: Path | None,
+    summary_path: Path | None,
+    overwrite: bool,
+    verify: bool,
+    check: bool,
+    as_json: bool,
+) -> None:
     """Run the conversion jobs of MANIFEST (TOML or YAML): in parallel, resumable, idempotent."""
     from dqfast.batch import ManifestError, load_manifest, run_batch
     from dqfast.plan import parse_size
@@ -69,8 +87,16 @@ def batch(manifest: Path, executor: str, address: str | None, max_parallel: int,
 
     console = Console(stderr=True)
     colors = {"done": "green", "skipped": "cyan", "adopted": "cyan", "failed": "red"}
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False, disable=as_json) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=as_json,
+    ) as progress:
         overall = progress.add_task("[bold]jobs", total=len(m.jobs))
         per_job: dict[str, Any] = {}
 
@@ -87,9 +113,19 @@ def batch(manifest: Path, executor: str, address: str | None, max_parallel: int,
             progress.console.print(f"[{c}]{res.status:>7}[/{c}] {job.name} ({res.seconds:.1f}s){extra}")
 
         try:
-            summary = run_batch(m, executor=executor, address=address, max_parallel=max_parallel, cores=cores,
-                                memory_limit=mem, log_dir=log_dir, summary_path=summary_path,
-                                overwrite=overwrite, verify=verify, on_event=on_event)
+            summary = run_batch(
+                m,
+                executor=executor,
+                address=address,
+                max_parallel=max_parallel,
+                cores=cores,
+                memory_limit=mem,
+                log_dir=log_dir,
+                summary_path=summary_path,
+                overwrite=overwrite,
+                verify=verify,
+                on_event=on_event,
+            )
         except DqfastError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)

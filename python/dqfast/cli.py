@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -91,19 +92,31 @@ def build() -> None:
 def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--output-dir", required=True, type=click.Path(path_type=Path), help="Transformer directory to write."),
-        click.option("--model-type", default="auto", show_default=True,
-                     help="Preset: auto, flux1, flux2, hunyuan-video, qwen-image, wan, none."),
-        click.option("--fallback", "fallbacks", multiple=True, metavar="PATTERN",
-                     help="Extra modules to keep in BF16 (repeatable): a regex for fp8 (SGLang's FP8 builder), "
-                          "a glob for nvfp4 (SGLang's NVFP4 builder)."),
+        click.option(
+            "--model-type", default="auto", show_default=True, help="Preset: auto, flux1, flux2, hunyuan-video, qwen-image, wan, none."
+        ),
+        click.option(
+            "--fallback",
+            "fallbacks",
+            multiple=True,
+            metavar="PATTERN",
+            help="Extra modules to keep in BF16 (repeatable): a regex for fp8 (SGLang's FP8 builder), "
+            "a glob for nvfp4 (SGLang's NVFP4 builder).",
+        ),
         click.option("--max-shard-size", default="5GB", show_default=True),
         click.option("--threads", default=0, show_default=True, help="Worker threads (0 = all cores)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
         click.option("--dry-run", is_flag=True, help="Print the plan (which modules become what, and why); write nothing."),
         click.option("--no-fsync", is_flag=True, help="Skip fsync before the output is moved into place."),
-        click.option("--io", "io_mode", type=click.Choice(IO_MODES), default="auto", show_default=True,
-                     help="auto: O_DIRECT reads of uncached inputs and O_DIRECT writes (page cache where unsupported); "
-                          "direct: O_DIRECT wherever possible; buffered: mmap + page cache only."),
+        click.option(
+            "--io",
+            "io_mode",
+            type=click.Choice(IO_MODES),
+            default="auto",
+            show_default=True,
+            help="auto: O_DIRECT reads of uncached inputs and O_DIRECT writes (page cache where unsupported); "
+            "direct: O_DIRECT wherever possible; buffered: mmap + page cache only.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
     ]
     for o in reversed(opts):
@@ -113,42 +126,63 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     """The options every builder shares, from `_common_build_options`."""
-    return dict(max_shard_size=kw["max_shard_size"], threads=kw["threads"], overwrite=kw["overwrite"],
-                dry_run=kw["dry_run"], fsync=not kw["no_fsync"], io=kw["io_mode"])
+    return dict(
+        max_shard_size=kw["max_shard_size"],
+        threads=kw["threads"],
+        overwrite=kw["overwrite"],
+        dry_run=kw["dry_run"],
+        fsync=not kw["no_fsync"],
+        io=kw["io_mode"],
+    )
 
 
 @build.command("fp8")
 @click.option("--modelopt-hf-dir", type=click.Path(exists=True, path_type=Path), help="ModelOpt HF export (root or transformer/).")
-@click.option("--modelopt-backbone-ckpt", type=click.Path(exists=True, path_type=Path),
-              help="ModelOpt backbone.pt (or its folder), or an amax .safetensors sidecar. A pickle: trusted files only "
-                   "(dqfast never executes it, but still reads it).")
+@click.option(
+    "--modelopt-backbone-ckpt",
+    type=click.Path(exists=True, path_type=Path),
+    help="ModelOpt backbone.pt (or its folder), or an amax .safetensors sidecar. A pickle: trusted files only "
+    "(dqfast never executes it, but still reads it).",
+)
 @click.option("--base-transformer-dir", type=click.Path(exists=True, path_type=Path), help="BF16 base transformer (fallback weights).")
 @click.option("--from-bf16", is_flag=True, help="Calibration-free: scales from the base weights themselves.")
-@click.option("--weight-granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True,
-              help="--from-bf16: per output channel (FP8_PER_CHANNEL_PER_TOKEN) or per tensor (FP8, needs --activation-amax).")
+@click.option(
+    "--weight-granularity",
+    type=click.Choice(["channel", "tensor"]),
+    default="channel",
+    show_default=True,
+    help="--from-bf16: per output channel (FP8_PER_CHANNEL_PER_TOKEN) or per tensor (FP8, needs --activation-amax).",
+)
 @click.option("--activation-amax", type=float, default=None, help="--from-bf16: static activation amax -> input_scale = amax/448.")
-@click.option("--rounding", type=click.Choice(["exact", "modelopt"]), default="exact", show_default=True,
-              help="When dqfast quantizes: divide in float32 (exact) or in the weight's dtype as ModelOpt's export does.")
+@click.option(
+    "--rounding",
+    type=click.Choice(["exact", "modelopt"]),
+    default="exact",
+    show_default=True,
+    help="When dqfast quantizes: divide in float32 (exact) or in the weight's dtype as ModelOpt's export does.",
+)
 @click.option("--requantize", is_flag=True, help="Re-quantize FP8 weights from the base instead of copying the export's bytes.")
 @_common_build_options
 def build_fp8(**kw: Any) -> None:
     """FP8 transformer (SGLang build_modelopt_fp8_transformer semantics)."""
     from dqfast.fp8 import build_fp8_transformer
 
-    report = _run(lambda: build_fp8_transformer(
-        kw["output_dir"],
-        modelopt_hf_dir=kw["modelopt_hf_dir"],
-        modelopt_backbone_ckpt=kw["modelopt_backbone_ckpt"],
-        base_transformer_dir=kw["base_transformer_dir"],
-        model_type=kw["model_type"],
-        fallback=kw["fallbacks"],
-        from_bf16=kw["from_bf16"],
-        weight_granularity=kw["weight_granularity"],
-        activation_amax=kw["activation_amax"],
-        rounding=kw["rounding"],
-        requantize=kw["requantize"],
-        **_common_build_kwargs(kw),
-    ))
+    report = _run(
+        lambda: build_fp8_transformer(
+            kw["output_dir"],
+            modelopt_hf_dir=kw["modelopt_hf_dir"],
+            modelopt_backbone_ckpt=kw["modelopt_backbone_ckpt"],
+            base_transformer_dir=kw["base_transformer_dir"],
+            model_type=kw["model_type"],
+            fallback=kw["fallbacks"],
+            from_bf16=kw["from_bf16"],
+            weight_granularity=kw["weight_granularity"],
+            activation_amax=kw["activation_amax"],
+            rounding=kw["rounding"],
+            requantize=kw["requantize"],
+            **_common_build_kwargs(kw),
+        )
+    )
     print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
 
 
@@ -157,8 +191,12 @@ def build_fp8(**kw: Any) -> None:
 @click.option("--base-transformer-dir", type=click.Path(exists=True, path_type=Path), help="BF16 base transformer (fallback weights).")
 @click.option("--pattern-preset", default=None, help="SGLang's name for --model-type (e.g. flux1-nvfp4).")
 @click.option("--keep-bf16-pattern", "keep_bf16", multiple=True, metavar="GLOB", help="SGLang's name for --fallback (globs).")
-@click.option("--swap-weight-nibbles/--no-swap-weight-nibbles", default=False, show_default=True,
-              help="Rewrite every packed byte (b>>4)|(b<<4) in place; the output then says swap_weight_nibbles: false.")
+@click.option(
+    "--swap-weight-nibbles/--no-swap-weight-nibbles",
+    default=False,
+    show_default=True,
+    help="Rewrite every packed byte (b>>4)|(b<<4) in place; the output then says swap_weight_nibbles: false.",
+)
 @click.option("--repair-nan-scales", is_flag=True, help="Clamp NaN block-scale bytes (0x7F/0xFF) to 448 instead of refusing.")
 @click.option("--no-reconcile-fused", is_flag=True, help="Leave q/k/v shards with different global scales as they are (warn only).")
 @click.option("--from-bf16", is_flag=True, help="No export: quantize the base weights in Rust (weights-only amax).")
@@ -171,19 +209,21 @@ def build_nvfp4(**kw: Any) -> None:
     model_type = kw["model_type"]
     if kw["pattern_preset"]:
         model_type = {"flux1-nvfp4": "flux1"}.get(kw["pattern_preset"], kw["pattern_preset"])
-    report = _run(lambda: build_nvfp4_transformer(
-        kw["output_dir"],
-        modelopt_hf_dir=kw["modelopt_hf_dir"],
-        base_transformer_dir=kw["base_transformer_dir"],
-        model_type=model_type,
-        fallback=list(kw["fallbacks"]) + list(kw["keep_bf16"]),
-        swap_weight_nibbles=kw["swap_weight_nibbles"],
-        repair_nan_scales=kw["repair_nan_scales"],
-        reconcile_fused_scales=not kw["no_reconcile_fused"],
-        from_bf16=kw["from_bf16"],
-        activation_amax=kw["activation_amax"],
-        **_common_build_kwargs(kw),
-    ))
+    report = _run(
+        lambda: build_nvfp4_transformer(
+            kw["output_dir"],
+            modelopt_hf_dir=kw["modelopt_hf_dir"],
+            base_transformer_dir=kw["base_transformer_dir"],
+            model_type=model_type,
+            fallback=list(kw["fallbacks"]) + list(kw["keep_bf16"]),
+            swap_weight_nibbles=kw["swap_weight_nibbles"],
+            repair_nan_scales=kw["repair_nan_scales"],
+            reconcile_fused_scales=not kw["no_reconcile_fused"],
+            from_bf16=kw["from_bf16"],
+            activation_amax=kw["activation_amax"],
+            **_common_build_kwargs(kw),
+        )
+    )
     print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
 
 
@@ -204,17 +244,28 @@ def _print_components(rep: Any, as_json: bool, show_decisions: bool) -> None:
 
 
 @build.command("mixed")
-@click.option("--base-transformer-dir", required=True, type=click.Path(exists=True, path_type=Path),
-              help="BF16 base transformer (or pipeline root with --components).")
-@click.option("--policy", default=None, metavar="JSON|FILE",
-              help='Per-layer policy {"fp8": [regex], "nvfp4": [regex], "bf16": [regex]} (key order = priority, '
-                   "first match wins, unmatched stay BF16); default: preset's unquantized set BF16, MLPs NVFP4, rest FP8.")
+@click.option(
+    "--base-transformer-dir",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="BF16 base transformer (or pipeline root with --components).",
+)
+@click.option(
+    "--policy",
+    default=None,
+    metavar="JSON|FILE",
+    help='Per-layer policy {"fp8": [regex], "nvfp4": [regex], "bf16": [regex]} (key order = priority, '
+    "first match wins, unmatched stay BF16); default: preset's unquantized set BF16, MLPs NVFP4, rest FP8.",
+)
 @click.option("--fp8-activation-amax", type=float, default=None, help="FP8 input_scale = amax/448 (default 448).")
 @click.option("--nvfp4-activation-amax", type=float, default=None, help="NVFP4 input_scale = amax/2688 (default 2688).")
 @click.option("--rounding", type=click.Choice(["exact", "modelopt"]), default="exact", show_default=True)
-@click.option("--components", "components", default=None,
-              help="Build these components of a pipeline root (comma list, or 'auto' for every transformer*/) "
-                   "into <output-dir>/<component>.")
+@click.option(
+    "--components",
+    "components",
+    default=None,
+    help="Build these components of a pipeline root (comma list, or 'auto' for every transformer*/) into <output-dir>/<component>.",
+)
 @_common_build_options
 def build_mixed(**kw: Any) -> None:
     """ModelOpt MIXED_PRECISION transformer (FP8 + NVFP4 + BF16 per layer) from the BF16 base, weights-only."""
@@ -230,14 +281,20 @@ def build_mixed(**kw: Any) -> None:
             _fail(f"--policy is neither a JSON file nor JSON: {e}")
     if kw["fallbacks"]:
         policy = {"bf16": list(kw["fallbacks"]), **(policy or _default_policy_dict(kw))}
-    args = dict(policy=policy, model_type=kw["model_type"], fp8_activation_amax=kw["fp8_activation_amax"],
-                nvfp4_activation_amax=kw["nvfp4_activation_amax"], rounding=kw["rounding"],
-                **_common_build_kwargs(kw))
+    args = dict(
+        policy=policy,
+        model_type=kw["model_type"],
+        fp8_activation_amax=kw["fp8_activation_amax"],
+        nvfp4_activation_amax=kw["nvfp4_activation_amax"],
+        rounding=kw["rounding"],
+        **_common_build_kwargs(kw),
+    )
     if kw["components"] is not None:
         from dqfast.components import build_components
 
-        rep = _run(lambda: build_components("mixed", kw["base_transformer_dir"], kw["output_dir"],
-                                            _parse_components(kw["components"]), **args))
+        rep = _run(
+            lambda: build_components("mixed", kw["base_transformer_dir"], kw["output_dir"], _parse_components(kw["components"]), **args)
+        )
         _print_components(rep, kw["as_json"], kw["dry_run"])
         return
     report = _run(lambda: build_mixed_transformer(kw["output_dir"], kw["base_transformer_dir"], **args))
@@ -260,11 +317,19 @@ def _default_policy_dict(kw: dict[str, Any]) -> dict[str, list[str]]:
 
 @build.command("components")
 @click.argument("kind", type=click.Choice(["fp8", "nvfp4", "mixed"]))
-@click.option("--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Pipeline root holding transformer/, transformer_2/, ... (BF16 base, or a ModelOpt export).")
+@click.option(
+    "--root",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Pipeline root holding transformer/, transformer_2/, ... (BF16 base, or a ModelOpt export).",
+)
 @click.option("--components", "components", default="auto", show_default=True, help="Comma list or 'auto'.")
-@click.option("--base-transformer-dir", type=click.Path(exists=True, path_type=Path), default=None,
-              help="BF16 pipeline root for fallbacks when --root is a ModelOpt export.")
+@click.option(
+    "--base-transformer-dir",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="BF16 pipeline root for fallbacks when --root is a ModelOpt export.",
+)
 @click.option("--modelopt-backbone-ckpt", default=None, help="backbone.pt per component; '{component}' is substituted.")
 @click.option("--from-bf16", is_flag=True, help="fp8/nvfp4: quantize the base weights (no export).")
 @click.option("--activation-amax", type=float, default=None, help="fp8/nvfp4 --from-bf16 activation amax.")
@@ -292,8 +357,13 @@ def build_components_cmd(**kw: Any) -> None:
 
 @main.command("inspect")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--base", "base", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Reference BF16 transformer: also judge the NVFP4 nibble order against it.")
+@click.option(
+    "--base",
+    "base",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Reference BF16 transformer: also judge the NVFP4 nibble order against it.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def inspect_cmd(path: Path, base: Path | None, as_json: bool) -> None:
     """Dtypes, shapes, quantization summary and problems of a checkpoint."""
@@ -320,8 +390,10 @@ def inspect_cmd(path: Path, base: Path | None, as_json: bool) -> None:
         if r.ignore:
             click.echo(f"ignore: {len(r.ignore)} pattern(s): " + ", ".join(r.ignore[:8]) + (" ..." if len(r.ignore) > 8 else ""))
         if order is not None:
-            click.echo(f"nibble order: {order['order']} (relative error vs reference: low-first "
-                       f"{order.get('low_first_rel_err', float('nan')):.3f}, high-first {order.get('high_first_rel_err', float('nan')):.3f})")
+            click.echo(
+                f"nibble order: {order['order']} (relative error vs reference: low-first "
+                f"{order.get('low_first_rel_err', float('nan')):.3f}, high-first {order.get('high_first_rel_err', float('nan')):.3f})"
+            )
         click.echo(f"problems: {len(r.problems)}")
         for p in r.problems:
             click.echo(f"  - {p}")
@@ -354,28 +426,32 @@ def verify_layers(base_dir: Path, quant_dir: Path, json_path: Path | None) -> No
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--png", "png_path", type=click.Path(path_type=Path), default=None, help="Per-step plot (needs matplotlib).")
-def verify_trajectory(base_dir: Path, quant_dir: Path, steps: int, seed: int, device: str,
-                      json_path: Path | None, png_path: Path | None) -> None:
+def verify_trajectory(
+    base_dir: Path, quant_dir: Path, steps: int, seed: int, device: str, json_path: Path | None, png_path: Path | None
+) -> None:
     """Run BF16 and quantized transformers through the same seeded denoising loop and compare."""
     from dqfast.verify.checkpoint import verify_checkpoint
 
-    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, steps=steps, seed=seed, device=device,
-                                       json_path=json_path, png_path=png_path))
+    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, steps=steps, seed=seed, device=device, json_path=json_path, png_path=png_path))
     _print_verify(r)
 
 
 def _print_verify(r: dict[str, Any]) -> None:
     s = r["layer_summary"]
-    click.echo(f"layers: {s['layers']}  min cosine {s.get('min_cosine', float('nan')):.6f} ({s.get('worst_layer')})  "
-               f"median SNR {s.get('median_snr_db') or float('nan'):.1f} dB  min SNR {s.get('min_snr_db') or float('nan'):.1f} dB")
+    click.echo(
+        f"layers: {s['layers']}  min cosine {s.get('min_cosine', float('nan')):.6f} ({s.get('worst_layer')})  "
+        f"median SNR {s.get('median_snr_db') or float('nan'):.1f} dB  min SNR {s.get('min_snr_db') or float('nan'):.1f} dB"
+    )
     if s.get("outliers"):
         click.echo(f"outliers: {', '.join(s['outliers'])}")
     if s.get("nan_layers"):
         click.echo(f"NaN layers: {', '.join(s['nan_layers'])}")
     t = r.get("trajectory")
     if t:
-        click.echo(f"trajectory: {t['num_steps']} steps, min cosine {t['min_cosine']:.6f}, final cosine "
-                   f"{t['final_cosine']:.6f}, final PSNR {t['final_psnr_db']:.2f} dB")
+        click.echo(
+            f"trajectory: {t['num_steps']} steps, min cosine {t['min_cosine']:.6f}, final cosine "
+            f"{t['final_cosine']:.6f}, final PSNR {t['final_psnr_db']:.2f} dB"
+        )
     if s.get("nan_layers"):
         sys.exit(1)
 
@@ -386,8 +462,10 @@ def presets_cmd() -> None:
     from dqfast.presets import PRESETS
 
     for p in PRESETS.values():
-        click.echo(f"{p.name}: classes={list(p.class_names)} fp8_fallback={len(p.fp8_fallback)} "
-                   f"nvfp4_fallback={len(p.nvfp4_fallback)} ptq_disabled={len(p.ptq_disabled)}")
+        click.echo(
+            f"{p.name}: classes={list(p.class_names)} fp8_fallback={len(p.fp8_fallback)} "
+            f"nvfp4_fallback={len(p.nvfp4_fallback)} ptq_disabled={len(p.ptq_disabled)}"
+        )
         if p.source:
             click.echo(f"    source: {p.source}")
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from dqfast.errors import PlanError
 from dqfast.plan import BuildReport
@@ -58,8 +59,7 @@ class ComponentsReport:
     components: dict[str, BuildReport] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"output_dir": self.output_dir, "kind": self.kind,
-                "components": {c: r.to_dict() for c, r in self.components.items()}}
+        return {"output_dir": self.output_dir, "kind": self.kind, "components": {c: r.to_dict() for c, r in self.components.items()}}
 
 
 def build_components(
@@ -92,8 +92,7 @@ def build_components(
     created: list[Path] = []
     try:
         for c in comps:
-            kw = {k: (str(v).replace("{component}", c) if isinstance(v, (str, os.PathLike)) else v)
-                  for k, v in builder_kwargs.items()}
+            kw = {k: (str(v).replace("{component}", c) if isinstance(v, (str, os.PathLike)) else v) for k, v in builder_kwargs.items()}
             target = out_root / c
             existed = target.exists()
             if kind == "mixed":

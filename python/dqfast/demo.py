@@ -32,18 +32,28 @@ def run_demo(workdir: str | Path = "demo-out") -> dict:
         shutil.rmtree(work)
     console.print(f"[bold]1/3[/bold] generating a synthetic FLUX.1-shaped ModelOpt FP8 export in {work}/ ...")
     paths = make_transformer(
-        work / "inputs", "flux1", blocks=2, single_blocks=4, heads=4, head_dim=32,
-        config_overrides={"joint_attention_dim": 256, "pooled_projection_dim": 128, "in_channels": 16,
-                          "axes_dims_rope": [8, 12, 12]},
-        seed=0, modelopt_fp8_export=True, max_shard_bytes=2_000_000,
+        work / "inputs",
+        "flux1",
+        blocks=2,
+        single_blocks=4,
+        heads=4,
+        head_dim=32,
+        config_overrides={"joint_attention_dim": 256, "pooled_projection_dim": 128, "in_channels": 16, "axes_dims_rope": [8, 12, 12]},
+        seed=0,
+        modelopt_fp8_export=True,
+        max_shard_bytes=2_000_000,
     )
     amax = paths.backbone or paths.amax
     console.print(f"    base: {paths.base}\n    export: {paths.export}\n    maxima: {amax}")
     console.print("[bold]2/3[/bold] dqfast build fp8 (SGLang build_modelopt_fp8_transformer semantics, flux1 preset)")
     out = work / "flux1-fp8" / "transformer"
     report = build_fp8_transformer(
-        out, modelopt_hf_dir=paths.export_root, modelopt_backbone_ckpt=amax, base_transformer_dir=paths.base,
-        model_type="auto", max_shard_size=2_000_000,
+        out,
+        modelopt_hf_dir=paths.export_root,
+        modelopt_backbone_ckpt=amax,
+        base_transformer_dir=paths.base,
+        model_type="auto",
+        max_shard_size=2_000_000,
     )
     print_report(report, as_json=False, show_decisions=False)
     console.print("[bold]3/3[/bold] checking the output")

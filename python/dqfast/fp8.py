@@ -17,8 +17,9 @@ import json
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -44,7 +45,7 @@ def _rounding(r: str) -> str:
     return "exact" if r == "exact" else "source_dtype"
 
 
-def _group_modules(info: CheckpointInfo) -> "OrderedDict[str, dict[str, TensorMeta]]":
+def _group_modules(info: CheckpointInfo) -> OrderedDict[str, dict[str, TensorMeta]]:
     mods: OrderedDict[str, dict[str, TensorMeta]] = OrderedDict()
     for name, meta in info.tensors.items():
         if "_quantizer." in name:
@@ -68,9 +69,7 @@ def check_activation_amax(value: float | None, default: float, what: str = "acti
     return a
 
 
-def _output_config(
-    src_cfg: dict[str, Any], quant_cfg: dict[str, Any], plan: PlanBuilder
-) -> None:
+def _output_config(src_cfg: dict[str, Any], quant_cfg: dict[str, Any], plan: PlanBuilder) -> None:
     out_cfg = dict(src_cfg)
     out_cfg["quantization_config"] = quant_cfg
     plan.text_file("config.json", json.dumps(out_cfg, indent=2, sort_keys=True) + "\n")
@@ -100,9 +99,7 @@ def _check_base_tensor(base: CheckpointInfo, name: str, want_shape: tuple[int, .
     if meta is None:
         raise PlanError(f"{base.root}: base transformer has no tensor '{name}' (needed for a BF16 fallback)")
     if want_shape is not None and meta.shape != want_shape:
-        raise PlanError(
-            f"{base.root}: tensor '{name}': base shape {list(meta.shape)} does not match the export's {list(want_shape)}"
-        )
+        raise PlanError(f"{base.root}: tensor '{name}': base shape {list(meta.shape)} does not match the export's {list(want_shape)}")
     return meta
 
 
@@ -189,8 +186,14 @@ def _plan_calibrated(
     src_base = plan.source(base.root) if base else -1
 
     report = BuildReport(output_dir=str(plan.output_dir), quant_algo=qc.quant_algo)
-    counts = {"quantized": 0, "bf16_fallback": 0, "kept_unquantized": 0, "added_scales": 0,
-              "dropped_quantizer_tensors": 0, "dropped_fallback_scales": 0}
+    counts = {
+        "quantized": 0,
+        "bf16_fallback": 0,
+        "kept_unquantized": 0,
+        "added_scales": 0,
+        "dropped_quantizer_tensors": 0,
+        "dropped_fallback_scales": 0,
+    }
     counts["dropped_quantizer_tensors"] = sum(1 for n in export.tensors if "_quantizer." in n)
     ignore: set[str] = set(qc.ignore)
     for module, parts in _group_modules(export).items():
@@ -247,8 +250,7 @@ def _plan_calibrated(
                         src_meta, src = meta, src_export
                     if src_meta.dtype not in FLOAT_DTYPES:
                         raise PlanError(f"{src_meta.file}: tensor '{meta.name}': cannot quantize dtype {src_meta.dtype}")
-                    plan.add(meta.name, "fp8", src=plan.ref(src, meta.name),
-                             scale={"kind": "values", "values": w_scale}, rounding=rounding)
+                    plan.add(meta.name, "fp8", src=plan.ref(src, meta.name), scale={"kind": "values", "values": w_scale}, rounding=rounding)
                 else:
                     plan.copy(meta.name, src_export)
                 if len(w_scale) != 1 and len(w_scale) != meta.shape[0]:
@@ -304,7 +306,12 @@ def _positive(v: np.ndarray, what: str, module: str, source: str) -> np.ndarray:
 
 
 def _fp8_scales(
-    export: CheckpointInfo, parts: dict[str, TensorMeta], module: str, pair: Any, scale_from: str, per_channel: bool,
+    export: CheckpointInfo,
+    parts: dict[str, TensorMeta],
+    module: str,
+    pair: Any,
+    scale_from: str,
+    per_channel: bool,
     check_export: bool = True,
 ) -> tuple[list[float], float | None]:
     """(weight scale values — one, or one per output row —, input scale or None when dynamic).
@@ -396,8 +403,7 @@ def _plan_from_bf16(
             if suffix != "weight":
                 plan.copy(meta.name, src)
                 continue
-            plan.add(meta.name, "fp8", src=plan.ref(src, meta.name), scale={"kind": "weight_amax", "per_row": per_row},
-                     rounding=rounding)
+            plan.add(meta.name, "fp8", src=plan.ref(src, meta.name), scale={"kind": "weight_amax", "per_row": per_row}, rounding=rounding)
             plan.add(f"{module}.weight_scale", "scale_of", of=meta.name, shape=[meta.shape[0]] if per_row else [1])
             counts["added_scales"] += 1
             if activation_amax is not None:
@@ -411,10 +417,13 @@ def _plan_from_bf16(
         "producer": {"name": "dqfast", "version": __version__},
         "config_groups": {
             "group_0": {
-                "weights": {"num_bits": 8, "type": "float", "dynamic": False,
-                            "strategy": "channel" if per_row else "tensor"},
-                "input_activations": {"num_bits": 8, "type": "float", "dynamic": activation_amax is None,
-                                      "strategy": "token" if activation_amax is None else "tensor"},
+                "weights": {"num_bits": 8, "type": "float", "dynamic": False, "strategy": "channel" if per_row else "tensor"},
+                "input_activations": {
+                    "num_bits": 8,
+                    "type": "float",
+                    "dynamic": activation_amax is None,
+                    "strategy": "token" if activation_amax is None else "tensor",
+                },
                 "targets": ["Linear"],
             }
         },

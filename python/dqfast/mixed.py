@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,11 +42,11 @@ ALGOS = ("fp8", "nvfp4", "bf16")
 
 #: Heavy MLP projections (most of the FLOPs and bytes): NVFP4 by default.
 MLP_PATTERNS = (
-    r"\.ff(_context)?\.net\.(0\.proj|2)$",          # diffusers FeedForward (FLUX.1, HunyuanVideo)
+    r"\.ff(_context)?\.net\.(0\.proj|2)$",  # diffusers FeedForward (FLUX.1, HunyuanVideo)
     r"\.ff(_context)?\.(linear_in|linear_out|proj_in|proj_out)$",  # FLUX.2, LTX
-    r"\.proj_mlp$",                                 # FLUX.1 single blocks
-    r"\.ffn\.net\.(0\.proj|2)$",                    # Wan
-    r"\.(img|txt)_mlp\.net\.(0\.proj|2)$",          # Qwen-Image
+    r"\.proj_mlp$",  # FLUX.1 single blocks
+    r"\.ffn\.net\.(0\.proj|2)$",  # Wan
+    r"\.(img|txt)_mlp\.net\.(0\.proj|2)$",  # Qwen-Image
 )
 
 Policy = Sequence[tuple[str, str]]
@@ -180,8 +181,13 @@ def build_mixed_transformer(
                 continue
             ref = plan.ref(src, meta.name)
             if algo == "fp8":
-                plan.add(meta.name, "fp8", src=ref, scale={"kind": "weight_amax", "per_row": False},
-                         rounding="exact" if rounding == "exact" else "source_dtype")
+                plan.add(
+                    meta.name,
+                    "fp8",
+                    src=ref,
+                    scale={"kind": "weight_amax", "per_row": False},
+                    rounding="exact" if rounding == "exact" else "source_dtype",
+                )
                 plan.add(f"{module}.weight_scale", "scale_of", of=meta.name, shape=[1])
                 plan.add(f"{module}.input_scale", "scale_from_amax", amax=[amax["fp8"]], bound=E4M3_MAX, shape=[1])
                 quantized_layers[module] = {"quant_algo": "FP8"}
@@ -230,8 +236,7 @@ def build_mixed_transformer(
     report.counts = counts
     if fp8_layers and fp8_activation_amax is None:
         report.warnings.append("FP8 input_scale = 1.0 (activation amax 448 assumed); pass fp8_activation_amax from calibration")
-    report.warnings.append("MIXED_PRECISION loads in vLLM-Omni (modelopt_mixed) and dqfast.runtime; "
-                           "SGLang Diffusion rejects it")
+    report.warnings.append("MIXED_PRECISION loads in vLLM-Omni (modelopt_mixed) and dqfast.runtime; SGLang Diffusion rejects it")
     report.dry_run = dry_run
     if dry_run:
         report.output_dir = None

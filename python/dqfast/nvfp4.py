@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -115,8 +116,15 @@ def build_nvfp4_transformer(
         if modelopt_hf_dir is None:
             raise PlanError("an NVFP4 build needs modelopt_hf_dir (or use from_bf16)")
         report = _plan_export(
-            plan, Path(modelopt_hf_dir), Path(base_transformer_dir) if base_transformer_dir else None, model_type,
-            list(fallback), swap_weight_nibbles, repair_nan_scales, reconcile_fused_scales, component,
+            plan,
+            Path(modelopt_hf_dir),
+            Path(base_transformer_dir) if base_transformer_dir else None,
+            model_type,
+            list(fallback),
+            swap_weight_nibbles,
+            repair_nan_scales,
+            reconcile_fused_scales,
+            component,
         )
     report.dry_run = dry_run
     if dry_run:
@@ -150,9 +158,15 @@ def _plan_export(
     mods = _group_modules(export)
 
     report = BuildReport(output_dir=str(plan.output_dir), quant_algo="NVFP4")
-    counts = {"nvfp4": 0, "bf16_fallback": 0, "kept_unquantized": 0, "nibble_swapped": 0,
-              "nan_scale_bytes_repaired": 0, "fused_groups_reconciled": 0,
-              "dropped_quantizer_tensors": sum(1 for n in export.tensors if "_quantizer." in n)}
+    counts = {
+        "nvfp4": 0,
+        "bf16_fallback": 0,
+        "kept_unquantized": 0,
+        "nibble_swapped": 0,
+        "nan_scale_bytes_repaired": 0,
+        "fused_groups_reconciled": 0,
+        "dropped_quantizer_tensors": sum(1 for n in export.tensors if "_quantizer." in n),
+    }
 
     # Exact reconciliation of fused shards whose global scales differ.
     rescale: dict[str, tuple[float, float, float]] = {}  # module -> (factor, gs_max, input_max)
@@ -179,8 +193,11 @@ def _plan_export(
             rescale[m] = (f, gmax, imax)
             worst = max(worst, _rescale_error(mods[m]["weight_scale"], f, gs[m], gmax))
         counts["fused_groups_reconciled"] += 1
-        report.decisions.append(ModuleDecision(
-            key, "reconcile", f"weight_scale_2 unified to {gmax:.6g}; block scales re-rounded, max relative change {worst:.3%}"))
+        report.decisions.append(
+            ModuleDecision(
+                key, "reconcile", f"weight_scale_2 unified to {gmax:.6g}; block scales re-rounded, max relative change {worst:.3%}"
+            )
+        )
 
     ignore = list(qc.ignore)
     for module, parts in mods.items():
@@ -315,8 +332,13 @@ def _plan_from_bf16(
             continue
         counts["nvfp4"] += 1
         members = group_of.get(module, [module])
-        report.decisions.append(ModuleDecision(
-            module, "nvfp4", "weights-only amax" + (f", global scale shared with {len(members) - 1} fused shard(s)" if len(members) > 1 else "")))
+        report.decisions.append(
+            ModuleDecision(
+                module,
+                "nvfp4",
+                "weights-only amax" + (f", global scale shared with {len(members) - 1} fused shard(s)" if len(members) > 1 else ""),
+            )
+        )
         amax = {"kind": "max_of", "srcs": [plan.ref(src, f"{m}.weight") for m in members]}
         for suffix, meta in parts.items():
             if suffix != "weight":
@@ -381,6 +403,12 @@ def nibble_order_report(quant_dir: str | os.PathLike[str], reference_dir: str | 
     low = float(np.median([r["low_first"] for r in rows]))
     high = float(np.median([r["high_first"] for r in rows]))
     order = "low_first" if low < high else "high_first"
-    return {"order": order, "low_first_rel_err": low, "high_first_rel_err": high, "modules": rows,
-            "advice": "bytes are in runtime order (swap_weight_nibbles: false)" if order == "low_first"
-            else "bytes are swapped: rebuild with swap_weight_nibbles=True or set swap_weight_nibbles: true"}
+    return {
+        "order": order,
+        "low_first_rel_err": low,
+        "high_first_rel_err": high,
+        "modules": rows,
+        "advice": "bytes are in runtime order (swap_weight_nibbles: false)"
+        if order == "low_first"
+        else "bytes are swapped: rebuild with swap_weight_nibbles=True or set swap_weight_nibbles: true",
+    }

@@ -40,8 +40,7 @@ def parse_size(s: str | int) -> int:
     if isinstance(s, int):
         return s
     t = s.strip().upper().replace(" ", "")
-    units = {"TIB": 1 << 40, "GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10, "TB": 10**12, "GB": 10**9,
-             "MB": 10**6, "KB": 10**3, "B": 1}
+    units = {"TIB": 1 << 40, "GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10, "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
     for u, m in units.items():
         if t.endswith(u):
             return int(float(t[: -len(u)]) * m)

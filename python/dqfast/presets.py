@@ -119,7 +119,7 @@ class ModelPreset:
         variants = [module]
         for prefix in _WRAPPER_PREFIXES:
             if module.startswith(prefix):
-                variants.append(module[len(prefix):])
+                variants.append(module[len(prefix) :])
         for v in list(variants):
             for pat, repl in _FF_RENAMES:
                 variants.append(re.sub(pat, repl, v))
@@ -190,7 +190,9 @@ PRESETS: dict[str, ModelPreset] = {
                 "single_transformer_blocks.*.norm.linear*",
                 "single_transformer_blocks.*.proj_mlp*",
             ),
-            ptq_disabled=(r"(proj_out.*|.*(time_text_embed|context_embedder|x_embedder|norm_out|time_guidance_embed|stream_modulation).*)",),
+            ptq_disabled=(
+                r"(proj_out.*|.*(time_text_embed|context_embedder|x_embedder|norm_out|time_guidance_embed|stream_modulation).*)",
+            ),
             source=f"FP8: {_SGL_FP8}; NVFP4: {_SGL_NVFP4} (flux1-nvfp4); PTQ: {_MO_EXAMPLE} flux-dev",
             notes="SGLang's skill document also lists single_transformer_blocks.*.proj_mlp for FP8; "
             "the builder at 27b84fc does not. Add it with --fallback if you follow the document.",
@@ -206,7 +208,9 @@ PRESETS: dict[str, ModelPreset] = {
                 r"^context_embedder$",
                 r"^norm_out\.linear$",
             ),
-            ptq_disabled=(r"(proj_out.*|.*(time_text_embed|context_embedder|x_embedder|norm_out|time_guidance_embed|stream_modulation).*)",),
+            ptq_disabled=(
+                r"(proj_out.*|.*(time_text_embed|context_embedder|x_embedder|norm_out|time_guidance_embed|stream_modulation).*)",
+            ),
             source=f"FP8: {_SGL_FP8}; PTQ: {_MO_EXAMPLE} flux2-dev",
         ),
         ModelPreset(
@@ -222,7 +226,9 @@ PRESETS: dict[str, ModelPreset] = {
                 r"^transformer_blocks\.\d+\.norm1_context\.linear$",
                 r"^single_transformer_blocks\.\d+\.norm\.linear$",
             ),
-            ptq_disabled=(r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding|pos_embed|time_text_embed|context_embedder|norm_out|x_embedder).*",),
+            ptq_disabled=(
+                r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding|pos_embed|time_text_embed|context_embedder|norm_out|x_embedder).*",
+            ),
             runtime_names=_HUNYUAN_RUNTIME_MAP,
             source=f"FP8: {_SGL_FP8}; PTQ: ModelOpt's default filter (no HunyuanVideo model type upstream)",
         ),

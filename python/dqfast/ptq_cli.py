@@ -13,16 +13,28 @@ import click
 
 
 @click.command("ptq")
-@click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Diffusers pipeline dir (model_index.json; every transformer* component) or one component dir.")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Output root: ckpt/<component>.pt, hf/<component>/, dqfast/<component>/, report.json.")
+@click.option(
+    "--model-dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Diffusers pipeline dir (model_index.json; every transformer* component) or one component dir.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output root: ckpt/<component>.pt, hf/<component>/, dqfast/<component>/, report.json.",
+)
 @click.option("--algo", type=click.Choice(["fp8", "nvfp4"]), default="fp8", show_default=True)
-@click.option("--model-type", default="auto", show_default=True,
-              help="Preset: auto, flux1, flux2, hunyuan-video, qwen-image, wan, none.")
+@click.option("--model-type", default="auto", show_default=True, help="Preset: auto, flux1, flux2, hunyuan-video, qwen-image, wan, none.")
 @click.option("--component", "components", multiple=True, help="Transformer component(s) to quantize (repeatable).")
-@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Calibration prompts, one per line (default: dqfast's built-in set).")
+@click.option(
+    "--prompts-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Calibration prompts, one per line (default: dqfast's built-in set).",
+)
 @click.option("--calib-size", type=int, default=128, show_default=True, help="Prompts used for calibration.")
 @click.option("--n-steps", type=int, default=30, show_default=True, help="Denoising steps per calibration batch.")
 @click.option("--batch-size", type=int, default=2, show_default=True)
@@ -49,15 +61,31 @@ def ptq(**kw: Any) -> None:
 
     try:
         calib = CalibConfig(
-            prompts_file=kw["prompts_file"], calib_size=kw["calib_size"], n_steps=kw["n_steps"],
-            batch_size=kw["batch_size"], seed=kw["seed"], height=kw["height"], width=kw["width"],
-            num_frames=kw["num_frames"], text_len=kw["text_len"],
+            prompts_file=kw["prompts_file"],
+            calib_size=kw["calib_size"],
+            n_steps=kw["n_steps"],
+            batch_size=kw["batch_size"],
+            seed=kw["seed"],
+            height=kw["height"],
+            width=kw["width"],
+            num_frames=kw["num_frames"],
+            text_len=kw["text_len"],
         )
         result = run_ptq(
-            kw["model_dir"], kw["out_dir"], algo=kw["algo"], model_type=kw["model_type"], calib=calib,
-            seed=kw["seed"], quantize_mha=kw["quantize_mha"], build=kw["build"], verify=kw["verify"],
-            components=list(kw["components"]) or None, overwrite=kw["overwrite"], device=kw["device"],
-            verify_steps=kw["verify_steps"], progress=not kw["no_progress"],
+            kw["model_dir"],
+            kw["out_dir"],
+            algo=kw["algo"],
+            model_type=kw["model_type"],
+            calib=calib,
+            seed=kw["seed"],
+            quantize_mha=kw["quantize_mha"],
+            build=kw["build"],
+            verify=kw["verify"],
+            components=list(kw["components"]) or None,
+            overwrite=kw["overwrite"],
+            device=kw["device"],
+            verify_steps=kw["verify_steps"],
+            progress=not kw["no_progress"],
         )
     except (DqfastError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
         click.echo(f"error: {e}", err=True)
@@ -66,9 +94,11 @@ def ptq(**kw: Any) -> None:
         click.echo(f"{c.name}: {c.backbone}  {c.hf_dir}" + (f"  {c.dqfast_dir}" if c.dqfast_dir else ""))
         if c.trajectory:
             t = c.trajectory
-            click.echo(f"  layers {c.layers['layers'] if c.layers else 0}, min weight cosine "
-                       f"{c.layers['min_cosine']:.5f}; trajectory final cosine {t['final_cosine']:.6f}, "
-                       f"PSNR {t['final_psnr_db']:.2f} dB")
+            click.echo(
+                f"  layers {c.layers['layers'] if c.layers else 0}, min weight cosine "
+                f"{c.layers['min_cosine']:.5f}; trajectory final cosine {t['final_cosine']:.6f}, "
+                f"PSNR {t['final_psnr_db']:.2f} dB"
+            )
     click.echo(f"report: {result.report_path}")
 
 

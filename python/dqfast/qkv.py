@@ -26,9 +26,10 @@ import re
 import shutil
 import tempfile
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -92,10 +93,18 @@ class QkvRule:
 #: attn.to_added_qkv = add_q|k|v_proj). ``single_blocks.N.linear1`` (q/k/v + MLP, unequal parts)
 #: is fused in diffusers too (``to_qkv_mlp_proj``) and is never split.
 FLUX2_BFL_RULES: tuple[QkvRule, ...] = (
-    QkvRule(r"^double_blocks\.(?P<i>\d+)\.img_attn\.qkv$", r"^transformer_blocks\.(?P<i>\d+)\.attn\.to_(?P<s>[qkv])$",
-            r"double_blocks.\g<i>.img_attn.qkv", r"transformer_blocks.\g<i>.attn.to_{s}"),
-    QkvRule(r"^double_blocks\.(?P<i>\d+)\.txt_attn\.qkv$", r"^transformer_blocks\.(?P<i>\d+)\.attn\.add_(?P<s>[qkv])_proj$",
-            r"double_blocks.\g<i>.txt_attn.qkv", r"transformer_blocks.\g<i>.attn.add_{s}_proj"),
+    QkvRule(
+        r"^double_blocks\.(?P<i>\d+)\.img_attn\.qkv$",
+        r"^transformer_blocks\.(?P<i>\d+)\.attn\.to_(?P<s>[qkv])$",
+        r"double_blocks.\g<i>.img_attn.qkv",
+        r"transformer_blocks.\g<i>.attn.to_{s}",
+    ),
+    QkvRule(
+        r"^double_blocks\.(?P<i>\d+)\.txt_attn\.qkv$",
+        r"^transformer_blocks\.(?P<i>\d+)\.attn\.add_(?P<s>[qkv])_proj$",
+        r"double_blocks.\g<i>.txt_attn.qkv",
+        r"transformer_blocks.\g<i>.attn.add_{s}_proj",
+    ),
 )
 
 #: SGLang's FLUX.2 runtime names (``attn.to_qkv`` / ``attn.to_added_qkv``) <-> diffusers shards.
@@ -116,7 +125,7 @@ def detect_qkv_layout(names: Iterable[str]) -> Literal["packed", "split", "none"
     return "split" if split else "none"
 
 
-def _group(info: CheckpointInfo) -> "OrderedDict[str, dict[str, TensorMeta]]":
+def _group(info: CheckpointInfo) -> OrderedDict[str, dict[str, TensorMeta]]:
     """Every tensor by module (``_quantizer`` state included: a layout change copies it all)."""
     mods: OrderedDict[str, dict[str, TensorMeta]] = OrderedDict()
     for name, meta in info.tensors.items():
@@ -241,8 +250,9 @@ def fuse_qkv(
         result.global_scale = float(max(gs.values()))
     reconcile = len(set(gs.values())) > 1
     if reconcile and rescale_plan is None:
-        raise PlanError(f"shards {names} have different weight_scale_2 {sorted(map(float, set(gs.values())))}: "
-                        "fusing them needs a rescale plan")
+        raise PlanError(
+            f"shards {names} have different weight_scale_2 {sorted(map(float, set(gs.values())))}: fusing them needs a rescale plan"
+        )
     for suffix in sorted(suffixes):
         metas = [p[suffix] for _, p in shards]
         if suffix == "weight_scale" and reconcile:
@@ -250,7 +260,7 @@ def fuse_qkv(
             gmax = max(gs.values())
             srcs = []
             worst = 0.0
-            for (m, p), meta in zip(shards, metas):
+            for (m, _), meta in zip(shards, metas):
                 f = float(gs[m] / gmax)  # float32 division, as the bound in docs/nvfp4.md assumes
                 result.factors[m] = f
                 scratch = f"{m}.weight_scale"
@@ -396,8 +406,7 @@ def convert_qkv_layout(
                 g = groups[f]
                 if set(g) != set(_SHARDS):
                     raise PlanError(f"'{f}': found shards {sorted(g)} only; fusing needs q, k and v")
-                res = fuse_qkv(plan, s, f, [(g[x], mods[g[x]]) for x in _SHARDS], rescale_plan=rescale_plan,
-                               swizzled=swizzled)
+                res = fuse_qkv(plan, s, f, [(g[x], mods[g[x]]) for x in _SHARDS], rescale_plan=rescale_plan, swizzled=swizzled)
                 done.add(f)
                 for x in _SHARDS:
                     rename[g[x]] = [f]
@@ -405,8 +414,10 @@ def convert_qkv_layout(
                 why = " + ".join(g[x] for x in _SHARDS)
                 if res.reconciled:
                     counts["reconciled"] += 1
-                    why += (f"; weight_scale_2 unified to {res.global_scale:.6g}, block scales re-rounded, "
-                            f"max relative change {res.max_relative_change:.3%}")
+                    why += (
+                        f"; weight_scale_2 unified to {res.global_scale:.6g}, block scales re-rounded, "
+                        f"max relative change {res.max_relative_change:.3%}"
+                    )
                 if res.input_scales_differed:
                     report.warnings.append(f"{f}: shards had different input_scale; the fused layer keeps the max")
                 report.decisions.append(ModuleDecision(f, "fuse" if not res.reconciled else "fuse+reconcile", why))
@@ -439,7 +450,8 @@ def convert_qkv_layout(
         if has_nv and (scale_layout == "swizzled" or swap_weight_nibbles):
             report.warnings.append(
                 f"NVFP4 bytes kept as they are: block scales {scale_layout}, swap_weight_nibbles {swap_weight_nibbles} "
-                "(written explicitly into the output's quantization config)")
+                "(written explicitly into the output's quantization config)"
+            )
         if rescale_plan is not None and rescale_plan.tensors:
             execute(rescale_plan, BuildReport(output_dir=None, quant_algo="rescale"))
         return execute(plan, report)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dqfast.errors import PlanError
 from dqfast.presets import ignore_pattern_matches
@@ -187,7 +188,7 @@ def _from_tensor_families(info: Any) -> QuantConfig | None:
 
 
 def load_modelopt_export(
-    hf_dir: str | os.PathLike[str], component: str, algo_ok: "Callable[[str], bool]", what: str
+    hf_dir: str | os.PathLike[str], component: str, algo_ok: Callable[[str], bool], what: str
 ) -> tuple[Path, dict[str, Any], QuantConfig]:
     """Locate a ModelOpt HF export's component dir, its config and its quantization config,
     refusing exports that are not ModelOpt or whose ``quant_algo`` this builder does not take."""

@@ -57,9 +57,21 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
 
 
 _NUMPY = {
-    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16,
-    "F16": np.float16, "I32": np.int32, "U32": np.uint32, "F32": np.float32, "F64": np.float64,
-    "I64": np.int64, "U64": np.uint64, "BF16": np.uint16, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+    "BOOL": np.bool_,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "I16": np.int16,
+    "U16": np.uint16,
+    "F16": np.float16,
+    "I32": np.int32,
+    "U32": np.uint32,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I64": np.int64,
+    "U64": np.uint64,
+    "BF16": np.uint16,
+    "F8_E4M3": np.uint8,
+    "F8_E5M2": np.uint8,
     "F8_E8M0": np.uint8,
 }
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -73,17 +74,36 @@ def family_config(family: str, **overrides: Any) -> dict[str, Any]:
     """The diffusers config (without ``_class_name``) of the real model, with overrides."""
     if family == "flux1":
         cfg: dict[str, Any] = {
-            "patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19,
-            "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
-            "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+            "patch_size": 1,
+            "in_channels": 64,
+            "out_channels": None,
+            "num_layers": 19,
+            "num_single_layers": 38,
+            "attention_head_dim": 128,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768,
+            "guidance_embeds": True,
             "axes_dims_rope": [16, 56, 56],
         }
     elif family == "wan":
         cfg = {
-            "patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128,
-            "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824,
-            "num_layers": 40, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6,
-            "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024, "pos_embed_seq_len": None,
+            "patch_size": [1, 2, 2],
+            "num_attention_heads": 40,
+            "attention_head_dim": 128,
+            "in_channels": 16,
+            "out_channels": 16,
+            "text_dim": 4096,
+            "freq_dim": 256,
+            "ffn_dim": 13824,
+            "num_layers": 40,
+            "cross_attn_norm": True,
+            "qk_norm": "rms_norm_across_heads",
+            "eps": 1e-6,
+            "image_dim": None,
+            "added_kv_proj_dim": None,
+            "rope_max_seq_len": 1024,
+            "pos_embed_seq_len": None,
         }
     else:
         raise ValueError(f"unknown family '{family}' (known: {', '.join(FAMILIES)})")
@@ -122,8 +142,7 @@ def _flux_specs(c: dict[str, Any]) -> list[TensorSpec]:
         s += [TensorSpec(f"{p}.attn.norm_q.weight", (d,), "norm"), TensorSpec(f"{p}.attn.norm_k.weight", (d,), "norm")]
         for n in ("to_q", "to_k", "to_v", "to_out.0"):
             s += _linear(f"{p}.attn.{n}", h, h)
-        s += [TensorSpec(f"{p}.attn.norm_added_q.weight", (d,), "norm"),
-              TensorSpec(f"{p}.attn.norm_added_k.weight", (d,), "norm")]
+        s += [TensorSpec(f"{p}.attn.norm_added_q.weight", (d,), "norm"), TensorSpec(f"{p}.attn.norm_added_k.weight", (d,), "norm")]
         for n in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
             s += _linear(f"{p}.attn.{n}", h, h)
         for ff in ("ff", "ff_context"):
@@ -147,9 +166,11 @@ def _wan_specs(c: dict[str, Any]) -> list[TensorSpec]:
         raise ValueError("synthetic wan supports the T2V layout only (image_dim/added_kv_proj_dim None)")
     if c["qk_norm"] != "rms_norm_across_heads":
         raise ValueError("synthetic wan supports qk_norm='rms_norm_across_heads' only")
-    s = [TensorSpec("scale_shift_table", (1, 2, dim), "other"),
-         TensorSpec("patch_embedding.weight", (dim, c["in_channels"], pt, ph, pw), "other"),
-         TensorSpec("patch_embedding.bias", (dim,), "bias")]
+    s = [
+        TensorSpec("scale_shift_table", (1, 2, dim), "other"),
+        TensorSpec("patch_embedding.weight", (dim, c["in_channels"], pt, ph, pw), "other"),
+        TensorSpec("patch_embedding.bias", (dim,), "bias"),
+    ]
     s += _linear("condition_embedder.time_embedder.linear_1", dim, c["freq_dim"])
     s += _linear("condition_embedder.time_embedder.linear_2", dim, dim)
     s += _linear("condition_embedder.time_proj", 6 * dim, dim)
@@ -194,8 +215,14 @@ def _header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
 class _ShardedWriter:
     """Writes a (sharded) diffusers safetensors checkpoint tensor by tensor, in plan order."""
 
-    def __init__(self, directory: Path, entries: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int,
-                 metadata: dict[str, str] | None = None, prefix: str = "diffusion_pytorch_model") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        entries: list[tuple[str, str, tuple[int, ...]]],
+        max_shard_bytes: int,
+        metadata: dict[str, str] | None = None,
+        prefix: str = "diffusion_pytorch_model",
+    ) -> None:
         self.dir = directory
         self.shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
         size = 0
@@ -302,13 +329,13 @@ class _Source:
         for start in range(0, n, _CHUNK):
             m = min(_CHUNK, n - start)
             off = int(self.rng.integers(0, pool.size - m + 1))
-            yield pool[off:off + m]
+            yield pool[off : off + m]
 
     def whole(self, spec: TensorSpec) -> np.ndarray:
         out = np.empty(spec.numel, dtype=np.uint16)
         pos = 0
         for c in self.chunks(spec):
-            out[pos:pos + c.size] = c
+            out[pos : pos + c.size] = c
             pos += c.size
         return out
 
@@ -397,8 +424,7 @@ def make_transformer(
                     ignore.append(module)
                 else:
                     quantized.add(module)
-                    entries += [(s.name, "F8_E4M3", s.shape), (f"{module}.weight_scale", "F32", ()),
-                                (f"{module}.input_scale", "F32", ())]
+                    entries += [(s.name, "F8_E4M3", s.shape), (f"{module}.weight_scale", "F32", ()), (f"{module}.input_scale", "F32", ())]
                     continue
             entries.append((s.name, "BF16", s.shape))
         qcfg = _quant_config(sorted(ignore))

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-
 from dqfast.errors import CheckpointError, DqfastError, PlanError
 
 ROWS, COLS = 32, 64
@@ -56,8 +56,7 @@ def raw_file(path: Path, header: bytes | str, data: bytes = b"", length: int | N
     return path
 
 
-def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], bytes]],
-                      metadata: dict[str, str] | None = None) -> Path:
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], bytes]], metadata: dict[str, str] | None = None) -> Path:
     """A valid safetensors file: tensors in the given order, contiguous offsets."""
     entries, data, off = [], b"", 0
     for name, (dtype, shape, raw) in tensors.items():
@@ -94,8 +93,7 @@ def from_bf16_kwargs(base: Path) -> dict[str, Any]:
     return {"base_transformer_dir": base, "from_bf16": True, "model_type": "none"}
 
 
-def write_export(root: Path, *, weight_amax: Any = None, input_amax: Any = 0.5,
-                 export_rows: int = ROWS) -> dict[str, Any]:
+def write_export(root: Path, *, weight_amax: Any = None, input_amax: Any = 0.5, export_rows: int = ROWS) -> dict[str, Any]:
     """A ModelOpt-FP8-export-like directory (hf/transformer), an amax sidecar and a BF16 base;
     returns calibrated-build kwargs."""
     w = weight(rows=export_rows)
@@ -105,12 +103,15 @@ def write_export(root: Path, *, weight_amax: Any = None, input_amax: Any = 0.5,
     qc = {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": [], "producer": {"name": "modelopt"}}
     (hf / "config.json").write_text(json.dumps({"_class_name": "TinyTransformer", "quantization_config": qc}))
     ws = np.float32(np.float32(wa if np.ndim(wa) == 0 else 1.0) / np.float32(E4M3_MAX)) if np.all(np.isfinite(wa)) else np.float32(1)
-    write_safetensors(hf / "diffusion_pytorch_model.safetensors", {
-        WEIGHT: ("F8_E4M3", [export_rows, COLS], e4m3_bytes(w / max(float(ws), 1e-12))),
-        f"{MODULE}.weight_scale": ("F32", [], np.float32(ws).tobytes()),
-        f"{MODULE}.input_scale": ("F32", [], np.float32(0.5 / E4M3_MAX).tobytes()),
-        f"{MODULE}.bias": ("BF16", [export_rows], bf16_bytes(np.zeros(export_rows, np.float32))),
-    })
+    write_safetensors(
+        hf / "diffusion_pytorch_model.safetensors",
+        {
+            WEIGHT: ("F8_E4M3", [export_rows, COLS], e4m3_bytes(w / max(float(ws), 1e-12))),
+            f"{MODULE}.weight_scale": ("F32", [], np.float32(ws).tobytes()),
+            f"{MODULE}.input_scale": ("F32", [], np.float32(0.5 / E4M3_MAX).tobytes()),
+            f"{MODULE}.bias": ("BF16", [export_rows], bf16_bytes(np.zeros(export_rows, np.float32))),
+        },
+    )
     amax = {}
     for key, v in ((f"{MODULE}.weight_quantizer._amax", wa), (f"{MODULE}.input_quantizer._amax", input_amax)):
         if v is None:
@@ -119,8 +120,7 @@ def write_export(root: Path, *, weight_amax: Any = None, input_amax: Any = 0.5,
         amax[key] = ("F32", list(a.shape), a.tobytes())
     sidecar = write_safetensors(root / "ckpt" / "amax.safetensors", amax)
     base = write_base(root / "base")
-    return {"modelopt_hf_dir": root / "hf", "modelopt_backbone_ckpt": sidecar, "base_transformer_dir": base,
-            "model_type": "none"}
+    return {"modelopt_hf_dir": root / "hf", "modelopt_backbone_ckpt": sidecar, "base_transformer_dir": base, "model_type": "none"}
 
 
 @dataclass(frozen=True)
@@ -171,8 +171,11 @@ def _u8(name: str, shape: list[int], b: int, e: int) -> tuple[str, str, list[int
     return (name, "U8", shape, b, e)
 
 
-def _sharded(index: Any, shards: dict[str, dict[str, tuple[str, list[int], bytes]]],
-             index_name: str = "diffusion_pytorch_model.safetensors.index.json") -> Callable[[Path], dict[str, Any]]:
+def _sharded(
+    index: Any,
+    shards: dict[str, dict[str, tuple[str, list[int], bytes]]],
+    index_name: str = "diffusion_pytorch_model.safetensors.index.json",
+) -> Callable[[Path], dict[str, Any]]:
     def make(root: Path) -> dict[str, Any]:
         d = root / "base"
         d.mkdir(parents=True)
@@ -233,48 +236,82 @@ CASES: list[Case] = [
     Case("header-length-huge", _header_then("{}", length=1 << 62), CheckpointError, "limit"),
     Case("truncated-header", _truncate(60), CheckpointError, "past the end"),
     Case("truncated-data", _truncate(-7), CheckpointError, "past the data section|data section holds"),
-    Case("trailing-bytes", lambda root: _bad_base_file(lambda p: p.write_bytes(_valid_file_bytes() + b"xx"))(root),
-         CheckpointError, "data section holds"),
+    Case(
+        "trailing-bytes",
+        lambda root: _bad_base_file(lambda p: p.write_bytes(_valid_file_bytes() + b"xx"))(root),
+        CheckpointError,
+        "data section holds",
+    ),
     Case("non-utf8-header", _header_then(b'{"\xff\xfe":{}}'), CheckpointError, "not UTF-8"),
     Case("invalid-json", _header_then('{"a": {"dtype": "U8",'), CheckpointError, "not valid JSON"),
     Case("json-array-header", _header_then("[1, 2]"), CheckpointError, "start with"),
-    Case("json-trailing-garbage", _header_then('{} {}'), CheckpointError, "not valid JSON"),
+    Case("json-trailing-garbage", _header_then("{} {}"), CheckpointError, "not valid JSON"),
     # ---- tensor entries
     Case("unknown-dtype", _header_then(header_json([("w", "F4_QQ", [8], 0, 8)]), DATA), CheckpointError, "unknown dtype"),
     Case("shape-byte-range-mismatch", _header_then(header_json([("w", "F32", [4], 0, 8)]), DATA), CheckpointError, "needs 16 bytes"),
     Case("negative-shape", _header_then(header_json([("w", "U8", [-8], 0, 8)]), DATA), CheckpointError, "non-negative"),
     Case("float-shape", _header_then(header_json([("w", "U8", [8.0], 0, 8)]), DATA), CheckpointError, "non-negative"),
     Case("terabyte-tensor", _header_then(header_json([_u8("w", [1 << 40], 0, 1 << 40)]), DATA), CheckpointError, "past the data section"),
-    Case("shape-overflow", _header_then(header_json([("w", "F64", [1 << 32, 1 << 32, 1 << 32], 0, 8)]), DATA), CheckpointError, "overflows"),
+    Case(
+        "shape-overflow", _header_then(header_json([("w", "F64", [1 << 32, 1 << 32, 1 << 32], 0, 8)]), DATA), CheckpointError, "overflows"
+    ),
     Case("overlapping-offsets", _header_then(header_json([_u8("a", [6], 0, 6), _u8("b", [4], 4, 8)]), DATA), CheckpointError, "overlap"),
     Case("gap-between-tensors", _header_then(header_json([_u8("a", [2], 0, 2), _u8("b", [4], 4, 8)]), DATA), CheckpointError, "gap"),
     Case("offsets-out-of-bounds", _header_then(header_json([_u8("a", [16], 0, 16)]), DATA), CheckpointError, "past the data section"),
     Case("offsets-reversed", _header_then(header_json([_u8("a", [0], 8, 0)]), DATA), CheckpointError, "end before"),
-    Case("offsets-three-entries", _header_then('{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,4,8]}}', DATA), CheckpointError, "expected 2"),
-    Case("offset-beyond-u64", _header_then('{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,18446744073709551616]}}', DATA),
-         CheckpointError, "not a valid offset"),
+    Case(
+        "offsets-three-entries",
+        _header_then('{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,4,8]}}', DATA),
+        CheckpointError,
+        "expected 2",
+    ),
+    Case(
+        "offset-beyond-u64",
+        _header_then('{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,18446744073709551616]}}', DATA),
+        CheckpointError,
+        "not a valid offset",
+    ),
     Case("duplicate-names", _header_then(header_json([_u8("a", [4], 0, 4), _u8("a", [4], 4, 8)]), DATA), CheckpointError, "twice"),
-    Case("unknown-entry-key", _header_then('{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8],"x":1}}', DATA), CheckpointError, "unknown key"),
+    Case(
+        "unknown-entry-key",
+        _header_then('{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8],"x":1}}', DATA),
+        CheckpointError,
+        "unknown key",
+    ),
     Case("metadata-not-string", _metadata_key, CheckpointError, "not a string"),
     # ---- sharded checkpoints
     Case("index-missing-shard", _sharded({"weight_map": {k: S1 for k in _T}}, {}), CheckpointError, "does not exist"),
     Case("index-invalid-json", _sharded("{weight_map: ", {S1: _A, S2: _B}), CheckpointError, "not valid JSON"),
     Case("index-no-weight-map", _sharded({"metadata": {}}, {S1: _A, S2: _B}), CheckpointError, "weight_map"),
-    Case("index-wrong-shard", _sharded({"weight_map": {**_GOOD_MAP, WEIGHT: S2, "norm.weight": S1}}, {S1: _A, S2: _B}),
-         CheckpointError, "but it is in"),
-    Case("index-names-absent-tensor", _sharded({"weight_map": {**_GOOD_MAP, "ghost.weight": S1}}, {S1: _A, S2: _B}),
-         CheckpointError, "does not contain"),
-    Case("index-omits-tensor", _sharded({"weight_map": {k: v for k, v in _GOOD_MAP.items() if k != "norm.weight"}}, {S1: _A, S2: _B}),
-         CheckpointError, "not in the weight_map"),
-    Case("index-path-traversal", _sharded({"weight_map": {**_GOOD_MAP, WEIGHT: "../" + S1}}, {S1: _A, S2: _B}),
-         CheckpointError, "not a plain file name"),
+    Case(
+        "index-wrong-shard",
+        _sharded({"weight_map": {**_GOOD_MAP, WEIGHT: S2, "norm.weight": S1}}, {S1: _A, S2: _B}),
+        CheckpointError,
+        "but it is in",
+    ),
+    Case(
+        "index-names-absent-tensor",
+        _sharded({"weight_map": {**_GOOD_MAP, "ghost.weight": S1}}, {S1: _A, S2: _B}),
+        CheckpointError,
+        "does not contain",
+    ),
+    Case(
+        "index-omits-tensor",
+        _sharded({"weight_map": {k: v for k, v in _GOOD_MAP.items() if k != "norm.weight"}}, {S1: _A, S2: _B}),
+        CheckpointError,
+        "not in the weight_map",
+    ),
+    Case(
+        "index-path-traversal",
+        _sharded({"weight_map": {**_GOOD_MAP, WEIGHT: "../" + S1}}, {S1: _A, S2: _B}),
+        CheckpointError,
+        "not a plain file name",
+    ),
     Case("tensor-in-two-shards", _sharded({"weight_map": _GOOD_MAP}, {S1: _A, S2: {**_B, **_A}}), CheckpointError, "also present"),
     Case("shards-without-index", _sharded(None, {S1: _A, S2: _B}), CheckpointError, "no index json"),
     # ---- values
-    Case("weight-nan", lambda root: from_bf16_kwargs(write_base(root / "base", _nan_weight(float("nan")))),
-         CheckpointError, "NaN"),
-    Case("weight-inf", lambda root: from_bf16_kwargs(write_base(root / "base", _nan_weight(float("inf")))),
-         CheckpointError, "inf"),
+    Case("weight-nan", lambda root: from_bf16_kwargs(write_base(root / "base", _nan_weight(float("nan")))), CheckpointError, "NaN"),
+    Case("weight-inf", lambda root: from_bf16_kwargs(write_base(root / "base", _nan_weight(float("inf")))), CheckpointError, "inf"),
     Case("weight-amax-nan", _export(weight_amax=float("nan")), PlanError, "finite and > 0"),
     Case("weight-amax-inf", _export(weight_amax=float("inf")), PlanError, "finite and > 0"),
     Case("weight-amax-zero", _export(weight_amax=0.0), PlanError, "finite and > 0"),

@@ -20,9 +20,10 @@ Supported transformer classes: ``FluxTransformer2DModel`` and ``WanTransformer3D
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # A small built-in prompt set (written for dqfast; used when no prompts file is given).
 BUILTIN_PROMPTS: tuple[str, ...] = (
@@ -152,7 +153,8 @@ class CalibConfig:
             "conditioning_note": (
                 "no text encoder: each prompt's embeddings are standard-normal noise seeded by "
                 "SHA-256 of the prompt text (deterministic, not real text-encoder outputs)"
-                if self.encode_prompts is None else "embeddings from the supplied encode_prompts"
+                if self.encode_prompts is None
+                else "embeddings from the supplied encode_prompts"
             ),
         }
 
@@ -201,10 +203,8 @@ def _pseudo_conditioning(transformer: Any, prompts: list[str], text_len: int) ->
     cfg = transformer.config
     if family == "flux":
         return {
-            "encoder_hidden_states": torch.stack(
-                [pseudo_embedding(p, (text_len, cfg.joint_attention_dim), "t5") for p in prompts]),
-            "pooled_projections": torch.stack(
-                [pseudo_embedding(p, (cfg.pooled_projection_dim,), "clip") for p in prompts]),
+            "encoder_hidden_states": torch.stack([pseudo_embedding(p, (text_len, cfg.joint_attention_dim), "t5") for p in prompts]),
+            "pooled_projections": torch.stack([pseudo_embedding(p, (cfg.pooled_projection_dim,), "clip") for p in prompts]),
         }
     return {"encoder_hidden_states": torch.stack([pseudo_embedding(p, (text_len, cfg.text_dim), "umt5") for p in prompts])}
 
@@ -237,8 +237,13 @@ def make_scheduler(family: str, calib: CalibConfig, seq_len: int) -> tuple[Any, 
     if family == "flux" and calib.shift is None:
         # FLUX.1's scheduler: resolution-dependent shift mu, as its pipeline computes it.
         sched = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-            base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
         )
         m = (1.15 - 0.5) / (4096 - 256)
         mu = seq_len * m + (0.5 - m * 256)
@@ -319,8 +324,12 @@ def calibrate_denoising(
                     cond_cache[name] = (cond, uncond)
                 cond, uncond = cond_cache[name]
                 ts = (t.float() * timestep_scale(family)).expand(bsz).to(p.device, p.dtype)
-                kwargs: dict[str, Any] = {"hidden_states": latents.to(p.device, p.dtype), "timestep": ts,
-                                          "return_dict": False, **{k: v.to(p.device) for k, v in static.items()}}
+                kwargs: dict[str, Any] = {
+                    "hidden_states": latents.to(p.device, p.dtype),
+                    "timestep": ts,
+                    "return_dict": False,
+                    **{k: v.to(p.device) for k, v in static.items()},
+                }
                 if family == "flux":
                     kwargs["txt_ids"] = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=p.device)
                     if cfg.guidance_embeds:
@@ -354,8 +363,7 @@ class _progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         except ImportError:
             return lambda: None
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), transient=False)
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False)
         self._bar.start()
         task = self._bar.add_task(self.label, total=self.total)
         return lambda: self._bar.advance(task)
@@ -385,8 +393,11 @@ def trajectory_inputs(transformer: Any, calib: CalibConfig, prompt: str | None =
         img_ids = torch.zeros(geo["h"], geo["w"], 3)
         img_ids[..., 1] = torch.arange(geo["h"])[:, None]
         img_ids[..., 2] = torch.arange(geo["w"])[None, :]
-        inputs.update(hidden_states=torch.zeros(1, seq, cfg.in_channels), img_ids=img_ids.reshape(seq, 3),
-                      txt_ids=torch.zeros(inputs["encoder_hidden_states"].shape[1], 3))
+        inputs.update(
+            hidden_states=torch.zeros(1, seq, cfg.in_channels),
+            img_ids=img_ids.reshape(seq, 3),
+            txt_ids=torch.zeros(inputs["encoder_hidden_states"].shape[1], 3),
+        )
         if cfg.guidance_embeds:
             g = calib.guidance_scale if calib.guidance_scale is not None else 3.5
             inputs["guidance"] = torch.full((1,), g, dtype=p.dtype)
@@ -395,9 +406,7 @@ def trajectory_inputs(transformer: Any, calib: CalibConfig, prompt: str | None =
     return inputs
 
 
-def random_calibration_batches(
-    transformer: Any, n: int, seed: int = 0, batch_size: int = 1
-) -> list[dict[str, Any]]:
+def random_calibration_batches(transformer: Any, n: int, seed: int = 0, batch_size: int = 1) -> list[dict[str, Any]]:
     """``n`` valid forward-kwargs dicts for a FluxTransformer2DModel or WanTransformer3DModel.
 
     Shapes are kept small (16-32 image tokens, 8 text tokens) so that calibrating a
@@ -410,7 +419,7 @@ def random_calibration_batches(
     dtype = next(transformer.parameters()).dtype
     gen = torch.Generator().manual_seed(seed)
 
-    def randn(*shape: int) -> "torch.Tensor":
+    def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dtype)
 
     batches: list[dict[str, Any]] = []

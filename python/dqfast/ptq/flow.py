@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from dqfast import presets as model_presets
 
@@ -122,9 +123,7 @@ def _is_module(obj: Any) -> bool:
         return False
 
 
-def _resolve_inputs(
-    model_or_dir: Any, components: Sequence[str] | None
-) -> tuple[dict[str, Any], dict[str, Path], dict[str, Any]]:
+def _resolve_inputs(model_or_dir: Any, components: Sequence[str] | None) -> tuple[dict[str, Any], dict[str, Path], dict[str, Any]]:
     """(name -> module, name -> source dir, pipeline config) in pipeline order."""
     if _is_module(model_or_dir):
         name = components[0] if components else "transformer"
@@ -132,8 +131,11 @@ def _resolve_inputs(
     if isinstance(model_or_dir, dict) or hasattr(model_or_dir, "components"):
         # A diffusers pipeline object or a plain {name: module} mapping.
         comps = model_or_dir if isinstance(model_or_dir, dict) else model_or_dir.components
-        names = list(components) if components else sorted(
-            (k for k, v in comps.items() if k.startswith("transformer") and _is_module(v)), key=_pipeline_order)
+        names = (
+            list(components)
+            if components
+            else sorted((k for k, v in comps.items() if k.startswith("transformer") and _is_module(v)), key=_pipeline_order)
+        )
         missing = [n for n in names if n not in comps]
         if missing or not names:
             raise ValueError(f"transformer components {missing or names} not found in {sorted(comps)}")
@@ -142,9 +144,11 @@ def _resolve_inputs(
     root = Path(model_or_dir)
     if (root / "model_index.json").exists():
         index = json.loads((root / "model_index.json").read_text())
-        names = list(components) if components else sorted(
-            (k for k in index if k.startswith("transformer") and (root / k / "config.json").exists()),
-            key=_pipeline_order)
+        names = (
+            list(components)
+            if components
+            else sorted((k for k in index if k.startswith("transformer") and (root / k / "config.json").exists()), key=_pipeline_order)
+        )
         if not names:
             raise ValueError(f"{root}: model_index.json lists no transformer component with a config.json")
         for n in names:
@@ -159,7 +163,7 @@ def _resolve_inputs(
 
 def _pipeline_order(name: str) -> tuple[int, str]:
     # transformer, transformer_2, transformer_3 ...
-    suffix = name[len("transformer"):].lstrip("_")
+    suffix = name[len("transformer") :].lstrip("_")
     return (int(suffix) if suffix.isdigit() else (1 if not suffix else 99), name)
 
 
@@ -255,9 +259,10 @@ def run_ptq(
     if len(names) > 1 and cc.boundary_ratio is None:
         cc.boundary_ratio = float(pipe_cfg.get("boundary_ratio") or WAN22_BOUNDARY_RATIO)
 
-    results = {n: ComponentResult(name=n, class_name=type(models[n]).__name__,
-                                  backbone=str(out / "ckpt" / f"{n}.pt"), hf_dir=str(out / "hf" / n))
-               for n in names}
+    results = {
+        n: ComponentResult(name=n, class_name=type(models[n]).__name__, backbone=str(out / "ckpt" / f"{n}.pt"), hf_dir=str(out / "hf" / n))
+        for n in names
+    }
 
     # BF16 base weights (the builder's fallback layers, the verifier's reference): the source
     # directory, or a save before quantization.
@@ -277,9 +282,10 @@ def run_ptq(
         t0 = time.perf_counter()
         calls: dict[str, int] = {}
 
-        def forward_loop(model: Any, _n: str = n) -> None:
-            current = {k: (model if k == _n else m) for k, m in models.items()}
-            calls.update(calibrate_denoising(current, cc, label=f"calibrating {_n}"))
+        # Loop values bound as defaults: the closure runs inside quantize(), before the next n.
+        def forward_loop(model: Any, _n: str = n, _models: dict[str, Any] = models, _calls: dict[str, int] = calls) -> None:
+            current = {k: (model if k == _n else m) for k, m in _models.items()}
+            _calls.update(calibrate_denoising(current, cc, label=f"calibrating {_n}"))
 
         quantize(models[n], algo, filter=preset.name, quantize_mha=quantize_mha, seed=seed, forward_loop=forward_loop)
         results[n].forward_calls = calls.get(n, 0)
@@ -301,8 +307,7 @@ def run_ptq(
             base = Path(results[n].base_dir) if results[n].base_dir else None
             report = _build(algo, dq_dir, Path(results[n].hf_dir), Path(results[n].backbone), base, preset.name, n)
             results[n].dqfast_dir = str(dq_dir)
-            results[n].build = {"quant_algo": report.quant_algo, "counts": dict(report.counts),
-                                "warnings": list(report.warnings)}
+            results[n].build = {"quant_algo": report.quant_algo, "counts": dict(report.counts), "warnings": list(report.warnings)}
             results[n].seconds["build"] = time.perf_counter() - t0
 
     # 4. Verification.
@@ -311,12 +316,12 @@ def run_ptq(
             t0 = time.perf_counter()
             r = results[n]
             assert r.base_dir is not None and r.dqfast_dir is not None
-            r.layers, r.trajectory = _verify(Path(r.base_dir), Path(r.dqfast_dir), cc, family,
-                                             verify_steps or min(cc.n_steps, 8), seed, dev)
+            r.layers, r.trajectory = _verify(
+                Path(r.base_dir), Path(r.dqfast_dir), cc, family, verify_steps or min(cc.n_steps, 8), seed, dev
+            )
             r.seconds["verify"] = time.perf_counter() - t0
 
-    quant_config = build_quant_config(algo, preset, quantize_mha=quantize_mha,
-                                      block_counts=None) if preset.block_range is None else None
+    quant_config = build_quant_config(algo, preset, quantize_mha=quantize_mha, block_counts=None) if preset.block_range is None else None
     report_dict: dict[str, Any] = {
         "tool": "dqfast ptq",
         "versions": _versions(),
@@ -330,34 +335,46 @@ def run_ptq(
         "quant_cfg": quant_config,
         "quantize_mha": quantize_mha,
         "device": str(dev),
-        "calibration": {**cc.describe(), "boundary_ratio": cc.boundary_ratio,
-                        "scheduler": "FlowMatchEulerDiscreteScheduler"},
+        "calibration": {**cc.describe(), "boundary_ratio": cc.boundary_ratio, "scheduler": "FlowMatchEulerDiscreteScheduler"},
         "components": [asdict(results[n]) for n in names],
         "seconds": time.perf_counter() - t_all,
     }
     report_path = out / "report.json"
     out.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report_dict, indent=2, default=str) + "\n")
-    return PtqResult(out_dir=str(out), algo=algo, model_type=preset.name, components=[results[n] for n in names],
-                     report_path=str(report_path), report=report_dict)
+    return PtqResult(
+        out_dir=str(out),
+        algo=algo,
+        model_type=preset.name,
+        components=[results[n] for n in names],
+        report_path=str(report_path),
+        report=report_dict,
+    )
 
 
-def _build(algo: str, dq_dir: Path, hf_dir: Path, backbone: Path, base_dir: Path | None, model_type: str,
-           component: str) -> Any:
+def _build(algo: str, dq_dir: Path, hf_dir: Path, backbone: Path, base_dir: Path | None, model_type: str, component: str) -> Any:
     if algo == "fp8":
         from dqfast.fp8 import build_fp8_transformer
 
-        return build_fp8_transformer(dq_dir, modelopt_hf_dir=hf_dir, modelopt_backbone_ckpt=backbone,
-                                     base_transformer_dir=base_dir, model_type=model_type, overwrite=True,
-                                     component=component)
+        return build_fp8_transformer(
+            dq_dir,
+            modelopt_hf_dir=hf_dir,
+            modelopt_backbone_ckpt=backbone,
+            base_transformer_dir=base_dir,
+            model_type=model_type,
+            overwrite=True,
+            component=component,
+        )
     from dqfast.nvfp4 import build_nvfp4_transformer
 
-    return build_nvfp4_transformer(dq_dir, modelopt_hf_dir=hf_dir, base_transformer_dir=base_dir,
-                                   model_type=model_type, overwrite=True, component=component)
+    return build_nvfp4_transformer(
+        dq_dir, modelopt_hf_dir=hf_dir, base_transformer_dir=base_dir, model_type=model_type, overwrite=True, component=component
+    )
 
 
-def _verify(base_dir: Path, dq_dir: Path, cc: CalibConfig, family: str, steps: int, seed: int,
-            dev: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def _verify(
+    base_dir: Path, dq_dir: Path, cc: CalibConfig, family: str, steps: int, seed: int, dev: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
     from dqfast.verify.checkpoint import verify_checkpoint
 
     r = verify_checkpoint(base_dir, dq_dir, steps=steps, seed=seed, device=dev, calib=cc)

@@ -18,8 +18,9 @@ and lands in the export's ``ignore`` list.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from dqfast import presets as model_presets
 
@@ -45,9 +46,7 @@ class BlockRange:
         # The example refuses models with fewer than two quantized middle blocks.
         need = self.exclude_first_n + self.exclude_last_n + 2
         if num_blocks < need:
-            raise ValueError(
-                f"block_range on '{self.block_module}' needs at least {need} blocks, the model has {num_blocks}"
-            )
+            raise ValueError(f"block_range on '{self.block_module}' needs at least {need} blocks, the model has {num_blocks}")
         excluded = sorted(set(range(self.exclude_first_n)) | set(range(num_blocks - self.exclude_last_n, num_blocks)))
         m = self.block_module
         rules: list[dict[str, Any]] = [
@@ -97,11 +96,18 @@ PRESETS: dict[str, PtqPreset] = {
     p.name: p
     for p in [
         # The example picks nvfp4_fp8_mha for every model type starting with "flux".
-        PtqPreset("flux1", ("flux-dev", "flux-schnell"), nvfp4_recipe=NVFP4_FP8_MHA_RECIPE,
-                  note="flux-schnell uses filter_func_default upstream; dqfast applies the flux-dev filter to both"),
+        PtqPreset(
+            "flux1",
+            ("flux-dev", "flux-schnell"),
+            nvfp4_recipe=NVFP4_FP8_MHA_RECIPE,
+            note="flux-schnell uses filter_func_default upstream; dqfast applies the flux-dev filter to both",
+        ),
         PtqPreset("flux2", ("flux2-dev",), nvfp4_recipe=NVFP4_FP8_MHA_RECIPE),
-        PtqPreset("wan", ("wan2.2-t2v-14b", "wan2.2-t2v-5b"),
-                  note="the filter names literal blocks 0-2 and 37-39 of the 40-block A14B (the 5B too)"),
+        PtqPreset(
+            "wan",
+            ("wan2.2-t2v-14b", "wan2.2-t2v-5b"),
+            note="the filter names literal blocks 0-2 and 37-39 of the 40-block A14B (the 5B too)",
+        ),
         PtqPreset("qwen-image", ("qwen-image",), block_range=BlockRange("transformer_blocks", 2, 2)),
         PtqPreset("hunyuan-video", (), note="no HunyuanVideo model type upstream: filter_func_default"),
         PtqPreset("none", (), note="no filter: every layer the recipe covers stays quantized"),

@@ -138,8 +138,8 @@ def quantize(
     with prompt conditioning); ``calib_batches`` (forward-kwargs dicts); else two random
     batches.
     """
-    import torch
     import modelopt.torch.quantization as mtq
+    import torch
 
     from .calibration import CalibConfig, calibrate_denoising, random_calibration_batches
 

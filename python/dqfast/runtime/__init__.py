@@ -2,6 +2,7 @@
 
 Requires torch (and safetensors for loading); Triton and FlashInfer are optional.
 """
+
 from .linear import (
     FP4_BACKENDS,
     FP8_BACKENDS,

@@ -14,12 +14,13 @@ Back ends (env vars override the automatic choice; an explicit constructor argum
     flashinfer: flashinfer.mm_fp4 (SM100+, W4A4)
     emulation:  dequantize + float32 matmul, W4A4 activation fake-quant (CPU reference)
 """
+
 from __future__ import annotations
 
 import functools
 import importlib.util
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ FP8_BACKENDS = ("auto", "emulation", "scaled_mm", "triton", "flashinfer", "compi
 FP4_BACKENDS = ("auto", "emulation", "emulation_w4a16", "triton", "triton_fused", "triton_dequant", "flashinfer")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
@@ -149,26 +150,19 @@ class Fp8Linear(nn.Module):
         self.backend_request = backend
         self.shard_sizes = list(shard_sizes) if shard_sizes else None
         n_shards = len(self.shard_sizes) if self.shard_sizes else 0
-        self.register_buffer(
-            "weight", torch.zeros((out_features, in_features), dtype=torch.float8_e4m3fn, device=device))
-        self.register_buffer(
-            "weight_scale",
-            torch.ones((out_features,) if per_channel else (), dtype=torch.float32, device=device))
+        self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("weight_scale", torch.ones((out_features,) if per_channel else (), dtype=torch.float32, device=device))
         if static_input_scale:
-            self.register_buffer(
-                "input_scale",
-                torch.ones((n_shards,) if n_shards else (), dtype=torch.float32, device=device))
+            self.register_buffer("input_scale", torch.ones((n_shards,) if n_shards else (), dtype=torch.float32, device=device))
         else:
             self.input_scale = None
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
-                                 requires_grad=False) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._scaled_mm_bias_ok = True
 
     def extra_repr(self) -> str:
         mode = "static" if self.input_scale is not None else "per-token"
         wmode = "per-channel" if self.per_channel else "per-tensor"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, weight={wmode}, act={mode}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, weight={wmode}, act={mode}"
 
     @property
     def backend(self) -> str:
@@ -217,6 +211,7 @@ class Fp8Linear(nn.Module):
                 return hit
         if fused:
             from . import triton_kernels as TK
+
             if scale is None:
                 value = TK.fp8_quant_per_token(x2d)
             else:
@@ -251,12 +246,12 @@ class Fp8Linear(nn.Module):
             sa, sb = x_scale.reshape(()), ws.reshape(())
         if bias is not None and self._scaled_mm_bias_ok:
             try:
-                return torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb, bias=bias.to(out_dtype),
-                                        out_dtype=out_dtype, use_fast_accum=True)
+                return torch._scaled_mm(
+                    xq, w.t(), scale_a=sa, scale_b=sb, bias=bias.to(out_dtype), out_dtype=out_dtype, use_fast_accum=True
+                )
             except RuntimeError:
                 self._scaled_mm_bias_ok = False
-        y = torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype,
-                             use_fast_accum=True)
+        y = torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=True)
         return y + bias.to(y.dtype) if bias is not None else y
 
     def _forward_flashinfer(self, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -265,8 +260,7 @@ class Fp8Linear(nn.Module):
         if self.input_scale is None or self.input_scale.dim() or self.weight_scale.dim() or self.shard_sizes:
             raise NotImplementedError("flashinfer bmm_fp8 path takes per-tensor static scales only")
         xq, _ = self._quantize_input(x2d, self.input_scale, fused=_has_module("triton"))
-        y = flashinfer.bmm_fp8(xq.unsqueeze(0), self.weight.t().unsqueeze(0), self.input_scale,
-                               self.weight_scale, out_dtype).squeeze(0)
+        y = flashinfer.bmm_fp8(xq.unsqueeze(0), self.weight.t().unsqueeze(0), self.input_scale, self.weight_scale, out_dtype).squeeze(0)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def forward_traceable(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,8 +284,7 @@ class Fp8Linear(nn.Module):
                 sb = ws.float().reshape(1, -1).expand(1, w.shape[0]).contiguous()
                 y = torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True)
             else:
-                y = torch._scaled_mm(xq, w.t(), scale_a=xs.reshape(()), scale_b=ws.reshape(()),
-                                     out_dtype=out_dtype, use_fast_accum=True)
+                y = torch._scaled_mm(xq, w.t(), scale_a=xs.reshape(()), scale_b=ws.reshape(()), out_dtype=out_dtype, use_fast_accum=True)
             if self.bias is not None:
                 y = y + self.bias[rows].to(y.dtype)
             outs.append(y)
@@ -350,23 +343,15 @@ class Nvfp4Linear(nn.Module):
         self.act_quant = act_quant
         self.shard_sizes = list(shard_sizes) if shard_sizes else None
         n_shards = len(self.shard_sizes) if self.shard_sizes else 0
-        self.register_buffer(
-            "weight", torch.zeros((out_features, in_features // 2), dtype=torch.uint8, device=device))
-        self.register_buffer(
-            "weight_scale",
-            torch.zeros((out_features, in_features // 16), dtype=torch.float8_e4m3fn, device=device))
-        self.register_buffer(
-            "weight_scale_2",
-            torch.ones((out_features,) if n_shards else (), dtype=torch.float32, device=device))
-        self.register_buffer(
-            "input_scale", torch.ones((n_shards,) if n_shards else (), dtype=torch.float32, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
-                                 requires_grad=False) if bias else None
+        self.register_buffer("weight", torch.zeros((out_features, in_features // 2), dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.zeros((out_features, in_features // 16), dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("weight_scale_2", torch.ones((out_features,) if n_shards else (), dtype=torch.float32, device=device))
+        self.register_buffer("input_scale", torch.ones((n_shards,) if n_shards else (), dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._fi_cache: tuple | None = None
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     @property
     def backend(self) -> str:
@@ -416,6 +401,7 @@ class Nvfp4Linear(nn.Module):
         x2d = _flatten(x)
         if backend.startswith("triton"):
             from . import triton_kernels as TK
+
             xin = x2d if x2d.dtype in (torch.bfloat16, torch.float16) else x2d.to(torch.bfloat16)
             if backend == "triton":
                 min_m = int(os.environ.get("DQFAST_W4A16_DEQUANT_MIN_M", "256"))
@@ -436,16 +422,26 @@ class Nvfp4Linear(nn.Module):
 
 # -- construction from float weights and fused shards ---------------------------------------
 
+
 def fp8_linear_from_float(
-    linear: nn.Linear, per_channel: bool = False, input_scale: float | torch.Tensor | None = None,
+    linear: nn.Linear,
+    per_channel: bool = False,
+    input_scale: float | torch.Tensor | None = None,
     backend: str | None = None,
 ) -> Fp8Linear:
     """Quantize an nn.Linear to an Fp8Linear (input_scale None -> dynamic per-token)."""
     n, k = linear.weight.shape
     dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.bfloat16
-    mod = Fp8Linear(k, n, bias=linear.bias is not None, per_channel=per_channel,
-                    static_input_scale=input_scale is not None, dtype=dtype,
-                    device=linear.weight.device, backend=backend)
+    mod = Fp8Linear(
+        k,
+        n,
+        bias=linear.bias is not None,
+        per_channel=per_channel,
+        static_input_scale=input_scale is not None,
+        dtype=dtype,
+        device=linear.weight.device,
+        backend=backend,
+    )
     q, s = Q.fp8_quantize_weight(linear.weight.detach(), per_channel=per_channel)
     mod.weight.copy_(q)
     mod.weight_scale.copy_(s)
@@ -457,12 +453,13 @@ def fp8_linear_from_float(
 
 
 def nvfp4_linear_from_float(
-    linear: nn.Linear, input_scale: float | torch.Tensor = 1.0, backend: str | None = None,
+    linear: nn.Linear,
+    input_scale: float | torch.Tensor = 1.0,
+    backend: str | None = None,
 ) -> Nvfp4Linear:
     n, k = linear.weight.shape
     dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.bfloat16
-    mod = Nvfp4Linear(k, n, bias=linear.bias is not None, dtype=dtype, device=linear.weight.device,
-                      backend=backend)
+    mod = Nvfp4Linear(k, n, bias=linear.bias is not None, dtype=dtype, device=linear.weight.device, backend=backend)
     packed, s, gs = Q.nvfp4_quantize(linear.weight.detach())
     mod.weight.copy_(packed)
     mod.weight_scale.copy_(s)
@@ -494,19 +491,30 @@ def fuse_fp8_linears(shards: Sequence[Fp8Linear]) -> Fp8Linear:
     if first.input_scale is not None:
         in_scales = torch.stack([s.input_scale.reshape(()) for s in shards])
         same_in = bool((in_scales == in_scales[0]).all())
-    fused = Fp8Linear(k, sum(sizes), bias=has_bias, per_channel=True,
-                      static_input_scale=in_scales is not None, dtype=dtype,
-                      device=first.weight.device, backend=first.backend_request,
-                      shard_sizes=None if same_in else sizes)
+    fused = Fp8Linear(
+        k,
+        sum(sizes),
+        bias=has_bias,
+        per_channel=True,
+        static_input_scale=in_scales is not None,
+        dtype=dtype,
+        device=first.weight.device,
+        backend=first.backend_request,
+        shard_sizes=None if same_in else sizes,
+    )
     fused.weight.copy_(torch.cat([s.weight for s in shards]))
     fused.weight_scale.copy_(torch.cat([s.weight_scale.float().expand(s.out_features) for s in shards]))
     if in_scales is not None:
         fused.input_scale.copy_(in_scales[0] if same_in else in_scales)
     if has_bias:
-        fused.bias.data.copy_(torch.cat([
-            s.bias.detach().to(dtype) if s.bias is not None else torch.zeros(s.out_features, dtype=dtype,
-                                                                             device=s.weight.device)
-            for s in shards]))
+        fused.bias.data.copy_(
+            torch.cat(
+                [
+                    s.bias.detach().to(dtype) if s.bias is not None else torch.zeros(s.out_features, dtype=dtype, device=s.weight.device)
+                    for s in shards
+                ]
+            )
+        )
     return fused
 
 
@@ -520,16 +528,27 @@ def fuse_nvfp4_linears(shards: Sequence[Nvfp4Linear]) -> Nvfp4Linear:
     sizes = [s.out_features for s in shards]
     has_bias = any(s.bias is not None for s in shards)
     dtype = next((s.bias.dtype for s in shards if s.bias is not None), torch.bfloat16)
-    fused = Nvfp4Linear(k, sum(sizes), bias=has_bias, dtype=dtype, device=first.weight.device,
-                        backend=first.backend_request, act_quant=first.act_quant, shard_sizes=sizes)
+    fused = Nvfp4Linear(
+        k,
+        sum(sizes),
+        bias=has_bias,
+        dtype=dtype,
+        device=first.weight.device,
+        backend=first.backend_request,
+        act_quant=first.act_quant,
+        shard_sizes=sizes,
+    )
     fused.weight.copy_(torch.cat([s.weight for s in shards]))
     fused.weight_scale.copy_(torch.cat([s.weight_scale for s in shards]))
-    fused.weight_scale_2.copy_(torch.cat([s.weight_scale_2.float().reshape(1).expand(s.out_features)
-                                          for s in shards]))
+    fused.weight_scale_2.copy_(torch.cat([s.weight_scale_2.float().reshape(1).expand(s.out_features) for s in shards]))
     fused.input_scale.copy_(torch.stack([s.input_scale.reshape(()) for s in shards]))
     if has_bias:
-        fused.bias.data.copy_(torch.cat([
-            s.bias.detach().to(dtype) if s.bias is not None else torch.zeros(s.out_features, dtype=dtype,
-                                                                             device=s.weight.device)
-            for s in shards]))
+        fused.bias.data.copy_(
+            torch.cat(
+                [
+                    s.bias.detach().to(dtype) if s.bias is not None else torch.zeros(s.out_features, dtype=dtype, device=s.weight.device)
+                    for s in shards
+                ]
+            )
+        )
     return fused

@@ -6,13 +6,14 @@ Fp8Linear / Nvfp4Linear, and loads every tensor from safetensors (one file, seve
 index), refusing anything that does not fit: a missing or unexpected tensor, a wrong shape
 or dtype, each named with its file.
 """
+
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -79,8 +80,10 @@ def read_quant_spec(path: str | Path) -> QuantSpec:
     except PlanError as e:
         raise CheckpointMismatch(str(e)) from None
     if qc is None:
-        raise CheckpointMismatch(f"{path}: not a ModelOpt checkpoint (no modelopt quantization_config in config.json, "
-                                 "hf_quant_config.json or safetensors metadata)")
+        raise CheckpointMismatch(
+            f"{path}: not a ModelOpt checkpoint (no modelopt quantization_config in config.json, "
+            "hf_quant_config.json or safetensors metadata)"
+        )
     algo = qc.quant_algo
     if algo not in FP8_ALGOS | NVFP4_ALGOS | {"MIXED_PRECISION"}:
         raise CheckpointMismatch(f"{qc.source}: unsupported quant_algo {algo!r}")
@@ -136,10 +139,12 @@ class LoadReport:
     files: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.quant_algo}: {len(self.fp8_layers)} FP8, {len(self.nvfp4_layers)} NVFP4, "
-                f"{len(self.high_precision_layers)} high-precision Linears; {self.tensors_loaded} tensors "
-                f"from {len(self.files)} file(s); NaN block-scale bytes clamped: "
-                f"{sum(self.nan_scales_clamped.values())}")
+        return (
+            f"{self.quant_algo}: {len(self.fp8_layers)} FP8, {len(self.nvfp4_layers)} NVFP4, "
+            f"{len(self.high_precision_layers)} high-precision Linears; {self.tensors_loaded} tensors "
+            f"from {len(self.files)} file(s); NaN block-scale bytes clamped: "
+            f"{sum(self.nan_scales_clamped.values())}"
+        )
 
 
 class _Reader:
@@ -171,12 +176,12 @@ class _Reader:
         t = self.get(name)
         dtypes = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
         if t.dtype not in dtypes:
-            raise CheckpointMismatch(
-                f"tensor {name} in {self.where(name)}: dtype {t.dtype}, expected {' or '.join(map(str, dtypes))}")
+            raise CheckpointMismatch(f"tensor {name} in {self.where(name)}: dtype {t.dtype}, expected {' or '.join(map(str, dtypes))}")
         shapes = [tuple(s) for s in shapes]
         if tuple(t.shape) not in shapes:
             raise CheckpointMismatch(
-                f"tensor {name} in {self.where(name)}: shape {tuple(t.shape)}, expected {' or '.join(map(str, shapes))}")
+                f"tensor {name} in {self.where(name)}: shape {tuple(t.shape)}, expected {' or '.join(map(str, shapes))}"
+            )
         return t
 
 
@@ -189,8 +194,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def _load_bias(reader: _Reader, name: str, linear: nn.Linear, new: nn.Module, n: int) -> None:
     if linear.bias is None:
         if reader.has(f"{name}.bias"):
-            raise CheckpointMismatch(f"unexpected tensor {name}.bias in {reader.where(name + '.bias')}: "
-                                     f"the model's {name} has no bias")
+            raise CheckpointMismatch(f"unexpected tensor {name}.bias in {reader.where(name + '.bias')}: the model's {name} has no bias")
         return
     b = reader.expect(f"{name}.bias", (torch.bfloat16, torch.float16, torch.float32), [(n,)])
     new.bias.data.copy_(b.to(new.bias.dtype))
@@ -205,13 +209,21 @@ def _build_fp8(reader: _Reader, name: str, linear: nn.Linear, algo: str, backend
     static = algo == "FP8"
     in_name = f"{name}.input_scale"
     if static and not reader.has(in_name):
-        raise CheckpointMismatch(f"missing tensor {in_name} (quant_algo FP8 needs a static input scale; "
-                                 f"weight is in {reader.where(name + '.weight')})")
+        raise CheckpointMismatch(
+            f"missing tensor {in_name} (quant_algo FP8 needs a static input scale; weight is in {reader.where(name + '.weight')})"
+        )
     if not static and reader.has(in_name):
-        raise CheckpointMismatch(f"unexpected tensor {in_name} in {reader.where(in_name)}: "
-                                 f"{algo} quantizes activations per token")
-    mod = Fp8Linear(k, n, bias=linear.bias is not None, per_channel=per_channel, static_input_scale=static,
-                    dtype=linear.weight.dtype, device=dev, backend=backend)
+        raise CheckpointMismatch(f"unexpected tensor {in_name} in {reader.where(in_name)}: {algo} quantizes activations per token")
+    mod = Fp8Linear(
+        k,
+        n,
+        bias=linear.bias is not None,
+        per_channel=per_channel,
+        static_input_scale=static,
+        dtype=linear.weight.dtype,
+        device=dev,
+        backend=backend,
+    )
     mod.weight.copy_(w)
     mod.weight_scale.copy_(ws.reshape(mod.weight_scale.shape))
     if static:
@@ -220,8 +232,9 @@ def _build_fp8(reader: _Reader, name: str, linear: nn.Linear, algo: str, backend
     return mod
 
 
-def _build_nvfp4(reader: _Reader, name: str, linear: nn.Linear, algo: str, spec: QuantSpec,
-                 report: LoadReport, backend: str | None) -> Nvfp4Linear:
+def _build_nvfp4(
+    reader: _Reader, name: str, linear: nn.Linear, algo: str, spec: QuantSpec, report: LoadReport, backend: str | None
+) -> Nvfp4Linear:
     n, k = linear.weight.shape
     if k % 16:
         raise CheckpointMismatch(f"{name}: in_features {k} is not a multiple of 16")
@@ -231,17 +244,20 @@ def _build_nvfp4(reader: _Reader, name: str, linear: nn.Linear, algo: str, spec:
     in_name = f"{name}.input_scale"
     act_quant = algo == "NVFP4"
     if act_quant and not reader.has(in_name):
-        raise CheckpointMismatch(f"missing tensor {in_name} (NVFP4 W4A4 needs it; weight is in "
-                                 f"{reader.where(name + '.weight')})")
+        raise CheckpointMismatch(f"missing tensor {in_name} (NVFP4 W4A4 needs it; weight is in {reader.where(name + '.weight')})")
     s, bad = Q.clamp_nan_e4m3(s)
     if bad:
         report.nan_scales_clamped[f"{name}.weight_scale"] = bad
-        warnings.warn(f"{name}.weight_scale in {reader.where(name + '.weight_scale')}: {bad} NaN e4m3 "
-                      f"byte(s) clamped to 0x7E (448)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{name}.weight_scale in {reader.where(name + '.weight_scale')}: {bad} NaN e4m3 byte(s) clamped to 0x7E (448)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if spec.swap_weight_nibbles:
         w = Q.swap_nibbles(w)
-    mod = Nvfp4Linear(k, n, bias=linear.bias is not None, dtype=linear.weight.dtype,
-                      device=linear.weight.device, backend=backend, act_quant=act_quant)
+    mod = Nvfp4Linear(
+        k, n, bias=linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device, backend=backend, act_quant=act_quant
+    )
     mod.weight.copy_(w)
     mod.weight_scale.copy_(s)
     mod.weight_scale_2.copy_(gs.reshape(()))
@@ -275,8 +291,7 @@ def load_quantized(
         if algo is None:
             stray = [name + s for s in quant_suffixes if reader.has(name + s)]
             if stray:
-                raise CheckpointMismatch(f"unexpected tensor {stray[0]} in {reader.where(stray[0])}: "
-                                         f"{name} is not quantized by the config")
+                raise CheckpointMismatch(f"unexpected tensor {stray[0]} in {reader.where(stray[0])}: {name} is not quantized by the config")
             report.high_precision_layers.append(name)
             continue
         if algo in FP8_ALGOS:
@@ -297,19 +312,22 @@ def load_quantized(
             raise CheckpointMismatch(f"missing tensor {key} (needed by the model)")
         t = reader.get(key)
         if tuple(t.shape) != tuple(target.shape):
-            raise CheckpointMismatch(f"tensor {key} in {reader.where(key)}: shape {tuple(t.shape)}, "
-                                     f"expected {tuple(target.shape)}")
-        if t.is_floating_point() != target.is_floating_point() or t.dtype in (
-                torch.float8_e4m3fn, torch.float8_e5m2) or t.dtype == torch.uint8 != target.dtype:
-            raise CheckpointMismatch(f"tensor {key} in {reader.where(key)}: dtype {t.dtype} does not fit "
-                                     f"the model's {target.dtype} (quantized tensor for a layer the config "
-                                     f"leaves in high precision?)")
+            raise CheckpointMismatch(f"tensor {key} in {reader.where(key)}: shape {tuple(t.shape)}, expected {tuple(target.shape)}")
+        if (
+            t.is_floating_point() != target.is_floating_point()
+            or t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+            or t.dtype == torch.uint8 != target.dtype
+        ):
+            raise CheckpointMismatch(
+                f"tensor {key} in {reader.where(key)}: dtype {t.dtype} does not fit "
+                f"the model's {target.dtype} (quantized tensor for a layer the config "
+                f"leaves in high precision?)"
+            )
         with torch.no_grad():
             target.data.copy_(t.to(target.dtype))
     unused = sorted(set(files) - reader.used)
     if unused:
-        raise CheckpointMismatch(f"unexpected tensor {unused[0]} in {reader.where(unused[0])} "
-                                 f"({len(unused)} unused in all)")
+        raise CheckpointMismatch(f"unexpected tensor {unused[0]} in {reader.where(unused[0])} ({len(unused)} unused in all)")
     report.tensors_loaded = len(reader.used)
     report.files = sorted({str(f.name) for f in files.values()})
     return report

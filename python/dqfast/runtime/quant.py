@@ -4,6 +4,7 @@ These functions define the numerics every fast path is tested against. They foll
 docs/formats.md (ModelOpt 0.47 semantics): clamp-then-cast to e4m3, E2M1 round to
 nearest with ties to the even code, low nibble = even element.
 """
+
 from __future__ import annotations
 
 import torch
@@ -93,9 +94,7 @@ def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return (packed >> 4) | (packed << 4)
 
 
-def nvfp4_quantize(
-    w: torch.Tensor, global_scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def nvfp4_quantize(w: torch.Tensor, global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ModelOpt-0.47 NVFP4 quantization of a [N, K] tensor.
 
     Returns (packed uint8 [N, K/2], block scales e4m3 [N, K/16], weight_scale_2 float32 0-dim).
@@ -117,9 +116,7 @@ def nvfp4_quantize(
     return pack_e2m1(codes), s_e4m3, gs
 
 
-def nvfp4_dequantize(
-    packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor
-) -> torch.Tensor:
+def nvfp4_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """Packed NVFP4 [N, K/2] + e4m3 [N, K/16] + global scale (0-dim or [N]) -> float32 [N, K]."""
     n = packed.shape[0]
     vals = e2m1_decode(unpack_e2m1(packed))

@@ -8,6 +8,7 @@
 
 Divisions use div_rn so the bytes match the float32 torch reference exactly.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _fp8_quant_row_kernel(
-    x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
-    BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    K,
+    stride_x,
+    stride_q,
+    BLOCK_K: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -78,8 +85,7 @@ def fp8_quant_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not one_pass:
         block = 4096
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    _fp8_quant_row_kernel[(m,)](x2d, q, s, k, x2d.stride(0), q.stride(0),
-                                BLOCK_K=block, ONE_PASS=one_pass, num_warps=warps)
+    _fp8_quant_row_kernel[(m,)](x2d, q, s, k, x2d.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass, num_warps=warps)
     return q, s
 
 
@@ -104,11 +110,26 @@ def _e2m1_to_f32(codes):
 
 @triton.jit
 def _nvfp4_w4a16_kernel(
-    x_ptr, w_ptr, s_ptr, gs_ptr, b_ptr, y_ptr,
-    M, N, K,
-    stride_xm, stride_wn, stride_sn, stride_ym,
-    PER_CHANNEL_GS: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    gs_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_ym,
+    PER_CHANNEL_GS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -165,8 +186,20 @@ def _nvfp4_w4a16_kernel(
 
 
 @triton.jit
-def _nvfp4_dequant_kernel(w_ptr, s_ptr, gs_ptr, o_ptr, N, K, stride_wn, stride_sn, stride_on,
-                          PER_CHANNEL_GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _nvfp4_dequant_kernel(
+    w_ptr,
+    s_ptr,
+    gs_ptr,
+    o_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    stride_on,
+    PER_CHANNEL_GS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -174,8 +207,9 @@ def _nvfp4_dequant_kernel(w_ptr, s_ptr, gs_ptr, o_ptr, N, K, stride_wn, stride_s
     kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     ks = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
     packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kb[None, :], mask=mask_n[:, None], other=0)
-    scales = tl.load(s_ptr + offs_n[:, None].to(tl.int64) * stride_sn + ks[None, :], mask=mask_n[:, None],
-                     other=0.0).to(tl.float32) * 16384.0
+    scales = (
+        tl.load(s_ptr + offs_n[:, None].to(tl.int64) * stride_sn + ks[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32) * 16384.0
+    )
     if PER_CHANNEL_GS:
         gs = tl.load(gs_ptr + offs_n, mask=mask_n, other=0.0)
         scales = scales * gs[:, None]
@@ -185,12 +219,12 @@ def _nvfp4_dequant_kernel(w_ptr, s_ptr, gs_ptr, o_ptr, N, K, stride_wn, stride_s
     vals = tl.reshape(_e2m1_to_f32(codes), (BLOCK_N, BLOCK_K // 16, 16))
     w = tl.reshape(vals * scales[:, :, None], (BLOCK_N, BLOCK_K))
     ko = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + ko[None, :], w.to(o_ptr.dtype.element_ty),
-             mask=mask_n[:, None])
+    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + ko[None, :], w.to(o_ptr.dtype.element_ty), mask=mask_n[:, None])
 
 
-def nvfp4_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
-                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def nvfp4_dequantize(
+    packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """Packed NVFP4 [N, K/2] -> [N, K] in `dtype` (global scale folded in, one rounding)."""
     n, kh = packed.shape
     k = kh * 2
@@ -200,14 +234,27 @@ def nvfp4_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_sca
     out = torch.empty((n, k), dtype=dtype, device=packed.device)
     gs = global_scale.float().reshape(-1)
     grid = (triton.cdiv(n, 64), k // block_k)
-    _nvfp4_dequant_kernel[grid](packed, block_scale, gs, out, n, k, packed.stride(0), block_scale.stride(0),
-                                out.stride(0), PER_CHANNEL_GS=gs.numel() > 1, BLOCK_N=64, BLOCK_K=block_k,
-                                num_warps=4)
+    _nvfp4_dequant_kernel[grid](
+        packed,
+        block_scale,
+        gs,
+        out,
+        n,
+        k,
+        packed.stride(0),
+        block_scale.stride(0),
+        out.stride(0),
+        PER_CHANNEL_GS=gs.numel() > 1,
+        BLOCK_N=64,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
     return out
 
 
-def nvfp4_dequant_matmul(x2d: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor,
-                         global_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def nvfp4_dequant_matmul(
+    x2d: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Large-M path: dequantize the weight to a transient bf16 buffer, then a cuBLAS GEMM.
     Weight memory at rest stays NVFP4; the buffer lives for one layer call."""
     w = nvfp4_dequantize(packed, block_scale, global_scale, x2d.dtype)
@@ -256,8 +303,7 @@ def nvfp4_w4a16_matmul(
     m, k = x2d.shape
     n = packed.shape[0]
     if packed.shape[1] * 2 != k or block_scale.shape != (n, k // 16):
-        raise ValueError(f"shape mismatch: x {tuple(x2d.shape)}, weight {tuple(packed.shape)}, "
-                         f"scales {tuple(block_scale.shape)}")
+        raise ValueError(f"shape mismatch: x {tuple(x2d.shape)}, weight {tuple(packed.shape)}, scales {tuple(block_scale.shape)}")
     if x2d.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError("W4A16 kernel takes bf16/fp16 activations")
     x2d = x2d.contiguous()
@@ -272,9 +318,27 @@ def nvfp4_w4a16_matmul(
     gs = global_scale.float().reshape(-1)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _nvfp4_w4a16_kernel[grid](
-        x2d, packed, block_scale, gs, bias if bias is not None else gs, y,
-        m, n, k, x2d.stride(0), packed.stride(0), block_scale.stride(0), y.stride(0),
-        PER_CHANNEL_GS=gs.numel() > 1, HAS_BIAS=bias is not None, SWAP_AB=swap,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=ns,
+        x2d,
+        packed,
+        block_scale,
+        gs,
+        bias if bias is not None else gs,
+        y,
+        m,
+        n,
+        k,
+        x2d.stride(0),
+        packed.stride(0),
+        block_scale.stride(0),
+        y.stride(0),
+        PER_CHANNEL_GS=gs.numel() > 1,
+        HAS_BIAS=bias is not None,
+        SWAP_AB=swap,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        GROUP_M=8,
+        num_warps=nw,
+        num_stages=ns,
     )
     return y

@@ -1,4 +1,5 @@
 """Quality checks for quantized checkpoints: per-layer weight error and denoising trajectory."""
+
 from .checkpoint import summarize_layers, verify_checkpoint
 from .layers import layer_errors
 from .trajectory import TrajectoryResult, trajectory

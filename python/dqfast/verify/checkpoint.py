@@ -1,6 +1,7 @@
 """One call that judges a quantized checkpoint against its BF16 base: per-layer weight error and a
 denoising trajectory (both models built from their directories; the quantized one through
 ``dqfast.runtime.load_quantized``)."""
+
 from __future__ import annotations
 
 import json
@@ -67,9 +68,12 @@ def verify_checkpoint(
         shift = cc.shift if cc.shift is not None else (3.0 if family == "flux" else 5.0)
         traj = trajectory(base, quant, inputs, steps=steps, seed=seed, shift=shift, timestep_scale=timestep_scale(family))
         t = traj.to_dict()
-        t.update(inputs_note=f"one prompt ({cc.conditioning_kind()}), latent shape {list(inputs['hidden_states'].shape)}",
-                 fp8_layers=len(load_report.fp8_layers), nvfp4_layers=len(load_report.nvfp4_layers),
-                 high_precision_layers=len(load_report.high_precision_layers))
+        t.update(
+            inputs_note=f"one prompt ({cc.conditioning_kind()}), latent shape {list(inputs['hidden_states'].shape)}",
+            fp8_layers=len(load_report.fp8_layers),
+            nvfp4_layers=len(load_report.nvfp4_layers),
+            high_precision_layers=len(load_report.high_precision_layers),
+        )
         report["trajectory"] = t
         if png_path is not None:
             report["plot"] = traj.write_report(Path(png_path).with_suffix(".trajectory.json"), png_path)

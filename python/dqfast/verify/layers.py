@@ -1,4 +1,5 @@
 """Per-layer weight error of a quantized checkpoint against its high-precision base."""
+
 from __future__ import annotations
 
 import math

@@ -5,11 +5,12 @@ Slow and whole-model-in-memory by design: it exists to produce independent test
 checkpoints for the runtime loader and to cross-check the Rust converter's bytes.
 Weights are divided in float32 (the "accurate" rounding, not ModelOpt's BF16 division).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -25,9 +26,11 @@ def calibrate_input_amax(model: nn.Module, batches: Iterable[Mapping]) -> dict[s
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
+
             def hook(_m, args, _name=name):
                 v = float(args[0].detach().abs().max())
                 amax[_name] = max(amax.get(_name, 0.0), v)
+
             hooks.append(mod.register_forward_pre_hook(hook))
     try:
         for batch in batches:
@@ -107,12 +110,17 @@ def export_reference_checkpoint(
         if key.rpartition(".")[0] in quantized:
             continue
         tensors[key] = t.detach().to(torch.bfloat16) if t.is_floating_point() else t.detach()
-    qcfg: dict = {"quant_method": "modelopt", "quant_algo": quant_algo,
-                  "producer": {"name": "modelopt", "version": "dqfast-reference"},
-                  "ignore": ignore, "swap_weight_nibbles": swap_weight_nibbles}
+    qcfg: dict = {
+        "quant_method": "modelopt",
+        "quant_algo": quant_algo,
+        "producer": {"name": "modelopt", "version": "dqfast-reference"},
+        "ignore": ignore,
+        "swap_weight_nibbles": swap_weight_nibbles,
+    }
     if quant_algo == "MIXED_PRECISION":
-        qcfg["quantized_layers"] = {n: ({"quant_algo": a, "group_size": 16} if "NVFP4" in a else {"quant_algo": a})
-                                    for n, a in sorted(quantized.items())}
+        qcfg["quantized_layers"] = {
+            n: ({"quant_algo": a, "group_size": 16} if "NVFP4" in a else {"quant_algo": a}) for n, a in sorted(quantized.items())
+        }
     if "NVFP4" in quant_algo:
         qcfg["group_size"] = 16
     config = dict(getattr(model, "config", {}) or {})
@@ -122,19 +130,19 @@ def export_reference_checkpoint(
     names = sorted(tensors)
     meta = {"format": "pt"}
     if num_shards <= 1:
-        save_file({n: tensors[n].contiguous() for n in names}, str(out_dir / "diffusion_pytorch_model.safetensors"),
-                  metadata=meta)
+        save_file({n: tensors[n].contiguous() for n in names}, str(out_dir / "diffusion_pytorch_model.safetensors"), metadata=meta)
     else:
         weight_map = {}
         per = (len(names) + num_shards - 1) // num_shards
         for i in range(num_shards):
             fname = f"diffusion_pytorch_model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-            chunk = names[i * per:(i + 1) * per]
+            chunk = names[i * per : (i + 1) * per]
             save_file({n: tensors[n].contiguous() for n in chunk}, str(out_dir / fname), metadata=meta)
             weight_map.update({n: fname for n in chunk})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (out_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+        )
     return qcfg
 
 
@@ -147,5 +155,4 @@ def save_base_checkpoint(model: nn.Module, out_dir: str | Path) -> None:
     config = dict(getattr(model, "config", {}) or {})
     config["_class_name"] = type(model).__name__
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              str(out_dir / "diffusion_pytorch_model.safetensors"))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out_dir / "diffusion_pytorch_model.safetensors"))

@@ -5,6 +5,7 @@ FlowMatchEulerDiscreteScheduler; after every step the latents are compared (cosi
 RMSE). The final PSNR is computed on the final latents (no VAE decode), with the base's
 peak-to-peak range as the signal peak.
 """
+
 from __future__ import annotations
 
 import json

@@ -33,11 +33,25 @@ fn kernels(c: &mut Criterion) {
     let mut g = c.benchmark_group("kernels");
     g.throughput(Throughput::Bytes(src.len() as u64));
     g.sample_size(20);
-    for (name, rounding) in [("exact", Rounding::Exact), ("modelopt", Rounding::SourceDtype)] {
+    for (name, rounding) in [
+        ("exact", Rounding::Exact),
+        ("modelopt", Rounding::SourceDtype),
+    ] {
         g.bench_function(BenchmarkId::new("bf16_to_e4m3_direct", name), |b| {
             // per-row scales force the arithmetic path
             let scales = vec![scale; rows];
-            b.iter(|| fp8::quantize_e4m3(&src, Dtype::BF16, &scales, k, 0, rounding, Saturation::Clamp, &mut out))
+            b.iter(|| {
+                fp8::quantize_e4m3(
+                    &src,
+                    Dtype::BF16,
+                    &scales,
+                    k,
+                    0,
+                    rounding,
+                    Saturation::Clamp,
+                    &mut out,
+                )
+            })
         });
         g.bench_function(BenchmarkId::new("bf16_to_e4m3_lut", name), |b| {
             b.iter(|| {
@@ -53,10 +67,14 @@ fn kernels(c: &mut Criterion) {
     g.bench_function("nvfp4_quantize_bf16", |b| {
         b.iter(|| nvfp4::quantize(&src, Dtype::BF16, k, gs, &mut packed, &mut scales))
     });
-    g.bench_function("nvfp4_block_scales_bf16", |b| b.iter(|| nvfp4::block_scales(&src, Dtype::BF16, k, gs, &mut scales)));
+    g.bench_function("nvfp4_block_scales_bf16", |b| {
+        b.iter(|| nvfp4::block_scales(&src, Dtype::BF16, k, gs, &mut scales))
+    });
     g.throughput(Throughput::Bytes(packed.len() as u64));
     let mut swapped = vec![0u8; n / 2];
-    g.bench_function("swap_nibbles", |b| b.iter(|| nvfp4::swap_nibbles(&packed, &mut swapped)));
+    g.bench_function("swap_nibbles", |b| {
+        b.iter(|| nvfp4::swap_nibbles(&packed, &mut swapped))
+    });
     g.finish();
 }
 

@@ -177,11 +177,17 @@ impl Checkpoint {
             .collect();
         st.sort();
         match st.len() {
-            0 => Err(Error::header(dir, "no .safetensors file and no index json in directory")),
+            0 => Err(Error::header(
+                dir,
+                "no .safetensors file and no index json in directory",
+            )),
             1 => Self::from_files(dir, st, None),
             _ => Err(Error::header(
                 dir,
-                format!("{} .safetensors files but no index json to say how they fit together", st.len()),
+                format!(
+                    "{} .safetensors files but no index json to say how they fit together",
+                    st.len()
+                ),
             )),
         }
     }
@@ -282,10 +288,16 @@ pub fn read_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>
     let mut map = HashMap::with_capacity(wm.len());
     for (name, s) in wm {
         let s = s.as_str().ok_or_else(|| {
-            Error::header(index, format!("weight_map entry for '{name}' is not a string"))
+            Error::header(
+                index,
+                format!("weight_map entry for '{name}' is not a string"),
+            )
         })?;
         if s.contains('/') || s.contains('\\') || s == ".." {
-            return Err(Error::header(index, format!("shard name '{s}' is not a plain file name")));
+            return Err(Error::header(
+                index,
+                format!("shard name '{s}' is not a plain file name"),
+            ));
         }
         if !shards.iter().any(|x| x == s) {
             shards.push(s.to_string());
@@ -296,7 +308,10 @@ pub fn read_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>
     for s in shards {
         let p = dir.join(&s);
         if !p.is_file() {
-            return Err(Error::header(index, format!("shard '{s}' listed in weight_map does not exist")));
+            return Err(Error::header(
+                index,
+                format!("shard '{s}' listed in weight_map does not exist"),
+            ));
         }
         files.push(p);
     }

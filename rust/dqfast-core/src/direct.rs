@@ -63,7 +63,12 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        unsafe { dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.cap, ALIGN)) }
+        unsafe {
+            dealloc(
+                self.ptr.as_ptr(),
+                Layout::from_size_align_unchecked(self.cap, ALIGN),
+            )
+        }
     }
 }
 
@@ -75,7 +80,13 @@ const READ_CHUNK: usize = 16 << 20;
 
 /// Read `len` bytes at `offset` of a file opened with `O_DIRECT` into `buf`; returns where in the
 /// buffer they start (the read itself starts at the aligned offset below `offset`).
-pub fn read_at(file: &File, path: &Path, offset: u64, len: usize, buf: &AlignedBuf) -> Result<usize> {
+pub fn read_at(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: usize,
+    buf: &AlignedBuf,
+) -> Result<usize> {
     let start = align_down(offset as usize);
     let skip = offset as usize - start;
     let want = align_up(skip + len);
@@ -91,7 +102,15 @@ pub fn read_at(file: &File, path: &Path, offset: u64, len: usize, buf: &AlignedB
 
 /// Read buffer bytes `[a, b)` from file offset `file_start + a`; bytes at or past `need_end` may
 /// lie beyond the end of the file (the aligned tail of the last tensor).
-fn read_range(file: &File, path: &Path, file_start: usize, base: usize, a: usize, b: usize, need_end: usize) -> Result<()> {
+fn read_range(
+    file: &File,
+    path: &Path,
+    file_start: usize,
+    base: usize,
+    a: usize,
+    b: usize,
+    need_end: usize,
+) -> Result<()> {
     let mut done = a;
     while done < b {
         // A buffer we own (`b <= cap`); the kernel writes at most `b - done` bytes at `base + done`.
@@ -117,7 +136,10 @@ fn read_range(file: &File, path: &Path, file_start: usize, base: usize, a: usize
             return Err(Error::io(
                 path,
                 "read (O_DIRECT)",
-                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shorter than its header says"),
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file shorter than its header says",
+                ),
             ));
         }
         done += n as usize;
@@ -134,7 +156,14 @@ pub fn open_for_read(path: &Path) -> Option<File> {
         .ok()?;
     // Some file systems accept the flag at open and refuse the read: probe one block.
     let b = AlignedBuf::new(ALIGN);
-    let n = unsafe { libc::pread(std::os::fd::AsRawFd::as_raw_fd(&f), b.ptr() as *mut libc::c_void, ALIGN, 0) };
+    let n = unsafe {
+        libc::pread(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            b.ptr() as *mut libc::c_void,
+            ALIGN,
+            0,
+        )
+    };
     (n >= 0).then_some(f)
 }
 
@@ -181,7 +210,11 @@ impl BufPool {
     pub fn new(budget: usize) -> Arc<BufPool> {
         Arc::new(BufPool {
             budget,
-            state: Mutex::new(PoolState { free: Vec::new(), allocated: 0, closed: false }),
+            state: Mutex::new(PoolState {
+                free: Vec::new(),
+                allocated: 0,
+                closed: false,
+            }),
             freed: Condvar::new(),
         })
     }
@@ -246,9 +279,16 @@ impl TensorBuf {
         timed: impl FnOnce(Duration, Duration),
     ) -> Result<Option<TensorBuf>> {
         let t0 = Instant::now();
-        let Some(buf) = pool.take(need_for(offset, len)) else { return Ok(None) };
+        let Some(buf) = pool.take(need_for(offset, len)) else {
+            return Ok(None);
+        };
         let t1 = Instant::now();
-        let mut tb = TensorBuf { buf: Some(buf), pool: pool.clone(), start: 0, len: 0 };
+        let mut tb = TensorBuf {
+            buf: Some(buf),
+            pool: pool.clone(),
+            start: 0,
+            len: 0,
+        };
         let r = read_at(file, path, offset, len, tb.buf.as_ref().unwrap());
         timed(t1 - t0, t1.elapsed());
         tb.start = r?;
@@ -305,15 +345,22 @@ impl DirectWriter {
             Ok(file) => {
                 if size > 0 {
                     // Best effort: a file system without fallocate still gets the writes.
-                    let _ = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, size as libc::off_t) };
+                    let _ = unsafe {
+                        libc::fallocate(
+                            std::os::fd::AsRawFd::as_raw_fd(&file),
+                            0,
+                            0,
+                            size as libc::off_t,
+                        )
+                    };
                 }
                 Ok(Ok(DirectWriter {
-                file,
-                path: path.to_path_buf(),
-                stage: stage.unwrap_or_else(|| AlignedBuf::new(STAGE_BYTES)),
-                fill: 0,
-                written: 0,
-            }))
+                    file,
+                    path: path.to_path_buf(),
+                    stage: stage.unwrap_or_else(|| AlignedBuf::new(STAGE_BYTES)),
+                    fill: 0,
+                    written: 0,
+                }))
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Err(stage)),
             Err(e) => Err(Error::io(path, "create", e)),
@@ -323,7 +370,9 @@ impl DirectWriter {
     pub fn write_all(&mut self, mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
             let n = (self.stage.cap - self.fill).min(data.len());
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.stage.ptr().add(self.fill), n) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), self.stage.ptr().add(self.fill), n)
+            };
             self.fill += n;
             data = &data[n..];
             if self.fill == self.stage.cap {
@@ -349,13 +398,19 @@ impl DirectWriter {
         let logical = self.written + self.fill as u64;
         if self.fill > 0 {
             let padded = align_up(self.fill);
-            unsafe { std::ptr::write_bytes(self.stage.ptr().add(self.fill), 0, padded - self.fill) };
+            unsafe {
+                std::ptr::write_bytes(self.stage.ptr().add(self.fill), 0, padded - self.fill)
+            };
             self.flush_stage(padded)?;
         }
         // Drops the padding of the last block and whatever was allocated beyond what was written.
-        self.file.set_len(logical).map_err(|e| Error::io(&self.path, "truncate", e))?;
+        self.file
+            .set_len(logical)
+            .map_err(|e| Error::io(&self.path, "truncate", e))?;
         if fsync {
-            self.file.sync_all().map_err(|e| Error::io(&self.path, "fsync", e))?;
+            self.file
+                .sync_all()
+                .map_err(|e| Error::io(&self.path, "fsync", e))?;
         }
         Ok(self.stage)
     }
@@ -371,7 +426,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.bin");
         // Longer than the staging buffer and than several read chunks.
-        let data: Vec<u8> = (0..(3 * READ_CHUNK + 12_345)).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(3 * READ_CHUNK + 12_345))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
         // Allocated larger than written: the file must still end where the data ends.
         match DirectWriter::create(&p, None, data.len() as u64 + 12_345).unwrap() {
             Ok(mut w) => {
@@ -388,12 +445,27 @@ mod tests {
         if let Some(f) = open_for_read(&p) {
             let pool = BufPool::new(128 << 20);
             let n = data.len();
-            for (off, len) in [(0u64, 10usize), (4095, 2), (5000, 3 << 20), (n as u64 - 7, 7), (1, n - 1), (4097, n - 4100)] {
-                let tb = TensorBuf::read(&pool, &f, &p, off, len, |_, _| {}).unwrap().unwrap();
-                assert_eq!(tb.bytes(), &data[off as usize..off as usize + len], "offset {off} len {len}");
+            for (off, len) in [
+                (0u64, 10usize),
+                (4095, 2),
+                (5000, 3 << 20),
+                (n as u64 - 7, 7),
+                (1, n - 1),
+                (4097, n - 4100),
+            ] {
+                let tb = TensorBuf::read(&pool, &f, &p, off, len, |_, _| {})
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(
+                    tb.bytes(),
+                    &data[off as usize..off as usize + len],
+                    "offset {off} len {len}"
+                );
             }
             // Reading past the end is an error naming the file, not garbage.
-            let e = TensorBuf::read(&pool, &f, &p, data.len() as u64 - 3, 10, |_, _| {}).err().unwrap();
+            let e = TensorBuf::read(&pool, &f, &p, data.len() as u64 - 3, 10, |_, _| {})
+                .err()
+                .unwrap();
             assert!(e.to_string().contains("x.bin"), "{e}");
         }
     }

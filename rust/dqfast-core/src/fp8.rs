@@ -62,7 +62,13 @@ const fn e4m3_bits(b: u8) -> u32 {
         return sign;
     }
     // Subnormal: normalize m·2^-9 (m in 1..=7): p = index of m's top bit.
-    let p = if m >= 4 { 2 } else if m >= 2 { 1 } else { 0 };
+    let p = if m >= 4 {
+        2
+    } else if m >= 2 {
+        1
+    } else {
+        0
+    };
     sign | ((p + 118) << 23) | ((m - (1 << p)) << (23 - p))
 }
 
@@ -163,7 +169,9 @@ pub fn quantize_e4m3(
         E4m3Lut::new(dtype, scales[0], rounding, saturation).apply(src, out);
         return;
     }
-    quantize_direct(src, dtype, scales, row_len, first_elem, rounding, saturation, out)
+    quantize_direct(
+        src, dtype, scales, row_len, first_elem, rounding, saturation, out,
+    )
 }
 
 trait Src {
@@ -225,10 +233,17 @@ fn convert_one<S: Src, const NATIVE: bool, const CLAMP: bool>(w: f32, scale: f32
 }
 
 #[inline(always)]
-fn convert_run_inline<S: Src, const NATIVE: bool, const CLAMP: bool>(src: &[u8], scale: f32, out: &mut [u8]) {
+fn convert_run_inline<S: Src, const NATIVE: bool, const CLAMP: bool>(
+    src: &[u8],
+    scale: f32,
+    out: &mut [u8],
+) {
     let whole = out.len() / LANES * LANES;
     let (head, tail) = out.split_at_mut(whole);
-    for (o, b) in head.chunks_exact_mut(LANES).zip(src.chunks_exact(LANES * S::SIZE)) {
+    for (o, b) in head
+        .chunks_exact_mut(LANES)
+        .zip(src.chunks_exact(LANES * S::SIZE))
+    {
         let mut v = [0f32; LANES];
         for (i, x) in v.iter_mut().enumerate() {
             *x = S::load(&b[i * S::SIZE..(i + 1) * S::SIZE]);
@@ -237,19 +252,30 @@ fn convert_run_inline<S: Src, const NATIVE: bool, const CLAMP: bool>(src: &[u8],
             o[i] = convert_one::<S, NATIVE, CLAMP>(v[i], scale);
         }
     }
-    for (o, b) in tail.iter_mut().zip(src[whole * S::SIZE..].chunks_exact(S::SIZE)) {
+    for (o, b) in tail
+        .iter_mut()
+        .zip(src[whole * S::SIZE..].chunks_exact(S::SIZE))
+    {
         *o = convert_one::<S, NATIVE, CLAMP>(S::load(b), scale);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn convert_run_avx2<S: Src, const NATIVE: bool, const CLAMP: bool>(src: &[u8], scale: f32, out: &mut [u8]) {
+unsafe fn convert_run_avx2<S: Src, const NATIVE: bool, const CLAMP: bool>(
+    src: &[u8],
+    scale: f32,
+    out: &mut [u8],
+) {
     convert_run_inline::<S, NATIVE, CLAMP>(src, scale, out)
 }
 
 /// The same code compiled twice: for AVX2 (8-wide division) when the CPU has it, else baseline.
-fn convert_run<S: Src, const NATIVE: bool, const CLAMP: bool>(src: &[u8], scale: f32, out: &mut [u8]) {
+fn convert_run<S: Src, const NATIVE: bool, const CLAMP: bool>(
+    src: &[u8],
+    scale: f32,
+    out: &mut [u8],
+) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
@@ -265,10 +291,23 @@ pub struct E4m3Lut(Box<[u8]>);
 
 impl E4m3Lut {
     pub fn new(dtype: Dtype, scale: f32, rounding: Rounding, saturation: Saturation) -> E4m3Lut {
-        assert_eq!(dtype.size(), 2, "a lookup table needs a 16-bit source dtype");
+        assert_eq!(
+            dtype.size(),
+            2,
+            "a lookup table needs a 16-bit source dtype"
+        );
         let src: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
         let mut t = vec![0u8; 1 << 16];
-        quantize_direct(&src, dtype, &[scale], 1 << 16, 0, rounding, saturation, &mut t);
+        quantize_direct(
+            &src,
+            dtype,
+            &[scale],
+            1 << 16,
+            0,
+            rounding,
+            saturation,
+            &mut t,
+        );
         E4m3Lut(t.into_boxed_slice())
     }
 
@@ -295,9 +334,15 @@ fn quantize_direct(
     out: &mut [u8],
 ) {
     match dtype {
-        Dtype::BF16 => quantize_typed::<Bf16Src>(src, scales, row_len, first_elem, rounding, saturation, out),
-        Dtype::F16 => quantize_typed::<F16Src>(src, scales, row_len, first_elem, rounding, saturation, out),
-        Dtype::F32 => quantize_typed::<F32Src>(src, scales, row_len, first_elem, rounding, saturation, out),
+        Dtype::BF16 => {
+            quantize_typed::<Bf16Src>(src, scales, row_len, first_elem, rounding, saturation, out)
+        }
+        Dtype::F16 => {
+            quantize_typed::<F16Src>(src, scales, row_len, first_elem, rounding, saturation, out)
+        }
+        Dtype::F32 => {
+            quantize_typed::<F32Src>(src, scales, row_len, first_elem, rounding, saturation, out)
+        }
         _ => unreachable!("quantize_e4m3 on non-float dtype {dtype}"),
     }
 }
@@ -329,7 +374,11 @@ fn quantize_typed<S: Src>(
         let elem = first_elem + i;
         let row = elem / row_len;
         let seg = (row_len - elem % row_len).min(n - i);
-        run(&src[i * S::SIZE..(i + seg) * S::SIZE], scales[row], &mut out[i..i + seg]);
+        run(
+            &src[i * S::SIZE..(i + seg) * S::SIZE],
+            scales[row],
+            &mut out[i..i + seg],
+        );
         i += seg;
     }
 }
@@ -437,7 +486,10 @@ mod tests {
                 sign * (1.0 + m / 8.0) * 2f32.powi(e - 7)
             };
             let got = e4m3_to_f32(b);
-            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{b:#04x}");
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{b:#04x}"
+            );
         }
     }
 
@@ -465,7 +517,16 @@ mod tests {
             .flat_map(|f| f.to_le_bytes())
             .collect();
         let mut out = [0u8; 4];
-        quantize_e4m3(&src, Dtype::F32, &[1.0], 4, 0, Rounding::Exact, Saturation::Clamp, &mut out);
+        quantize_e4m3(
+            &src,
+            Dtype::F32,
+            &[1.0],
+            4,
+            0,
+            Rounding::Exact,
+            Saturation::Clamp,
+            &mut out,
+        );
         assert_eq!(out, [0x7E, 0xFE, 0x7F, e4m3_from_f32(3.0)]);
     }
 
@@ -475,14 +536,32 @@ mod tests {
         let src: Vec<u8> = vals.iter().flat_map(|f| f.to_le_bytes()).collect();
         let scales = [1.0f32, 2.0, 4.0];
         let mut whole = [0u8; 12];
-        quantize_e4m3(&src, Dtype::F32, &scales, 4, 0, Rounding::Exact, Saturation::Clamp, &mut whole);
+        quantize_e4m3(
+            &src,
+            Dtype::F32,
+            &scales,
+            4,
+            0,
+            Rounding::Exact,
+            Saturation::Clamp,
+            &mut whole,
+        );
         for (i, &b) in whole.iter().enumerate() {
             assert_eq!(b, e4m3_from_f32(vals[i] / scales[i / 4]));
         }
         // The same result when converted in odd-sized pieces.
         let mut pieces = [0u8; 12];
         for (a, b) in [(0usize, 3usize), (3, 9), (9, 12)] {
-            quantize_e4m3(&src[a * 4..b * 4], Dtype::F32, &scales, 4, a, Rounding::Exact, Saturation::Clamp, &mut pieces[a..b]);
+            quantize_e4m3(
+                &src[a * 4..b * 4],
+                Dtype::F32,
+                &scales,
+                4,
+                a,
+                Rounding::Exact,
+                Saturation::Clamp,
+                &mut pieces[a..b],
+            );
         }
         assert_eq!(whole, pieces);
     }
@@ -490,7 +569,10 @@ mod tests {
     #[test]
     fn bf16_rounding_matches_definition() {
         assert_eq!(round_to_bf16(1.0 + 2f32.powi(-8)), 1.0); // tie to even
-        assert_eq!(round_to_bf16(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6)); // tie up to even
+        assert_eq!(
+            round_to_bf16(1.0 + 3.0 * 2f32.powi(-8)),
+            1.0 + 2f32.powi(-6)
+        ); // tie up to even
         assert_eq!(round_to_bf16(f32::NAN).to_bits(), 0x7FC0_0000);
     }
 
@@ -501,23 +583,39 @@ mod tests {
             let all: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
             assert!(amax(&all, dtype).is_nan());
             for b in (0..=u16::MAX).step_by(7) {
-                let pair: Vec<u8> = [b, 0x3c00u16.min(b)].iter().flat_map(|x| x.to_le_bytes()).collect();
+                let pair: Vec<u8> = [b, 0x3c00u16.min(b)]
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect();
                 let want = {
                     let a = load_f32(&pair, dtype, 0).abs();
                     let c = load_f32(&pair, dtype, 1).abs();
-                    if a.is_nan() || c.is_nan() { f32::NAN } else { a.max(c) }
+                    if a.is_nan() || c.is_nan() {
+                        f32::NAN
+                    } else {
+                        a.max(c)
+                    }
                 };
                 let got = amax(&pair, dtype);
-                assert!(got == want || (got.is_nan() && want.is_nan()), "{dtype} {b:#06x}: {got} vs {want}");
+                assert!(
+                    got == want || (got.is_nan() && want.is_nan()),
+                    "{dtype} {b:#06x}: {got} vs {want}"
+                );
             }
         }
     }
 
     #[test]
     fn amax_propagates_nan_and_ignores_sign() {
-        let src: Vec<u8> = [1.0f32, -7.5, 2.0].iter().flat_map(|f| f.to_le_bytes()).collect();
+        let src: Vec<u8> = [1.0f32, -7.5, 2.0]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
         assert_eq!(amax(&src, Dtype::F32), 7.5);
-        let src: Vec<u8> = [1.0f32, f32::NAN, 2.0].iter().flat_map(|f| f.to_le_bytes()).collect();
+        let src: Vec<u8> = [1.0f32, f32::NAN, 2.0]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
         assert!(amax(&src, Dtype::F32).is_nan());
         assert_eq!(amax_rows(&[0u8; 0], Dtype::F32, 4), Vec::<f32>::new());
     }

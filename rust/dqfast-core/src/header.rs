@@ -47,9 +47,7 @@ pub struct Header {
 
 /// Checked `prod(shape) * elem` — `None` on overflow.
 pub fn checked_nbytes(shape: &[usize], elem: usize) -> Option<usize> {
-    shape
-        .iter()
-        .try_fold(elem, |acc, &d| acc.checked_mul(d))
+    shape.iter().try_fold(elem, |acc, &d| acc.checked_mul(d))
 }
 
 /// Parse and validate the header of a safetensors file whose complete bytes are `bytes`.
@@ -124,7 +122,11 @@ fn parse_header_object(
     let mut seen = std::collections::HashSet::with_capacity(obj.len());
     for (name, v) in obj {
         if !seen.insert(name.as_str()) {
-            return Err(Error::tensor(path, name, "name appears twice in the header"));
+            return Err(Error::tensor(
+                path,
+                name,
+                "name appears twice in the header",
+            ));
         }
         if name == "__metadata__" {
             let m = v
@@ -132,7 +134,10 @@ fn parse_header_object(
                 .ok_or_else(|| Error::header(path, "__metadata__ is not an object"))?;
             for (k, mv) in m {
                 let s = mv.as_str().ok_or_else(|| {
-                    Error::header(path, format!("__metadata__ value for '{k}' is not a string"))
+                    Error::header(
+                        path,
+                        format!("__metadata__ value for '{k}' is not a string"),
+                    )
                 })?;
                 metadata.insert(k.clone(), s.to_string());
             }
@@ -147,14 +152,20 @@ fn parse_header_object(
             return Err(Error::tensor(
                 path,
                 &t.name,
-                format!("data_offsets [{}, {}] overlap the previous tensor (ends at {offset})", t.begin, t.end),
+                format!(
+                    "data_offsets [{}, {}] overlap the previous tensor (ends at {offset})",
+                    t.begin, t.end
+                ),
             ));
         }
         if t.begin > offset {
             return Err(Error::tensor(
                 path,
                 &t.name,
-                format!("data_offsets [{}, {}] leave a gap after byte {offset}", t.begin, t.end),
+                format!(
+                    "data_offsets [{}, {}] leave a gap after byte {offset}",
+                    t.begin, t.end
+                ),
             ));
         }
         offset = t.end;
@@ -203,7 +214,10 @@ fn parse_tensor_entry(path: &Path, name: &str, v: &Value, data_len: usize) -> Re
         .and_then(Value::as_array)
         .ok_or_else(|| bad("missing or non-array 'data_offsets'".into()))?;
     if offs.len() != 2 {
-        return Err(bad(format!("data_offsets has {} entries, expected 2", offs.len())));
+        return Err(bad(format!(
+            "data_offsets has {} entries, expected 2",
+            offs.len()
+        )));
     }
     let get = |i: usize| -> Result<usize> {
         offs[i]
@@ -213,7 +227,9 @@ fn parse_tensor_entry(path: &Path, name: &str, v: &Value, data_len: usize) -> Re
     };
     let (begin, end) = (get(0)?, get(1)?);
     if end < begin {
-        return Err(bad(format!("data_offsets [{begin}, {end}] end before they begin")));
+        return Err(bad(format!(
+            "data_offsets [{begin}, {end}] end before they begin"
+        )));
     }
     if end > data_len {
         return Err(bad(format!(
@@ -237,13 +253,16 @@ fn parse_tensor_entry(path: &Path, name: &str, v: &Value, data_len: usize) -> Re
     })
 }
 
+/// Serialized header bytes and each tensor's `(begin, end)` data offsets.
+pub type SerializedHeader = (Vec<u8>, Vec<(usize, usize)>);
+
 /// Serialize a header for writing: `__metadata__` first, then tensors in the given order with
 /// contiguous offsets; padded with spaces to a multiple of 8 bytes as huggingface/safetensors
 /// does, so the data section is aligned.
 pub fn serialize_header(
     metadata: &BTreeMap<String, String>,
     tensors: &[(String, Dtype, Vec<usize>)],
-) -> Result<(Vec<u8>, Vec<(usize, usize)>)> {
+) -> Result<SerializedHeader> {
     let mut map = Map::new();
     if !metadata.is_empty() {
         let m: Map<String, Value> = metadata
@@ -263,7 +282,9 @@ pub fn serialize_header(
             "data_offsets": [off, off + nbytes],
         });
         if map.insert(name.clone(), entry).is_some() {
-            return Err(Error::Plan(format!("tensor '{name}' written twice in one shard")));
+            return Err(Error::Plan(format!(
+                "tensor '{name}' written twice in one shard"
+            )));
         }
         let end = off
             .checked_add(nbytes)
@@ -272,7 +293,7 @@ pub fn serialize_header(
         off = end;
     }
     let mut json = serde_json::to_vec(&Value::Object(map)).expect("header serializes");
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len());
@@ -331,12 +352,21 @@ mod tests {
         assert!(err_of(&past).contains("past the end"));
         assert!(err_of(&file_with("[1]", b"")).contains("start with"));
         assert!(err_of(&file_with("{\"a\":", b"")).contains("not valid JSON"));
-        assert!(err_of(&file_with("{\"a\":{\"dtype\":\"Q9\",\"shape\":[1],\"data_offsets\":[0,1]}}", b"x"))
-            .contains("unknown dtype 'Q9'"));
-        assert!(err_of(&file_with("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,4]}}", b"xxxx"))
-            .contains("needs 8 bytes"));
-        assert!(err_of(&file_with("{\"a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]}}", b"xx"))
-            .contains("run past the data section"));
+        assert!(err_of(&file_with(
+            "{\"a\":{\"dtype\":\"Q9\",\"shape\":[1],\"data_offsets\":[0,1]}}",
+            b"x"
+        ))
+        .contains("unknown dtype 'Q9'"));
+        assert!(err_of(&file_with(
+            "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,4]}}",
+            b"xxxx"
+        ))
+        .contains("needs 8 bytes"));
+        assert!(err_of(&file_with(
+            "{\"a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]}}",
+            b"xx"
+        ))
+        .contains("run past the data section"));
         assert!(err_of(&file_with(
             "{\"a\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[0,2]},\"b\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[1,3]}}",
             b"xxx"
@@ -358,8 +388,11 @@ mod tests {
             b"x"
         ))
         .contains("overflows"));
-        assert!(err_of(&file_with("{\"a\":{\"dtype\":\"U8\",\"shape\":[-1],\"data_offsets\":[0,1]}}", b"x"))
-            .contains("non-negative"));
+        assert!(err_of(&file_with(
+            "{\"a\":{\"dtype\":\"U8\",\"shape\":[-1],\"data_offsets\":[0,1]}}",
+            b"x"
+        ))
+        .contains("non-negative"));
         assert!(err_of(&file_with("{\"__metadata__\":{\"k\":1}}", b"")).contains("not a string"));
         assert!(err_of(&file_with(
             "{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]}}",

@@ -152,10 +152,19 @@ fn quantize_block(v: &[f32; BLOCK], six_wsf2: f32, wsf2: f32, packed: &mut [u8])
 }
 
 fn check_shape(src: &[u8], dtype: Dtype, k: usize) -> usize {
-    assert!(dtype.is_float_source(), "NVFP4 source must be BF16/F16/F32, got {dtype}");
-    assert!(k > 0 && k % BLOCK == 0, "NVFP4 needs K divisible by {BLOCK}, got {k}");
+    assert!(
+        dtype.is_float_source(),
+        "NVFP4 source must be BF16/F16/F32, got {dtype}"
+    );
+    assert!(
+        k > 0 && k.is_multiple_of(BLOCK),
+        "NVFP4 needs K divisible by {BLOCK}, got {k}"
+    );
     let row_bytes = k * dtype.size();
-    assert!(src.len() % row_bytes == 0, "source is not a whole number of rows");
+    assert!(
+        src.len().is_multiple_of(row_bytes),
+        "source is not a whole number of rows"
+    );
     src.len() / dtype.size()
 }
 
@@ -163,7 +172,9 @@ fn check_shape(src: &[u8], dtype: Dtype, k: usize) -> usize {
 fn quantize_typed<E: Elem>(src: &[u8], wsf2: f32, packed: &mut [u8], scales: &mut [u8]) {
     let six_wsf2 = E2M1_MAX * wsf2;
     let mut v = [0f32; BLOCK];
-    let blocks = src.chunks_exact(BLOCK * E::SIZE).zip(packed.chunks_exact_mut(BLOCK / 2));
+    let blocks = src
+        .chunks_exact(BLOCK * E::SIZE)
+        .zip(packed.chunks_exact_mut(BLOCK / 2));
     for ((chunk, p), s) in blocks.zip(scales.iter_mut()) {
         E::load_block(chunk, &mut v);
         *s = quantize_block(&v, six_wsf2, wsf2, p);
@@ -184,7 +195,10 @@ fn scales_typed<E: Elem>(src: &[u8], wsf2: f32, scales: &mut [u8]) {
 fn codes_typed<E: Elem>(src: &[u8], wsf2: f32, packed: &mut [u8]) {
     let six_wsf2 = E2M1_MAX * wsf2;
     let mut v = [0f32; BLOCK];
-    for (chunk, p) in src.chunks_exact(BLOCK * E::SIZE).zip(packed.chunks_exact_mut(BLOCK / 2)) {
+    for (chunk, p) in src
+        .chunks_exact(BLOCK * E::SIZE)
+        .zip(packed.chunks_exact_mut(BLOCK / 2))
+    {
         E::load_block(chunk, &mut v);
         quantize_block(&v, six_wsf2, wsf2, p);
     }
@@ -224,7 +238,14 @@ fn codes_dispatch<E: Elem>(src: &[u8], wsf2: f32, packed: &mut [u8]) {
 
 /// Packed codes and block scales in one pass over rows of a `[rows, k]` float tensor.
 /// `packed.len() == n/2`, `scales.len() == n/16` where `n` is the element count.
-pub fn quantize(src: &[u8], dtype: Dtype, k: usize, weight_scale_2: f32, packed: &mut [u8], scales: &mut [u8]) {
+pub fn quantize(
+    src: &[u8],
+    dtype: Dtype,
+    k: usize,
+    weight_scale_2: f32,
+    packed: &mut [u8],
+    scales: &mut [u8],
+) {
     let n = check_shape(src, dtype, k);
     assert_eq!(packed.len(), n / 2, "packed output length");
     assert_eq!(scales.len(), n / BLOCK, "scales output length");
@@ -262,10 +283,21 @@ pub fn quantize_packed(src: &[u8], dtype: Dtype, k: usize, weight_scale_2: f32, 
 
 /// `e2m1(q) * (f32(s_e4m3) * weight_scale_2)` as f32, the order ModelOpt's dequantize uses.
 pub fn dequantize(packed: &[u8], scales: &[u8], k: usize, weight_scale_2: f32) -> Vec<f32> {
-    assert!(k > 0 && k % BLOCK == 0, "NVFP4 needs K divisible by {BLOCK}, got {k}");
-    assert_eq!(packed.len() * 2, scales.len() * BLOCK, "packed and scales disagree");
+    assert!(
+        k > 0 && k.is_multiple_of(BLOCK),
+        "NVFP4 needs K divisible by {BLOCK}, got {k}"
+    );
+    assert_eq!(
+        packed.len() * 2,
+        scales.len() * BLOCK,
+        "packed and scales disagree"
+    );
     let mut out = vec![0f32; packed.len() * 2];
-    for ((o, p), &s) in out.chunks_exact_mut(BLOCK).zip(packed.chunks_exact(BLOCK / 2)).zip(scales) {
+    for ((o, p), &s) in out
+        .chunks_exact_mut(BLOCK)
+        .zip(packed.chunks_exact(BLOCK / 2))
+        .zip(scales)
+    {
         let scale = e4m3_to_f32(s) * weight_scale_2;
         for j in 0..BLOCK / 2 {
             o[2 * j] = e2m1_decode(p[j] & 0xF) * scale;
@@ -341,10 +373,23 @@ mod tests {
         let mut xs: Vec<f32> = (-8192..=8192).map(|i| i as f32 / 1024.0).collect();
         for &b in E2M1_BOUNDS.iter().chain(E2M1_VALUES.iter()) {
             for v in [b, -b] {
-                xs.extend([v, f32::from_bits(v.to_bits() + 1), f32::from_bits(v.to_bits().wrapping_sub(1))]);
+                xs.extend([
+                    v,
+                    f32::from_bits(v.to_bits() + 1),
+                    f32::from_bits(v.to_bits().wrapping_sub(1)),
+                ]);
             }
         }
-        xs.extend([0.0, -0.0, f32::MIN_POSITIVE, -f32::MIN_POSITIVE, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY]);
+        xs.extend([
+            0.0,
+            -0.0,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+            1e30,
+            -1e30,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ]);
         for x in xs {
             let c = e2m1_encode(x);
             assert_eq!(c, encode_reference(x), "x = {x}");
@@ -355,7 +400,17 @@ mod tests {
             }
         }
         // Ties explicitly.
-        for (x, c) in [(0.25f32, 0u8), (0.75, 2), (1.25, 2), (1.75, 4), (2.5, 4), (3.5, 6), (5.0, 6), (-5.0, 14), (-0.0, 0)] {
+        for (x, c) in [
+            (0.25f32, 0u8),
+            (0.75, 2),
+            (1.25, 2),
+            (1.75, 4),
+            (2.5, 4),
+            (3.5, 6),
+            (5.0, 6),
+            (-5.0, 14),
+            (-0.0, 0),
+        ] {
             assert_eq!(e2m1_encode(x), c, "tie {x}");
         }
         // NaN of either sign lands past every bound, without the sign bit.
@@ -398,9 +453,9 @@ mod tests {
         assert_eq!(b[0x7F], 0x7E);
         assert_eq!(b[0xFF], 0x7E);
         assert_eq!(count_nan_e4m3(&b), 0);
-        for i in 0..=255usize {
+        for (i, &v) in b.iter().enumerate() {
             if i != 0x7F && i != 0xFF {
-                assert_eq!(b[i], i as u8);
+                assert_eq!(v, i as u8);
             }
         }
     }
@@ -442,9 +497,15 @@ mod tests {
         let mut state = 12345u64;
         let vals: Vec<f32> = (0..rows * k)
             .map(|i| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let u = ((state >> 40) as f32) / (1u64 << 24) as f32 - 0.5;
-                if i % 97 == 0 { 0.0 } else { u * 2f32.powi((i % 13) as i32 - 6) }
+                if i % 97 == 0 {
+                    0.0
+                } else {
+                    u * 2f32.powi((i % 13) as i32 - 6)
+                }
             })
             .collect();
         let src = f32_bytes(&vals);
@@ -473,7 +534,7 @@ mod tests {
             if s == 0.0 {
                 s = 1.0;
             }
-            let sb = e4m3_from_f32(s.max(1.0 / 512.0).min(448.0));
+            let sb = e4m3_from_f32(s.clamp(1.0 / 512.0, 448.0));
             assert_eq!(scales[b], sb);
             for (i, &w) in block.iter().enumerate() {
                 let code = encode_reference(w / (e4m3_to_f32(sb) * gs));
@@ -486,7 +547,10 @@ mod tests {
         for (b, block) in vals.chunks(16).enumerate() {
             let scale = e4m3_to_f32(scales[b]) * gs;
             for (i, &w) in block.iter().enumerate() {
-                assert!((deq[b * 16 + i] - w).abs() <= scale * 1.0 + 1e-30, "block {b} elem {i}");
+                assert!(
+                    (deq[b * 16 + i] - w).abs() <= scale * 1.0 + 1e-30,
+                    "block {b} elem {i}"
+                );
             }
         }
     }
@@ -521,11 +585,25 @@ mod tests {
 
     #[test]
     fn bf16_and_f16_inputs_match_their_f32_upcast() {
-        let vals: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
-        let bf: Vec<u8> = vals.iter().flat_map(|&f| half::bf16::from_f32(f).to_bits().to_le_bytes()).collect();
-        let hf: Vec<u8> = vals.iter().flat_map(|&f| half::f16::from_f32(f).to_bits().to_le_bytes()).collect();
-        let bf_up: Vec<f32> = vals.iter().map(|&f| half::bf16::from_f32(f).to_f32()).collect();
-        let hf_up: Vec<f32> = vals.iter().map(|&f| half::f16::from_f32(f).to_f32()).collect();
+        let vals: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let bf: Vec<u8> = vals
+            .iter()
+            .flat_map(|&f| half::bf16::from_f32(f).to_bits().to_le_bytes())
+            .collect();
+        let hf: Vec<u8> = vals
+            .iter()
+            .flat_map(|&f| half::f16::from_f32(f).to_bits().to_le_bytes())
+            .collect();
+        let bf_up: Vec<f32> = vals
+            .iter()
+            .map(|&f| half::bf16::from_f32(f).to_f32())
+            .collect();
+        let hf_up: Vec<f32> = vals
+            .iter()
+            .map(|&f| half::f16::from_f32(f).to_f32())
+            .collect();
         for (src, dt, up) in [(bf, Dtype::BF16, bf_up), (hf, Dtype::F16, hf_up)] {
             let gs = 0.0007;
             let mut a = vec![0u8; 128];

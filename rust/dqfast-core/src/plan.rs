@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -188,7 +188,11 @@ pub enum Op {
     /// NVFP4 e4m3 block scales `[N, K/16]` of a float tensor `[N, K]`.
     Nvfp4BlockScales { src: SrcRef, amax: NvAmax },
     /// NVFP4 `weight_scale_2` (float32) of a float tensor; `shape` is `[]` or `[1]`.
-    Nvfp4GlobalScale { src: SrcRef, amax: NvAmax, shape: Vec<usize> },
+    Nvfp4GlobalScale {
+        src: SrcRef,
+        amax: NvAmax,
+        shape: Vec<usize>,
+    },
 }
 
 /// Where an FP8 scale comes from.
@@ -207,12 +211,16 @@ pub enum ScaleSpec {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum NvAmax {
-    Given { amax: f32 },
+    Given {
+        amax: f32,
+    },
     /// max |w| of the tensor itself.
     Weight,
     /// max |w| over several tensors (q/k/v shards that a loader fuses must share one global
     /// scale, since vLLM keeps only the max).
-    MaxOf { srcs: Vec<SrcRef> },
+    MaxOf {
+        srcs: Vec<SrcRef>,
+    },
 }
 
 /// What was written.
@@ -376,7 +384,11 @@ fn positive_finite(what: &str, v: &[f32]) -> std::result::Result<(), String> {
     match v.iter().position(|&x| !x.is_finite() || x <= 0.0) {
         None => Ok(()),
         Some(i) => {
-            let at = if v.len() > 1 { format!(" at index {i}") } else { String::new() };
+            let at = if v.len() > 1 {
+                format!(" at index {i}")
+            } else {
+                String::new()
+            };
             Err(format!("{what} is {}{at}; it must be finite and > 0", v[i]))
         }
     }
@@ -385,7 +397,11 @@ fn positive_finite(what: &str, v: &[f32]) -> std::result::Result<(), String> {
 fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a>>> {
     let get = |r: &SrcRef| -> Result<Src<'a>> {
         let ck = sources.get(r.source).ok_or_else(|| {
-            Error::Plan(format!("source index {} out of range ({} sources)", r.source, sources.len()))
+            Error::Plan(format!(
+                "source index {} out of range ({} sources)",
+                r.source,
+                sources.len()
+            ))
         })?;
         let (file, info) = ck.require(&r.tensor)?;
         Ok(Src { file, info })
@@ -394,21 +410,32 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
         if s.info.dtype.is_float_source() {
             Ok(())
         } else {
-            Err(s.err(format!("dtype {} cannot be quantized (expected BF16, F16 or F32)", s.info.dtype)))
+            Err(s.err(format!(
+                "dtype {} cannot be quantized (expected BF16, F16 or F32)",
+                s.info.dtype
+            )))
         }
     };
     let mut out: Vec<Resolved<'a>> = Vec::with_capacity(plan.tensors.len());
     let mut index: HashMap<&str, usize> = HashMap::new();
     for t in &plan.tensors {
         if index.insert(t.name.as_str(), out.len()).is_some() {
-            return Err(Error::Plan(format!("output tensor '{}' appears twice", t.name)));
+            return Err(Error::Plan(format!(
+                "output tensor '{}' appears twice",
+                t.name
+            )));
         }
         let (dtype, shape, kind, op): (Dtype, Vec<usize>, Kind<'a>, &'static str) = match &t.op {
             Op::Copy { src } => {
                 let s = get(src)?;
                 (s.info.dtype, s.info.shape.clone(), Kind::Copy(s), "copy")
             }
-            Op::Fp8 { src, scale, rounding, saturation } => {
+            Op::Fp8 {
+                src,
+                scale,
+                rounding,
+                saturation,
+            } => {
                 let s = get(src)?;
                 float_src(&s)?;
                 let rows = s.info.shape.first().copied().unwrap_or(1).max(1);
@@ -417,7 +444,9 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                 let scale = match scale {
                     ScaleSpec::Amax { amax } => {
                         positive_finite("calibrated amax", amax).map_err(|m| s.err(m))?;
-                        FpScale::Fixed(Arc::new(amax.iter().map(|&a| fp8::scale_from_amax(a)).collect()))
+                        FpScale::Fixed(Arc::new(
+                            amax.iter().map(|&a| fp8::scale_from_amax(a)).collect(),
+                        ))
                     }
                     // Checked with every other fixed scale just below.
                     ScaleSpec::Values { values } => FpScale::Fixed(Arc::new(values.clone())),
@@ -436,16 +465,28 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                 (
                     Dtype::F8_E4M3,
                     s.info.shape.clone(),
-                    Kind::Fp8 { src: s, scale, rounding: *rounding, saturation: *saturation, row_len },
+                    Kind::Fp8 {
+                        src: s,
+                        scale,
+                        rounding: *rounding,
+                        saturation: *saturation,
+                        row_len,
+                    },
                     "fp8",
                 )
             }
             Op::ScaleOf { of, shape } => {
                 let &j = index.get(of.as_str()).ok_or_else(|| {
-                    Error::Plan(format!("'{}': scale_of '{of}' must name an earlier fp8 tensor", t.name))
+                    Error::Plan(format!(
+                        "'{}': scale_of '{of}' must name an earlier fp8 tensor",
+                        t.name
+                    ))
                 })?;
                 let Kind::Fp8 { src, scale, .. } = &out[j].kind else {
-                    return Err(Error::Plan(format!("'{}': scale_of '{of}' is not an fp8 tensor", t.name)));
+                    return Err(Error::Plan(format!(
+                        "'{}': scale_of '{of}' is not an fp8 tensor",
+                        t.name
+                    )));
                 };
                 let rows = src.info.shape.first().copied().unwrap_or(1);
                 let want = match scale {
@@ -466,37 +507,78 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                 positive_finite("calibrated amax", amax)
                     .map_err(|m| Error::Plan(format!("tensor '{}': {m}", t.name)))?;
                 if !(bound.is_finite() && *bound > 0.0) {
-                    return Err(Error::Plan(format!("'{}': bound {bound} must be > 0", t.name)));
+                    return Err(Error::Plan(format!(
+                        "'{}': bound {bound} must be > 0",
+                        t.name
+                    )));
                 }
                 let vals: Vec<f32> = amax.iter().map(|&a| a / bound).collect();
-                (Dtype::F32, shape.clone(), Kind::Bytes(f32_bytes(&vals, &t.name, shape)?), "scale")
+                (
+                    Dtype::F32,
+                    shape.clone(),
+                    Kind::Bytes(f32_bytes(&vals, &t.name, shape)?),
+                    "scale",
+                )
             }
-            Op::F32 { values, shape } => {
-                (Dtype::F32, shape.clone(), Kind::Bytes(f32_bytes(values, &t.name, shape)?), "f32")
-            }
+            Op::F32 { values, shape } => (
+                Dtype::F32,
+                shape.clone(),
+                Kind::Bytes(f32_bytes(values, &t.name, shape)?),
+                "f32",
+            ),
             Op::SwapNibbles { src } => {
                 let s = get(src)?;
                 if s.info.dtype != Dtype::U8 {
-                    return Err(s.err(format!("nibble swap needs packed U8 data, found {}", s.info.dtype)));
+                    return Err(s.err(format!(
+                        "nibble swap needs packed U8 data, found {}",
+                        s.info.dtype
+                    )));
                 }
-                (Dtype::U8, s.info.shape.clone(), Kind::SwapNibbles(s), "swap_nibbles")
+                (
+                    Dtype::U8,
+                    s.info.shape.clone(),
+                    Kind::SwapNibbles(s),
+                    "swap_nibbles",
+                )
             }
             Op::RepairNanE4m3 { src } => {
                 let s = get(src)?;
                 if s.info.dtype != Dtype::F8_E4M3 {
-                    return Err(s.err(format!("NaN repair needs F8_E4M3 data, found {}", s.info.dtype)));
+                    return Err(s.err(format!(
+                        "NaN repair needs F8_E4M3 data, found {}",
+                        s.info.dtype
+                    )));
                 }
-                (Dtype::F8_E4M3, s.info.shape.clone(), Kind::RepairNan(s), "repair_nan")
+                (
+                    Dtype::F8_E4M3,
+                    s.info.shape.clone(),
+                    Kind::RepairNan(s),
+                    "repair_nan",
+                )
             }
             Op::SliceRows { src, start, stop } => {
                 let s = get(src)?;
                 let (shape, byte_start) = row_slice(&s, *start, *stop)?;
-                (s.info.dtype, shape, Kind::Rows { src: s, byte_start }, "slice_rows")
+                (
+                    s.info.dtype,
+                    shape,
+                    Kind::Rows { src: s, byte_start },
+                    "slice_rows",
+                )
             }
-            Op::RescaleE4m3 { src, factor, start, stop, repair_nan } => {
+            Op::RescaleE4m3 {
+                src,
+                factor,
+                start,
+                stop,
+                repair_nan,
+            } => {
                 let s = get(src)?;
                 if s.info.dtype != Dtype::F8_E4M3 {
-                    return Err(s.err(format!("rescale needs F8_E4M3 data, found {}", s.info.dtype)));
+                    return Err(s.err(format!(
+                        "rescale needs F8_E4M3 data, found {}",
+                        s.info.dtype
+                    )));
                 }
                 if !(factor.is_finite() && *factor > 0.0) {
                     return Err(s.err(format!("rescale factor {factor} must be finite and > 0")));
@@ -507,7 +589,17 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                     (*start, *stop)
                 };
                 let (shape, byte_start) = row_slice(&s, a, b)?;
-                (Dtype::F8_E4M3, shape, Kind::Rescale { src: s, factor: *factor, byte_start, repair_nan: *repair_nan }, "rescale_e4m3")
+                (
+                    Dtype::F8_E4M3,
+                    shape,
+                    Kind::Rescale {
+                        src: s,
+                        factor: *factor,
+                        byte_start,
+                        repair_nan: *repair_nan,
+                    },
+                    "rescale_e4m3",
+                )
             }
             Op::ConcatRows { srcs } => {
                 if srcs.is_empty() {
@@ -520,7 +612,9 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                 }
                 let mut rows = 0;
                 for s in &ss {
-                    if s.info.dtype != first.info.dtype || s.info.shape.get(1..) != first.info.shape.get(1..) {
+                    if s.info.dtype != first.info.dtype
+                        || s.info.shape.get(1..) != first.info.shape.get(1..)
+                    {
                         return Err(s.err(format!(
                             "cannot concatenate {} {:?} with {} {:?}",
                             s.info.dtype, s.info.shape, first.info.dtype, first.info.shape
@@ -555,26 +649,52 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                             float_src(x)?;
                         }
                         if v.is_empty() {
-                            return Err(Error::Plan(format!("'{}': max_of needs at least one tensor", t.name)));
+                            return Err(Error::Plan(format!(
+                                "'{}': max_of needs at least one tensor",
+                                t.name
+                            )));
                         }
                         NvAmaxR::Of(v)
                     }
                 };
                 let (n, k) = (s.info.shape[0], s.info.shape[1]);
                 let (what, dtype, shape, op) = match &t.op {
-                    Op::Nvfp4Weight { .. } => (NvPart::Weight, Dtype::U8, vec![n, k / 2], "nvfp4_weight"),
-                    Op::Nvfp4BlockScales { .. } => {
-                        (NvPart::Scales, Dtype::F8_E4M3, vec![n, k / 16], "nvfp4_block_scales")
+                    Op::Nvfp4Weight { .. } => {
+                        (NvPart::Weight, Dtype::U8, vec![n, k / 2], "nvfp4_weight")
                     }
+                    Op::Nvfp4BlockScales { .. } => (
+                        NvPart::Scales,
+                        Dtype::F8_E4M3,
+                        vec![n, k / 16],
+                        "nvfp4_block_scales",
+                    ),
                     Op::Nvfp4GlobalScale { shape, .. } => {
                         if numel_of(&t.name, shape)? != 1 {
-                            return Err(Error::Plan(format!("'{}': global scale shape {shape:?} is not a scalar", t.name)));
+                            return Err(Error::Plan(format!(
+                                "'{}': global scale shape {shape:?} is not a scalar",
+                                t.name
+                            )));
                         }
-                        (NvPart::Global, Dtype::F32, shape.clone(), "nvfp4_global_scale")
+                        (
+                            NvPart::Global,
+                            Dtype::F32,
+                            shape.clone(),
+                            "nvfp4_global_scale",
+                        )
                     }
                     _ => unreachable!(),
                 };
-                (dtype, shape, Kind::Nv { src: s, amax: amax_r, what, k }, op)
+                (
+                    dtype,
+                    shape,
+                    Kind::Nv {
+                        src: s,
+                        amax: amax_r,
+                        what,
+                        k,
+                    },
+                    op,
+                )
             }
         };
         let nbytes = checked_nbytes(&shape, dtype.size())
@@ -582,17 +702,28 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
         if let Kind::Bytes(b) = &kind {
             debug_assert_eq!(b.len(), nbytes);
         }
-        out.push(Resolved { name: t.name.clone(), dtype, shape, nbytes, kind, op });
+        out.push(Resolved {
+            name: t.name.clone(),
+            dtype,
+            shape,
+            nbytes,
+            kind,
+            op,
+        });
     }
     Ok(out)
 }
 
 fn row_slice(s: &Src, start: usize, stop: usize) -> Result<(Vec<usize>, usize)> {
-    let rows = *s.info.shape.first().ok_or_else(|| s.err("cannot slice rows of a 0-d tensor"))?;
+    let rows = *s
+        .info
+        .shape
+        .first()
+        .ok_or_else(|| s.err("cannot slice rows of a 0-d tensor"))?;
     if start >= stop || stop > rows {
         return Err(s.err(format!("row range {start}..{stop} is not inside 0..{rows}")));
     }
-    let row_bytes = if rows == 0 { 0 } else { s.info.nbytes() / rows };
+    let row_bytes = s.info.nbytes().checked_div(rows).unwrap_or(0);
     let mut shape = s.info.shape.clone();
     shape[0] = stop - start;
     Ok((shape, start * row_bytes))
@@ -600,7 +731,8 @@ fn row_slice(s: &Src, start: usize, stop: usize) -> Result<(Vec<usize>, usize)> 
 
 /// Elements of a plan-given shape, refusing overflow (a plan is input too).
 fn numel_of(name: &str, shape: &[usize]) -> Result<usize> {
-    checked_nbytes(shape, 1).ok_or_else(|| Error::Plan(format!("'{name}': shape {shape:?} overflows")))
+    checked_nbytes(shape, 1)
+        .ok_or_else(|| Error::Plan(format!("'{name}': shape {shape:?} overflows")))
 }
 
 fn f32_bytes(values: &[f32], name: &str, shape: &[usize]) -> Result<Vec<u8>> {
@@ -624,10 +756,18 @@ struct Memo {
 
 fn parallel_amax(data: &[u8], d: Dtype) -> f32 {
     let piece = PIECE_BYTES / d.size() * d.size();
-    data
-        .par_chunks(piece.max(d.size()))
+    data.par_chunks(piece.max(d.size()))
         .map(|c| fp8::amax(c, d))
-        .reduce(|| 0.0f32, |a, b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) })
+        .reduce(
+            || 0.0f32,
+            |a, b| {
+                if a.is_nan() || b.is_nan() {
+                    f32::NAN
+                } else {
+                    a.max(b)
+                }
+            },
+        )
 }
 
 fn weight_scales(src: &Src, data: &[u8], per_row: bool) -> Result<Vec<f32>> {
@@ -662,7 +802,9 @@ fn weight_scales(src: &Src, data: &[u8], per_row: bool) -> Result<Vec<f32>> {
 
 impl Memo {
     fn fp8_scales(&self, idx: usize, r: &Resolved, ld: &Loaded) -> Result<Arc<Vec<f32>>> {
-        let Kind::Fp8 { src, scale, .. } = &r.kind else { unreachable!() };
+        let Kind::Fp8 { src, scale, .. } = &r.kind else {
+            unreachable!()
+        };
         match scale {
             FpScale::Fixed(v) => Ok(v.clone()),
             FpScale::WeightAmax { per_row } => {
@@ -699,7 +841,11 @@ impl Memo {
         }
         // An all-zero weight: ModelOpt would write NaN block scales (0/0); any positive global
         // scale represents zeros exactly, so use 1.
-        let g = if a == 0.0 { 1.0 } else { nvfp4::global_scale_from_amax(a) };
+        let g = if a == 0.0 {
+            1.0
+        } else {
+            nvfp4::global_scale_from_amax(a)
+        };
         self.nv.lock().unwrap().insert(key, g);
         Ok(g)
     }
@@ -714,7 +860,10 @@ struct Sink<'a, 'c> {
 impl<'a> Sink<'a, '_> {
     fn send(&self, m: Msg<'a>) -> Result<()> {
         let t = Instant::now();
-        let r = self.tx.send(m).map_err(|_| Error::Internal("writer thread stopped".into()));
+        let r = self
+            .tx
+            .send(m)
+            .map_err(|_| Error::Internal("writer thread stopped".into()));
         Clocks::add(&self.clocks.wait_for_write, t);
         r
     }
@@ -734,7 +883,10 @@ enum Msg<'a> {
 type SrcKey = (usize, usize);
 
 fn key(s: &Src) -> SrcKey {
-    (s.file as *const SafeFile as usize, s.info as *const TensorInfo as usize)
+    (
+        s.file as *const SafeFile as usize,
+        s.info as *const TensorInfo as usize,
+    )
 }
 
 /// Source tensors currently held in direct-read buffers; every other source is read through
@@ -778,7 +930,9 @@ impl ShardOut {
     fn write_all(&mut self, b: &[u8]) -> Result<()> {
         match self {
             ShardOut::Direct(w) => w.write_all(b),
-            ShardOut::Buffered(p, w) => w.write_all(b).map_err(|e| Error::io(p.as_path(), "write", e)),
+            ShardOut::Buffered(p, w) => w
+                .write_all(b)
+                .map_err(|e| Error::io(p.as_path(), "write", e)),
         }
     }
 }
@@ -800,7 +954,9 @@ fn writer_loop(
         match c {
             Some(ShardOut::Direct(w)) => *stage = Some(w.finish(fsync)?),
             Some(ShardOut::Buffered(p, w)) => {
-                let f = w.into_inner().map_err(|e| Error::io(&p, "write", e.into_error()))?;
+                let f = w
+                    .into_inner()
+                    .map_err(|e| Error::io(&p, "write", e.into_error()))?;
                 if fsync {
                     f.sync_all().map_err(|e| Error::io(&p, "fsync", e))?;
                 }
@@ -842,7 +998,9 @@ fn writer_loop(
                 written += b.len() as u64;
             }
             Msg::Shared(b, range) => {
-                cur.as_mut().expect("file open").write_all(&b.bytes()[range.clone()])?;
+                cur.as_mut()
+                    .expect("file open")
+                    .write_all(&b.bytes()[range.clone()])?;
                 written += range.len() as u64;
             }
             Msg::Release(s) => s.file.release(s.info),
@@ -867,12 +1025,27 @@ fn fill(
     lut: Option<&fp8::E4m3Lut>,
 ) {
     match &r.kind {
-        Kind::Fp8 { src, rounding, saturation, row_len, .. } => {
+        Kind::Fp8 {
+            src,
+            rounding,
+            saturation,
+            row_len,
+            ..
+        } => {
             let d = src.info.dtype;
             let s = &ld.data(src)[at * d.size()..(at + out.len()) * d.size()];
             match lut {
                 Some(t) => t.apply(s, out),
-                None => fp8::quantize_e4m3(s, d, scales.unwrap(), *row_len, at, *rounding, *saturation, out),
+                None => fp8::quantize_e4m3(
+                    s,
+                    d,
+                    scales.unwrap(),
+                    *row_len,
+                    at,
+                    *rounding,
+                    *saturation,
+                    out,
+                ),
             }
         }
         Kind::SwapNibbles(src) => nvfp4::swap_nibbles(&ld.data(src)[at..at + out.len()], out),
@@ -880,7 +1053,12 @@ fn fill(
             out.copy_from_slice(&ld.data(src)[at..at + out.len()]);
             nvfp4::repair_nan_e4m3(out);
         }
-        Kind::Rescale { src, factor, byte_start, repair_nan } => {
+        Kind::Rescale {
+            src,
+            factor,
+            byte_start,
+            repair_nan,
+        } => {
             let s = &ld.data(src)[byte_start + at..byte_start + at + out.len()];
             if *repair_nan {
                 let mut tmp = s.to_vec();
@@ -911,8 +1089,16 @@ fn fill(
 /// Output bytes of one indivisible unit of work.
 fn unit_bytes(r: &Resolved) -> usize {
     match &r.kind {
-        Kind::Nv { what: NvPart::Weight, k, .. } => (k / 2).max(1),
-        Kind::Nv { what: NvPart::Scales, k, .. } => (k / 16).max(1),
+        Kind::Nv {
+            what: NvPart::Weight,
+            k,
+            ..
+        } => (k / 2).max(1),
+        Kind::Nv {
+            what: NvPart::Scales,
+            k,
+            ..
+        } => (k / 16).max(1),
         _ => 1,
     }
 }
@@ -928,7 +1114,13 @@ fn emit<'a>(
 ) -> Result<Option<Vec<f32>>> {
     let send = |m: Msg<'a>| tx.send(m);
     // A mapped source's pages are dropped once the writer is past them; a buffered one needs nothing.
-    let release = |s: &Src<'a>| if ld.buffered(s) { Ok(()) } else { send(Msg::Release(*s)) };
+    let release = |s: &Src<'a>| {
+        if ld.buffered(s) {
+            Ok(())
+        } else {
+            send(Msg::Release(*s))
+        }
+    };
     match &r.kind {
         Kind::Copy(s) => {
             send(ld.message(s, 0..s.info.nbytes()))?;
@@ -956,7 +1148,11 @@ fn emit<'a>(
             send(Msg::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect()))?;
             return Ok(Some(v.iter().take(8).copied().collect()));
         }
-        Kind::Nv { amax, what: NvPart::Global, .. } => {
+        Kind::Nv {
+            amax,
+            what: NvPart::Global,
+            ..
+        } => {
             let g = memo.nv_global(amax, ld)?;
             send(Msg::Owned(g.to_le_bytes().to_vec()))?;
             return Ok(Some(vec![g]));
@@ -973,10 +1169,21 @@ fn emit<'a>(
     };
     // Per-tensor scale on a 16-bit source: one 64 KiB table per tensor replaces the arithmetic.
     let lut = match (&r.kind, scales.as_deref()) {
-        (Kind::Fp8 { src, rounding, saturation, .. }, Some(v))
-            if v.len() == 1 && src.info.dtype.size() == 2 && r.nbytes >= fp8::E4m3Lut::MIN_ELEMS =>
-        {
-            Some(fp8::E4m3Lut::new(src.info.dtype, v[0], *rounding, *saturation))
+        (
+            Kind::Fp8 {
+                src,
+                rounding,
+                saturation,
+                ..
+            },
+            Some(v),
+        ) if v.len() == 1 && src.info.dtype.size() == 2 && r.nbytes >= fp8::E4m3Lut::MIN_ELEMS => {
+            Some(fp8::E4m3Lut::new(
+                src.info.dtype,
+                v[0],
+                *rounding,
+                *saturation,
+            ))
         }
         _ => None,
     };
@@ -990,7 +1197,15 @@ fn emit<'a>(
         buf.clear();
         buf.resize(len, 0);
         buf.par_chunks_mut(piece).enumerate().for_each(|(i, c)| {
-            fill(r, ld, at + i * piece, c, scales.as_deref().map(|v| v.as_slice()), nv_gs, lut.as_ref())
+            fill(
+                r,
+                ld,
+                at + i * piece,
+                c,
+                scales.as_deref().map(|v| v.as_slice()),
+                nv_gs,
+                lut.as_ref(),
+            )
         });
         send(Msg::Owned(buf))?;
         // Elementwise ops never look back: drop the source pages of this batch now, so the
@@ -1003,11 +1218,17 @@ fn emit<'a>(
             Kind::Nv { src, what, k, .. } => {
                 // Whole rows were read: release them (the next NVFP4 op of this weight faults
                 // them back in from the page cache, which keeps RSS at one batch).
-                let row_out = if *what == NvPart::Weight { k / 2 } else { k / 16 };
+                let row_out = if *what == NvPart::Weight {
+                    k / 2
+                } else {
+                    k / 16
+                };
                 let row_in = k * src.info.dtype.size();
                 ld.release_range(src, at / row_out * row_in, (at + len) / row_out * row_in);
             }
-            Kind::Rescale { src, byte_start, .. } => {
+            Kind::Rescale {
+                src, byte_start, ..
+            } => {
                 ld.release_range(src, byte_start + at, byte_start + at + len);
             }
             _ => {}
@@ -1039,7 +1260,11 @@ struct Schedule<'a> {
 /// scales are memoized by then).
 fn uses<'a>(i: usize, all: &[Resolved<'a>], seen_nv: &mut HashSet<Vec<SrcKey>>) -> Vec<Src<'a>> {
     let mut v = sources_of(&all[i]);
-    if let Kind::Nv { amax: NvAmaxR::Of(srcs), .. } = &all[i].kind {
+    if let Kind::Nv {
+        amax: NvAmaxR::Of(srcs),
+        ..
+    } = &all[i].kind
+    {
         if seen_nv.insert(srcs.iter().map(key).collect()) {
             v.extend(srcs.iter().copied());
         }
@@ -1060,7 +1285,11 @@ fn wants_direct(s: &Src, io: IoMode) -> bool {
 /// load still in use when it is first needed, so the reader can always make progress.
 fn schedule<'a>(all: &[Resolved<'a>], io: IoMode, budget: usize) -> Schedule<'a> {
     let n = all.len();
-    let mut sched = Schedule { loads: Vec::new(), take: vec![Vec::new(); n], drop: vec![Vec::new(); n] };
+    let mut sched = Schedule {
+        loads: Vec::new(),
+        take: vec![Vec::new(); n],
+        drop: vec![Vec::new(); n],
+    };
     if io == IoMode::Buffered {
         return sched;
     }
@@ -1096,17 +1325,36 @@ fn schedule<'a>(all: &[Resolved<'a>], io: IoMode, budget: usize) -> Schedule<'a>
 }
 
 /// Reader thread: fill buffers for the scheduled loads, in order.
-fn reader_loop(loads: &[Src], pool: &Arc<BufPool>, tx: SyncSender<Result<Arc<TensorBuf>>>, clocks: &Clocks) {
+fn reader_loop(
+    loads: &[Src],
+    pool: &Arc<BufPool>,
+    tx: SyncSender<Result<Arc<TensorBuf>>>,
+    clocks: &Clocks,
+) {
     for s in loads {
-        let file = s.file.direct_file().expect("scheduled only where direct reads work");
-        let r = TensorBuf::read(pool, file, &s.file.path, s.file.file_offset(s.info), s.info.nbytes(), |stalled, read| {
-            clocks.read_stalled.fetch_add(stalled.as_nanos() as u64, Ordering::Relaxed);
-            clocks.read.fetch_add(read.as_nanos() as u64, Ordering::Relaxed);
-        })
-            .map_err(|e| match e {
-                Error::Io { source, .. } => s.err(format!("direct read failed: {source}")),
-                e => e,
-            });
+        let file = s
+            .file
+            .direct_file()
+            .expect("scheduled only where direct reads work");
+        let r = TensorBuf::read(
+            pool,
+            file,
+            &s.file.path,
+            s.file.file_offset(s.info),
+            s.info.nbytes(),
+            |stalled, read| {
+                clocks
+                    .read_stalled
+                    .fetch_add(stalled.as_nanos() as u64, Ordering::Relaxed);
+                clocks
+                    .read
+                    .fetch_add(read.as_nanos() as u64, Ordering::Relaxed);
+            },
+        )
+        .map_err(|e| match e {
+            Error::Io { source, .. } => s.err(format!("direct read failed: {source}")),
+            e => e,
+        });
         let stop = match r {
             Ok(Some(b)) => tx.send(Ok(Arc::new(b))).is_err(),
             Ok(None) => true,
@@ -1124,7 +1372,9 @@ fn reader_loop(loads: &[Src], pool: &Arc<BufPool>, tx: SyncSender<Result<Arc<Ten
 /// Execute a plan. The output appears at `plan.output_dir` only if everything succeeded.
 pub fn execute(plan: &Plan) -> Result<Report> {
     let threads = if plan.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         plan.threads
     };
@@ -1141,7 +1391,10 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
         return Err(Error::Plan("max_shard_bytes must be > 0".into()));
     }
     if plan.file_prefix.is_empty() || plan.file_prefix.contains('/') {
-        return Err(Error::Plan(format!("bad file prefix '{}'", plan.file_prefix)));
+        return Err(Error::Plan(format!(
+            "bad file prefix '{}'",
+            plan.file_prefix
+        )));
     }
     // Refuse early, before reading anything.
     if plan.output_dir.exists() && !plan.overwrite {
@@ -1153,7 +1406,9 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
         .map(|p| Checkpoint::open(p))
         .collect::<Result<_>>()?;
     for src in &sources {
-        if src.root == plan.output_dir || (src.root.is_dir() && plan.output_dir.starts_with(&src.root)) {
+        if src.root == plan.output_dir
+            || (src.root.is_dir() && plan.output_dir.starts_with(&src.root))
+        {
             return Err(Error::Plan(format!(
                 "output {} would overwrite input {}",
                 plan.output_dir.display(),
@@ -1163,11 +1418,20 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
     }
     let resolved = resolve(plan, &sources)?;
     for f in &plan.files {
-        if f.name.contains('/') || f.name.ends_with(".safetensors") || f.name.ends_with(".index.json") {
-            return Err(Error::Plan(format!("extra file name '{}' not allowed", f.name)));
+        if f.name.contains('/')
+            || f.name.ends_with(".safetensors")
+            || f.name.ends_with(".index.json")
+        {
+            return Err(Error::Plan(format!(
+                "extra file name '{}' not allowed",
+                f.name
+            )));
         }
         if f.text.is_some() == f.copy_from.is_some() {
-            return Err(Error::Plan(format!("extra file '{}' needs exactly one of text / copy_from", f.name)));
+            return Err(Error::Plan(format!(
+                "extra file '{}' needs exactly one of text / copy_from",
+                f.name
+            )));
         }
     }
 
@@ -1183,7 +1447,9 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
             std::fs::copy(src, &dst).map_err(|e| Error::io(src, "copy", e))?;
         }
         if plan.fsync {
-            File::open(&dst).and_then(|f| f.sync_all()).map_err(|e| Error::io(&dst, "fsync", e))?;
+            File::open(&dst)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&dst, "fsync", e))?;
         }
     }
 
@@ -1202,7 +1468,10 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
     let fsync = plan.fsync;
     let direct_out = plan.io != IoMode::Buffered;
     let clocks = Clocks::default();
-    let sink = Sink { tx, clocks: &clocks };
+    let sink = Sink {
+        tx,
+        clocks: &clocks,
+    };
     let (written, direct_writes) = std::thread::scope(|scope| -> Result<(u64, bool)> {
         let (loads, pool, clk) = (&sched.loads, &read_pool, &clocks);
         let writer = scope.spawn(move || writer_loop(rx, recycle_tx, fsync, direct_out, clk));
@@ -1221,7 +1490,11 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
                     .collect();
                 let (hdr, _) = serialize_header(&plan.shard_metadata, &entries)?;
                 let hdr_len = hdr.len() as u64;
-                let shard_bytes = hdr_len + resolved[range.clone()].iter().map(|r| r.nbytes as u64).sum::<u64>();
+                let shard_bytes = hdr_len
+                    + resolved[range.clone()]
+                        .iter()
+                        .map(|r| r.nbytes as u64)
+                        .sum::<u64>();
                 sink.send(Msg::Open(staged.tmp.join(&fname), shard_bytes))?;
                 sink.send(Msg::Owned(hdr))?;
                 let mut bytes = hdr_len;
@@ -1242,7 +1515,8 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
                         let t = Instant::now();
                         let b = load_rx.recv();
                         Clocks::add(&clocks.wait_for_read, t);
-                        let b = b.map_err(|_| Error::Internal("reader thread stopped".into()))??;
+                        let b =
+                            b.map_err(|_| Error::Internal("reader thread stopped".into()))??;
                         ld.bufs.insert(key(&sched.loads[li]), b);
                     }
                     let scale = emit(i, r, &resolved, &memo, &ld, &sink, &recycle_rx)?;
@@ -1260,7 +1534,11 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
                         scale,
                     });
                 }
-                shard_reports.push(ShardReport { file: fname, bytes, tensors: range.len() });
+                shard_reports.push(ShardReport {
+                    file: fname,
+                    bytes,
+                    tensors: range.len(),
+                });
             }
             Ok(())
         };
@@ -1269,7 +1547,9 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
         // Unblock the reader if the build stopped early (its buffers came back when `ld` dropped).
         read_pool.close();
         drop(load_rx);
-        let w = writer.join().map_err(|_| Error::Internal("writer thread panicked".into()))?;
+        let w = writer
+            .join()
+            .map_err(|_| Error::Internal("writer thread panicked".into()))?;
         // A writer error explains a producer's "writer stopped"; report it first.
         let w = w?;
         produced?;
@@ -1278,8 +1558,11 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
 
     if n > 1 || plan.always_index {
         let total: u64 = sizes.iter().sum();
-        let p = staged.tmp.join(format!("{}.safetensors.index.json", plan.file_prefix));
-        std::fs::write(&p, index_json(total, &weight_map)).map_err(|e| Error::io(&p, "write", e))?;
+        let p = staged
+            .tmp
+            .join(format!("{}.safetensors.index.json", plan.file_prefix));
+        std::fs::write(&p, index_json(total, &weight_map))
+            .map_err(|e| Error::io(&p, "write", e))?;
     }
     let bytes_read = resolved.iter().map(|r| source_bytes(r)).sum();
     staged.commit(plan.overwrite)?;
@@ -1301,7 +1584,9 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
 /// The source tensors an output reads.
 fn sources_of<'a>(r: &Resolved<'a>) -> Vec<Src<'a>> {
     match &r.kind {
-        Kind::Copy(s) | Kind::Fp8 { src: s, .. } | Kind::SwapNibbles(s) | Kind::RepairNan(s) => vec![*s],
+        Kind::Copy(s) | Kind::Fp8 { src: s, .. } | Kind::SwapNibbles(s) | Kind::RepairNan(s) => {
+            vec![*s]
+        }
         Kind::Rows { src, .. } | Kind::Rescale { src, .. } | Kind::Nv { src, .. } => vec![*src],
         Kind::Concat(ss) => ss.clone(),
         _ => Vec::new(),
@@ -1310,8 +1595,14 @@ fn sources_of<'a>(r: &Resolved<'a>) -> Vec<Src<'a>> {
 
 fn source_bytes(r: &Resolved) -> u64 {
     (match &r.kind {
-        Kind::Copy(s) | Kind::Fp8 { src: s, .. } | Kind::SwapNibbles(s) | Kind::RepairNan(s) => s.info.nbytes(),
-        Kind::Nv { src, what: NvPart::Weight, .. } => src.info.nbytes(),
+        Kind::Copy(s) | Kind::Fp8 { src: s, .. } | Kind::SwapNibbles(s) | Kind::RepairNan(s) => {
+            s.info.nbytes()
+        }
+        Kind::Nv {
+            src,
+            what: NvPart::Weight,
+            ..
+        } => src.info.nbytes(),
         Kind::Rows { .. } | Kind::Rescale { .. } => r.nbytes,
         Kind::Concat(ss) => ss.iter().map(|s| s.info.nbytes()).sum(),
         _ => 0,

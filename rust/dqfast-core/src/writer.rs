@@ -83,7 +83,11 @@ pub fn staging_path(output: &Path) -> Result<PathBuf> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    Ok(parent.join(format!(".{name}{TMP_TAG}{}-{}-{nanos}", std::process::id(), hostname())))
+    Ok(parent.join(format!(
+        ".{name}{TMP_TAG}{}-{}-{nanos}",
+        std::process::id(),
+        hostname()
+    )))
 }
 
 impl StagedDir {
@@ -125,7 +129,11 @@ impl StagedDir {
             fs::rename(&self.tmp, &self.output).map_err(|e| Error::io(&self.tmp, "rename", e))?;
         }
         if let Some(p) = self.output.parent() {
-            let _ = sync_dir(if p.as_os_str().is_empty() { Path::new(".") } else { p });
+            let _ = sync_dir(if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            });
         }
         self.committed = true;
         Ok(())
@@ -168,13 +176,19 @@ fn pid_alive(pid: i32) -> bool {
 /// Directories of other hosts are left alone: their pids mean nothing here.
 pub fn clean_stale_staging(output: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
-    let Ok((parent, name)) = parent_and_name(output) else { return removed };
+    let Ok((parent, name)) = parent_and_name(output) else {
+        return removed;
+    };
     let prefix = format!(".{name}{TMP_TAG}");
     let host = hostname();
-    let Ok(rd) = fs::read_dir(&parent) else { return removed };
+    let Ok(rd) = fs::read_dir(&parent) else {
+        return removed;
+    };
     for e in rd.flatten() {
         let fname = e.file_name().to_string_lossy().to_string();
-        let Some(rest) = fname.strip_prefix(&prefix) else { continue };
+        let Some(rest) = fname.strip_prefix(&prefix) else {
+            continue;
+        };
         let mut parts = rest.split('-');
         let pid: Option<i32> = parts.next().and_then(|p| p.parse().ok());
         let dir_host = parts.next().unwrap_or("");
@@ -220,7 +234,10 @@ mod tests {
         fs::write(s.tmp.join("f"), b"x").unwrap();
         s.commit(false).unwrap();
         assert!(out.join("f").is_file());
-        assert!(matches!(StagedDir::create(&out, false), Err(Error::OutputExists(_))));
+        assert!(matches!(
+            StagedDir::create(&out, false),
+            Err(Error::OutputExists(_))
+        ));
         let s = StagedDir::create(&out, true).unwrap();
         fs::write(s.tmp.join("g"), b"y").unwrap();
         s.commit(true).unwrap();
@@ -233,15 +250,22 @@ mod tests {
     #[test]
     fn stale_tmp_dirs_of_dead_processes_are_cleaned() {
         let d = tempfile::tempdir().unwrap();
-        let stale = d.path().join(format!(".out.dqfast-tmp-999999999-{}-1", hostname()));
+        let stale = d
+            .path()
+            .join(format!(".out.dqfast-tmp-999999999-{}-1", hostname()));
         fs::create_dir(&stale).unwrap();
-        let stale_old = d.path().join(format!(".out.dqfast-tmp-999999998-{}-1-old", hostname()));
+        let stale_old = d
+            .path()
+            .join(format!(".out.dqfast-tmp-999999998-{}-1-old", hostname()));
         fs::create_dir(&stale_old).unwrap();
         let foreign = d.path().join(".out.dqfast-tmp-999999999-otherhost-1");
         fs::create_dir(&foreign).unwrap();
         let s = StagedDir::create(&d.path().join("out"), false).unwrap();
         assert!(!stale.exists() && !stale_old.exists());
-        assert!(foreign.exists(), "another host's staging dir must be left alone");
+        assert!(
+            foreign.exists(),
+            "another host's staging dir must be left alone"
+        );
         drop(s);
         assert!(pid_alive(std::process::id() as i32));
     }

@@ -13,8 +13,10 @@ use serde_json::json;
 
 /// A safetensors file of BF16 tensors with pseudo-random finite values; returns its path.
 fn write_source(dir: &Path, name: &str, tensors: &[(&str, Vec<usize>)]) -> PathBuf {
-    let entries: Vec<(String, Dtype, Vec<usize>)> =
-        tensors.iter().map(|(n, s)| (n.to_string(), Dtype::BF16, s.clone())).collect();
+    let entries: Vec<(String, Dtype, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, s)| (n.to_string(), Dtype::BF16, s.clone()))
+        .collect();
     let (hdr, _) = serialize_header(&BTreeMap::new(), &entries).unwrap();
     let p = dir.join(name);
     let mut f = std::fs::File::create(&p).unwrap();
@@ -81,7 +83,12 @@ fn read_dir_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -108,22 +115,39 @@ fn every_io_mode_and_budget_writes_the_same_bytes() {
     assert_eq!(r.bytes_read_direct, 0);
     assert!(!r.direct_writes);
     let want = read_dir_bytes(&reference);
-    assert!(want.len() > 2, "several shards and an index: {:?}", want.keys());
+    assert!(
+        want.len() > 2,
+        "several shards and an index: {:?}",
+        want.keys()
+    );
 
     let mut direct_reads_seen = false;
     // Budgets from "fits everything" down to "fits nothing" (every load falls back to the map).
-    for (io, budget) in [("direct", 512u64 << 20), ("direct", 16 << 20), ("direct", 8 << 20), ("auto", 512 << 20), ("direct", 1 << 20)] {
+    for (io, budget) in [
+        ("direct", 512u64 << 20),
+        ("direct", 16 << 20),
+        ("direct", 8 << 20),
+        ("auto", 512 << 20),
+        ("direct", 1 << 20),
+    ] {
         let out = dir.path().join(format!("{io}-{budget}"));
         let r = execute_json(&plan(&source, &out, io, budget)).unwrap();
         direct_reads_seen |= r.bytes_read_direct > 0;
         let got = read_dir_bytes(&out);
-        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{io} {budget}");
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{io} {budget}"
+        );
         for (name, bytes) in &want {
             assert!(got[name] == *bytes, "{io} budget {budget}: {name} differs");
         }
     }
     // On a file system without O_DIRECT everything falls back; where it exists it must be used.
     if dqfast_core::direct::open_for_read(&source).is_some() {
-        assert!(direct_reads_seen, "O_DIRECT works here but no tensor was read directly");
+        assert!(
+            direct_reads_seen,
+            "O_DIRECT works here but no tensor was read directly"
+        );
     }
 }

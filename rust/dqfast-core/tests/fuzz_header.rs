@@ -42,13 +42,22 @@ fn config(default: u32) -> Config {
 fn check_invariants(bytes: &[u8], h: &Header) {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     assert_eq!(h.data_start, 8 + n, "data_start is 8 + header length");
-    assert!(h.data_start <= bytes.len(), "data section starts inside the file");
-    assert!(std::str::from_utf8(&bytes[8..h.data_start]).is_ok(), "header is UTF-8");
+    assert!(
+        h.data_start <= bytes.len(),
+        "data section starts inside the file"
+    );
+    assert!(
+        std::str::from_utf8(&bytes[8..h.data_start]).is_ok(),
+        "header is UTF-8"
+    );
     let data_len = bytes.len() - h.data_start;
     let mut offset = 0usize;
     let mut names = HashSet::new();
     for t in &h.tensors {
-        assert_eq!(t.begin, offset, "tensors tile the data section without gap or overlap");
+        assert_eq!(
+            t.begin, offset,
+            "tensors tile the data section without gap or overlap"
+        );
         assert!(t.end >= t.begin);
         assert_eq!(
             checked_nbytes(&t.shape, t.dtype.size()),
@@ -64,8 +73,11 @@ fn check_invariants(bytes: &[u8], h: &Header) {
     assert_eq!(offset, data_len, "tensors cover the whole data section");
 
     // What parsed re-serializes to a header that parses to the same layout.
-    let entries: Vec<(String, Dtype, Vec<usize>)> =
-        h.tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect();
+    let entries: Vec<(String, Dtype, Vec<usize>)> = h
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+        .collect();
     let (hdr, offs) = serialize_header(&h.metadata, &entries).expect("parsed header re-serializes");
     let mut file = hdr;
     file.extend_from_slice(&bytes[h.data_start..]);
@@ -97,7 +109,7 @@ fn parse_checked(bytes: &[u8]) -> bool {
 fn file_from(header: &[u8], data_len: usize) -> Vec<u8> {
     let mut v = (header.len() as u64).to_le_bytes().to_vec();
     v.extend_from_slice(header);
-    v.extend(std::iter::repeat(0xA5u8).take(data_len));
+    v.extend(std::iter::repeat_n(0xA5u8, data_len));
     v
 }
 
@@ -118,7 +130,10 @@ fn name() -> impl Strategy<Value = String> {
 }
 
 fn tensors() -> impl Strategy<Value = Vec<(String, Dtype, Vec<usize>)>> {
-    prop::collection::vec((name(), dtype(), prop::collection::vec(0usize..5, 0..4)), 0..6)
+    prop::collection::vec(
+        (name(), dtype(), prop::collection::vec(0usize..5, 0..4)),
+        0..6,
+    )
 }
 
 fn metadata() -> impl Strategy<Value = BTreeMap<String, String>> {
@@ -137,7 +152,7 @@ fn valid_file() -> impl Strategy<Value = Vec<u8>> {
         let (hdr, offs) = serialize_header(&md, &ts).unwrap();
         let data_len = offs.last().map(|o| o.1).unwrap_or(0);
         let mut f = hdr;
-        f.extend(std::iter::repeat(0x5Au8).take(data_len));
+        f.extend(std::iter::repeat_n(0x5Au8, data_len));
         f
     })
 }

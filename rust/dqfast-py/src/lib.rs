@@ -18,12 +18,42 @@ use pyo3::types::PyBytes;
 
 mod nvfp4_py;
 
-create_exception!(_core, DqfastError, PyException, "Base class of every dqfast error.");
-create_exception!(_core, CheckpointError, DqfastError, "A checkpoint file, header, index or tensor is malformed or missing.");
-create_exception!(_core, PlanError, DqfastError, "A build plan or its inputs are inconsistent (bad amax, shapes, options).");
-create_exception!(_core, OutputExistsError, DqfastError, "The output exists and overwrite was not requested.");
-create_exception!(_core, DqfastIOError, DqfastError, "An operating-system error while reading or writing.");
-create_exception!(_core, InternalError, DqfastError, "A bug in dqfast (a caught panic).");
+create_exception!(
+    _core,
+    DqfastError,
+    PyException,
+    "Base class of every dqfast error."
+);
+create_exception!(
+    _core,
+    CheckpointError,
+    DqfastError,
+    "A checkpoint file, header, index or tensor is malformed or missing."
+);
+create_exception!(
+    _core,
+    PlanError,
+    DqfastError,
+    "A build plan or its inputs are inconsistent (bad amax, shapes, options)."
+);
+create_exception!(
+    _core,
+    OutputExistsError,
+    DqfastError,
+    "The output exists and overwrite was not requested."
+);
+create_exception!(
+    _core,
+    DqfastIOError,
+    DqfastError,
+    "An operating-system error while reading or writing."
+);
+create_exception!(
+    _core,
+    InternalError,
+    DqfastError,
+    "A bug in dqfast (a caught panic)."
+);
 
 pub(crate) fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let msg = e.to_string();
@@ -58,7 +88,9 @@ pub(crate) fn run_detached<T: Send>(
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(InternalError::new_err(format!("internal error (please report): {what}")))
+            Err(InternalError::new_err(format!(
+                "internal error (please report): {what}"
+            )))
         }
     }
 }
@@ -111,7 +143,11 @@ fn read_tensor<'py>(
     let (dtype, shape, data) = run_detached(py, move || {
         let ck = Checkpoint::open(&path)?;
         let (f, t) = ck.require(&name)?;
-        Ok((t.dtype.name().to_string(), t.shape.clone(), f.data(t).to_vec()))
+        Ok((
+            t.dtype.name().to_string(),
+            t.shape.clone(),
+            f.data(t).to_vec(),
+        ))
     })?;
     Ok((dtype, shape, PyBytes::new(py, &data)))
 }
@@ -132,12 +168,17 @@ fn quantize_e4m3<'py>(
     if !d.is_float_source() {
         return Err(PlanError::new_err(format!("cannot quantize {d}")));
     }
-    if data.len() % d.size() != 0 || scales.is_empty() || row_len == 0 {
-        return Err(PlanError::new_err("data length, scales or row_len inconsistent"));
+    if !data.len().is_multiple_of(d.size()) || scales.is_empty() || row_len == 0 {
+        return Err(PlanError::new_err(
+            "data length, scales or row_len inconsistent",
+        ));
     }
     let n = data.len() / d.size();
     if scales.len() != 1 && scales.len() * row_len != n {
-        return Err(PlanError::new_err(format!("{} scales for {n} elements in rows of {row_len}", scales.len())));
+        return Err(PlanError::new_err(format!(
+            "{} scales for {n} elements in rows of {row_len}",
+            scales.len()
+        )));
     }
     let rounding = match rounding {
         "exact" => Rounding::Exact,
@@ -150,14 +191,19 @@ fn quantize_e4m3<'py>(
         o => return Err(PlanError::new_err(format!("unknown saturation '{o}'"))),
     };
     let mut out = vec![0u8; n];
-    detach_catch(py, || fp8::quantize_e4m3(data, d, &scales, row_len, 0, rounding, saturation, &mut out))?;
+    detach_catch(py, || {
+        fp8::quantize_e4m3(data, d, &scales, row_len, 0, rounding, saturation, &mut out)
+    })?;
     Ok(PyBytes::new(py, &out))
 }
 
 /// e4m3 bytes → little-endian float32 bytes.
 #[pyfunction]
 fn e4m3_to_f32<'py>(py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
-    let out: Vec<u8> = data.iter().flat_map(|&b| fp8::e4m3_to_f32(b).to_le_bytes()).collect();
+    let out: Vec<u8> = data
+        .iter()
+        .flat_map(|&b| fp8::e4m3_to_f32(b).to_le_bytes())
+        .collect();
     PyBytes::new(py, &out)
 }
 
@@ -165,8 +211,11 @@ fn e4m3_to_f32<'py>(py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
 #[pyfunction]
 fn amax(data: &[u8], dtype: &str) -> PyResult<f32> {
     let d = parse_dtype(dtype)?;
-    if !d.is_float_source() || data.len() % d.size() != 0 {
-        return Err(PlanError::new_err(format!("cannot take amax of {} bytes of {d}", data.len())));
+    if !d.is_float_source() || !data.len().is_multiple_of(d.size()) {
+        return Err(PlanError::new_err(format!(
+            "cannot take amax of {} bytes of {d}",
+            data.len()
+        )));
     }
     Ok(fp8::amax(data, d))
 }
@@ -197,7 +246,9 @@ fn staging_path(py: Python<'_>, output: PathBuf) -> PyResult<String> {
 /// Panics inside Rust on purpose, to prove a panic surfaces as `InternalError` (tests only).
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
-    run_detached(py, || -> Result<(), Error> { panic!("deliberate test panic") })
+    run_detached(py, || -> Result<(), Error> {
+        panic!("deliberate test panic")
+    })
 }
 
 /// Peak resident memory of this process in bytes.

@@ -10,13 +10,17 @@ use pyo3::types::PyBytes;
 fn float_dtype(name: &str) -> PyResult<Dtype> {
     match Dtype::parse(&name.to_ascii_uppercase()) {
         Some(d) if d.is_float_source() => Ok(d),
-        _ => Err(PyValueError::new_err(format!("dtype must be BF16, F16 or F32, got {name:?}"))),
+        _ => Err(PyValueError::new_err(format!(
+            "dtype must be BF16, F16 or F32, got {name:?}"
+        ))),
     }
 }
 
 fn check_blocks(k: usize) -> PyResult<()> {
-    if k == 0 || k % nvfp4::BLOCK != 0 {
-        return Err(PyValueError::new_err(format!("k must be a positive multiple of 16, got {k}")));
+    if k == 0 || !k.is_multiple_of(nvfp4::BLOCK) {
+        return Err(PyValueError::new_err(format!(
+            "k must be a positive multiple of 16, got {k}"
+        )));
     }
     Ok(())
 }
@@ -61,8 +65,10 @@ fn nvfp4_dequantize<'py>(
     weight_scale_2: f32,
 ) -> PyResult<Bound<'py, PyBytes>> {
     check_blocks(k)?;
-    if packed.len() * 2 != scales.len() * nvfp4::BLOCK || (packed.len() * 2) % k != 0 {
-        return Err(PyValueError::new_err("packed and scales lengths do not describe whole rows of k"));
+    if packed.len() * 2 != scales.len() * nvfp4::BLOCK || !(packed.len() * 2).is_multiple_of(k) {
+        return Err(PyValueError::new_err(
+            "packed and scales lengths do not describe whole rows of k",
+        ));
     }
     let bytes: Vec<u8> = crate::detach_catch(py, || {
         nvfp4::dequantize(packed, scales, k, weight_scale_2)
@@ -76,7 +82,7 @@ fn nvfp4_dequantize<'py>(
 /// One E2M1 code per little-endian f32 of `data`.
 #[pyfunction]
 fn e2m1_encode_f32<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-    if data.len() % 4 != 0 {
+    if !data.len().is_multiple_of(4) {
         return Err(PyValueError::new_err("data length must be a multiple of 4"));
     }
     let codes: Vec<u8> = data
