@@ -11,7 +11,7 @@ DEPS_STAMP := $(VENV)/.dqfast-deps
 BUILD_STAMP := $(VENV)/.dqfast-build
 RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 
-.PHONY: all venv build demo test test-rust test-python lint bench clean
+.PHONY: all venv build demo test test-rust test-python lint bench peers-venv clean
 
 all: build
 
@@ -52,6 +52,12 @@ test: lint build test-rust test-python
 
 bench: build
 	$(PY) benches/bench_fp8_build.py --family wan --blocks 4
+
+# llm-compressor in a venv of its own (it pins its own torch): the same-run peer of
+# `benches/bench_fp8_build.py --tools ...,llmc-w1,llmc-w2`.
+peers-venv:
+	test -x .venv-peers/bin/python || python3 -m venv .venv-peers
+	.venv-peers/bin/pip install -q "llmcompressor==0.14.0.1"
 
 clean:
 	rm -rf target demo-out bench-out $(BUILD_STAMP)

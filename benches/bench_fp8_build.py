@@ -13,7 +13,12 @@ in a fresh subprocess (peak RSS from that child's ``wait4`` rusage):
       work as (b); outputs must be byte-identical), with the default ``io="auto"`` (direct I/O)
       and, as ``dqfast-bf16-buffered``, with ``io="buffered"`` (memory map + page cache: the engine
       before direct I/O);
-  (d) dqfast calibrated build from the synthetic ModelOpt export + amax sidecar + base.
+  (d) dqfast calibrated build from the synthetic ModelOpt export + amax sidecar + base;
+  (e) peers, with ``--tools ...,dqfast-bf16-channel,llmc-w1,llmc-w2``: llm-compressor's
+      ``model_free_ptq(scheme="FP8_DYNAMIC", device="cpu")`` with its default ``max_workers=1`` and
+      with 2 workers, next to dqfast's calibration-free per-channel build (``dqfast-bf16-channel``:
+      the same scheme, FP8 per-channel weights + dynamic per-token activations). llm-compressor runs
+      from its own venv (``make peers-venv`` → ``.venv-peers``; ``--peers-python`` overrides).
 Cold runs (page cache dropped before each) when ``/proc/sys/vm/drop_caches`` is writable, then
 warm runs. Writes JSON to benches/results/.
 """
@@ -72,9 +77,23 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
         convert(Path(args["src"]), Path(args["dst"]), ACT_AMAX)
         print_worker_result()
         return
+    if kind.startswith("llmc-"):
+        _llmc_worker(int(kind.removeprefix("llmc-w")), args)
+        return
     import dqfast
 
-    if kind in ("dqfast-bf16", "dqfast-bf16-buffered"):
+    if kind == "dqfast-bf16-channel":
+        r = dqfast.build_fp8_transformer(
+            args["dst"],
+            base_transformer_dir=args["src"],
+            from_bf16=True,
+            weight_granularity="channel",
+            model_type="none",
+            fsync=args["fsync"],
+            max_shard_size=args["shard"],
+            threads=args["threads"],
+        )
+    elif kind in ("dqfast-bf16", "dqfast-bf16-buffered"):
         r = dqfast.build_fp8_transformer(
             args["dst"],
             base_transformer_dir=args["src"],
@@ -100,6 +119,38 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
     else:
         raise SystemExit(f"unknown worker {kind}")
     print_worker_result(r)
+
+
+def _llmc_view(base: Path, view: Path) -> tuple[Path, list[str]]:
+    """llm-compressor looks for transformers' names (``model.safetensors`` or
+    ``model.safetensors.index.json``): a directory of symlinks to the diffusers shards under those
+    names, with an index. Nothing is copied, so the timed work is the same. Also the modules whose
+    weight is not 2-D (norms, the Conv3d patch embedding), which it refuses instead of skipping."""
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    shards = sorted(base.glob("*.safetensors"))
+    names = {s.name: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, s in enumerate(shards)}
+    weight_map: dict[str, str] = {}
+    not_2d: list[str] = []
+    for s in shards:
+        (view / names[s.name]).symlink_to(s.resolve())
+        n = int.from_bytes(s.open("rb").read(8), "little")
+        header = json.loads(s.open("rb").read(8 + n)[8:])
+        weight_map.update({t: names[s.name] for t in header if t != "__metadata__"})
+        not_2d += [t.removesuffix(".weight") for t, v in header.items() if t.endswith(".weight") and len(v["shape"]) != 2]
+    (view / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(base / "config.json", view / "config.json")
+    return view, not_2d
+
+
+def _llmc_worker(workers: int, args: dict[str, Any]) -> None:
+    """llm-compressor's calibration-free FP8 (runs under the peers venv's python)."""
+    from llmcompressor import model_free_ptq
+
+    view, not_2d = _llmc_view(Path(args["src"]), Path(args["dst"] + ".in"))
+    model_free_ptq(view, args["dst"], scheme="FP8_DYNAMIC", ignore=not_2d, max_workers=workers, device="cpu")
+    sys.path.insert(0, str(HERE.parent / "python"))  # the built extension, for the same VmHWM reader
+    print_worker_result()
 
 
 # --------------------------------------------------------------------------- parent side
@@ -377,6 +428,7 @@ def main() -> None:
         "--drop-outputs", action="store_true", help="delete each tool's output right after timing it (no bit-exact comparison; saves disk)"
     )
     ap.add_argument("--tools", default="limit,naive,dqfast-bf16,dqfast-bf16-buffered,dqfast-calib")
+    ap.add_argument("--peers-python", type=Path, default=HERE.parent / ".venv-peers" / "bin" / "python")
     a = ap.parse_args()
 
     work = a.workdir / f"{a.family}-{a.blocks}"
@@ -394,12 +446,13 @@ def main() -> None:
     modes = (["cold"] if can_drop else []) + (["warm"] if "warm" in want else [])
     results: dict[str, dict[str, Any]] = {}
     wargs = {"src": str(base), "export": str(export), "amax": str(amax), "fsync": a.fsync, "shard": a.out_shard, "threads": a.threads}
-    outs = {t: work / f"out-{t}" for t in ("naive", "dqfast-bf16", "dqfast-bf16-buffered", "dqfast-calib")}
+    outs = {t: work / f"out-{t}" for t in tools if t != "limit"}
     for mode in modes:
         for tool in [t for t in tools if t != "limit"]:
             shutil.rmtree(outs[tool], ignore_errors=True)
             prepare_mode(mode, in_files)
-            r = _run([sys.executable, __file__, "_worker", tool, json.dumps({**wargs, "dst": str(outs[tool])})])
+            python = str(a.peers_python) if tool.startswith("llmc-") else sys.executable
+            r = _run([python, __file__, "_worker", tool, json.dumps({**wargs, "dst": str(outs[tool])})])
             r["out_bytes"] = _dir_bytes(outs[tool])
             results[f"{tool}/{mode}"] = r
             if a.drop_outputs:
@@ -414,13 +467,14 @@ def main() -> None:
             results[f"limit/{mode}"] = time_limit(mode, in_files, in_bytes, out_size, work, 20)
 
     exact = None
-    if outs["naive"].exists() and outs["dqfast-bf16"].exists():
+    built = lambda *ts: all(t in outs and outs[t].exists() for t in ts)  # noqa: E731
+    if built("naive", "dqfast-bf16"):
         exact = _compare_outputs(outs["naive"], outs["dqfast-bf16"])
         print(
             f"bit-exact naive vs dqfast from_bf16: {exact['bit_exact']} ({exact['tensors']} tensors, "
             f"{exact['tensors_differing']} differ, {exact['bytes_differing']} bytes differ)"
         )
-    if outs["dqfast-bf16-buffered"].exists() and outs["dqfast-bf16"].exists():
+    if built("dqfast-bf16-buffered", "dqfast-bf16"):
         same = _compare_outputs(outs["dqfast-bf16-buffered"], outs["dqfast-bf16"])
         print(f"bit-exact dqfast io=buffered vs io=auto: {same['bit_exact']}")
         exact = {**(exact or {}), "buffered_vs_auto": same["bit_exact"]}
