@@ -130,6 +130,7 @@ def build_fp8_transformer(
     nothing is left at ``output_dir`` on failure.
     """
     plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
+    plan.guard(modelopt_hf_dir, modelopt_backbone_ckpt, base_transformer_dir)
     extra = _fallback_res(fallback)
     if from_bf16:
         if base_transformer_dir is None:

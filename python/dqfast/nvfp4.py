@@ -108,6 +108,7 @@ def build_nvfp4_transformer(
     ``--keep-bf16-pattern`` for this builder.
     """
     plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
+    plan.guard(modelopt_hf_dir, base_transformer_dir)
     if from_bf16:
         if base_transformer_dir is None:
             raise PlanError("from_bf16 needs base_transformer_dir")
