@@ -383,6 +383,8 @@ impl StagedDir {
         if let Some(g) = &guard {
             g.check()?;
         }
+        // Without `.` components (`out/.` cannot be renamed; `a/./b` is `a/b`).
+        let output: &Path = &output.components().collect::<PathBuf>();
         if output.exists() && !overwrite {
             return Err(Error::OutputExists(output.to_path_buf()));
         }
