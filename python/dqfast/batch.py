@@ -715,7 +715,7 @@ def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = Fal
             res.status = "adopted"
         else:
             if state == "foreign" and not overwrite_foreign:
-                raise OutputExistsError(f"{out}: output exists but has no dqfast job record; remove it or pass --overwrite")
+                raise OutputExistsError(f"{out}: output exists but has no dqfast job record; remove it or pass --overwrite", path=str(out))
             if out.exists():
                 log("removing outdated output")
                 _remove_stale_output(out)

@@ -48,10 +48,10 @@ def find_components(root: str | os.PathLike[str]) -> list[str]:
     hold a config.json, in name order (``transformer`` first)."""
     r = Path(root)
     if not r.is_dir():
-        raise PlanError(f"{r}: not a directory")
+        raise PlanError(f"{r}: not a directory", path=str(r))
     found = [p.name for p in r.iterdir() if p.is_dir() and p.name.startswith("transformer") and (p / "config.json").is_file()]
     if not found:
-        raise PlanError(f"{r}: no transformer*/config.json component directories")
+        raise PlanError(f"{r}: no transformer*/config.json component directories", path=str(r))
     return sorted(found, key=lambda n: (n != "transformer", n))
 
 

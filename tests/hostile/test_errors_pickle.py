@@ -103,3 +103,23 @@ def test_process_pool_parent_receives_the_typed_error(tmp_path: Path) -> None:
     assert e1.value.path == str(tmp_path / "nope")
     assert e2.value.path == str(tmp_path / "x") and e2.value.input == str(base)
     assert (base / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_missing_inputs_carry_their_path(tmp_path: Path) -> None:
+    from dqfast.components import find_components
+
+    missing = tmp_path / "nope"
+    with pytest.raises(E.PlanError) as e:
+        dqfast.build_fp8_transformer(tmp_path / "out", base_transformer_dir=missing, from_bf16=True, model_type="none")
+    assert e.value.path == str(missing)
+    with pytest.raises(E.PlanError) as e:
+        find_components(missing)
+    assert e.value.path == str(missing)
+    from dqfast.amax import load_amax
+
+    with pytest.raises(E.CheckpointError) as e:  # a BackboneError
+        load_amax(missing / "backbone.pt")
+    assert e.value.path == str(missing / "backbone.pt")
+    with pytest.raises(E.DqfastIOError) as e:
+        load_amax(missing / "amax.safetensors")
+    assert e.value.path == str(missing / "amax.safetensors")
