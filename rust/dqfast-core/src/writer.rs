@@ -383,8 +383,13 @@ impl StagedDir {
         if let Some(g) = &guard {
             g.check()?;
         }
-        // Without `.` components (`out/.` cannot be renamed; `a/./b` is `a/b`).
-        let output: &Path = &output.components().collect::<PathBuf>();
+        // The parent resolved (symlinks, `..`) and the name kept: `out/.` cannot be renamed, and
+        // `sub/../sub` stops resolving once the old `sub` is renamed aside. A symlink at the output
+        // path itself is still replaced, not followed.
+        let output: &Path = &{
+            let (parent, name) = parent_and_name(&output.components().collect::<PathBuf>())?;
+            resolve_path(&parent)?.join(name)
+        };
         if output.exists() && !overwrite {
             return Err(Error::OutputExists(output.to_path_buf()));
         }
@@ -417,7 +422,12 @@ impl StagedDir {
             // Named like a staging dir, so the stale cleaner removes it if we die right here.
             let old = PathBuf::from(format!("{}-old", self.tmp.display()));
             fs::rename(&self.output, &old).map_err(|e| Error::io(&self.output, "rename", e))?;
-            fs::rename(&self.tmp, &self.output).map_err(|e| Error::io(&self.tmp, "rename", e))?;
+            if let Err(e) = fs::rename(&self.tmp, &self.output) {
+                // Put the previous output back rather than leave it under a name the stale
+                // cleaner deletes.
+                let _ = fs::rename(&old, &self.output);
+                return Err(Error::io(&self.tmp, "rename", e));
+            }
             let _ = if old.is_dir() {
                 fs::remove_dir_all(&old)
             } else {
