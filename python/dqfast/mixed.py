@@ -31,7 +31,7 @@ from dqfast import __version__
 from dqfast.errors import PlanError
 from dqfast.fp8 import E4M3_MAX, FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, check_activation_amax
 from dqfast.nvfp4 import GROUP, NVFP4_BOUND, fused_groups
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, execute, new_plan
+from dqfast.plan import BuildReport, IoMode, ModuleDecision, check_paths, execute, new_plan
 from dqfast.presets import ModelPreset, resolve_preset
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
@@ -243,6 +243,7 @@ def build_mixed_transformer(
     report.warnings.append("MIXED_PRECISION loads in vLLM-Omni (modelopt_mixed) and dqfast.runtime; SGLang Diffusion rejects it")
     report.dry_run = dry_run
     if dry_run:
+        check_paths(plan)
         report.output_dir = None
         return report
     return execute(plan, report)

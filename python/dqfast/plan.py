@@ -192,6 +192,12 @@ def copy_sidecar_files(plan: PlanBuilder, src_dir: Path) -> None:
             plan.copy_file(f.name, f)
 
 
+def check_paths(plan: PlanBuilder) -> None:
+    """The engine's output/input rule without executing (``--dry-run``): raises
+    ``UnsafeOutputError`` where the build would."""
+    _core.check_plan_paths(plan.to_json())
+
+
 def execute(plan: PlanBuilder, report: BuildReport) -> BuildReport:
     """Run the plan in Rust and fill ``report`` with what was written."""
     out = json.loads(_core.execute_plan(plan.to_json()))

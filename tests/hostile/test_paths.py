@@ -325,3 +325,29 @@ def test_api_raises_unsafe_output_error_with_path_and_input(tmp_path: Path) -> N
         dqfast.build_fp8_transformer(tmp_path / "x", base_transformer_dir=base, from_bf16=True, model_type="none", overwrite=True)
     assert isinstance(e.value, PlanError)
     assert e.value.path == str(tmp_path / "x") and e.value.input == str(base)
+
+
+def test_verify_report_may_not_overwrite_a_checkpoint_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path / "base")
+    r = _cli(*_fp8("base", "q"))
+    assert r.exit_code == 0, r.output
+    before = trees_digest(tmp_path / "base", tmp_path / "q")
+    for target in ("base/config.json", "q/../q", f"q/{SHARD}"):
+        r = _cli("verify", "layers", "base", "q", "--json", target)
+        _one_error_line(r, f"--json {target}")
+        assert trees_digest(tmp_path / "base", tmp_path / "q") == before
+    r = _cli("verify", "layers", "base", "q", "--json", "report.json")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "report.json").is_file()
+
+
+@pytest.mark.parametrize("kind", ["fp8", "nvfp4", "mixed"])
+def test_dry_run_refuses_what_the_build_would(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_base(tmp_path / "x" / "base")
+    args = ["build", kind, "--base-transformer-dir", "x/base", "--output-dir", "x", "--model-type", "none", "--dry-run"]
+    r = _cli(*args, *([] if kind == "mixed" else ["--from-bf16"]))
+    _one_error_line(r, "--output-dir x ", "contains input x/base")
+    r = _cli(*args[:5], "elsewhere", *args[6:], *([] if kind == "mixed" else ["--from-bf16"]))
+    assert r.exit_code == 0, r.output

@@ -124,6 +124,11 @@ impl Plan {
             .chain(self.guard_inputs.iter().cloned())
             .collect()
     }
+
+    /// The output refused if it is, contains or lies inside any input (see [`OutputGuard`]).
+    pub fn output_guard(&self) -> Result<OutputGuard> {
+        OutputGuard::new("--output-dir", &self.output_dir, &self.inputs())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -1415,7 +1420,7 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
     }
     // Refuse early, before reading or creating anything: an output that overlaps an input
     // (however spelled), or one that exists when overwriting was not asked for.
-    let guard = OutputGuard::new("--output-dir", &plan.output_dir, &plan.inputs())?;
+    let guard = plan.output_guard()?;
     if plan.output_dir.exists() && !plan.overwrite {
         return Err(Error::OutputExists(plan.output_dir.clone()));
     }
