@@ -854,6 +854,20 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def batch_paths(
+    manifest: Manifest, log_dir: str | os.PathLike[str] | None = None, summary_path: str | os.PathLike[str] | None = None
+) -> tuple[Path, Path]:
+    """(log dir, summary file) of a run — arguments over ``[batch]`` settings over defaults beside
+    the manifest —, refused (``UnsafeOutputError``) if either would land in or on a job's input."""
+    s = manifest.settings
+    logs = Path(log_dir or s.log_dir or manifest.path.parent / f"{manifest.path.stem}.logs")
+    out = Path(summary_path or s.summary or manifest.path.parent / f"{manifest.path.stem}.summary.json")
+    guard = _core.GuardedInputs([v for j in manifest.jobs for v in j.inputs.values()])
+    guard.check(logs, "--log-dir")
+    guard.check(out, "--summary")
+    return logs, out
+
+
 def run_batch(
     manifest: Manifest,
     *,
@@ -874,7 +888,7 @@ def run_batch(
     cores = cores or s.cores or os.cpu_count() or 1
     max_parallel = max_parallel or s.max_parallel or len(manifest.jobs)
     memory_limit = memory_limit or s.memory_limit or int(_mem_available() * 0.8)
-    logs = Path(log_dir or s.log_dir or manifest.path.parent / f"{manifest.path.stem}.logs")
+    logs, out = batch_paths(manifest, log_dir, summary_path)
     jobs = _prepare(manifest, cores, logs)
     t0 = time.monotonic()
     emit = on_event or (lambda *_: None)
@@ -885,7 +899,6 @@ def run_batch(
     else:
         raise ValueError(f"unknown executor '{executor}' (local or ray)")
     summary = BatchSummary(manifest=str(manifest.path), executor=executor, seconds=time.monotonic() - t0, jobs=results)
-    out = Path(summary_path or s.summary or manifest.path.parent / f"{manifest.path.stem}.summary.json")
     _write_json_atomic(out, summary.to_dict())
     return summary
 

@@ -351,3 +351,23 @@ def test_dry_run_refuses_what_the_build_would(kind: str, tmp_path: Path, monkeyp
     _one_error_line(r, "--output-dir x ", "contains input x/base")
     r = _cli(*args[:5], "elsewhere", *args[6:], *([] if kind == "mixed" else ["--from-bf16"]))
     assert r.exit_code == 0, r.output
+
+
+def test_batch_summary_and_logs_stay_out_of_inputs(tmp_path: Path) -> None:
+    from dqfast.batch_cli import batch as batch_cmd
+
+    base = write_base(tmp_path / "base")
+    m = tmp_path / "jobs.toml"
+    m.write_text(f"""
+[[jobs]]
+name = "j"
+builder = "fp8"
+output = "out"
+inputs = {{ base_transformer_dir = "{base}" }}
+options = {{ from_bf16 = true, model_type = "none" }}
+""")
+    before = tree_digest(base)
+    for flag, target in (("--summary", base / "summary.json"), ("--log-dir", base / "logs"), ("--summary", base / SHARD)):
+        r = CliRunner().invoke(batch_cmd, [str(m), flag, str(target)], catch_exceptions=False)
+        _one_error_line(r, f"{flag} {target}", "lies inside input")
+        assert tree_digest(base) == before and not (tmp_path / "out").exists()
