@@ -108,7 +108,7 @@ pub struct Plan {
     #[serde(default = "default_read_buffer")]
     pub read_buffer_bytes: u64,
     /// Inputs the planner read that are not sources (export root, backbone.pt / amax sidecar,
-    /// policy file, manifest): like the sources, the output may never be, contain or lie inside one.
+    /// policy file): like the sources, the output may never be, contain or lie inside one.
     #[serde(default)]
     pub guard_inputs: Vec<PathBuf>,
 }
