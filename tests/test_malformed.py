@@ -86,7 +86,7 @@ def test_valid_corpus_base_builds(tmp_path: Path) -> None:
 def test_output_inside_input_is_refused(tmp_path: Path) -> None:
     base = write_base(tmp_path / "base")
     out = base / "nested"
-    with pytest.raises(PlanError, match="would overwrite input"):
+    with pytest.raises(PlanError, match="lies inside input"):
         dqfast.build_fp8_transformer(out, **from_bf16_kwargs(base))
     assert leftovers(out) == []
 

@@ -12,6 +12,7 @@ from dqfast.errors import (
     InternalError,
     OutputExistsError,
     PlanError,
+    UnsafeOutputError,
 )
 from dqfast.fp8 import build_fp8_transformer
 from dqfast.plan import BuildReport, ModuleDecision
@@ -36,6 +37,7 @@ __all__ = [
     "DqfastError",
     "CheckpointError",
     "PlanError",
+    "UnsafeOutputError",
     "OutputExistsError",
     "DqfastIOError",
     "InternalError",

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from dqfast.errors import CheckpointError
+
 BACKBONE_FILENAME = "backbone.pt"
 _WEIGHT_SUFFIX = ".weight_quantizer._amax"
 _INPUT_SUFFIX = ".input_quantizer._amax"
@@ -33,8 +35,9 @@ _STORAGE_DTYPES: dict[str, tuple[str, int]] = {
 }
 
 
-class BackboneError(ValueError):
-    """A ``backbone.pt`` that cannot be read as a ModelOpt checkpoint."""
+class BackboneError(CheckpointError, ValueError):
+    """A ``backbone.pt`` that cannot be read as a ModelOpt checkpoint (a ``ValueError`` too, as
+    it always was)."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ def _resolve_path(path: str | Path) -> Path:
     if p.is_dir():
         p = p / BACKBONE_FILENAME
     if not p.is_file():
-        raise BackboneError(f"{p}: no such file")
+        raise BackboneError(f"{p}: no such file", path=str(p))
     return p
 
 

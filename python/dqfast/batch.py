@@ -361,47 +361,51 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
             )
         )
 
-    _check_cross_job(jobs, problems)
+    _check_cross_job(jobs, problems, path, [x for x in (settings.log_dir, settings.summary) if x])
     if problems:
         raise ManifestError(problems)
     return Manifest(path=path or base_dir / "manifest", settings=settings, jobs=jobs)
 
 
 def _real(p: str) -> Path:
-    # Resolve symlinks of the existing part so that two spellings of one directory collide.
+    # Resolve symlinks of the existing part so that two spellings of one directory compare equal
+    # (wording only: whether two paths overlap is decided by the writer's rule).
     return Path(os.path.realpath(p))
 
 
-def _inside(a: Path, b: Path) -> bool:
-    return a == b or b in a.parents
-
-
-def _check_cross_job(jobs: list[JobSpec], problems: list[str]) -> None:
+def _check_cross_job(jobs: list[JobSpec], problems: list[str], manifest: Path | None = None, written: Iterable[str] = ()) -> None:
+    """Every job output against every other output, every job's inputs, the manifest itself and
+    what the batch writes besides (``written``: log dir, summary) — with the writer's rule
+    (dqfast-core ``InputSet``), so ``$PWD/x``, ``x``, ``sub/../x``, a symlink or a hard link to
+    ``x`` all count as ``x``. Inputs are resolved once; each output is one call."""
     names: dict[str, int] = {}
-    outputs: dict[Path, str] = {}
     for j in jobs:
         if j.name in names:
             problems.append(f"two jobs are named '{j.name}'")
         names[j.name] = 1
-        if not j.output:
-            continue
-        out = _real(j.output)
-        for other_out, other in outputs.items():
-            if out == other_out:
-                problems.append(f"jobs '{other}' and '{j.name}' both write {j.output}")
-            elif _inside(out, other_out) or _inside(other_out, out):
-                problems.append(f"outputs of '{other}' and '{j.name}' are nested ({other_out} / {out})")
-        outputs[out] = j.name
-    for j in jobs:
-        for k, v in j.inputs.items():
-            src = _real(v)
-            for out, owner in outputs.items():
-                if _inside(out, src) or _inside(src, out):
-                    who = "its own" if owner == j.name else f"job '{owner}''s"
-                    problems.append(
-                        f"job '{j.name}': input '{k}' ({v}) overlaps {who} output {out}; "
-                        "chained jobs are not supported: run them as two batches"
-                    )
+    outputs = [(j.output, j.name) for j in jobs if j.output]
+    # Outputs against outputs: every output overlaps itself (index i), so only others count.
+    out_guard = _core.GuardedInputs([o for o, _ in outputs])
+    for i, (out, name) in enumerate(outputs):
+        for k, _ in out_guard.overlaps(out, "output"):
+            if k >= i:
+                continue
+            other_out, other = outputs[k]
+            if _real(out) == _real(other_out):
+                problems.append(f"jobs '{other}' and '{name}' both write {out}")
+            else:
+                problems.append(f"outputs of '{other}' and '{name}' are nested ({other_out} / {out})")
+    # Outputs against inputs; the problem names the job and the keyword that reads the input.
+    readers = [(v, j.name, k) for j in jobs for k, v in j.inputs.items()]
+    guard = _core.GuardedInputs([v for v, _, _ in readers] + ([str(manifest)] if manifest else []))
+    for out, owner in outputs + [(w, "") for w in written]:
+        for k, e in guard.overlaps(out, f"job '{owner}' output" if owner else "batch output"):
+            if k == len(readers):
+                problems.append(f"{e} (the manifest)")
+                continue
+            v, name, key = readers[k]
+            chained = "" if owner == name else " (chained jobs are not supported: run them as two batches)"
+            problems.append(f"job '{name}': input '{key}': {e}{chained}")
 
 
 # ---- identities, records, checksums ---------------------------------------------------------
@@ -679,6 +683,9 @@ def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = Fal
     res = JobResult(name=job.name, status="failed", output=job.output, log=job.log, host=socket.gethostname(), started=time.time())
     out = Path(job.output)
     try:
+        # Before anything at the output is cleaned or removed (the manifest was checked as a
+        # whole when loaded; the file system may have changed since).
+        _core.check_output_paths(out, list(job.inputs.values()), f"job '{job.name}' output")
         _reset_peak_rss()
         fp, doc, _ = fingerprint(job)
         _clean_stale_staging(out)
@@ -708,7 +715,7 @@ def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = Fal
             res.status = "adopted"
         else:
             if state == "foreign" and not overwrite_foreign:
-                raise OutputExistsError(f"{out}: output exists but has no dqfast job record; remove it or pass --overwrite")
+                raise OutputExistsError(f"{out}: output exists but has no dqfast job record; remove it or pass --overwrite", path=str(out))
             if out.exists():
                 log("removing outdated output")
                 _remove_stale_output(out)
@@ -847,6 +854,20 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def batch_paths(
+    manifest: Manifest, log_dir: str | os.PathLike[str] | None = None, summary_path: str | os.PathLike[str] | None = None
+) -> tuple[Path, Path]:
+    """(log dir, summary file) of a run — arguments over ``[batch]`` settings over defaults beside
+    the manifest —, refused (``UnsafeOutputError``) if either would land in or on a job's input."""
+    s = manifest.settings
+    logs = Path(log_dir or s.log_dir or manifest.path.parent / f"{manifest.path.stem}.logs")
+    out = Path(summary_path or s.summary or manifest.path.parent / f"{manifest.path.stem}.summary.json")
+    guard = _core.GuardedInputs([v for j in manifest.jobs for v in j.inputs.values()])
+    guard.check(logs, "--log-dir")
+    guard.check(out, "--summary")
+    return logs, out
+
+
 def run_batch(
     manifest: Manifest,
     *,
@@ -867,7 +888,7 @@ def run_batch(
     cores = cores or s.cores or os.cpu_count() or 1
     max_parallel = max_parallel or s.max_parallel or len(manifest.jobs)
     memory_limit = memory_limit or s.memory_limit or int(_mem_available() * 0.8)
-    logs = Path(log_dir or s.log_dir or manifest.path.parent / f"{manifest.path.stem}.logs")
+    logs, out = batch_paths(manifest, log_dir, summary_path)
     jobs = _prepare(manifest, cores, logs)
     t0 = time.monotonic()
     emit = on_event or (lambda *_: None)
@@ -878,7 +899,6 @@ def run_batch(
     else:
         raise ValueError(f"unknown executor '{executor}' (local or ray)")
     summary = BatchSummary(manifest=str(manifest.path), executor=executor, seconds=time.monotonic() - t0, jobs=results)
-    out = Path(summary_path or s.summary or manifest.path.parent / f"{manifest.path.stem}.summary.json")
     _write_json_atomic(out, summary.to_dict())
     return summary
 

@@ -60,7 +60,7 @@ def batch(
     as_json: bool,
 ) -> None:
     """Run the conversion jobs of MANIFEST (TOML or YAML): in parallel, resumable, idempotent."""
-    from dqfast.batch import ManifestError, load_manifest, run_batch
+    from dqfast.batch import ManifestError, batch_paths, load_manifest, run_batch
     from dqfast.plan import parse_size
 
     try:
@@ -80,6 +80,11 @@ def batch(
         mem = parse_size(memory_limit) if memory_limit else 0
     except ValueError:
         click.echo(f"error: --memory-limit '{memory_limit}' is not a size", err=True)
+        sys.exit(2)
+    try:  # before the progress display starts: a refusal is one line
+        batch_paths(m, log_dir, summary_path)
+    except DqfastError as e:
+        click.echo(f"error: {e}", err=True)
         sys.exit(2)
 
     from rich.console import Console

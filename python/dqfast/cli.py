@@ -272,8 +272,11 @@ def build_mixed(**kw: Any) -> None:
     from dqfast.mixed import build_mixed_transformer
 
     policy = None
+    policy_files: list[Path] = []
     if kw["policy"]:
         src = Path(kw["policy"])
+        if src.is_file():
+            policy_files.append(src)
         text = src.read_text() if src.is_file() else kw["policy"]
         try:
             policy = json.loads(text)
@@ -287,6 +290,7 @@ def build_mixed(**kw: Any) -> None:
         fp8_activation_amax=kw["fp8_activation_amax"],
         nvfp4_activation_amax=kw["nvfp4_activation_amax"],
         rounding=kw["rounding"],
+        guard_inputs=policy_files,
         **_common_build_kwargs(kw),
     )
     if kw["components"] is not None:

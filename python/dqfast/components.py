@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dqfast.errors import PlanError
+from dqfast import _core
+from dqfast.errors import OutputExistsError, PlanError
 from dqfast.plan import BuildReport
 
 __all__ = ["BUILDERS", "find_components", "build_components", "ComponentsReport"]
@@ -38,6 +39,8 @@ def _builder(kind: str) -> Callable[..., BuildReport]:
 
 
 BUILDERS = ("fp8", "nvfp4", "mixed")
+# The builders' keywords that name inputs (guarded against every component output).
+_PATH_KEYWORDS = ("modelopt_hf_dir", "modelopt_backbone_ckpt", "base_transformer_dir")
 
 
 def find_components(root: str | os.PathLike[str]) -> list[str]:
@@ -45,10 +48,10 @@ def find_components(root: str | os.PathLike[str]) -> list[str]:
     hold a config.json, in name order (``transformer`` first)."""
     r = Path(root)
     if not r.is_dir():
-        raise PlanError(f"{r}: not a directory")
+        raise PlanError(f"{r}: not a directory", path=str(r))
     found = [p.name for p in r.iterdir() if p.is_dir() and p.name.startswith("transformer") and (p / "config.json").is_file()]
     if not found:
-        raise PlanError(f"{r}: no transformer*/config.json component directories")
+        raise PlanError(f"{r}: no transformer*/config.json component directories", path=str(r))
     return sorted(found, key=lambda n: (n != "transformer", n))
 
 
@@ -85,14 +88,23 @@ def build_components(
     dry_run = bool(builder_kwargs.get("dry_run", False))
     main_arg = "base_transformer_dir" if kind == "mixed" or builder_kwargs.get("from_bf16") else "modelopt_hf_dir"
     builder_kwargs.setdefault(main_arg, str(root))
+    per_component = {
+        c: {k: (str(v).replace("{component}", c) if isinstance(v, (str, os.PathLike)) else v) for k, v in builder_kwargs.items()}
+        for c in comps
+    }
+    # Every component output against every component's inputs (and the root), before the first
+    # build: a later component must not find its input already replaced by an earlier output.
+    inputs = [str(root)] + [str(kw[k]) for kw in per_component.values() for k in _PATH_KEYWORDS if kw.get(k) is not None]
+    inputs += [str(p) for kw in per_component.values() for p in kw.get("guard_inputs", ())]
     for c in comps:
+        _core.check_output_paths(out_root / c, inputs, "--output-dir")
         if (out_root / c).exists() and not overwrite and not dry_run:
-            raise PlanError(f"{out_root / c}: output already exists (pass overwrite to replace it)")
+            raise OutputExistsError(f"{out_root / c}: output already exists (pass --overwrite to replace it)", path=str(out_root / c))
     report = ComponentsReport(output_dir=str(out_root), kind=kind)
     created: list[Path] = []
     try:
         for c in comps:
-            kw = {k: (str(v).replace("{component}", c) if isinstance(v, (str, os.PathLike)) else v) for k, v in builder_kwargs.items()}
+            kw = dict(per_component[c])
             target = out_root / c
             existed = target.exists()
             if kind == "mixed":

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+from dqfast.errors import OutputExistsError
 from dqfast.fp8 import build_fp8_transformer
 from dqfast.inspect import inspect_checkpoint
 from dqfast.reader import open_checkpoint, read_tensor
 
 __all__ = ["run_demo"]
+
+# Written into every demo workdir: only a directory holding it (or an empty one) is ever deleted,
+# so `--workdir ~` or `--workdir .` cannot wipe a user's files.
+MARKER = ".dqfast-demo"
 
 
 def run_demo(workdir: str | Path = "demo-out") -> dict:
@@ -29,7 +34,15 @@ def run_demo(workdir: str | Path = "demo-out") -> dict:
     console = Console()
     work = Path(workdir)
     if work.exists():
+        if not (work.is_dir() and ((work / MARKER).is_file() or not any(work.iterdir()))):
+            raise OutputExistsError(
+                f"--workdir {work}: exists and was not made by dqfast demo (no {MARKER} in it): "
+                "refusing to delete it; choose another --workdir",
+                path=str(work),
+            )
         shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / MARKER).write_text("made by dqfast demo; the next run deletes this directory\n")
     console.print(f"[bold]1/3[/bold] generating a synthetic FLUX.1-shaped ModelOpt FP8 export in {work}/ ...")
     paths = make_transformer(
         work / "inputs",

@@ -1,23 +1,78 @@
-"""dqfast's exception types (defined in the Rust extension, re-exported here).
+"""dqfast's exception types.
 
-Every error raised by a build carries ``path`` and ``tensor`` attributes (``None`` when not
-applicable) and a message that names the file, the tensor and the problem.
+Every error carries ``path`` and ``tensor`` attributes (``None`` when not applicable) and a
+one-line message that names the file, the tensor or option and the problem.
+
+The classes are defined here, in Python, and the Rust extension raises these very classes (it
+looks them up by name in this module): an exception whose class is importable by its module name
+pickles, so an error raised in a ``ProcessPoolExecutor`` worker or a Ray task reaches the parent
+as itself, with its attributes, instead of as a ``PicklingError``. This module imports nothing from
+dqfast, so any module (the extension included) can import it without a cycle.
 """
 
-from dqfast._core import (
-    CheckpointError,
-    DqfastError,
-    DqfastIOError,
-    InternalError,
-    OutputExistsError,
-    PlanError,
-)
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "DqfastError",
     "CheckpointError",
     "PlanError",
+    "UnsafeOutputError",
     "OutputExistsError",
     "DqfastIOError",
     "InternalError",
 ]
+
+
+def _rebuild(cls: type[DqfastError], args: tuple[Any, ...], state: dict[str, Any]) -> DqfastError:
+    # Not cls(*args): subclasses may take other constructor arguments (ManifestError takes a
+    # list of problems); the message and every attribute come back as they were.
+    e = cls.__new__(cls)
+    e.args = args
+    e.__dict__.update(state)
+    return e
+
+
+class DqfastError(Exception):
+    """Base class of every dqfast error."""
+
+    path: str | None
+    tensor: str | None
+
+    def __init__(self, *args: Any, path: str | None = None, tensor: str | None = None) -> None:
+        super().__init__(*args)
+        self.path = None if path is None else str(path)
+        self.tensor = tensor
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+class CheckpointError(DqfastError):
+    """A checkpoint file, header, index or tensor is malformed or missing."""
+
+
+class PlanError(DqfastError):
+    """A build plan or its inputs are inconsistent (bad amax, shapes, options)."""
+
+
+class UnsafeOutputError(PlanError):
+    """The output is, contains or lies inside an input (however spelled: symlinks, ``..``, hard
+    links): writing it could destroy that input, so nothing was written. ``path`` is the output,
+    ``input`` the input it overlaps. A :class:`PlanError`, so ``except PlanError`` still catches it;
+    a class of its own so callers can tell "choose another output" from a bad plan."""
+
+    input: str | None = None
+
+
+class OutputExistsError(DqfastError):
+    """The output exists and overwriting was not requested."""
+
+
+class DqfastIOError(DqfastError):
+    """An operating-system error while reading or writing."""
+
+
+class InternalError(DqfastError):
+    """A bug in dqfast (a caught panic)."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from dqfast import __version__
 from dqfast.errors import PlanError
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan, split_module
+from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, check_paths, copy_sidecar_files, execute, new_plan, split_module
 from dqfast.presets import ModelPreset, resolve_preset
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
@@ -130,6 +130,7 @@ def build_fp8_transformer(
     nothing is left at ``output_dir`` on failure.
     """
     plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
+    plan.guard(modelopt_hf_dir, modelopt_backbone_ckpt, base_transformer_dir)
     extra = _fallback_res(fallback)
     if from_bf16:
         if base_transformer_dir is None:
@@ -153,6 +154,7 @@ def build_fp8_transformer(
         )
     report.dry_run = dry_run
     if dry_run:
+        check_paths(plan)
         report.output_dir = None
         return report
     return execute(plan, report)

@@ -31,7 +31,7 @@ from dqfast import __version__
 from dqfast.errors import PlanError
 from dqfast.fp8 import E4M3_MAX, FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, check_activation_amax
 from dqfast.nvfp4 import GROUP, NVFP4_BOUND, fused_groups
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, execute, new_plan
+from dqfast.plan import BuildReport, IoMode, ModuleDecision, check_paths, execute, new_plan
 from dqfast.presets import ModelPreset, resolve_preset
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
@@ -108,15 +108,19 @@ def build_mixed_transformer(
     fsync: bool = True,
     io: IoMode = "auto",
     component: str = "transformer",
+    guard_inputs: Iterable[str | os.PathLike[str]] = (),
 ) -> BuildReport:
     """Write a MIXED_PRECISION transformer directory built from the BF16 base.
 
     ``fp8_activation_amax`` -> FP8 ``input_scale = amax / 448`` (default 448, i.e. 1.0);
     ``nvfp4_activation_amax`` -> NVFP4 ``input_scale = amax / 2688`` (default 2688, i.e. 1.0).
-    Both are stated in the config's ``calibration`` entry.
+    Both are stated in the config's ``calibration`` entry. ``guard_inputs``: files the caller
+    read to make the arguments (the CLI's ``--policy`` file); like the base, the output may never
+    be, contain or lie inside one.
     """
     out = Path(output_dir)
     plan = new_plan(out, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
+    plan.guard(base_transformer_dir, *guard_inputs)
     if rounding not in ("exact", "modelopt"):
         raise PlanError(f"rounding must be 'exact' or 'modelopt', not '{rounding}'")
     base_dir, base_cfg = load_float_base(base_transformer_dir, component, "a mixed build")
@@ -239,6 +243,7 @@ def build_mixed_transformer(
     report.warnings.append("MIXED_PRECISION loads in vLLM-Omni (modelopt_mixed) and dqfast.runtime; SGLang Diffusion rejects it")
     report.dry_run = dry_run
     if dry_run:
+        check_paths(plan)
         report.output_dir = None
         return report
     return execute(plan, report)

@@ -26,7 +26,7 @@ import numpy as np
 from dqfast import __version__, _core
 from dqfast.errors import PlanError
 from dqfast.fp8 import FLOAT_DTYPES, _check_base_tensor, _group_modules, _ignore_entries, _output_config, check_activation_amax
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan
+from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, check_paths, copy_sidecar_files, execute, new_plan
 from dqfast.presets import ModelPreset, glob_to_regex, resolve_preset
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import TensorMeta, open_checkpoint, read_tensor
@@ -108,6 +108,7 @@ def build_nvfp4_transformer(
     ``--keep-bf16-pattern`` for this builder.
     """
     plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
+    plan.guard(modelopt_hf_dir, base_transformer_dir)
     if from_bf16:
         if base_transformer_dir is None:
             raise PlanError("from_bf16 needs base_transformer_dir")
@@ -128,6 +129,7 @@ def build_nvfp4_transformer(
         )
     report.dry_run = dry_run
     if dry_run:
+        check_paths(plan)
         report.output_dir = None
         return report
     return execute(plan, report)

@@ -113,6 +113,15 @@ class PlanBuilder:
         self.tensors: list[dict[str, Any]] = []
         self.files: list[dict[str, Any]] = []
         self.shard_metadata: dict[str, str] = {}
+        # Inputs read while planning that are not sources (export root, backbone.pt, policy
+        # file): the engine refuses an output that is, contains or lies inside any of them.
+        self.guard_inputs: list[str] = []
+
+    def guard(self, *paths: str | os.PathLike[str] | None) -> None:
+        """Protect these inputs too (``None`` entries are skipped)."""
+        for p in paths:
+            if p is not None and str(p) not in self.guard_inputs:
+                self.guard_inputs.append(str(p))
 
     def source(self, path: str | os.PathLike[str]) -> int:
         p = str(path)
@@ -150,6 +159,7 @@ class PlanBuilder:
                 "threads": self.threads,
                 "fsync": self.fsync,
                 "io": self.io,
+                "guard_inputs": self.guard_inputs,
             }
         )
 
@@ -170,7 +180,7 @@ def new_plan(
     if out.exists() and not overwrite and not dry_run:
         from dqfast.errors import OutputExistsError
 
-        raise OutputExistsError(f"{out}: output already exists (pass overwrite to replace it)")
+        raise OutputExistsError(f"{out}: output already exists (pass --overwrite to replace it)", path=str(out))
     return PlanBuilder(out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), threads=threads, fsync=fsync, io=io)
 
 
@@ -180,6 +190,12 @@ def copy_sidecar_files(plan: PlanBuilder, src_dir: Path) -> None:
     for f in sorted(src_dir.iterdir()):
         if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".index.json")):
             plan.copy_file(f.name, f)
+
+
+def check_paths(plan: PlanBuilder) -> None:
+    """The engine's output/input rule without executing (``--dry-run``): raises
+    ``UnsafeOutputError`` where the build would."""
+    _core.check_plan_paths(plan.to_json())
 
 
 def execute(plan: PlanBuilder, report: BuildReport) -> BuildReport:

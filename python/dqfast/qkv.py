@@ -336,6 +336,7 @@ def convert_qkv_layout(
     src = Path(src_dir)
     out = Path(out_dir)
     plan = new_plan(out, overwrite=overwrite, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
+    plan.guard(src)
     info = open_checkpoint(src)
     root = info.root if info.root.is_dir() else info.root.parent
     cfg_path = root / "config.json"

@@ -60,9 +60,9 @@ def load_json(path: Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             v = json.load(f)
     except json.JSONDecodeError as e:
-        raise PlanError(f"{path}: not valid JSON: {e}") from None
+        raise PlanError(f"{path}: not valid JSON: {e}", path=str(path)) from None
     if not isinstance(v, dict):
-        raise PlanError(f"{path}: expected a JSON object")
+        raise PlanError(f"{path}: expected a JSON object", path=str(path))
     return v
 
 
@@ -70,14 +70,14 @@ def find_component_dir(path: str | os.PathLike[str], component: str = "transform
     """An export root or its component subfolder — whichever holds config.json (SGLang's rule)."""
     p = Path(path)
     if not p.exists():
-        raise PlanError(f"{p}: does not exist")
+        raise PlanError(f"{p}: does not exist", path=str(p))
     if (p / "config.json").is_file():
         return p
     if (p / component / "config.json").is_file():
         return p / component
     if p.is_dir() and any(p.glob("*.safetensors")):
         return p
-    raise PlanError(f"{p}: no config.json here or in {component}/")
+    raise PlanError(f"{p}: no config.json here or in {component}/", path=str(p))
 
 
 def _normalize(cfg: dict[str, Any], source: str) -> QuantConfig | None:

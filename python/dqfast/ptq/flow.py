@@ -20,6 +20,7 @@ at the release recorded in docs/ptq.md) for everything ModelOpt writes:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -27,7 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dqfast import _core
 from dqfast import presets as model_presets
+from dqfast.errors import OutputExistsError
 
 from .calibration import CalibConfig, calibrate_denoising, model_family
 from .presets import MODELOPT_SOURCE, get_preset
@@ -185,7 +188,7 @@ def _check_outputs(out: Path, names: list[str], build: bool, overwrite: bool) ->
         targets += [out / "dqfast" / n for n in names]
     existing = [t for t in targets if t.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]}: output already exists (pass overwrite to replace it)")
+        raise OutputExistsError(f"{existing[0]}: output already exists (pass --overwrite to replace it)", path=str(existing[0]))
     for t in existing:
         if t.is_dir():
             shutil.rmtree(t)
@@ -244,6 +247,11 @@ def run_ptq(
 
     models, sources, pipe_cfg = _resolve_inputs(model_or_dir, components)
     names = list(models)
+    # Before anything is removed or written: the output may not be, contain or lie inside the
+    # model directory (or the prompts file) — the writer's rule, however the paths are spelled.
+    inputs = [str(p) for p in sources.values()] + ([str(model_or_dir)] if isinstance(model_or_dir, (str, os.PathLike)) else [])
+    inputs += [str(cc.prompts_file)] if cc.prompts_file else []
+    _core.check_output_paths(out, inputs, "--out")
     _check_outputs(out, names, build, overwrite)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dqfast.errors import CheckpointError
+
 from . import quant as Q
 from .linear import Fp8Linear, Nvfp4Linear
 
@@ -25,8 +27,9 @@ FP8_ALGOS = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN"}
 NVFP4_ALGOS = {"NVFP4", "W4A16_NVFP4"}
 
 
-class CheckpointMismatch(ValueError):
-    """The checkpoint does not fit the model (names the tensor and the file)."""
+class CheckpointMismatch(CheckpointError, ValueError):
+    """The checkpoint does not fit the model (names the tensor and the file); a ``ValueError``
+    too, as it always was."""
 
 
 @dataclass

@@ -48,8 +48,13 @@ def verify_checkpoint(
     pseudo prompt embeddings, since no text encoder is loaded — the comparison is between the two
     transformers on identical inputs, which is what quantization changes.
     """
+    from dqfast import _core
     from dqfast.verify.layers import layer_errors
 
+    # The reports are outputs: never written over (or into) the checkpoints being compared.
+    for flag, out in (("--json", json_path), ("--png", png_path), ("--png", png_path and Path(png_path).with_suffix(".trajectory.json"))):
+        if out is not None:
+            _core.check_output_paths(out, [base_dir, quant_dir], flag)
     rows = layer_errors(base_dir, quant_dir)
     report: dict[str, Any] = {"base": str(base_dir), "quantized": str(quant_dir), "layer_summary": summarize_layers(rows)}
     if trajectory_check:

@@ -32,6 +32,13 @@ pub enum Error {
     /// The output exists and overwriting was not asked for.
     #[error("{0}: output already exists (pass overwrite to replace it)")]
     OutputExists(PathBuf),
+    /// The output is, contains or lies inside an input: writing it could destroy that input.
+    #[error("{msg}")]
+    UnsafeOutput {
+        output: PathBuf,
+        input: PathBuf,
+        msg: String,
+    },
     /// A bug: a panic caught at the boundary.
     #[error("internal error (please report): {0}")]
     Internal(String),

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::fp8::{self, Rounding, Saturation};
 use crate::header::{checked_nbytes, serialize_header, TensorInfo};
 use crate::nvfp4;
-use crate::writer::{assign_shards, index_json, shard_file_name, StagedDir};
+use crate::writer::{assign_shards, index_json, shard_file_name, OutputGuard, StagedDir};
 
 /// Bytes produced per batch handed to the writer thread.
 const BATCH_BYTES: usize = 16 << 20;
@@ -107,6 +107,28 @@ pub struct Plan {
     /// it are read through the map).
     #[serde(default = "default_read_buffer")]
     pub read_buffer_bytes: u64,
+    /// Inputs the planner read that are not sources (export root, backbone.pt / amax sidecar,
+    /// policy file): like the sources, the output may never be, contain or lie inside one.
+    #[serde(default)]
+    pub guard_inputs: Vec<PathBuf>,
+}
+
+impl Plan {
+    /// Every path the output must stay clear of: sources, copied files and guard inputs.
+    pub fn inputs(&self) -> Vec<PathBuf> {
+        let copied = self.files.iter().filter_map(|f| f.copy_from.clone());
+        self.sources
+            .iter()
+            .cloned()
+            .chain(copied)
+            .chain(self.guard_inputs.iter().cloned())
+            .collect()
+    }
+
+    /// The output refused if it is, contains or lies inside any input (see [`OutputGuard`]).
+    pub fn output_guard(&self) -> Result<OutputGuard> {
+        OutputGuard::new("--output-dir", &self.output_dir, &self.inputs())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -1396,7 +1418,9 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
             plan.file_prefix
         )));
     }
-    // Refuse early, before reading anything.
+    // Refuse early, before reading or creating anything: an output that overlaps an input
+    // (however spelled), or one that exists when overwriting was not asked for.
+    let guard = plan.output_guard()?;
     if plan.output_dir.exists() && !plan.overwrite {
         return Err(Error::OutputExists(plan.output_dir.clone()));
     }
@@ -1405,17 +1429,6 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
         .iter()
         .map(|p| Checkpoint::open(p))
         .collect::<Result<_>>()?;
-    for src in &sources {
-        if src.root == plan.output_dir
-            || (src.root.is_dir() && plan.output_dir.starts_with(&src.root))
-        {
-            return Err(Error::Plan(format!(
-                "output {} would overwrite input {}",
-                plan.output_dir.display(),
-                src.root.display()
-            )));
-        }
-    }
     let resolved = resolve(plan, &sources)?;
     for f in &plan.files {
         if f.name.contains('/')
@@ -1438,7 +1451,7 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
     let sizes: Vec<u64> = resolved.iter().map(|r| r.nbytes as u64).collect();
     let shards = assign_shards(&sizes, plan.max_shard_bytes);
     let n = shards.len();
-    let staged = StagedDir::create(&plan.output_dir, plan.overwrite)?;
+    let staged = StagedDir::create_guarded(&plan.output_dir, plan.overwrite, Some(guard))?;
     for f in &plan.files {
         let dst = staged.tmp.join(&f.name);
         if let Some(t) = &f.text {

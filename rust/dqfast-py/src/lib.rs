@@ -5,72 +5,89 @@
 //! `InternalError` instead of tearing the interpreter down.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use dqfast_core::checkpoint::Checkpoint;
 use dqfast_core::dtype::Dtype;
 use dqfast_core::error::Error;
 use dqfast_core::fp8::{self, Rounding, Saturation};
-use pyo3::create_exception;
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyType};
 
 mod nvfp4_py;
 
-create_exception!(
-    _core,
-    DqfastError,
-    PyException,
-    "Base class of every dqfast error."
-);
-create_exception!(
-    _core,
-    CheckpointError,
-    DqfastError,
-    "A checkpoint file, header, index or tensor is malformed or missing."
-);
-create_exception!(
-    _core,
-    PlanError,
-    DqfastError,
-    "A build plan or its inputs are inconsistent (bad amax, shapes, options)."
-);
-create_exception!(
-    _core,
-    OutputExistsError,
-    DqfastError,
-    "The output exists and overwrite was not requested."
-);
-create_exception!(
-    _core,
-    DqfastIOError,
-    DqfastError,
-    "An operating-system error while reading or writing."
-);
-create_exception!(
-    _core,
-    InternalError,
-    DqfastError,
-    "A bug in dqfast (a caught panic)."
-);
+/// The exception classes live in Python (`dqfast.errors`), so that they are importable by their
+/// module name and pickle (ProcessPoolExecutor, Ray); Rust raises them by name.
+#[derive(Clone, Copy)]
+pub(crate) enum Exc {
+    Checkpoint,
+    Plan,
+    UnsafeOutput,
+    OutputExists,
+    Io,
+    Internal,
+}
+
+impl Exc {
+    fn class<'py>(self, py: Python<'py>) -> PyResult<&'py Bound<'py, PyType>> {
+        static CELLS: [PyOnceLock<Py<PyType>>; 6] = [const { PyOnceLock::new() }; 6];
+        let (i, name) = match self {
+            Exc::Checkpoint => (0, "CheckpointError"),
+            Exc::Plan => (1, "PlanError"),
+            Exc::UnsafeOutput => (2, "UnsafeOutputError"),
+            Exc::OutputExists => (3, "OutputExistsError"),
+            Exc::Io => (4, "DqfastIOError"),
+            Exc::Internal => (5, "InternalError"),
+        };
+        CELLS[i].import(py, "dqfast.errors", name)
+    }
+
+    /// The exception, with `path` and `tensor` set; a RuntimeError only if `dqfast.errors`
+    /// itself cannot be imported.
+    pub(crate) fn err(
+        self,
+        py: Python<'_>,
+        msg: impl Into<String>,
+        path: Option<&Path>,
+        tensor: Option<&str>,
+    ) -> PyErr {
+        let msg = msg.into();
+        let cls = match self.class(py) {
+            Ok(c) => c.clone(),
+            Err(e) => return PyRuntimeError::new_err(format!("{msg} (dqfast.errors: {e})")),
+        };
+        let err = PyErr::from_type(cls, msg);
+        let v = err.value(py);
+        let _ = v.setattr("path", path.map(|p| p.display().to_string()));
+        let _ = v.setattr("tensor", tensor);
+        err
+    }
+
+    /// For code that holds no GIL token at hand.
+    pub(crate) fn new_err(self, msg: impl Into<String>) -> PyErr {
+        Python::attach(|py| self.err(py, msg, None, None))
+    }
+}
 
 pub(crate) fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let msg = e.to_string();
-    let (err, path, tensor): (PyErr, Option<PathBuf>, Option<String>) = match e {
-        Error::Io { path, .. } => (DqfastIOError::new_err(msg), Some(path), None),
-        Error::Header { path, .. } => (CheckpointError::new_err(msg), Some(path), None),
+    match e {
+        Error::Io { path, .. } => Exc::Io.err(py, msg, Some(&path), None),
+        Error::Header { path, .. } => Exc::Checkpoint.err(py, msg, Some(&path), None),
         Error::Tensor { path, tensor, .. } | Error::MissingTensor { path, tensor } => {
-            (CheckpointError::new_err(msg), Some(path), Some(tensor))
+            Exc::Checkpoint.err(py, msg, Some(&path), Some(&tensor))
         }
-        Error::Plan(_) => (PlanError::new_err(msg), None, None),
-        Error::OutputExists(p) => (OutputExistsError::new_err(msg), Some(p), None),
-        Error::Internal(_) => (InternalError::new_err(msg), None, None),
-    };
-    let v = err.value(py);
-    let _ = v.setattr("path", path.map(|p| p.display().to_string()));
-    let _ = v.setattr("tensor", tensor);
-    err
+        Error::Plan(_) => Exc::Plan.err(py, msg, None, None),
+        Error::UnsafeOutput { output, input, .. } => {
+            let err = Exc::UnsafeOutput.err(py, msg, Some(&output), None);
+            let _ = err.value(py).setattr("input", input.display().to_string());
+            err
+        }
+        Error::OutputExists(p) => Exc::OutputExists.err(py, msg, Some(&p), None),
+        Error::Internal(_) => Exc::Internal.err(py, msg, None, None),
+    }
 }
 
 /// Run `f` without the GIL, turning errors and panics into Python exceptions.
@@ -88,9 +105,12 @@ pub(crate) fn run_detached<T: Send>(
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(InternalError::new_err(format!(
-                "internal error (please report): {what}"
-            )))
+            Err(Exc::Internal.err(
+                py,
+                format!("internal error (please report): {what}"),
+                None,
+                None,
+            ))
         }
     }
 }
@@ -101,7 +121,7 @@ pub(crate) fn detach_catch<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send
 }
 
 pub(crate) fn parse_dtype(s: &str) -> PyResult<Dtype> {
-    Dtype::parse(s).ok_or_else(|| PlanError::new_err(format!("unknown dtype '{s}'")))
+    Dtype::parse(s).ok_or_else(|| Exc::Plan.new_err(format!("unknown dtype '{s}'")))
 }
 
 /// Execute a JSON build plan; returns the JSON report.
@@ -166,16 +186,14 @@ fn quantize_e4m3<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     let d = parse_dtype(dtype)?;
     if !d.is_float_source() {
-        return Err(PlanError::new_err(format!("cannot quantize {d}")));
+        return Err(Exc::Plan.new_err(format!("cannot quantize {d}")));
     }
     if !data.len().is_multiple_of(d.size()) || scales.is_empty() || row_len == 0 {
-        return Err(PlanError::new_err(
-            "data length, scales or row_len inconsistent",
-        ));
+        return Err(Exc::Plan.new_err("data length, scales or row_len inconsistent"));
     }
     let n = data.len() / d.size();
     if scales.len() != 1 && scales.len() * row_len != n {
-        return Err(PlanError::new_err(format!(
+        return Err(Exc::Plan.new_err(format!(
             "{} scales for {n} elements in rows of {row_len}",
             scales.len()
         )));
@@ -183,12 +201,12 @@ fn quantize_e4m3<'py>(
     let rounding = match rounding {
         "exact" => Rounding::Exact,
         "source_dtype" | "modelopt" => Rounding::SourceDtype,
-        o => return Err(PlanError::new_err(format!("unknown rounding '{o}'"))),
+        o => return Err(Exc::Plan.new_err(format!("unknown rounding '{o}'"))),
     };
     let saturation = match saturation {
         "clamp" => Saturation::Clamp,
         "none" => Saturation::None,
-        o => return Err(PlanError::new_err(format!("unknown saturation '{o}'"))),
+        o => return Err(Exc::Plan.new_err(format!("unknown saturation '{o}'"))),
     };
     let mut out = vec![0u8; n];
     detach_catch(py, || {
@@ -212,10 +230,7 @@ fn e4m3_to_f32<'py>(py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
 fn amax(data: &[u8], dtype: &str) -> PyResult<f32> {
     let d = parse_dtype(dtype)?;
     if !d.is_float_source() || !data.len().is_multiple_of(d.size()) {
-        return Err(PlanError::new_err(format!(
-            "cannot take amax of {} bytes of {d}",
-            data.len()
-        )));
+        return Err(Exc::Plan.new_err(format!("cannot take amax of {} bytes of {d}", data.len())));
     }
     Ok(fp8::amax(data, d))
 }
@@ -243,6 +258,73 @@ fn staging_path(py: Python<'_>, output: PathBuf) -> PyResult<String> {
         .map_err(|e| to_py(py, e))
 }
 
+/// Refuse `output` (named by the option `flag`) if it is, contains or lies inside any of
+/// `inputs` — by path with symlinks and `..` resolved, or by device + inode — the rule the plan
+/// engine applies, for callers that write without a plan. Raises `UnsafeOutputError`.
+#[pyfunction]
+#[pyo3(signature = (output, inputs, flag="--output-dir"))]
+fn check_output_paths(
+    py: Python<'_>,
+    output: PathBuf,
+    inputs: Vec<PathBuf>,
+    flag: &str,
+) -> PyResult<()> {
+    let flag = flag.to_string();
+    run_detached(py, move || {
+        dqfast_core::writer::OutputGuard::new(&flag, &output, &inputs).map(|_| ())
+    })
+}
+
+/// [`check_output_paths`] for a JSON build plan (its sources, copied files and guard inputs),
+/// without executing it: what `--dry-run` runs so it refuses what the build would.
+#[pyfunction]
+fn check_plan_paths(py: Python<'_>, plan_json: String) -> PyResult<()> {
+    run_detached(py, move || {
+        let plan: dqfast_core::plan::Plan =
+            serde_json::from_str(&plan_json).map_err(|e| Error::Plan(e.to_string()))?;
+        plan.output_guard().map(|_| ())
+    })
+}
+
+/// Inputs resolved once (directories walked once), to judge many outputs with the rule of
+/// [`check_output_paths`] (a batch manifest: every job output against every job input).
+#[pyclass(module = "dqfast._core", frozen)]
+struct GuardedInputs {
+    set: dqfast_core::writer::InputSet,
+}
+
+#[pymethods]
+impl GuardedInputs {
+    #[new]
+    fn new(py: Python<'_>, inputs: Vec<PathBuf>) -> PyResult<Self> {
+        let set = run_detached(py, move || dqfast_core::writer::InputSet::resolve(&inputs))?;
+        Ok(GuardedInputs { set })
+    }
+
+    /// Raise `UnsafeOutputError` if `output` is, contains or lies inside one of the inputs.
+    #[pyo3(signature = (output, flag="--output-dir"))]
+    fn check(&self, py: Python<'_>, output: PathBuf, flag: &str) -> PyResult<()> {
+        let flag = flag.to_string();
+        run_detached(py, || self.set.check(&flag, &output))
+    }
+
+    /// Every input `output` overlaps: `[(index in the inputs given, UnsafeOutputError)]`.
+    #[pyo3(signature = (output, flag="--output-dir"))]
+    fn overlaps(
+        &self,
+        py: Python<'_>,
+        output: PathBuf,
+        flag: &str,
+    ) -> PyResult<Vec<(usize, Py<PyAny>)>> {
+        let flag = flag.to_string();
+        let found = run_detached(py, || self.set.overlaps(&flag, &output))?;
+        Ok(found
+            .into_iter()
+            .map(|(i, e)| (i, to_py(py, e).into_value(py).into_any()))
+            .collect())
+    }
+}
+
 /// Panics inside Rust on purpose, to prove a panic surfaces as `InternalError` (tests only).
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
@@ -259,14 +341,7 @@ fn peak_rss_bytes() -> u64 {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("DqfastError", py.get_type::<DqfastError>())?;
-    m.add("CheckpointError", py.get_type::<CheckpointError>())?;
-    m.add("PlanError", py.get_type::<PlanError>())?;
-    m.add("OutputExistsError", py.get_type::<OutputExistsError>())?;
-    m.add("DqfastIOError", py.get_type::<DqfastIOError>())?;
-    m.add("InternalError", py.get_type::<InternalError>())?;
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
     m.add_function(wrap_pyfunction!(read_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(read_tensor, m)?)?;
@@ -278,6 +353,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     m.add_function(wrap_pyfunction!(clean_stale_staging, m)?)?;
     m.add_function(wrap_pyfunction!(staging_path, m)?)?;
+    m.add_function(wrap_pyfunction!(check_output_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(check_plan_paths, m)?)?;
+    m.add_class::<GuardedInputs>()?;
     nvfp4_py::register(m)?;
     Ok(())
 }

@@ -1,0 +1,1 @@
+"""Hostile inputs, grouped by the class of bug they probe (issue 11)."""
