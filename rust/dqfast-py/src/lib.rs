@@ -16,6 +16,7 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+mod mxfp8_py;
 mod nvfp4_py;
 
 create_exception!(
@@ -279,5 +280,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(clean_stale_staging, m)?)?;
     m.add_function(wrap_pyfunction!(staging_path, m)?)?;
     nvfp4_py::register(m)?;
+    mxfp8_py::register(m)?;
     Ok(())
 }
