@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod error;
 pub mod fp8;
 pub mod header;
+pub mod mxfp8;
 pub mod nvfp4;
 pub mod plan;
 pub mod rss;

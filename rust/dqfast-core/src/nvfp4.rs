@@ -72,14 +72,14 @@ fn block_scale_byte(block_amax: f32, six_wsf2: f32) -> u8 {
     e4m3_from_f32(s.clamp(MIN_BLOCK_SCALE, E4M3_MAX))
 }
 
-/// Source element types, loaded 16 at a time into f32.
-trait Elem {
+/// Source element types, loaded 16 at a time into f32 (MXFP8 loads its 32-element blocks as two).
+pub(crate) trait Elem {
     const SIZE: usize;
     fn load_block(b: &[u8], out: &mut [f32; BLOCK]);
 }
-struct Bf16;
-struct F16;
-struct F32;
+pub(crate) struct Bf16;
+pub(crate) struct F16;
+pub(crate) struct F32;
 impl Elem for Bf16 {
     const SIZE: usize = 2;
     #[inline(always)]
@@ -127,7 +127,7 @@ fn f16_bits_to_f32(h: u16) -> f32 {
 /// max |v| over a block; NaN if any element is NaN (torch.amax propagates NaN). The max of the
 /// sign-cleared bit patterns does both at once: NaN patterns sort above every number.
 #[inline(always)]
-fn block_amax(v: &[f32; BLOCK]) -> f32 {
+pub(crate) fn block_amax(v: &[f32; BLOCK]) -> f32 {
     let mut m = 0u32;
     for x in v {
         m = m.max(x.to_bits() & 0x7fff_ffff);

@@ -16,6 +16,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyType};
 
+mod mxfp8_py;
 mod nvfp4_py;
 
 /// The exception classes live in Python (`dqfast.errors`), so that they are importable by their
@@ -357,5 +358,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_plan_paths, m)?)?;
     m.add_class::<GuardedInputs>()?;
     nvfp4_py::register(m)?;
+    mxfp8_py::register(m)?;
     Ok(())
 }
