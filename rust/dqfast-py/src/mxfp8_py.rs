@@ -5,7 +5,7 @@ use dqfast_core::mxfp8;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::PlanError;
+use crate::Exc;
 
 /// Quantize a `[rows, k]` BF16/F16/F32 tensor: returns (e4m3 values `[rows, k]`, E8M0 scale
 /// bytes `[rows, k/32]`). Bad dtype, K, length or a non-finite value raise `PlanError`.
@@ -23,7 +23,7 @@ fn mxfp8_quantize<'py>(
         let mut scales = vec![0u8; n / mxfp8::BLOCK];
         mxfp8::quantize(data, dtype, k, &mut values, &mut scales).map(|()| (values, scales))
     })?
-    .map_err(|e| PlanError::new_err(e.to_string()))?;
+    .map_err(|e| Exc::Plan.new_err(e.to_string()))?;
     Ok((PyBytes::new(py, &values), PyBytes::new(py, &scales)))
 }
 
