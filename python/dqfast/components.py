@@ -87,9 +87,12 @@ def build_components(
     builder_kwargs.setdefault(main_arg, str(root))
     for c in comps:
         if (out_root / c).exists() and not overwrite and not dry_run:
-            raise PlanError(f"{out_root / c}: output already exists (pass overwrite to replace it)")
+            raise PlanError(f"{out_root / c}: output already exists (pass --overwrite / overwrite=True to replace it)")
     report = ComponentsReport(output_dir=str(out_root), kind=kind)
     created: list[Path] = []
+    # The directories above the components that this call creates (the writer makes parents):
+    # removed again on failure, so a failed build leaves no empty output tree behind.
+    new_parents = [d for d in (out_root, *out_root.parents) if not os.path.lexists(d)]
     try:
         for c in comps:
             kw = {k: (str(v).replace("{component}", c) if isinstance(v, (str, os.PathLike)) else v) for k, v in builder_kwargs.items()}
@@ -106,5 +109,10 @@ def build_components(
     except BaseException:
         for p in created:
             shutil.rmtree(p, ignore_errors=True)
+        for d in new_parents:  # deepest first; rmdir only removes what is still empty
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
         raise
     return report
