@@ -18,7 +18,7 @@ from dqfast.errors import DqfastError
 
 
 def _human(n: float) -> str:
-    from dqfast.cli_types import _human as human  # the CLI's one formatter
+    from dqfast.cli import _human as human  # the CLI's one formatter
 
     return human(n)
 
