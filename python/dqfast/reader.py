@@ -92,7 +92,7 @@ def to_float32(dtype: str, raw: np.ndarray) -> np.ndarray:
         return (raw.astype(np.uint16) << 8).view(np.float16).astype(np.float32)
     if dtype == "F8_E8M0":
         # Exponent-only scale: 2^(b - 127); 0xFF is NaN (OCP MX spec).
-        scale = np.ldexp(np.float32(1.0), raw.astype(np.int32) - 127)
+        scale = np.ldexp(np.float32(1.0), np.minimum(raw, 0xFE).astype(np.int32) - 127)
         return np.where(raw == 0xFF, np.float32(np.nan), scale).astype(np.float32)
     return raw.astype(np.float32)
 

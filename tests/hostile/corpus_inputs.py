@@ -1073,3 +1073,24 @@ def _(inp, out):
 
 
 __all__ = ["CASES", "Case", "Cli", "Api"]
+
+
+# ---- ptq / verify counts ---------------------------------------------------------------------
+
+
+def _ptq(flag: str, value: str) -> Callable[[Path, Path], Cli]:
+    def make(inp: Path, out: Path) -> Cli:
+        base = write_base(inp / "base")
+        return Cli(["ptq", "--model-dir", str(base), "--out", str(out), flag, value])
+
+    return make
+
+
+for _f, _v in (("--calib-size", "0"), ("--n-steps", "-1"), ("--batch-size", "inf"), ("--height", "0"), ("--seed", "-5")):
+    CASES.append(Case(f"ptq{_f}={_v}", _ptq(_f, _v), rf"Invalid value for '{_f}': "))
+
+
+@case("verify-trajectory-steps-zero", r"Invalid value for '--steps': 0 is not in the range x>=1")
+def _(inp, out):
+    base = write_base(inp / "base")
+    return Cli(["verify", "trajectory", str(base), str(base), "--steps", "0"])
