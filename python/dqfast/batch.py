@@ -271,6 +271,70 @@ def _signature_keywords(builder: Builder) -> set[str] | str:
     return {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"output_dir"}
 
 
+def _option_hints(builder: Builder) -> dict[str, Any]:
+    """The builder's parameter annotations (empty when they cannot be resolved: then the builder
+    alone checks its options)."""
+    import typing
+
+    try:
+        return typing.get_type_hints(builder.load())
+    except Exception:  # noqa: BLE001 - an unresolvable annotation only loses the early check
+        return {}
+
+
+def _accepts(hint: Any, v: Any) -> bool:
+    """Whether a manifest value (TOML/YAML: bool, int, float, str, list, table) fits an annotation;
+    unknown annotations accept anything (the builder has the last word)."""
+    import collections.abc as cabc
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, v) for a in args)
+    if origin is typing.Literal:
+        return any(v == a and type(v) is type(a) for a in args)
+    if hint is type(None):
+        return v is None
+    if hint is bool:
+        return isinstance(v, bool)
+    if hint is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if hint is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if hint is str or hint is os.PathLike or origin is os.PathLike:
+        return isinstance(v, str)
+    if origin in (cabc.Mapping, dict):
+        return isinstance(v, dict)
+    if origin in (cabc.Iterable, cabc.Sequence, list, tuple):
+        if not isinstance(v, list):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(v) == len(args) and all(_accepts(a, x) for a, x in zip(args, v))
+        return not args or all(_accepts(args[0], x) for x in v)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    import collections.abc as cabc
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin in (cabc.Iterable, cabc.Sequence, list, tuple):
+        return "a list"
+    if origin in (cabc.Mapping, dict):
+        return "a table"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, str(hint).replace("typing.", ""))
+
+
 class _AnyKeyword(set):  # type: ignore[type-arg]
     """The keywords of a builder taking ``**kwargs``: any name."""
 
@@ -333,6 +397,7 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
 
     jobs: list[JobSpec] = []
     keywords_cache: dict[str, set[str] | str] = {}
+    hints: dict[str, dict[str, Any]] = {}
     for i, j in enumerate(jobs_raw):
         label = f"jobs[{i}]"
         if not isinstance(j, dict):
@@ -397,6 +462,12 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
                     problems.append(f"{label}: '{k}' is an input; put it under [inputs]")
                 elif k not in kws:
                     problems.append(f"{label}: unknown option '{k}' for builder '{builder_name}'")
+                elif k in hints.setdefault(builder_name, _option_hints(builder)) and not _accepts(hints[builder_name][k], options[k]):
+                    problems.append(
+                        f"{label}: option '{k}' must be {_describe(hints[builder_name][k])}, not {_type_name(options[k])} {options[k]!r}"[
+                            :300
+                        ]
+                    )
             if not inputs:
                 problems.append(f"{label}: no inputs given")
         threads = merged.get("threads", 1)

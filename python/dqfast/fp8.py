@@ -84,11 +84,11 @@ def _output_config(src_cfg: dict[str, Any], quant_cfg: dict[str, Any], plan: Pla
     out_cfg["quantization_config"] = quant_cfg
     # allow_nan=False: the output config is strict JSON, whatever slipped through.
     plan.text_file("config.json", json.dumps(out_cfg, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    qjson = json.dumps(quant_cfg, sort_keys=True)
+    qjson = json.dumps(quant_cfg, sort_keys=True, allow_nan=False)
     plan.shard_metadata = {
         "format": "pt",
         "_class_name": str(src_cfg.get("_class_name", "")),
-        "config": json.dumps(out_cfg, sort_keys=True),
+        "config": json.dumps(out_cfg, sort_keys=True, allow_nan=False),
         "quantization_config": qjson,
         "_quantization_metadata": qjson,
         "dqfast_version": __version__,
@@ -168,7 +168,7 @@ def build_fp8_transformer(
         )
     else:
         if modelopt_hf_dir is None:
-            raise PlanError("a calibrated FP8 build needs modelopt_hf_dir (or use from_bf16)")
+            raise PlanError("a calibrated FP8 build needs --modelopt-hf-dir (modelopt_hf_dir), or use --from-bf16 (from_bf16=True)")
         report = _plan_calibrated(
             plan,
             Path(modelopt_hf_dir),
@@ -237,7 +237,7 @@ def _plan_calibrated(
             if base is None:
                 raise PlanError(
                     f"module '{module}' matches fallback pattern {fb!r} but no base transformer was given "
-                    "(base_transformer_dir): its BF16 weights can only come from there"
+                    "(--base-transformer-dir): its BF16 weights can only come from there"
                 )
             report.decisions.append(ModuleDecision(module, "bf16-fallback", f"matches {fb}"))
             counts["bf16_fallback"] += 1
@@ -275,7 +275,7 @@ def _plan_calibrated(
                 if requantize or meta.dtype != "F8_E4M3":
                     if requantize:
                         if base is None:
-                            raise PlanError("requantize needs base_transformer_dir")
+                            raise PlanError("--requantize (requantize=True) needs --base-transformer-dir (base_transformer_dir)")
                         src_meta = _check_base_tensor(base, meta.name, meta.shape)
                         src = src_base
                     else:
@@ -404,7 +404,7 @@ def _plan_from_bf16(
             "or use weight_granularity='channel' (FP8_PER_CHANNEL_PER_TOKEN, dynamic activations)"
         )
     if activation_amax is not None and not (np.isfinite(activation_amax) and activation_amax > 0):
-        raise PlanError(f"activation_amax is {activation_amax}; it must be finite and > 0")
+        raise PlanError(f"--activation-amax (activation_amax) is {activation_amax}; it must be finite and > 0")
     algo = "FP8_PER_CHANNEL_PER_TOKEN" if per_row else "FP8"
     src = plan.source(base.root)
     report = BuildReport(output_dir=str(plan.output_dir), quant_algo=algo)

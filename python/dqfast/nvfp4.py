@@ -121,7 +121,7 @@ def build_nvfp4_transformer(
         report = _plan_from_bf16(plan, Path(base_transformer_dir), model_type, fallback, activation_amax, component, force_model_type)
     else:
         if modelopt_hf_dir is None:
-            raise PlanError("an NVFP4 build needs modelopt_hf_dir (or use from_bf16)")
+            raise PlanError("an NVFP4 build needs --modelopt-hf-dir (modelopt_hf_dir), or use --from-bf16 (from_bf16=True)")
         report = _plan_export(
             plan,
             Path(modelopt_hf_dir),
@@ -213,7 +213,9 @@ def _plan_export(
     for module, parts in mods.items():
         if fb[module] is not None and "weight" in parts:
             if base is None:
-                raise PlanError(f"module '{module}' matches fallback pattern {fb[module]!r} but no base transformer was given")
+                raise PlanError(
+                    f"module '{module}' matches fallback pattern {fb[module]!r} but no base transformer was given (--base-transformer-dir)"
+                )
             report.decisions.append(ModuleDecision(module, "bf16-fallback", f"matches {fb[module]}"))
             counts["bf16_fallback"] += 1
             for suffix, meta in parts.items():

@@ -1094,3 +1094,22 @@ for _f, _v in (("--calib-size", "0"), ("--n-steps", "-1"), ("--batch-size", "inf
 def _(inp, out):
     base = write_base(inp / "base")
     return Cli(["verify", "trajectory", str(base), str(base), "--steps", "0"])
+
+
+# ---- manifest option values checked against the builder's signature -------------------------
+
+for _opt, _val, _m in (
+    ("from_bf16", "yes", r"option 'from_bf16' must be true or false, not a string 'yes'"),
+    ("activation_amax", "big", r"option 'activation_amax' must be a number, not a string 'big'"),
+    ("rounding", "fast", r"option 'rounding' must be one of 'exact', 'modelopt', not a string 'fast'"),
+    ("fallback", 5, r"option 'fallback' must be a list or a string, not an integer 5"),
+    ("max_shard_size", [1], r"option 'max_shard_size' must be a string or an integer, not a list"),
+    ("io", True, r"option 'io' must be one of 'auto', 'direct', 'buffered', not a boolean True"),
+):
+    CASES.append(
+        Case(
+            f"yaml-option-{_opt}-{type(_val).__name__}",
+            lambda inp, out, _opt=_opt, _val=_val: _batch(inp, _job(inp, options={"from_bf16": True, _opt: _val})),
+            rf"m\.yaml: invalid manifest: job 'a': {_m}",
+        )
+    )
