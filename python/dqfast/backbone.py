@@ -47,6 +47,9 @@ class BackboneError(CheckpointError, ValueError):
         self.path = None if path is None else str(path)
         self.tensor = tensor
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable with .path and .tensor
+        return (type(self), (str(self), self.path, self.tensor))
+
 
 #: ``torch.save`` writes every entry uncompressed; anything else is not its output (and a
 #: compressed entry can expand without bound).

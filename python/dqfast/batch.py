@@ -92,6 +92,9 @@ class ManifestError(DqfastError):
         # One line (the CLI's error format); ``problems`` keeps them apart.
         super().__init__(f"{str(path) + ': ' if path else ''}invalid manifest: " + "; ".join(problems))
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable with its problems and path (worker processes)
+        return (type(self), (self.problems, self.path))
+
 
 # ---- builders -------------------------------------------------------------------------------
 

@@ -169,3 +169,15 @@ def test_bare_group_still_shows_help() -> None:
     assert "Usage:" in r.output and "error:" not in r.output
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0 and "Usage:" in r.output
+
+
+def test_new_errors_pickle_with_their_fields(tmp_path: Path) -> None:
+    import pickle
+
+    from dqfast.backbone import BackboneError
+    from dqfast.batch import ManifestError
+
+    m = pickle.loads(pickle.dumps(ManifestError(["a", "b"], tmp_path / "m.toml")))
+    assert m.problems == ["a", "b"] and m.path == str(tmp_path / "m.toml") and str(m).endswith("invalid manifest: a; b")
+    b = pickle.loads(pickle.dumps(BackboneError("x: bad", "x", "t")))
+    assert (str(b), b.path, b.tensor) == ("x: bad", "x", "t")
