@@ -1113,3 +1113,46 @@ for _opt, _val, _m in (
             rf"m\.yaml: invalid manifest: job 'a': {_m}",
         )
     )
+
+
+# ---- paths of the wrong kind, flags named in messages ----------------------------------------
+
+
+@case("base-dir-is-fifo", r"no config\.json here or in transformer/", tags=("fifo",))
+def _(inp, out):
+    os.mkfifo(inp / "base")
+    return fp8_from_bf16(inp / "base", out)
+
+
+@case("policy-is-directory", r"policy\.json: JSON file is a directory")
+def _(inp, out):
+    (inp / "policy.json").mkdir(parents=True)
+    return _mixed(inp, out, "--policy", str(inp / "policy.json"))
+
+
+@case("output-exists-names-the-flag", r"output already exists \(pass --overwrite")
+def _(inp, out):
+    existing = inp / "existing"
+    (existing / "keep.txt").parent.mkdir(parents=True)
+    (existing / "keep.txt").write_text("mine")
+    return fp8_from_bf16(write_base(inp / "base"), existing)
+
+
+@case("components-output-exists-names-the-flag", r"output already exists \(pass --overwrite")
+def _(inp, out):
+    write_base(inp / "pipe" / "transformer")
+    (inp / "done" / "transformer").mkdir(parents=True)
+    return Cli(
+        [
+            "build",
+            "components",
+            "fp8",
+            "--root",
+            str(inp / "pipe"),
+            "--from-bf16",
+            "--model-type",
+            "none",
+            "--output-dir",
+            str(inp / "done"),
+        ]
+    )
