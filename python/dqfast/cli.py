@@ -279,6 +279,8 @@ def _parse_components(spec: str | None) -> list[str] | None:
 def _print_components(rep: Any, as_json: bool, show_decisions: bool) -> None:
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
+        for r in rep.components.values():
+            _print_warnings(r)
         return
     for c, r in rep.components.items():
         click.echo(f"== {c} -> {r.output_dir or '(dry run)'}")

@@ -1156,3 +1156,25 @@ def _(inp, out):
             str(inp / "done"),
         ]
     )
+
+
+@case("components-nothing-quantized-json-warns", check=_warned)
+def _(inp, out):
+    write_base(inp / "pipe" / "transformer")
+    return Cli(
+        [
+            "build",
+            "components",
+            "fp8",
+            "--root",
+            str(inp / "pipe"),
+            "--from-bf16",
+            "--model-type",
+            "none",
+            "--fallback",
+            ".",
+            "--json",
+            "--output-dir",
+            str(out),
+        ]
+    )
