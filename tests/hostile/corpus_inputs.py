@@ -1178,3 +1178,21 @@ def _(inp, out):
             str(out),
         ]
     )
+
+
+def _consistent_bomb(inp: Path, out: Path) -> Cli:
+    """A storage whose pickled size agrees with its entry (64 MiB, a scalar view of its first
+    element), stored deflated: a reader that inflates entries allocates it all."""
+    import torch
+
+    big = torch.full((1 << 24,), 0.0625)
+    state = {f"{MODULE}.weight_quantizer._amax": big[0], f"{MODULE}.input_quantizer._amax": torch.tensor(0.5)}
+    kw = _backbone_kw(inp, state)
+    p = Path(kw["modelopt_backbone_ckpt"])
+    with zipfile.ZipFile(p) as zf:
+        big_entry = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size).filename
+    _rewrite(p, _compress(big_entry))
+    return fp8_calibrated(kw, out)
+
+
+case("backbone-zip-bomb-consistent-sizes", r"backbone\.pt: .*data/\d+: zip compression method 8", tags=("torch",))(_consistent_bomb)
