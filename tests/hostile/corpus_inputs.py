@@ -1196,3 +1196,30 @@ def _consistent_bomb(inp: Path, out: Path) -> Cli:
 
 
 case("backbone-zip-bomb-consistent-sizes", r"backbone\.pt: .*data/\d+: zip compression method 8", tags=("torch",))(_consistent_bomb)
+
+
+# ---- inspect / verify read the same configs ---------------------------------------------------
+
+
+@case("inspect-config-nan", r"config\.json: not valid JSON: NaN is not JSON")
+def _(inp, out):
+    return Cli(["inspect", str(base_with_config(inp, '{"_class_name": "X", "eps": NaN}'))])
+
+
+@case("inspect-qc-ignore-int", r"config\.json: field 'ignore' must be an array, found a number")
+def _(inp, out):
+    kw = export_with_qc(inp, lambda q: q.update(ignore=5))
+    return Cli(["inspect", str(Path(kw["modelopt_hf_dir"]) / "transformer")])
+
+
+@case("verify-quant-config-deep", r"config\.json: JSON nested more than 64 levels", tags=("torch",))
+def _(inp, out):
+    import dqfast
+
+    base = write_base(inp / "base")
+    q = inp / "quant"
+    dqfast.build_fp8_transformer(q, base_transformer_dir=base, from_bf16=True, model_type="none")
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["deep"] = json.loads('{"a":' * 80 + "1" + "}" * 80)
+    (q / "config.json").write_text(json.dumps(cfg))
+    return Cli(["verify", "layers", str(base), str(q)])
