@@ -108,7 +108,7 @@ def test_cli_build_mixed_components_and_components_command(pipeline, tmp_path):
         ],
     )
     assert res.exit_code == 0, res.output
-    rep = json.loads(res.output)
+    rep = json.loads(res.stdout)  # warnings go to stderr
     assert set(rep["components"]) == {"transformer", "transformer_2"}
     ql = json.loads((out / "transformer_2" / "config.json").read_text())["quantization_config"]["quantized_layers"]
     assert ql["transformer_blocks.0.ff.net.2"]["quant_algo"] == "NVFP4" and ql["transformer_blocks.0.attn.to_q"]["quant_algo"] == "FP8"

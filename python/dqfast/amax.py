@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dqfast._files import check_regular, typed_error
 from dqfast.backbone import AmaxPair, read_amax
-from dqfast.reader import open_checkpoint, read_tensor
+from dqfast.errors import CheckpointError
+from dqfast.reader import FLOAT_DTYPES, open_checkpoint, read_tensor, to_float32
 
 __all__ = ["AmaxPair", "load_amax", "WEIGHT_AMAX", "INPUT_AMAX"]
 
@@ -25,11 +27,15 @@ def load_amax(path: str | os.PathLike[str]) -> dict[str, AmaxPair]:
     p = Path(path)
     if p.suffix != ".safetensors":
         return read_amax(p)
+    check_regular(p, "amax sidecar", CheckpointError)
     info = open_checkpoint(p)
     found: dict[str, dict[str, np.ndarray]] = {}
-    for name in info.tensors:
+    for name, meta in info.tensors.items():
         for suffix, field in ((WEIGHT_AMAX, "weight"), (INPUT_AMAX, "input")):
             if name.endswith(suffix):
-                value = np.asarray(read_tensor(p, name), dtype=np.float32)
+                if meta.dtype not in FLOAT_DTYPES:
+                    raise typed_error(CheckpointError, f"{p}: tensor '{name}': amax has dtype {meta.dtype}, not a float dtype", p, name)
+                # Decoded by dtype (FP8 bytes are codes, not values).
+                value = to_float32(meta.dtype, read_tensor(p, name, raw=True))
                 found.setdefault(name[: -len(suffix)], {})[field] = value
     return {m: AmaxPair(f.get("weight"), f.get("input")) for m, f in found.items()}

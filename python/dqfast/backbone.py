@@ -12,6 +12,8 @@ storages of the selected ``*_quantizer._amax`` tensors are then read.
 from __future__ import annotations
 
 import collections
+import io
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from dqfast._files import open_regular
 from dqfast.errors import CheckpointError
 
 BACKBONE_FILENAME = "backbone.pt"
@@ -37,7 +40,17 @@ _STORAGE_DTYPES: dict[str, tuple[str, int]] = {
 
 class BackboneError(CheckpointError, ValueError):
     """A ``backbone.pt`` that cannot be read as a ModelOpt checkpoint (a ``ValueError`` too, as
-    it always was)."""
+    it always was). ``path`` may be given positionally; pickling is DqfastError's."""
+
+    def __init__(self, msg: str, path: str | os.PathLike[str] | None = None, tensor: str | None = None) -> None:
+        super().__init__(msg, path=None if path is None else str(path), tensor=tensor)
+
+
+#: ``torch.save`` writes every entry uncompressed; anything else is not its output (and a
+#: compressed entry can expand without bound).
+_FLAG_ENCRYPTED = 0x1
+#: data.pkl of a whole-model state dict: a few MB per thousand tensors.
+_MAX_PICKLE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -137,8 +150,8 @@ def _resolve_path(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         p = p / BACKBONE_FILENAME
-    if not p.is_file():
-        raise BackboneError(f"{p}: no such file", path=str(p))
+    if not os.path.lexists(p):
+        raise BackboneError(f"{p}: no such file", p)
     return p
 
 
@@ -147,28 +160,67 @@ def _archive_prefix(zf: zipfile.ZipFile, path: Path) -> str:
         parts = name.split("/")
         if len(parts) == 2 and parts[1] == "data.pkl":
             return parts[0]
-    raise BackboneError(f"{path}: no <archive>/data.pkl entry: not a torch zip checkpoint")
+    raise BackboneError(f"{path}: no <archive>/data.pkl entry: not a torch zip checkpoint", path)
 
 
-def _read_tensor(zf: zipfile.ZipFile, prefix: str, big_endian: bool, t: _LazyTensor, path: Path, key: str) -> np.ndarray:
+def _entry(zf: zipfile.ZipFile, name: str, archive_size: int, path: Path, key: str = "") -> zipfile.ZipInfo:
+    """The zip entry ``name``, refused unless it is what torch.save writes: stored (not
+    compressed), not encrypted, and inside the file."""
+    where = f"{path}: {key + ': ' if key else ''}{name}"
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise BackboneError(f"{where}: entry missing", path, key or None) from None
+    if info.flag_bits & _FLAG_ENCRYPTED:
+        raise BackboneError(f"{where}: encrypted zip entry (torch.save never encrypts)", path, key or None)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise BackboneError(
+            f"{where}: zip compression method {info.compress_type} (torch.save stores entries uncompressed)", path, key or None
+        )
+    if info.compress_size != info.file_size or info.header_offset + info.file_size > archive_size:
+        raise BackboneError(f"{where}: entry claims {info.file_size} bytes, beyond the file's {archive_size}", path, key or None)
+    return info
+
+
+def _read_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, key: str = "") -> bytes:
+    try:
+        data = zf.read(info)  # checks the CRC
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError, NotImplementedError) as e:
+        raise BackboneError(f"{path}: {key + ': ' if key else ''}{info.filename}: unreadable zip entry ({e})", path, key or None) from None
+    if len(data) != info.file_size:
+        raise BackboneError(f"{path}: {info.filename}: {len(data)} bytes read, {info.file_size} expected", path, key or None)
+    return data
+
+
+def _read_tensor(zf: zipfile.ZipFile, prefix: str, big_endian: bool, t: _LazyTensor, path: Path, key: str, archive_size: int) -> np.ndarray:
     st = t.storage
     if st.storage_type not in _STORAGE_DTYPES:
-        raise BackboneError(f"{path}: {key}: unsupported storage dtype {st.storage_type}")
+        raise BackboneError(f"{path}: {key}: unsupported storage dtype {st.storage_type}", path, key)
     raw_code, itemsize = _STORAGE_DTYPES[st.storage_type]
     entry = f"{prefix}/data/{st.key}"
+    if "/" in st.key or st.key in ("", ".", ".."):
+        raise BackboneError(f"{path}: {key}: storage key {st.key!r} is not an entry name", path, key)
     try:
-        info = zf.getinfo(entry)
+        zf.getinfo(entry)
     except KeyError:
-        raise BackboneError(f"{path}: {key}: storage entry {entry} missing") from None
-    if info.file_size != st.numel * itemsize:
-        raise BackboneError(f"{path}: {key}: storage {entry} has {info.file_size} bytes, expected {st.numel * itemsize}")
+        raise BackboneError(f"{path}: {key}: storage entry {entry} missing", path, key) from None
+    info = _entry(zf, entry, archive_size, path, key)
+    # Every size below comes from the file; each is checked against a real size before use.
+    if st.numel < 0 or info.file_size != st.numel * itemsize:
+        raise BackboneError(f"{path}: {key}: storage {entry} has {info.file_size} bytes, expected {st.numel * itemsize}", path, key)
     if any(s < 0 for s in t.size) or any(s < 0 for s in t.stride) or t.offset < 0:
-        raise BackboneError(f"{path}: {key}: negative size, stride or offset")
-    count = int(np.prod(t.size, dtype=np.int64))
+        raise BackboneError(f"{path}: {key}: negative size, stride or offset", path, key)
+    count = 1
+    for n in t.size:
+        count *= n  # Python int: no overflow
+    if count > st.numel:
+        # An amax view never repeats storage elements (stride-0 expansion): its element count
+        # is bounded by the storage's, so a tiny file cannot ask for gigabytes.
+        raise BackboneError(f"{path}: {key}: view of {count} elements over a storage of {st.numel}", path, key)
     last = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride)) if count else t.offset - 1
     if count and last >= st.numel:
-        raise BackboneError(f"{path}: {key}: view {t.size}/{t.stride}+{t.offset} exceeds storage of {st.numel}")
-    flat = np.frombuffer(zf.read(entry), dtype=("<" if not big_endian else ">") + raw_code)
+        raise BackboneError(f"{path}: {key}: view {t.size}/{t.stride}+{t.offset} exceeds storage of {st.numel}", path, key)
+    flat = np.frombuffer(_read_entry(zf, info, path, key), dtype=("<" if not big_endian else ">") + raw_code)
     if count:
         view = np.lib.stride_tricks.as_strided(
             flat[t.offset :], shape=t.size, strides=tuple(s * itemsize for s in t.stride), writeable=False
@@ -183,31 +235,57 @@ def _read_tensor(zf: zipfile.ZipFile, prefix: str, big_endian: bool, t: _LazyTen
     return np.asarray(values, dtype=np.float32).reshape(t.size)
 
 
-def _load_state(path: Path) -> tuple[zipfile.ZipFile, str, bool, dict[str, Any]]:
+class _OwnedZip(zipfile.ZipFile):
+    """A ZipFile over a file object it also closes (the regular-file check needs our own open)."""
+
+    def __init__(self, f: Any) -> None:
+        self._owned = f
+        try:
+            super().__init__(f)
+        except BaseException:
+            f.close()
+            raise
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._owned.close()
+
+
+def _load_state(path: Path) -> tuple[zipfile.ZipFile, str, bool, dict[str, Any], int]:
+    f = open_regular(path, "backbone checkpoint", BackboneError)
+    archive_size = os.fstat(f.fileno()).st_size
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise BackboneError(f"{path}: not a torch zip checkpoint ({e})") from None
+        zf = _OwnedZip(f)
+    except Exception as e:  # BadZipFile, and the struct/overflow/unicode errors of a forged directory
+        raise BackboneError(f"{path}: not a torch zip checkpoint ({e})", path) from None
     try:
         prefix = _archive_prefix(zf, path)
         byteorder = b"little"
         if f"{prefix}/byteorder" in zf.namelist():
-            byteorder = zf.read(f"{prefix}/byteorder").strip()
+            info = _entry(zf, f"{prefix}/byteorder", archive_size, path)
+            if info.file_size > 16:
+                raise BackboneError(f"{path}: {prefix}/byteorder: {info.file_size} bytes; not a byte order", path)
+            byteorder = _read_entry(zf, info, path).strip()
             if byteorder not in (b"little", b"big"):
-                raise BackboneError(f"{path}: {prefix}/byteorder: unknown byte order {byteorder!r}")
-        with zf.open(f"{prefix}/data.pkl") as f:
-            try:
-                obj = _AmaxUnpickler(f).load()
-            except BackboneError:
-                raise
-            except Exception as e:  # any pickle-level failure is a malformed file
-                raise BackboneError(f"{path}: {prefix}/data.pkl: cannot unpickle ({e})") from None
+                raise BackboneError(f"{path}: {prefix}/byteorder: unknown byte order {byteorder!r}", path)
+        info = _entry(zf, f"{prefix}/data.pkl", archive_size, path)
+        if info.file_size > _MAX_PICKLE_BYTES:
+            raise BackboneError(f"{path}: {prefix}/data.pkl is {info.file_size} bytes; more than {_MAX_PICKLE_BYTES}", path)
+        pkl = _read_entry(zf, info, path)
+        try:
+            obj = _AmaxUnpickler(io.BytesIO(pkl)).load()
+        except BackboneError:
+            raise
+        except Exception as e:  # any pickle-level failure is a malformed file
+            raise BackboneError(f"{path}: {prefix}/data.pkl: cannot unpickle ({type(e).__name__}: {e})", path) from None
         if not isinstance(obj, dict) or "model_state_dict" not in obj:
-            raise BackboneError(f"{path}: top-level object has no 'model_state_dict' (not an mto.save checkpoint)")
+            raise BackboneError(f"{path}: top-level object has no 'model_state_dict' (not an mto.save checkpoint)", path)
         state = obj["model_state_dict"]
         if not isinstance(state, dict):
-            raise BackboneError(f"{path}: model_state_dict is {type(state).__name__}, not a dict")
-        return zf, prefix, byteorder == b"big", state
+            raise BackboneError(f"{path}: model_state_dict is {type(state).__name__}, not a dict", path)
+        return zf, prefix, byteorder == b"big", state, archive_size
     except BaseException:
         zf.close()
         raise
@@ -216,7 +294,7 @@ def _load_state(path: Path) -> tuple[zipfile.ZipFile, str, bool, dict[str, Any]]
 def list_state_keys(path: str | Path) -> list[str]:
     """The names in ``model_state_dict`` (reads only ``data.pkl``)."""
     p = _resolve_path(path)
-    zf, _, _, state = _load_state(p)
+    zf, _, _, state, _ = _load_state(p)
     zf.close()
     return list(state)
 
@@ -228,7 +306,7 @@ def read_amax(path: str | Path) -> dict[str, AmaxPair]:
     storages are read from the archive.
     """
     p = _resolve_path(path)
-    zf, prefix, big_endian, state = _load_state(p)
+    zf, prefix, big_endian, state, archive_size = _load_state(p)
     found: dict[str, dict[str, np.ndarray]] = {}
     with zf:
         for key, value in state.items():
@@ -237,7 +315,7 @@ def read_amax(path: str | Path) -> dict[str, AmaxPair]:
             for suffix, slot in ((_WEIGHT_SUFFIX, "weight"), (_INPUT_SUFFIX, "input")):
                 if key.endswith(suffix):
                     if not isinstance(value, _LazyTensor):
-                        raise BackboneError(f"{p}: {key}: value is {type(value).__name__}, not a tensor")
+                        raise BackboneError(f"{p}: {key}: value is {type(value).__name__}, not a tensor", p, key)
                     module = key[: -len(suffix)]
-                    found.setdefault(module, {})[slot] = _read_tensor(zf, prefix, big_endian, value, p, key)
+                    found.setdefault(module, {})[slot] = _read_tensor(zf, prefix, big_endian, value, p, key, archive_size)
     return {m: AmaxPair(weight=d.get("weight"), input=d.get("input")) for m, d in found.items()}

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dqfast import _core
+from dqfast._files import check_regular, open_regular, read_regular
 from dqfast.errors import DqfastError, OutputExistsError
 
 __all__ = [
@@ -84,9 +85,13 @@ IdentityMode = Literal["stat", "content"]
 class ManifestError(DqfastError):
     """The manifest is invalid; ``problems`` lists every problem found (not just the first)."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], path: str | os.PathLike[str] | None = None) -> None:
         self.problems = problems
-        super().__init__("invalid manifest:\n  - " + "\n  - ".join(problems))
+        # One line (the CLI's error format); ``problems`` keeps them apart. Pickling is
+        # DqfastError's (it restores ``problems`` with the other attributes).
+        super().__init__(
+            f"{str(path) + ': ' if path else ''}invalid manifest: " + "; ".join(problems), path=None if path is None else str(path)
+        )
 
 
 # ---- builders -------------------------------------------------------------------------------
@@ -170,22 +175,45 @@ class Manifest:
     jobs: list[JobSpec]
 
 
+#: A manifest is a few KB; a larger file is refused before it is read.
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def _yaml_loader() -> Any:
+    """PyYAML's safe loader without aliases: ``*ref`` lets a 1 KB file expand to billions of
+    nodes (or refer to itself); a manifest never needs one."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                ev = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias '*{ev.anchor}' (YAML anchors/aliases are not allowed in a manifest)", ev.start_mark
+                )
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
 def load_manifest(path: str | os.PathLike[str], *, check_paths: bool = True) -> Manifest:
     """Read and validate a manifest file (``.toml``, or ``.yaml``/``.yml`` with PyYAML)."""
     p = Path(path)
     try:
-        text = p.read_bytes()
-    except OSError as e:
-        raise ManifestError([f"{p}: {e.strerror or e}"]) from None
+        text = read_regular(p, "manifest", DqfastError, limit=MAX_MANIFEST_BYTES)
+    except DqfastError as e:
+        raise ManifestError([str(e).removeprefix(f"{p}: ")], p) from None
     if p.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
-            raise ManifestError([f"{p}: YAML manifests need PyYAML (pip install pyyaml), or use TOML"]) from None
+            raise ManifestError(["YAML manifests need PyYAML (pip install pyyaml), or use TOML"], p) from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as e:
-            raise ManifestError([f"{p}: not valid YAML: {e}"]) from None
+            raise ManifestError([f"not valid YAML: {' '.join(str(e).split())}"], p) from None
+        except RecursionError:
+            raise ManifestError(["YAML nested too deeply"], p) from None
     else:
         try:
             import tomllib
@@ -193,27 +221,44 @@ def load_manifest(path: str | os.PathLike[str], *, check_paths: bool = True) -> 
             try:
                 import tomli as tomllib  # type: ignore[no-redef]
             except ImportError:
-                raise ManifestError([f"{p}: TOML manifests on Python 3.10 need tomli (pip install tomli)"]) from None
+                raise ManifestError(["TOML manifests on Python 3.10 need tomli (pip install tomli)"], p) from None
         try:
             data = tomllib.loads(text.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ManifestError([f"{p}: not valid TOML: {e}"]) from None
+            raise ManifestError([f"not valid TOML: {e}"], p) from None
+        except RecursionError:
+            raise ManifestError(["TOML nested too deeply"], p) from None
     return parse_manifest(data, base_dir=p.resolve().parent, path=p, check_paths=check_paths)
 
 
 def parse_size(v: Any, what: str, problems: list[str]) -> int:
+    from dqfast.errors import PlanError
     from dqfast.plan import parse_size as _ps
 
-    if v in (None, "auto", 0):
+    if v in (None, "auto", 0) and not isinstance(v, bool):
+        return 0
+    if not isinstance(v, (str, int)) or isinstance(v, bool):
+        problems.append(f"{what}: must be a size (e.g. 8GB, 512MiB, or bytes), not {_type_name(v)}")
         return 0
     try:
-        n = _ps(v)
-    except (ValueError, TypeError):
+        return _ps(v)
+    except PlanError:
         problems.append(f"{what}: '{v}' is not a size (e.g. 8GB, 512MiB, or bytes)")
         return 0
-    if n < 0:
-        problems.append(f"{what}: {v} is negative")
-    return n
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean", type(None): "nothing", int: "an integer"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _str_setting(raw: dict[str, Any], key: str, what: str, problems: list[str]) -> str | None:
+    v = raw.get(key)
+    if v is None or isinstance(v, str):
+        return v
+    problems.append(f"{what} {key} must be a string, not {_type_name(v)} {v!r}"[:200])
+    return None
 
 
 def _signature_keywords(builder: Builder) -> set[str] | str:
@@ -227,6 +272,70 @@ def _signature_keywords(builder: Builder) -> set[str] | str:
     return {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"output_dir"}
 
 
+def _option_hints(builder: Builder) -> dict[str, Any]:
+    """The builder's parameter annotations (empty when they cannot be resolved: then the builder
+    alone checks its options)."""
+    import typing
+
+    try:
+        return typing.get_type_hints(builder.load())
+    except Exception:  # noqa: BLE001 - an unresolvable annotation only loses the early check
+        return {}
+
+
+def _accepts(hint: Any, v: Any) -> bool:
+    """Whether a manifest value (TOML/YAML: bool, int, float, str, list, table) fits an annotation;
+    unknown annotations accept anything (the builder has the last word)."""
+    import collections.abc as cabc
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, v) for a in args)
+    if origin is typing.Literal:
+        return any(v == a and type(v) is type(a) for a in args)
+    if hint is type(None):
+        return v is None
+    if hint is bool:
+        return isinstance(v, bool)
+    if hint is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if hint is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if hint is str or hint is os.PathLike or origin is os.PathLike:
+        return isinstance(v, str)
+    if origin in (cabc.Mapping, dict):
+        return isinstance(v, dict)
+    if origin in (cabc.Iterable, cabc.Sequence, list, tuple):
+        if not isinstance(v, list):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(v) == len(args) and all(_accepts(a, x) for a, x in zip(args, v))
+        return not args or all(_accepts(args[0], x) for x in v)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    import collections.abc as cabc
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin in (cabc.Iterable, cabc.Sequence, list, tuple):
+        return "a list"
+    if origin in (cabc.Mapping, dict):
+        return "a table"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, str(hint).replace("typing.", ""))
+
+
 class _AnyKeyword(set):  # type: ignore[type-arg]
     """The keywords of a builder taking ``**kwargs``: any name."""
 
@@ -235,7 +344,9 @@ class _AnyKeyword(set):  # type: ignore[type-arg]
 
 
 def _int_setting(raw: dict[str, Any], key: str, problems: list[str]) -> int:
-    v = raw.get(key, 0) or 0
+    v = raw.get(key, 0)
+    if v is None:
+        return 0
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         problems.append(f"[batch] {key} must be a non-negative integer, not {v!r}")
         return 0
@@ -245,25 +356,27 @@ def _int_setting(raw: dict[str, Any], key: str, problems: list[str]) -> int:
 def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check_paths: bool = True) -> Manifest:
     """Validate a parsed manifest; every problem is collected, then one :class:`ManifestError`."""
     problems: list[str] = []
-    where = str(path) if path else "manifest"
     if not isinstance(data, dict):
-        raise ManifestError([f"{where}: top level must be a table/mapping"])
-    for k in sorted(set(data) - TOP_KEYS):
+        raise ManifestError([f"top level must be a table/mapping, not {_type_name(data)}"], path)
+    for k in sorted(set(data) - TOP_KEYS, key=str):
         problems.append(f"unknown top-level key '{k}' (known: {', '.join(sorted(TOP_KEYS))})")
     raw_batch = data.get("batch") or {}
     defaults = data.get("defaults") or {}
     jobs_raw = data.get("jobs")
     if not isinstance(raw_batch, dict):
-        problems.append("[batch] must be a table")
+        problems.append(f"[batch] must be a table, not {_type_name(raw_batch)}")
         raw_batch = {}
     if not isinstance(defaults, dict):
-        problems.append("[defaults] must be a table")
+        problems.append(f"[defaults] must be a table, not {_type_name(defaults)}")
         defaults = {}
-    for k in sorted(set(raw_batch) - BATCH_KEYS):
+    for k in sorted(set(raw_batch) - BATCH_KEYS, key=str):
         problems.append(f"[batch]: unknown key '{k}' (known: {', '.join(sorted(BATCH_KEYS))})")
-    for k in sorted(set(defaults) - DEFAULT_KEYS):
+    for k in sorted(set(defaults) - DEFAULT_KEYS, key=str):
         problems.append(f"[defaults]: unknown key '{k}' (known: {', '.join(sorted(DEFAULT_KEYS))})")
-    if not isinstance(jobs_raw, list) or not jobs_raw:
+    if jobs_raw is not None and not isinstance(jobs_raw, list):
+        problems.append(f"'jobs' must be a list of tables, not {_type_name(jobs_raw)}")
+        jobs_raw = []
+    elif not jobs_raw:
         problems.append("no jobs: add [[jobs]] entries")
         jobs_raw = []
 
@@ -275,36 +388,48 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
         max_parallel=_int_setting(raw_batch, "max_parallel", problems),
         cores=_int_setting(raw_batch, "cores", problems),
         memory_limit=parse_size(raw_batch.get("memory_limit"), "[batch] memory_limit", problems),
-        log_dir=resolve(raw_batch["log_dir"]) if raw_batch.get("log_dir") else "",
-        summary=resolve(raw_batch["summary"]) if raw_batch.get("summary") else "",
+        log_dir=resolve(d) if (d := _str_setting(raw_batch, "log_dir", "[batch]", problems)) else "",
+        summary=resolve(sm) if (sm := _str_setting(raw_batch, "summary", "[batch]", problems)) else "",
     )
     default_identity = raw_batch.get("identity", "stat")
+    if default_identity not in ("stat", "content"):
+        problems.append(f"[batch] identity must be 'stat' or 'content', not {default_identity!r}"[:200])
+        default_identity = "stat"
 
     jobs: list[JobSpec] = []
     keywords_cache: dict[str, set[str] | str] = {}
+    hints: dict[str, dict[str, Any]] = {}
     for i, j in enumerate(jobs_raw):
         label = f"jobs[{i}]"
         if not isinstance(j, dict):
-            problems.append(f"{label}: must be a table")
+            problems.append(f"{label}: must be a table, not {_type_name(j)}")
             continue
         if isinstance(j.get("name"), str):
             label = f"job '{j['name']}'"
-        for k in sorted(set(j) - JOB_KEYS):
+        elif j.get("name") is not None:
+            problems.append(f"{label}: name must be a string, not {_type_name(j['name'])}")
+        for k in sorted(set(j) - JOB_KEYS, key=str):
             problems.append(f"{label}: unknown key '{k}' (known: {', '.join(sorted(JOB_KEYS))})")
         merged: dict[str, Any] = {**defaults, **j}
         for table in ("inputs", "options"):
             d, own = defaults.get(table) or {}, j.get(table) or {}
             if not isinstance(d, dict) or not isinstance(own, dict):
-                problems.append(f"{label}: '{table}' must be a table")
+                problems.append(f"{label}: '{table}' must be a table, not {_type_name(own if isinstance(d, dict) else d)}")
                 d, own = {}, {}
             merged[table] = {**d, **own}
         builder_name = merged.get("builder")
         output = merged.get("output")
-        if not isinstance(output, str) or not output:
+        if output is not None and (not isinstance(output, str) or "\0" in output):
+            problems.append(f"{label}: 'output' must be a path string, not {_type_name(output)}")
+            output = ""
+        elif not output:
             problems.append(f"{label}: missing 'output'")
             output = ""
-        name = j.get("name") or (Path(output).name if output else f"job{i}")
-        if builder_name not in BUILDERS:
+        name = j.get("name") if isinstance(j.get("name"), str) and j.get("name") else (Path(output).name if output else f"job{i}")
+        if not isinstance(builder_name, str):
+            problems.append(f"{label}: 'builder' must be a builder name string, not {_type_name(builder_name)}")
+            builder = None
+        elif builder_name not in BUILDERS:
             problems.append(f"{label}: unknown builder '{builder_name}' (known: {', '.join(sorted(BUILDERS))})")
             builder = None
         else:
@@ -319,23 +444,31 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
                 problems.append(f"{label}: {kws}")
                 kws = set(builder.inputs) | set(options)
             for k, v in merged["inputs"].items():
-                if k not in builder.inputs or k not in kws:
+                if not isinstance(k, str) or k not in builder.inputs or k not in kws:
                     problems.append(f"{label}: unknown input '{k}' for builder '{builder_name}' (inputs: {', '.join(builder.inputs)})")
                 elif v is None or v == "":
                     continue
-                elif not isinstance(v, str):
-                    problems.append(f"{label}: input '{k}' must be a path string")
+                elif not isinstance(v, str) or "\0" in v:
+                    problems.append(f"{label}: input '{k}' must be a path string, not {_type_name(v)}")
                 else:
                     inputs[k] = resolve(v)
                     if check_paths and not os.path.exists(inputs[k]):
                         problems.append(f"{label}: input '{k}' = {inputs[k]} does not exist")
             for k in options:
-                if k in RUNNER_KEYWORDS:
+                if not isinstance(k, str):
+                    problems.append(f"{label}: option name {k!r} is not a string")
+                elif k in RUNNER_KEYWORDS:
                     problems.append(f"{label}: option '{k}' is set by the batch runner, not the manifest")
                 elif k in builder.inputs:
                     problems.append(f"{label}: '{k}' is an input; put it under [inputs]")
                 elif k not in kws:
                     problems.append(f"{label}: unknown option '{k}' for builder '{builder_name}'")
+                elif k in hints.setdefault(builder_name, _option_hints(builder)) and not _accepts(hints[builder_name][k], options[k]):
+                    problems.append(
+                        f"{label}: option '{k}' must be {_describe(hints[builder_name][k])}, not {_type_name(options[k])} {options[k]!r}"[
+                            :300
+                        ]
+                    )
             if not inputs:
                 problems.append(f"{label}: no inputs given")
         threads = merged.get("threads", 1)
@@ -344,7 +477,7 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
             threads = 1
         identity = merged.get("identity", default_identity)
         if identity not in ("stat", "content"):
-            problems.append(f"{label}: identity must be 'stat' or 'content', not {identity!r}")
+            problems.append(f"{label}: identity must be 'stat' or 'content', not {identity!r}"[:200])
             identity = "stat"
         memory = parse_size(merged.get("memory"), f"{label}: memory", problems)
         jobs.append(
@@ -363,7 +496,7 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
 
     _check_cross_job(jobs, problems, path, [x for x in (settings.log_dir, settings.summary) if x])
     if problems:
-        raise ManifestError(problems)
+        raise ManifestError(problems, path)
     return Manifest(path=path or base_dir / "manifest", settings=settings, jobs=jobs)
 
 
@@ -419,7 +552,7 @@ def record_path(output: str | os.PathLike[str]) -> Path:
 def _hash_file(p: Path, limit: int | None = None) -> str:
     h = hashlib.sha256()
     left = limit
-    with open(p, "rb") as f:
+    with open_regular(p, "input file") as f:
         while left is None or left > 0:
             chunk = f.read(16 << 20 if left is None else min(16 << 20, left))
             if not chunk:
@@ -433,7 +566,7 @@ def _hash_file(p: Path, limit: int | None = None) -> str:
 def _safetensors_header(p: Path) -> tuple[bytes, int]:
     """The header bytes (8-byte length + JSON, capped) and the largest tensor it claims (0 when
     the header is unreadable: the build itself reports that with a typed error)."""
-    with open(p, "rb") as f:
+    with open_regular(p, "input file") as f:
         head = f.read(8)
         if len(head) < 8:
             return head, 0
@@ -451,13 +584,15 @@ def _safetensors_header(p: Path) -> tuple[bytes, int]:
 
 
 def _input_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
+    """The files of an input (itself, or every file under it); each must be a regular file
+    (a FIFO would block the hashing forever)."""
+    if not path.is_dir():
+        return [check_regular(path, "input")]
     out = []
     for root, dirs, files in os.walk(path):
         # Staging directories and job records of outputs that live under an input root.
         dirs[:] = sorted(d for d in dirs if STAGING_TAG not in d)
-        out.extend(Path(root) / f for f in sorted(files) if not f.endswith(RECORD_SUFFIX))
+        out.extend(check_regular(Path(root) / f, "input file") for f in sorted(files) if not f.endswith(RECORD_SUFFIX))
     return out
 
 

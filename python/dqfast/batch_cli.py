@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from dqfast.cli_types import COUNT, SizeParam
 from dqfast.errors import DqfastError
 
 
@@ -34,9 +35,11 @@ def _human(n: float) -> str:
 @click.option(
     "--address", default=None, help="Ray cluster address (e.g. 'auto' or 'ray://head:10001'); without it a local Ray instance is started."
 )
-@click.option("--max-parallel", type=int, default=0, help="At most this many jobs at once (local; 0 = no cap).")
-@click.option("--cores", type=int, default=0, help="Cores to share between jobs (local; 0 = all).")
-@click.option("--memory-limit", default=None, help="Memory to share between jobs, e.g. 64GB (local; default 80%% of available).")
+@click.option("--max-parallel", type=COUNT, default=0, help="At most this many jobs at once (local; 0 = no cap).")
+@click.option("--cores", type=COUNT, default=0, help="Cores to share between jobs (local; 0 = all).")
+@click.option(
+    "--memory-limit", type=SizeParam(), default=None, help="Memory to share between jobs, e.g. 64GB (local; default 80%% of available)."
+)
 @click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="Per-job logs (default: <manifest>.logs/).")
 @click.option(
     "--summary", "summary_path", type=click.Path(path_type=Path), default=None, help="JSON summary path (default: <manifest>.summary.json)."
@@ -51,7 +54,7 @@ def batch(
     address: str | None,
     max_parallel: int,
     cores: int,
-    memory_limit: str | None,
+    memory_limit: int | None,
     log_dir: Path | None,
     summary_path: Path | None,
     overwrite: bool,
@@ -61,7 +64,6 @@ def batch(
 ) -> None:
     """Run the conversion jobs of MANIFEST (TOML or YAML): in parallel, resumable, idempotent."""
     from dqfast.batch import ManifestError, batch_paths, load_manifest, run_batch
-    from dqfast.plan import parse_size
 
     try:
         m = load_manifest(manifest)
@@ -76,11 +78,7 @@ def batch(
             click.echo(f"error: job '{name}': {err}", err=True)
         click.echo(f"{manifest}: {len(m.jobs)} job(s), {len(errors)} with errors")
         sys.exit(2 if errors else 0)
-    try:
-        mem = parse_size(memory_limit) if memory_limit else 0
-    except ValueError:
-        click.echo(f"error: --memory-limit '{memory_limit}' is not a size", err=True)
-        sys.exit(2)
+    mem = memory_limit or 0
     try:  # before the progress display starts: a refusal is one line
         batch_paths(m, log_dir, summary_path)
     except DqfastError as e:

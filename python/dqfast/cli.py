@@ -6,6 +6,7 @@ Errors print one line (``error: <file>: tensor '<name>': <problem>``) and exit w
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,13 +14,39 @@ from typing import Any
 
 import click
 
+from dqfast.cli_types import AT_LEAST_ONE, COUNT, POSITIVE_FLOAT, SizeParam
 from dqfast.errors import DqfastError
 from dqfast.plan import IO_MODES, BuildReport
 
 
 def _fail(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
+    click.echo(f"error: {' '.join(str(msg).splitlines())}", err=True)
     sys.exit(2)
+
+
+class OneLineErrors(click.Group):
+    """Usage errors (a bad flag value, a missing option) as one ``error:`` line naming the flag,
+    exit status 2 — the same form as dqfast's own errors — instead of click's usage block."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `dqfast build`: the help, as click shows it
+                e.show()
+                sys.exit(e.exit_code)
+            _fail_code(e.format_message(), e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _fail_code(msg: str, code: int) -> None:
+    click.echo(f"error: {' '.join(msg.splitlines())}", err=True)
+    sys.exit(code)
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -44,6 +71,7 @@ def _human(n: float) -> str:
 def print_report(report: BuildReport, as_json: bool, show_decisions: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
+        _print_warnings(report)
         return
     from rich.console import Console
     from rich.table import Table
@@ -74,11 +102,16 @@ def print_report(report: BuildReport, as_json: bool, show_decisions: bool) -> No
         s.add_row("peak RSS", _human(report.peak_rss_bytes))
         s.add_row("threads", str(report.threads))
     console.print(s)
+    _print_warnings(report)
+
+
+def _print_warnings(report: BuildReport) -> None:
+    # stderr, also with --json: a warning must reach the user whatever stdout is piped into.
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
+        click.echo(f"warning: {w}", err=True)
 
 
-@click.group()
+@click.group(cls=OneLineErrors)
 @click.version_option(package_name="dqfast")
 def main() -> None:
     """Convert diffusion-transformer checkpoints to FP8 / NVFP4 for SGLang Diffusion and vLLM-Omni."""
@@ -96,6 +129,11 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--model-type", default="auto", show_default=True, help="Preset: auto, flux1, flux2, hunyuan-video, qwen-image, wan, none."
         ),
         click.option(
+            "--force-model-type",
+            is_flag=True,
+            help="Use --model-type even when config.json's _class_name belongs to another preset.",
+        ),
+        click.option(
             "--fallback",
             "fallbacks",
             multiple=True,
@@ -103,8 +141,9 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Extra modules to keep in BF16 (repeatable): a regex for fp8 (SGLang's FP8 builder), "
             "a glob for nvfp4 (SGLang's NVFP4 builder).",
         ),
-        click.option("--max-shard-size", default="5GB", show_default=True),
-        click.option("--threads", default=0, show_default=True, help="Worker threads (0 = all cores)."),
+        click.option("--max-shard-size", type=SizeParam(minimum=1), default="5GB", show_default=True),
+        click.option("--threads", type=COUNT, default=0, show_default=True, help="Worker threads (0 = all cores)."),
+        click.option("--strict", is_flag=True, help="Fail (instead of warning) when the build quantizes no module."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
         click.option("--dry-run", is_flag=True, help="Print the plan (which modules become what, and why); write nothing."),
         click.option("--no-fsync", is_flag=True, help="Skip fsync before the output is moved into place."),
@@ -133,6 +172,8 @@ def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
         dry_run=kw["dry_run"],
         fsync=not kw["no_fsync"],
         io=kw["io_mode"],
+        force_model_type=kw["force_model_type"],
+        strict=kw["strict"],
     )
 
 
@@ -153,7 +194,7 @@ def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     show_default=True,
     help="--from-bf16: per output channel (FP8_PER_CHANNEL_PER_TOKEN) or per tensor (FP8, needs --activation-amax).",
 )
-@click.option("--activation-amax", type=float, default=None, help="--from-bf16: static activation amax -> input_scale = amax/448.")
+@click.option("--activation-amax", type=POSITIVE_FLOAT, default=None, help="--from-bf16: static activation amax -> input_scale = amax/448.")
 @click.option(
     "--rounding",
     type=click.Choice(["exact", "modelopt"]),
@@ -200,7 +241,9 @@ def build_fp8(**kw: Any) -> None:
 @click.option("--repair-nan-scales", is_flag=True, help="Clamp NaN block-scale bytes (0x7F/0xFF) to 448 instead of refusing.")
 @click.option("--no-reconcile-fused", is_flag=True, help="Leave q/k/v shards with different global scales as they are (warn only).")
 @click.option("--from-bf16", is_flag=True, help="No export: quantize the base weights in Rust (weights-only amax).")
-@click.option("--activation-amax", type=float, default=None, help="--from-bf16: activation amax -> input_scale = amax/2688 (default 2688).")
+@click.option(
+    "--activation-amax", type=POSITIVE_FLOAT, default=None, help="--from-bf16: activation amax -> input_scale = amax/2688 (default 2688)."
+)
 @_common_build_options
 def build_nvfp4(**kw: Any) -> None:
     """Mixed BF16+NVFP4 transformer (SGLang build_modelopt_nvfp4_transformer semantics). --fallback takes globs."""
@@ -237,6 +280,8 @@ def _parse_components(spec: str | None) -> list[str] | None:
 def _print_components(rep: Any, as_json: bool, show_decisions: bool) -> None:
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
+        for r in rep.components.values():
+            _print_warnings(r)
         return
     for c, r in rep.components.items():
         click.echo(f"== {c} -> {r.output_dir or '(dry run)'}")
@@ -257,8 +302,8 @@ def _print_components(rep: Any, as_json: bool, show_decisions: bool) -> None:
     help='Per-layer policy {"fp8": [regex], "nvfp4": [regex], "bf16": [regex]} (key order = priority, '
     "first match wins, unmatched stay BF16); default: preset's unquantized set BF16, MLPs NVFP4, rest FP8.",
 )
-@click.option("--fp8-activation-amax", type=float, default=None, help="FP8 input_scale = amax/448 (default 448).")
-@click.option("--nvfp4-activation-amax", type=float, default=None, help="NVFP4 input_scale = amax/2688 (default 2688).")
+@click.option("--fp8-activation-amax", type=POSITIVE_FLOAT, default=None, help="FP8 input_scale = amax/448 (default 448).")
+@click.option("--nvfp4-activation-amax", type=POSITIVE_FLOAT, default=None, help="NVFP4 input_scale = amax/2688 (default 2688).")
 @click.option("--rounding", type=click.Choice(["exact", "modelopt"]), default="exact", show_default=True)
 @click.option(
     "--components",
@@ -271,21 +316,12 @@ def build_mixed(**kw: Any) -> None:
     """ModelOpt MIXED_PRECISION transformer (FP8 + NVFP4 + BF16 per layer) from the BF16 base, weights-only."""
     from dqfast.mixed import build_mixed_transformer
 
-    policy = None
-    policy_files: list[Path] = []
-    if kw["policy"]:
-        src = Path(kw["policy"])
-        if src.is_file():
-            policy_files.append(src)
-        text = src.read_text() if src.is_file() else kw["policy"]
-        try:
-            policy = json.loads(text)
-        except json.JSONDecodeError as e:
-            _fail(f"--policy is neither a JSON file nor JSON: {e}")
-    if kw["fallbacks"]:
-        policy = {"bf16": list(kw["fallbacks"]), **(policy or _default_policy_dict(kw))}
+    policy = _load_policy(kw["policy"]) if kw["policy"] else None
+    # A policy file is an input too: the output must not overwrite it.
+    policy_files = [kw["policy"]] if kw["policy"] and os.path.lexists(kw["policy"]) else []
     args = dict(
         policy=policy,
+        fallback=list(kw["fallbacks"]),
         model_type=kw["model_type"],
         fp8_activation_amax=kw["fp8_activation_amax"],
         nvfp4_activation_amax=kw["nvfp4_activation_amax"],
@@ -305,18 +341,25 @@ def build_mixed(**kw: Any) -> None:
     print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
 
 
-def _default_policy_dict(kw: dict[str, Any]) -> dict[str, list[str]]:
-    """The preset's default policy as an ordered dict (so --fallback can be put in front of it)."""
-    from dqfast.mixed import default_policy
-    from dqfast.presets import resolve_preset
-    from dqfast.quant_config import find_component_dir, load_json
+def _load_policy(spec: str) -> list[tuple[str, str]]:
+    """``--policy``: a JSON file when something is at that path (read as a regular file), else
+    inline JSON; validated here so the error names the file and the expected shape."""
+    import os
 
-    d = find_component_dir(kw["base_transformer_dir"])
-    cfg = load_json(d / "config.json") if (d / "config.json").is_file() else {}
-    out: dict[str, list[str]] = {}
-    for algo, pat in default_policy(resolve_preset(kw["model_type"], cfg)):
-        out.setdefault(algo, []).append(pat)
-    return out
+    from dqfast.errors import PlanError
+    from dqfast.mixed import parse_policy
+    from dqfast.quant_config import load_json, parse_json
+
+    if os.path.lexists(spec):
+        data: Any = _run(lambda: load_json(spec))
+        source = f"--policy {spec}"
+    else:
+        try:
+            data = parse_json(spec, "--policy")
+        except PlanError as e:
+            _fail(f"--policy is neither a file nor JSON ({e})")
+        source = "--policy"
+    return _run(lambda: parse_policy(data, source=source))
 
 
 @build.command("components")
@@ -336,7 +379,7 @@ def _default_policy_dict(kw: dict[str, Any]) -> dict[str, list[str]]:
 )
 @click.option("--modelopt-backbone-ckpt", default=None, help="backbone.pt per component; '{component}' is substituted.")
 @click.option("--from-bf16", is_flag=True, help="fp8/nvfp4: quantize the base weights (no export).")
-@click.option("--activation-amax", type=float, default=None, help="fp8/nvfp4 --from-bf16 activation amax.")
+@click.option("--activation-amax", type=POSITIVE_FLOAT, default=None, help="fp8/nvfp4 --from-bf16 activation amax.")
 @click.option("--weight-granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True)
 @_common_build_options
 def build_components_cmd(**kw: Any) -> None:
@@ -353,8 +396,8 @@ def build_components_cmd(**kw: Any) -> None:
             args["weight_granularity"] = kw["weight_granularity"]
             if kw["modelopt_backbone_ckpt"]:
                 args["modelopt_backbone_ckpt"] = kw["modelopt_backbone_ckpt"]
-    elif kw["fallbacks"]:
-        _fail("build components mixed: use 'build mixed --components' for policies")
+    else:
+        args["fallback"] = list(kw["fallbacks"])
     rep = _run(lambda: build_components(kind, kw["root"], kw["output_dir"], _parse_components(kw["components"]), **args))
     _print_components(rep, kw["as_json"], kw["dry_run"])
 
@@ -425,8 +468,8 @@ def verify_layers(base_dir: Path, quant_dir: Path, json_path: Path | None) -> No
 @verify.command("trajectory")
 @click.argument("base_dir", type=click.Path(exists=True, path_type=Path))
 @click.argument("quant_dir", type=click.Path(exists=True, path_type=Path))
-@click.option("--steps", default=8, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", type=AT_LEAST_ONE, default=8, show_default=True)
+@click.option("--seed", type=COUNT, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--png", "png_path", type=click.Path(path_type=Path), default=None, help="Per-step plot (needs matplotlib).")

@@ -99,9 +99,14 @@ def build_components(
     for c in comps:
         _core.check_output_paths(out_root / c, inputs, "--output-dir")
         if (out_root / c).exists() and not overwrite and not dry_run:
-            raise OutputExistsError(f"{out_root / c}: output already exists (pass --overwrite to replace it)", path=str(out_root / c))
+            raise OutputExistsError(
+                f"{out_root / c}: output already exists (pass --overwrite / overwrite=True to replace it)", path=str(out_root / c)
+            )
     report = ComponentsReport(output_dir=str(out_root), kind=kind)
     created: list[Path] = []
+    # The directories above the components that this call creates (the writer makes parents):
+    # removed again on failure, so a failed build leaves no empty output tree behind.
+    new_parents = [d for d in (out_root, *out_root.parents) if not os.path.lexists(d)]
     try:
         for c in comps:
             kw = dict(per_component[c])
@@ -118,5 +123,10 @@ def build_components(
     except BaseException:
         for p in created:
             shutil.rmtree(p, ignore_errors=True)
+        for d in new_parents:  # deepest first; rmdir only removes what is still empty
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
         raise
     return report

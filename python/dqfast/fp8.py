@@ -25,8 +25,19 @@ import numpy as np
 
 from dqfast import __version__
 from dqfast.errors import PlanError
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, check_paths, copy_sidecar_files, execute, new_plan, split_module
-from dqfast.presets import ModelPreset, resolve_preset
+from dqfast.plan import (
+    BuildReport,
+    IoMode,
+    ModuleDecision,
+    PlanBuilder,
+    check_paths,
+    check_quantized,
+    copy_sidecar_files,
+    execute,
+    new_plan,
+    split_module,
+)
+from dqfast.presets import ModelPreset, pattern_list, resolve_preset
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
 
@@ -72,21 +83,22 @@ def check_activation_amax(value: float | None, default: float, what: str = "acti
 def _output_config(src_cfg: dict[str, Any], quant_cfg: dict[str, Any], plan: PlanBuilder) -> None:
     out_cfg = dict(src_cfg)
     out_cfg["quantization_config"] = quant_cfg
-    plan.text_file("config.json", json.dumps(out_cfg, indent=2, sort_keys=True) + "\n")
-    qjson = json.dumps(quant_cfg, sort_keys=True)
+    # allow_nan=False: the output config is strict JSON, whatever slipped through.
+    plan.text_file("config.json", json.dumps(out_cfg, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    qjson = json.dumps(quant_cfg, sort_keys=True, allow_nan=False)
     plan.shard_metadata = {
         "format": "pt",
         "_class_name": str(src_cfg.get("_class_name", "")),
-        "config": json.dumps(out_cfg, sort_keys=True),
+        "config": json.dumps(out_cfg, sort_keys=True, allow_nan=False),
         "quantization_config": qjson,
         "_quantization_metadata": qjson,
         "dqfast_version": __version__,
     }
 
 
-def _fallback_res(patterns: Iterable[str]) -> list[re.Pattern[str]]:
+def _fallback_res(patterns: Iterable[str] | str) -> list[re.Pattern[str]]:
     out = []
-    for p in patterns:
+    for p in pattern_list(patterns):
         try:
             out.append(re.compile(p))
         except re.error as e:
@@ -110,7 +122,7 @@ def build_fp8_transformer(
     modelopt_backbone_ckpt: str | os.PathLike[str] | None = None,
     base_transformer_dir: str | os.PathLike[str] | None = None,
     model_type: str = "auto",
-    fallback: Iterable[str] = (),
+    fallback: Iterable[str] | str = (),
     from_bf16: bool = False,
     weight_granularity: Literal["channel", "tensor"] = "channel",
     activation_amax: float | None = None,
@@ -123,8 +135,14 @@ def build_fp8_transformer(
     fsync: bool = True,
     io: IoMode = "auto",
     component: str = "transformer",
+    force_model_type: bool = False,
+    strict: bool = False,
 ) -> BuildReport:
     """Build an FP8 transformer directory that SGLang Diffusion / vLLM-Omni load.
+
+    ``fallback``: regexes (one ``str`` is one pattern). ``model_type`` must match config.json's
+    ``_class_name`` unless ``force_model_type``; a build that quantizes nothing warns
+    (``report.warnings``), or fails with ``strict``.
 
     Raises :class:`dqfast.errors.DqfastError` subclasses naming the file, tensor and problem;
     nothing is left at ``output_dir`` on failure.
@@ -134,13 +152,25 @@ def build_fp8_transformer(
     extra = _fallback_res(fallback)
     if from_bf16:
         if base_transformer_dir is None:
-            raise PlanError("from_bf16 needs base_transformer_dir")
+            raise PlanError("from_bf16 (--from-bf16) needs base_transformer_dir (--base-transformer-dir)")
+        for flag, given in (("--modelopt-hf-dir", modelopt_hf_dir), ("--modelopt-backbone-ckpt", modelopt_backbone_ckpt)):
+            if given is not None:
+                # The export would be silently ignored: --from-bf16 quantizes the base itself.
+                raise PlanError(f"--from-bf16 and {flag} exclude each other (from_bf16=True ignores the export): pass one")
         report = _plan_from_bf16(
-            plan, Path(base_transformer_dir), model_type, extra, weight_granularity, activation_amax, _rounding(rounding), component
+            plan,
+            Path(base_transformer_dir),
+            model_type,
+            extra,
+            weight_granularity,
+            activation_amax,
+            _rounding(rounding),
+            component,
+            force_model_type,
         )
     else:
         if modelopt_hf_dir is None:
-            raise PlanError("a calibrated FP8 build needs modelopt_hf_dir (or use from_bf16)")
+            raise PlanError("a calibrated FP8 build needs --modelopt-hf-dir (modelopt_hf_dir), or use --from-bf16 (from_bf16=True)")
         report = _plan_calibrated(
             plan,
             Path(modelopt_hf_dir),
@@ -151,7 +181,9 @@ def build_fp8_transformer(
             _rounding(rounding),
             requantize,
             component,
+            force_model_type,
         )
+    check_quantized(report, report.counts.get("quantized", 0), strict)
     report.dry_run = dry_run
     if dry_run:
         check_paths(plan)
@@ -170,13 +202,14 @@ def _plan_calibrated(
     rounding: str,
     requantize: bool,
     component: str,
+    force_model_type: bool = False,
 ) -> BuildReport:
     from dqfast.amax import load_amax
 
     export_dir, export_cfg, qc = load_modelopt_export(hf_dir, component, lambda a: a in FP8_ALGOS, "FP8")
     per_channel = qc.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"
     export = open_checkpoint(export_dir)
-    preset = resolve_preset(model_type, export_cfg)
+    preset = resolve_preset(model_type, export_cfg, force_model_type)
     base = open_checkpoint(find_component_dir(base_dir, component)) if base_dir else None
     if backbone is not None:
         amax = load_amax(backbone)
@@ -207,7 +240,7 @@ def _plan_calibrated(
             if base is None:
                 raise PlanError(
                     f"module '{module}' matches fallback pattern {fb!r} but no base transformer was given "
-                    "(base_transformer_dir): its BF16 weights can only come from there"
+                    "(--base-transformer-dir): its BF16 weights can only come from there"
                 )
             report.decisions.append(ModuleDecision(module, "bf16-fallback", f"matches {fb}"))
             counts["bf16_fallback"] += 1
@@ -245,7 +278,7 @@ def _plan_calibrated(
                 if requantize or meta.dtype != "F8_E4M3":
                     if requantize:
                         if base is None:
-                            raise PlanError("requantize needs base_transformer_dir")
+                            raise PlanError("--requantize (requantize=True) needs --base-transformer-dir (base_transformer_dir)")
                         src_meta = _check_base_tensor(base, meta.name, meta.shape)
                         src = src_base
                     else:
@@ -360,10 +393,11 @@ def _plan_from_bf16(
     activation_amax: float | None,
     rounding: str,
     component: str,
+    force_model_type: bool = False,
 ) -> BuildReport:
     base_dir, base_cfg = load_float_base(base_dir, component, "from_bf16")
     base = open_checkpoint(base_dir)
-    preset = resolve_preset(model_type, base_cfg)
+    preset = resolve_preset(model_type, base_cfg, force_model_type)
     if granularity not in ("channel", "tensor"):
         raise PlanError(f"weight_granularity must be 'channel' or 'tensor', not '{granularity}'")
     per_row = granularity == "channel"
@@ -373,7 +407,7 @@ def _plan_from_bf16(
             "or use weight_granularity='channel' (FP8_PER_CHANNEL_PER_TOKEN, dynamic activations)"
         )
     if activation_amax is not None and not (np.isfinite(activation_amax) and activation_amax > 0):
-        raise PlanError(f"activation_amax is {activation_amax}; it must be finite and > 0")
+        raise PlanError(f"--activation-amax (activation_amax) is {activation_amax}; it must be finite and > 0")
     algo = "FP8_PER_CHANNEL_PER_TOKEN" if per_row else "FP8"
     src = plan.source(base.root)
     report = BuildReport(output_dir=str(plan.output_dir), quant_algo=algo)

@@ -32,7 +32,7 @@ from dqfast.errors import PlanError
 from dqfast.fp8 import E4M3_MAX, FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, check_activation_amax
 from dqfast.nvfp4 import GROUP, NVFP4_BOUND, fused_groups
 from dqfast.plan import BuildReport, IoMode, ModuleDecision, check_paths, execute, new_plan
-from dqfast.presets import ModelPreset, resolve_preset
+from dqfast.presets import ModelPreset, pattern_list, resolve_preset
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
 
@@ -61,26 +61,35 @@ def default_policy(preset: ModelPreset) -> list[tuple[str, str]]:
     return pol
 
 
-def parse_policy(policy: Mapping[str, Iterable[str]] | Policy) -> list[tuple[str, str]]:
-    """``{"fp8": [regex...], "nvfp4": [...], "bf16": [...]}`` (key order is priority order) or a
-    list of ``(algo, regex)`` pairs -> validated ordered rules."""
-    pairs: list[tuple[str, str]] = []
+def parse_policy(policy: Any, source: str = "policy") -> list[tuple[str, str]]:
+    """``{"fp8": [regex...], "nvfp4": [...], "bf16": [...]}`` (key order is priority order; one
+    ``str`` is one regex) or a list of ``(algo, regex)`` pairs -> validated ordered rules.
+    Any other shape is a PlanError naming ``source`` and the shape expected."""
+    shape = 'expected {"fp8"|"nvfp4"|"bf16": [regex, ...]} or [[algo, regex], ...]'
+    pairs: list[tuple[Any, Any]] = []
     if isinstance(policy, Mapping):
         for algo, pats in policy.items():
-            if isinstance(pats, str):
+            if isinstance(pats, (str, bytes)) or not isinstance(pats, Iterable) or isinstance(pats, Mapping):
                 pats = [pats]
             pairs += [(algo, p) for p in pats]
+    elif isinstance(policy, Iterable) and not isinstance(policy, (str, bytes)):
+        for item in policy:
+            if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+                raise PlanError(f"{source}: rule {item!r} is not an [algo, regex] pair; {shape}"[:300])
+            pairs.append((item[0], item[1]))
     else:
-        pairs = [(a, p) for a, p in policy]
+        raise PlanError(f"{source}: a policy cannot be {type(policy).__name__}; {shape}")
     out = []
     for algo, p in pairs:
         a = str(algo).lower()
-        if a not in ALGOS:
-            raise PlanError(f"policy algorithm '{algo}' is not one of {', '.join(ALGOS)}")
+        if not isinstance(algo, str) or a not in ALGOS:
+            raise PlanError(f"{source}: policy algorithm {algo!r} is not one of {', '.join(ALGOS)}; {shape}")
+        if not isinstance(p, str):
+            raise PlanError(f"{source}: {a} pattern {p!r} is not a string; {shape}"[:300])
         try:
             re.compile(p)
         except re.error as e:
-            raise PlanError(f"policy pattern '{p}' ({a}) is not a valid regex: {e}") from None
+            raise PlanError(f"{source}: policy pattern '{p}' ({a}) is not a valid regex: {e}") from None
         out.append((a, p))
     return out
 
@@ -97,6 +106,7 @@ def build_mixed_transformer(
     base_transformer_dir: str | os.PathLike[str],
     policy: Mapping[str, Iterable[str]] | Policy | None = None,
     *,
+    fallback: Iterable[str] | str = (),
     model_type: str = "auto",
     fp8_activation_amax: float | None = None,
     nvfp4_activation_amax: float | None = None,
@@ -109,8 +119,14 @@ def build_mixed_transformer(
     io: IoMode = "auto",
     component: str = "transformer",
     guard_inputs: Iterable[str | os.PathLike[str]] = (),
+    force_model_type: bool = False,
+    strict: bool = False,
 ) -> BuildReport:
     """Write a MIXED_PRECISION transformer directory built from the BF16 base.
+
+    ``fallback``: regexes of modules kept in BF16 before any policy rule (the preset's default
+    policy or ``policy``) is consulted; one ``str`` is one regex. A policy that quantizes no
+    layer is always an error (``strict`` is accepted for the builders' common signature).
 
     ``fp8_activation_amax`` -> FP8 ``input_scale = amax / 448`` (default 448, i.e. 1.0);
     ``nvfp4_activation_amax`` -> NVFP4 ``input_scale = amax / 2688`` (default 2688, i.e. 1.0).
@@ -128,8 +144,10 @@ def build_mixed_transformer(
     amax: dict[str, float] = {}
     for key, val, dflt in (("fp8", fp8_activation_amax, E4M3_MAX), ("nvfp4", nvfp4_activation_amax, NVFP4_BOUND)):
         amax[key] = check_activation_amax(val, dflt, f"{key}_activation_amax")
-    preset = resolve_preset(model_type, base_cfg)
-    rules = default_policy(preset) if policy is None else parse_policy(policy)
+    preset = resolve_preset(model_type, base_cfg, force_model_type)
+    # --fallback comes first: merged with the policy, never replaced by its own bf16 key.
+    rules = [("bf16", p) for p in pattern_list(fallback, "fallback (--fallback)")]
+    rules = parse_policy(rules) + (default_policy(preset) if policy is None else parse_policy(policy))
     base = open_checkpoint(base_dir)
     src = plan.source(base.root)
     mods = _group_modules(base)

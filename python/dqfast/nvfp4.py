@@ -26,8 +26,18 @@ import numpy as np
 from dqfast import __version__, _core
 from dqfast.errors import PlanError
 from dqfast.fp8 import FLOAT_DTYPES, _check_base_tensor, _group_modules, _ignore_entries, _output_config, check_activation_amax
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, check_paths, copy_sidecar_files, execute, new_plan
-from dqfast.presets import ModelPreset, glob_to_regex, resolve_preset
+from dqfast.plan import (
+    BuildReport,
+    IoMode,
+    ModuleDecision,
+    PlanBuilder,
+    check_paths,
+    check_quantized,
+    copy_sidecar_files,
+    execute,
+    new_plan,
+)
+from dqfast.presets import ModelPreset, glob_to_regex, pattern_list, resolve_preset
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import TensorMeta, open_checkpoint, read_tensor
 
@@ -78,8 +88,8 @@ def nan_scale_bytes(meta: TensorMeta) -> int:
     return int(np.count_nonzero((raw & 0x7F) == 0x7F))
 
 
-def _fallback_globs(patterns: Iterable[str]) -> list[re.Pattern[str]]:
-    return [re.compile(glob_to_regex(p)) for p in patterns]
+def _fallback_globs(patterns: Iterable[str] | str) -> list[re.Pattern[str]]:
+    return [re.compile(glob_to_regex(p)) for p in pattern_list(patterns)]
 
 
 def build_nvfp4_transformer(
@@ -88,7 +98,7 @@ def build_nvfp4_transformer(
     modelopt_hf_dir: str | os.PathLike[str] | None = None,
     base_transformer_dir: str | os.PathLike[str] | None = None,
     model_type: str = "auto",
-    fallback: Iterable[str] = (),
+    fallback: Iterable[str] | str = (),
     swap_weight_nibbles: bool = False,
     repair_nan_scales: bool = False,
     reconcile_fused_scales: bool = True,
@@ -101,32 +111,41 @@ def build_nvfp4_transformer(
     fsync: bool = True,
     io: IoMode = "auto",
     component: str = "transformer",
+    force_model_type: bool = False,
+    strict: bool = False,
 ) -> BuildReport:
     """Build a mixed BF16+NVFP4 transformer directory (SGLang Diffusion / vLLM-Omni layout).
 
-    ``fallback`` takes globs (``.`` literal, ``*`` any run, full match), like SGLang's
-    ``--keep-bf16-pattern`` for this builder.
+    ``fallback`` takes globs (``.`` literal, ``*`` any run, full match; one ``str`` is one glob),
+    like SGLang's ``--keep-bf16-pattern`` for this builder. ``force_model_type`` and ``strict``
+    as in :func:`dqfast.fp8.build_fp8_transformer`.
     """
     plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
     plan.guard(modelopt_hf_dir, base_transformer_dir)
+    fallback = pattern_list(fallback)
     if from_bf16:
         if base_transformer_dir is None:
-            raise PlanError("from_bf16 needs base_transformer_dir")
-        report = _plan_from_bf16(plan, Path(base_transformer_dir), model_type, list(fallback), activation_amax, component)
+            raise PlanError("from_bf16 (--from-bf16) needs base_transformer_dir (--base-transformer-dir)")
+        if modelopt_hf_dir is not None:
+            # The export would be silently ignored: --from-bf16 quantizes the base itself.
+            raise PlanError("--from-bf16 and --modelopt-hf-dir exclude each other (from_bf16=True ignores the export): pass one")
+        report = _plan_from_bf16(plan, Path(base_transformer_dir), model_type, fallback, activation_amax, component, force_model_type)
     else:
         if modelopt_hf_dir is None:
-            raise PlanError("an NVFP4 build needs modelopt_hf_dir (or use from_bf16)")
+            raise PlanError("an NVFP4 build needs --modelopt-hf-dir (modelopt_hf_dir), or use --from-bf16 (from_bf16=True)")
         report = _plan_export(
             plan,
             Path(modelopt_hf_dir),
             Path(base_transformer_dir) if base_transformer_dir else None,
             model_type,
-            list(fallback),
+            fallback,
             swap_weight_nibbles,
             repair_nan_scales,
             reconcile_fused_scales,
             component,
+            force_model_type,
         )
+    check_quantized(report, report.counts.get("nvfp4", 0), strict)
     report.dry_run = dry_run
     if dry_run:
         check_paths(plan)
@@ -149,10 +168,11 @@ def _plan_export(
     repair: bool,
     reconcile: bool,
     component: str,
+    force_model_type: bool = False,
 ) -> BuildReport:
     export_dir, export_cfg, qc = load_modelopt_export(hf_dir, component, lambda a: "FP4" in a, "NVFP4")
     export = open_checkpoint(export_dir)
-    preset = resolve_preset(model_type, export_cfg)
+    preset = resolve_preset(model_type, export_cfg, force_model_type)
     extra = _fallback_globs(fallback)
     base = open_checkpoint(find_component_dir(base_dir, component)) if base_dir else None
     src_export = plan.source(export_dir)
@@ -205,7 +225,9 @@ def _plan_export(
     for module, parts in mods.items():
         if fb[module] is not None and "weight" in parts:
             if base is None:
-                raise PlanError(f"module '{module}' matches fallback pattern {fb[module]!r} but no base transformer was given")
+                raise PlanError(
+                    f"module '{module}' matches fallback pattern {fb[module]!r} but no base transformer was given (--base-transformer-dir)"
+                )
             report.decisions.append(ModuleDecision(module, "bf16-fallback", f"matches {fb[module]}"))
             counts["bf16_fallback"] += 1
             for suffix, meta in parts.items():
@@ -288,11 +310,12 @@ def _plan_from_bf16(
     fallback: list[str],
     activation_amax: float | None,
     component: str,
+    force_model_type: bool = False,
 ) -> BuildReport:
     base_dir, base_cfg = load_float_base(base_dir, component, "from_bf16")
     a_amax = check_activation_amax(activation_amax, NVFP4_BOUND)
     base = open_checkpoint(base_dir)
-    preset = resolve_preset(model_type, base_cfg)
+    preset = resolve_preset(model_type, base_cfg, force_model_type)
     extra = _fallback_globs(fallback)
     src = plan.source(base.root)
     mods = _group_modules(base)

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dqfast import _core
+from dqfast.errors import PlanError
 
-__all__ = ["PlanBuilder", "ModuleDecision", "BuildReport", "execute", "parse_size"]
+__all__ = ["PlanBuilder", "ModuleDecision", "BuildReport", "check_quantized", "execute", "parse_size"]
 
 Rounding = Literal["exact", "modelopt"]
 # How the engine moves bytes (dqfast-core `IoMode`): "auto" reads source tensors that are not in
@@ -35,16 +36,32 @@ def split_module(tensor: str) -> tuple[str, str]:
     return tensor, ""
 
 
-def parse_size(s: str | int) -> int:
-    """``5GB`` / ``500MB`` / ``4GiB`` / plain bytes."""
-    if isinstance(s, int):
+SIZE_UNITS = {"TIB": 1 << 40, "GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10, "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+SIZE_EXAMPLES = "examples: 5GB, 500MiB, 1000000"
+
+
+def parse_size(s: str | int, what: str = "size") -> int:
+    """``5GB`` / ``500MB`` / ``4GiB`` / plain bytes -> a non-negative byte count; anything else
+    (``5X``, ``-1``, ``inf``, ``nan``, a float, a bool) is a PlanError naming ``what``."""
+    if isinstance(s, int) and not isinstance(s, bool):
+        if s < 0:
+            raise PlanError(f"{what} {s}: a size cannot be negative")
         return s
+    if not isinstance(s, str):
+        raise PlanError(f"{what} {s!r}: not a size ({SIZE_EXAMPLES})")
     t = s.strip().upper().replace(" ", "")
-    units = {"TIB": 1 << 40, "GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10, "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    for u, m in units.items():
+    number, mult = t, 1
+    for u, m in SIZE_UNITS.items():
         if t.endswith(u):
-            return int(float(t[: -len(u)]) * m)
-    return int(t)
+            number, mult = t[: -len(u)], m
+            break
+    # Digits and one optional decimal point only: float() would also take inf, nan, 1e3, -5, _.
+    if not number or not all(c.isdigit() and c.isascii() for c in number.replace(".", "", 1)):
+        raise PlanError(f"{what} '{s}': not a size ({SIZE_EXAMPLES})")
+    if "." in number:
+        whole, frac = number.split(".")
+        return int(whole or "0") * mult + int(frac.ljust(30, "0")[:30] or "0") * mult // 10**30
+    return int(number) * mult
 
 
 @dataclass
@@ -84,6 +101,17 @@ class BuildReport:
         return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
+def check_quantized(report: BuildReport, quantized: int, strict: bool) -> None:
+    """A build that quantizes no module writes a copy of its input under a quantized config:
+    a warning in the report (the CLI prints it on stderr), an error with ``strict``."""
+    if quantized:
+        return
+    msg = "no module was quantized: the output is a copy of the input (check --model-type, --fallback and the input)"
+    if strict:
+        raise PlanError(f"{msg}; refused by --strict (strict=True)")
+    report.warnings.append(msg)
+
+
 class PlanBuilder:
     """Accumulates a plan in the JSON form the Rust engine reads (``dqfast-core::plan::Plan``)."""
 
@@ -104,8 +132,6 @@ class PlanBuilder:
         self.threads = threads
         self.fsync = fsync
         if io not in IO_MODES:
-            from dqfast.errors import PlanError
-
             raise PlanError(f"io must be one of {', '.join(IO_MODES)}, not {io!r}")
         self.io = io
         self.file_prefix = file_prefix
@@ -180,8 +206,15 @@ def new_plan(
     if out.exists() and not overwrite and not dry_run:
         from dqfast.errors import OutputExistsError
 
-        raise OutputExistsError(f"{out}: output already exists (pass --overwrite to replace it)", path=str(out))
-    return PlanBuilder(out, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), threads=threads, fsync=fsync, io=io)
+        raise OutputExistsError(f"{out}: output already exists (pass --overwrite / overwrite=True to replace it)", path=str(out))
+    return PlanBuilder(
+        out,
+        overwrite=overwrite,
+        max_shard_bytes=parse_size(max_shard_size, "max_shard_size (--max-shard-size)"),
+        threads=threads,
+        fsync=fsync,
+        io=io,
+    )
 
 
 def copy_sidecar_files(plan: PlanBuilder, src_dir: Path) -> None:

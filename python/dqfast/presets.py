@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
-__all__ = ["ModelPreset", "PRESETS", "get_preset", "detect_preset", "glob_to_regex"]
+from dqfast.errors import PlanError
+
+__all__ = ["ModelPreset", "PRESETS", "get_preset", "detect_preset", "resolve_preset", "glob_to_regex", "pattern_list"]
 
 # SGLang's builder: module-name variants that drop these wrapper prefixes.
 _WRAPPER_PREFIXES = ("model.diffusion_model.", "velocity_model.")
@@ -272,20 +276,59 @@ def get_preset(name: str) -> ModelPreset:
     try:
         return PRESETS[key]
     except KeyError:
-        raise ValueError(f"unknown model type '{name}' (known: {', '.join(sorted(PRESETS))}, auto)") from None
+        raise PlanError(f"unknown model type '{name}' (known: {', '.join(sorted(PRESETS))}, auto)") from None
+
+
+def _class_name(config: dict | None) -> str:
+    cls = (config or {}).get("_class_name", "")
+    if not isinstance(cls, str):
+        raise PlanError(f"config.json field '_class_name' must be a string, not {type(cls).__name__}")
+    return cls
 
 
 def detect_preset(config: dict | None) -> ModelPreset:
     """The preset whose class names include the config's ``_class_name``, else ``none``."""
-    cls = (config or {}).get("_class_name", "")
+    cls = _class_name(config)
     for p in PRESETS.values():
         if cls in p.class_names:
             return p
     return PRESETS["none"]
 
 
-def resolve_preset(model_type: str, config: dict | None) -> ModelPreset:
-    return detect_preset(config) if model_type == "auto" else get_preset(model_type)
+def resolve_preset(model_type: str, config: dict | None, force: bool = False) -> ModelPreset:
+    """The preset for ``model_type`` (``auto``: from config.json's ``_class_name``).
+
+    A named preset whose ``class_names`` do not include the checkpoint's ``_class_name`` would
+    choose the wrong modules to keep in BF16 without a word: refused unless ``force``."""
+    if not isinstance(model_type, str):
+        raise PlanError(f"model_type (--model-type) must be a string, not {type(model_type).__name__}")
+    if model_type == "auto":
+        return detect_preset(config)
+    preset = get_preset(model_type)
+    cls = _class_name(config)
+    if preset.class_names and cls and cls not in preset.class_names and not force:
+        raise PlanError(
+            f"--model-type {model_type} is for {', '.join(preset.class_names)}, but config.json says _class_name "
+            f"'{cls}' (preset {detect_preset(config).name}); use --model-type auto, or --force-model-type "
+            "(force_model_type=True) if you mean it"
+        )
+    return preset
+
+
+def pattern_list(patterns: Any, what: str = "fallback (--fallback)") -> list[str]:
+    """A list of patterns from what the API accepts: None, one pattern as a ``str`` (never
+    iterated per character), or an iterable of ``str``; anything else is a PlanError."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [patterns]
+    if isinstance(patterns, (bytes, dict)) or not isinstance(patterns, Iterable):
+        raise PlanError(f"{what}: expected a pattern or a list of patterns, not {type(patterns).__name__}")
+    out = list(patterns)
+    for p in out:
+        if not isinstance(p, str):
+            raise PlanError(f"{what}: pattern {p!r} is not a string")
+    return out
 
 
 def ignore_pattern_matches(pattern: str, name: str) -> bool:

@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from dqfast.cli_types import AT_LEAST_ONE, COUNT
+
 
 @click.command("ptq")
 @click.option(
@@ -35,18 +37,18 @@ import click
     default=None,
     help="Calibration prompts, one per line (default: dqfast's built-in set).",
 )
-@click.option("--calib-size", type=int, default=128, show_default=True, help="Prompts used for calibration.")
-@click.option("--n-steps", type=int, default=30, show_default=True, help="Denoising steps per calibration batch.")
-@click.option("--batch-size", type=int, default=2, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--height", type=int, default=None, help="Calibration image height in pixels (default: ModelOpt's per model).")
-@click.option("--width", type=int, default=None, help="Calibration image width in pixels.")
-@click.option("--num-frames", type=int, default=None, help="Calibration video frames (Wan).")
-@click.option("--text-len", type=int, default=512, show_default=True, help="Text tokens of the pseudo-embeddings.")
+@click.option("--calib-size", type=AT_LEAST_ONE, default=128, show_default=True, help="Prompts used for calibration.")
+@click.option("--n-steps", type=AT_LEAST_ONE, default=30, show_default=True, help="Denoising steps per calibration batch.")
+@click.option("--batch-size", type=AT_LEAST_ONE, default=2, show_default=True)
+@click.option("--seed", type=COUNT, default=0, show_default=True)
+@click.option("--height", type=AT_LEAST_ONE, default=None, help="Calibration image height in pixels (default: ModelOpt's per model).")
+@click.option("--width", type=AT_LEAST_ONE, default=None, help="Calibration image width in pixels.")
+@click.option("--num-frames", type=AT_LEAST_ONE, default=None, help="Calibration video frames (Wan).")
+@click.option("--text-len", type=AT_LEAST_ONE, default=512, show_default=True, help="Text tokens of the pseudo-embeddings.")
 @click.option("--quantize-mha", is_flag=True, help="Also quantize attention Q/K/V BMMs (FP8), as ModelOpt's --quantize-mha.")
 @click.option("--build", is_flag=True, help="Run dqfast build fp8|nvfp4 into <out>/dqfast/<component>.")
 @click.option("--verify", is_flag=True, help="Layer and trajectory verification into <out>/report.json (implies --build).")
-@click.option("--verify-steps", type=int, default=None, help="Trajectory steps (default: min(n-steps, 8)).")
+@click.option("--verify-steps", type=AT_LEAST_ONE, default=None, help="Trajectory steps (default: min(n-steps, 8)).")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

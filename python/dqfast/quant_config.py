@@ -17,10 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dqfast._files import read_regular, typed_error
 from dqfast.errors import PlanError
 from dqfast.presets import ignore_pattern_matches
 
-__all__ = ["QuantConfig", "find_component_dir", "load_json", "resolve_quant_config", "MODELOPT_METHODS"]
+__all__ = [
+    "QuantConfig",
+    "find_component_dir",
+    "load_json",
+    "load_json_if_present",
+    "parse_json",
+    "resolve_quant_config",
+    "MODELOPT_METHODS",
+]
 
 MODELOPT_METHODS = frozenset({"modelopt", "modelopt_fp4", "modelopt_fp8", "modelopt_mixed"})
 KNOWN_ALGOS = frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4", "W4A16_NVFP4", "MIXED_PRECISION"})
@@ -55,14 +64,81 @@ class QuantConfig:
         return None
 
 
-def load_json(path: Path) -> dict[str, Any]:
+#: Deeper than this is no model config: refused before anything walks it recursively.
+MAX_JSON_DEPTH = 64
+#: A config or index JSON larger than this is refused before it is read.
+MAX_JSON_BYTES = 64 << 20
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (strict JSON has no NaN/Infinity)")
+
+
+def _depth(v: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(v, 1)]
+    while stack:
+        x, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(x, dict):
+            stack.extend((y, d + 1) for y in x.values())
+        elif isinstance(x, list):
+            stack.extend((y, d + 1) for y in x)
+    return deepest
+
+
+def parse_json(text: str | bytes, source: str) -> Any:
+    """Strict JSON (UTF-8, no NaN/Infinity, at most :data:`MAX_JSON_DEPTH` deep) or a
+    PlanError naming ``source``: whatever is read here may be written back into an output, which
+    must be strict JSON too."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise typed_error(PlanError, f"{source}: not UTF-8 ({e.reason} at byte {e.start})", source) from None
     try:
-        with open(path, encoding="utf-8") as f:
-            v = json.load(f)
-    except json.JSONDecodeError as e:
-        raise PlanError(f"{path}: not valid JSON: {e}", path=str(path)) from None
+        v = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise typed_error(PlanError, f"{source}: JSON nested too deeply", source) from None
+    except ValueError as e:  # JSONDecodeError, and the NaN/Infinity refusal
+        raise typed_error(PlanError, f"{source}: not valid JSON: {e}", source) from None
+    if _depth(v) > MAX_JSON_DEPTH:
+        raise typed_error(PlanError, f"{source}: JSON nested more than {MAX_JSON_DEPTH} levels deep", source)
+    return v
+
+
+def load_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON object file (regular file, strict JSON, see :func:`parse_json`)."""
+    v = parse_json(read_regular(path, "JSON file", PlanError, limit=MAX_JSON_BYTES), str(path))
     if not isinstance(v, dict):
-        raise PlanError(f"{path}: expected a JSON object", path=str(path))
+        raise typed_error(PlanError, f"{path}: expected a JSON object, found {_json_type(v)}", path)
+    return v
+
+
+def load_json_if_present(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """:func:`load_json`, or None when nothing is at ``path`` (a FIFO or dangling link there is
+    an error, not an absence)."""
+    return load_json(path) if os.path.lexists(path) else None
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(v), "a number")
+
+
+def _field(cfg: dict[str, Any], key: str, want: type | tuple[type, ...], source: str, what: str) -> Any:
+    """``cfg[key]`` (None when absent or null) if it has JSON type ``want``, else a PlanError
+    naming the file and the field."""
+    v = cfg.get(key)
+    if v is None:
+        return None
+    wants = want if isinstance(want, tuple) else (want,)
+    if isinstance(v, bool) and bool not in wants:
+        ok = False
+    else:
+        ok = isinstance(v, wants)
+    if not ok:
+        names = " or ".join(_json_type(w()) if w is not int else "an integer" for w in wants)
+        raise typed_error(PlanError, f"{source}: field '{key}' must be {names}, found {_json_type(v)} {json.dumps(v)[:60]}", source)
     return v
 
 
@@ -71,43 +147,64 @@ def find_component_dir(path: str | os.PathLike[str], component: str = "transform
     p = Path(path)
     if not p.exists():
         raise PlanError(f"{p}: does not exist", path=str(p))
-    if (p / "config.json").is_file():
+    # lexists: a config.json that is a FIFO or a dangling link is this dir's config (and then
+    # refused when read), never skipped.
+    if os.path.lexists(p / "config.json"):
         return p
-    if (p / component / "config.json").is_file():
+    if os.path.lexists(p / component / "config.json"):
         return p / component
     if p.is_dir() and any(p.glob("*.safetensors")):
         return p
     raise PlanError(f"{p}: no config.json here or in {component}/", path=str(p))
 
 
+def _str_list(cfg: dict[str, Any], key: str, source: str) -> list[str] | None:
+    v = _field(cfg, key, list, source, key)
+    if v is not None and not all(isinstance(x, str) for x in v):
+        raise typed_error(PlanError, f"{source}: field '{key}' must be a list of strings", source)
+    return v
+
+
 def _normalize(cfg: dict[str, Any], source: str) -> QuantConfig | None:
-    method = str(cfg.get("quant_method", cfg.get("method", ""))).lower()
-    producer = cfg.get("producer") or {}
+    method = _field(cfg, "quant_method", str, source, "") or _field(cfg, "method", str, source, "") or ""
+    method = method.lower()
+    producer = _field(cfg, "producer", dict, source, "") or {}
     if method not in MODELOPT_METHODS and producer.get("name") != "modelopt":
         return None
-    algo = cfg.get("quant_algo")
-    if algo is None and isinstance(cfg.get("quantization"), dict):
-        algo = cfg["quantization"].get("quant_algo")
+    algo = _field(cfg, "quant_algo", str, source, "")
+    quantization = _field(cfg, "quantization", dict, source, "")
+    if algo is None and quantization is not None:
+        algo = _field(quantization, "quant_algo", str, f"{source} 'quantization'", "")
     if algo is None:
         algo = {"modelopt_fp4": "NVFP4", "modelopt_fp8": "FP8", "modelopt_mixed": "MIXED_PRECISION"}.get(method)
     if algo is None:
-        raise PlanError(f"{source}: modelopt quantization config without quant_algo")
-    algo = str(algo).upper()
+        raise typed_error(PlanError, f"{source}: modelopt quantization config without quant_algo", source)
+    algo = algo.upper()
     if algo not in KNOWN_ALGOS:
-        raise PlanError(f"{source}: unsupported quant_algo '{algo}' (known: {', '.join(sorted(KNOWN_ALGOS))})")
-    ignore = cfg.get("ignore", cfg.get("exclude_modules")) or []
-    group_size = cfg.get("group_size")
+        raise typed_error(PlanError, f"{source}: unsupported quant_algo '{algo}' (known: {', '.join(sorted(KNOWN_ALGOS))})", source)
+    ignore = _str_list(cfg, "ignore", source)
+    if ignore is None:
+        ignore = _str_list(cfg, "exclude_modules", source)
+    group_size = _field(cfg, "group_size", int, source, "")
     if group_size is None:
-        for g in (cfg.get("config_groups") or {}).values():
-            gs = (g.get("weights") or {}).get("group_size")
+        for name, g in (_field(cfg, "config_groups", dict, source, "") or {}).items():
+            if not isinstance(g, dict):
+                raise typed_error(PlanError, f"{source}: field 'config_groups.{name}' must be an object", source)
+            weights = _field(g, "weights", dict, f"{source} 'config_groups.{name}'", "") or {}
+            gs = _field(weights, "group_size", int, f"{source} 'config_groups.{name}.weights'", "")
             if gs:
-                group_size = int(gs)
-    layers = cfg.get("quantized_layers") or {}
+                group_size = gs
+    if group_size is not None and group_size <= 0:
+        raise typed_error(PlanError, f"{source}: field 'group_size' is {group_size}; it must be > 0", source)
+    layers = _field(cfg, "quantized_layers", dict, source, "") or {}
+    for name, spec in layers.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("quant_algo"), str):
+            raise typed_error(PlanError, f"{source}: field 'quantized_layers.{name}' must be an object with a string 'quant_algo'", source)
     if algo == "MIXED_PRECISION" and not layers:
-        raise PlanError(f"{source}: MIXED_PRECISION config without quantized_layers")
+        raise typed_error(PlanError, f"{source}: MIXED_PRECISION config without quantized_layers", source)
     return QuantConfig(
         quant_algo=algo,
-        ignore=list(ignore),
+        ignore=list(ignore or []),
         quantized_layers=dict(layers),
         group_size=group_size,
         producer=dict(producer),
@@ -120,13 +217,13 @@ def resolve_quant_config(component_dir: str | os.PathLike[str]) -> QuantConfig |
     """The quantization config of a component directory, from whichever form it carries."""
     d = Path(component_dir)
     cfg_path = d / "config.json"
-    if cfg_path.is_file():
-        qc = load_json(cfg_path).get("quantization_config")
-        if isinstance(qc, dict):
-            return _normalize(qc, str(cfg_path))
+    cfg = load_json_if_present(cfg_path)
+    if cfg is not None and cfg.get("quantization_config") is not None:
+        return _normalize(_field(cfg, "quantization_config", dict, str(cfg_path), ""), str(cfg_path))
     legacy = d / "hf_quant_config.json"
-    if legacy.is_file():
-        q = load_json(legacy).get("quantization") or {}
+    legacy_cfg = load_json_if_present(legacy)
+    if legacy_cfg is not None:
+        q = _field(legacy_cfg, "quantization", dict, str(legacy), "") or {}
         flat = {
             "quant_method": "modelopt",
             "quant_algo": q.get("quant_algo"),
@@ -149,12 +246,10 @@ def _from_safetensors_metadata(d: Path) -> QuantConfig | None:
     md = info.first_metadata()
     for key in ("_quantization_metadata", "quantization_config"):
         if key in md:
-            try:
-                cfg = json.loads(md[key])
-            except json.JSONDecodeError:
-                continue
+            source = f"{info.files[0]} metadata '{key}'"
+            cfg = parse_json(md[key], source)
             if isinstance(cfg, dict):
-                return _normalize(cfg, f"{info.files[0]} metadata '{key}'")
+                return _normalize(cfg, source)
     return _from_tensor_families(info)
 
 
@@ -194,7 +289,7 @@ def load_modelopt_export(
     refusing exports that are not ModelOpt or whose ``quant_algo`` this builder does not take."""
     export_dir = find_component_dir(hf_dir, component)
     cfg_path = export_dir / "config.json"
-    export_cfg = load_json(cfg_path) if cfg_path.is_file() else {}
+    export_cfg = load_json_if_present(cfg_path) or {}
     qc = resolve_quant_config(export_dir)
     if qc is None:
         raise PlanError(f"{cfg_path}: no ModelOpt quantization_config (quant_method must be 'modelopt')")
@@ -206,7 +301,7 @@ def load_modelopt_export(
 def load_float_base(base_dir: str | os.PathLike[str], component: str, builder: str) -> tuple[Path, dict[str, Any]]:
     """A BF16/FP16/FP32 transformer dir and its config; an already quantized one is refused."""
     d = find_component_dir(base_dir, component)
-    cfg = load_json(d / "config.json") if (d / "config.json").is_file() else {}
+    cfg = load_json_if_present(d / "config.json") or {}
     if resolve_quant_config(d) is not None:
         raise PlanError(f"{d}: already quantized; {builder} takes a BF16/FP16/FP32 transformer")
     return d, cfg

@@ -15,7 +15,7 @@ import numpy as np
 
 from dqfast import _core
 
-__all__ = ["TensorMeta", "CheckpointInfo", "open_checkpoint", "read_tensor", "to_float32"]
+__all__ = ["TensorMeta", "CheckpointInfo", "FLOAT_DTYPES", "open_checkpoint", "read_tensor", "to_float32"]
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,24 @@ _NUMPY = {
 }
 
 
+#: Float storage dtypes :func:`to_float32` decodes to their values (every other dtype is integer
+#: or bool: ``astype`` would give bit patterns or counts, not values).
+FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
+
+
 def to_float32(dtype: str, raw: np.ndarray) -> np.ndarray:
     """Decode raw storage (as returned by :func:`read_tensor` with ``raw=True``) to float32."""
     if dtype == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
     if dtype == "F8_E4M3":
         return np.frombuffer(_core.e4m3_to_f32(raw.tobytes()), dtype=np.float32).reshape(raw.shape)
+    if dtype == "F8_E5M2":
+        # e5m2 is the high byte of an IEEE half (same sign/exponent layout): exact, NaN/inf kept.
+        return (raw.astype(np.uint16) << 8).view(np.float16).astype(np.float32)
+    if dtype == "F8_E8M0":
+        # Exponent-only scale: 2^(b - 127); 0xFF is NaN (OCP MX spec).
+        scale = np.ldexp(np.float32(1.0), np.minimum(raw, 0xFE).astype(np.int32) - 127)
+        return np.where(raw == 0xFF, np.float32(np.nan), scale).astype(np.float32)
     return raw.astype(np.float32)
 
 

@@ -67,7 +67,13 @@ DEFAULT_NEGATIVE_PROMPT = "blurry, low quality, static, overexposed, distorted, 
 
 def load_prompts(path: str | Path) -> list[str]:
     """One prompt per line; blank lines skipped, surrounding whitespace stripped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    from dqfast._files import read_regular
+    from dqfast.errors import PlanError
+
+    try:
+        lines = read_regular(path, "prompts file", PlanError, limit=64 << 20).decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise PlanError(f"{path}: prompts file is not UTF-8 ({e.reason} at byte {e.start})") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"{path}: no prompts (one per line expected)")

@@ -31,6 +31,7 @@ from typing import Any
 from dqfast import _core
 from dqfast import presets as model_presets
 from dqfast.errors import OutputExistsError
+from dqfast.quant_config import load_json
 
 from .calibration import CalibConfig, calibrate_denoising, model_family
 from .presets import MODELOPT_SOURCE, get_preset
@@ -85,7 +86,7 @@ def load_transformer(component_dir: str | Path, dtype: Any = None) -> Any:
 
     component_dir = Path(component_dir)
     dtype = dtype or torch.bfloat16
-    config = json.loads((component_dir / "config.json").read_text())
+    config = load_json(component_dir / "config.json")  # regular file, strict JSON, typed errors
     cls_name = config.get("_class_name")
     cls = getattr(diffusers, str(cls_name), None)
     if cls is None:
@@ -106,7 +107,7 @@ def _read_state_dict(component_dir: Path) -> dict[str, Any]:
 
     index = component_dir / "diffusion_pytorch_model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(load_json(index)["weight_map"].values()))
     else:
         files = [p.name for p in sorted(component_dir.glob("*.safetensors"))]
     if not files:
@@ -146,7 +147,7 @@ def _resolve_inputs(model_or_dir: Any, components: Sequence[str] | None) -> tupl
         return {n: comps[n] for n in names}, {}, cfg
     root = Path(model_or_dir)
     if (root / "model_index.json").exists():
-        index = json.loads((root / "model_index.json").read_text())
+        index = load_json(root / "model_index.json")
         names = (
             list(components)
             if components

@@ -8,6 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dqfast._files import typed_error
+from dqfast.errors import CheckpointError
+from dqfast.reader import open_checkpoint
+
 
 def summarize_layers(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Worst layer, SNR spread, outliers and NaN layers of a ``layer_errors`` table (rows kept)."""
@@ -55,7 +59,21 @@ def verify_checkpoint(
     for flag, out in (("--json", json_path), ("--png", png_path), ("--png", png_path and Path(png_path).with_suffix(".trajectory.json"))):
         if out is not None:
             _core.check_output_paths(out, [base_dir, quant_dir], flag)
-    rows = layer_errors(base_dir, quant_dir)
+    # Both checkpoints go through dqfast's validating reader first (every header, every offset
+    # against the real file size): the safetensors library used below would otherwise meet a
+    # truncated file with its own untyped exception.
+    for d in (base_dir, quant_dir):
+        open_checkpoint(d)
+    try:
+        rows = layer_errors(base_dir, quant_dir)
+    except CheckpointError:
+        raise
+    except (ValueError, OSError) as e:  # CheckpointMismatch and the safetensors library's errors
+        raise typed_error(CheckpointError, f"{quant_dir}: {e}", quant_dir) from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise typed_error(CheckpointError, f"{quant_dir}: {e}", quant_dir) from None
     report: dict[str, Any] = {"base": str(base_dir), "quantized": str(quant_dir), "layer_summary": summarize_layers(rows)}
     if trajectory_check:
         from dqfast.ptq.calibration import CalibConfig, model_family, timestep_scale, trajectory_inputs

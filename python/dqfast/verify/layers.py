@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from dqfast.errors import CheckpointError
+
 from ..runtime import quant as Q
 from ..runtime.loader import FP8_ALGOS, _Reader, _tensor_files, read_quant_spec
 
@@ -31,7 +33,7 @@ def _dequantize(reader: _Reader, module: str, swap_nibbles: bool) -> tuple[torch
             w = Q.swap_nibbles(w)
         gs = reader.get(f"{module}.weight_scale_2").float().reshape(())
         return Q.nvfp4_dequantize(w, block, gs), "NVFP4", nan_bytes
-    raise ValueError(f"{module}.weight has dtype {w.dtype}; not a quantized weight")
+    raise CheckpointError(f"{module}.weight has dtype {w.dtype}; not a quantized weight")
 
 
 def _metrics(ref: torch.Tensor, deq: torch.Tensor) -> dict:
@@ -66,7 +68,7 @@ def layer_errors(base_dir: str | Path, quant_dir: str | Path) -> list[dict]:
             algo = spec.quant_algo
         base = breader.get(f"{module}.weight")
         if tuple(base.shape) != tuple(deq.shape):
-            raise ValueError(f"{module}: base shape {tuple(base.shape)} != quantized {tuple(deq.shape)}")
+            raise CheckpointError(f"{module}: base shape {tuple(base.shape)} != quantized {tuple(deq.shape)}")
         row = {"module": module, "algo": algo, "shape": list(deq.shape)}
         row.update(_metrics(base.float(), deq))
         row["nan_scale_bytes"] = nan_bytes
