@@ -17,6 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 mod nvfp4_py;
+mod ops_py;
 
 create_exception!(
     _core,
@@ -279,5 +280,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(clean_stale_staging, m)?)?;
     m.add_function(wrap_pyfunction!(staging_path, m)?)?;
     nvfp4_py::register(m)?;
+    ops_py::register(m)?;
     Ok(())
 }
