@@ -105,7 +105,9 @@ class CheckpointReader:
         m = self._maps.get(t.file)
         if m is None:
             raise PlanError("the reader is closed")
-        return np.frombuffer(m, dtype=_NUMPY[t.dtype], count=t.nbytes // np.dtype(_NUMPY[t.dtype]).itemsize, offset=t.offset).reshape(t.shape)
+        return np.frombuffer(m, dtype=_NUMPY[t.dtype], count=t.nbytes // np.dtype(_NUMPY[t.dtype]).itemsize, offset=t.offset).reshape(
+            t.shape
+        )
 
     def release(self, name: str) -> None:
         """Drop a tensor's pages from this process (they stay in the page cache; a view still in
