@@ -965,10 +965,11 @@ def _ray_task(job: dict[str, Any], overwrite: bool, verify: bool) -> dict[str, A
 
 
 def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise DqfastError("the ray executor needs Ray on this machine and on every node: pip install 'ray>=2.9'") from None
+    from dqfast.extras import require_extra
+
+    require_extra("ray", "ray")  # on this machine and on every node
+    import ray
+
     return ray
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from dqfast.errors import DqfastError
+from dqfast.hub import InputPath, hub_options
 from dqfast.plan import IO_MODES, BuildReport
 
 
@@ -121,7 +122,7 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for o in reversed(opts):
         f = o(f)
-    return f
+    return hub_options(f)
 
 
 def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
@@ -137,14 +138,14 @@ def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 
 
 @build.command("fp8")
-@click.option("--modelopt-hf-dir", type=click.Path(exists=True, path_type=Path), help="ModelOpt HF export (root or transformer/).")
+@click.option("--modelopt-hf-dir", type=InputPath(), help="ModelOpt HF export (root or transformer/).")
 @click.option(
     "--modelopt-backbone-ckpt",
     type=click.Path(exists=True, path_type=Path),
     help="ModelOpt backbone.pt (or its folder), or an amax .safetensors sidecar. A pickle: trusted files only "
     "(dqfast never executes it, but still reads it).",
 )
-@click.option("--base-transformer-dir", type=click.Path(exists=True, path_type=Path), help="BF16 base transformer (fallback weights).")
+@click.option("--base-transformer-dir", type=InputPath(), help="BF16 base transformer (fallback weights).")
 @click.option("--from-bf16", is_flag=True, help="Calibration-free: scales from the base weights themselves.")
 @click.option(
     "--weight-granularity",
@@ -187,8 +188,8 @@ def build_fp8(**kw: Any) -> None:
 
 
 @build.command("nvfp4")
-@click.option("--modelopt-hf-dir", type=click.Path(exists=True, path_type=Path), help="ModelOpt NVFP4 HF export (root or transformer/).")
-@click.option("--base-transformer-dir", type=click.Path(exists=True, path_type=Path), help="BF16 base transformer (fallback weights).")
+@click.option("--modelopt-hf-dir", type=InputPath(), help="ModelOpt NVFP4 HF export (root or transformer/).")
+@click.option("--base-transformer-dir", type=InputPath(), help="BF16 base transformer (fallback weights).")
 @click.option("--pattern-preset", default=None, help="SGLang's name for --model-type (e.g. flux1-nvfp4).")
 @click.option("--keep-bf16-pattern", "keep_bf16", multiple=True, metavar="GLOB", help="SGLang's name for --fallback (globs).")
 @click.option(
@@ -247,7 +248,7 @@ def _print_components(rep: Any, as_json: bool, show_decisions: bool) -> None:
 @click.option(
     "--base-transformer-dir",
     required=True,
-    type=click.Path(exists=True, path_type=Path),
+    type=InputPath(),
     help="BF16 base transformer (or pipeline root with --components).",
 )
 @click.option(
@@ -320,13 +321,13 @@ def _default_policy_dict(kw: dict[str, Any]) -> dict[str, list[str]]:
 @click.option(
     "--root",
     required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=InputPath(),
     help="Pipeline root holding transformer/, transformer_2/, ... (BF16 base, or a ModelOpt export).",
 )
 @click.option("--components", "components", default="auto", show_default=True, help="Comma list or 'auto'.")
 @click.option(
     "--base-transformer-dir",
-    type=click.Path(exists=True, path_type=Path),
+    type=InputPath(),
     default=None,
     help="BF16 pipeline root for fallbacks when --root is a ModelOpt export.",
 )
@@ -404,6 +405,9 @@ def inspect_cmd(path: Path, base: Path | None, as_json: bool) -> None:
 @main.group()
 def verify() -> None:
     """How far a quantized checkpoint is from its BF16 base."""
+    from dqfast.extras import require_extra
+
+    _run(lambda: require_extra("verify"))
 
 
 @verify.command("layers")

@@ -56,7 +56,11 @@ def ptq(**kw: Any) -> None:
     Conditioning comes from deterministic pseudo-embeddings (SHA-256-seeded noise per prompt):
     no text encoder is run. See docs/ptq.md.
     """
+    from dqfast.cli import _run
     from dqfast.errors import DqfastError
+    from dqfast.extras import require_extra
+
+    _run(lambda: require_extra("ptq"))
     from dqfast.ptq import CalibConfig, run_ptq
 
     try:

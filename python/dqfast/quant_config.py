@@ -67,8 +67,11 @@ def load_json(path: Path) -> dict[str, Any]:
 
 
 def find_component_dir(path: str | os.PathLike[str], component: str = "transformer") -> Path:
-    """An export root or its component subfolder — whichever holds config.json (SGLang's rule)."""
-    p = Path(path)
+    """An export root or its component subfolder — whichever holds config.json (SGLang's rule).
+    ``path`` may be a hub id (``org/name``, ``hf://org/name@rev/sub``) in the local hub cache."""
+    from dqfast.hub import resolve_input
+
+    p = resolve_input(path)
     if not p.exists():
         raise PlanError(f"{p}: does not exist")
     if (p / "config.json").is_file():
