@@ -45,7 +45,7 @@ wheel: venv
 	rm -rf dist
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin build -q \
 		--profile wheel --zig --compatibility manylinux_2_28 --out dist
-	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin sdist -q --out dist
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin sdist --out dist
 
 # The wheel installed into a fresh venv without torch, then a build and the extras' messages.
 test-wheel: wheel

@@ -79,7 +79,7 @@ def print_report(report: BuildReport, as_json: bool, show_decisions: bool) -> No
         console.print(f"[yellow]warning:[/yellow] {w}")
 
 
-@click.group()
+@click.group(context_settings=dict(help_option_names=["-h", "--help"]))  # inherited by every subcommand
 @click.version_option(package_name="dqfast")
 def main() -> None:
     """Convert diffusion-transformer checkpoints to FP8 / NVFP4 for SGLang Diffusion and vLLM-Omni."""
@@ -402,6 +402,21 @@ def inspect_cmd(path: Path, base: Path | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+# docs/cli.md: `--json` alone (or `--json -`) prints JSON to stdout instead of the table, as on every
+# command; verify also takes `--json PATH` to write the report to a file.
+_JSON_OUT: dict[str, Any] = dict(
+    type=click.Path(path_type=Path, allow_dash=True),
+    default=None,
+    is_flag=False,
+    flag_value="-",
+    help="Print the full report as JSON (--json or --json -), or write it to PATH (--json PATH).",
+)
+
+
+def _json_to_stdout(path: Path | None) -> bool:
+    return path is not None and str(path) == "-"
+
+
 @main.group()
 def verify() -> None:
     """How far a quantized checkpoint is from its BF16 base."""
@@ -413,13 +428,14 @@ def verify() -> None:
 @verify.command("layers")
 @click.argument("base_dir", type=click.Path(exists=True, path_type=Path))
 @click.argument("quant_dir", type=click.Path(exists=True, path_type=Path))
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the full table as JSON.")
+@click.option("--json", "json_path", **_JSON_OUT)
 def verify_layers(base_dir: Path, quant_dir: Path, json_path: Path | None) -> None:
     """Per-layer error of the dequantized weights (max/mean abs, cosine, SNR), outliers and NaNs."""
     from dqfast.verify.checkpoint import verify_checkpoint
 
-    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, trajectory_check=False, json_path=json_path))
-    _print_verify(r)
+    to_stdout = _json_to_stdout(json_path)
+    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, trajectory_check=False, json_path=None if to_stdout else json_path))
+    _print_verify(r, as_json=to_stdout)
 
 
 @verify.command("trajectory")
@@ -428,7 +444,7 @@ def verify_layers(base_dir: Path, quant_dir: Path, json_path: Path | None) -> No
 @click.option("--steps", default=8, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "json_path", **_JSON_OUT)
 @click.option("--png", "png_path", type=click.Path(path_type=Path), default=None, help="Per-step plot (needs matplotlib).")
 def verify_trajectory(
     base_dir: Path, quant_dir: Path, steps: int, seed: int, device: str, json_path: Path | None, png_path: Path | None
@@ -436,12 +452,19 @@ def verify_trajectory(
     """Run BF16 and quantized transformers through the same seeded denoising loop and compare."""
     from dqfast.verify.checkpoint import verify_checkpoint
 
-    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, steps=steps, seed=seed, device=device, json_path=json_path, png_path=png_path))
-    _print_verify(r)
+    to_stdout = _json_to_stdout(json_path)
+    out = None if to_stdout else json_path
+    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, steps=steps, seed=seed, device=device, json_path=out, png_path=png_path))
+    _print_verify(r, as_json=to_stdout)
 
 
-def _print_verify(r: dict[str, Any]) -> None:
+def _print_verify(r: dict[str, Any], as_json: bool = False) -> None:
     s = r["layer_summary"]
+    if as_json:
+        click.echo(json.dumps(r, indent=2, default=float))
+        if s.get("nan_layers"):
+            sys.exit(1)
+        return
     click.echo(
         f"layers: {s['layers']}  min cosine {s.get('min_cosine', float('nan')):.6f} ({s.get('worst_layer')})  "
         f"median SNR {s.get('median_snr_db') or float('nan'):.1f} dB  min SNR {s.get('min_snr_db') or float('nan'):.1f} dB"

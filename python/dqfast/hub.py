@@ -121,6 +121,9 @@ def hub_options(f: Any) -> Any:
         ctx.meta.setdefault("dqfast.hub", {})[param.name] = value
         return value
 
-    eager = dict(default=None, is_eager=True, expose_value=False, callback=keep)
-    f = click.option("--subfolder", help="Hub inputs: folder inside the repo (e.g. transformer).", **eager)(f)
-    return click.option("--revision", help="Hub inputs: branch, tag or commit (default main).", **eager)(f)
+    for name, text in (
+        ("--subfolder", "folder inside the repo (e.g. transformer)"),
+        ("--revision", "branch, tag or commit (default main)"),
+    ):
+        f = click.option(name, default=None, is_eager=True, expose_value=False, callback=keep, help=f"Hub inputs: {text}.")(f)
+    return f

@@ -20,6 +20,7 @@ import click
     help="Diffusers pipeline dir (model_index.json; every transformer* component) or one component dir.",
 )
 @click.option(
+    "--output-dir",
     "--out",
     "out_dir",
     required=True,
