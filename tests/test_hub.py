@@ -120,3 +120,22 @@ def test_components_from_a_hub_pipeline(cache_env, tmp_path):
     rep = build_components("fp8", "acme/tiny-flux", tmp_path / "pipe", from_bf16=True)
     assert list(rep.components) == ["transformer"]
     shutil.rmtree(tmp_path / "pipe")
+
+
+def test_a_variant_beside_the_main_weights_is_not_refused(tmp_path):
+    """diffusers writes `<name>.fp16.safetensors` next to `<name>.safetensors`; like diffusers
+    without a variant, dqfast reads the main file (it used to refuse the directory)."""
+    import numpy as np
+    from dqfast.reader import open_checkpoint, read_tensor
+    from dqfast.synth import write_safetensors
+
+    d = tmp_path / "t"
+    d.mkdir()
+    write_safetensors(d / "diffusion_pytorch_model.safetensors", {"w": ("F32", np.ones((2, 2), np.float32))})
+    write_safetensors(d / "diffusion_pytorch_model.fp16.safetensors", {"w": ("F32", np.full((2, 2), 2, np.float32))})
+    info = open_checkpoint(d)
+    assert [f.name for f in info.files] == ["diffusion_pytorch_model.safetensors"]
+    assert read_tensor(d, "w").tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    write_safetensors(d / "other.safetensors", {"x": ("F32", np.ones(1, np.float32))})
+    with pytest.raises(CheckpointError, match="no index json"):
+        open_checkpoint(d)
