@@ -206,3 +206,27 @@ def test_ops_match_the_builders_byte_for_byte(tmp_path):
         assert r.weight_scale_2.tobytes() == read_tensor(nv, f"{m}.weight_scale_2").astype(np.float32).tobytes(), m
         checked += 1
     assert checked > 20 and any(len(g) > 1 for g in group_of.values()) is True
+
+
+def test_kernels_release_the_gil():
+    """Another Python thread keeps running while a kernel works: the longest pause it sees is a
+    fraction of the kernel's duration (holding the GIL would stall it for all of it)."""
+    import threading
+    import time
+
+    x = np.ones((8192, 4096), np.float32)  # 128 MiB
+    out = np.empty(x.shape, np.uint8)
+    t0 = time.perf_counter()
+    ops.quantize_e4m3(x, granularity="channel", out=out)
+    duration = time.perf_counter() - t0
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (ops.quantize_e4m3(x, granularity="channel", out=out), done.set()))
+    last = time.perf_counter()
+    longest = 0.0
+    t.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        longest = max(longest, now - last)
+        last = now
+    t.join()
+    assert longest < duration / 2, (longest, duration)

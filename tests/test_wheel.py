@@ -72,13 +72,10 @@ def test_missing_extra_is_one_line_and_exit_2(monkeypatch, args, extra):
 
 
 def test_ray_executor_names_the_extra(monkeypatch):
-    import importlib.util
-
     from dqfast import batch
     from dqfast.extras import MissingExtraError
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
     with pytest.raises(MissingExtraError, match=r"dqfast\[ray\]"):
         batch._import_ray()
 

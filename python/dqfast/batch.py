@@ -965,11 +965,12 @@ def _ray_task(job: dict[str, Any], overwrite: bool, verify: bool) -> dict[str, A
 
 
 def _import_ray() -> Any:
-    from dqfast.extras import require_extra
+    try:
+        import ray
+    except ImportError:
+        from dqfast.extras import missing_extra
 
-    require_extra("ray", "ray")  # on this machine and on every node
-    import ray
-
+        raise missing_extra("ray", "ray") from None  # needed on this machine and on every node
     return ray
 
 

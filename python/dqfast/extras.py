@@ -13,7 +13,7 @@ import importlib.util
 
 from dqfast.errors import DqfastError
 
-__all__ = ["EXTRAS", "MissingExtraError", "require_extra"]
+__all__ = ["EXTRAS", "MissingExtraError", "missing_extra", "require_extra"]
 
 #: extra -> the importable modules its commands need (import names, not distribution names).
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -30,9 +30,14 @@ class MissingExtraError(DqfastError):
     """An optional dependency of the requested feature is not installed."""
 
 
+def missing_extra(extra: str, module: str) -> MissingExtraError:
+    """The one-line error for ``module`` of ``extra`` not being importable."""
+    return MissingExtraError(f"this command needs the '{extra}' extra ({module} is not installed): pip install 'dqfast[{extra}]'")
+
+
 def require_extra(extra: str, *modules: str) -> None:
     """Raise :class:`MissingExtraError` naming ``pip install 'dqfast[extra]'`` unless every module
     of ``extra`` (or just ``modules``, when given) is importable."""
     for m in modules or EXTRAS[extra]:
         if importlib.util.find_spec(m) is None:
-            raise MissingExtraError(f"this command needs the '{extra}' extra ({m} is not installed): pip install 'dqfast[{extra}]'")
+            raise missing_extra(extra, m)
