@@ -139,3 +139,61 @@ def test_a_variant_beside_the_main_weights_is_not_refused(tmp_path):
     write_safetensors(d / "other.safetensors", {"x": ("F32", np.ones(1, np.float32))})
     with pytest.raises(CheckpointError, match="no index json"):
         open_checkpoint(d)
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    """A transformer dir with main weights (seed 0) and an `fp16` variant (seed 1: different
+    bytes, same layout), single-file and sharded as diffusers names them; plus the seed-1 dir."""
+    import json
+
+    root = tmp_path_factory.mktemp("variants")
+    kw = dict(blocks=1, single_blocks=1, heads=2, head_dim=32)
+    main_ = make_transformer(root / "main", "flux1", seed=0, **kw).base
+    other = make_transformer(root / "other", "flux1", seed=1, **kw).base
+    single = root / "single"
+    shutil.copytree(main_, single)
+    shutil.copy(other / "diffusion_pytorch_model.safetensors", single / "diffusion_pytorch_model.fp16.safetensors")
+    sharded_src = make_transformer(root / "sh", "flux1", seed=1, max_shard_bytes=300_000, **kw).base
+    sharded = root / "sharded"
+    shutil.copytree(main_, sharded)
+    index = json.loads((sharded_src / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    renamed = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        new = shard.replace("diffusion_pytorch_model-", "diffusion_pytorch_model.fp16-")
+        shutil.copy(sharded_src / shard, sharded / new)
+        renamed[shard] = new
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    (sharded / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(json.dumps(index))
+    return main_, other, single, sharded
+
+
+def _weights(d: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(d.glob("*.safetensors")))
+
+
+def test_variant_selects_the_variant_weights_single_and_sharded(variants, tmp_path):
+    from dqfast.hub import input_variant
+
+    main_, other, single, sharded = variants
+    build_fp8_transformer(tmp_path / "want_main", base_transformer_dir=main_, from_bf16=True)
+    build_fp8_transformer(tmp_path / "want_fp16", base_transformer_dir=other, from_bf16=True)
+    for d in (single, sharded):
+        build_fp8_transformer(tmp_path / f"{d.name}-main", base_transformer_dir=d, from_bf16=True)
+        assert _weights(tmp_path / f"{d.name}-main") == _weights(tmp_path / "want_main")
+        with input_variant("fp16"):
+            build_fp8_transformer(tmp_path / f"{d.name}-fp16", base_transformer_dir=d, from_bf16=True)
+        assert _weights(tmp_path / f"{d.name}-fp16") == _weights(tmp_path / "want_fp16"), d.name
+
+
+def test_variant_on_the_cli_and_a_missing_variant(variants, tmp_path):
+    _, _, single, sharded = variants
+    base = ["build", "fp8", "--from-bf16", "--base-transformer-dir"]
+    r = CliRunner().invoke(main, [*base, str(sharded), "--variant", "fp16", "--output-dir", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*base, str(single), "--variant", "bf16", "--output-dir", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "no 'bf16' variant" in r.output and "variants here: fp16" in r.output, r.output
+    assert not (tmp_path / "b").exists()
+    # The variant does not stick to the process after the command.
+    r = CliRunner().invoke(main, [*base, str(single), "--output-dir", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output

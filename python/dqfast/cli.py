@@ -525,5 +525,16 @@ def _register_optional() -> None:
 
 _register_optional()
 
+
+def _help_everywhere(cmd: click.Command) -> None:
+    # On each command too, not only the root's context: click caches a command's help option from
+    # the first context it sees, which is not the root's when a command is run on its own.
+    cmd.context_settings.setdefault("help_option_names", ["-h", "--help"])
+    for sub in getattr(cmd, "commands", {}).values():
+        _help_everywhere(sub)
+
+
+_help_everywhere(main)
+
 if __name__ == "__main__":
     main()

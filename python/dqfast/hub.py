@@ -7,12 +7,20 @@ layout (``models--org--name/snapshots/<commit>/`` symlinks into ``blobs/``, ``re
 its location (``HF_HUB_CACHE`` / ``HF_HOME``) are the hub's. A repo or revision that is not cached
 is a :class:`HubCacheError` saying how to fetch it. :func:`resolve_input` is the one resolver every
 builder input goes through (``quant_config.find_component_dir``).
+
+Diffusers variants (``diffusion_pytorch_model.fp16.safetensors``, sharded
+``diffusion_pytorch_model.fp16-00001-of-00002.safetensors`` with
+``diffusion_pytorch_model.safetensors.index.fp16.json``): without a variant the main weights are read
+(as diffusers does); ``--variant fp16`` (:func:`input_variant` in Python) reads the variant's instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +29,7 @@ import click
 from dqfast.errors import CheckpointError, PlanError
 from dqfast.extras import require_extra
 
-__all__ = ["HUB_PREFIX", "HubCacheError", "hub_spec", "parse_hub_spec", "resolve_input", "InputPath"]
+__all__ = ["HUB_PREFIX", "HubCacheError", "hub_spec", "parse_hub_spec", "resolve_input", "InputPath", "input_variant", "variant_path"]
 
 HUB_PREFIX = "hf://"
 # org/name as the hub allows them (letters, digits, '-', '_', '.'), exactly one slash.
@@ -91,6 +99,47 @@ def resolve_input(path: str | os.PathLike[str], *, revision: str | None = None, 
     return p
 
 
+_VARIANT: ContextVar[str | None] = ContextVar("dqfast_input_variant", default=None)
+# `<name>.<variant>.safetensors` or a shard `<name>.<variant>-00001-of-00002.safetensors`.
+_VARIANT_FILE = re.compile(r"^[^.]+\.([\w-]+?)(?:-\d+-of-\d+)?\.safetensors$")
+
+
+@contextlib.contextmanager
+def input_variant(variant: str | None) -> Iterator[None]:
+    """Inside the block, checkpoint directories are read through their diffusers ``variant``
+    weights (``fp16``, ``bf16``, ...); ``None`` reads the main weights."""
+    if variant is not None and not re.fullmatch(r"[\w-]+", variant):
+        raise PlanError(f"--variant '{variant}' is not a variant name (letters, digits, '_', '-')")
+    token = _VARIANT.set(variant)
+    try:
+        yield
+    finally:
+        _VARIANT.reset(token)
+
+
+def variant_path(path: Path, variant: str | None = None) -> Path:
+    """What to open for a checkpoint directory under the current (or given) variant: the directory
+    itself, or the variant's index json or single file in it. A directory without any variant
+    files (a ModelOpt export) is read as it is."""
+    v = variant if variant is not None else _VARIANT.get()
+    if v is None or not path.is_dir():
+        return path
+    index = sorted(path.glob(f"*.safetensors.index.{v}.json")) + sorted(path.glob(f"*.{v}.safetensors.index.json"))
+    files = sorted(p for p in path.glob("*.safetensors") if (m := _VARIANT_FILE.match(p.name)) and m.group(1) == v)
+    if len(index) > 1:
+        raise CheckpointError(f"{path}: several '{v}' index files: {[p.name for p in index]}")
+    if index:
+        return index[0]
+    if len(files) == 1:
+        return files[0]
+    if files:
+        raise CheckpointError(f"{path}: {len(files)} '{v}' variant files but no '{v}' index json")
+    found = sorted({m.group(1) for p in path.glob("*.safetensors") if (m := _VARIANT_FILE.match(p.name))})
+    if not found:
+        return path
+    raise CheckpointError(f"{path}: no '{v}' variant (--variant); variants here: {', '.join(found)}")
+
+
 class InputPath(click.ParamType):
     """A CLI input: an existing local path, or a hub id (``org/name``, ``hf://...``) resolved with
     the command's ``--revision`` / ``--subfolder``."""
@@ -115,10 +164,21 @@ class InputPath(click.ParamType):
 
 
 def hub_options(f: Any) -> Any:
-    """``--revision`` and ``--subfolder`` for commands with hub inputs (eager, so the inputs see them)."""
+    """``--revision`` and ``--subfolder`` for commands with hub inputs (eager, so the inputs see
+    them) and ``--variant`` (the diffusers weights variant read from every input)."""
 
     def keep(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         ctx.meta.setdefault("dqfast.hub", {})[param.name] = value
+        return value
+
+    def variant(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            cm = input_variant(value)
+            try:
+                cm.__enter__()
+            except PlanError as e:
+                raise click.BadParameter(str(e), ctx, param) from None
+            ctx.call_on_close(lambda: cm.__exit__(None, None, None))
         return value
 
     for name, text in (
@@ -126,4 +186,10 @@ def hub_options(f: Any) -> Any:
         ("--revision", "branch, tag or commit (default main)"),
     ):
         f = click.option(name, default=None, is_eager=True, expose_value=False, callback=keep, help=f"Hub inputs: {text}.")(f)
-    return f
+    return click.option(
+        "--variant",
+        default=None,
+        expose_value=False,
+        callback=variant,
+        help="Read the inputs' diffusers variant weights (*.fp16.safetensors, ...) instead of the main ones.",
+    )(f)

@@ -132,10 +132,16 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Open a `.safetensors` file, or a directory holding one file or an index and its shards.
+    /// Open a `.safetensors` file, an index json, or a directory holding one file or an index and
+    /// its shards.
     pub fn open(path: &Path) -> Result<Checkpoint> {
         if path.is_dir() {
             Self::open_dir(path)
+        } else if path.extension().is_some_and(|e| e == "json") {
+            // An index named directly (a diffusers variant's `*.safetensors.index.fp16.json`):
+            // its shards; the index stays the root, so reopening the root selects the same files.
+            let (files, weight_map) = read_index(path)?;
+            Self::from_files(path, files, Some((path.to_path_buf(), weight_map)))
         } else {
             Self::from_files(path, vec![path.to_path_buf()], None)
         }
