@@ -35,12 +35,12 @@ def test_e4m3_every_granularity_matches_torch_and_round_trips(tdtype):
     q, s = ops.quantize_e4m3(w, granularity="channel")
     assert s.shape == (200,) and s[7] == 1.0
     assert np.array_equal(q, _e4m3_ref(w, torch.from_numpy(s)[:, None]))
-    q, s = ops.quantize_e4m3(w, granularity="block", block_size=(64, 32))
-    assert s.shape == (4, 3)  # ragged last block-row: 200 = 3 * 64 + 8
-    full = torch.from_numpy(s).repeat_interleave(64, 0)[:200].repeat_interleave(32, 1)
+    q, s = ops.quantize_e4m3(w, granularity="block", block_size=(64, 40))
+    assert s.shape == (4, 3)  # ragged last blocks: 200 = 3 * 64 + 8 rows, 96 = 2 * 40 + 16 columns
+    full = torch.from_numpy(s).repeat_interleave(64, 0)[:200].repeat_interleave(40, 1)[:, :96]
     assert np.array_equal(q, _e4m3_ref(w, full))
-    assert np.array_equal(ops.amax(w, granularity="block", block_size=(64, 32)) / np.float32(448), s)
-    back = ops.dequantize_e4m3(q, s, block_size=(64, 32))
+    assert np.array_equal(ops.amax(w, granularity="block", block_size=(64, 40)) / np.float32(448), s)
+    back = ops.dequantize_e4m3(q, s, block_size=(64, 40))
     want = torch.from_numpy(q).view(torch.float8_e4m3fn).float() * full
     assert back.dtype == np.float32 and np.array_equal(back, want.numpy())
     # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 away from the subnormal range.

@@ -13,6 +13,10 @@ from dqfast._core import (
     PlanError,
 )
 
+# Errors raised from Python (not from the Rust core) carry the attributes too, as None unless set.
+DqfastError.path = None
+DqfastError.tensor = None
+
 __all__ = [
     "DqfastError",
     "CheckpointError",
