@@ -250,7 +250,7 @@ PRESETS: dict[str, ModelPreset] = {
             ),
             canonical_renames=((r"\.(img_mod|txt_mod)\.1$", r".\1"),),
             ptq_disabled=(r"^(?!.*(?:^|\.)transformer_blocks\.\d+(?:\.|$)).*", r".*transformer_blocks\.(0|1|58|59)(\.|$)"),
-            source="FP8: /work/shared/docs/formats.md and sgl-project/sglang PR #23155 (not merged at 27b84fc); "
+            source="FP8: sgl-project/sglang PR #23155 (not merged at 27b84fc; see docs/notes/sources.md); "
             f"PTQ: {_MO_EXAMPLE} qwen-image (first/last two of 60 blocks)",
         ),
         ModelPreset(
