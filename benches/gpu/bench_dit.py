@@ -23,28 +23,22 @@ import json
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stub_core import ensure_dqfast_importable  # noqa: E402
-
-ensure_dqfast_importable()
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from dqfast.presets import get_preset  # noqa: E402
-from dqfast.runtime.linear import (  # noqa: E402
+import _stub_core
+import torch
+import torch.nn.functional as F
+from dqfast.presets import get_preset
+from dqfast.runtime.linear import (
     _ACT_CACHE,
-    Nvfp4Linear,
     fp8_linear_from_float,
     nvfp4_linear_from_float,
 )
-from torch import nn  # noqa: E402
+from torch import nn
 
 GiB = 2.0**30
 FLUX1_DEV = dict(
@@ -183,7 +177,7 @@ def measure_memory(model: nn.Module, fn: Callable[[], torch.Tensor]) -> dict:
 
 KERNEL_CLASSES = [
     ("fp8_act_quant", re.compile(r"_fp8_quant")),
-    ("nvfp4_dequant", re.compile(r"_nvfp4_dequant")),
+    ("nvfp4_dequant", re.compile(r"_nvfp4_dequant|_nvfp4_to_e4m3")),
     # attention first: cuDNN's SDPA kernels also carry "wgmma"/"gemm"-like words in their names
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
     ("gemm", re.compile(r"gemm|gemv|nvjet|xmma|cutlass|cublas|_nvfp4_w4a16|triton_tem|splitk", re.I)),
@@ -319,6 +313,7 @@ def main() -> None:
     import diffusers
 
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    env["dqfast_core_stubbed"] = _stub_core.STUBBED
     try:
         import triton
 
@@ -445,6 +440,15 @@ def main() -> None:
 
     run_variant("nvfp4_w4a16_all_dequant_min_m_256", fp4_min_m_256)
     os.environ.pop("DQFAST_W4A16_DEQUANT_MIN_M", None)
+
+    # NVFP4 weights as e4m3 inside an FP8 GEMM (W4A8, per-token FP8 activations): same bytes at rest
+    def set_fp4_backend(backend: str) -> None:
+        swap(model, fp4)
+        for m in fp4.values():
+            m.backend_request = backend
+
+    run_variant("nvfp4_w4a8_all", lambda: set_fp4_backend("w4a8" if cuda else "emulation_w4a16"))
+    set_fp4_backend(fp4_backend)
     swap(model, originals)
     run_variant("bf16_repeat", profile=False)  # run-to-run spread of the reference
 
@@ -456,9 +460,8 @@ def main() -> None:
             if hasattr(dynamo.config, attr):
                 setattr(dynamo.config, attr, 64)
         blocks = [b for b in model.modules() if type(b).__name__ in ("FluxTransformerBlock", "FluxSingleTransformerBlock")]
-        # Fp8Linear switches to its traceable path while being compiled (activation quantization
-        # then fuses into the producing kernel); Nvfp4Linear's Triton launchers stay out of graphs.
-        Nvfp4Linear.forward = torch.compiler.disable(Nvfp4Linear.forward)
+        # Fp8Linear and Nvfp4Linear switch to their traceable paths while being compiled
+        # (activation quantization and the NVFP4 weight conversion become Inductor kernels).
 
         def compiled(mods: dict[str, nn.Module] | None) -> Callable[[], None]:
             def prep() -> None:
@@ -475,7 +478,12 @@ def main() -> None:
         run_variant("fp8_runtime_compiled_all", compiled(fp8), est_s=150)
         fp8_pre = {n: m for n, m in fp8.items() if n not in set(fp8_fb)}
         run_variant("fp8_runtime_compiled_flux1_preset", compiled(fp8_pre), est_s=120)
-        run_variant("nvfp4_w4a16_all_compiled_rest", compiled(fp4), est_s=150)
+        for m in fp4.values():
+            m.backend_request = "triton"  # traceable W4A16: dequantize + F.linear inside the graph
+        run_variant("nvfp4_w4a16_all_compiled", compiled(fp4), est_s=150)
+        for m in fp4.values():
+            m.backend_request = "w4a8"
+        run_variant("nvfp4_w4a8_all_compiled", compiled(fp4), est_s=150)
     res["total_s"] = time.time() - t_start
     write_results(out, res)
     print((out / "dit.md").read_text(), flush=True)
