@@ -187,6 +187,11 @@ def _env_raw(name: str):
 _ENV_KEYS = {n: os.fsencode(n) for n in ("DQFAST_SHARE_ACT_QUANT", "DQFAST_FP8_GEMM_BACKEND")}
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on x's device (nothing may sync or time then)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _share_act_quant() -> bool:
     return _env_raw("DQFAST_SHARE_ACT_QUANT") not in (b"0", "0")
 
@@ -416,7 +421,7 @@ class Fp8Linear(nn.Module):
         tuner = AT.tuner_for(dev)
         choice = tuner.lookup(key, cands)
         if choice is None:
-            if not measure or torch.cuda.is_current_stream_capturing():
+            if not measure or _capturing(x2d):
                 return default  # not memoized: a later eager call may still tune
             xs = x2d.detach()
             choice = tuner.tune(key, {b: functools.partial(self._run, xs, out_dtype, b, False) for b in cands})
