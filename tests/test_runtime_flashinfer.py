@@ -44,9 +44,9 @@ def fake_flashinfer(monkeypatch):
     fi.gemm = gemm
     monkeypatch.setitem(sys.modules, "flashinfer", fi)
     monkeypatch.setitem(sys.modules, "flashinfer.gemm", gemm)
-    for f in (FI._direct_bmm_fp8, FI._segment_gemm, FI._workspace, FI._indptr):
+    for f in (FI._gemm_jit_module, FI._segment_gemm, FI._workspace, FI._indptr):
         f.cache_clear()
-    monkeypatch.setattr(FI, "_direct_bmm_fp8", lambda: None)  # no JIT module on CPU: public API
+    monkeypatch.setattr(FI, "_gemm_jit_module", lambda: None)  # no JIT module on CPU: public API
     yield fi, calls
     for f in (FI._segment_gemm, FI._workspace, FI._indptr):
         f.cache_clear()
@@ -114,22 +114,82 @@ def test_flashinfer_refuses_per_channel_and_per_token(fake_flashinfer, cpu_quant
         mod(torch.randn(4, 64).to(torch.bfloat16))
 
 
-def test_direct_cublas_call_order(monkeypatch) -> None:
-    """The JIT module's bmm_fp8 takes (A, B, out, A_scale, B_scale, workspace) (flashinfer 0.7.4)."""
-    seen = {}
+class _FakeJitModule:
+    """bmm_fp8's JIT entry points as flashinfer 0.7.4 calls them: (A, B, out, A_scale, B_scale,
+    workspace[, algo_buffer[, algo_index]]); three algorithms exist for every problem."""
 
-    def direct(a, b, out, sa, sb, ws):
-        seen.update(a=a.shape, b=b.shape, out=out.shape, sa=float(sa), sb=float(sb), ws=ws.numel())
-        out.fill_(1.0)
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
 
+    def _fill(self, out, sa, sb, value):
+        out.fill_(value * float(sa) * float(sb))
+
+    def bmm_fp8(self, a, b, out, sa, sb, ws):
+        self.calls.append(("heuristic", tuple(a.shape), tuple(b.shape), ws.numel()))
+        self._fill(out, sa, sb, 1.0)
+
+    def bmm_fp8_get_algos(self, a, b, out, sa, sb, ws, buf):
+        self.calls.append(("get_algos", tuple(a.shape), buf.numel(), buf.device.type))
+        return 3
+
+    def bmm_fp8_run_with_algo(self, a, b, out, sa, sb, ws, buf, idx):
+        self.calls.append(("algo", idx))
+        self._fill(out, sa, sb, 10.0 + idx)
+
+
+def test_direct_cublas_calls_and_tactics(monkeypatch) -> None:
+    mod = _FakeJitModule()
     FI._workspace.cache_clear()
-    monkeypatch.setattr(FI, "_direct_bmm_fp8", lambda: direct)
+    FI._ALGOS.clear()
+    monkeypatch.setattr(FI, "_gemm_jit_module", lambda: mod)
     xq = torch.zeros(7, 32, dtype=torch.float8_e4m3fn)
-    w = torch.zeros(16, 32, dtype=torch.float8_e4m3fn)
-    y = FI.bmm_fp8(xq, w.t().unsqueeze(0), torch.tensor(0.5), torch.tensor(0.25), torch.bfloat16, "cublas")
-    assert y.shape == (7, 16) and bool((y == 1).all())
-    assert seen == {"a": (1, 7, 32), "b": (1, 32, 16), "out": (1, 7, 16), "sa": 0.5, "sb": 0.25, "ws": FI.WORKSPACE_BYTES}
+    w_t3 = torch.zeros(16, 32, dtype=torch.float8_e4m3fn).t().unsqueeze(0)
+    sa, sb = torch.tensor(0.5), torch.tensor(0.25)
+    y = FI.bmm_fp8(xq, w_t3, sa, sb, torch.bfloat16, "cublas")
+    assert y.shape == (7, 16) and float(y[0, 0]) == 0.125
+    assert mod.calls == [("heuristic", (1, 7, 32), (1, 32, 16), FI.WORKSPACE_BYTES)]
+    assert FI.cublas_tactics(7, w_t3, sa, sb, torch.bfloat16) == 3
+    assert float(FI.bmm_fp8(xq, w_t3, sa, sb, torch.bfloat16, "cublas", tactic=2)[0, 0]) == 12 * 0.125
+    assert float(FI.bmm_fp8(xq, w_t3, sa, sb, torch.bfloat16, "cublas", tactic=5)[0, 0]) == 0.125  # not listed: heuristic
+    assert [c for c in mod.calls if c[0] == "get_algos"] == [("get_algos", (1, 7, 32), FI.MAX_ALGOS * FI.ALGO_BYTES, "cpu")]  # cached
     FI._workspace.cache_clear()
+    FI._ALGOS.clear()
+
+
+def test_autotune_times_each_cublas_algorithm(monkeypatch, tmp_path, cpu_quant) -> None:
+    from dqfast.runtime import autotune as AT
+
+    mod = _FakeJitModule()
+    FI._workspace.cache_clear()
+    FI._ALGOS.clear()
+    monkeypatch.setattr(FI, "_gemm_jit_module", lambda: mod)
+    monkeypatch.setattr(L, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(L, "_has_module", lambda name: name in ("triton", "flashinfer"))
+    ran: list[str] = []
+    real_run = L.Fp8Linear._run
+
+    def run(self, x2d, out_dtype, backend, share):
+        ran.append(backend)
+        if backend.startswith("flashinfer"):
+            return real_run(self, x2d, out_dtype, backend, share)
+        return torch.zeros(x2d.shape[0], self.out_features, dtype=out_dtype)
+
+    monkeypatch.setattr(L.Fp8Linear, "_run", run)
+    times = {"flashinfer@1": 0.01}
+
+    def timer(fn):
+        fn()
+        return times.get(ran[-1], 1.0)
+
+    tuner = AT.Autotuner(tmp_path / "c.json", timer=timer)
+    monkeypatch.setattr(AT, "tuner_for", lambda device: tuner)
+    layer = _layer(backend="autotune")
+    y = layer(torch.randn(4, 64).to(torch.bfloat16))
+    entry = tuner.entries["M16_K64_N48_wpt_astatic_bfloat16"]
+    assert entry["backend"] == "flashinfer@1" and {"flashinfer@0", "flashinfer@1", "flashinfer@2", "flashinfer"} <= set(entry["times_ms"])
+    assert ran[-1] == "flashinfer@1" and ("algo", 1) in mod.calls and y.shape == (4, 48)
+    FI._workspace.cache_clear()
+    FI._ALGOS.clear()
 
 
 # -- mm_fp4 (SM100+) input preparation ----------------------------------------------------------
@@ -187,3 +247,11 @@ def test_mm_fp4_call_preparation(monkeypatch) -> None:
     assert torch.equal(b_sf.t().contiguous().view(torch.uint8).flatten(), _swizzle_reference(mod.weight_scale.view(torch.uint8)))
     with pytest.raises(NotImplementedError, match="one global scale"):
         L.fuse_nvfp4_linears([mod, mod])(torch.randn(3, 64).to(torch.bfloat16))
+
+
+def test_algorithm_backend_names() -> None:
+    cpu = torch.device("cpu")
+    assert L.resolve_fp8_backend("flashinfer@3", cpu) == "flashinfer@3"
+    for bad in ("flashinfer@", "flashinfer@x", "cudnn@1"):
+        with pytest.raises(ValueError, match="unknown FP8 backend"):
+            L.resolve_fp8_backend(bad, cpu)

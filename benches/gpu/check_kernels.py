@@ -84,7 +84,12 @@ def check_fp8(c: Checker, x: torch.Tensor, lin: torch.nn.Linear, tag: str, flash
             ref = mod.forward_emulation(x)
             backends = ["scaled_mm", "triton"] + (["triton_fused"] if static else [])
             if flashinfer and static and not pc:
-                backends += list(FLASHINFER_FP8_BACKENDS)
+                from dqfast.runtime import flashinfer_gemm as FI
+
+                sh = mod._plan(torch.bfloat16).shards[0]
+                n_algos = FI.cublas_tactics(x.shape[0], sh.wt3, sh.sa, sh.sb, torch.bfloat16)
+                c.record(f"flashinfer cuBLASLt algorithms {tag}", n_algos > 0, count=n_algos)
+                backends += list(FLASHINFER_FP8_BACKENDS) + [f"flashinfer@{i}" for i in range(n_algos)]
             for be in backends:
                 mod.backend_request = be
                 try:

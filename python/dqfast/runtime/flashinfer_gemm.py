@@ -28,26 +28,65 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor:
 
 
 @functools.cache
-def _direct_bmm_fp8():
-    """bmm_fp8's cuBLASLt entry point of the JIT module (args: a, b, out, scale_a, scale_b,
-    workspace), or None when this FlashInfer lays its internals out differently."""
+def _gemm_jit_module():
+    """bmm_fp8's loaded JIT module (entry points bmm_fp8, bmm_fp8_get_algos, bmm_fp8_run_with_algo,
+    as flashinfer 0.7.4's gemm_base calls them), or None when this FlashInfer lays its internals
+    out differently (then the public API is used)."""
     try:
         from flashinfer.jit.gemm import gen_gemm_module
 
-        fn = gen_gemm_module().build_and_load().bmm_fp8
+        mod = gen_gemm_module().build_and_load()
+        for name in ("bmm_fp8", "bmm_fp8_get_algos", "bmm_fp8_run_with_algo"):
+            getattr(mod, name)
     except Exception:
         return None
-    return fn
+    return mod
 
 
-def bmm_fp8(xq: torch.Tensor, w_t3: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """[M, K] e4m3 @ w_t3 ([1, K, N] column-major view of the [N, K] weight) -> [M, N]."""
+ALGO_BYTES = 64  # sizeof(cublasLtMatmulAlgo_t), as FlashInfer's _CUBLASLT_ALGO_BYTES
+MAX_ALGOS = 8  # cuBLASLt heuristic candidates kept per problem (it lists them best-guess first)
+_ALGOS: dict[tuple, tuple[torch.Tensor, int]] = {}
+
+
+def _algos(mod, a3: torch.Tensor, b3: torch.Tensor, out: torch.Tensor, sa, sb, ws) -> tuple[torch.Tensor, int]:
+    key = (tuple(a3.shape), tuple(b3.shape), b3.stride(), a3.dtype, out.dtype, a3.device)
+    hit = _ALGOS.get(key)
+    if hit is None:
+        buf = torch.empty(MAX_ALGOS * ALGO_BYTES, dtype=torch.uint8)  # host memory, as FlashInfer passes it
+        hit = _ALGOS[key] = (buf, int(mod.bmm_fp8_get_algos(a3, b3, out, sa, sb, ws, buf)))
+    return hit
+
+
+def cublas_tactics(m: int, w_t3: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype) -> int:
+    """How many cuBLASLt algorithms bmm_fp8 can run for an [m, K] x [K, N] problem (0 without
+    the JIT module): autotune times each as back end `flashinfer@<index>`."""
+    mod = _gemm_jit_module()
+    if mod is None:
+        return 0
+    k, n = w_t3.shape[1], w_t3.shape[2]
+    a3 = torch.empty((1, m, k), dtype=torch.float8_e4m3fn, device=w_t3.device)
+    out = torch.empty((1, m, n), dtype=out_dtype, device=w_t3.device)
+    return _algos(mod, a3, w_t3, out, sa, sb, _workspace(w_t3.device, WORKSPACE_BYTES))[1]
+
+
+def bmm_fp8(
+    xq: torch.Tensor, w_t3: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype, backend: str, tactic: int = -1
+) -> torch.Tensor:
+    """[M, K] e4m3 @ w_t3 ([1, K, N] column-major view of the [N, K] weight) -> [M, N].
+    backend "cublas" with tactic >= 0 runs that cuBLASLt algorithm (if it exists for this exact
+    problem; else the heuristic's first, as FlashInfer's own runner does)."""
     m, n = xq.shape[0], w_t3.shape[2]
     out = torch.empty((1, m, n), dtype=out_dtype, device=xq.device)
     ws = _workspace(xq.device, WORKSPACE_BYTES)
-    direct = _direct_bmm_fp8() if backend == "cublas" else None
-    if direct is not None:
-        direct(xq.unsqueeze(0), w_t3, out, sa, sb, ws)
+    mod = _gemm_jit_module() if backend == "cublas" else None
+    if mod is not None:
+        a3 = xq.unsqueeze(0)
+        if tactic >= 0:
+            buf, count = _algos(mod, a3, w_t3, out, sa, sb, ws)
+            if tactic < count:
+                mod.bmm_fp8_run_with_algo(a3, w_t3, out, sa, sb, ws, buf, tactic)
+                return out.view(m, n)
+        mod.bmm_fp8(a3, w_t3, out, sa, sb, ws)
     else:
         import flashinfer
 

@@ -14,7 +14,8 @@ Back ends (env vars override the automatic choice; an explicit constructor argum
                automatically whenever the module is being compiled)
     flashinfer*: Triton activation quantization + a FlashInfer FP8 GEMM (static per-tensor
                scales, no shards): `flashinfer` = bmm_fp8's cuBLASLt GEMM called through the
-               loaded JIT module (no per-call Python dispatch), `flashinfer_cudnn` = bmm_fp8
+               loaded JIT module (no per-call Python dispatch; `flashinfer@<i>` = its i-th
+               cuBLASLt algorithm, what autotune records), `flashinfer_cudnn` = bmm_fp8
                backend="cudnn", `flashinfer_cutlass` = bmm_fp8 backend="cutlass" on SM100+, and on
                SM90 FlashInfer's CUTLASS SM90 grouped GEMM (e4m3 -> bf16, one group) with the
                scales and bias applied by one elementwise kernel after it
@@ -61,8 +62,9 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def resolve_fp8_backend(requested: str | None, device: torch.device) -> str:
     """Pick the FP8 path: explicit request, else env var, else by device capability."""
     choice = (requested or os.environ.get("DQFAST_FP8_GEMM_BACKEND") or "auto").lower()
-    if choice not in FP8_BACKENDS:
-        raise ValueError(f"unknown FP8 backend {choice!r}; choose from {FP8_BACKENDS}")
+    algo = choice.partition("flashinfer@")[2]  # flashinfer@<i>: bmm_fp8 with cuBLASLt algorithm i
+    if choice not in FP8_BACKENDS and not (choice.startswith("flashinfer@") and algo.isdigit()):
+        raise ValueError(f"unknown FP8 backend {choice!r}; choose from {FP8_BACKENDS} or flashinfer@<index>")
     if choice != "auto":
         return choice
     return _fp8_default(device)
@@ -347,7 +349,10 @@ class Fp8Linear(nn.Module):
             raise NotImplementedError(f"{backend}: FlashInfer FP8 GEMMs take static per-tensor scales and no shards")
         if backend == "flashinfer_cutlass":
             return FI.gemm_cutlass(xq, sh.w3, sh.alpha, sh.bias, plan.out_dtype, _capability(xq.device))
-        y = FI.bmm_fp8(xq, sh.wt3, sh.sa, sh.sb, plan.out_dtype, "cudnn" if backend == "flashinfer_cudnn" else "cublas")
+        if backend == "flashinfer_cudnn":
+            y = FI.bmm_fp8(xq, sh.wt3, sh.sa, sh.sb, plan.out_dtype, "cudnn")
+        else:  # "flashinfer" or "flashinfer@<cuBLASLt algorithm index>" (chosen by autotune)
+            y = FI.bmm_fp8(xq, sh.wt3, sh.sa, sh.sb, plan.out_dtype, "cublas", int(backend[11:]) if backend[10:11] == "@" else -1)
         return y.add_(sh.bias) if sh.bias is not None else y
 
     def _scaled_mm_call(self, xq, wt, sa, sb, bias, out_dtype):
@@ -407,6 +412,17 @@ class Fp8Linear(nn.Module):
         dev = x2d.device
         static_pt = self.input_scale is not None and self.input_scale.dim() == 0 and self.weight_scale.dim() == 0 and not self.shard_sizes
         cands = fp8_candidates(dev, static_pt, self.input_scale is not None)
+        if "flashinfer" in cands:
+            # bmm_fp8's cuBLASLt algorithms are candidates of their own: its heuristic's first
+            # pick is up to ~30% slower than torch._scaled_mm's on some H200 shapes.
+            from . import flashinfer_gemm as FI
+
+            sh = self._plan(out_dtype).shards[0]
+            try:
+                n_algos = FI.cublas_tactics(x2d.shape[0], sh.wt3, sh.sa, sh.sb, out_dtype)
+            except Exception:
+                n_algos = 0
+            cands = cands + tuple(f"flashinfer@{i}" for i in range(n_algos))
         default = _fp8_default(dev)
         if not cands:
             return default
