@@ -126,7 +126,7 @@ def shape_benchmarks(rows: list[dict], sweep: bool) -> None:
                     TK.nvfp4_dequant_matmul, x, f4.weight, f4.weight_scale, f4.weight_scale_2, f4.bias
                 ),
                 "nvfp4_triton_module_ms": functools.partial(f4, x),
-                "nvfp4_w4a8_module_ms": functools.partial(f4w8, x),
+                "nvfp4_w4a8_module_ms": no_share(functools.partial(f4w8, x)),
                 "nvfp4_to_e4m3_only_ms": functools.partial(TK.nvfp4_to_e4m3, f4.weight, f4.weight_scale, f4w8.w4a8_weight_scale()[0]),
             }
             for key, fn in measures.items():
@@ -183,7 +183,7 @@ def host_overhead() -> dict:
         "Fp8Linear triton static, shared quant hit": functools.partial(f8["triton"], x),
         "Fp8Linear triton per-token": no_share(functools.partial(f8d, x)),
         "Fp8Linear auto (default, untuned shape)": no_share(functools.partial(make_fp8(w, 0.01, None, bias), x)),
-        "Nvfp4Linear w4a8": functools.partial(f4, x),
+        "Nvfp4Linear w4a8": no_share(functools.partial(f4, x)),
     }
 
     def measure(fn: Callable[[], object], calls: int = 400) -> float:
