@@ -33,6 +33,7 @@ import _stub_core
 import torch
 import torch.nn.functional as F
 from dqfast.presets import get_preset
+from dqfast.runtime import CudaGraphRunner
 from dqfast.runtime.linear import (
     _ACT_CACHE,
     fp8_linear_from_float,
@@ -299,6 +300,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip later phases past this many seconds")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
+    ap.add_argument("--img-tokens", type=int, default=4096, help="image tokens (a square number); 512 text tokens")
     args = ap.parse_args()
     t_start = time.time()
     out = Path(args.out)
@@ -306,7 +308,7 @@ def main() -> None:
     cuda = torch.cuda.is_available() and not args.tiny
     dev = torch.device("cuda" if cuda else "cpu")
     cfg = TINY if args.tiny else FLUX1_DEV
-    img_tokens, txt_tokens = (64, 16) if args.tiny else (4096, 512)
+    img_tokens, txt_tokens = (64, 16) if args.tiny else (args.img_tokens, 512)
     fp8_backend = "triton" if cuda else "emulation"
     fp4_backend = "triton" if cuda else "emulation_w4a16"
 
@@ -352,7 +354,9 @@ def main() -> None:
 
     ref: dict[str, torch.Tensor] = {}
 
-    def run_variant(name: str, prepare: Callable[[], None] | None = None, profile: bool = True, est_s: float = 15.0) -> None:
+    def run_variant(
+        name: str, prepare: Callable[[], None] | None = None, profile: bool = True, est_s: float = 15.0, graph: bool = False
+    ) -> None:
         elapsed = time.time() - t_start
         if args.only and name not in args.only.split(","):
             return
@@ -365,6 +369,13 @@ def main() -> None:
             if prepare:
                 prepare()
             fn = lambda: forward(model, inputs)  # noqa: E731
+            if graph:  # the whole forward captured once and replayed (dqfast.runtime.CudaGraphRunner)
+                runner = CudaGraphRunner(lambda **kw: model(**kw)[0])
+
+                def fn() -> torch.Tensor:
+                    with torch.inference_mode():
+                        return runner(**inputs)
+
             v = time_forward(fn, args.warmup, args.iters)
             y = fn()
             if "y" not in ref:
@@ -451,6 +462,15 @@ def main() -> None:
     set_fp4_backend(fp4_backend)
     swap(model, originals)
     run_variant("bf16_repeat", profile=False)  # run-to-run spread of the reference
+
+    # 4b. the same models under CUDA graphs (no host work per layer)
+    if cuda:
+        run_variant("bf16_graph", profile=False, graph=True)
+        run_variant(
+            "fp8_triton_static_all_graph", lambda: (swap(model, fp8), set_fp8_backend(fp8_backend, False)), profile=False, graph=True
+        )
+        run_variant("nvfp4_w4a8_all_graph", lambda: set_fp4_backend("w4a8"), profile=False, graph=True)
+        swap(model, originals)
 
     # 5. torch.compile, regional (each repeated block compiled once, diffusers' recipe)
     if cuda and not args.no_compile:
