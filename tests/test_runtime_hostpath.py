@@ -123,6 +123,27 @@ def test_plan_follows_in_place_and_replaced_tensors(cpu_triton_path) -> None:
     assert torch.allclose(mod(x).float(), mod.forward_emulation(x).float(), rtol=2e-2, atol=2e-2)
 
 
+def test_modules_built_under_inference_mode_run(cpu_triton_path) -> None:
+    """Regression: the plan key read `_version`, which raises on inference tensors (a model
+    loaded inside torch.inference_mode())."""
+    with torch.inference_mode():
+        mod = _fp8()
+        nv = L.nvfp4_linear_from_float(torch.nn.Linear(64, 32), backend="emulation")
+        x = torch.randn(4, 64).to(torch.bfloat16)
+        assert torch.allclose(mod(x).float(), mod.forward_emulation(x).float(), rtol=2e-2, atol=2e-2)
+        inv, ws = nv.w4a8_weight_scale()
+        assert inv.shape == (32,) and ws.shape == (1, 32)
+
+
+def test_backend_follows_a_device_move(cpu_triton_path) -> None:
+    mod = _fp8()
+    mod.backend_request = None
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    mod(x)  # CPU: emulation, memoized for the CPU weight only
+    key = mod.__dict__["_backend_cache"][0]
+    assert key[-1] == torch.device("cpu") and mod.__dict__["_backend_cache"][1] == "emulation"
+
+
 def test_graph_runner_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="warmup=0"):
         CudaGraphRunner(lambda x: x, warmup=0)

@@ -189,6 +189,12 @@ def _env_raw(name: str):
 _ENV_KEYS = {n: os.fsencode(n) for n in ("DQFAST_SHARE_ACT_QUANT", "DQFAST_FP8_GEMM_BACKEND")}
 
 
+def _ver(t: torch.Tensor) -> int:
+    """A tensor's version counter; tensors made under torch.inference_mode have none (reading it
+    raises), so for them only replacement (a new id) is seen, not an in-place edit."""
+    return -1 if t.is_inference() else t._version
+
+
 def _capturing(x: torch.Tensor) -> bool:
     """True while a CUDA graph is being captured on x's device (nothing may sync or time then)."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -300,7 +306,7 @@ class Fp8Linear(nn.Module):
     def _resolved_backend(self) -> str:
         # Resolved once per (request, env value): the env var is re-read (cheap) so switching it
         # between calls still works, but the capability query is not repeated.
-        key = (self.backend_request, _env_raw("DQFAST_FP8_GEMM_BACKEND"))
+        key = (self.backend_request, _env_raw("DQFAST_FP8_GEMM_BACKEND"), self._buffers["weight"].device)
         cached = self.__dict__.get("_backend_cache")
         if cached is None or cached[0] != key:
             choice = resolve_fp8_backend(self.backend_request, self.weight.device)
@@ -323,11 +329,11 @@ class Fp8Linear(nn.Module):
         key = (
             out_dtype,
             id(w),
-            w._version,
+            _ver(w),
             id(ws),
-            ws._version,
-            None if ins is None else (id(ins), ins._version),
-            None if b is None else (id(b), b._version),
+            _ver(ws),
+            None if ins is None else (id(ins), _ver(ins)),
+            None if b is None else (id(b), _ver(b)),
         )
         plans = self.__dict__.setdefault("_plans", {})
         plan = plans.get(out_dtype)
@@ -564,7 +570,7 @@ class Nvfp4Linear(nn.Module):
         """(inv_row_scale [N], per-channel FP8 weight scale [1, N]) of the W4A8 path, cached per
         version of the block and global scales (no host sync)."""
         sb, gs = self.weight_scale, self.weight_scale_2
-        key = (sb.data_ptr(), sb._version, gs.data_ptr(), gs._version)
+        key = (sb.data_ptr(), _ver(sb), gs.data_ptr(), _ver(gs))
         cached = self.__dict__.get("_w4a8_scale")
         if cached is None or cached[0] != key:
             inv = Q.nvfp4_e4m3_inv_row_scale(sb)
