@@ -44,11 +44,11 @@ class CudaGraphRunner:
         self.warmup = warmup
         self.clone_outputs = clone_outputs
         self.graphs: dict[tuple, tuple] = {}
-        self.pool = None
+        self.pool: Any = None  # the first graph's memory pool, shared by later captures
 
     @staticmethod
     def _signature(leaves: list, spec) -> tuple:
-        sig = []
+        sig: list[tuple] = []
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
                 if not leaf.is_cuda:
