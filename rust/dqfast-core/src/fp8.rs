@@ -97,6 +97,26 @@ pub fn e4m3_is_nan(b: u8) -> bool {
     b & 0x7f == 0x7f
 }
 
+/// Number of e4m3 NaN bytes (0x7F, 0xFF). Counted in u32 lanes over fixed chunks so the loop
+/// vectorizes (a byte compare and add per element).
+pub fn count_nan_e4m3(bytes: &[u8]) -> usize {
+    bytes
+        .chunks(1 << 16)
+        .map(|c| c.iter().map(|&b| ((b & 0x7F) == 0x7F) as u32).sum::<u32>() as usize)
+        .sum()
+}
+
+/// Replace every e4m3 NaN byte by +448 (0x7E), as vLLM-Omni does at load; returns how many.
+pub fn repair_nan_e4m3(bytes: &mut [u8]) -> usize {
+    let mut n = 0;
+    for b in bytes.iter_mut() {
+        let nan = (*b & 0x7F) == 0x7F;
+        n += nan as usize;
+        *b = if nan { E4M3_MAX_BYTE } else { *b };
+    }
+    n
+}
+
 /// How out-of-range quotients are handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -449,6 +469,59 @@ pub fn amax_rows(src: &[u8], dtype: Dtype, row_len: usize) -> Vec<f32> {
 #[inline]
 pub fn scale_from_amax(amax: f32) -> f32 {
     amax / E4M3_MAX
+}
+
+/// The one rule for every scale dqfast writes or uses (FP8 weight and input scales, NVFP4
+/// global scales): finite, > 0 and a *normal* float32. A zero or subnormal scale (an amax below
+/// `bound * 2^-126`) makes a runtime divide by zero or lose all precision, so the scale itself
+/// is checked, not only the amax it came from. `Err` holds the reason, for the caller to place.
+pub fn check_scale(s: f32) -> Result<(), String> {
+    if s.is_normal() && s > 0.0 {
+        Ok(())
+    } else if s.is_finite() && s > 0.0 {
+        Err(format!("{s:e} is subnormal in float32 (below 2^-126)"))
+    } else {
+        Err(format!("{s} is not finite and > 0"))
+    }
+}
+
+/// " at index i" for multi-value tensors.
+fn at_index(n: usize, i: usize) -> String {
+    if n > 1 {
+        format!(" at index {i}")
+    } else {
+        String::new()
+    }
+}
+
+/// [`check_scale`] for every value; the message names `what` and the index.
+pub fn check_scales(what: &str, v: &[f32]) -> Result<(), String> {
+    for (i, &s) in v.iter().enumerate() {
+        check_scale(s).map_err(|m| format!("{what}{}: {m}", at_index(v.len(), i)))?;
+    }
+    Ok(())
+}
+
+/// Scales `amax / bound` (float32 division: bit-exact with numpy and torch), every amax finite
+/// and > 0 and every scale passing [`check_scale`]. `bound` is 448 for FP8, 2688 for NVFP4.
+pub fn scales_from_amax(what: &str, amax: &[f32], bound: f32) -> Result<Vec<f32>, String> {
+    if !(bound.is_finite() && bound > 0.0) {
+        return Err(format!("bound {bound} must be finite and > 0"));
+    }
+    amax.iter()
+        .enumerate()
+        .map(|(i, &a)| {
+            let at = at_index(amax.len(), i);
+            if !(a.is_finite() && a > 0.0) {
+                return Err(format!("{what}{at} is {a}; it must be finite and > 0"));
+            }
+            let s = a / bound;
+            check_scale(s).map_err(|m| {
+                format!("{what}{at} is {a:e}: its scale {what}/{bound} = {m}; the value is too small to use")
+            })?;
+            Ok(s)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -15,7 +15,9 @@
 //! chunk of whole blocks) gives the same bytes as the whole tensor.
 
 use crate::dtype::Dtype;
-use crate::fp8::{e4m3_from_f32, e4m3_to_f32, E4M3_MAX, E4M3_MAX_BYTE};
+use crate::fp8::{e4m3_from_f32, e4m3_to_f32, E4M3_MAX};
+// The e4m3 NaN helpers live with the other e4m3 code; re-exported for the NVFP4 callers.
+pub use crate::fp8::{count_nan_e4m3, repair_nan_e4m3};
 
 /// Elements per block scale.
 pub const BLOCK: usize = 16;
@@ -313,22 +315,6 @@ pub fn swap_nibbles(src: &[u8], out: &mut [u8]) {
     for (o, &b) in out.iter_mut().zip(src) {
         *o = b.rotate_left(4);
     }
-}
-
-/// Number of e4m3 NaN bytes (0x7F, 0xFF).
-pub fn count_nan_e4m3(bytes: &[u8]) -> usize {
-    bytes.iter().map(|&b| ((b & 0x7F) == 0x7F) as usize).sum()
-}
-
-/// Replace every e4m3 NaN byte by +448 (0x7E), as vLLM-Omni does at load; returns how many.
-pub fn repair_nan_e4m3(bytes: &mut [u8]) -> usize {
-    let mut n = 0;
-    for b in bytes.iter_mut() {
-        let nan = (*b & 0x7F) == 0x7F;
-        n += nan as usize;
-        *b = if nan { E4M3_MAX_BYTE } else { *b };
-    }
-    n
 }
 
 /// Re-express block scales relative to a new global scale: `s' = e4m3(min(f32(s) * factor, 448))`
