@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dqfast import __version__
+from dqfast import __version__, _core
 from dqfast.errors import PlanError
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan, split_module
+from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, ProgressFn, copy_sidecar_files, finish, new_plan, split_module
 from dqfast.presets import ModelPreset, resolve_preset
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
@@ -116,6 +116,7 @@ def build_fp8_transformer(
     activation_amax: float | None = None,
     rounding: Rounding = "exact",
     requantize: bool = False,
+    repair_nan: bool = False,
     max_shard_size: str | int = "5GB",
     threads: int = 0,
     overwrite: bool = False,
@@ -123,11 +124,14 @@ def build_fp8_transformer(
     fsync: bool = True,
     io: IoMode = "auto",
     component: str = "transformer",
+    progress: ProgressFn | None = None,
 ) -> BuildReport:
     """Build an FP8 transformer directory that SGLang Diffusion / vLLM-Omni load.
 
     Raises :class:`dqfast.errors.DqfastError` subclasses naming the file, tensor and problem;
-    nothing is left at ``output_dir`` on failure.
+    nothing is left at ``output_dir`` on failure. The export's e4m3 weights are refused when they
+    hold NaN bytes (0x7F/0xFF) unless ``repair_nan`` (then replaced by 448, as vLLM-Omni does at
+    load). ``progress``: see :data:`dqfast.plan.ProgressFn`.
     """
     plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
     extra = _fallback_res(fallback)
@@ -150,12 +154,9 @@ def build_fp8_transformer(
             _rounding(rounding),
             requantize,
             component,
+            repair_nan,
         )
-    report.dry_run = dry_run
-    if dry_run:
-        report.output_dir = None
-        return report
-    return execute(plan, report)
+    return finish(plan, report, dry_run=dry_run, progress=progress)
 
 
 def _plan_calibrated(
@@ -168,6 +169,7 @@ def _plan_calibrated(
     rounding: str,
     requantize: bool,
     component: str,
+    repair_nan: bool = False,
 ) -> BuildReport:
     from dqfast.amax import load_amax
 
@@ -251,6 +253,9 @@ def _plan_calibrated(
                     if src_meta.dtype not in FLOAT_DTYPES:
                         raise PlanError(f"{src_meta.file}: tensor '{meta.name}': cannot quantize dtype {src_meta.dtype}")
                     plan.add(meta.name, "fp8", src=plan.ref(src, meta.name), scale={"kind": "values", "values": w_scale}, rounding=rounding)
+                elif repair_nan:
+                    # The engine refuses NaN e4m3 bytes in a copy; this op replaces them by 448.
+                    plan.add(meta.name, "repair_nan_e4m3", src=plan.ref(src_export, meta.name))
                 else:
                     plan.copy(meta.name, src_export)
                 if len(w_scale) != 1 and len(w_scale) != meta.shape[0]:
@@ -317,15 +322,22 @@ def _fp8_scales(
     """(weight scale values — one, or one per output row —, input scale or None when dynamic).
 
     ``check_export``: the export's e4m3 bytes will be kept, so its own weight_scale must agree."""
-    bound = np.float32(E4M3_MAX)
+
+    # Scales come from the engine's one scale rule (amax / 448 in float32; a zero or subnormal
+    # scale is refused): the same numbers and checks as the plan's own scale ops.
+    def scales(amax: np.ndarray, what: str) -> np.ndarray:
+        return np.asarray(_core.scales_from_amax(amax.tolist(), E4M3_MAX, f"backbone.pt: {what} of '{module}'"), dtype=np.float32)
+
     if scale_from == "backbone":
         if per_channel:
-            w = _positive(np.asarray(pair.weight, dtype=np.float32).reshape(-1), "weight amax", module, "backbone.pt") / bound
+            w = scales(
+                _positive(np.asarray(pair.weight, dtype=np.float32).reshape(-1), "weight amax", module, "backbone.pt"), "weight amax"
+            )
         else:
-            w = np.array([_scalar(pair.weight, "weight amax", module, "backbone.pt")], dtype=np.float32) / bound
+            w = scales(np.array([_scalar(pair.weight, "weight amax", module, "backbone.pt")], dtype=np.float32), "weight amax")
         i = None
         if not per_channel:
-            i = float(np.float32(_scalar(pair.input, "input amax", module, "backbone.pt")) / bound)
+            i = float(scales(np.array([_scalar(pair.input, "input amax", module, "backbone.pt")], dtype=np.float32), "input amax")[0])
         ws_meta = parts.get("weight_scale")
         if check_export and ws_meta is not None and parts["weight"].dtype == "F8_E4M3":
             exported = read_tensor(ws_meta.file, ws_meta.name).astype(np.float32).reshape(-1)
@@ -341,11 +353,13 @@ def _fp8_scales(
             raise PlanError(f"{export.root}: '{module}.{s}' missing and no backbone.pt given to rebuild it")
     w = read_tensor(parts["weight_scale"].file, parts["weight_scale"].name).astype(np.float32).reshape(-1)
     _positive(w, "weight_scale", module, str(export.root))
+    _core.check_scales(w.tolist(), f"{export.root}: '{module}.weight_scale'")
     if not per_channel and w.size != 1:
         raise PlanError(f"{export.root}: '{module}.weight_scale' has {w.size} values; quant_algo FP8 is per tensor")
     i = None
     if not per_channel:
         i = _scalar(read_tensor(parts["input_scale"].file, parts["input_scale"].name), "input_scale", module, str(export.root))
+        _core.check_scales([i], f"{export.root}: '{module}.input_scale'")
     return [float(x) for x in w], i
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from dqfast import __version__, _core
 from dqfast.errors import PlanError
 from dqfast.fp8 import FLOAT_DTYPES, _check_base_tensor, _group_modules, _ignore_entries, _output_config, check_activation_amax
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan
+from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, ProgressFn, copy_sidecar_files, finish, new_plan
 from dqfast.presets import ModelPreset, glob_to_regex, resolve_preset
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import TensorMeta, open_checkpoint, read_tensor
@@ -91,6 +91,7 @@ def build_nvfp4_transformer(
     fallback: Iterable[str] = (),
     swap_weight_nibbles: bool = False,
     repair_nan_scales: bool = False,
+    repair_nan: bool = False,
     reconcile_fused_scales: bool = True,
     from_bf16: bool = False,
     activation_amax: float | None = None,
@@ -101,6 +102,7 @@ def build_nvfp4_transformer(
     fsync: bool = True,
     io: IoMode = "auto",
     component: str = "transformer",
+    progress: ProgressFn | None = None,
 ) -> BuildReport:
     """Build a mixed BF16+NVFP4 transformer directory (SGLang Diffusion / vLLM-Omni layout).
 
@@ -122,15 +124,12 @@ def build_nvfp4_transformer(
             model_type,
             list(fallback),
             swap_weight_nibbles,
-            repair_nan_scales,
+            # One name for NaN repair across builders (repair_nan_scales: the older spelling).
+            repair_nan_scales or repair_nan,
             reconcile_fused_scales,
             component,
         )
-    report.dry_run = dry_run
-    if dry_run:
-        report.output_dir = None
-        return report
-    return execute(plan, report)
+    return finish(plan, report, dry_run=dry_run, progress=progress)
 
 
 def _preset_fallback(preset: ModelPreset, module: str, extra: list[re.Pattern[str]]) -> str | None:
@@ -225,7 +224,7 @@ def _plan_export(
             if nan and not repair:
                 raise PlanError(
                     f"{ws.file}: tensor '{ws.name}': {nan} NaN byte(s) in the block scales (a known ModelOpt 0.44 "
-                    "defect; one ruins the layer): pass repair_nan_scales to clamp them to 448"
+                    "defect; one ruins the layer): pass --repair-nan (repair_nan=True) to clamp them to 448"
                 )
             counts["nan_scale_bytes_repaired"] += nan
             for suffix, meta in parts.items():
