@@ -130,6 +130,7 @@ def test_nan_e4m3_weight_bytes_are_reported_refused_and_repaired(tmp_path):
     with pytest.raises(CheckpointError, match=r"2 NaN byte.*--repair-nan") as e:
         dqfast.build_fp8_transformer(tmp_path / "out", **kw)
     assert e.value.tensor == WEIGHT and not (tmp_path / "out").exists()
+    assert dqfast.build_fp8_transformer(tmp_path / "api", repair_nan=True, **kw).counts["nan_bytes_repaired"] == 2
     r = CliRunner().invoke(
         cli,
         ["build", "fp8", "--output-dir", str(tmp_path / "cli"), "--model-type", "none", "-q"]

@@ -197,6 +197,10 @@ def _plan_calibrated(
         "dropped_fallback_scales": 0,
     }
     counts["dropped_quantizer_tensors"] = sum(1 for n in export.tensors if "_quantizer." in n)
+    # Only when repair is asked: one parallel scan in Rust, so the report says what was repaired.
+    nan_bytes = _core.count_nan_e4m3(str(export_dir)) if repair_nan else {}
+    if repair_nan:
+        counts["nan_bytes_repaired"] = 0
     ignore: set[str] = set(qc.ignore)
     for module, parts in _group_modules(export).items():
         weight = parts.get("weight")
@@ -256,6 +260,7 @@ def _plan_calibrated(
                 elif repair_nan:
                     # The engine refuses NaN e4m3 bytes in a copy; this op replaces them by 448.
                     plan.add(meta.name, "repair_nan_e4m3", src=plan.ref(src_export, meta.name))
+                    counts["nan_bytes_repaired"] += nan_bytes.get(meta.name, 0)
                 else:
                     plan.copy(meta.name, src_export)
                 if len(w_scale) != 1 and len(w_scale) != meta.shape[0]:
