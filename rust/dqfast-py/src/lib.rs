@@ -407,17 +407,6 @@ fn check_output_paths(
     })
 }
 
-/// [`check_output_paths`] for a JSON build plan (its sources, copied files and guard inputs),
-/// without executing it: what `--dry-run` runs so it refuses what the build would.
-#[pyfunction]
-fn check_plan_paths(py: Python<'_>, plan_json: String) -> PyResult<()> {
-    run_detached(py, move || {
-        let plan: dqfast_core::plan::Plan =
-            serde_json::from_str(&plan_json).map_err(|e| Error::Plan(e.to_string()))?;
-        plan.output_guard().map(|_| ())
-    })
-}
-
 /// Inputs resolved once (directories walked once), to judge many outputs with the rule of
 /// [`check_output_paths`] (a batch manifest: every job output against every job input).
 #[pyclass(module = "dqfast._core", frozen)]
@@ -491,7 +480,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(clean_stale_staging, m)?)?;
     m.add_function(wrap_pyfunction!(staging_path, m)?)?;
     m.add_function(wrap_pyfunction!(check_output_paths, m)?)?;
-    m.add_function(wrap_pyfunction!(check_plan_paths, m)?)?;
     m.add_class::<GuardedInputs>()?;
     nvfp4_py::register(m)?;
     mxfp8_py::register(m)?;
