@@ -1,0 +1,44 @@
+"""vLLM / vLLM-Omni on a CPU-only machine, for building a DiT module tree and loading weights.
+
+- ``select_linear_kernel`` (vllm ``model_executor/layers/quantization/modelopt.py``) picks the GEMM
+  kernel at ``create_weights`` time and raises when no CUDA kernel exists. The kernel is used only in
+  ``process_weights_after_loading`` and ``apply`` (never called here); parameter names, dtypes and
+  shapes are created before the choice. Replaced by a placeholder with no pre-quantized input key.
+- vLLM-Omni's platform has no CPU diffusion attention backend; the attention module is built with
+  vLLM-Omni's own torch SDPA backend. Attention holds no weights.
+- A vLLM config (device ``cpu``) and a one-process gloo group, which vLLM's parallel linear layers
+  query for the tensor-parallel size.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+_installed = False
+
+
+class _NoKernel:
+    def input_quant_key(self) -> None:
+        return None
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    import vllm.model_executor.layers.quantization.modelopt as vllm_modelopt
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm_omni.platforms import current_omni_platform
+
+    vllm_modelopt.select_linear_kernel = lambda *a, **k: _NoKernel()
+    type(current_omni_platform).get_diffusion_attn_backend_cls = classmethod(
+        lambda cls, *a, **k: "vllm_omni.diffusion.attention.backends.sdpa.SDPABackend"
+    )
+    # Entered for the whole test session: vLLM reads it at layer construction.
+    set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))).__enter__()
+    init_file = Path(tempfile.mkdtemp(prefix="dqfast-compat-")) / "dist"
+    init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=f"file://{init_file}", backend="gloo")
+    initialize_model_parallel(1, 1)
+    _installed = True
