@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 _installed = False
+_config_ctx = None  # kept alive: the context resets the config when collected
 
 
 class _NoKernel:
@@ -24,7 +25,7 @@ class _NoKernel:
 
 
 def install() -> None:
-    global _installed
+    global _installed, _config_ctx
     if _installed:
         return
     import vllm.model_executor.layers.quantization.modelopt as vllm_modelopt
@@ -37,7 +38,8 @@ def install() -> None:
         lambda cls, *a, **k: "vllm_omni.diffusion.attention.backends.sdpa.SDPABackend"
     )
     # Entered for the whole test session: vLLM reads it at layer construction.
-    set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))).__enter__()
+    _config_ctx = set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu")))
+    _config_ctx.__enter__()
     init_file = Path(tempfile.mkdtemp(prefix="dqfast-compat-")) / "dist"
     init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=f"file://{init_file}", backend="gloo")
     initialize_model_parallel(1, 1)
