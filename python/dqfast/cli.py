@@ -397,7 +397,47 @@ def inspect_cmd(path: Path, base: Path | None, as_json: bool) -> None:
         click.echo(f"problems: {len(r.problems)}")
         for p in r.problems:
             click.echo(f"  - {p}")
+        _echo_target_verdicts(path)
     if r.problems:
+        sys.exit(1)
+
+
+def _echo_target_verdicts(path: Path) -> None:
+    """One line per serving engine: what `dqfast check` concludes (docs/compat.md)."""
+    from dqfast.check import check_checkpoint
+
+    try:
+        reports = check_checkpoint(path, "any")
+    except DqfastError as e:
+        click.echo(f"targets: not checked: {e}")
+        return
+    for rep in reports:
+        click.echo(f"target {rep.summary()}")
+
+
+@main.command("check")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--target", default="any", show_default=True, type=click.Choice(["sglang", "vllm-omni", "any"]), help="Serving engine (any = both)."
+)
+@click.option("--all-layers", is_flag=True, help="List every layer, not only those an engine does not load as written.")
+@click.option("--json", "as_json", is_flag=True)
+def check_cmd(path: Path, target: str, all_layers: bool, as_json: bool) -> None:
+    """What SGLang Diffusion / vLLM-Omni will do with each layer of a checkpoint (reads headers only).
+
+    Exit status 1 when an engine of the target does not load it."""
+    from dqfast.check import check_checkpoint
+
+    reports = _run(lambda: check_checkpoint(path, target))
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        for rep in reports:
+            click.echo(f"{rep.summary()}  [{rep.engine_version}, family {rep.family}]")
+            for v in rep.layers:
+                if all_layers or v.outcome in ("error", "dequantized"):
+                    click.echo(f"  {v.module}: {v.stored} -> {v.outcome}: {v.detail}")
+    if any(r.status == "fails" for r in reports):
         sys.exit(1)
 
 

@@ -104,8 +104,13 @@ def vllm_omni_flux(cfg: dict, quant_config):
     from shims import vllm_cpu
 
     vllm_cpu.install()
+    from vllm.model_executor.model_loader.utils import configure_quant_config
     from vllm_omni.diffusion.models.flux.flux_transformer import FluxTransformer2DModel
+    from vllm_omni.diffusion.models.flux.pipeline_flux import FluxPipeline
 
+    # As vLLM-Omni's registry does before building a pipeline (_prepare_diffusion_quant_config).
+    if quant_config is not None:
+        configure_quant_config(quant_config, FluxPipeline)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
