@@ -21,6 +21,8 @@ KINDS = {
     "components": "dqfast build components fp8 --from-bf16 (transformer/ of a pipeline root)",
     "sglang-fp8": "SGLang 0.5.23 build_modelopt_fp8_transformer (reference)",
     "sglang-nvfp4": "SGLang 0.5.23 build_modelopt_nvfp4_transformer --pattern-preset flux1-nvfp4 (reference)",
+    "wan-fp8-export": "Wan2.2: dqfast build fp8 from a ModelOpt FP8 export",
+    "wan-sglang-fp8": "Wan2.2: SGLang 0.5.23 build_modelopt_fp8_transformer (reference)",
 }
 
 
@@ -71,7 +73,8 @@ def reshard_two(src: Path, dst: Path) -> Path:
 
 
 def build_kind(kind: str, flux: dict, root: Path) -> Path:
-    """Build output ``kind`` under ``root``; returns the transformer dir."""
+    """Build output ``kind`` under ``root`` from the fixtures in ``flux`` ("fp8", "nvfp4": FLUX.1;
+    "wan-fp8"); returns the transformer dir."""
     from dqfast.components import build_components
     from dqfast.fp8 import build_fp8_transformer
     from dqfast.mixed import build_mixed_transformer
@@ -102,6 +105,11 @@ def build_kind(kind: str, flux: dict, root: Path) -> Path:
         sglang_fp8(f8, out)
     elif kind == "sglang-nvfp4":
         sglang_nvfp4(f4, out, pattern_preset="flux1-nvfp4")
+    elif kind == "wan-fp8-export":
+        w8 = flux["wan-fp8"]
+        build_fp8_transformer(out, modelopt_hf_dir=w8.hf_dir, modelopt_backbone_ckpt=w8.backbone, base_transformer_dir=w8.base_dir)
+    elif kind == "wan-sglang-fp8":
+        sglang_fp8(flux["wan-fp8"], out)
     else:
         raise KeyError(kind)
     return out

@@ -33,8 +33,8 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def flux(modelopt_fixture):
-    """Real ModelOpt 0.47 FP8 and NVFP4 exports of the tiny FLUX.1 (shared with the main suite)."""
-    return {"fp8": modelopt_fixture("flux", "fp8"), "nvfp4": modelopt_fixture("flux", "nvfp4")}
+    """Real ModelOpt 0.47 exports: tiny FLUX.1 FP8 and NVFP4, tiny Wan2.2 FP8 (as the main suite builds them)."""
+    return {"fp8": modelopt_fixture("flux", "fp8"), "nvfp4": modelopt_fixture("flux", "nvfp4"), "wan-fp8": modelopt_fixture("wan", "fp8")}
 
 
 @pytest.fixture(scope="session")

@@ -79,19 +79,6 @@ def _first_line(e: BaseException) -> str:
 
 # ---------------------------------------------------------------- vLLM-Omni
 
-FLUX_KEYS = (
-    "patch_size",
-    "in_channels",
-    "num_layers",
-    "num_single_layers",
-    "attention_head_dim",
-    "num_attention_heads",
-    "joint_attention_dim",
-    "pooled_projection_dim",
-    "guidance_embeds",
-    "axes_dims_rope",
-)
-
 
 def vllm_omni_quant_config(cfg: dict):
     from vllm_omni.diffusion.data import TransformerConfig
@@ -99,22 +86,48 @@ def vllm_omni_quant_config(cfg: dict):
     return TransformerConfig.from_dict(cfg).quant_config
 
 
-def vllm_omni_flux(cfg: dict, quant_config):
+# diffusers `_class_name` -> vLLM-Omni's DiT class and the pipeline class its registry prepares the
+# quant config with.
+VO_MODELS = {
+    "FluxTransformer2DModel": (
+        "vllm_omni.diffusion.models.flux.flux_transformer.FluxTransformer2DModel",
+        "vllm_omni.diffusion.models.flux.pipeline_flux.FluxPipeline",
+    ),
+    "WanTransformer3DModel": (
+        "vllm_omni.diffusion.models.wan2_2.wan2_2_transformer.WanTransformer3DModel",
+        "vllm_omni.diffusion.models.wan2_2.pipeline_wan2_2.Wan22Pipeline",
+    ),
+}
+
+
+def _obj(qualname: str):
+    import importlib
+
+    mod, _, name = qualname.rpartition(".")
+    return getattr(importlib.import_module(mod), name)
+
+
+def vllm_omni_model(cfg: dict, quant_config):
+    """vLLM-Omni's DiT for the config's class, on CPU in BF16, with the given quant config."""
+    import inspect
+
     import torch
     from shims import vllm_cpu
 
     vllm_cpu.install()
     from vllm.model_executor.model_loader.utils import configure_quant_config
-    from vllm_omni.diffusion.models.flux.flux_transformer import FluxTransformer2DModel
-    from vllm_omni.diffusion.models.flux.pipeline_flux import FluxPipeline
 
+    model_path, pipeline_path = VO_MODELS[cfg["_class_name"]]
+    model_cls = _obj(model_path)
     # As vLLM-Omni's registry does before building a pipeline (_prepare_diffusion_quant_config).
     if quant_config is not None:
-        configure_quant_config(quant_config, FluxPipeline)
+        configure_quant_config(quant_config, _obj(pipeline_path))
+    params = set(inspect.signature(model_cls.__init__).parameters) - {"self", "od_config", "quant_config"}
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in params}
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        return FluxTransformer2DModel(**{k: cfg[k] for k in FLUX_KEYS if k in cfg}, quant_config=quant_config)
+        return model_cls(**kwargs, quant_config=quant_config)
     finally:
         torch.set_default_dtype(prev)
 
@@ -131,7 +144,7 @@ def vllm_omni_verdict(ckpt: Path) -> Verdict:
     except Exception as e:  # the engine's own refusal
         v.status, v.errors = "fails", {"<config>": _first_line(e)}
         return v
-    model = vllm_omni_flux(cfg, qc)
+    model = vllm_omni_model(cfg, qc)
     params = dict(model.named_parameters())
     # vLLM-Omni's loader engages the adapter for the `transformer` subfolder; names carry no prefix
     # here because the model is the transformer itself.
@@ -144,21 +157,27 @@ def vllm_omni_verdict(ckpt: Path) -> Verdict:
     except Exception as e:
         v.status, v.errors = "fails", {"<adapter>": _first_line(e)}
         return v
+    low = (torch.float8_e4m3fn, torch.uint8)
+    landed: dict[str, torch.dtype] = {}  # checkpoint module -> dtype of the parameter its weight went into
     for name, t in adapted:
         try:
-            model.load_weights([(name, t)])
+            loaded = model.load_weights([(name, t)])
         except Exception as e:
             v.errors.setdefault(module_of(name), _first_line(e))
-    low = (torch.float8_e4m3fn, torch.uint8)
+            continue
+        if name.endswith(".weight"):
+            # The model's own loader says where the tensor went (its name mapping, fused layers).
+            # The model's own loader says where the tensor went (its renames); a fused shard is
+            # reported only once all shards are in, so fall back to the adapter's packed mapping.
+            into = [n for n in (loaded or ()) if n in params and n != name] or [n for n in (loaded or ()) if n in params]
+            if not into and adapter is not None:
+                into = [n for n in (adapter._resolve_target_and_output_names(name)[0],) if n in params]
+            if into:
+                landed[module_of(name)] = params[into[0]].dtype
     for m in _quantized_modules(dtypes):
         if m in v.errors:
             continue
-        target = adapter._resolve_target_and_output_names(m + ".weight")[0] if adapter is not None else m + ".weight"
-        p = params.get(target or "")
-        if p is not None and p.dtype in low:
-            v.quantized.add(m)
-        else:
-            v.bf16.add(m)
+        (v.quantized if landed.get(m) in low else v.bf16).add(m)
     v.status = "fails" if v.errors else ("loads-bf16" if v.bf16 else "loads")
     return v
 

@@ -29,7 +29,7 @@ def _cell(kind: str, engine: str) -> str:
 def render() -> str:
     lines = [
         START,
-        "| output (tiny FLUX.1, real ModelOpt 0.47 exports) | SGLang 0.5.23 | vLLM-Omni 0.30.0 |",
+        "| output (tiny FLUX.1 unless named; real ModelOpt 0.47 exports) | SGLang 0.5.23 | vLLM-Omni 0.30.0 |",
         "|---|---|---|",
     ]
     for kind, what in KINDS.items():

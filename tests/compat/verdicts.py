@@ -1,4 +1,4 @@
-"""Expected verdict of each (output kind, engine) pair on the tiny FLUX.1 — asserted by
+"""Expected verdict of each (output kind, engine) pair on the tiny FLUX.1 and Wan2.2 — asserted by
 test_engine_verdicts.py against the engines' own code, rendered into docs/compat.md and the README
 matrix by matrix.py. A change in either engine (or in dqfast) fails a test until this table is
 updated.
@@ -62,6 +62,11 @@ EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]
     ("sglang-fp8", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
     ("sglang-nvfp4", "sglang"): ("loads", frozenset(), frozenset()),
     ("sglang-nvfp4", "vllm-omni"): ("fails", frozenset(), VO_FLUX_BF16_LAYERS),
+    # vLLM-Omni's Wan2.2 DiT quantizes every block Linear (fused attn1 q/k/v, ffn renamed net_0/net_2).
+    ("wan-fp8-export", "sglang"): ("loads", frozenset(), frozenset()),
+    ("wan-fp8-export", "vllm-omni"): ("loads", frozenset(), frozenset()),
+    ("wan-sglang-fp8", "sglang"): ("loads", frozenset(), frozenset()),
+    ("wan-sglang-fp8", "vllm-omni"): ("loads", frozenset(), frozenset()),
 }
 
 #: Why, in words (docs/compat.md and the README matrix).

@@ -6,8 +6,8 @@
   shapes are created before the choice. Replaced by a placeholder with no pre-quantized input key.
 - vLLM-Omni's platform has no CPU diffusion attention backend; the attention module is built with
   vLLM-Omni's own torch SDPA backend. Attention holds no weights.
-- A vLLM config (device ``cpu``) and a one-process gloo group, which vLLM's parallel linear layers
-  query for the tensor-parallel size.
+- A vLLM config (device ``cpu``) and vLLM-Omni's diffusion process groups for one gloo process,
+  which its DiTs and vLLM's parallel linear layers query for their parallel sizes.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def install() -> None:
         return
     import vllm.model_executor.layers.quantization.modelopt as vllm_modelopt
     from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm_omni.diffusion.distributed import parallel_state as omni_ps
     from vllm_omni.platforms import current_omni_platform
 
     vllm_modelopt.select_linear_kernel = lambda *a, **k: _NoKernel()
@@ -41,6 +41,11 @@ def install() -> None:
     _config_ctx = set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu")))
     _config_ctx.__enter__()
     init_file = Path(tempfile.mkdtemp(prefix="dqfast-compat-")) / "dist"
-    init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=f"file://{init_file}", backend="gloo")
-    initialize_model_parallel(1, 1)
+    # vLLM-Omni's own diffusion groups (they also bind vLLM's tensor-parallel group), as its worker does.
+    # The WORLD group first (gloo, CPU): vLLM-Omni then skips its GPU device selection.
+    import torch.distributed as dist
+
+    dist.init_process_group(backend="gloo", init_method=f"file://{init_file}", world_size=1, rank=0)
+    omni_ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=f"file://{init_file}", backend="gloo")
+    omni_ps.initialize_model_parallel(backend="gloo")
     _installed = True
