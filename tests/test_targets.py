@@ -111,3 +111,14 @@ def test_no_ignore_entry_matches_a_quantized_module(family, kind, target, tmp_pa
     t = TARGETS[target]
     hits = {m: t.ignored(ignore, m) for m in _quantized_modules(out)}
     assert {m: p for m, p in hits.items() if p is not None} == {}
+
+
+def test_ltx2_preset_matches_sglangs_fallback_set():
+    """`--model-type ltx2` (SGLang's LTX-2 FP8 fallback set): blocks 0 and 43-47 keep attention/FF in BF16."""
+    from dqfast.presets import get_preset
+
+    p = get_preset("ltx2")
+    assert p.fp8_fallback_match("transformer_blocks.0.attn1.to_q")
+    assert p.fp8_fallback_match("transformer_blocks.45.audio_ff.proj_out")
+    assert p.fp8_fallback_match("audio_adaln_single.emb.timestep_embedder.linear_2")
+    assert p.fp8_fallback_match("transformer_blocks.1.attn1.to_q") is None

@@ -93,7 +93,10 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--output-dir", required=True, type=click.Path(path_type=Path), help="Transformer directory to write."),
         click.option(
-            "--model-type", default="auto", show_default=True, help="Preset: auto, flux1, flux2, hunyuan-video, qwen-image, wan, none."
+            "--model-type",
+            default="auto",
+            show_default=True,
+            help="Preset: auto, flux1, flux2, hunyuan-video, qwen-image, wan, ltx2, none.",
         ),
         click.option(
             "--fallback",
@@ -162,6 +165,13 @@ def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     help="When dqfast quantizes: divide in float32 (exact) or in the weight's dtype as ModelOpt's export does.",
 )
 @click.option("--requantize", is_flag=True, help="Re-quantize FP8 weights from the base instead of copying the export's bytes.")
+@click.option(
+    "--keep-bf16-pattern",
+    "keep_bf16",
+    multiple=True,
+    metavar="REGEX",
+    help="SGLang's name for --fallback (regexes, re.search on every name variant).",
+)
 @_common_build_options
 def build_fp8(**kw: Any) -> None:
     """FP8 transformer (SGLang build_modelopt_fp8_transformer semantics)."""
@@ -174,7 +184,7 @@ def build_fp8(**kw: Any) -> None:
             modelopt_backbone_ckpt=kw["modelopt_backbone_ckpt"],
             base_transformer_dir=kw["base_transformer_dir"],
             model_type=kw["model_type"],
-            fallback=kw["fallbacks"],
+            fallback=kw["fallbacks"] + kw["keep_bf16"],
             from_bf16=kw["from_bf16"],
             weight_granularity=kw["weight_granularity"],
             activation_amax=kw["activation_amax"],

@@ -80,6 +80,14 @@ EXPECTED: dict[str, dict] = {
         "metadata_keys_only_dqfast": DQFAST_MD,
         "metadata_values_differ": FP8_QC_MD,
     },
+    # --keep-bf16-pattern (dqfast: --fallback): the extra fallback layers are equal byte for byte.
+    "flux-fp8-keep-bf16": {
+        "files_only_reference": [INDEX],
+        "ignore_only_dqfast": FLUX_FP8_IGNORE_ONLY_DQFAST,
+        "ignore_only_reference": FLUX_FP8_IGNORE_ONLY_SGLANG,
+        "metadata_keys_only_dqfast": DQFAST_MD,
+        "metadata_values_differ": FP8_QC_MD,
+    },
     # A 2-shard export: SGLang keeps the source shards, dqfast re-shards (into 1 file here).
     "flux-fp8-2shard": {
         "files_only_dqfast": ["diffusion_pytorch_model.safetensors"],
@@ -163,6 +171,12 @@ def _build_pair(case: str, flux, modelopt_fixture, tmp_path):
         two = reshard_two(f8.hf_dir, tmp_path / "two" / "transformer")
         build_fp8_transformer(d, modelopt_hf_dir=two, modelopt_backbone_ckpt=f8.backbone, base_transformer_dir=f8.base_dir)
         sglang_fp8(f8, s, hf_dir=two)
+    elif case == "flux-fp8-keep-bf16":
+        pat = r"^single_transformer_blocks\.\d+\.proj_mlp$"
+        build_fp8_transformer(
+            d, modelopt_hf_dir=f8.hf_dir, modelopt_backbone_ckpt=f8.backbone, base_transformer_dir=f8.base_dir, fallback=[pat]
+        )
+        sglang_fp8(f8, s, keep_bf16_patterns=[pat])
     elif case == "wan-fp8":
         w8 = modelopt_fixture("wan", "fp8")
         build_fp8_transformer(d, modelopt_hf_dir=w8.hf_dir, modelopt_backbone_ckpt=w8.backbone, base_transformer_dir=w8.base_dir)
@@ -187,6 +201,11 @@ def test_builder_parity_with_sglang(case, flux, modelopt_fixture, tmp_path):
     got = {k: v for k, v in compare_dirs(d, s).items() if v}
     want = EXPECTED[case]
     assert got == want
+    if case == "flux-fp8-keep-bf16":  # the pattern really took effect, on both sides
+        from dqfast.reader import open_checkpoint
+
+        for out in (d, s):
+            assert open_checkpoint(out).tensors["single_transformer_blocks.0.proj_mlp.weight"].dtype == "BF16"
 
 
 def test_sglang_fp8_tool_runs_as_a_module(flux, tmp_path):
@@ -219,13 +238,13 @@ def test_sglang_fp8_tool_runs_as_a_module(flux, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args",
-    [["--keep-bf16-pattern", "^proj_out$"], ["--maxbound", "448"], ["--model-type", "ltx2"]],
+    "args,status",
+    [(["--keep-bf16-pattern", "^proj_out$"], 0), (["--maxbound", "448"], 2), (["--model-type", "ltx2"], 0)],
     ids=["keep-bf16-pattern", "maxbound", "model-type-ltx2"],
 )
-def test_upstream_fp8_flags_dqfast_rejects_today(args, flux, tmp_path):
-    """Upstream flags dqfast's `build fp8` does not accept yet (issue #13 part 3): exit status 2.
-    Accepting one flips its case."""
+def test_upstream_fp8_flags(args, status, flux, tmp_path):
+    """Upstream `build_modelopt_fp8_transformer` flags on dqfast's `build fp8`: accepted (0) or not
+    yet (2: `--maxbound`, issue #13 part 3)."""
     from click.testing import CliRunner
     from dqfast.cli import main
 
@@ -235,5 +254,5 @@ def test_upstream_fp8_flags_dqfast_rejects_today(args, flux, tmp_path):
         ["build", "fp8", "--modelopt-hf-dir", str(f8.hf_dir), "--modelopt-backbone-ckpt", str(f8.backbone)]
         + ["--base-transformer-dir", str(f8.base_dir), "--output-dir", str(tmp_path / "o"), *args],
     )
-    assert r.exit_code == 2, r.output
-    assert not (tmp_path / "o").exists()
+    assert r.exit_code == status, r.output
+    assert (tmp_path / "o").exists() == (status == 0)
