@@ -189,3 +189,18 @@ def test_cli_build_and_batch_match_the_api(flux, flux_build, tmp_path):
     for d in (cli_out, tmp_path / "batch"):
         assert _tensor_bytes(d) == _tensor_bytes(out)
         assert (d / "config.json").read_bytes() == (out / "config.json").read_bytes()
+
+
+def test_an_mxfp8_checkpoint_is_recognized_and_never_taken_as_a_float_base(flux_build, tmp_path):
+    import dqfast
+
+    out, _ = flux_build
+    r = inspect_checkpoint(out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert r.quant_algo == "MXFP8" and r.ignore == qc["ignored_layers"]
+    # Before: an fp8 --from-bf16 build of it "succeeded" with a warning, writing an FP8 config
+    # over MXFP8 tensors.
+    for build in (build_mxfp8_transformer, lambda o, **kw: dqfast.build_fp8_transformer(o, from_bf16=True, **kw)):
+        with pytest.raises(PlanError, match="already quantized"):
+            build(tmp_path / "o", base_transformer_dir=out)
+        assert not (tmp_path / "o").exists()
