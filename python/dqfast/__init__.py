@@ -15,8 +15,8 @@ from dqfast.errors import (
     UnsafeOutputError,
 )
 from dqfast.fp8 import build_fp8_transformer
+from dqfast.models import PRESETS, ModelPreset, get_preset
 from dqfast.plan import BuildReport, ModuleDecision
-from dqfast.presets import PRESETS, ModelPreset, get_preset
 from dqfast.quant_config import QuantConfig, resolve_quant_config
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
 

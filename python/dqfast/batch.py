@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import inspect
 import json
 import os
@@ -46,6 +45,7 @@ from typing import Any, Literal
 
 from dqfast import _core
 from dqfast._files import check_regular, open_regular, read_regular
+from dqfast.builders import BUILDERS, Builder, register_builder
 from dqfast.errors import DqfastError, OutputExistsError
 
 __all__ = [
@@ -97,39 +97,12 @@ class ManifestError(DqfastError):
 # ---- builders -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Builder:
-    """A build function the manifest can name.
-
-    ``target`` is ``"module:function"`` (imported on use, so a builder whose module is not there
-    yet fails only the jobs that use it); the function takes the output directory first and
-    keywords after, as :func:`dqfast.build_fp8_transformer` does. ``inputs`` are the keywords
-    that are paths (checked to exist, fingerprinted for resumability); every other keyword of the
-    function is an option, except those the batch runner sets itself.
-    """
-
-    target: str
-    inputs: tuple[str, ...]
-
-    def load(self) -> Callable[..., Any]:
-        mod, _, fn = self.target.partition(":")
-        return getattr(importlib.import_module(mod), fn)
-
-
 #: Keywords the runner owns: never accepted from a manifest.
 RUNNER_KEYWORDS = frozenset({"output_dir", "overwrite", "dry_run", "threads"})
 
-BUILDERS: dict[str, Builder] = {
-    "fp8": Builder(
-        "dqfast.fp8:build_fp8_transformer",
-        ("modelopt_hf_dir", "modelopt_backbone_ckpt", "base_transformer_dir"),
-    ),
-    "nvfp4": Builder("dqfast.nvfp4:build_nvfp4_transformer", ("modelopt_hf_dir", "base_transformer_dir")),
-}
-
-
-def register_builder(name: str, target: str, inputs: Iterable[str]) -> None:
-    BUILDERS[name] = Builder(target, tuple(inputs))
+# Builders come from the one registry (dqfast.builders): every builder the CLI and
+# ``dqfast.components`` know (fp8, nvfp4, mixed) can be named in a manifest; a manifest's
+# ``inputs`` are the builder's path keywords, every other keyword of the function is an option.
 
 
 # ---- manifest -------------------------------------------------------------------------------
@@ -644,7 +617,7 @@ def _canonical(v: Any) -> Any:
 def fingerprint(job: JobSpec) -> tuple[str, dict[str, Any], int]:
     """sha256 of everything that determines the output, the identity document and the largest
     input tensor."""
-    from dqfast import __version__
+    from dqfast._core import __version__
 
     idents = {}
     largest = 0

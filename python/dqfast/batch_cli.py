@@ -13,14 +13,9 @@ from typing import Any
 
 import click
 
+from dqfast.cli_format import human as _human  # the CLI's one formatter
 from dqfast.cli_types import COUNT, SizeParam
 from dqfast.errors import DqfastError
-
-
-def _human(n: float) -> str:
-    from dqfast.cli import _human as human  # the CLI's one formatter
-
-    return human(n)
 
 
 @click.command("batch")

@@ -14,9 +14,13 @@ from typing import Any
 
 import click
 
+from dqfast.batch_cli import batch
+from dqfast.builders import BUILDERS
+from dqfast.cli_format import human as _human
 from dqfast.cli_types import AT_LEAST_ONE, COUNT, POSITIVE_FLOAT, SizeParam
 from dqfast.errors import DqfastError
 from dqfast.plan import IO_MODES, BuildReport
+from dqfast.ptq_cli import ptq
 
 
 def _fail(msg: str) -> None:
@@ -38,6 +42,10 @@ class OneLineErrors(click.Group):
                 e.show()
                 sys.exit(e.exit_code)
             _fail_code(e.format_message(), e.exit_code)
+        except ModuleNotFoundError as e:
+            if not e.name or e.name.split(".")[0] == "dqfast":
+                raise  # dqfast's own module missing: a bug, keep the traceback
+            _fail_code(f"this command needs '{e.name}', which is not installed (an optional extra: see README, Install)", 2)
         except click.exceptions.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
@@ -58,14 +66,6 @@ def _run(fn: Callable[[], Any]) -> Any:
         _fail(str(e))
     except ValueError as e:  # e.g. a malformed backbone.pt
         _fail(str(e))
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 def print_report(report: BuildReport, as_json: bool, show_decisions: bool) -> None:
@@ -363,7 +363,7 @@ def _load_policy(spec: str) -> list[tuple[str, str]]:
 
 
 @build.command("components")
-@click.argument("kind", type=click.Choice(["fp8", "nvfp4", "mixed"]))
+@click.argument("kind", type=click.Choice(list(BUILDERS)))
 @click.option(
     "--root",
     required=True,
@@ -506,7 +506,7 @@ def _print_verify(r: dict[str, Any]) -> None:
 @main.command("presets")
 def presets_cmd() -> None:
     """List the model presets and where their lists come from."""
-    from dqfast.presets import PRESETS
+    from dqfast.models import PRESETS
 
     for p in PRESETS.values():
         click.echo(
@@ -523,27 +523,14 @@ def demo_cmd(workdir: Path) -> None:
     """Generate a small synthetic FLUX.1-shaped ModelOpt FP8 export and convert it."""
     from dqfast.demo import run_demo
 
-    _run(lambda: run_demo(workdir))
+    _run(lambda: run_demo(workdir, show=print_report))
 
 
-def _register_optional() -> None:
-    # Commands whose modules live elsewhere register themselves here; a missing optional
-    # dependency must never break the rest of the CLI.
-    try:
-        from dqfast.ptq_cli import ptq
-    except ImportError:
-        pass
-    else:
-        main.add_command(ptq)
-    try:
-        from dqfast.batch_cli import batch
-    except ImportError:
-        pass
-    else:
-        main.add_command(batch)
-
-
-_register_optional()
+# Every subcommand is registered here, unconditionally: their modules import only click and
+# dqfast, so a broken one fails loudly instead of vanishing from --help; optional extras (torch,
+# modelopt, ray) are imported when a command runs, and a missing one is a one-line error (main).
+main.add_command(ptq)
+main.add_command(batch)
 
 if __name__ == "__main__":
     main()

@@ -345,7 +345,7 @@ class _Source:
 
 def _modelopt_disabled(family: str, module: str, export_filter: ExportFilter) -> bool:
     """Whether ModelOpt's diffusion example (flux-dev / wan2.2 filter) leaves ``module`` unquantized."""
-    from dqfast.presets import get_preset
+    from dqfast.models import get_preset
 
     if export_filter == "no-block-filter" and family == "wan":
         # The Wan filter's block indices (0-2, 37-39) are meant for 40 blocks; at a few blocks

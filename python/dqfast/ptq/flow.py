@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from dqfast import _core
-from dqfast import presets as model_presets
+from dqfast import models as model_presets
+from dqfast.builders import get_builder
 from dqfast.errors import OutputExistsError
 from dqfast.quant_config import load_json
 
@@ -105,16 +106,11 @@ def load_transformer(component_dir: str | Path, dtype: Any = None) -> Any:
 def _read_state_dict(component_dir: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    index = component_dir / "diffusion_pytorch_model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(load_json(index)["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(component_dir.glob("*.safetensors"))]
-    if not files:
-        raise FileNotFoundError(f"{component_dir}: no .safetensors files")
+    from dqfast.reader import open_checkpoint
+
     state: dict[str, Any] = {}
-    for f in files:
-        state.update(load_file(str(component_dir / f)))
+    for f in open_checkpoint(component_dir).files:  # the Rust reader's shard/index rule
+        state.update(load_file(str(f)))
     return state
 
 
@@ -362,23 +358,11 @@ def run_ptq(
 
 
 def _build(algo: str, dq_dir: Path, hf_dir: Path, backbone: Path, base_dir: Path | None, model_type: str, component: str) -> Any:
-    if algo == "fp8":
-        from dqfast.fp8 import build_fp8_transformer
-
-        return build_fp8_transformer(
-            dq_dir,
-            modelopt_hf_dir=hf_dir,
-            modelopt_backbone_ckpt=backbone,
-            base_transformer_dir=base_dir,
-            model_type=model_type,
-            overwrite=True,
-            component=component,
-        )
-    from dqfast.nvfp4 import build_nvfp4_transformer
-
-    return build_nvfp4_transformer(
-        dq_dir, modelopt_hf_dir=hf_dir, base_transformer_dir=base_dir, model_type=model_type, overwrite=True, component=component
-    )
+    # The builder registry names the inputs each builder takes (nvfp4 has no backbone).
+    builder = get_builder(algo)
+    given = {"modelopt_hf_dir": hf_dir, "modelopt_backbone_ckpt": backbone, "base_transformer_dir": base_dir}
+    inputs = {k: v for k, v in given.items() if k in builder.inputs}
+    return builder.load()(dq_dir, **inputs, model_type=model_type, overwrite=True, component=component)
 
 
 def _verify(
