@@ -47,6 +47,7 @@ lint: venv
 	cargo clippy --all-targets --release -q -- -D warnings
 	$(VENV)/bin/ruff check -q .
 	$(VENV)/bin/ruff format --check -q .
+	$(VENV)/bin/mypy
 
 test: lint build test-rust test-python
 

@@ -385,11 +385,11 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
             problems.append(f"{label}: unknown key '{k}' (known: {', '.join(sorted(JOB_KEYS))})")
         merged: dict[str, Any] = {**defaults, **j}
         for table in ("inputs", "options"):
-            d, own = defaults.get(table) or {}, j.get(table) or {}
-            if not isinstance(d, dict) or not isinstance(own, dict):
-                problems.append(f"{label}: '{table}' must be a table, not {_type_name(own if isinstance(d, dict) else d)}")
-                d, own = {}, {}
-            merged[table] = {**d, **own}
+            dflt, own = defaults.get(table) or {}, j.get(table) or {}
+            if not isinstance(dflt, dict) or not isinstance(own, dict):
+                problems.append(f"{label}: '{table}' must be a table, not {_type_name(own if isinstance(dflt, dict) else dflt)}")
+                dflt, own = {}, {}
+            merged[table] = {**dflt, **own}
         builder_name = merged.get("builder")
         output = merged.get("output")
         if output is not None and (not isinstance(output, str) or "\0" in output):
@@ -410,6 +410,7 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
         inputs: dict[str, str] = {}
         options: dict[str, Any] = dict(merged["options"])
         if builder is not None:
+            assert isinstance(builder_name, str)  # a builder was found under this name
             if builder_name not in keywords_cache:
                 keywords_cache[builder_name] = _signature_keywords(builder)
             kws = keywords_cache[builder_name]
@@ -561,7 +562,7 @@ def _input_files(path: Path) -> list[Path]:
     (a FIFO would block the hashing forever)."""
     if not path.is_dir():
         return [check_regular(path, "input")]
-    out = []
+    out: list[Path] = []
     for root, dirs, files in os.walk(path):
         # Staging directories and job records of outputs that live under an input root.
         dirs[:] = sorted(d for d in dirs if STAGING_TAG not in d)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -45,7 +45,7 @@ from dqfast.errors import DqfastError
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
 def batch(
     manifest: Path,
-    executor: str,
+    executor: Literal["local", "ray"],
     address: str | None,
     max_parallel: int,
     cores: int,

@@ -60,9 +60,9 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
     cfg = load_json(comp / "config.json") if comp.is_dir() and (comp / "config.json").is_file() else {}
     qc: QuantConfig | None = resolve_quant_config(comp) if comp.is_dir() else None
     mods: dict[str, dict[str, Any]] = {}
-    for name, meta in info.tensors.items():
+    for name, tmeta in info.tensors.items():
         m, suffix = split_module(name)
-        mods.setdefault(m, {})[suffix or name] = meta
+        mods.setdefault(m, {})[suffix or name] = tmeta
     kinds = Counter(_module_kind(parts) for parts in mods.values())
     problems: list[str] = []
     for m, parts in mods.items():

@@ -143,6 +143,7 @@ def build_mixed_transformer(
     why: dict[str, str] = {}
     ignore: set[str] = set()
     counts = {"fp8": 0, "nvfp4": 0, "bf16": 0, "not_linear": 0, "nvfp4_demoted_to_fp8": 0}
+    algo: str | None
     for module, parts in mods.items():
         w = parts.get("weight")
         if w is None:

@@ -220,7 +220,7 @@ def _plan_export(
             for suffix, meta in parts.items():
                 if suffix in ("weight_scale", "weight_scale_2", "input_scale"):
                     continue
-                want = None
+                want: tuple[int, ...] | None = None
                 if suffix == "weight" and meta.dtype == "U8":
                     want = (meta.shape[0], meta.shape[1] * 2)
                 elif suffix != "weight" or meta.dtype in FLOAT_DTYPES:

@@ -98,7 +98,7 @@ def ptq(**kw: Any) -> None:
             t = c.trajectory
             click.echo(
                 f"  layers {c.layers['layers'] if c.layers else 0}, min weight cosine "
-                f"{c.layers['min_cosine']:.5f}; trajectory final cosine {t['final_cosine']:.6f}, "
+                f"{(c.layers or {}).get('min_cosine', float('nan')):.5f}; trajectory final cosine {t['final_cosine']:.6f}, "
                 f"PSNR {t['final_psnr_db']:.2f} dB"
             )
     click.echo(f"report: {result.report_path}")

@@ -266,7 +266,7 @@ class _ShardedWriter:
         self._pos += 1
 
     def write(self, data: bytes | memoryview | np.ndarray) -> None:
-        mv = memoryview(data).cast("B")
+        mv = memoryview(data).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
         if mv.nbytes > self._remaining:
             raise RuntimeError("tensor data overruns its header entry")
         assert self._file is not None

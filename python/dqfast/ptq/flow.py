@@ -309,7 +309,8 @@ def run_ptq(
         for n in names:
             t0 = time.perf_counter()
             dq_dir = out / "dqfast" / n
-            base = Path(results[n].base_dir) if results[n].base_dir else None
+            comp_base = results[n].base_dir
+            base = Path(comp_base) if comp_base else None
             report = _build(algo, dq_dir, Path(results[n].hf_dir), Path(results[n].backbone), base, preset.name, n)
             results[n].dqfast_dir = str(dq_dir)
             results[n].build = {"quant_algo": report.quant_algo, "counts": dict(report.counts), "warnings": list(report.warnings)}
