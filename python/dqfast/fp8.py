@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from dqfast import _core
 from dqfast._core import E4M3_MAX, __version__  # 448, from dqfast-core
 from dqfast.errors import PlanError
 from dqfast.models import ModelPreset, pattern_list, resolve_preset
@@ -339,6 +340,11 @@ def _positive(v: np.ndarray, what: str, module: str, source: str) -> np.ndarray:
     return v
 
 
+def _scales_from_amax(amax: np.ndarray) -> np.ndarray:
+    """FP8 scales ``amax / 448`` in float32: the Rust rule (``_core.fp8_scale_from_amax``)."""
+    return np.array([_core.fp8_scale_from_amax(float(a)) for a in amax], dtype=np.float32)
+
+
 def _fp8_scales(
     export: CheckpointInfo,
     parts: dict[str, TensorMeta],
@@ -351,15 +357,14 @@ def _fp8_scales(
     """(weight scale values — one, or one per output row —, input scale or None when dynamic).
 
     ``check_export``: the export's e4m3 bytes will be kept, so its own weight_scale must agree."""
-    bound = np.float32(E4M3_MAX)
     if scale_from == "backbone":
         if per_channel:
-            w = _positive(np.asarray(pair.weight, dtype=np.float32).reshape(-1), "weight amax", module, "backbone.pt") / bound
+            w = _scales_from_amax(_positive(np.asarray(pair.weight, dtype=np.float32).reshape(-1), "weight amax", module, "backbone.pt"))
         else:
-            w = np.array([_scalar(pair.weight, "weight amax", module, "backbone.pt")], dtype=np.float32) / bound
+            w = _scales_from_amax(np.array([_scalar(pair.weight, "weight amax", module, "backbone.pt")], dtype=np.float32))
         i = None
         if not per_channel:
-            i = float(np.float32(_scalar(pair.input, "input amax", module, "backbone.pt")) / bound)
+            i = _core.fp8_scale_from_amax(float(np.float32(_scalar(pair.input, "input amax", module, "backbone.pt"))))
         ws_meta = parts.get("weight_scale")
         if check_export and ws_meta is not None and parts["weight"].dtype == "F8_E4M3":
             exported = read_tensor(ws_meta.file, ws_meta.name).astype(np.float32).reshape(-1)
