@@ -248,3 +248,13 @@ def test_builder_registry_is_shared() -> None:
     assert set(kind.type.choices) == {"fp8", "nvfp4", "mixed"}  # type: ignore[attr-defined]
     with pytest.raises(dqfast.PlanError, match="unknown build kind 'int8'"):
         builders.get_builder("int8")
+
+
+def test_format_constants_come_from_core() -> None:
+    """Each format number is written once (dqfast-core) and exported; Python modules use those."""
+    from dqfast import _core, fp8, mixed, nvfp4
+
+    assert (_core.E4M3_MAX, _core.NVFP4_BOUND, _core.NVFP4_GROUP, _core.E4M3_MAX_BYTE) == (448.0, 6 * 448.0, 16, 0x7E)
+    assert fp8.E4M3_MAX is _core.E4M3_MAX and mixed.E4M3_MAX is _core.E4M3_MAX
+    assert nvfp4.NVFP4_BOUND is _core.NVFP4_BOUND and nvfp4.GROUP is _core.NVFP4_GROUP
+    assert _core.fp8_scale_from_amax(448.0) == 1.0
