@@ -1,6 +1,7 @@
 # The two set-up commands (see README):
 #   make demo   — venv + build + convert a small synthetic FLUX.1-shaped ModelOpt FP8 export
-#   make test   — venv + build + cargo test + pytest
+#   make test   — venv + build + cargo test + pytest (+ the wheel, installed into a torch-free venv)
+#   make wheel  — manylinux_2_28 abi3 wheel (stripped) and sdist into dist/
 # The virtual environment is created once and reused; torch (a large CUDA build on PyPI) is
 # downloaded only the first time.
 
@@ -11,17 +12,14 @@ DEPS_STAMP := $(VENV)/.dqfast-deps
 BUILD_STAMP := $(VENV)/.dqfast-build
 RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 
-.PHONY: all venv build demo test test-rust test-python lint bench peers-venv clean
+.PHONY: all venv build demo test test-rust test-python test-wheel wheel lint bench peers-venv clean
 
 all: build
 
-$(DEPS_STAMP): pyproject.toml
+$(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "maturin>=1.7,<2"
-	$(PIP) install -q torch==2.13.0 nvidia-modelopt==0.47.0 diffusers==0.42.1 "safetensors>=0.4" "pytest>=8" \
-		"numpy>=1.24" "click>=8.1" "rich>=13" "ray>=2.9" "pyyaml>=6" \
-		"ruff==0.17.6" "mypy==2.4.1"
+	$(PIP) install -q -r requirements-dev.txt
 	touch $@
 
 venv: $(DEPS_STAMP)
@@ -39,7 +37,19 @@ test-rust:
 	cargo test -p dqfast-core --release
 
 test-python: build
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -m "not wheel"
+
+# Release artifacts: `--zig` links against glibc 2.28 with the ziglang package (no docker), so
+# the wheel installs on RHEL 8 / Ubuntu 20.04 and later; the `wheel` profile strips debug info.
+wheel: venv
+	rm -rf dist
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin build -q \
+		--profile wheel --zig --compatibility manylinux_2_28 --out dist
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin sdist --out dist
+
+# The wheel installed into a fresh venv without torch, then a build and the extras' messages.
+test-wheel: wheel
+	$(PY) -m pytest tests/test_wheel.py -q -m wheel
 
 # Style and type gates (also part of `make test`).
 lint: venv
@@ -49,7 +59,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check -q .
 	$(VENV)/bin/mypy
 
-test: lint build test-rust test-python
+test: lint build test-rust test-python test-wheel
 
 bench: build
 	$(PY) benches/bench_fp8_build.py --family wan --blocks 4
@@ -61,4 +71,4 @@ peers-venv:
 	.venv-peers/bin/pip install -q "llmcompressor==0.14.0.1"
 
 clean:
-	rm -rf target demo-out bench-out $(BUILD_STAMP)
+	rm -rf target dist demo-out bench-out $(BUILD_STAMP)

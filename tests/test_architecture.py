@@ -184,7 +184,7 @@ def test_missing_optional_extra_is_one_line_error() -> None:
         cwd=Path(__file__).parent,
     )
     assert p.returncode == 2, p.stderr
-    assert p.stderr.count("\n") == 1 and p.stderr.startswith("error:") and "'modelopt'" in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("error:") and "dqfast[ptq]" in p.stderr, p.stderr
 
 
 def _run_with_extra() -> None:

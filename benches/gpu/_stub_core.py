@@ -1,5 +1,8 @@
 """Let the benches import dqfast where the Rust extension (dqfast._core) is not built, e.g. on
-the device machine: dqfast/__init__ imports it eagerly, the runtime never uses it."""
+the device machine: dqfast/__init__ imports it eagerly, the runtime never uses it.
+
+Importing this module does it (the GPU scripts import it before dqfast; Python puts the
+script's own folder, benches/gpu, on sys.path). STUBBED says whether the stub was needed."""
 
 from __future__ import annotations
 
@@ -40,3 +43,6 @@ def ensure_dqfast_importable() -> bool:
     import dqfast  # noqa: F401
 
     return True
+
+
+STUBBED = ensure_dqfast_importable()

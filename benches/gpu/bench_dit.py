@@ -23,28 +23,23 @@ import json
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _stub_core import ensure_dqfast_importable  # noqa: E402
-
-ensure_dqfast_importable()
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from dqfast.presets import get_preset  # noqa: E402
-from dqfast.runtime.linear import (  # noqa: E402
+import _stub_core
+import torch
+import torch.nn.functional as F
+from dqfast.presets import get_preset
+from dqfast.runtime import CudaGraphRunner
+from dqfast.runtime.linear import (
     _ACT_CACHE,
-    Nvfp4Linear,
     fp8_linear_from_float,
     nvfp4_linear_from_float,
 )
-from torch import nn  # noqa: E402
+from torch import nn
 
 GiB = 2.0**30
 FLUX1_DEV = dict(
@@ -183,7 +178,7 @@ def measure_memory(model: nn.Module, fn: Callable[[], torch.Tensor]) -> dict:
 
 KERNEL_CLASSES = [
     ("fp8_act_quant", re.compile(r"_fp8_quant")),
-    ("nvfp4_dequant", re.compile(r"_nvfp4_dequant")),
+    ("nvfp4_dequant", re.compile(r"_nvfp4_dequant|_nvfp4_to_e4m3")),
     # attention first: cuDNN's SDPA kernels also carry "wgmma"/"gemm"-like words in their names
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
     ("gemm", re.compile(r"gemm|gemv|nvjet|xmma|cutlass|cublas|_nvfp4_w4a16|triton_tem|splitk", re.I)),
@@ -305,6 +300,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip later phases past this many seconds")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
+    ap.add_argument("--img-tokens", type=int, default=4096, help="image tokens (a square number); 512 text tokens")
     args = ap.parse_args()
     t_start = time.time()
     out = Path(args.out)
@@ -312,13 +308,14 @@ def main() -> None:
     cuda = torch.cuda.is_available() and not args.tiny
     dev = torch.device("cuda" if cuda else "cpu")
     cfg = TINY if args.tiny else FLUX1_DEV
-    img_tokens, txt_tokens = (64, 16) if args.tiny else (4096, 512)
+    img_tokens, txt_tokens = (64, 16) if args.tiny else (args.img_tokens, 512)
     fp8_backend = "triton" if cuda else "emulation"
     fp4_backend = "triton" if cuda else "emulation_w4a16"
 
     import diffusers
 
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    env["dqfast_core_stubbed"] = _stub_core.STUBBED
     try:
         import triton
 
@@ -357,7 +354,9 @@ def main() -> None:
 
     ref: dict[str, torch.Tensor] = {}
 
-    def run_variant(name: str, prepare: Callable[[], None] | None = None, profile: bool = True, est_s: float = 15.0) -> None:
+    def run_variant(
+        name: str, prepare: Callable[[], None] | None = None, profile: bool = True, est_s: float = 15.0, graph: bool = False
+    ) -> None:
         elapsed = time.time() - t_start
         if args.only and name not in args.only.split(","):
             return
@@ -370,6 +369,13 @@ def main() -> None:
             if prepare:
                 prepare()
             fn = lambda: forward(model, inputs)  # noqa: E731
+            if graph:  # the whole forward captured once and replayed (dqfast.runtime.CudaGraphRunner)
+                runner = CudaGraphRunner(lambda **kw: model(**kw)[0])
+
+                def fn() -> torch.Tensor:
+                    with torch.inference_mode():
+                        return runner(**inputs)
+
             v = time_forward(fn, args.warmup, args.iters)
             y = fn()
             if "y" not in ref:
@@ -445,8 +451,26 @@ def main() -> None:
 
     run_variant("nvfp4_w4a16_all_dequant_min_m_256", fp4_min_m_256)
     os.environ.pop("DQFAST_W4A16_DEQUANT_MIN_M", None)
+
+    # NVFP4 weights as e4m3 inside an FP8 GEMM (W4A8, per-token FP8 activations): same bytes at rest
+    def set_fp4_backend(backend: str) -> None:
+        swap(model, fp4)
+        for m in fp4.values():
+            m.backend_request = backend
+
+    run_variant("nvfp4_w4a8_all", lambda: set_fp4_backend("w4a8" if cuda else "emulation_w4a16"))
+    set_fp4_backend(fp4_backend)
     swap(model, originals)
     run_variant("bf16_repeat", profile=False)  # run-to-run spread of the reference
+
+    # 4b. the same models under CUDA graphs (no host work per layer)
+    if cuda:
+        run_variant("bf16_graph", profile=False, graph=True)
+        run_variant(
+            "fp8_triton_static_all_graph", lambda: (swap(model, fp8), set_fp8_backend(fp8_backend, False)), profile=False, graph=True
+        )
+        run_variant("nvfp4_w4a8_all_graph", lambda: set_fp4_backend("w4a8"), profile=False, graph=True)
+        swap(model, originals)
 
     # 5. torch.compile, regional (each repeated block compiled once, diffusers' recipe)
     if cuda and not args.no_compile:
@@ -456,9 +480,8 @@ def main() -> None:
             if hasattr(dynamo.config, attr):
                 setattr(dynamo.config, attr, 64)
         blocks = [b for b in model.modules() if type(b).__name__ in ("FluxTransformerBlock", "FluxSingleTransformerBlock")]
-        # Fp8Linear switches to its traceable path while being compiled (activation quantization
-        # then fuses into the producing kernel); Nvfp4Linear's Triton launchers stay out of graphs.
-        Nvfp4Linear.forward = torch.compiler.disable(Nvfp4Linear.forward)
+        # Fp8Linear and Nvfp4Linear switch to their traceable paths while being compiled
+        # (activation quantization and the NVFP4 weight conversion become Inductor kernels).
 
         def compiled(mods: dict[str, nn.Module] | None) -> Callable[[], None]:
             def prep() -> None:
@@ -475,7 +498,12 @@ def main() -> None:
         run_variant("fp8_runtime_compiled_all", compiled(fp8), est_s=150)
         fp8_pre = {n: m for n, m in fp8.items() if n not in set(fp8_fb)}
         run_variant("fp8_runtime_compiled_flux1_preset", compiled(fp8_pre), est_s=120)
-        run_variant("nvfp4_w4a16_all_compiled_rest", compiled(fp4), est_s=150)
+        for m in fp4.values():
+            m.backend_request = "triton"  # traceable W4A16: dequantize + F.linear inside the graph
+        run_variant("nvfp4_w4a16_all_compiled", compiled(fp4), est_s=150)
+        for m in fp4.values():
+            m.backend_request = "w4a8"
+        run_variant("nvfp4_w4a8_all_compiled", compiled(fp4), est_s=150)
     res["total_s"] = time.time() - t_start
     write_results(out, res)
     print((out / "dit.md").read_text(), flush=True)

@@ -3,6 +3,9 @@
 from collections.abc import Sequence
 from os import PathLike
 
+import numpy as np
+import numpy.typing as npt
+
 __version__: str
 # Format constants of dqfast-core (each number written once, in Rust).
 E4M3_MAX: float  # 448.0
@@ -46,3 +49,65 @@ class GuardedInputs:
     def __init__(self, inputs: Sequence[str | PathLike[str]]) -> None: ...
     def check(self, output: str | PathLike[str], flag: str = "--output-dir") -> None: ...
     def overlaps(self, output: str | PathLike[str], flag: str = "--output-dir") -> list[tuple[int, Exception]]: ...
+
+# dqfast.ops / dqfast.stream kernels: flat contiguous arrays, outputs written in place.
+
+def ops_block_amax(src: npt.NDArray[np.uint8], dtype: str, rows: int, cols: int, bm: int, bn: int) -> list[float]: ...
+def ops_weight_scales(amax: list[float], format: str) -> list[float]: ...
+def ops_quantize_e4m3(
+    src: npt.NDArray[np.uint8],
+    dtype: str,
+    rows: int,
+    cols: int,
+    scales: npt.NDArray[np.float32],
+    bm: int,
+    bn: int,
+    rounding: str,
+    saturation: str,
+    out: npt.NDArray[np.uint8],
+) -> None: ...
+def ops_dequantize_e4m3(
+    q: npt.NDArray[np.uint8],
+    rows: int,
+    cols: int,
+    scales: npt.NDArray[np.float32],
+    bm: int,
+    bn: int,
+    out: npt.NDArray[np.float32],
+) -> None: ...
+def ops_quantize_nvfp4(
+    src: npt.NDArray[np.uint8],
+    dtype: str,
+    rows: int,
+    k: int,
+    weight_scale_2: float,
+    packed: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.uint8],
+) -> None: ...
+def ops_dequantize_nvfp4(
+    packed: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.uint8],
+    k: int,
+    weight_scale_2: float,
+    out: npt.NDArray[np.float32],
+) -> None: ...
+def ops_swap_nibbles(src: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8]) -> None: ...
+def checkpoint_offsets(path: str | PathLike[str]) -> str: ...
+
+class StreamWriterCore:
+    def __init__(
+        self,
+        output: str | PathLike[str],
+        overwrite: bool,
+        max_shard_bytes: int,
+        prefix: str,
+        metadata: dict[str, str],
+        always_index: bool,
+        fsync: bool,
+    ) -> None: ...
+    def write_tensor(self, name: str, dtype: str, shape: list[int], data: npt.NDArray[np.uint8]) -> None: ...
+    def write_file(self, name: str, data: bytes) -> None: ...
+    def finish(self) -> tuple[list[str], int]: ...
+    def abort(self) -> None: ...
+    @property
+    def staging_dir(self) -> str | None: ...

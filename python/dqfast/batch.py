@@ -1097,7 +1097,9 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise DqfastError("the ray executor needs Ray on this machine and on every node: pip install 'ray>=2.9'") from None
+        from dqfast.extras import missing_extra
+
+        raise missing_extra("ray", "ray") from None  # needed on this machine and on every node
     return ray
 
 

@@ -33,7 +33,7 @@ from dqfast.errors import DqfastError
 @click.option("--max-parallel", type=COUNT, default=0, help="At most this many jobs at once (local; 0 = no cap).")
 @click.option("--cores", type=COUNT, default=0, help="Cores to share between jobs (local; 0 = all).")
 @click.option(
-    "--memory-limit", type=SizeParam(), default=None, help="Memory to share between jobs, e.g. 64GB (local; default 80%% of available)."
+    "--memory-limit", type=SizeParam(), default=None, help="Memory to share between jobs, e.g. 64GB (local; default 80% of available)."
 )
 @click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="Per-job logs (default: <manifest>.logs/).")
 @click.option(

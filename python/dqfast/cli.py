@@ -16,16 +16,13 @@ import click
 
 from dqfast.batch_cli import batch
 from dqfast.builders import BUILDERS
+from dqfast.cli_format import fail as _fail
 from dqfast.cli_format import human as _human
+from dqfast.cli_format import run_or_fail as _run
 from dqfast.cli_types import AT_LEAST_ONE, COUNT, POSITIVE_FLOAT, SizeParam
-from dqfast.errors import DqfastError
+from dqfast.hub import InputPath, hub_options
 from dqfast.plan import IO_MODES, BuildReport
 from dqfast.ptq_cli import ptq
-
-
-def _fail(msg: str) -> None:
-    click.echo(f"error: {' '.join(str(msg).splitlines())}", err=True)
-    sys.exit(2)
 
 
 class OneLineErrors(click.Group):
@@ -45,7 +42,11 @@ class OneLineErrors(click.Group):
         except ModuleNotFoundError as e:
             if not e.name or e.name.split(".")[0] == "dqfast":
                 raise  # dqfast's own module missing: a bug, keep the traceback
-            _fail_code(f"this command needs '{e.name}', which is not installed (an optional extra: see README, Install)", 2)
+            from dqfast.extras import EXTRAS, missing_extra
+
+            top = e.name.split(".")[0]
+            extra = next((x for x, mods in EXTRAS.items() if top in mods), None)
+            _fail_code(str(missing_extra(extra, top)) if extra else f"this command needs '{top}', which is not installed", 2)
         except click.exceptions.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
@@ -55,17 +56,6 @@ class OneLineErrors(click.Group):
 def _fail_code(msg: str, code: int) -> None:
     click.echo(f"error: {' '.join(msg.splitlines())}", err=True)
     sys.exit(code)
-
-
-def _run(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except DqfastError as e:
-        _fail(str(e))
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        _fail(str(e))
-    except ValueError as e:  # e.g. a malformed backbone.pt
-        _fail(str(e))
 
 
 def print_report(report: BuildReport, as_json: bool, show_decisions: bool) -> None:
@@ -111,7 +101,7 @@ def _print_warnings(report: BuildReport) -> None:
         click.echo(f"warning: {w}", err=True)
 
 
-@click.group(cls=OneLineErrors)
+@click.group(cls=OneLineErrors, context_settings=dict(help_option_names=["-h", "--help"]))  # inherited by every subcommand
 @click.version_option(package_name="dqfast")
 def main() -> None:
     """Convert diffusion-transformer checkpoints to FP8 / NVFP4 for SGLang Diffusion and vLLM-Omni."""
@@ -160,7 +150,7 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for o in reversed(opts):
         f = o(f)
-    return f
+    return hub_options(f)
 
 
 def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
@@ -178,14 +168,14 @@ def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 
 
 @build.command("fp8")
-@click.option("--modelopt-hf-dir", type=click.Path(exists=True, path_type=Path), help="ModelOpt HF export (root or transformer/).")
+@click.option("--modelopt-hf-dir", type=InputPath(), help="ModelOpt HF export (root or transformer/).")
 @click.option(
     "--modelopt-backbone-ckpt",
     type=click.Path(exists=True, path_type=Path),
     help="ModelOpt backbone.pt (or its folder), or an amax .safetensors sidecar. A pickle: trusted files only "
     "(dqfast never executes it, but still reads it).",
 )
-@click.option("--base-transformer-dir", type=click.Path(exists=True, path_type=Path), help="BF16 base transformer (fallback weights).")
+@click.option("--base-transformer-dir", type=InputPath(), help="BF16 base transformer (fallback weights).")
 @click.option("--from-bf16", is_flag=True, help="Calibration-free: scales from the base weights themselves.")
 @click.option(
     "--weight-granularity",
@@ -228,8 +218,8 @@ def build_fp8(**kw: Any) -> None:
 
 
 @build.command("nvfp4")
-@click.option("--modelopt-hf-dir", type=click.Path(exists=True, path_type=Path), help="ModelOpt NVFP4 HF export (root or transformer/).")
-@click.option("--base-transformer-dir", type=click.Path(exists=True, path_type=Path), help="BF16 base transformer (fallback weights).")
+@click.option("--modelopt-hf-dir", type=InputPath(), help="ModelOpt NVFP4 HF export (root or transformer/).")
+@click.option("--base-transformer-dir", type=InputPath(), help="BF16 base transformer (fallback weights).")
 @click.option("--pattern-preset", default=None, help="SGLang's name for --model-type (e.g. flux1-nvfp4).")
 @click.option("--keep-bf16-pattern", "keep_bf16", multiple=True, metavar="GLOB", help="SGLang's name for --fallback (globs).")
 @click.option(
@@ -292,7 +282,7 @@ def _print_components(rep: Any, as_json: bool, show_decisions: bool) -> None:
 @click.option(
     "--base-transformer-dir",
     required=True,
-    type=click.Path(exists=True, path_type=Path),
+    type=InputPath(),
     help="BF16 base transformer (or pipeline root with --components).",
 )
 @click.option(
@@ -367,13 +357,13 @@ def _load_policy(spec: str) -> list[tuple[str, str]]:
 @click.option(
     "--root",
     required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=InputPath(),
     help="Pipeline root holding transformer/, transformer_2/, ... (BF16 base, or a ModelOpt export).",
 )
 @click.option("--components", "components", default="auto", show_default=True, help="Comma list or 'auto'.")
 @click.option(
     "--base-transformer-dir",
-    type=click.Path(exists=True, path_type=Path),
+    type=InputPath(),
     default=None,
     help="BF16 pipeline root for fallbacks when --root is a ModelOpt export.",
 )
@@ -448,21 +438,40 @@ def inspect_cmd(path: Path, base: Path | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+# docs/cli.md: `--json` alone (or `--json -`) prints JSON to stdout instead of the table, as on every
+# command; verify also takes `--json PATH` to write the report to a file.
+_JSON_OUT: dict[str, Any] = dict(
+    type=click.Path(path_type=Path, allow_dash=True),
+    default=None,
+    is_flag=False,
+    flag_value="-",
+    help="Print the full report as JSON (--json or --json -), or write it to PATH (--json PATH).",
+)
+
+
+def _json_to_stdout(path: Path | None) -> bool:
+    return path is not None and str(path) == "-"
+
+
 @main.group()
 def verify() -> None:
     """How far a quantized checkpoint is from its BF16 base."""
+    from dqfast.extras import require_extra
+
+    _run(lambda: require_extra("verify"))
 
 
 @verify.command("layers")
 @click.argument("base_dir", type=click.Path(exists=True, path_type=Path))
 @click.argument("quant_dir", type=click.Path(exists=True, path_type=Path))
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the full table as JSON.")
+@click.option("--json", "json_path", **_JSON_OUT)
 def verify_layers(base_dir: Path, quant_dir: Path, json_path: Path | None) -> None:
     """Per-layer error of the dequantized weights (max/mean abs, cosine, SNR), outliers and NaNs."""
     from dqfast.verify.checkpoint import verify_checkpoint
 
-    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, trajectory_check=False, json_path=json_path))
-    _print_verify(r)
+    to_stdout = _json_to_stdout(json_path)
+    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, trajectory_check=False, json_path=None if to_stdout else json_path))
+    _print_verify(r, as_json=to_stdout)
 
 
 @verify.command("trajectory")
@@ -471,7 +480,7 @@ def verify_layers(base_dir: Path, quant_dir: Path, json_path: Path | None) -> No
 @click.option("--steps", type=AT_LEAST_ONE, default=8, show_default=True)
 @click.option("--seed", type=COUNT, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "json_path", **_JSON_OUT)
 @click.option("--png", "png_path", type=click.Path(path_type=Path), default=None, help="Per-step plot (needs matplotlib).")
 def verify_trajectory(
     base_dir: Path, quant_dir: Path, steps: int, seed: int, device: str, json_path: Path | None, png_path: Path | None
@@ -479,12 +488,19 @@ def verify_trajectory(
     """Run BF16 and quantized transformers through the same seeded denoising loop and compare."""
     from dqfast.verify.checkpoint import verify_checkpoint
 
-    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, steps=steps, seed=seed, device=device, json_path=json_path, png_path=png_path))
-    _print_verify(r)
+    to_stdout = _json_to_stdout(json_path)
+    out = None if to_stdout else json_path
+    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, steps=steps, seed=seed, device=device, json_path=out, png_path=png_path))
+    _print_verify(r, as_json=to_stdout)
 
 
-def _print_verify(r: dict[str, Any]) -> None:
+def _print_verify(r: dict[str, Any], as_json: bool = False) -> None:
     s = r["layer_summary"]
+    if as_json:
+        click.echo(json.dumps(r, indent=2, default=float))
+        if s.get("nan_layers"):
+            sys.exit(1)
+        return
     click.echo(
         f"layers: {s['layers']}  min cosine {s.get('min_cosine', float('nan')):.6f} ({s.get('worst_layer')})  "
         f"median SNR {s.get('median_snr_db') or float('nan'):.1f} dB  min SNR {s.get('min_snr_db') or float('nan'):.1f} dB"
@@ -531,6 +547,17 @@ def demo_cmd(workdir: Path) -> None:
 # modelopt, ray) are imported when a command runs, and a missing one is a one-line error (main).
 main.add_command(ptq)
 main.add_command(batch)
+
+
+def _help_everywhere(cmd: click.Command) -> None:
+    # On each command too, not only the root's context: click caches a command's help option from
+    # the first context it sees, which is not the root's when a command is run on its own.
+    cmd.context_settings.setdefault("help_option_names", ["-h", "--help"])
+    for sub in getattr(cmd, "commands", {}).values():
+        _help_everywhere(sub)
+
+
+_help_everywhere(main)
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,9 @@ BUILDERS = _builders.BUILDERS
 def find_components(root: str | os.PathLike[str]) -> list[str]:
     """Transformer components of a pipeline root: ``transformer``, ``transformer_2``, ... that
     hold a config.json, in name order (``transformer`` first)."""
-    r = Path(root)
+    from dqfast.hub import resolve_input
+
+    r = resolve_input(root)
     if not r.is_dir():
         raise PlanError(f"{r}: not a directory", path=str(r))
     found = [p.name for p in r.iterdir() if p.is_dir() and p.name.startswith("transformer") and (p / "config.json").is_file()]

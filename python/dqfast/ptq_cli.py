@@ -22,6 +22,7 @@ from dqfast.cli_types import AT_LEAST_ONE, COUNT
     help="Diffusers pipeline dir (model_index.json; every transformer* component) or one component dir.",
 )
 @click.option(
+    "--output-dir",
     "--out",
     "out_dir",
     required=True,
@@ -58,7 +59,11 @@ def ptq(**kw: Any) -> None:
     Conditioning comes from deterministic pseudo-embeddings (SHA-256-seeded noise per prompt):
     no text encoder is run. See docs/ptq.md.
     """
+    from dqfast.cli_format import run_or_fail as _run
     from dqfast.errors import DqfastError
+    from dqfast.extras import require_extra
+
+    _run(lambda: require_extra("ptq"))
     from dqfast.ptq import CalibConfig, run_ptq
 
     try:

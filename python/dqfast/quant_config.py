@@ -154,8 +154,11 @@ def _field(cfg: dict[str, Any], key: str, want: type | tuple[type, ...], source:
 
 
 def find_component_dir(path: str | os.PathLike[str], component: str = "transformer") -> Path:
-    """An export root or its component subfolder — whichever holds config.json (SGLang's rule)."""
-    p = Path(path)
+    """An export root or its component subfolder — whichever holds config.json (SGLang's rule).
+    ``path`` may be a hub id (``org/name``, ``hf://org/name@rev/sub``) in the local hub cache."""
+    from dqfast.hub import resolve_input
+
+    p = resolve_input(path)
     if not p.exists():
         raise PlanError(f"{p}: does not exist", path=str(p))
     # lexists: a config.json that is a FIFO or a dangling link is this dir's config (and then

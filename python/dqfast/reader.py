@@ -43,8 +43,11 @@ class CheckpointInfo:
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
-    """Validate and describe a ``.safetensors`` file or a (sharded) checkpoint directory."""
-    raw = json.loads(_core.read_checkpoint(str(path)))
+    """Validate and describe a ``.safetensors`` file or a (sharded) checkpoint directory (through
+    its diffusers variant inside :func:`dqfast.hub.input_variant`; ``root`` is then what was opened)."""
+    from dqfast.hub import variant_path
+
+    raw = json.loads(_core.read_checkpoint(str(variant_path(Path(path)))))
     tensors: dict[str, TensorMeta] = {}
     files = []
     metadata = {}

@@ -29,10 +29,11 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
+from dqfast._core import E4M3_MAX  # 448, written once in dqfast-core
+
 __all__ = ["TensorSpec", "SynthPaths", "family_config", "tensor_specs", "make_transformer", "FAMILIES"]
 
 FAMILIES = ("flux1", "wan")
-E4M3_MAX = 448.0
 _POOL_BITS = 22
 _CHUNK = 1 << 20  # elements per generated chunk
 _DTYPE_SIZE = {"BF16": 2, "F32": 4, "F8_E4M3": 1}

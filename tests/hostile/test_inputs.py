@@ -5,10 +5,8 @@ tree is hashed before and after each case, and nothing is left at the output pat
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,23 +15,7 @@ import pytest
 from dqfast.errors import DqfastError, InternalError
 
 from hostile.corpus_inputs import CASES, Api, Case, Cli
-
-
-def tree_digest(path: Path) -> str:
-    """sha256 over every entry under ``path``: relative name, type, mode, and the bytes of
-    regular files (FIFOs and other special files are never opened)."""
-    h = hashlib.sha256()
-    if not os.path.lexists(path):
-        return "absent"
-    entries = [path] if not path.is_dir() or path.is_symlink() else sorted(path.rglob("*"))
-    for p in entries:
-        st = os.lstat(p)
-        h.update(f"{p.relative_to(path) if p != path else '.'}\0{stat.S_IFMT(st.st_mode)}\0{stat.S_IMODE(st.st_mode)}\0".encode())
-        if stat.S_ISREG(st.st_mode):
-            h.update(p.read_bytes())
-        elif stat.S_ISLNK(st.st_mode):
-            h.update(os.readlink(p).encode())
-    return h.hexdigest()
+from hostile.util import tree_digest
 
 
 def leftovers(out: Path) -> list[str]:

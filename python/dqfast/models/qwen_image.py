@@ -21,6 +21,6 @@ PRESET = ModelPreset(
     ptq_disabled=(r"^(?!.*(?:^|\.)transformer_blocks\.\d+(?:\.|$)).*", r".*transformer_blocks\.(0|1|58|59)(\.|$)"),
     modelopt_model_types=("qwen-image",),
     block_range=BlockRange("transformer_blocks", 2, 2),
-    source="FP8: /work/shared/docs/formats.md and sgl-project/sglang PR #23155 (not merged at 27b84fc); "
+    source="FP8: sgl-project/sglang PR #23155 (not merged at 27b84fc; see docs/notes/sources.md); "
     f"PTQ: {MO_EXAMPLE} qwen-image (first/last two of 60 blocks)",
 )

@@ -1,8 +1,11 @@
 """Torch runtime for dqfast checkpoints: FP8 / NVFP4 Linear modules and a loader.
 
 Requires torch (and safetensors for loading); Triton and FlashInfer are optional.
+`CudaGraphRunner` replays a loaded model under CUDA graphs; `autotune` picks FP8 GEMM back ends
+per GPU and shape (cached on disk).
 """
 
+from .graphs import CudaGraphRunner
 from .linear import (
     FP4_BACKENDS,
     FP8_BACKENDS,
@@ -21,6 +24,7 @@ __all__ = [
     "FP4_BACKENDS",
     "FP8_BACKENDS",
     "CheckpointMismatch",
+    "CudaGraphRunner",
     "Fp8Linear",
     "LoadReport",
     "Nvfp4Linear",

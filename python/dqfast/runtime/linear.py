@@ -1,16 +1,30 @@
 """FP8 and NVFP4 Linear modules with selectable GEMM back ends.
 
 Back ends (env vars override the automatic choice; an explicit constructor argument wins):
-  DQFAST_FP8_GEMM_BACKEND = auto | emulation | scaled_mm | triton | flashinfer
+  DQFAST_FP8_GEMM_BACKEND = auto | autotune | emulation | scaled_mm | triton | compile |
+                            flashinfer | flashinfer_cudnn | flashinfer_cutlass
+    auto:      the measured winner from the on-disk autotune cache (autotune.py) if this GPU and
+               shape were tuned, else `triton` on SM89+ (else `scaled_mm`, else emulation)
+    autotune:  like auto, but times every runnable back end on a shape's first call and caches it
     scaled_mm: eager torch activation quantization + torch._scaled_mm (cuBLASLt/CUTLASS, SM89+)
-    triton:    fused Triton activation quantization + torch._scaled_mm
+    triton:    fused Triton activation quantization + torch._scaled_mm (bias in the GEMM epilogue)
+    triton_fused: one Triton kernel quantizes the activation tiles in registers and runs the FP8
+               GEMM + scale + bias epilogue: one launch per call (static input scales only)
     compile:   plain torch ops + torch._scaled_mm, for torch.compile to fuse (also taken
                automatically whenever the module is being compiled)
-    flashinfer: flashinfer.bmm_fp8 (static per-tensor scales only)
-  DQFAST_FP4_GEMM_BACKEND = auto | emulation | emulation_w4a16 | triton | flashinfer
+    flashinfer*: Triton activation quantization + a FlashInfer FP8 GEMM (static per-tensor
+               scales, no shards): `flashinfer` = bmm_fp8's cuBLASLt GEMM called through the
+               loaded JIT module (no per-call Python dispatch; `flashinfer@<i>` = its i-th
+               cuBLASLt algorithm, what autotune records), `flashinfer_cudnn` = bmm_fp8
+               backend="cudnn", `flashinfer_cutlass` = bmm_fp8 backend="cutlass" on SM100+, and on
+               SM90 FlashInfer's CUTLASS SM90 grouped GEMM (e4m3 -> bf16, one group) with the
+               scales and bias applied by one elementwise kernel after it
+  DQFAST_FP4_GEMM_BACKEND = auto | emulation | emulation_w4a16 | triton | w4a8 | flashinfer
     triton:     W4A16 on Hopper and older (input_scale unused): below DQFAST_W4A16_DEQUANT_MIN_M
                 rows the fused Triton dequant-GEMM (triton_fused), from there on a Triton
                 dequantize into a transient bf16 weight + cuBLAS GEMM (triton_dequant)
+    w4a8:       SM89+: NVFP4 weight -> transient e4m3 weight (Triton, per-channel scale), per-token
+                FP8 activations, row-wise-scaled torch._scaled_mm (FP8 tensor cores)
     flashinfer: flashinfer.mm_fp4 (SM100+, W4A4)
     emulation:  dequantize + float32 matmul, W4A4 activation fake-quant (CPU reference)
 """
@@ -27,8 +41,11 @@ from torch import nn
 
 from . import quant as Q
 
-FP8_BACKENDS = ("auto", "emulation", "scaled_mm", "triton", "flashinfer", "compile")
-FP4_BACKENDS = ("auto", "emulation", "emulation_w4a16", "triton", "triton_fused", "triton_dequant", "flashinfer")
+FLASHINFER_FP8_BACKENDS = ("flashinfer", "flashinfer_cudnn", "flashinfer_cutlass")
+# What autotune times, in order of preference on equal times (the heuristic default first).
+FP8_TUNABLE = ("triton", "triton_fused", "scaled_mm", *FLASHINFER_FP8_BACKENDS)
+FP8_BACKENDS = ("auto", "autotune", "emulation", "compile", *FP8_TUNABLE)
+FP4_BACKENDS = ("auto", "emulation", "emulation_w4a16", "triton", "triton_fused", "triton_dequant", "w4a8", "flashinfer")
 
 
 @functools.cache
@@ -45,17 +62,38 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def resolve_fp8_backend(requested: str | None, device: torch.device) -> str:
     """Pick the FP8 path: explicit request, else env var, else by device capability."""
     choice = (requested or os.environ.get("DQFAST_FP8_GEMM_BACKEND") or "auto").lower()
-    if choice not in FP8_BACKENDS:
-        raise ValueError(f"unknown FP8 backend {choice!r}; choose from {FP8_BACKENDS}")
+    algo = choice.partition("flashinfer@")[2]  # flashinfer@<i>: bmm_fp8 with cuBLASLt algorithm i
+    if choice not in FP8_BACKENDS and not (choice.startswith("flashinfer@") and algo.isdigit()):
+        raise ValueError(f"unknown FP8 backend {choice!r}; choose from {FP8_BACKENDS} or flashinfer@<index>")
     if choice != "auto":
         return choice
+    return _fp8_default(device)
+
+
+def _fp8_default(device: torch.device) -> str:
     if _capability(device) >= (8, 9):
         return "triton" if _has_module("triton") else "scaled_mm"
     return "emulation"
 
 
+def fp8_candidates(device: torch.device, static_per_tensor: bool, static: bool | None = None) -> tuple[str, ...]:
+    """The back ends autotune may time for a layer on `device`: triton_fused needs static input
+    scales, FlashInfer needs to be installed and static per-tensor scales with no shards."""
+    if _capability(device) < (8, 9):
+        return ()
+    static = static_per_tensor if static is None else static
+    out = ["triton"] if _has_module("triton") else []
+    if static and _has_module("triton"):
+        out.append("triton_fused")
+    out.append("scaled_mm")
+    if static_per_tensor and _has_module("flashinfer") and _has_module("triton"):
+        out += FLASHINFER_FP8_BACKENDS
+    return tuple(out)
+
+
 def resolve_fp4_backend(requested: str | None, device: torch.device) -> str:
-    """Pick the NVFP4 path: FP4 GEMM on SM100+, W4A16 Triton on other GPUs, else emulation."""
+    """Pick the NVFP4 path: FP4 GEMM on SM100+, W4A8 (FP8 GEMM) on SM89-SM99, W4A16 Triton on
+    SM80-SM88, else emulation."""
     choice = (requested or os.environ.get("DQFAST_FP4_GEMM_BACKEND") or "auto").lower()
     if choice not in FP4_BACKENDS:
         raise ValueError(f"unknown FP4 backend {choice!r}; choose from {FP4_BACKENDS}")
@@ -64,6 +102,8 @@ def resolve_fp4_backend(requested: str | None, device: torch.device) -> str:
     cap = _capability(device)
     if cap >= (10, 0) and _has_module("flashinfer"):
         return "flashinfer"
+    if cap >= (8, 9) and _has_module("triton"):
+        return "w4a8"  # FP8 tensor cores: faster than BF16 (docs/runtime.md has the measured cost in accuracy)
     if cap >= (8, 0) and _has_module("triton"):
         return "triton"
     return "emulation"
@@ -119,8 +159,49 @@ class _ActQuantCache:
 _ACT_CACHE = _ActQuantCache()
 
 
+@torch.library.custom_op("dqfast::nvfp4_to_e4m3", mutates_args=())
+def _nvfp4_to_e4m3_op(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 -> e4m3 weight (quant.nvfp4_to_e4m3 numerics): the Triton kernel on CUDA, torch on CPU."""
+    if packed.is_cuda and _has_module("triton"):
+        from . import triton_kernels as TK
+
+        return TK.nvfp4_to_e4m3(packed, block_scale, inv_row_scale)
+    return Q.nvfp4_to_e4m3(packed, block_scale, inv_row_scale)
+
+
+@_nvfp4_to_e4m3_op.register_fake
+def _(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor) -> torch.Tensor:
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=torch.float8_e4m3fn)
+
+
+_ENV_DATA = getattr(os.environ, "_data", None)  # CPython's live bytes-keyed dict behind os.environ
+
+
+def _env_raw(name: str):
+    """os.environ.get(name) as an opaque value for equality tests (bytes on POSIX, else str), read
+    per eager call: the public mapping re-encodes the key on every lookup (~1-3 us); the live
+    dict it writes through is read directly when present."""
+    if _ENV_DATA is not None and os.name == "posix":
+        return _ENV_DATA.get(os.fsencode(name) if name not in _ENV_KEYS else _ENV_KEYS[name])
+    return os.environ.get(name)
+
+
+_ENV_KEYS = {n: os.fsencode(n) for n in ("DQFAST_SHARE_ACT_QUANT", "DQFAST_FP8_GEMM_BACKEND")}
+
+
+def _ver(t: torch.Tensor) -> int:
+    """A tensor's version counter; tensors made under torch.inference_mode have none (reading it
+    raises), so for them only replacement (a new id) is seen, not an in-place edit."""
+    return -1 if t.is_inference() else t._version
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on x's device (nothing may sync or time then)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _share_act_quant() -> bool:
-    return os.environ.get("DQFAST_SHARE_ACT_QUANT", "1") != "0"
+    return _env_raw("DQFAST_SHARE_ACT_QUANT") not in (b"0", "0")
 
 
 class Fp8Linear(nn.Module):
@@ -193,76 +274,6 @@ class Fp8Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     # -- GPU paths ---------------------------------------------------------------------------
-    def _host_scale(self, scale: torch.Tensor) -> float:
-        # The static scale as a Python float, read once (one sync) and re-read only when the
-        # buffer changes; used to share one quantized activation among equal-scale siblings.
-        key = (scale.data_ptr(), scale._version)
-        cached = self.__dict__.get("_host_scale_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, float(scale))
-            self.__dict__["_host_scale_cache"] = cached
-        return cached[1]
-
-    def _quantize_input(self, x2d: torch.Tensor, scale: torch.Tensor | None, fused: bool):
-        mode = ("tok",) if scale is None else ("static", self._host_scale(scale))
-        if fused and _share_act_quant():
-            hit = _ACT_CACHE.get(x2d, mode)
-            if hit is not None:
-                return hit
-        if fused:
-            from . import triton_kernels as TK
-
-            if scale is None:
-                value = TK.fp8_quant_per_token(x2d)
-            else:
-                value = (TK.fp8_quant_static(x2d, scale), scale)
-            if _share_act_quant():
-                _ACT_CACHE.put(x2d, mode, value)
-            return value
-        if scale is None:
-            s = Q.per_token_scale(x2d)
-            return Q.quantize_fp8(x2d, s), s
-        return Q.quantize_fp8(x2d, scale), scale
-
-    def _row_weight_scale(self, ws: torch.Tensor, rows: slice) -> torch.Tensor:
-        # [1, N] float32 weight scale for row-wise _scaled_mm, built once per weight_scale version.
-        key = (rows.start, rows.stop, self.weight_scale.data_ptr(), self.weight_scale._version)
-        cache = self.__dict__.setdefault("_row_scale_cache", {})
-        if key not in cache:
-            n = rows.stop - rows.start
-            cache[key] = ws.reshape(1, -1).expand(1, n).contiguous()
-        return cache[key]
-
-    def _scaled_mm(self, xq, x_scale, w_rows: slice, bias, out_dtype):
-        w = self.weight[w_rows]
-        ws = self.weight_scale[w_rows] if self.weight_scale.dim() == 1 else self.weight_scale
-        rowwise = x_scale.numel() > 1 or ws.numel() > 1
-        if rowwise:
-            # cuBLAS/CUTLASS row-wise scaling needs both scales as vectors and a bf16 output.
-            sa = x_scale.reshape(-1, 1).expand(xq.shape[0], 1).contiguous()
-            sb = self._row_weight_scale(ws, w_rows)
-            out_dtype = torch.bfloat16
-        else:
-            sa, sb = x_scale.reshape(()), ws.reshape(())
-        if bias is not None and self._scaled_mm_bias_ok:
-            try:
-                return torch._scaled_mm(
-                    xq, w.t(), scale_a=sa, scale_b=sb, bias=bias.to(out_dtype), out_dtype=out_dtype, use_fast_accum=True
-                )
-            except RuntimeError:
-                self._scaled_mm_bias_ok = False
-        y = torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=True)
-        return y + bias.to(y.dtype) if bias is not None else y
-
-    def _forward_flashinfer(self, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        import flashinfer  # noqa: PLC0415 - optional dependency
-
-        if self.input_scale is None or self.input_scale.dim() or self.weight_scale.dim() or self.shard_sizes:
-            raise NotImplementedError("flashinfer bmm_fp8 path takes per-tensor static scales only")
-        xq, _ = self._quantize_input(x2d, self.input_scale, fused=_has_module("triton"))
-        y = flashinfer.bmm_fp8(xq.unsqueeze(0), self.weight.t().unsqueeze(0), self.input_scale, self.weight_scale, out_dtype).squeeze(0)
-        return y + self.bias.to(y.dtype) if self.bias is not None else y
-
     def forward_traceable(self, x: torch.Tensor) -> torch.Tensor:
         """The GPU path in plain torch ops (divide, clamp, cast, ``_scaled_mm``), no Python-side
         caches or host syncs: under ``torch.compile`` the activation quantization then fuses into
@@ -291,32 +302,211 @@ class Fp8Linear(nn.Module):
         y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    # -- eager GPU fast path ------------------------------------------------------------------
+    def _resolved_backend(self) -> str:
+        # Resolved once per (request, env value): the env var is re-read (cheap) so switching it
+        # between calls still works, but the capability query is not repeated.
+        key = (self.backend_request, _env_raw("DQFAST_FP8_GEMM_BACKEND"), self._buffers["weight"].device)
+        cached = self.__dict__.get("_backend_cache")
+        if cached is None or cached[0] != key:
+            choice = resolve_fp8_backend(self.backend_request, self.weight.device)
+            env = os.environ.get("DQFAST_FP8_GEMM_BACKEND")
+            if (self.backend_request or env or "auto").lower() == "auto" and choice != "emulation":
+                choice = "auto"  # resolved per shape: the autotune cache, else the default
+            cached = (key, choice)
+            self.__dict__["_backend_cache"] = cached
+        return cached[1]
+
+    def _plan(self, out_dtype: torch.dtype) -> _Fp8Plan:
+        """Everything a call needs that depends only on the module's tensors (views, scale
+        shapes, cast bias, host copy of the static scale), rebuilt when any of them changes."""
+        # Read from the module's dicts directly (nn.Module.__getattr__ costs ~1 us per name);
+        # a replaced tensor changes its id, an in-place edit (load_state_dict, copy_) its version.
+        bufs = self._buffers
+        w, ws = bufs["weight"], bufs["weight_scale"]
+        ins = bufs["input_scale"] if "input_scale" in bufs else self.__dict__.get("input_scale")
+        b = self._parameters.get("bias")
+        key = (
+            out_dtype,
+            id(w),
+            _ver(w),
+            id(ws),
+            _ver(ws),
+            None if ins is None else (id(ins), _ver(ins)),
+            None if b is None else (id(b), _ver(b)),
+        )
+        plans = self.__dict__.setdefault("_plans", {})
+        plan = plans.get(out_dtype)
+        if plan is None or plan.key != key:
+            plan = plans[out_dtype] = _Fp8Plan(self, out_dtype, key)
+        return plan
+
+    def _gemm(self, plan: _Fp8Plan, sh: _Fp8Shard, xq: torch.Tensor, xs: torch.Tensor, backend: str) -> torch.Tensor:
+        if backend in ("triton", "scaled_mm"):
+            if xs.numel() > 1 or sh.rowwise:
+                # cuBLAS/CUTLASS row-wise scaling needs both scales as vectors and a bf16 output.
+                sa = xs.reshape(-1, 1)
+                sa = sa if sa.shape[0] == xq.shape[0] else sa.expand(xq.shape[0], 1).contiguous()
+                return self._scaled_mm_call(xq, sh.wt, sa, sh.sb_row, sh.bias_bf16, torch.bfloat16)
+            return self._scaled_mm_call(xq, sh.wt, sh.sa, sh.sb, sh.bias, plan.out_dtype)
+        from . import flashinfer_gemm as FI
+
+        if not plan.flashinfer_ok:
+            raise NotImplementedError(f"{backend}: FlashInfer FP8 GEMMs take static per-tensor scales and no shards")
+        if backend == "flashinfer_cutlass":
+            return FI.gemm_cutlass(xq, sh.w3, sh.alpha, sh.bias, plan.out_dtype, _capability(xq.device))
+        if backend == "flashinfer_cudnn":
+            y = FI.bmm_fp8(xq, sh.wt3, sh.sa, sh.sb, plan.out_dtype, "cudnn")
+        else:  # "flashinfer" or "flashinfer@<cuBLASLt algorithm index>" (chosen by autotune)
+            y = FI.bmm_fp8(xq, sh.wt3, sh.sa, sh.sb, plan.out_dtype, "cublas", int(backend[11:]) if backend[10:11] == "@" else -1)
+        return y.add_(sh.bias) if sh.bias is not None else y
+
+    def _scaled_mm_call(self, xq, wt, sa, sb, bias, out_dtype):
+        if bias is not None and self._scaled_mm_bias_ok:
+            try:
+                return torch._scaled_mm(xq, wt, scale_a=sa, scale_b=sb, bias=bias, out_dtype=out_dtype, use_fast_accum=True)
+            except RuntimeError:
+                self._scaled_mm_bias_ok = False
+        y = torch._scaled_mm(xq, wt, scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=True)
+        return y.add_(bias) if bias is not None else y
+
+    def _run(self, x2d: torch.Tensor, out_dtype: torch.dtype, backend: str, share: bool) -> torch.Tensor:
+        plan = self._plan(out_dtype)
+        fused = backend != "scaled_mm"
+        outs = []
+        if backend == "triton_fused":
+            from . import triton_kernels as TK
+
+            for sh in plan.shards:
+                if sh.sa is None:
+                    raise NotImplementedError("triton_fused: static input scales only (per-token scales need a row pass first)")
+                outs.append(TK.fp8_linear_static(x2d, sh.w, sh.sa, sh.ws_flat, sh.bias, out_dtype))
+            return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        for sh in plan.shards:
+            xq, xs = self._quantize(x2d, sh, fused, share)
+            outs.append(self._gemm(plan, sh, xq, xs, backend))
+        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+
+    def _quantize(self, x2d: torch.Tensor, sh: _Fp8Shard, fused: bool, share: bool):
+        if not fused:
+            if sh.sa is None:
+                s = Q.per_token_scale(x2d)
+                return Q.quantize_fp8(x2d, s), s
+            return Q.quantize_fp8(x2d, sh.sa), sh.sa
+        from . import triton_kernels as TK
+
+        mode = sh.mode
+        if share:
+            hit = _ACT_CACHE.get(x2d, mode)
+            if hit is not None:
+                return hit
+        value = TK.fp8_quant_per_token(x2d) if sh.sa is None else (TK.fp8_quant_static(x2d, sh.sa), sh.sa)
+        if share:
+            _ACT_CACHE.put(x2d, mode, value)
+        return value
+
+    def _tuned_backend(self, x2d: torch.Tensor, out_dtype: torch.dtype, measure: bool) -> str:
+        """auto/autotune: the cached measured winner for this GPU and shape bucket; on a miss the
+        heuristic default (auto, or during CUDA-graph capture) or a measurement (autotune)."""
+        from . import autotune as AT
+
+        bucket = AT.m_bucket(x2d.shape[0])
+        memo = self.__dict__.setdefault("_tuned", {})
+        hit = memo.get((bucket, out_dtype, measure))
+        if hit is not None:
+            return hit
+        dev = x2d.device
+        static_pt = self.input_scale is not None and self.input_scale.dim() == 0 and self.weight_scale.dim() == 0 and not self.shard_sizes
+        cands = fp8_candidates(dev, static_pt, self.input_scale is not None)
+        if "flashinfer" in cands:
+            # bmm_fp8's cuBLASLt algorithms are candidates of their own: its heuristic's first
+            # pick is up to ~30% slower than torch._scaled_mm's on some H200 shapes.
+            from . import flashinfer_gemm as FI
+
+            sh = self._plan(out_dtype).shards[0]
+            try:
+                n_algos = FI.cublas_tactics(x2d.shape[0], sh.wt3, sh.sa, sh.sb, out_dtype)
+            except Exception:
+                n_algos = 0
+            cands = cands + tuple(f"flashinfer@{i}" for i in range(n_algos))
+        default = _fp8_default(dev)
+        if not cands:
+            return default
+        key = AT.shape_key(
+            x2d.shape[0],
+            self.in_features,
+            self.out_features,
+            "pc" if self.weight_scale.dim() else "pt",
+            "tok" if self.input_scale is None else ("static" if not self.shard_sizes else "static_shards"),
+            out_dtype,
+        )
+        tuner = AT.tuner_for(dev)
+        choice = tuner.lookup(key, cands)
+        if choice is None:
+            if not measure or _capturing(x2d):
+                return default  # not memoized: a later eager call may still tune
+            xs = x2d.detach()
+            choice = tuner.tune(key, {b: functools.partial(self._run, xs, out_dtype, b, False) for b in cands})
+        memo[(bucket, out_dtype, measure)] = choice
+        return choice
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             # Decided before any backend lookup: keep the traced graph free of host-side logic.
             return self.forward_traceable(x) if x.is_cuda else self.forward_emulation(x)
-        backend = self.backend
+        backend = self._resolved_backend()
+        x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        if backend == "auto" or backend == "autotune":
+            backend = self._tuned_backend(x2d, out_dtype, backend == "autotune")
         if backend == "emulation":
             return self.forward_emulation(x)
         if backend == "compile":
             return self.forward_traceable(x)
-        x2d = _flatten(x)
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        if backend == "flashinfer":
-            y = self._forward_flashinfer(x2d, out_dtype)
-        else:
-            fused = backend == "triton"
-            outs = []
-            shards = _shard_slices(self.shard_sizes, self.out_features)
-            for i, rows in enumerate(shards):
-                scale = None
-                if self.input_scale is not None:
-                    scale = self.input_scale[i] if self.input_scale.dim() == 1 else self.input_scale
-                xq, xs = self._quantize_input(x2d, scale, fused)
-                bias = self.bias[rows] if self.bias is not None else None
-                outs.append(self._scaled_mm(xq, xs, rows, bias, out_dtype))
-            y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = self._run(x2d, out_dtype, backend, _share_act_quant())
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+
+class _Fp8Shard:
+    """Per-shard views and scales of an Fp8Linear, in the shapes each GEMM wants."""
+
+    __slots__ = ("w", "wt", "wt3", "w3", "sa", "sb", "sb_row", "ws_flat", "alpha", "bias", "bias_bf16", "rowwise", "mode")
+
+    def __init__(self, mod: Fp8Linear, rows: slice, idx: int, out_dtype: torch.dtype) -> None:
+        w = self.w = mod.weight[rows]
+        self.wt = w.t()
+        self.wt3 = self.wt.unsqueeze(0)  # [1, K, N] column-major, as bmm_fp8 takes it
+        self.w3 = w.unsqueeze(0)  # [1, N, K], as the SM90 segment GEMM takes it
+        ws = mod.weight_scale[rows] if mod.weight_scale.dim() == 1 else mod.weight_scale
+        ws = ws.float()
+        self.rowwise = ws.numel() > 1
+        self.sb = ws.reshape(()) if not self.rowwise else None
+        self.sb_row = ws.reshape(1, -1).expand(1, rows.stop - rows.start).contiguous()
+        self.ws_flat = self.sb_row.reshape(-1) if self.rowwise else self.sb
+        sa = None
+        if mod.input_scale is not None:
+            sa = (mod.input_scale[idx] if mod.input_scale.dim() == 1 else mod.input_scale).float().reshape(())
+        self.sa = sa
+        # The static scale as a Python float (one host read, at plan time) names the activation
+        # quantization that sibling layers may share.
+        self.mode = ("tok",) if sa is None else ("static", float(sa))
+        self.alpha = (sa * self.sb) if (sa is not None and self.sb is not None) else None
+        bias = mod.bias[rows] if mod.bias is not None else None
+        self.bias = bias.to(out_dtype) if bias is not None else None
+        self.bias_bf16 = bias.to(torch.bfloat16) if bias is not None else None
+
+
+class _Fp8Plan:
+    __slots__ = ("key", "out_dtype", "shards", "flashinfer_ok")
+
+    def __init__(self, mod: Fp8Linear, out_dtype: torch.dtype, key: tuple) -> None:
+        self.key = key
+        self.out_dtype = out_dtype
+        slices = _shard_slices(mod.shard_sizes, mod.out_features)
+        self.shards = [_Fp8Shard(mod, rows, i, out_dtype) for i, rows in enumerate(slices)]
+        self.flashinfer_ok = len(self.shards) == 1 and self.shards[0].alpha is not None
 
 
 class Nvfp4Linear(nn.Module):
@@ -376,6 +566,47 @@ class Nvfp4Linear(nn.Module):
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def w4a8_weight_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inv_row_scale [N], per-channel FP8 weight scale [1, N]) of the W4A8 path, cached per
+        version of the block and global scales (no host sync)."""
+        sb, gs = self.weight_scale, self.weight_scale_2
+        key = (sb.data_ptr(), _ver(sb), gs.data_ptr(), _ver(gs))
+        cached = self.__dict__.get("_w4a8_scale")
+        if cached is None or cached[0] != key:
+            inv = Q.nvfp4_e4m3_inv_row_scale(sb)
+            ws = (gs.float().reshape(-1) / inv).reshape(1, -1).expand(1, self.out_features).contiguous()
+            cached = (key, inv, ws)
+            self.__dict__["_w4a8_scale"] = cached
+        return cached[1], cached[2]
+
+    def forward_w4a8_emulation(self, x: torch.Tensor) -> torch.Tensor:
+        """CPU reference of the W4A8 path: e4m3 weight from quant.nvfp4_to_e4m3, per-token e4m3
+        activations, float32 matmul."""
+        x2d = _flatten(x).float()
+        inv, ws = self.w4a8_weight_scale()
+        w = Q.nvfp4_to_e4m3(self.weight, self.weight_scale, inv).float() * ws.reshape(-1, 1)
+        y = Q.fp8_fake_quant(x2d, Q.per_token_scale(x2d)) @ w.t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _forward_w4a8(self, x2d: torch.Tensor) -> torch.Tensor:
+        from . import triton_kernels as TK
+
+        inv, ws = self.w4a8_weight_scale()
+        w8 = TK.nvfp4_to_e4m3(self.weight, self.weight_scale, inv)  # transient, one layer call
+        # Per-token FP8 activations, quantized once for sibling layers fed the same tensor
+        # (the same cache and kernel as Fp8Linear's per-token path).
+        share = _share_act_quant()
+        hit = _ACT_CACHE.get(x2d, ("tok",)) if share else None
+        if hit is None:
+            hit = TK.fp8_quant_per_token(x2d)
+            if share:
+                _ACT_CACHE.put(x2d, ("tok",), hit)
+        xq, xs = hit
+        bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
+        return torch._scaled_mm(xq, w8.t(), scale_a=xs, scale_b=ws, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+
     def _forward_flashinfer(self, x2d: torch.Tensor) -> torch.Tensor:
         import flashinfer  # noqa: PLC0415 - optional dependency
 
@@ -392,14 +623,40 @@ class Nvfp4Linear(nn.Module):
         xq, xs = flashinfer.fp4_quantize(x2d, gsa, 16, False, True)
         return flashinfer.mm_fp4(xq, self.weight.t(), xs, sf.t(), alpha, torch.bfloat16)
 
+    def forward_traceable(self, x: torch.Tensor) -> torch.Tensor:
+        """The GPU path in plain torch ops for torch.compile (Inductor fuses the weight
+        conversion into one kernel and the activation quantization into its producer): W4A8
+        (NVFP4 -> e4m3 weight, per-token FP8 activations, row-wise `_scaled_mm`) when the
+        backend request is w4a8 or auto, else W4A16 (dequantize to bf16, F.linear)."""
+        x2d = _flatten(x)
+        if (self.backend_request or "auto") in ("w4a8", "auto"):
+            inv = Q.nvfp4_e4m3_inv_row_scale(self.weight_scale)
+            ws = (self.weight_scale_2.float().reshape(-1) / inv).reshape(1, -1).expand(1, self.out_features).contiguous()
+            # An opaque op: Inductor's own code for the unpack + lookup + scale + cast is several
+            # times slower than the Triton kernel (measured on the whole FLUX model).
+            w8 = torch.ops.dqfast.nvfp4_to_e4m3(self.weight, self.weight_scale, inv)
+            xs = Q.per_token_scale(x2d)
+            xq = Q.quantize_fp8(x2d, xs)
+            bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
+            y = torch._scaled_mm(xq, w8.t(), scale_a=xs, scale_b=ws, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+        else:
+            xin = x2d if x2d.dtype in (torch.bfloat16, torch.float16) else x2d.to(torch.bfloat16)
+            w = self.dequantized_weight().to(xin.dtype)
+            y = torch.nn.functional.linear(xin, w, self.bias.to(xin.dtype) if self.bias is not None else None)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self.forward_traceable(x) if x.is_cuda else self.forward_emulation(x)
         backend = self.backend
         if backend == "emulation":
             return self.forward_emulation(x)
         if backend == "emulation_w4a16":
             return self.forward_emulation(x, act_quant=False)
         x2d = _flatten(x)
-        if backend.startswith("triton"):
+        if backend == "w4a8":
+            y = self._forward_w4a8(x2d)
+        elif backend.startswith("triton"):
             from . import triton_kernels as TK
 
             xin = x2d if x2d.dtype in (torch.bfloat16, torch.float16) else x2d.to(torch.bfloat16)

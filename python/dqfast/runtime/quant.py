@@ -127,6 +127,28 @@ def nvfp4_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_sca
     return vals.reshape(n, k) * gs
 
 
+def nvfp4_e4m3_inv_row_scale(block_scale: torch.Tensor) -> torch.Tensor:
+    """W4A8: per output channel, 448 / (6 * max block scale of the row), float32 [N], so the row's
+    largest representable NVFP4 magnitude (6 * its largest block scale) lands on e4m3's 448.
+    A row of all-zero block scales gets 1."""
+    rowmax = block_scale.float().amax(dim=1)
+    return torch.where(rowmax > 0, E4M3_MAX / (E2M1_MAX * rowmax), torch.ones_like(rowmax))
+
+
+def nvfp4_to_e4m3(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor) -> torch.Tensor:
+    """W4A8 reference: NVFP4 [N, K/2] codes + e4m3 [N, K/16] block scales -> e4m3 [N, K] holding
+    e2m1 * (block_scale * inv_row_scale), rounded once (RNE) to e4m3. The GEMM then uses the
+    per-channel weight scale weight_scale_2 / inv_row_scale. An e2m1 value (2 significant bits)
+    times an e4m3 scale (4) has up to 5 significant bits, so this rounding costs at most 2^-5
+    relative per element, on top of the FP4 error."""
+    n = packed.shape[0]
+    vals = e2m1_decode(unpack_e2m1(packed))
+    k = vals.shape[-1]
+    t = block_scale.float() * inv_row_scale.float()[:, None]
+    vals = vals.reshape(n, k // NVFP4_BLOCK, NVFP4_BLOCK) * t[..., None]
+    return to_e4m3(vals.reshape(n, k))
+
+
 def nvfp4_fake_quant_activation(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
     """W4A4 activation fake-quant: dynamic per-16 e4m3 block scales, global scale 1/input_scale.
 

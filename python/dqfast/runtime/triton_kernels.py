@@ -5,8 +5,16 @@
 * `fp8_quant_static`: x / input_scale, clamp, e4m3 cast in one elementwise kernel.
 * `nvfp4_w4a16_matmul`: Y = X @ dequant(W)^T with W packed E2M1 + e4m3 block scales,
   dequantized in registers (weights stay 4.5 bits/element in memory).
+* `nvfp4_to_e4m3`: NVFP4 weight -> transient e4m3 weight with one float32 scale per output
+  channel (the W4A8 path: an FP8 GEMM instead of a BF16 one on GPUs without FP4 tensor cores).
 
 Divisions use div_rn so the bytes match the float32 torch reference exactly.
+
+Launches go through `_Launcher`: Triton's own `kernel[grid](...)` spends ~15-30 us of host time
+per call binding and specializing arguments; the launcher keys the compiled kernel on the same
+specialization facts (dtype, 16-byte alignment of each pointer, int divisibility/size, constexpr
+values) and calls Triton's C launcher directly. The first call of each key goes through Triton.
+`DQFAST_TRITON_FAST_LAUNCH=0` turns this off.
 """
 
 from __future__ import annotations
@@ -20,6 +28,75 @@ import triton.language as tl
 E4M3_MAX = tl.constexpr(448.0)
 MIN_AMAX = tl.constexpr(1e-12)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _arg_spec(v) -> tuple:
+    # The facts Triton specializes a compiled kernel on (see triton.runtime.jit): pointer dtype and
+    # 16-byte alignment; int divisibility by 16, ==1, and 32/64-bit width. Finer is safe, coarser not.
+    if isinstance(v, torch.Tensor):
+        return (v.dtype, v.data_ptr() % 16 == 0)
+    if isinstance(v, bool) or v is None:
+        return (type(v), v)
+    if isinstance(v, int):
+        return (int, v % 16 == 0, v == 1, -(2**31) <= v < 2**31)
+    return (type(v),)
+
+
+class _Launcher:
+    """Low-host-overhead launcher for one @triton.jit kernel whose constexpr parameters all come
+    after its runtime parameters. Call as `launcher(grid, *runtime_args, **constexprs_and_options)`."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.cache: dict = {}
+        self.enabled = os.environ.get("DQFAST_TRITON_FAST_LAUNCH", "1") != "0" and not _INTERPRET
+        self.fast_calls = 0
+        try:
+            from triton import knobs  # Triton >= 3.4
+            from triton.runtime import driver
+
+            self._knobs, self._driver = knobs, driver
+            params = list(fn.params)
+            n_rt = sum(not p.is_constexpr for p in params)
+            if any(p.is_constexpr for p in params[:n_rt]):
+                self.enabled = False  # a constexpr between runtime args: positional order would differ
+            self._constexpr_names = [p.name for p in params[n_rt:]]
+        except Exception:  # an older/newer Triton without these internals: plain launches
+            self.enabled = False
+
+    def __call__(self, grid: tuple, *args, **meta):
+        if not self.enabled:
+            return self.fn[grid](*args, **meta)
+        # Call sites pass the keyword arguments in a fixed order, so no sorting: another order
+        # would only be a cache miss (a launch through Triton), never a wrong kernel.
+        key = (tuple(map(_arg_spec, args)), tuple(meta.items()))
+        hit = self.cache.get(key)
+        if hit is None:
+            kernel = self.fn[grid](*args, **meta)  # compiles/launches through Triton; returns the kernel
+            if kernel is not None:
+                self.cache[key] = (kernel, tuple(meta[n] for n in self._constexpr_names))
+            return kernel
+        kernel, constexprs = hit
+        drv = self._driver.active
+        stream = drv.get_current_stream(drv.get_current_device())
+        full = (*args, *constexprs)
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        knobs = self._knobs.runtime
+        kernel.run(
+            grid[0],
+            g1,
+            g2,
+            stream,
+            kernel.function,
+            kernel.packed_metadata,
+            kernel.launch_metadata(grid, stream, *full),
+            knobs.launch_enter_hook,
+            knobs.launch_exit_hook,
+            *full,
+        )
+        self.fast_calls += 1
+        return kernel
 
 
 @triton.jit
@@ -71,6 +148,10 @@ def _fp8_quant_static_kernel(x_ptr, q_ptr, s_ptr, numel, BLOCK: tl.constexpr):
     tl.store(q_ptr + offs, q.to(tl.float8e4nv), mask=mask)
 
 
+_ROW = _Launcher(_fp8_quant_row_kernel)
+_STATIC = _Launcher(_fp8_quant_static_kernel)
+
+
 def fp8_quant_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] (bf16/fp16/fp32, unit stride along K) -> (e4m3 [M, K], float32 scales [M, 1])."""
     m, k = x2d.shape
@@ -85,18 +166,18 @@ def fp8_quant_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not one_pass:
         block = 4096
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    _fp8_quant_row_kernel[(m,)](x2d, q, s, k, x2d.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass, num_warps=warps)
+    _ROW((m,), x2d, q, s, k, x2d.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass, num_warps=warps)
     return q, s
 
 
 def fp8_quant_static(x2d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """[M, K] -> e4m3 [M, K] with a fixed float32 scale (0-dim/1-element tensor on x's device)."""
-    x2d = x2d.contiguous()
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
     q = torch.empty(x2d.shape, dtype=torch.float8_e4m3fn, device=x2d.device)
     n = x2d.numel()
     if n:
-        block = 4096
-        _fp8_quant_static_kernel[(triton.cdiv(n, block),)](x2d, q, scale, n, BLOCK=block, num_warps=8)
+        _STATIC(((n + 4095) // 4096,), x2d, q, scale, n, BLOCK=4096, num_warps=8)
     return q
 
 
@@ -334,6 +415,195 @@ def nvfp4_w4a16_matmul(
         PER_CHANNEL_GS=gs.numel() > 1,
         HAS_BIAS=bias is not None,
         SWAP_AB=swap,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        GROUP_M=8,
+        num_warps=nw,
+        num_stages=ns,
+    )
+    return y
+
+
+@triton.jit
+def _nvfp4_to_e4m3_kernel(
+    w_ptr,
+    s_ptr,
+    inv_ptr,
+    o_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    stride_on,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # o[n, k] = e4m3(e2m1[n, k] * block_scale[n, k // 16] * inv[n]); inv[n] = 448 / (6 * max_j block_scale[n, j])
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    ks = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
+    packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kb[None, :], mask=mask_n[:, None], other=0)
+    scales = tl.load(s_ptr + offs_n[:, None].to(tl.int64) * stride_sn + ks[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+    inv = tl.load(inv_ptr + offs_n, mask=mask_n, other=0.0)
+    # (e2m1 * 2^-14 as fp16) * (block scale * inv * 2^14): products rounded once, in float32
+    scales = scales * inv[:, None] * 16384.0
+    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+    vals = tl.reshape(_e2m1_to_f32(codes), (BLOCK_N, BLOCK_K // 16, 16))
+    w = tl.clamp(tl.reshape(vals * scales[:, :, None], (BLOCK_N, BLOCK_K)), -E4M3_MAX, E4M3_MAX)
+    ko = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + ko[None, :], w.to(tl.float8e4nv), mask=mask_n[:, None])
+
+
+_TO_E4M3 = _Launcher(_nvfp4_to_e4m3_kernel)
+
+
+def nvfp4_to_e4m3(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor) -> torch.Tensor:
+    """Packed NVFP4 [N, K/2] + e4m3 block scales -> e4m3 [N, K] (see quant.nvfp4_to_e4m3 for the
+    reference numerics; the global scale stays outside, in the GEMM's per-channel weight scale)."""
+    n, kh = packed.shape
+    k = kh * 2
+    block_k = 128 if k % 128 == 0 else (64 if k % 64 == 0 else 32)
+    if k % block_k:
+        raise ValueError(f"K={k} must be a multiple of 32")
+    out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=packed.device)
+    grid = ((n + 63) // 64, k // block_k)
+    _TO_E4M3(
+        grid,
+        packed,
+        block_scale,
+        inv_row_scale,
+        out,
+        n,
+        k,
+        packed.stride(0),
+        block_scale.stride(0),
+        out.stride(0),
+        BLOCK_N=64,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _fp8_linear_static_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    ws_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    PER_CHANNEL_WS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Y = (e4m3(X / s) @ W^T) * s * ws + bias in ONE launch: the activation is quantized in
+    # registers as its tiles are loaded (x * (1/s): may differ from x / s by one e4m3 step in
+    # rare ties), so an eager call costs one kernel launch instead of quantize + GEMM.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    s = tl.load(s_ptr)
+    inv = 1.0 / s
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, K // BLOCK_K):
+        a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0).to(tl.float32)
+        a8 = tl.clamp(a * inv, -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
+        b = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+        acc = tl.dot(a8, tl.trans(b), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if PER_CHANNEL_WS:
+        acc = acc * (s * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0))[None, :]
+    else:
+        acc = acc * (s * tl.load(ws_ptr))
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_FP8_LINEAR = _Launcher(_fp8_linear_static_kernel)
+
+
+_FP8_FUSED_ENV = os.environ.get("DQFAST_FP8_FUSED_CONFIG")  # read at import: this sits on the per-call path
+
+
+def fp8_linear_static_config(m: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by rows; DQFAST_FP8_FUSED_CONFIG
+    ("bm,bn,bk,warps,stages", read when the module is imported) overrides."""
+    if _FP8_FUSED_ENV:
+        bm, bn, bk, nw, ns = (int(v) for v in _FP8_FUSED_ENV.split(","))
+        return bm, bn, bk, nw, ns
+    if m <= 64:
+        return 64, 64, 128, 4, 4
+    return 128, 128, 128, 8, 3
+
+
+def fp8_linear_static(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    input_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Fused static-scale FP8 Linear: x2d [M, K] bf16/fp16, weight e4m3 [N, K], input_scale float32
+    0-dim, weight_scale float32 0-dim or [N]; K must be a multiple of 32."""
+    m, k = x2d.shape
+    n = weight.shape[0]
+    bm, bn, bk, nw, ns = fp8_linear_static_config(m)
+    while bk > 32 and k % bk:
+        bk //= 2
+    if k % bk:
+        raise ValueError(f"K={k} must be a multiple of 32")
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    y = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
+    if m == 0:
+        return y
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _FP8_LINEAR(
+        grid,
+        x2d,
+        weight,
+        input_scale,
+        weight_scale,
+        bias if bias is not None else weight_scale,
+        y,
+        m,
+        n,
+        k,
+        x2d.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        PER_CHANNEL_WS=weight_scale.numel() > 1,
+        HAS_BIAS=bias is not None,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,

@@ -132,10 +132,16 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Open a `.safetensors` file, or a directory holding one file or an index and its shards.
+    /// Open a `.safetensors` file, an index json, or a directory holding one file or an index and
+    /// its shards.
     pub fn open(path: &Path) -> Result<Checkpoint> {
         if path.is_dir() {
             Self::open_dir(path)
+        } else if path.extension().is_some_and(|e| e == "json") {
+            // An index named directly (a diffusers variant's `*.safetensors.index.fp16.json`):
+            // its shards; the index stays the root, so reopening the root selects the same files.
+            let (files, weight_map) = read_index(path)?;
+            Self::from_files(path, files, Some((path.to_path_buf(), weight_map)))
         } else {
             Self::from_files(path, vec![path.to_path_buf()], None)
         }
@@ -176,6 +182,14 @@ impl Checkpoint {
             .filter(|p| p.extension().is_some_and(|e| e == "safetensors") && p.is_file())
             .collect();
         st.sort();
+        // diffusers variants (`<name>.fp16.safetensors`) beside the main weights: without a
+        // variant, diffusers loads the main file, and so do we.
+        if st.len() > 1 {
+            let main: Vec<PathBuf> = st.iter().filter(|p| !is_variant_file(p)).cloned().collect();
+            if main.len() == 1 {
+                return Self::from_files(dir, main, None);
+            }
+        }
         match st.len() {
             0 => Err(Error::header(
                 dir,
@@ -272,6 +286,12 @@ impl Checkpoint {
             .map(|t| t.nbytes() as u64)
             .sum()
     }
+}
+
+/// A diffusers variant file: a dot inside the name before `.safetensors` (`model.fp16.safetensors`).
+fn is_variant_file(p: &Path) -> bool {
+    p.file_stem()
+        .is_some_and(|s| s.to_string_lossy().contains('.'))
 }
 
 /// Read an index json: the shard files (in first-appearance order, deduplicated) and the map.

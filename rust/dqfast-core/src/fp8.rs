@@ -451,6 +451,72 @@ pub fn scale_from_amax(amax: f32) -> f32 {
     amax / E4M3_MAX
 }
 
+/// FP8 weight scale from the weight's own max |w| (per tensor, row or block), the rule every
+/// builder uses: `amax / 448`, and 1 for an all-zero weight (any positive scale represents zeros
+/// exactly). `None` when `amax` is NaN or infinite: such a weight is refused, not quantized.
+#[inline]
+pub fn weight_scale_from_amax(amax: f32) -> Option<f32> {
+    if !amax.is_finite() {
+        None
+    } else if amax == 0.0 {
+        Some(1.0)
+    } else {
+        Some(scale_from_amax(amax))
+    }
+}
+
+/// Bytes of input each rayon task reduces in [`par_amax`].
+const PAR_PIECE_BYTES: usize = 1 << 20;
+
+/// [`amax`] over all cores (pieces of 1 MiB); identical to the serial result, NaN included.
+pub fn par_amax(src: &[u8], dtype: Dtype) -> f32 {
+    use rayon::prelude::*;
+    let piece = (PAR_PIECE_BYTES / dtype.size() * dtype.size()).max(dtype.size());
+    src.par_chunks(piece)
+        .map(|c| amax(c, dtype))
+        .reduce(|| 0.0f32, nan_max)
+}
+
+/// max of two maxima that propagates NaN (as `torch.amax` does).
+#[inline]
+pub fn nan_max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// `f32(q) * scale` of e4m3 bytes (elements `first_elem..` of a tensor whose rows hold `row_len`
+/// elements), with the scale indexing of [`quantize_e4m3`]: one scale, or one per row.
+pub fn dequantize_e4m3(
+    q: &[u8],
+    scales: &[f32],
+    row_len: usize,
+    first_elem: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(q.len(), out.len(), "dequantize_e4m3 output length");
+    if scales.len() == 1 {
+        let s = scales[0];
+        for (o, &b) in out.iter_mut().zip(q) {
+            *o = e4m3_to_f32(b) * s;
+        }
+        return;
+    }
+    let n = q.len();
+    let mut i = 0;
+    while i < n {
+        let elem = first_elem + i;
+        let s = scales[elem / row_len];
+        let seg = (row_len - elem % row_len).min(n - i);
+        for (o, &b) in out[i..i + seg].iter_mut().zip(&q[i..i + seg]) {
+            *o = e4m3_to_f32(b) * s;
+        }
+        i += seg;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,6 +669,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn weight_scale_rule_and_parallel_amax() {
+        assert_eq!(weight_scale_from_amax(448.0), Some(1.0));
+        assert_eq!(weight_scale_from_amax(0.0), Some(1.0));
+        assert_eq!(weight_scale_from_amax(f32::NAN), None);
+        assert_eq!(weight_scale_from_amax(f32::INFINITY), None);
+        // More than one piece, the maximum in the last one.
+        let mut v = vec![0.5f32; (3 << 20) / 4 + 7];
+        *v.last_mut().unwrap() = -9.0;
+        let b: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+        assert_eq!(par_amax(&b, Dtype::F32), 9.0);
+        assert_eq!(par_amax(&b, Dtype::F32), amax(&b, Dtype::F32));
+        v[3] = f32::NAN;
+        let b: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+        assert!(par_amax(&b, Dtype::F32).is_nan());
+    }
+
+    #[test]
+    fn dequantize_uses_quantize_scale_indexing() {
+        let q: Vec<u8> = (0..12).map(|i| e4m3_from_f32(i as f32)).collect();
+        let scales = [1.0f32, 2.0, 4.0];
+        let mut whole = [0f32; 12];
+        dequantize_e4m3(&q, &scales, 4, 0, &mut whole);
+        for (i, &x) in whole.iter().enumerate() {
+            assert_eq!(x, e4m3_to_f32(q[i]) * scales[i / 4]);
+        }
+        let mut pieces = [0f32; 12];
+        for (a, b) in [(0usize, 5usize), (5, 12)] {
+            dequantize_e4m3(&q[a..b], &scales, 4, a, &mut pieces[a..b]);
+        }
+        assert_eq!(whole, pieces);
     }
 
     #[test]

@@ -63,6 +63,20 @@ pub fn global_scale_from_amax(amax: f32) -> f32 {
     amax / GLOBAL_BOUND
 }
 
+/// `weight_scale_2` from the weight's own max |w| (the builders' rule): [`global_scale_from_amax`],
+/// and 1 for an all-zero weight (ModelOpt would write NaN block scales, 0/0; any positive global
+/// scale represents zeros exactly). `None` when `amax` is NaN or infinite (refused).
+#[inline]
+pub fn global_scale_for_weight_amax(amax: f32) -> Option<f32> {
+    if !amax.is_finite() {
+        None
+    } else if amax == 0.0 {
+        Some(1.0)
+    } else {
+        Some(global_scale_from_amax(amax))
+    }
+}
+
 /// e4m3 byte of one block's scale given its max |w| and the precomputed `6 * weight_scale_2`.
 #[inline(always)]
 fn block_scale_byte(block_amax: f32, six_wsf2: f32) -> u8 {
@@ -285,6 +299,20 @@ pub fn quantize_packed(src: &[u8], dtype: Dtype, k: usize, weight_scale_2: f32, 
 
 /// `e2m1(q) * (f32(s_e4m3) * weight_scale_2)` as f32, the order ModelOpt's dequantize uses.
 pub fn dequantize(packed: &[u8], scales: &[u8], k: usize, weight_scale_2: f32) -> Vec<f32> {
+    let mut out = vec![0f32; packed.len() * 2];
+    dequantize_into(packed, scales, k, weight_scale_2, &mut out);
+    out
+}
+
+/// [`dequantize`] into a caller's buffer (`out.len() == packed.len() * 2`); any chunk of whole
+/// blocks gives the same values as the whole tensor.
+pub fn dequantize_into(
+    packed: &[u8],
+    scales: &[u8],
+    k: usize,
+    weight_scale_2: f32,
+    out: &mut [f32],
+) {
     assert!(
         k > 0 && k.is_multiple_of(BLOCK),
         "NVFP4 needs K divisible by {BLOCK}, got {k}"
@@ -294,7 +322,7 @@ pub fn dequantize(packed: &[u8], scales: &[u8], k: usize, weight_scale_2: f32) -
         scales.len() * BLOCK,
         "packed and scales disagree"
     );
-    let mut out = vec![0f32; packed.len() * 2];
+    assert_eq!(out.len(), packed.len() * 2, "dequantize output length");
     for ((o, p), &s) in out
         .chunks_exact_mut(BLOCK)
         .zip(packed.chunks_exact(BLOCK / 2))
@@ -306,7 +334,6 @@ pub fn dequantize(packed: &[u8], scales: &[u8], k: usize, weight_scale_2: f32) -
             o[2 * j + 1] = e2m1_decode(p[j] >> 4) * scale;
         }
     }
-    out
 }
 
 /// Exchange the two nibbles of every byte.

@@ -776,22 +776,6 @@ struct Memo {
     nv: Mutex<HashMap<Vec<(usize, String)>, f32>>,
 }
 
-fn parallel_amax(data: &[u8], d: Dtype) -> f32 {
-    let piece = PIECE_BYTES / d.size() * d.size();
-    data.par_chunks(piece.max(d.size()))
-        .map(|c| fp8::amax(c, d))
-        .reduce(
-            || 0.0f32,
-            |a, b| {
-                if a.is_nan() || b.is_nan() {
-                    f32::NAN
-                } else {
-                    a.max(b)
-                }
-            },
-        )
-}
-
 fn weight_scales(src: &Src, data: &[u8], per_row: bool) -> Result<Vec<f32>> {
     let d = src.info.dtype;
     let amax: Vec<f32> = if per_row {
@@ -803,21 +787,15 @@ fn weight_scales(src: &Src, data: &[u8], per_row: bool) -> Result<Vec<f32>> {
             data.par_chunks(rb).map(|r| fp8::amax(r, d)).collect()
         }
     } else {
-        vec![parallel_amax(data, d)]
+        vec![fp8::par_amax(data, d)]
     };
     amax.iter()
         .enumerate()
         .map(|(i, &a)| {
-            if a.is_nan() {
-                Err(src.err(format!("contains NaN (row {i}); refusing to quantize")))
-            } else if a.is_infinite() {
-                Err(src.err(format!("contains inf (row {i}); refusing to quantize")))
-            } else if a == 0.0 {
-                // An all-zero weight (or row): any positive scale represents it exactly.
-                Ok(1.0)
-            } else {
-                Ok(fp8::scale_from_amax(a))
-            }
+            fp8::weight_scale_from_amax(a).ok_or_else(|| {
+                let what = if a.is_nan() { "NaN" } else { "inf" };
+                src.err(format!("contains {what} (row {i}); refusing to quantize"))
+            })
         })
         .collect()
 }
@@ -854,20 +832,14 @@ impl Memo {
         }
         let mut a = 0.0f32;
         for s in srcs {
-            let x = parallel_amax(ld.data(s), s.info.dtype);
+            let x = fp8::par_amax(ld.data(s), s.info.dtype);
             ld.release_range(s, 0, s.info.nbytes());
             if !x.is_finite() {
                 return Err(s.err(format!("weight amax is {x}; refusing to quantize")));
             }
             a = a.max(x);
         }
-        // An all-zero weight: ModelOpt would write NaN block scales (0/0); any positive global
-        // scale represents zeros exactly, so use 1.
-        let g = if a == 0.0 {
-            1.0
-        } else {
-            nvfp4::global_scale_from_amax(a)
-        };
+        let g = nvfp4::global_scale_for_weight_amax(a).expect("finite: checked per source");
         self.nv.lock().unwrap().insert(key, g);
         Ok(g)
     }

@@ -509,6 +509,254 @@ pub fn clean_stale_staging(output: &Path) -> Vec<PathBuf> {
     removed
 }
 
+/// Header bytes reserved at the start of every shard a [`StreamWriter`] writes (beyond the
+/// metadata): room for about 400 tensor entries. Shards close early rather than overflow it, so
+/// tensor data is written once, in place. A multiple of 4096, so tensor data starts page-aligned.
+pub const STREAM_HEADER_RESERVE: usize = 64 << 10;
+
+/// One shard a [`StreamWriter`] is filling: data goes at `reserve + offset`, the header is
+/// written into the reserved space when the shard is closed.
+struct StreamShard {
+    part: PathBuf,
+    file: fs::File,
+    tensors: Vec<(String, crate::dtype::Dtype, Vec<usize>)>,
+    data_bytes: u64,
+    header_bytes: usize,
+}
+
+/// Writes tensors handed over one at a time (sizes not known in advance) into sharded safetensors
+/// under a [`StagedDir`]: each tensor's bytes are written once, at their final offset; headers
+/// (the same [`serialize_header`](crate::header::serialize_header) as the build engine, padded
+/// with spaces to the reserved size, as the format allows), shard names, the index and the
+/// atomic move into place happen in [`StreamWriter::finish`]. Dropped unfinished, it leaves
+/// nothing at the output path.
+pub struct StreamWriter {
+    stage: Option<StagedDir>,
+    overwrite: bool,
+    max_shard_bytes: u64,
+    prefix: String,
+    metadata: BTreeMap<String, String>,
+    reserve: usize,
+    always_index: bool,
+    fsync: bool,
+    names: std::collections::HashSet<String>,
+    files: std::collections::HashSet<String>,
+    done: Vec<StreamShard>,
+    cur: Option<StreamShard>,
+}
+
+/// Serialized length of one header entry, comma included (an upper bound of what it adds).
+fn entry_bytes(name: &str, dtype: crate::dtype::Dtype, shape: &[usize], end: u64) -> usize {
+    let e = serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [end, end]});
+    serde_json::to_string(name)
+        .map(|n| n.len())
+        .unwrap_or(name.len() * 6 + 2)
+        + 2
+        + serde_json::to_string(&e).map(|x| x.len()).unwrap_or(0)
+}
+
+impl StreamWriter {
+    pub fn create(
+        output: &Path,
+        overwrite: bool,
+        max_shard_bytes: u64,
+        prefix: &str,
+        metadata: BTreeMap<String, String>,
+        always_index: bool,
+        fsync: bool,
+    ) -> Result<StreamWriter> {
+        if prefix.is_empty() || prefix.contains('/') {
+            return Err(Error::Plan(format!(
+                "file prefix '{prefix}' is not a file name"
+            )));
+        }
+        let meta_bytes = serde_json::to_string(&metadata)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let reserve = (meta_bytes + 32 + STREAM_HEADER_RESERVE).div_ceil(4096) * 4096;
+        Ok(StreamWriter {
+            stage: Some(StagedDir::create(output, overwrite)?),
+            overwrite,
+            max_shard_bytes,
+            prefix: prefix.to_string(),
+            metadata,
+            reserve,
+            always_index,
+            fsync,
+            names: Default::default(),
+            files: Default::default(),
+            done: Vec::new(),
+            cur: None,
+        })
+    }
+
+    /// The staging directory (for tests and error messages).
+    pub fn staging_dir(&self) -> Option<&Path> {
+        self.stage.as_ref().map(|s| s.tmp.as_path())
+    }
+
+    fn stage(&self) -> Result<&StagedDir> {
+        self.stage
+            .as_ref()
+            .ok_or_else(|| Error::Plan("the writer is already finished".into()))
+    }
+
+    fn close_current(&mut self) {
+        if let Some(s) = self.cur.take() {
+            self.done.push(s);
+        }
+    }
+
+    /// Append one tensor (`data` is its little-endian bytes, `shape` its dimensions).
+    pub fn write_tensor(
+        &mut self,
+        name: &str,
+        dtype: crate::dtype::Dtype,
+        shape: &[usize],
+        data: &[u8],
+    ) -> Result<()> {
+        let tmp = self.stage()?.tmp.clone();
+        let nbytes = crate::header::checked_nbytes(shape, dtype.size())
+            .ok_or_else(|| Error::Plan(format!("tensor '{name}': shape {shape:?} overflows")))?;
+        if nbytes != data.len() {
+            return Err(Error::Plan(format!(
+                "tensor '{name}': {} bytes given for {dtype} {shape:?} ({nbytes} bytes)",
+                data.len()
+            )));
+        }
+        if name == "__metadata__" || name.is_empty() {
+            return Err(Error::Plan(format!("'{name}' is not a tensor name")));
+        }
+        if self.names.contains(name) {
+            return Err(Error::Plan(format!("tensor '{name}' written twice")));
+        }
+        // huggingface's greedy rule (as `assign_shards`), and a new shard before the header
+        // outgrows its reserved space.
+        if let Some(c) = &self.cur {
+            let entry = entry_bytes(name, dtype, shape, c.data_bytes + nbytes as u64);
+            if c.data_bytes + nbytes as u64 > self.max_shard_bytes
+                || c.header_bytes + entry > self.reserve
+            {
+                self.close_current();
+            }
+        }
+        if self.cur.is_none() {
+            let part = tmp.join(format!(".shard-{}.part", self.done.len()));
+            let file = fs::File::create(&part).map_err(|e| Error::io(&part, "create", e))?;
+            let meta = serde_json::json!({"__metadata__": self.metadata}).to_string();
+            self.cur = Some(StreamShard {
+                part,
+                file,
+                tensors: Vec::new(),
+                data_bytes: 0,
+                header_bytes: 8 + meta.len() + 8,
+            });
+        }
+        let reserve = self.reserve as u64;
+        let c = self.cur.as_mut().expect("opened above");
+        let entry = entry_bytes(name, dtype, shape, c.data_bytes + nbytes as u64);
+        if c.header_bytes + entry > self.reserve {
+            return Err(Error::Plan(format!(
+                "tensor '{name}': its header entry alone exceeds {} bytes",
+                self.reserve
+            )));
+        }
+        use std::os::unix::fs::FileExt;
+        c.file
+            .write_all_at(data, reserve + c.data_bytes)
+            .map_err(|e| Error::io(&c.part, "write", e))?;
+        c.data_bytes += nbytes as u64;
+        c.header_bytes += entry;
+        c.tensors.push((name.to_string(), dtype, shape.to_vec()));
+        self.names.insert(name.to_string());
+        Ok(())
+    }
+
+    /// A non-tensor file of the output directory (config.json, a README).
+    pub fn write_file(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let tmp = self.stage()?.tmp.clone();
+        if name.is_empty()
+            || name.contains('/')
+            || name.starts_with('.')
+            || name.ends_with(".safetensors")
+            || name.ends_with(".index.json")
+            || !self.files.insert(name.to_string())
+        {
+            return Err(Error::Plan(format!(
+                "extra file name '{name}' not allowed (a plain new name, not a shard or index)"
+            )));
+        }
+        let p = tmp.join(name);
+        fs::write(&p, bytes).map_err(|e| Error::io(&p, "write", e))?;
+        if self.fsync {
+            fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&p, "fsync", e))?;
+        }
+        Ok(())
+    }
+
+    /// Write the headers, name the shards, write the index and move the directory into place.
+    /// Returns the shard file names and the total tensor bytes.
+    pub fn finish(&mut self) -> Result<(Vec<String>, u64)> {
+        let tmp = self.stage()?.tmp.clone();
+        self.close_current();
+        if self.done.is_empty() {
+            // No tensor at all: one empty shard, as the engine writes for an empty plan.
+            let part = tmp.join(".shard-0.part");
+            let file = fs::File::create(&part).map_err(|e| Error::io(&part, "create", e))?;
+            self.done.push(StreamShard {
+                part,
+                file,
+                tensors: Vec::new(),
+                data_bytes: 0,
+                header_bytes: 0,
+            });
+        }
+        let n = self.done.len();
+        let mut names = Vec::with_capacity(n);
+        let mut weight_map = BTreeMap::new();
+        let mut total = 0u64;
+        use std::os::unix::fs::FileExt;
+        for (i, s) in self.done.iter().enumerate() {
+            let (mut hdr, _) = crate::header::serialize_header(&self.metadata, &s.tensors)?;
+            if hdr.len() > self.reserve {
+                return Err(Error::Internal(format!(
+                    "shard header of {} bytes outgrew its {} reserved bytes",
+                    hdr.len(),
+                    self.reserve
+                )));
+            }
+            hdr.resize(self.reserve, b' ');
+            hdr[..8].copy_from_slice(&((self.reserve - 8) as u64).to_le_bytes());
+            s.file
+                .write_all_at(&hdr, 0)
+                .map_err(|e| Error::io(&s.part, "write", e))?;
+            if self.fsync {
+                s.file
+                    .sync_all()
+                    .map_err(|e| Error::io(&s.part, "fsync", e))?;
+            }
+            let fname = shard_file_name(&self.prefix, i, n);
+            let dst = tmp.join(&fname);
+            fs::rename(&s.part, &dst).map_err(|e| Error::io(&s.part, "rename", e))?;
+            for (t, _, _) in &s.tensors {
+                weight_map.insert(t.clone(), fname.clone());
+            }
+            total += s.data_bytes;
+            names.push(fname);
+        }
+        if n > 1 || self.always_index {
+            let p = tmp.join(format!("{}.safetensors.index.json", self.prefix));
+            fs::write(&p, index_json(total, &weight_map)).map_err(|e| Error::io(&p, "write", e))?;
+        }
+        self.done.clear();
+        let stage = self.stage.take().expect("checked above");
+        stage.commit(self.overwrite)?;
+        Ok((names, total))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,6 +801,71 @@ mod tests {
         assert!(!out.join("f").exists());
         let leftovers: Vec<_> = fs::read_dir(d.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1);
+    }
+
+    #[test]
+    fn stream_writer_shards_reads_back_and_is_atomic() {
+        use crate::checkpoint::Checkpoint;
+        use crate::dtype::Dtype;
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        let mut w =
+            StreamWriter::create(&out, false, 130, "model", BTreeMap::new(), false, false).unwrap();
+        let staged = w.staging_dir().unwrap().to_path_buf();
+        for i in 0..5u8 {
+            w.write_tensor(&format!("t{i}"), Dtype::U8, &[2, 30], &[i; 60])
+                .unwrap();
+        }
+        assert!(!out.exists(), "nothing at the output before finish");
+        assert!(matches!(
+            w.write_tensor("t0", Dtype::U8, &[1], &[0]),
+            Err(Error::Plan(_))
+        ));
+        assert!(matches!(
+            w.write_tensor("bad", Dtype::F32, &[2], &[0; 4]),
+            Err(Error::Plan(_))
+        ));
+        w.write_file("config.json", b"{}").unwrap();
+        let (names, total) = w.finish().unwrap();
+        assert_eq!(names.len(), 3); // 60 + 60 <= 130 < 3 * 60: two tensors per shard
+        assert_eq!(total, 300);
+        assert!(!staged.exists());
+        let ck = Checkpoint::open(&out).unwrap();
+        for i in 0..5u8 {
+            let (f, t) = ck.require(&format!("t{i}")).unwrap();
+            assert_eq!(f.data(t), &[i; 60][..]);
+            assert_eq!(f.header.data_start % 4096, 0, "data section page-aligned");
+        }
+        assert!(out.join("model.safetensors.index.json").is_file());
+        assert!(out.join("config.json").is_file());
+        // Dropped unfinished: no output, no staging directory.
+        let out2 = d.path().join("out2");
+        let mut w = StreamWriter::create(&out2, false, 1 << 30, "m", BTreeMap::new(), false, false)
+            .unwrap();
+        w.write_tensor("x", Dtype::U8, &[3], &[1, 2, 3]).unwrap();
+        drop(w);
+        assert!(!out2.exists());
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn stream_writer_closes_a_shard_before_its_header_overflows() {
+        use crate::checkpoint::Checkpoint;
+        use crate::dtype::Dtype;
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        let mut w =
+            StreamWriter::create(&out, false, u64::MAX, "m", BTreeMap::new(), false, true).unwrap();
+        let long = "n".repeat(2000);
+        for i in 0..100 {
+            w.write_tensor(&format!("{long}{i}"), Dtype::U8, &[1], &[i as u8])
+                .unwrap();
+        }
+        let (names, _) = w.finish().unwrap();
+        assert!(names.len() >= 3, "{names:?}");
+        let ck = Checkpoint::open(&out).unwrap();
+        let (f, t) = ck.require(&format!("{long}99")).unwrap();
+        assert_eq!(f.data(t), &[99]);
     }
 
     #[test]

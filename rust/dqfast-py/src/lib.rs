@@ -18,6 +18,7 @@ use pyo3::types::{PyBytes, PyType};
 
 mod mxfp8_py;
 mod nvfp4_py;
+mod ops_py;
 
 /// The exception classes live in Python (`dqfast.errors`), so that they are importable by their
 /// module name and pickle (ProcessPoolExecutor, Ray); Rust raises them by name.
@@ -364,5 +365,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<GuardedInputs>()?;
     nvfp4_py::register(m)?;
     mxfp8_py::register(m)?;
+    ops_py::register(m)?;
     Ok(())
 }
