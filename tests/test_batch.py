@@ -17,6 +17,7 @@ import click
 import dqfast
 import numpy as np
 import pytest
+from ckpt_helpers import assert_safetensors_readable
 from click.testing import CliRunner
 from dqfast import batch as B
 from dqfast.batch_cli import batch as batch_cmd
@@ -237,6 +238,7 @@ options = {{ from_bf16 = true }}
         if j["status"] != "done":
             continue
         out = Path(j["output"])
+        assert_safetensors_readable(out)
         lines = "".join(f"{rel}\0{len(data)}\0{hashlib.sha256(data).hexdigest()}\n" for rel, data in sorted(_dir_files(out).items()))
         assert j["output_checksum"] == "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
         assert j["bytes"] > 0 and j["peak_rss_bytes"] > 10 << 20 and j["seconds"] > 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dqfast
 import pytest
+from ckpt_helpers import assert_safetensors_readable
 from click.testing import CliRunner
 from dqfast.cli import main as cli
 from dqfast.nvfp4 import build_nvfp4_transformer
@@ -42,6 +43,7 @@ def test_direct_and_buffered_builds_are_byte_identical(wide_flux, tmp_path, kind
     kw = dict(base_transformer_dir=wide_flux, from_bf16=True, activation_amax=8.0, fsync=False, max_shard_size="30MB")
     reports = {io: build(tmp_path / io, io=io, **kw) for io in ("buffered", "direct", "auto")}
     want = _files(tmp_path / "buffered")
+    assert_safetensors_readable(tmp_path / "buffered")
     assert len([n for n in want if n.endswith(".safetensors")]) > 1, "several output shards"
     for io in ("direct", "auto"):
         assert _files(tmp_path / io) == want, io

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ckpt_helpers import assert_safetensors_readable
 from dqfast import _core
 from dqfast.errors import PlanError
 from dqfast.qkv import FLUX2_BFL_RULES, PACKED_QKV_RE, convert_qkv_layout, detect_qkv_layout
@@ -46,6 +47,7 @@ def _write(d: Path, tensors: dict[str, torch.Tensor], config: dict | None = None
 
 
 def _load(d: Path) -> dict[str, torch.Tensor]:
+    assert_safetensors_readable(d)
     out = {}
     for f in sorted(d.glob("*.safetensors")):
         out.update(st.load_file(str(f)))

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from dqfast.batch_cli import batch
 from dqfast.builders import BUILDERS
 from dqfast.cli_format import fail as _fail
 from dqfast.cli_format import human as _human
-from dqfast.cli_format import run_or_fail as _run
+from dqfast.cli_format import run_or_fail
 from dqfast.cli_types import AT_LEAST_ONE, COUNT, POSITIVE_FLOAT, SizeParam
 from dqfast.hub import InputPath, hub_options
 from dqfast.plan import IO_MODES, BuildReport
@@ -47,15 +49,44 @@ class OneLineErrors(click.Group):
             top = e.name.split(".")[0]
             extra = next((x for x, mods in EXTRAS.items() if top in mods), None)
             _fail_code(str(missing_extra(extra, top)) if extra else f"this command needs '{top}', which is not installed", 2)
-        except click.exceptions.Abort:
+        except click.exceptions.Abort as e:
             click.echo("Aborted!", err=True)
-            sys.exit(1)
+            # Ctrl-C / SIGTERM outside a build: the same exit status as a cancelled build.
+            sys.exit(130 if isinstance(e.__context__, KeyboardInterrupt) else 1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _fail_code(msg: str, code: int) -> None:
     click.echo(f"error: {' '.join(msg.splitlines())}", err=True)
     sys.exit(code)
+
+
+#: Live progress displays started by `_common_build_kwargs`, ended by `_run` whatever happens.
+_PROGRESS: list[Any] = []
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    # SIGTERM takes the Ctrl-C path: the engine is cancelled, its staging directory removed and
+    # the previous output left as it was; exit status 130 either way.
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        return run_or_fail(fn)  # dqfast's errors: one line, exit 2
+    except KeyboardInterrupt:
+        for p in _PROGRESS:
+            p.close()
+        click.echo("interrupted: nothing was written at the output path", err=True)
+        sys.exit(130)
+    finally:
+        for p in _PROGRESS:
+            p.close()
+        _PROGRESS.clear()
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 def print_report(report: BuildReport, as_json: bool, show_decisions: bool) -> None:
@@ -101,6 +132,13 @@ def _print_warnings(report: BuildReport) -> None:
         click.echo(f"warning: {w}", err=True)
 
 
+def _print_build(report: BuildReport, kw: dict[str, Any]) -> None:
+    """The report of a build command: nothing with -q (unless --json), the plan table too with -v."""
+    if kw["quiet"] and not kw["as_json"]:
+        return
+    print_report(report, kw["as_json"], show_decisions=kw["dry_run"] or kw["verbose"])
+
+
 @click.group(cls=OneLineErrors, context_settings=dict(help_option_names=["-h", "--help"]))  # inherited by every subcommand
 @click.version_option(package_name="dqfast")
 def main() -> None:
@@ -132,7 +170,7 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "a glob for nvfp4 (SGLang's NVFP4 builder).",
         ),
         click.option("--max-shard-size", type=SizeParam(minimum=1), default="5GB", show_default=True),
-        click.option("--threads", type=COUNT, default=0, show_default=True, help="Worker threads (0 = all cores)."),
+        click.option("--threads", type=COUNT, default=0, show_default=True, help="Worker threads (0 = all cores; capped at the cores)."),
         click.option("--strict", is_flag=True, help="Fail (instead of warning) when the build quantizes no module."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
         click.option("--dry-run", is_flag=True, help="Print the plan (which modules become what, and why); write nothing."),
@@ -147,6 +185,8 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "direct: O_DIRECT wherever possible; buffered: mmap + page cache only.",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+        click.option("-q", "--quiet", is_flag=True, help="Print nothing on success (no progress, no report)."),
+        click.option("-v", "--verbose", is_flag=True, help="Also print the per-module plan table after the build."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -154,8 +194,15 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-    """The options every builder shares, from `_common_build_options`."""
+    """The options every builder shares, from `_common_build_options`; live progress on stderr
+    (a rich bar on a terminal, plain lines otherwise) unless -q, --json or --dry-run."""
+    from dqfast.progress import make_progress
+
+    progress = make_progress(quiet=kw["quiet"] or kw["as_json"] or kw["dry_run"])
+    if progress is not None:
+        _PROGRESS.append(progress)
     return dict(
+        progress=progress,
         max_shard_size=kw["max_shard_size"],
         threads=kw["threads"],
         overwrite=kw["overwrite"],
@@ -193,6 +240,7 @@ def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     help="When dqfast quantizes: divide in float32 (exact) or in the weight's dtype as ModelOpt's export does.",
 )
 @click.option("--requantize", is_flag=True, help="Re-quantize FP8 weights from the base instead of copying the export's bytes.")
+@click.option("--repair-nan", is_flag=True, help="Replace NaN e4m3 bytes (0x7F/0xFF) in the export's weights by 448 instead of refusing.")
 @_common_build_options
 def build_fp8(**kw: Any) -> None:
     """FP8 transformer (SGLang build_modelopt_fp8_transformer semantics)."""
@@ -211,10 +259,11 @@ def build_fp8(**kw: Any) -> None:
             activation_amax=kw["activation_amax"],
             rounding=kw["rounding"],
             requantize=kw["requantize"],
+            repair_nan=kw["repair_nan"],
             **_common_build_kwargs(kw),
         )
     )
-    print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
+    _print_build(report, kw)
 
 
 @build.command("nvfp4")
@@ -228,7 +277,13 @@ def build_fp8(**kw: Any) -> None:
     show_default=True,
     help="Rewrite every packed byte (b>>4)|(b<<4) in place; the output then says swap_weight_nibbles: false.",
 )
-@click.option("--repair-nan-scales", is_flag=True, help="Clamp NaN block-scale bytes (0x7F/0xFF) to 448 instead of refusing.")
+@click.option(
+    "--repair-nan",
+    "--repair-nan-scales",
+    "repair_nan",
+    is_flag=True,
+    help="Clamp NaN block-scale bytes (0x7F/0xFF) to 448 instead of refusing.",
+)
 @click.option("--no-reconcile-fused", is_flag=True, help="Leave q/k/v shards with different global scales as they are (warn only).")
 @click.option("--from-bf16", is_flag=True, help="No export: quantize the base weights in Rust (weights-only amax).")
 @click.option(
@@ -250,14 +305,14 @@ def build_nvfp4(**kw: Any) -> None:
             model_type=model_type,
             fallback=list(kw["fallbacks"]) + list(kw["keep_bf16"]),
             swap_weight_nibbles=kw["swap_weight_nibbles"],
-            repair_nan_scales=kw["repair_nan_scales"],
+            repair_nan=kw["repair_nan"],
             reconcile_fused_scales=not kw["no_reconcile_fused"],
             from_bf16=kw["from_bf16"],
             activation_amax=kw["activation_amax"],
             **_common_build_kwargs(kw),
         )
     )
-    print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
+    _print_build(report, kw)
 
 
 # --- build mixed / build components (dqfast.mixed, dqfast.components) ---------------------------
@@ -267,7 +322,9 @@ def _parse_components(spec: str | None) -> list[str] | None:
     return None if spec in (None, "", "auto") else [c.strip() for c in spec.split(",") if c.strip()]
 
 
-def _print_components(rep: Any, as_json: bool, show_decisions: bool) -> None:
+def _print_components(rep: Any, as_json: bool, show_decisions: bool, quiet: bool = False) -> None:
+    if quiet and not as_json:
+        return
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
         for r in rep.components.values():
@@ -325,10 +382,10 @@ def build_mixed(**kw: Any) -> None:
         rep = _run(
             lambda: build_components("mixed", kw["base_transformer_dir"], kw["output_dir"], _parse_components(kw["components"]), **args)
         )
-        _print_components(rep, kw["as_json"], kw["dry_run"])
+        _print_components(rep, kw["as_json"], kw["dry_run"] or kw["verbose"], kw["quiet"])
         return
     report = _run(lambda: build_mixed_transformer(kw["output_dir"], kw["base_transformer_dir"], **args))
-    print_report(report, kw["as_json"], show_decisions=kw["dry_run"])
+    _print_build(report, kw)
 
 
 def _load_policy(spec: str) -> list[tuple[str, str]]:
@@ -389,7 +446,7 @@ def build_components_cmd(**kw: Any) -> None:
     else:
         args["fallback"] = list(kw["fallbacks"])
     rep = _run(lambda: build_components(kind, kw["root"], kw["output_dir"], _parse_components(kw["components"]), **args))
-    _print_components(rep, kw["as_json"], kw["dry_run"])
+    _print_components(rep, kw["as_json"], kw["dry_run"] or kw["verbose"], kw["quiet"])
 
 
 @main.command("inspect")

@@ -32,10 +32,10 @@ from dqfast.plan import (
     IoMode,
     ModuleDecision,
     PlanBuilder,
-    check_paths,
+    ProgressFn,
     check_quantized,
     copy_sidecar_files,
-    execute,
+    finish,
     new_plan,
     split_module,
 )
@@ -128,6 +128,7 @@ def build_fp8_transformer(
     activation_amax: float | None = None,
     rounding: Rounding = "exact",
     requantize: bool = False,
+    repair_nan: bool = False,
     max_shard_size: str | int = "5GB",
     threads: int = 0,
     overwrite: bool = False,
@@ -137,6 +138,7 @@ def build_fp8_transformer(
     component: str = "transformer",
     force_model_type: bool = False,
     strict: bool = False,
+    progress: ProgressFn | None = None,
 ) -> BuildReport:
     """Build an FP8 transformer directory that SGLang Diffusion / vLLM-Omni load.
 
@@ -145,7 +147,9 @@ def build_fp8_transformer(
     (``report.warnings``), or fails with ``strict``.
 
     Raises :class:`dqfast.errors.DqfastError` subclasses naming the file, tensor and problem;
-    nothing is left at ``output_dir`` on failure.
+    nothing is left at ``output_dir`` on failure. The export's e4m3 weights are refused when they
+    hold NaN bytes (0x7F/0xFF) unless ``repair_nan`` (then replaced by 448, as vLLM-Omni does at
+    load). ``progress``: see :data:`dqfast.plan.ProgressFn`.
     """
     plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
     plan.guard(modelopt_hf_dir, modelopt_backbone_ckpt, base_transformer_dir)
@@ -182,14 +186,10 @@ def build_fp8_transformer(
             requantize,
             component,
             force_model_type,
+            repair_nan,
         )
     check_quantized(report, report.counts.get("quantized", 0), strict)
-    report.dry_run = dry_run
-    if dry_run:
-        check_paths(plan)
-        report.output_dir = None
-        return report
-    return execute(plan, report)
+    return finish(plan, report, dry_run=dry_run, progress=progress)
 
 
 def _plan_calibrated(
@@ -203,6 +203,7 @@ def _plan_calibrated(
     requantize: bool,
     component: str,
     force_model_type: bool = False,
+    repair_nan: bool = False,
 ) -> BuildReport:
     from dqfast.amax import load_amax
 
@@ -230,6 +231,10 @@ def _plan_calibrated(
         "dropped_fallback_scales": 0,
     }
     counts["dropped_quantizer_tensors"] = sum(1 for n in export.tensors if "_quantizer." in n)
+    # Only when repair is asked: one parallel scan in Rust, so the report says what was repaired.
+    nan_bytes = _core.count_nan_e4m3(str(export_dir)) if repair_nan else {}
+    if repair_nan:
+        counts["nan_bytes_repaired"] = 0
     ignore: set[str] = set(qc.ignore)
     for module, parts in _group_modules(export).items():
         weight = parts.get("weight")
@@ -286,6 +291,10 @@ def _plan_calibrated(
                     if src_meta.dtype not in FLOAT_DTYPES:
                         raise PlanError(f"{src_meta.file}: tensor '{meta.name}': cannot quantize dtype {src_meta.dtype}")
                     plan.add(meta.name, "fp8", src=plan.ref(src, meta.name), scale={"kind": "values", "values": w_scale}, rounding=rounding)
+                elif repair_nan:
+                    # The engine refuses NaN e4m3 bytes in a copy; this op replaces them by 448.
+                    plan.add(meta.name, "repair_nan_e4m3", src=plan.ref(src_export, meta.name))
+                    counts["nan_bytes_repaired"] += nan_bytes.get(meta.name, 0)
                 else:
                     plan.copy(meta.name, src_export)
                 if len(w_scale) != 1 and len(w_scale) != meta.shape[0]:
@@ -340,11 +349,6 @@ def _positive(v: np.ndarray, what: str, module: str, source: str) -> np.ndarray:
     return v
 
 
-def _scales_from_amax(amax: np.ndarray) -> np.ndarray:
-    """FP8 scales ``amax / 448`` in float32: the Rust rule (``_core.fp8_scale_from_amax``)."""
-    return np.array([_core.fp8_scale_from_amax(float(a)) for a in amax], dtype=np.float32)
-
-
 def _fp8_scales(
     export: CheckpointInfo,
     parts: dict[str, TensorMeta],
@@ -357,14 +361,22 @@ def _fp8_scales(
     """(weight scale values — one, or one per output row —, input scale or None when dynamic).
 
     ``check_export``: the export's e4m3 bytes will be kept, so its own weight_scale must agree."""
+
+    # Scales come from the engine's one scale rule (amax / 448 in float32; a zero or subnormal
+    # scale is refused): the same numbers and checks as the plan's own scale ops.
+    def scales(amax: np.ndarray, what: str) -> np.ndarray:
+        return np.asarray(_core.scales_from_amax(amax.tolist(), E4M3_MAX, f"backbone.pt: {what} of '{module}'"), dtype=np.float32)
+
     if scale_from == "backbone":
         if per_channel:
-            w = _scales_from_amax(_positive(np.asarray(pair.weight, dtype=np.float32).reshape(-1), "weight amax", module, "backbone.pt"))
+            w = scales(
+                _positive(np.asarray(pair.weight, dtype=np.float32).reshape(-1), "weight amax", module, "backbone.pt"), "weight amax"
+            )
         else:
-            w = _scales_from_amax(np.array([_scalar(pair.weight, "weight amax", module, "backbone.pt")], dtype=np.float32))
+            w = scales(np.array([_scalar(pair.weight, "weight amax", module, "backbone.pt")], dtype=np.float32), "weight amax")
         i = None
         if not per_channel:
-            i = _core.fp8_scale_from_amax(float(np.float32(_scalar(pair.input, "input amax", module, "backbone.pt"))))
+            i = float(scales(np.array([_scalar(pair.input, "input amax", module, "backbone.pt")], dtype=np.float32), "input amax")[0])
         ws_meta = parts.get("weight_scale")
         if check_export and ws_meta is not None and parts["weight"].dtype == "F8_E4M3":
             exported = read_tensor(ws_meta.file, ws_meta.name).astype(np.float32).reshape(-1)
@@ -380,11 +392,13 @@ def _fp8_scales(
             raise PlanError(f"{export.root}: '{module}.{s}' missing and no backbone.pt given to rebuild it")
     w = read_tensor(parts["weight_scale"].file, parts["weight_scale"].name).astype(np.float32).reshape(-1)
     _positive(w, "weight_scale", module, str(export.root))
+    _core.check_scales(w.tolist(), f"{export.root}: '{module}.weight_scale'")
     if not per_channel and w.size != 1:
         raise PlanError(f"{export.root}: '{module}.weight_scale' has {w.size} values; quant_algo FP8 is per tensor")
     i = None
     if not per_channel:
         i = _scalar(read_tensor(parts["input_scale"].file, parts["input_scale"].name), "input_scale", module, str(export.root))
+        _core.check_scales([i], f"{export.root}: '{module}.input_scale'")
     return [float(x) for x in w], i
 
 

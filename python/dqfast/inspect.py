@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from dqfast import _core
+from dqfast.errors import PlanError
 from dqfast.plan import split_module
 from dqfast.quant_config import QuantConfig, load_json, resolve_quant_config
 from dqfast.reader import CheckpointInfo, open_checkpoint, read_tensor
@@ -65,6 +65,9 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
         mods.setdefault(m, {})[suffix or name] = tmeta
     kinds = Counter(_module_kind(parts) for parts in mods.values())
     problems: list[str] = []
+    # NaN codes in any e4m3 tensor (FP8 weights, NVFP4 block scales): counted by the engine over
+    # the whole data, in parallel. Builds refuse them unless repaired.
+    nan_e4m3: dict[str, int] = _core.count_nan_e4m3(str(comp))
     for m, parts in mods.items():
         kind = _module_kind(parts)
         if kind == "fp8":
@@ -79,20 +82,20 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
                 problems.append(f"{m}: weight {list(w.shape)} and weight_scale {list(ws.shape)} disagree on K")
             if "weight_scale_2" not in parts:
                 problems.append(f"{m}: NVFP4 weight without weight_scale_2")
-            if ws.nbytes <= _MAX_SCALE_BYTES:
-                from dqfast.nvfp4 import nan_scale_bytes
-
-                nan = nan_scale_bytes(ws)
-                if nan:
-                    problems.append(f"{m}: {nan} NaN byte(s) in weight_scale (repair with --repair-nan-scales)")
+        for suffix, meta in parts.items():
+            nan = nan_e4m3.get(meta.name, 0)
+            if nan:
+                problems.append(f"{m}: {nan} NaN byte(s) (0x7F/0xFF) in {suffix or meta.name} (repair with --repair-nan)")
         for s in ("weight_scale", "input_scale", "weight_scale_2"):
             meta = parts.get(s)
             if meta is None or meta.dtype != "F32" or meta.nbytes > _MAX_SCALE_BYTES:
                 continue
-            v = read_tensor(meta.file, meta.name)
-            bad = ~np.isfinite(v) | (v <= 0)
-            if bad.any():
-                problems.append(f"{meta.name}: {int(bad.sum())} scale value(s) not finite and > 0")
+            v = read_tensor(meta.file, meta.name).reshape(-1)
+            try:
+                # The engine's scale rule: finite, > 0 and a normal float32 (no zero/subnormal).
+                _core.check_scales(v.tolist(), meta.name)
+            except PlanError as e:
+                problems.append(str(e))
         if qc is not None and kind == "float" and len(parts["weight"].shape) == 2 and qc.algo_for(m) not in (None,):
             if qc.quant_algo != "MIXED_PRECISION":
                 problems.append(f"{m}: float weight but not covered by the ignore list (loaders expect it quantized)")

@@ -32,7 +32,7 @@ from dqfast.errors import PlanError
 from dqfast.fp8 import FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, check_activation_amax
 from dqfast.models import MLP_PATTERNS, ModelPreset, fused_groups, pattern_list, resolve_preset
 from dqfast.nvfp4 import GROUP, NVFP4_BOUND
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, check_paths, execute, new_plan
+from dqfast.plan import BuildReport, IoMode, ModuleDecision, ProgressFn, finish, new_plan
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
 
@@ -108,6 +108,7 @@ def build_mixed_transformer(
     guard_inputs: Iterable[str | os.PathLike[str]] = (),
     force_model_type: bool = False,
     strict: bool = False,
+    progress: ProgressFn | None = None,
 ) -> BuildReport:
     """Write a MIXED_PRECISION transformer directory built from the BF16 base.
 
@@ -247,9 +248,4 @@ def build_mixed_transformer(
     if fp8_layers and fp8_activation_amax is None:
         report.warnings.append("FP8 input_scale = 1.0 (activation amax 448 assumed); pass fp8_activation_amax from calibration")
     report.warnings.append("MIXED_PRECISION loads in vLLM-Omni (modelopt_mixed) and dqfast.runtime; SGLang Diffusion rejects it")
-    report.dry_run = dry_run
-    if dry_run:
-        check_paths(plan)
-        report.output_dir = None
-        return report
-    return execute(plan, report)
+    return finish(plan, report, dry_run=dry_run, progress=progress)

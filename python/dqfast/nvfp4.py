@@ -33,10 +33,10 @@ from dqfast.plan import (
     IoMode,
     ModuleDecision,
     PlanBuilder,
-    check_paths,
+    ProgressFn,
     check_quantized,
     copy_sidecar_files,
-    execute,
+    finish,
     new_plan,
 )
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
@@ -88,6 +88,7 @@ def build_nvfp4_transformer(
     fallback: Iterable[str] | str = (),
     swap_weight_nibbles: bool = False,
     repair_nan_scales: bool = False,
+    repair_nan: bool = False,
     reconcile_fused_scales: bool = True,
     from_bf16: bool = False,
     activation_amax: float | None = None,
@@ -100,6 +101,7 @@ def build_nvfp4_transformer(
     component: str = "transformer",
     force_model_type: bool = False,
     strict: bool = False,
+    progress: ProgressFn | None = None,
 ) -> BuildReport:
     """Build a mixed BF16+NVFP4 transformer directory (SGLang Diffusion / vLLM-Omni layout).
 
@@ -127,18 +129,14 @@ def build_nvfp4_transformer(
             model_type,
             fallback,
             swap_weight_nibbles,
-            repair_nan_scales,
+            # One name for NaN repair across builders (repair_nan_scales: the older spelling).
+            repair_nan_scales or repair_nan,
             reconcile_fused_scales,
             component,
             force_model_type,
         )
     check_quantized(report, report.counts.get("nvfp4", 0), strict)
-    report.dry_run = dry_run
-    if dry_run:
-        check_paths(plan)
-        report.output_dir = None
-        return report
-    return execute(plan, report)
+    return finish(plan, report, dry_run=dry_run, progress=progress)
 
 
 def _preset_fallback(preset: ModelPreset, module: str, extra: list[re.Pattern[str]]) -> str | None:
@@ -236,7 +234,7 @@ def _plan_export(
             if nan and not repair:
                 raise PlanError(
                     f"{ws.file}: tensor '{ws.name}': {nan} NaN byte(s) in the block scales (a known ModelOpt 0.44 "
-                    "defect; one ruins the layer): pass repair_nan_scales to clamp them to 448"
+                    "defect; one ruins the layer): pass --repair-nan (repair_nan=True) to clamp them to 448"
                 )
             counts["nan_scale_bytes_repaired"] += nan
             for suffix, meta in parts.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,13 @@ from typing import Any, Literal
 from dqfast import _core
 from dqfast.errors import PlanError
 
-__all__ = ["PlanBuilder", "ModuleDecision", "BuildReport", "check_quantized", "execute", "parse_size"]
+__all__ = ["PlanBuilder", "ModuleDecision", "BuildReport", "ProgressFn", "check_quantized", "execute", "finish", "validate", "parse_size"]
+
+#: ``progress(bytes_done, bytes_total, tensors_done, tensors_total, current_tensor)``: called by
+#: :func:`execute` about every 0.1 s while the engine runs and once at the end (bytes are output
+#: bytes, headers included: the last call has ``bytes_done == bytes_total``). An exception it
+#: raises cancels the build (nothing is written).
+ProgressFn = Callable[[int, int, int, int, str], Any]
 
 Rounding = Literal["exact", "modelopt"]
 # How the engine moves bytes (dqfast-core `IoMode`): "auto" reads source tensors that are not in
@@ -225,15 +232,38 @@ def copy_sidecar_files(plan: PlanBuilder, src_dir: Path) -> None:
             plan.copy_file(f.name, f)
 
 
-def check_paths(plan: PlanBuilder) -> None:
-    """The engine's output/input rule without executing (``--dry-run``): raises
-    ``UnsafeOutputError`` where the build would."""
-    _core.check_plan_paths(plan.to_json())
+def validate(plan: PlanBuilder) -> None:
+    """Every check the engine makes before writing (sources, tensors, shapes, dtypes, scales,
+    output rules, extra files), in Rust, without writing: a dry run can never say OK for a plan
+    the engine would reject. Data checks (NaN in weights, NaN e4m3 bytes) need the whole data and
+    are made while building."""
+    _core.validate_plan(plan.to_json())
 
 
-def execute(plan: PlanBuilder, report: BuildReport) -> BuildReport:
-    """Run the plan in Rust and fill ``report`` with what was written."""
-    out = json.loads(_core.execute_plan(plan.to_json()))
+def finish(plan: PlanBuilder, report: BuildReport, *, dry_run: bool, progress: ProgressFn | None = None) -> BuildReport:
+    """The end of every builder: execute the plan, or for a dry run validate it in Rust and
+    return the report without writing. A dry run over an existing output without overwrite is
+    still a useful preview: the plan is validated as if replacing it, and a warning says so."""
+    report.dry_run = dry_run
+    if not dry_run:
+        return execute(plan, report, progress=progress)
+    exists = plan.output_dir.exists() and not plan.overwrite
+    if exists:
+        report.warnings.append(f"{plan.output_dir}: output exists; the build needs overwrite (--overwrite) to replace it")
+    saved, plan.overwrite = plan.overwrite, plan.overwrite or exists
+    try:
+        validate(plan)
+    finally:
+        plan.overwrite = saved
+    report.output_dir = None
+    return report
+
+
+def execute(plan: PlanBuilder, report: BuildReport, progress: ProgressFn | None = None) -> BuildReport:
+    """Run the plan in Rust and fill ``report`` with what was written. Ctrl-C (KeyboardInterrupt)
+    stops the engine within a batch: the staging directory is removed, any previous output is
+    left as it was, and the KeyboardInterrupt propagates."""
+    out = json.loads(_core.execute_plan(plan.to_json(), progress))
     report.output_dir = out["output_dir"]
     report.shards = out["shards"]
     report.tensors = out["tensors"]

@@ -1,7 +1,8 @@
 //! Memory-mapped access to one safetensors file or a sharded checkpoint directory.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use memmap2::{Advice, Mmap, UncheckedAdvice};
@@ -15,6 +16,58 @@ pub const INDEX_NAMES: [&str; 2] = [
     "diffusion_pytorch_model.safetensors.index.json",
 ];
 
+/// What a non-regular file is, for messages.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "not a plain file"
+    }
+}
+
+/// Open an input for reading only if it is a regular file. `O_NONBLOCK` makes opening a FIFO
+/// return at once instead of waiting for a writer; `fstat` on the opened handle then decides
+/// (no window between the check and the open). `flags` are extra open flags (`O_DIRECT`).
+pub fn open_regular_with(path: &Path, flags: i32) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | flags)
+        .open(path)
+        .map_err(|e| Error::io(path, "open", e))?;
+    let t = f
+        .metadata()
+        .map_err(|e| Error::io(path, "stat", e))?
+        .file_type();
+    if !t.is_file() {
+        return Err(Error::NotRegular {
+            path: path.to_path_buf(),
+            kind: file_kind(t),
+        });
+    }
+    Ok(f)
+}
+
+/// [`open_regular_with`] without extra flags.
+pub fn open_regular(path: &Path) -> Result<File> {
+    open_regular_with(path, 0)
+}
+
+/// The whole text of a regular file (never blocks on a FIFO).
+pub fn read_regular_to_string(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut s = String::new();
+    open_regular(path)?
+        .read_to_string(&mut s)
+        .map_err(|e| Error::io(path, "read", e))?;
+    Ok(s)
+}
+
 /// One validated, memory-mapped safetensors file.
 pub struct SafeFile {
     pub path: PathBuf,
@@ -27,7 +80,7 @@ pub struct SafeFile {
 
 impl SafeFile {
     pub fn open(path: &Path) -> Result<SafeFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+        let file = open_regular(path)?;
         let len = file
             .metadata()
             .map_err(|e| Error::io(path, "stat", e))?
@@ -151,7 +204,8 @@ impl Checkpoint {
         let mut index = INDEX_NAMES
             .iter()
             .map(|n| dir.join(n))
-            .find(|p| p.is_file());
+            // exists(), not is_file(): a FIFO under an index name must be refused, not skipped.
+            .find(|p| p.exists());
         let entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, "read_dir", e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -175,11 +229,29 @@ impl Checkpoint {
         }
         if let Some(index) = index {
             let (files, weight_map) = read_index(&index)?;
+            // A shard the index does not mention would be silently left out of the build.
+            let mut stray: Vec<&PathBuf> = entries
+                .iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors") && !files.contains(p))
+                .collect();
+            stray.sort();
+            if let Some(p) = stray.first() {
+                return Err(Error::header(
+                    &index,
+                    format!(
+                        "shard file '{}' is in the directory but no weight_map entry mentions it \
+                         (remove it, or add its tensors to the index)",
+                        p.file_name().unwrap_or_default().to_string_lossy()
+                    ),
+                ));
+            }
             return Self::from_files(dir, files, Some((index, weight_map)));
         }
         let mut st: Vec<PathBuf> = entries
             .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors") && p.is_file())
+            // Not filtered by is_file(): a FIFO or directory named *.safetensors is refused by
+            // SafeFile::open with a message saying so.
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
             .collect();
         st.sort();
         // diffusers variants (`<name>.fp16.safetensors`) beside the main weights: without a
@@ -279,6 +351,31 @@ impl Checkpoint {
         })
     }
 
+    /// NaN bytes (0x7F/0xFF) of every F8_E4M3 tensor that has any, counted in parallel over the
+    /// maps (pages released after use, so RSS stays flat on large checkpoints).
+    pub fn nan_e4m3_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        use rayon::prelude::*;
+        let items: Vec<(&SafeFile, &TensorInfo)> = self
+            .files
+            .iter()
+            .flat_map(|f| f.header.tensors.iter().map(move |t| (f, t)))
+            .filter(|(_, t)| t.dtype == crate::dtype::Dtype::F8_E4M3)
+            .collect();
+        items
+            .par_iter()
+            .map(|(f, t)| {
+                let n = f
+                    .data(t)
+                    .chunks(4 << 20)
+                    .map(crate::fp8::count_nan_e4m3)
+                    .sum::<usize>();
+                f.release(t);
+                (t.name.clone(), n)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.files
             .iter()
@@ -296,13 +393,17 @@ fn is_variant_file(p: &Path) -> bool {
 
 /// Read an index json: the shard files (in first-appearance order, deduplicated) and the map.
 pub fn read_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>)> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, "read", e))?;
+    let text = read_regular_to_string(index)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::header(index, format!("index is not valid JSON: {e}")))?;
     let wm = v
         .get("weight_map")
         .and_then(|w| w.as_object())
         .ok_or_else(|| Error::header(index, "index has no 'weight_map' object"))?;
+    if wm.is_empty() {
+        // Every tensor would be missing from the build.
+        return Err(Error::header(index, "index has an empty 'weight_map'"));
+    }
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut shards: Vec<String> = Vec::new();
     let mut map = HashMap::with_capacity(wm.len());
@@ -327,7 +428,7 @@ pub fn read_index(index: &Path) -> Result<(Vec<PathBuf>, HashMap<String, String>
     let mut files = Vec::with_capacity(shards.len());
     for s in shards {
         let p = dir.join(&s);
-        if !p.is_file() {
+        if !p.exists() {
             return Err(Error::header(
                 index,
                 format!("shard '{s}' listed in weight_map does not exist"),

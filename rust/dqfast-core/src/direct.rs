@@ -87,12 +87,28 @@ pub fn read_at(
     len: usize,
     buf: &AlignedBuf,
 ) -> Result<usize> {
+    read_at_until(file, path, offset, len, buf, &|| false)
+}
+
+/// [`read_at`], giving up with [`Error::Cancelled`] between chunks once `stop()` says so (a
+/// large tensor is many chunks: a cancelled build must not wait for the whole read).
+fn read_at_until(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: usize,
+    buf: &AlignedBuf,
+    stop: &dyn Fn() -> bool,
+) -> Result<usize> {
     let start = align_down(offset as usize);
     let skip = offset as usize - start;
     let want = align_up(skip + len);
     assert!(want <= buf.cap, "direct read larger than its buffer");
     let mut a = 0;
     while a < want {
+        if stop() {
+            return Err(Error::Cancelled);
+        }
         let b = (a + READ_CHUNK).min(want);
         read_range(file, path, start, buf.ptr() as usize, a, b, skip + len)?;
         a = b;
@@ -148,12 +164,10 @@ fn read_range(
 }
 
 /// Open `path` for direct reads, or `None` where the file system does not support it.
+/// Only a regular file is opened (a FIFO swapped in after the header was read is refused, never
+/// waited on).
 pub fn open_for_read(path: &Path) -> Option<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok()?;
+    let f = crate::checkpoint::open_regular_with(path, libc::O_DIRECT).ok()?;
     // Some file systems accept the flag at open and refuse the read: probe one block.
     let b = AlignedBuf::new(ALIGN);
     let n = unsafe {
@@ -252,6 +266,10 @@ impl BufPool {
         self.freed.notify_all();
     }
 
+    fn is_closed(&self) -> bool {
+        self.state.lock().unwrap().closed
+    }
+
     /// Wake and refuse every waiter (the build is over or failed).
     pub fn close(&self) {
         self.state.lock().unwrap().closed = true;
@@ -289,9 +307,15 @@ impl TensorBuf {
             start: 0,
             len: 0,
         };
-        let r = read_at(file, path, offset, len, tb.buf.as_ref().unwrap());
+        // The pool closes when the build stops (done, failed or cancelled): stop reading too.
+        let r = read_at_until(file, path, offset, len, tb.buf.as_ref().unwrap(), &|| {
+            pool.is_closed()
+        });
         timed(t1 - t0, t1.elapsed());
-        tb.start = r?;
+        tb.start = match r {
+            Err(Error::Cancelled) => return Ok(None),
+            r => r?,
+        };
         tb.len = len;
         Ok(Some(tb))
     }

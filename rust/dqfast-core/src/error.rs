@@ -26,6 +26,12 @@ pub enum Error {
     /// A tensor the plan needs does not exist in the checkpoint.
     #[error("{path}: tensor '{tensor}' not found")]
     MissingTensor { path: PathBuf, tensor: String },
+    /// An input path is a FIFO, device or socket: opening (or reading) it could block forever.
+    #[error("{path}: not a regular file ({kind}); dqfast reads only regular files")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    /// The build was cancelled (SIGINT/SIGTERM): nothing was written at the output path.
+    #[error("cancelled")]
+    Cancelled,
     /// The plan handed to the engine is inconsistent.
     #[error("invalid plan: {0}")]
     Plan(String),

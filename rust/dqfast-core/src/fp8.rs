@@ -97,6 +97,26 @@ pub fn e4m3_is_nan(b: u8) -> bool {
     b & 0x7f == 0x7f
 }
 
+/// Number of e4m3 NaN bytes (0x7F, 0xFF). Counted in u32 lanes over fixed chunks so the loop
+/// vectorizes (a byte compare and add per element).
+pub fn count_nan_e4m3(bytes: &[u8]) -> usize {
+    bytes
+        .chunks(1 << 16)
+        .map(|c| c.iter().map(|&b| ((b & 0x7F) == 0x7F) as u32).sum::<u32>() as usize)
+        .sum()
+}
+
+/// Replace every e4m3 NaN byte by +448 (0x7E), as vLLM-Omni does at load; returns how many.
+pub fn repair_nan_e4m3(bytes: &mut [u8]) -> usize {
+    let mut n = 0;
+    for b in bytes.iter_mut() {
+        let nan = (*b & 0x7F) == 0x7F;
+        n += nan as usize;
+        *b = if nan { E4M3_MAX_BYTE } else { *b };
+    }
+    n
+}
+
 /// How out-of-range quotients are handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -451,18 +471,33 @@ pub fn scale_from_amax(amax: f32) -> f32 {
     amax / E4M3_MAX
 }
 
-/// FP8 weight scale from the weight's own max |w| (per tensor, row or block), the rule every
-/// builder uses: `amax / 448`, and 1 for an all-zero weight (any positive scale represents zeros
-/// exactly). `None` when `amax` is NaN or infinite: such a weight is refused, not quantized.
-#[inline]
-pub fn weight_scale_from_amax(amax: f32) -> Option<f32> {
-    if !amax.is_finite() {
-        None
-    } else if amax == 0.0 {
-        Some(1.0)
-    } else {
-        Some(scale_from_amax(amax))
+/// A scale from a weight's own max |w| (per tensor, row or block), the rule every builder and
+/// `dqfast.ops` use: `scale(amax)`, and 1 for an all-zero weight (any positive scale represents
+/// zeros exactly). A NaN or infinite amax is refused (such a weight is not quantized), and so is
+/// a scale that fails [`check_scale`]. `at` locates the amax in the message (e.g. " (row 3)");
+/// `rule` names the scale (e.g. "amax/448").
+pub fn scale_for_weight_amax(
+    amax: f32,
+    at: &str,
+    rule: &str,
+    scale: impl Fn(f32) -> f32,
+) -> Result<f32, String> {
+    if amax.is_nan() || amax.is_infinite() {
+        let what = if amax.is_nan() { "NaN" } else { "inf" };
+        return Err(format!("contains {what}{at}; refusing to quantize"));
     }
+    if amax == 0.0 {
+        return Ok(1.0);
+    }
+    let s = scale(amax);
+    check_scale(s)
+        .map(|_| s)
+        .map_err(|m| format!("weight amax {amax:e}{at} gives scale {rule} = {m}; keep this weight in BF16 (fallback)"))
+}
+
+/// FP8 weight scale (`amax / 448`) by [`scale_for_weight_amax`].
+pub fn weight_scale_from_amax(amax: f32, at: &str) -> Result<f32, String> {
+    scale_for_weight_amax(amax, at, "amax/448", scale_from_amax)
 }
 
 /// Bytes of input each rayon task reduces in [`par_amax`].
@@ -515,6 +550,59 @@ pub fn dequantize_e4m3(
         }
         i += seg;
     }
+}
+
+/// The one rule for every scale dqfast writes or uses (FP8 weight and input scales, NVFP4
+/// global scales): finite, > 0 and a *normal* float32. A zero or subnormal scale (an amax below
+/// `bound * 2^-126`) makes a runtime divide by zero or lose all precision, so the scale itself
+/// is checked, not only the amax it came from. `Err` holds the reason, for the caller to place.
+pub fn check_scale(s: f32) -> Result<(), String> {
+    if s.is_normal() && s > 0.0 {
+        Ok(())
+    } else if s.is_finite() && s > 0.0 {
+        Err(format!("{s:e} is subnormal in float32 (below 2^-126)"))
+    } else {
+        Err(format!("{s} is not finite and > 0"))
+    }
+}
+
+/// " at index i" for multi-value tensors.
+fn at_index(n: usize, i: usize) -> String {
+    if n > 1 {
+        format!(" at index {i}")
+    } else {
+        String::new()
+    }
+}
+
+/// [`check_scale`] for every value; the message names `what` and the index.
+pub fn check_scales(what: &str, v: &[f32]) -> Result<(), String> {
+    for (i, &s) in v.iter().enumerate() {
+        check_scale(s).map_err(|m| format!("{what}{}: {m}", at_index(v.len(), i)))?;
+    }
+    Ok(())
+}
+
+/// Scales `amax / bound` (float32 division: bit-exact with numpy and torch), every amax finite
+/// and > 0 and every scale passing [`check_scale`]. `bound` is 448 for FP8, 2688 for NVFP4.
+pub fn scales_from_amax(what: &str, amax: &[f32], bound: f32) -> Result<Vec<f32>, String> {
+    if !(bound.is_finite() && bound > 0.0) {
+        return Err(format!("bound {bound} must be finite and > 0"));
+    }
+    amax.iter()
+        .enumerate()
+        .map(|(i, &a)| {
+            let at = at_index(amax.len(), i);
+            if !(a.is_finite() && a > 0.0) {
+                return Err(format!("{what}{at} is {a}; it must be finite and > 0"));
+            }
+            let s = a / bound;
+            check_scale(s).map_err(|m| {
+                format!("{what}{at} is {a:e}: its scale {what}/{bound} = {m}; the value is too small to use")
+            })?;
+            Ok(s)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -673,10 +761,18 @@ mod tests {
 
     #[test]
     fn weight_scale_rule_and_parallel_amax() {
-        assert_eq!(weight_scale_from_amax(448.0), Some(1.0));
-        assert_eq!(weight_scale_from_amax(0.0), Some(1.0));
-        assert_eq!(weight_scale_from_amax(f32::NAN), None);
-        assert_eq!(weight_scale_from_amax(f32::INFINITY), None);
+        assert_eq!(weight_scale_from_amax(448.0, ""), Ok(1.0));
+        assert_eq!(weight_scale_from_amax(0.0, ""), Ok(1.0));
+        assert!(weight_scale_from_amax(f32::NAN, " (row 2)")
+            .unwrap_err()
+            .contains("NaN (row 2)"));
+        assert!(weight_scale_from_amax(f32::INFINITY, "")
+            .unwrap_err()
+            .contains("inf"));
+        // The scale is checked, not the amax: 1e-40 / 448 underflows to a subnormal.
+        assert!(weight_scale_from_amax(1e-36, "")
+            .unwrap_err()
+            .contains("subnormal"));
         // More than one piece, the maximum in the last one.
         let mut v = vec![0.5f32; (3 << 20) / 4 + 7];
         *v.last_mut().unwrap() = -9.0;

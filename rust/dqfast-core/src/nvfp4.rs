@@ -15,7 +15,9 @@
 //! chunk of whole blocks) gives the same bytes as the whole tensor.
 
 use crate::dtype::Dtype;
-use crate::fp8::{e4m3_from_f32, e4m3_to_f32, E4M3_MAX, E4M3_MAX_BYTE};
+use crate::fp8::{e4m3_from_f32, e4m3_to_f32, E4M3_MAX};
+// The e4m3 NaN helpers live with the other e4m3 code; re-exported for the NVFP4 callers.
+pub use crate::fp8::{count_nan_e4m3, repair_nan_e4m3};
 
 /// Elements per block scale.
 pub const BLOCK: usize = 16;
@@ -63,18 +65,11 @@ pub fn global_scale_from_amax(amax: f32) -> f32 {
     amax / GLOBAL_BOUND
 }
 
-/// `weight_scale_2` from the weight's own max |w| (the builders' rule): [`global_scale_from_amax`],
-/// and 1 for an all-zero weight (ModelOpt would write NaN block scales, 0/0; any positive global
-/// scale represents zeros exactly). `None` when `amax` is NaN or infinite (refused).
-#[inline]
-pub fn global_scale_for_weight_amax(amax: f32) -> Option<f32> {
-    if !amax.is_finite() {
-        None
-    } else if amax == 0.0 {
-        Some(1.0)
-    } else {
-        Some(global_scale_from_amax(amax))
-    }
+/// `weight_scale_2` from the weight's own max |w| (the builders' rule): [`global_scale_from_amax`]
+/// by [`crate::fp8::scale_for_weight_amax`] (1 for an all-zero weight, where ModelOpt would write
+/// NaN block scales, 0/0; NaN/inf and scales that underflow refused).
+pub fn global_scale_for_weight_amax(amax: f32, at: &str) -> Result<f32, String> {
+    crate::fp8::scale_for_weight_amax(amax, at, "amax/2688", global_scale_from_amax)
 }
 
 /// e4m3 byte of one block's scale given its max |w| and the precomputed `6 * weight_scale_2`.
@@ -342,22 +337,6 @@ pub fn swap_nibbles(src: &[u8], out: &mut [u8]) {
     for (o, &b) in out.iter_mut().zip(src) {
         *o = b.rotate_left(4);
     }
-}
-
-/// Number of e4m3 NaN bytes (0x7F, 0xFF).
-pub fn count_nan_e4m3(bytes: &[u8]) -> usize {
-    bytes.iter().map(|&b| ((b & 0x7F) == 0x7F) as usize).sum()
-}
-
-/// Replace every e4m3 NaN byte by +448 (0x7E), as vLLM-Omni does at load; returns how many.
-pub fn repair_nan_e4m3(bytes: &mut [u8]) -> usize {
-    let mut n = 0;
-    for b in bytes.iter_mut() {
-        let nan = (*b & 0x7F) == 0x7F;
-        n += nan as usize;
-        *b = if nan { E4M3_MAX_BYTE } else { *b };
-    }
-    n
 }
 
 /// Re-express block scales relative to a new global scale: `s' = e4m3(min(f32(s) * factor, 448))`

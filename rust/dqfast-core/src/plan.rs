@@ -8,11 +8,12 @@
 //! parallel by rayon) that a writer thread drains (O_DIRECT where the file system allows), so
 //! reading tensor i+1, computing batch j+1 and writing batch j overlap.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Checkpoint, SafeFile};
+use crate::checkpoint::{open_regular, Checkpoint, SafeFile};
 use crate::direct::{self, BufPool, DirectWriter, TensorBuf};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -111,6 +112,14 @@ pub struct Plan {
     /// policy file): like the sources, the output may never be, contain or lie inside one.
     #[serde(default)]
     pub guard_inputs: Vec<PathBuf>,
+    /// Tests only: sleep this long before each output tensor, so that a small build runs long
+    /// enough to be interrupted.
+    #[serde(default, rename = "_test_delay_ms", skip_serializing_if = "is_zero")]
+    pub test_delay_ms: u64,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 impl Plan {
@@ -243,6 +252,56 @@ pub enum NvAmax {
     MaxOf {
         srcs: Vec<SrcRef>,
     },
+}
+
+/// Shared with a running build: a cancel flag every worker loop checks (so SIGINT stops the
+/// engine within a batch, ~16 MiB, and the staging directory is removed) and progress counters
+/// the caller polls from another thread.
+#[derive(Default)]
+pub struct Control {
+    cancel: AtomicBool,
+    bytes_done: AtomicU64,
+    bytes_total: AtomicU64,
+    tensors_done: AtomicU64,
+    tensors_total: AtomicU64,
+    current: Mutex<String>,
+}
+
+/// A snapshot of [`Control`]'s progress counters. Bytes are output bytes (headers included), so
+/// `bytes_done` reaches `bytes_total` exactly when the last shard is written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub tensors_done: u64,
+    pub tensors_total: u64,
+    pub current: String,
+}
+
+impl Control {
+    /// Ask the build to stop; it returns [`Error::Cancelled`] and writes nothing at the output.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+    fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+    pub fn progress(&self) -> Progress {
+        Progress {
+            bytes_done: self.bytes_done.load(Ordering::Relaxed),
+            bytes_total: self.bytes_total.load(Ordering::Relaxed),
+            tensors_done: self.tensors_done.load(Ordering::Relaxed),
+            tensors_total: self.tensors_total.load(Ordering::Relaxed),
+            current: self.current.lock().map(|c| c.clone()).unwrap_or_default(),
+        }
+    }
 }
 
 /// What was written.
@@ -400,22 +459,6 @@ struct Resolved<'a> {
     op: &'static str,
 }
 
-/// Every value finite and > 0 (amax and scales); the message names the value, the caller the
-/// tensor.
-fn positive_finite(what: &str, v: &[f32]) -> std::result::Result<(), String> {
-    match v.iter().position(|&x| !x.is_finite() || x <= 0.0) {
-        None => Ok(()),
-        Some(i) => {
-            let at = if v.len() > 1 {
-                format!(" at index {i}")
-            } else {
-                String::new()
-            };
-            Err(format!("{what} is {}{at}; it must be finite and > 0", v[i]))
-        }
-    }
-}
-
 fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a>>> {
     let get = |r: &SrcRef| -> Result<Src<'a>> {
         let ck = sources.get(r.source).ok_or_else(|| {
@@ -460,16 +503,15 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
             } => {
                 let s = get(src)?;
                 float_src(&s)?;
-                let rows = s.info.shape.first().copied().unwrap_or(1).max(1);
+                // Real row count: a [0, K] weight has no rows and so no per-row scales.
+                let rows = s.info.shape.first().copied().unwrap_or(1);
                 let numel = s.info.numel();
                 let row_len = if numel == 0 { 1 } else { numel / rows };
                 let scale = match scale {
-                    ScaleSpec::Amax { amax } => {
-                        positive_finite("calibrated amax", amax).map_err(|m| s.err(m))?;
-                        FpScale::Fixed(Arc::new(
-                            amax.iter().map(|&a| fp8::scale_from_amax(a)).collect(),
-                        ))
-                    }
+                    ScaleSpec::Amax { amax } => FpScale::Fixed(Arc::new(
+                        fp8::scales_from_amax("calibrated amax", amax, fp8::E4M3_MAX)
+                            .map_err(|m| s.err(m))?,
+                    )),
                     // Checked with every other fixed scale just below.
                     ScaleSpec::Values { values } => FpScale::Fixed(Arc::new(values.clone())),
                     ScaleSpec::WeightAmax { per_row } => FpScale::WeightAmax { per_row: *per_row },
@@ -482,7 +524,7 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                             s.info.shape
                         )));
                     }
-                    positive_finite("weight scale", v).map_err(|m| s.err(m))?;
+                    fp8::check_scales("weight scale", v).map_err(|m| s.err(m))?;
                 }
                 (
                     Dtype::F8_E4M3,
@@ -526,15 +568,8 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                 (Dtype::F32, shape.clone(), Kind::ScaleOf(j), "scale")
             }
             Op::ScaleFromAmax { amax, bound, shape } => {
-                positive_finite("calibrated amax", amax)
+                let vals = fp8::scales_from_amax("amax", amax, *bound)
                     .map_err(|m| Error::Plan(format!("tensor '{}': {m}", t.name)))?;
-                if !(bound.is_finite() && *bound > 0.0) {
-                    return Err(Error::Plan(format!(
-                        "'{}': bound {bound} must be > 0",
-                        t.name
-                    )));
-                }
-                let vals: Vec<f32> = amax.iter().map(|&a| a / bound).collect();
                 (
                     Dtype::F32,
                     shape.clone(),
@@ -542,12 +577,17 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                     "scale",
                 )
             }
-            Op::F32 { values, shape } => (
-                Dtype::F32,
-                shape.clone(),
-                Kind::Bytes(f32_bytes(values, &t.name, shape)?),
-                "f32",
-            ),
+            // Every literal float32 tensor a planner writes is a scale: the scale rule applies.
+            Op::F32 { values, shape } => {
+                fp8::check_scales("scale", values)
+                    .map_err(|m| Error::Plan(format!("tensor '{}': {m}", t.name)))?;
+                (
+                    Dtype::F32,
+                    shape.clone(),
+                    Kind::Bytes(f32_bytes(values, &t.name, shape)?),
+                    "f32",
+                )
+            }
             Op::SwapNibbles { src } => {
                 let s = get(src)?;
                 if s.info.dtype != Dtype::U8 {
@@ -661,7 +701,7 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                 }
                 let amax_r = match amax {
                     NvAmax::Given { amax } => {
-                        positive_finite("weight amax", &[*amax]).map_err(|m| s.err(m))?;
+                        nv_global_checked(*amax).map_err(|m| s.err(m))?;
                         NvAmaxR::Given(*amax)
                     }
                     NvAmax::Weight => NvAmaxR::Of(vec![s]),
@@ -736,13 +776,25 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
     Ok(out)
 }
 
+/// NVFP4 global scale of a given amax, by the one scale rule.
+fn nv_global_checked(amax: f32) -> std::result::Result<f32, String> {
+    if !(amax.is_finite() && amax > 0.0) {
+        return Err(format!("weight amax is {amax}; it must be finite and > 0"));
+    }
+    let g = nvfp4::global_scale_from_amax(amax);
+    fp8::check_scale(g).map(|_| g).map_err(|m| {
+        format!("weight amax {amax:e} gives global scale amax/2688 = {m}; keep this weight in BF16 (fallback)")
+    })
+}
+
 fn row_slice(s: &Src, start: usize, stop: usize) -> Result<(Vec<usize>, usize)> {
     let rows = *s
         .info
         .shape
         .first()
         .ok_or_else(|| s.err("cannot slice rows of a 0-d tensor"))?;
-    if start >= stop || stop > rows {
+    // An empty range is a valid [0, ...] tensor (e.g. a zero-row weight rescaled whole).
+    if start > stop || stop > rows {
         return Err(s.err(format!("row range {start}..{stop} is not inside 0..{rows}")));
     }
     let row_bytes = s.info.nbytes().checked_div(rows).unwrap_or(0);
@@ -779,9 +831,12 @@ struct Memo {
 fn weight_scales(src: &Src, data: &[u8], per_row: bool) -> Result<Vec<f32>> {
     let d = src.info.dtype;
     let amax: Vec<f32> = if per_row {
-        let rows = src.info.shape.first().copied().unwrap_or(1).max(1);
-        let rb = src.info.nbytes() / rows;
-        if rb == 0 {
+        // One scale per real row: none for a [0, K] weight (its scale tensor is [0]).
+        let rows = src.info.shape.first().copied().unwrap_or(1);
+        let rb = src.info.nbytes().checked_div(rows).unwrap_or(0);
+        if rows == 0 {
+            Vec::new()
+        } else if rb == 0 {
             vec![0.0; rows]
         } else {
             data.par_chunks(rb).map(|r| fp8::amax(r, d)).collect()
@@ -792,10 +847,7 @@ fn weight_scales(src: &Src, data: &[u8], per_row: bool) -> Result<Vec<f32>> {
     amax.iter()
         .enumerate()
         .map(|(i, &a)| {
-            fp8::weight_scale_from_amax(a).ok_or_else(|| {
-                let what = if a.is_nan() { "NaN" } else { "inf" };
-                src.err(format!("contains {what} (row {i}); refusing to quantize"))
-            })
+            fp8::weight_scale_from_amax(a, &format!(" (row {i})")).map_err(|m| src.err(m))
         })
         .collect()
 }
@@ -820,7 +872,7 @@ impl Memo {
 
     fn nv_global(&self, amax: &NvAmaxR, ld: &Loaded) -> Result<f32> {
         let srcs = match amax {
-            NvAmaxR::Given(a) => return Ok(nvfp4::global_scale_from_amax(*a)),
+            NvAmaxR::Given(a) => return nv_global_checked(*a).map_err(Error::Internal),
             NvAmaxR::Of(srcs) => srcs,
         };
         let key: Vec<(usize, String)> = srcs
@@ -839,20 +891,26 @@ impl Memo {
             }
             a = a.max(x);
         }
-        let g = nvfp4::global_scale_for_weight_amax(a).expect("finite: checked per source");
+        let g = nvfp4::global_scale_for_weight_amax(a, "").map_err(|m| srcs[0].err(m))?;
         self.nv.lock().unwrap().insert(key, g);
         Ok(g)
     }
 }
 
 /// The engine's end of the writer channel; times how long the engine waits on the writer.
+/// Also the producer's cancellation point (every batch passes here) and its byte count.
 struct Sink<'a, 'c> {
     tx: SyncSender<Msg<'a>>,
     clocks: &'c Clocks,
+    ctl: &'c Control,
+    /// Tensor bytes sent (header and Open excluded), to check each tensor against its header.
+    sent: Cell<u64>,
 }
 
 impl<'a> Sink<'a, '_> {
     fn send(&self, m: Msg<'a>) -> Result<()> {
+        self.ctl.check()?;
+        self.sent.set(self.sent.get() + m.len() as u64);
         let t = Instant::now();
         let r = self
             .tx
@@ -871,6 +929,18 @@ enum Msg<'a> {
     /// A range of a source tensor read into a buffer (direct I/O).
     Shared(Arc<TensorBuf>, std::ops::Range<usize>),
     Release(Src<'a>),
+}
+
+impl Msg<'_> {
+    /// Bytes of output this message carries.
+    fn len(&self) -> usize {
+        match self {
+            Msg::Owned(b) => b.len(),
+            Msg::Borrowed(b) => b.len(),
+            Msg::Shared(_, r) => r.len(),
+            Msg::Open(..) | Msg::Release(_) => 0,
+        }
+    }
 }
 
 /// Identity of a source tensor (its file and header entry).
@@ -939,6 +1009,7 @@ fn writer_loop(
     fsync: bool,
     direct: bool,
     clocks: &Clocks,
+    ctl: &Control,
 ) -> Result<(u64, bool)> {
     let mut cur: Option<ShardOut> = None;
     let mut stage: Option<direct::AlignedBuf> = None;
@@ -960,7 +1031,10 @@ fn writer_loop(
         Ok(())
     };
     for msg in rx {
+        // Stop at once on cancel (no fsync of a file about to be removed).
+        ctl.check()?;
         let t = Instant::now();
+        let len = msg.len() as u64;
         match msg {
             Msg::Open(p, size) => {
                 finish(cur.take(), &mut stage)?;
@@ -999,6 +1073,7 @@ fn writer_loop(
             }
             Msg::Release(s) => s.file.release(s.info),
         }
+        ctl.bytes_done.fetch_add(len, Ordering::Relaxed);
         Clocks::add(&clocks.write, t);
     }
     let t = Instant::now();
@@ -1097,6 +1172,23 @@ fn unit_bytes(r: &Resolved) -> usize {
     }
 }
 
+/// e4m3 data holding NaN bytes (0x7F/0xFF) is refused, never copied: one NaN ruins a layer at
+/// inference. Planners repair them to 448 (`repair_nan_e4m3`) only when asked. A parallel count
+/// at memory speed, next to the copy's disk I/O.
+fn refuse_nan_e4m3(s: &Src, data: &[u8]) -> Result<()> {
+    if s.info.dtype != Dtype::F8_E4M3 {
+        return Ok(());
+    }
+    let n: usize = data.par_chunks(PIECE_BYTES).map(fp8::count_nan_e4m3).sum();
+    if n == 0 {
+        return Ok(());
+    }
+    Err(s.err(format!(
+        "{n} NaN byte(s) (0x7F/0xFF) in F8_E4M3 data; pass --repair-nan (repair_nan=True) to \
+         replace them by 448"
+    )))
+}
+
 fn emit<'a>(
     idx: usize,
     r: &'a Resolved<'a>,
@@ -1117,17 +1209,20 @@ fn emit<'a>(
     };
     match &r.kind {
         Kind::Copy(s) => {
+            refuse_nan_e4m3(s, ld.data(s))?;
             send(ld.message(s, 0..s.info.nbytes()))?;
             release(s)?;
             return Ok(None);
         }
         Kind::Rows { src, byte_start } => {
+            refuse_nan_e4m3(src, &ld.data(src)[*byte_start..byte_start + r.nbytes])?;
             send(ld.message(src, *byte_start..byte_start + r.nbytes))?;
             release(src)?;
             return Ok(None);
         }
         Kind::Concat(ss) => {
             for s in ss {
+                refuse_nan_e4m3(s, ld.data(s))?;
                 send(ld.message(s, 0..s.info.nbytes()))?;
                 release(s)?;
             }
@@ -1151,6 +1246,12 @@ fn emit<'a>(
             send(Msg::Owned(g.to_le_bytes().to_vec()))?;
             return Ok(Some(vec![g]));
         }
+        Kind::Rescale {
+            src,
+            byte_start,
+            repair_nan: false,
+            ..
+        } => refuse_nan_e4m3(src, &ld.data(src)[*byte_start..byte_start + r.nbytes])?,
         _ => {}
     }
     let scales = match &r.kind {
@@ -1324,8 +1425,12 @@ fn reader_loop(
     pool: &Arc<BufPool>,
     tx: SyncSender<Result<Arc<TensorBuf>>>,
     clocks: &Clocks,
+    ctl: &Control,
 ) {
     for s in loads {
+        if ctl.is_cancelled() {
+            return;
+        }
         let file = s
             .file
             .direct_file()
@@ -1363,24 +1468,63 @@ fn reader_loop(
     }
 }
 
+/// Worker threads for a plan: `requested` (0 = one per core), capped at the number of cores —
+/// more only adds contention, and an absurd value (`--threads 100000`) would spend minutes
+/// spawning threads.
+pub fn effective_threads(requested: usize) -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if requested == 0 {
+        cores
+    } else {
+        requested.min(cores)
+    }
+}
+
 /// Execute a plan. The output appears at `plan.output_dir` only if everything succeeded.
 pub fn execute(plan: &Plan) -> Result<Report> {
-    let threads = if plan.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    } else {
-        plan.threads
-    };
+    execute_with(plan, &Control::default())
+}
+
+/// [`execute`], cancellable and observable through `ctl` from another thread.
+pub fn execute_with(plan: &Plan, ctl: &Control) -> Result<Report> {
+    let threads = effective_threads(plan.threads);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .map_err(|e| Error::Internal(format!("thread pool: {e}")))?;
-    pool.install(|| execute_inner(plan, threads))
+    pool.install(|| execute_inner(plan, threads, ctl))
 }
 
-fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
-    let t0 = Instant::now();
+/// Every check [`execute`] makes before it writes anything — plan fields, the output rule,
+/// sources open and valid, each op's tensors, dtypes, shapes and scales, extra files regular and
+/// readable, shard headers — without writing. What it cannot know without reading all the data
+/// (NaN/inf in weights, NaN e4m3 bytes, weight-derived scales) is checked while building.
+pub fn validate(plan: &Plan) -> Result<()> {
+    check_plan(plan)?;
+    let sources = open_sources(plan)?;
+    let resolved = resolve(plan, &sources)?;
+    for f in &plan.files {
+        if let Some(src) = &f.copy_from {
+            open_regular(src)?;
+        }
+    }
+    shard_headers(plan, &resolved)?;
+    Ok(())
+}
+
+/// [`validate`] for a JSON plan.
+pub fn validate_json(plan_json: &str) -> Result<()> {
+    validate(&parse_plan(plan_json)?)
+}
+
+fn parse_plan(plan_json: &str) -> Result<Plan> {
+    serde_json::from_str(plan_json).map_err(|e| Error::Plan(e.to_string()))
+}
+
+/// Plan fields and the output rule (refused early, before reading anything).
+fn check_plan(plan: &Plan) -> Result<()> {
     if plan.max_shard_bytes == 0 {
         return Err(Error::Plan("max_shard_bytes must be > 0".into()));
     }
@@ -1392,16 +1536,10 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
     }
     // Refuse early, before reading or creating anything: an output that overlaps an input
     // (however spelled), or one that exists when overwriting was not asked for.
-    let guard = plan.output_guard()?;
+    plan.output_guard()?;
     if plan.output_dir.exists() && !plan.overwrite {
         return Err(Error::OutputExists(plan.output_dir.clone()));
     }
-    let sources: Vec<Checkpoint> = plan
-        .sources
-        .iter()
-        .map(|p| Checkpoint::open(p))
-        .collect::<Result<_>>()?;
-    let resolved = resolve(plan, &sources)?;
     for f in &plan.files {
         if f.name.contains('/')
             || f.name.ends_with(".safetensors")
@@ -1419,17 +1557,63 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
             )));
         }
     }
+    Ok(())
+}
 
+fn open_sources(plan: &Plan) -> Result<Vec<Checkpoint>> {
+    plan.sources.iter().map(|p| Checkpoint::open(p)).collect()
+}
+
+/// Shards (ranges of output tensors) and each shard's serialized header.
+fn shard_headers(
+    plan: &Plan,
+    resolved: &[Resolved],
+) -> Result<Vec<(std::ops::Range<usize>, Vec<u8>)>> {
     let sizes: Vec<u64> = resolved.iter().map(|r| r.nbytes as u64).collect();
-    let shards = assign_shards(&sizes, plan.max_shard_bytes);
+    assign_shards(&sizes, plan.max_shard_bytes)
+        .into_iter()
+        .map(|range| {
+            let entries: Vec<(String, Dtype, Vec<usize>)> = resolved[range.clone()]
+                .iter()
+                .map(|r| (r.name.clone(), r.dtype, r.shape.clone()))
+                .collect();
+            let (hdr, _) = serialize_header(&plan.shard_metadata, &entries)?;
+            Ok((range, hdr))
+        })
+        .collect()
+}
+
+/// Copy a sidecar file, refusing anything but a regular file (a FIFO would block forever).
+fn copy_regular(src: &Path, dst: &Path) -> Result<()> {
+    let mut from = open_regular(src)?;
+    let mut to = File::create(dst).map_err(|e| Error::io(dst, "create", e))?;
+    std::io::copy(&mut from, &mut to).map_err(|e| Error::io(src, "copy", e))?;
+    Ok(())
+}
+
+fn execute_inner(plan: &Plan, threads: usize, ctl: &Control) -> Result<Report> {
+    let t0 = Instant::now();
+    check_plan(plan)?;
+    let sources = open_sources(plan)?;
+    let resolved = resolve(plan, &sources)?;
+    let shards = shard_headers(plan, &resolved)?;
     let n = shards.len();
-    let staged = StagedDir::create_guarded(&plan.output_dir, plan.overwrite, Some(guard))?;
+    let sizes: Vec<u64> = resolved.iter().map(|r| r.nbytes as u64).collect();
+    let data_total: u64 = sizes.iter().sum();
+    let hdr_total: u64 = shards.iter().map(|(_, h)| h.len() as u64).sum();
+    ctl.bytes_total
+        .store(data_total + hdr_total, Ordering::Relaxed);
+    ctl.tensors_total
+        .store(resolved.len() as u64, Ordering::Relaxed);
+    ctl.check()?;
+    let staged =
+        StagedDir::create_guarded(&plan.output_dir, plan.overwrite, Some(plan.output_guard()?))?;
     for f in &plan.files {
         let dst = staged.tmp.join(&f.name);
         if let Some(t) = &f.text {
             std::fs::write(&dst, t).map_err(|e| Error::io(&dst, "write", e))?;
         } else if let Some(src) = &f.copy_from {
-            std::fs::copy(src, &dst).map_err(|e| Error::io(src, "copy", e))?;
+            copy_regular(src, &dst)?;
         }
         if plan.fsync {
             File::open(&dst)
@@ -1456,24 +1640,22 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
     let sink = Sink {
         tx,
         clocks: &clocks,
+        ctl,
+        sent: Cell::new(0),
     };
     let (written, direct_writes) = std::thread::scope(|scope| -> Result<(u64, bool)> {
         let (loads, pool, clk) = (&sched.loads, &read_pool, &clocks);
-        let writer = scope.spawn(move || writer_loop(rx, recycle_tx, fsync, direct_out, clk));
+        let writer = scope.spawn(move || writer_loop(rx, recycle_tx, fsync, direct_out, clk, ctl));
         if !loads.is_empty() {
-            scope.spawn(move || reader_loop(loads, pool, load_tx, clk));
+            scope.spawn(move || reader_loop(loads, pool, load_tx, clk, ctl));
         } else {
             drop(load_tx);
         }
         let mut produce = || -> Result<()> {
             let mut ld = Loaded::default();
-            for (si, range) in shards.iter().enumerate() {
+            for (si, (range, hdr)) in shards.iter().enumerate() {
                 let fname = shard_file_name(&plan.file_prefix, si, n);
-                let entries: Vec<(String, Dtype, Vec<usize>)> = resolved[range.clone()]
-                    .iter()
-                    .map(|r| (r.name.clone(), r.dtype, r.shape.clone()))
-                    .collect();
-                let (hdr, _) = serialize_header(&plan.shard_metadata, &entries)?;
+                let hdr = hdr.clone();
                 let hdr_len = hdr.len() as u64;
                 let shard_bytes = hdr_len
                     + resolved[range.clone()]
@@ -1485,6 +1667,13 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
                 let mut bytes = hdr_len;
                 for i in range.clone() {
                     let r = &resolved[i];
+                    ctl.check()?;
+                    if let Ok(mut c) = ctl.current.lock() {
+                        c.clone_from(&r.name);
+                    }
+                    if plan.test_delay_ms > 0 {
+                        std::thread::sleep(Duration::from_millis(plan.test_delay_ms));
+                    }
                     let mapped = |s: &Src| !direct_keys.contains(&key(s));
                     if i == range.start {
                         for s in sources_of(r).iter().filter(|s| mapped(s)) {
@@ -1504,7 +1693,18 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
                             b.map_err(|_| Error::Internal("reader thread stopped".into()))??;
                         ld.bufs.insert(key(&sched.loads[li]), b);
                     }
+                    let before = sink.sent.get();
                     let scale = emit(i, r, &resolved, &memo, &ld, &sink, &recycle_rx)?;
+                    // The header promised exactly r.nbytes: any other count would leave stray
+                    // or missing bytes that no safetensors reader accepts. Never write that.
+                    let produced = sink.sent.get() - before;
+                    if produced != r.nbytes as u64 {
+                        return Err(Error::Internal(format!(
+                            "tensor '{}': {produced} bytes produced for a header of {} bytes",
+                            r.name, r.nbytes
+                        )));
+                    }
+                    ctl.tensors_done.fetch_add(1, Ordering::Relaxed);
                     for &li in &sched.drop[i] {
                         ld.bufs.remove(&key(&sched.loads[li]));
                     }
@@ -1541,8 +1741,9 @@ fn execute_inner(plan: &Plan, threads: usize) -> Result<Report> {
         Ok(w)
     })?;
 
+    ctl.check()?;
     if n > 1 || plan.always_index {
-        let total: u64 = sizes.iter().sum();
+        let total = data_total;
         let p = staged
             .tmp
             .join(format!("{}.safetensors.index.json", plan.file_prefix));
@@ -1596,6 +1797,10 @@ fn source_bytes(r: &Resolved) -> u64 {
 
 /// Convenience for callers holding a JSON plan.
 pub fn execute_json(plan_json: &str) -> Result<Report> {
-    let plan: Plan = serde_json::from_str(plan_json).map_err(|e| Error::Plan(e.to_string()))?;
-    execute(&plan)
+    execute(&parse_plan(plan_json)?)
+}
+
+/// [`execute_json`] with a [`Control`].
+pub fn execute_json_with(plan_json: &str, ctl: &Control) -> Result<Report> {
+    execute_with(&parse_plan(plan_json)?, ctl)
 }

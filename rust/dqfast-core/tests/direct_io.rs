@@ -115,6 +115,15 @@ fn every_io_mode_and_budget_writes_the_same_bytes() {
     assert_eq!(r.bytes_read_direct, 0);
     assert!(!r.direct_writes);
     let want = read_dir_bytes(&reference);
+    // Every shard re-parses with the strict reader (tensors tile the data section exactly, as the
+    // safetensors library requires) and the index covers every tensor of every op.
+    assert_eq!(
+        dqfast_core::checkpoint::Checkpoint::open(&reference)
+            .unwrap()
+            .names
+            .len(),
+        17
+    );
     assert!(
         want.len() > 2,
         "several shards and an index: {:?}",

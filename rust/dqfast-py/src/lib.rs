@@ -6,12 +6,16 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
 
 use dqfast_core::checkpoint::Checkpoint;
 use dqfast_core::dtype::Dtype;
 use dqfast_core::error::Error;
 use dqfast_core::fp8::{self, Rounding, Saturation};
-use pyo3::exceptions::PyRuntimeError;
+use dqfast_core::plan::{Control, Progress};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyType};
@@ -77,7 +81,11 @@ pub(crate) fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
         Error::Io { path, .. } => Exc::Io.err(py, msg, Some(&path), None),
-        Error::Header { path, .. } => Exc::Checkpoint.err(py, msg, Some(&path), None),
+        Error::Header { path, .. } | Error::NotRegular { path, .. } => {
+            Exc::Checkpoint.err(py, msg, Some(&path), None)
+        }
+        // Only seen when the caller set the cancel flag, i.e. on an interrupt.
+        Error::Cancelled => PyKeyboardInterrupt::new_err(msg),
         Error::Tensor { path, tensor, .. } | Error::MissingTensor { path, tensor } => {
             Exc::Checkpoint.err(py, msg, Some(&path), Some(&tensor))
         }
@@ -98,6 +106,11 @@ pub(crate) fn run_detached<T: Send>(
     f: impl FnOnce() -> Result<T, Error> + Send,
 ) -> PyResult<T> {
     let r = py.detach(|| catch_unwind(AssertUnwindSafe(f)));
+    outcome_to_py(py, r)
+}
+
+/// A caught Rust result (or panic) as a Python result.
+fn outcome_to_py<T>(py: Python<'_>, r: std::thread::Result<Result<T, Error>>) -> PyResult<T> {
     match r {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(to_py(py, e)),
@@ -126,11 +139,112 @@ pub(crate) fn parse_dtype(s: &str) -> PyResult<Dtype> {
     Dtype::parse(s).ok_or_else(|| Exc::Plan.new_err(format!("unknown dtype '{s}'")))
 }
 
+/// How often the waiting caller wakes to check Python signals and report progress.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Call `progress(bytes_done, bytes_total, tensors_done, tensors_total, current_tensor)` when
+/// the counters moved since the last call.
+fn report_progress(
+    py: Python<'_>,
+    cb: Option<&Bound<'_, PyAny>>,
+    now: Progress,
+    last: &mut Option<Progress>,
+) -> PyResult<()> {
+    let Some(cb) = cb else { return Ok(()) };
+    if last.as_ref() == Some(&now) || now.bytes_total == 0 {
+        return Ok(());
+    }
+    let _ = py;
+    cb.call1((
+        now.bytes_done,
+        now.bytes_total,
+        now.tensors_done,
+        now.tensors_total,
+        now.current.as_str(),
+    ))?;
+    *last = Some(now);
+    Ok(())
+}
+
 /// Execute a JSON build plan; returns the JSON report.
+///
+/// The engine runs on its own thread; this one waits without the GIL and wakes every 100 ms to
+/// run Python's signal handlers (`py.check_signals`) and the optional `progress` callback. A
+/// KeyboardInterrupt (SIGINT, or SIGTERM turned into one by the CLI) or an exception from the
+/// callback sets the engine's cancel flag, waits for it to stop (its staging directory is removed,
+/// the previous output untouched) and is re-raised.
 #[pyfunction]
-fn execute_plan(py: Python<'_>, plan_json: String) -> PyResult<String> {
-    let report = run_detached(py, move || dqfast_core::plan::execute_json(&plan_json))?;
+#[pyo3(signature = (plan_json, progress=None))]
+fn execute_plan(
+    py: Python<'_>,
+    plan_json: String,
+    progress: Option<Bound<'_, PyAny>>,
+) -> PyResult<String> {
+    let ctl = Arc::new(Control::default());
+    let (tx, mut rx) = channel();
+    let engine = {
+        let ctl = ctl.clone();
+        std::thread::Builder::new()
+            .name("dqfast-engine".into())
+            .spawn(move || {
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    dqfast_core::plan::execute_json_with(&plan_json, &ctl)
+                }));
+                let _ = tx.send(r);
+            })
+            .map_err(|e| Exc::Internal.new_err(format!("cannot start the engine thread: {e}")))?
+    };
+    let mut last = None;
+    let outcome = loop {
+        // A Receiver is not Sync: move it through the GIL-free wait and back.
+        let (got, back) = py.detach(move || (rx.recv_timeout(POLL), rx));
+        rx = back;
+        match got {
+            Ok(r) => break r,
+            Err(RecvTimeoutError::Disconnected) => {
+                break Err(Box::new("engine thread ended without a result"))
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        let polled = py
+            .check_signals()
+            .and_then(|_| report_progress(py, progress.as_ref(), ctl.progress(), &mut last));
+        if let Err(e) = polled {
+            ctl.cancel();
+            // Wait for the engine to unwind: the staging directory is gone when it returns.
+            let _ = py.detach(move || rx.recv());
+            let _ = engine.join();
+            return Err(e);
+        }
+    };
+    let _ = engine.join();
+    let report = outcome_to_py(py, outcome)?;
+    // The last call says done == total.
+    report_progress(py, progress.as_ref(), ctl.progress(), &mut last)?;
     Ok(serde_json::to_string(&report).expect("report serializes"))
+}
+
+/// Check a JSON build plan as `execute_plan` would before writing anything (sources, tensors,
+/// shapes, dtypes, scales, output rules, extra files), without writing.
+#[pyfunction]
+fn validate_plan(py: Python<'_>, plan_json: String) -> PyResult<()> {
+    run_detached(py, move || dqfast_core::plan::validate_json(&plan_json))
+}
+
+/// Worker threads the engine uses for `requested` (0 = one per core; capped at the cores).
+#[pyfunction]
+fn effective_threads(requested: usize) -> usize {
+    dqfast_core::plan::effective_threads(requested)
+}
+
+/// e4m3 NaN bytes (0x7F/0xFF) of every F8_E4M3 tensor of a checkpoint that has any:
+/// `{tensor: count}`. Counted in Rust over the memory map, in parallel, without the GIL.
+#[pyfunction]
+fn count_nan_e4m3(
+    py: Python<'_>,
+    path: PathBuf,
+) -> PyResult<std::collections::BTreeMap<String, usize>> {
+    run_detached(py, move || Ok(Checkpoint::open(&path)?.nan_e4m3_counts()))
 }
 
 /// Open and validate a checkpoint (file or directory); returns its layout as JSON.
@@ -237,10 +351,26 @@ fn amax(data: &[u8], dtype: &str) -> PyResult<f32> {
     Ok(fp8::amax(data, d))
 }
 
-/// FP8 scale `amax / 448` in float32.
+/// FP8 scale `amax / 448` in float32, by the engine's scale rule (PlanError when the amax is
+/// not finite and > 0, or the scale is 0 or subnormal).
 #[pyfunction]
-fn fp8_scale_from_amax(amax: f32) -> f32 {
-    fp8::scale_from_amax(amax)
+#[pyo3(signature = (amax, what="amax"))]
+fn fp8_scale_from_amax(amax: f32, what: &str) -> PyResult<f32> {
+    scales_from_amax(vec![amax], fp8::E4M3_MAX, what).map(|v| v[0])
+}
+
+/// `amax / bound` for every value (448: FP8, 2688: NVFP4), by the engine's scale rule.
+#[pyfunction]
+#[pyo3(signature = (amax, bound, what="amax"))]
+fn scales_from_amax(amax: Vec<f32>, bound: f32, what: &str) -> PyResult<Vec<f32>> {
+    fp8::scales_from_amax(what, &amax, bound).map_err(|m| Exc::Plan.new_err(m))
+}
+
+/// Check scales given directly (e.g. read from an export) by the engine's scale rule.
+#[pyfunction]
+#[pyo3(signature = (values, what="scale"))]
+fn check_scales(values: Vec<f32>, what: &str) -> PyResult<()> {
+    fp8::check_scales(what, &values).map_err(|m| Exc::Plan.new_err(m))
 }
 
 /// Remove staging directories of `output` left by dead processes of this host; returns them.
@@ -274,17 +404,6 @@ fn check_output_paths(
     let flag = flag.to_string();
     run_detached(py, move || {
         dqfast_core::writer::OutputGuard::new(&flag, &output, &inputs).map(|_| ())
-    })
-}
-
-/// [`check_output_paths`] for a JSON build plan (its sources, copied files and guard inputs),
-/// without executing it: what `--dry-run` runs so it refuses what the build would.
-#[pyfunction]
-fn check_plan_paths(py: Python<'_>, plan_json: String) -> PyResult<()> {
-    run_detached(py, move || {
-        let plan: dqfast_core::plan::Plan =
-            serde_json::from_str(&plan_json).map_err(|e| Error::Plan(e.to_string()))?;
-        plan.output_guard().map(|_| ())
     })
 }
 
@@ -356,12 +475,16 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(e4m3_to_f32, m)?)?;
     m.add_function(wrap_pyfunction!(amax, m)?)?;
     m.add_function(wrap_pyfunction!(fp8_scale_from_amax, m)?)?;
+    m.add_function(wrap_pyfunction!(scales_from_amax, m)?)?;
+    m.add_function(wrap_pyfunction!(check_scales, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(effective_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(count_nan_e4m3, m)?)?;
     m.add_function(wrap_pyfunction!(peak_rss_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     m.add_function(wrap_pyfunction!(clean_stale_staging, m)?)?;
     m.add_function(wrap_pyfunction!(staging_path, m)?)?;
     m.add_function(wrap_pyfunction!(check_output_paths, m)?)?;
-    m.add_function(wrap_pyfunction!(check_plan_paths, m)?)?;
     m.add_class::<GuardedInputs>()?;
     nvfp4_py::register(m)?;
     mxfp8_py::register(m)?;

@@ -102,7 +102,7 @@ fn ops_block_amax(
 /// an all-zero weight gets 1, NaN or inf is refused.
 #[pyfunction]
 fn ops_weight_scales(amax: Vec<f32>, format: &str) -> PyResult<Vec<f32>> {
-    let rule: fn(f32) -> Option<f32> = match format {
+    let rule: fn(f32, &str) -> Result<f32, String> = match format {
         "fp8" => fp8::weight_scale_from_amax,
         "nvfp4" => nvfp4::global_scale_for_weight_amax,
         o => return Err(Exc::Plan.new_err(format!("unknown scale format '{o}'"))),
@@ -110,17 +110,12 @@ fn ops_weight_scales(amax: Vec<f32>, format: &str) -> PyResult<Vec<f32>> {
     amax.iter()
         .enumerate()
         .map(|(i, &a)| {
-            rule(a).ok_or_else(|| {
-                let at = if amax.len() > 1 {
-                    format!(" (block {i})")
-                } else {
-                    String::new()
-                };
-                Exc::Plan.new_err(format!(
-                    "weight contains {}{at}; refusing to quantize",
-                    if a.is_nan() { "NaN" } else { "inf" }
-                ))
-            })
+            let at = if amax.len() > 1 {
+                format!(" (block {i})")
+            } else {
+                String::new()
+            };
+            rule(a, &at).map_err(|m| Exc::Plan.new_err(format!("weight {m}")))
         })
         .collect()
 }

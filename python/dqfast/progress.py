@@ -1,0 +1,96 @@
+"""Live progress of a build for the CLI: the engine's ``progress`` callback (see
+:data:`dqfast.plan.ProgressFn`) shown as a ``rich`` bar on a terminal, or as plain periodic lines
+on stderr otherwise (logs, CI). ``-q`` shows nothing.
+
+Bytes are the output bytes the engine has written (headers included); rate and ETA come from
+them. A ``build components`` run calls the same reporter for each component in turn: a new total
+starts a new bar.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+__all__ = ["CliProgress", "make_progress"]
+
+#: Seconds between two plain lines (the last one, at 100%, is always printed).
+PLAIN_EVERY = 5.0
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+class CliProgress:
+    """A ``progress`` callable; :meth:`close` ends a live display (safe to call twice)."""
+
+    def __init__(self, *, rich: bool, stream: TextIO | None = None, every: float = PLAIN_EVERY) -> None:
+        self.rich = rich
+        self.stream = stream or sys.stderr
+        self.every = every
+        self._bar: Any = None
+        self._task: Any = None
+        self._total = -1
+        self._t0 = 0.0
+        self._last_line = 0.0
+
+    def __call__(self, bytes_done: int, bytes_total: int, tensors_done: int, tensors_total: int, current: str) -> None:
+        now = time.monotonic()
+        if bytes_total != self._total:  # a new build (next component)
+            self.close()
+            self._total, self._t0, self._last_line = bytes_total, now, now
+            if self.rich:
+                self._start_bar(bytes_total)
+        done = bytes_done >= bytes_total
+        if self.rich:
+            self._bar.update(self._task, completed=bytes_done, tensor=f"{tensors_done}/{tensors_total} {current}")
+            self._bar.refresh()
+            if done:
+                self.close()
+            return
+        if done or now - self._last_line >= self.every:
+            self._last_line = now
+            rate = bytes_done / max(now - self._t0, 1e-9)
+            eta = (bytes_total - bytes_done) / rate if rate > 0 else float("inf")
+            pct = 100.0 * bytes_done / bytes_total if bytes_total else 100.0
+            print(
+                f"dqfast: {_gb(bytes_done)} / {_gb(bytes_total)} ({pct:.0f}%), {tensors_done}/{tensors_total} tensors, "
+                f"{rate / 1e9:.2f} GB/s, ETA {eta:.0f}s, {current}",
+                file=self.stream,
+                flush=True,
+            )
+
+    def _start_bar(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        self._bar = Progress(
+            TextColumn("[bold]dqfast"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[tensor]}"),
+            console=Console(file=self.stream),
+            transient=True,
+            # Refreshed from the callback only: no display thread left behind if the build fails.
+            auto_refresh=False,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task("build", total=total, tensor="")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def make_progress(*, quiet: bool, stream: TextIO | None = None) -> CliProgress | None:
+    """The CLI's reporter: none when quiet, a rich bar when ``stream`` (stderr) is a terminal,
+    plain periodic lines otherwise."""
+    if quiet:
+        return None
+    s = stream or sys.stderr
+    return CliProgress(rich=s.isatty(), stream=s)
