@@ -22,6 +22,7 @@ from dqfast.cli_format import fail as _fail
 from dqfast.cli_format import human as _human
 from dqfast.cli_format import run_or_fail
 from dqfast.cli_types import AT_LEAST_ONE, COUNT, POSITIVE_FLOAT, SizeParam
+from dqfast.errors import DqfastError
 from dqfast.hub import InputPath, hub_options
 from dqfast.plan import IO_MODES, BuildReport
 from dqfast.ptq_cli import ptq
@@ -154,7 +155,10 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--output-dir", required=True, type=click.Path(path_type=Path), help="Transformer directory to write."),
         click.option(
-            "--model-type", default="auto", show_default=True, help="Preset: auto, flux1, flux2, hunyuan-video, qwen-image, wan, none."
+            "--model-type",
+            default="auto",
+            show_default=True,
+            help="Preset: auto, flux1, flux2, hunyuan-video, qwen-image, wan, ltx2, none.",
         ),
         click.option(
             "--force-model-type",
@@ -241,6 +245,13 @@ def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option("--requantize", is_flag=True, help="Re-quantize FP8 weights from the base instead of copying the export's bytes.")
 @click.option("--repair-nan", is_flag=True, help="Replace NaN e4m3 bytes (0x7F/0xFF) in the export's weights by 448 instead of refusing.")
+@click.option(
+    "--keep-bf16-pattern",
+    "keep_bf16",
+    multiple=True,
+    metavar="REGEX",
+    help="SGLang's name for --fallback (regexes, re.search on every name variant).",
+)
 @_common_build_options
 def build_fp8(**kw: Any) -> None:
     """FP8 transformer (SGLang build_modelopt_fp8_transformer semantics)."""
@@ -253,7 +264,7 @@ def build_fp8(**kw: Any) -> None:
             modelopt_backbone_ckpt=kw["modelopt_backbone_ckpt"],
             base_transformer_dir=kw["base_transformer_dir"],
             model_type=kw["model_type"],
-            fallback=kw["fallbacks"],
+            fallback=kw["fallbacks"] + kw["keep_bf16"],
             from_bf16=kw["from_bf16"],
             weight_granularity=kw["weight_granularity"],
             activation_amax=kw["activation_amax"],
@@ -491,6 +502,7 @@ def inspect_cmd(path: Path, base: Path | None, as_json: bool) -> None:
         click.echo(f"problems: {len(r.problems)}")
         for p in r.problems:
             click.echo(f"  - {p}")
+        _echo_target_verdicts(path)
     if r.problems:
         sys.exit(1)
 
@@ -508,6 +520,45 @@ _JSON_OUT: dict[str, Any] = dict(
 
 def _json_to_stdout(path: Path | None) -> bool:
     return path is not None and str(path) == "-"
+
+
+def _echo_target_verdicts(path: Path) -> None:
+    """One line per serving engine: what `dqfast check` concludes (docs/compat.md)."""
+    from dqfast.check import check_checkpoint
+
+    try:
+        reports = check_checkpoint(path, "any")
+    except DqfastError as e:
+        click.echo(f"targets: not checked: {e}")
+        return
+    for rep in reports:
+        click.echo(f"target {rep.summary()}")
+
+
+@main.command("check")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--target", default="any", show_default=True, type=click.Choice(["sglang", "vllm-omni", "any"]), help="Serving engine (any = both)."
+)
+@click.option("--all-layers", is_flag=True, help="List every layer, not only those an engine does not load as written.")
+@click.option("--json", "as_json", is_flag=True)
+def check_cmd(path: Path, target: str, all_layers: bool, as_json: bool) -> None:
+    """What SGLang Diffusion / vLLM-Omni will do with each layer of a checkpoint (reads headers only).
+
+    Exit status 1 when an engine of the target does not load it."""
+    from dqfast.check import check_checkpoint
+
+    reports = _run(lambda: check_checkpoint(path, target))
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        for rep in reports:
+            click.echo(f"{rep.summary()}  [{rep.engine_version}, family {rep.family}]")
+            for v in rep.layers:
+                if all_layers or v.outcome in ("error", "dequantized"):
+                    click.echo(f"  {v.module}: {v.stored} -> {v.outcome}: {v.detail}")
+    if any(r.status == "fails" for r in reports):
+        sys.exit(1)
 
 
 @main.group()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from dqfast.errors import PlanError
-from dqfast.models import flux1, flux2, hunyuan_video, qwen_image, wan
+from dqfast.models import flux1, flux2, hunyuan_video, ltx2, qwen_image, wan
 from dqfast.models.base import (
     FP8_RECIPE,
     MLP_PATTERNS,
@@ -53,6 +53,7 @@ _FAMILIES = (
     hunyuan_video.PRESET,
     qwen_image.PRESET,
     wan.PRESET,
+    ltx2.PRESET,
     ModelPreset(
         name="none",
         ptq_note="no filter: every layer the recipe covers stays quantized",

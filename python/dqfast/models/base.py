@@ -184,6 +184,8 @@ class ModelPreset:
     nvfp4_recipe: str = NVFP4_RECIPE
     block_range: BlockRange | None = None
     ptq_note: str = ""
+    #: False when no ModelOpt filter is recorded for the family: ``dqfast.ptq`` refuses it.
+    ptq: bool = True
     #: Which denoising-loop calibration inputs ``dqfast.ptq`` can synthesize (None: pass forward_loop=).
     calibration: str | None = None
     #: Where the lists come from.

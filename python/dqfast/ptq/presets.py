@@ -70,7 +70,7 @@ class PtqPreset:
         return list(self.disable)
 
 
-PRESETS: dict[str, PtqPreset] = {name: PtqPreset.from_model(p) for name, p in model_presets.PRESETS.items()}
+PRESETS: dict[str, PtqPreset] = {name: PtqPreset.from_model(p) for name, p in model_presets.PRESETS.items() if p.ptq}
 
 
 def get_preset(name: str) -> PtqPreset:

@@ -1,0 +1,115 @@
+"""Every output kind the compat suite checks, built once per session from the ModelOpt fixtures.
+
+Names are the rows of docs/compat.md's verdict table. SGLang's own builder outputs are built here
+too (the references of the parity tests, and rows of their own in the verdict table).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+# (kind, what it is) — the order of docs/compat.md and the README matrix.
+KINDS = {
+    "fp8-export": "dqfast build fp8 from a ModelOpt FP8 export (FLUX.1 preset)",
+    "fp8-bf16-tensor": "dqfast build fp8 --from-bf16 --weight-granularity tensor --activation-amax 448",
+    "fp8-bf16-channel": "dqfast build fp8 --from-bf16 (default: per-channel, FP8_PER_CHANNEL_PER_TOKEN)",
+    "nvfp4-export": "dqfast build nvfp4 from a ModelOpt NVFP4 export --pattern-preset flux1-nvfp4",
+    "nvfp4-bf16": "dqfast build nvfp4 --from-bf16",
+    "mixed": "dqfast build mixed (default policy)",
+    "components": "dqfast build components fp8 --from-bf16 (transformer/ of a pipeline root)",
+    "sglang-fp8": "SGLang 0.5.23 build_modelopt_fp8_transformer (reference)",
+    "sglang-nvfp4": "SGLang 0.5.23 build_modelopt_nvfp4_transformer --pattern-preset flux1-nvfp4 (reference)",
+    "wan-fp8-export": "Wan2.2: dqfast build fp8 from a ModelOpt FP8 export",
+    "wan-sglang-fp8": "Wan2.2: SGLang 0.5.23 build_modelopt_fp8_transformer (reference)",
+}
+
+
+def sglang_fp8(fx, out: Path, **kw) -> Path:
+    from sglang.multimodal_gen.tools.build_modelopt_fp8_transformer import build_modelopt_fp8_transformer
+
+    build_modelopt_fp8_transformer(
+        modelopt_hf_dir=str(kw.pop("hf_dir", fx.hf_dir)),
+        modelopt_backbone_ckpt=str(fx.backbone),
+        output_dir=str(out),
+        base_transformer_dir=str(fx.base_dir),
+        **kw,
+    )
+    return out
+
+
+def sglang_nvfp4(fx, out: Path, **kw) -> Path:
+    from sglang.multimodal_gen.tools.build_modelopt_nvfp4_transformer import build_modelopt_nvfp4_transformer
+
+    build_modelopt_nvfp4_transformer(modelopt_hf_dir=str(fx.hf_dir), base_transformer_dir=str(fx.base_dir), output_dir=str(out), **kw)
+    return out
+
+
+def reshard_two(src: Path, dst: Path) -> Path:
+    """A copy of a one-file export split into 2 shards with an index (as `save_pretrained` writes)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    with safe_open(str(src / "diffusion_pytorch_model.safetensors"), framework="pt") as h:
+        md = dict(h.metadata() or {})
+        names = list(h.keys())
+        tensors = {n: h.get_tensor(n) for n in names}
+    half = len(names) // 2
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    wm = {}
+    for i, part in enumerate((names[:half], names[half:]), 1):
+        fn = f"diffusion_pytorch_model-0000{i}-of-00002.safetensors"
+        save_file({n: tensors[n].contiguous() for n in part}, str(dst / fn), metadata=md)
+        wm.update({n: fn for n in part})
+    (dst / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2)
+    )
+    del torch
+    return dst
+
+
+def build_kind(kind: str, flux: dict, root: Path) -> Path:
+    """Build output ``kind`` under ``root`` from the fixtures in ``flux`` ("fp8", "nvfp4": FLUX.1;
+    "wan-fp8"); returns the transformer dir."""
+    from dqfast.components import build_components
+    from dqfast.fp8 import build_fp8_transformer
+    from dqfast.mixed import build_mixed_transformer
+    from dqfast.nvfp4 import build_nvfp4_transformer
+
+    f8, f4 = flux["fp8"], flux["nvfp4"]
+    out = root / kind
+    if kind == "fp8-export":
+        build_fp8_transformer(out, modelopt_hf_dir=f8.hf_dir, modelopt_backbone_ckpt=f8.backbone, base_transformer_dir=f8.base_dir)
+    elif kind == "fp8-bf16-tensor":
+        build_fp8_transformer(out, from_bf16=True, base_transformer_dir=f8.base_dir, weight_granularity="tensor", activation_amax=448.0)
+    elif kind == "fp8-bf16-channel":
+        build_fp8_transformer(out, from_bf16=True, base_transformer_dir=f8.base_dir)
+    elif kind == "nvfp4-export":
+        build_nvfp4_transformer(out, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1")
+    elif kind == "nvfp4-bf16":
+        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=f4.base_dir)
+    elif kind == "mixed":
+        build_mixed_transformer(out, f4.base_dir)
+    elif kind == "components":
+        pipe = root / "pipeline-root"
+        if not pipe.exists():
+            (pipe).mkdir()
+            shutil.copytree(f8.base_dir, pipe / "transformer")
+        build_components("fp8", pipe, root / "components-out", from_bf16=True)
+        return root / "components-out" / "transformer"
+    elif kind == "sglang-fp8":
+        sglang_fp8(f8, out)
+    elif kind == "sglang-nvfp4":
+        sglang_nvfp4(f4, out, pattern_preset="flux1-nvfp4")
+    elif kind == "wan-fp8-export":
+        w8 = flux["wan-fp8"]
+        build_fp8_transformer(out, modelopt_hf_dir=w8.hf_dir, modelopt_backbone_ckpt=w8.backbone, base_transformer_dir=w8.base_dir)
+    elif kind == "wan-sglang-fp8":
+        sglang_fp8(flux["wan-fp8"], out)
+    else:
+        raise KeyError(kind)
+    return out

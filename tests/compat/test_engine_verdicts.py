@@ -1,0 +1,33 @@
+"""Every output kind fed to SGLang's and vLLM-Omni's own config parsers and loaders (engines.py);
+the verdict must equal verdicts.EXPECTED (rendered in docs/compat.md and the README)."""
+
+from __future__ import annotations
+
+import pytest
+from builds import KINDS
+from engines import sglang_verdict, vllm_omni_verdict
+from verdicts import EXPECTED
+
+ENGINES = {"sglang": sglang_verdict, "vllm-omni": vllm_omni_verdict}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_verdict(kind, engine, outputs):
+    v = ENGINES[engine](outputs(kind))
+    status, bf16, errors = EXPECTED[(kind, engine)]
+    assert v.status == status, v.errors
+    assert v.bf16 == set(bf16)
+    if isinstance(errors, str):
+        assert set(v.errors) == {"<config>"} and errors in v.errors["<config>"]
+    else:
+        assert set(v.errors) == set(errors), v.errors
+
+
+def test_vllm_omni_loads_fp8_weights_as_fp8(outputs):
+    """Where vLLM-Omni's FLUX.1 quantizes (single-stream q/k/v and proj_mlp), dqfast's FP8 export
+    loads into float8_e4m3fn parameters — the quantized path is exercised, not only BF16."""
+    v = vllm_omni_verdict(outputs("fp8-export"))
+    assert {
+        f"single_transformer_blocks.{i}.{m}" for i in (0, 1) for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+    } <= v.quantized

@@ -1,0 +1,258 @@
+"""dqfast's builders against SGLang 0.5.23's own builder tools, byte for byte.
+
+Each case runs SGLang's ``build_modelopt_fp8_transformer`` / ``build_modelopt_nvfp4_transformer``
+(imported from the installed wheel) and dqfast's builder on the same real ModelOpt 0.47 export and
+compares files, tensors (dtype, shape, bytes), config.json, quantization_config, ignore list, index
+and shard metadata. ``EXPECTED`` lists the differences that exist today (issue #13); every other
+field must be equal. A fix of one of them flips its case: update the table (and docs/compat.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+from builds import reshard_two, sglang_fp8, sglang_nvfp4
+from compare import compare_dirs
+
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+# What dqfast adds to every shard's metadata (and SGLang's NVFP4 tool does not write at all).
+DQFAST_MD = ["dqfast_version"]
+
+
+def _flux_blocks(fmt: list[str], double=(0, 1), single=(0, 1)) -> list[str]:
+    out = []
+    for f in fmt:
+        blocks = single if f.startswith("single_") else double
+        out += [f.format(i=i) for i in blocks]
+    return sorted(out)
+
+
+# SGLang's FP8 tool lists every 1-D-weight module without a scale (RMSNorms) in `ignore`; dqfast
+# lists only Linear layers, plus the diffusers names of SGLang's FeedForward aliases and of layers
+# ModelOpt already covers with a wildcard.
+FLUX_FP8_IGNORE_ONLY_SGLANG = _flux_blocks(
+    [
+        "transformer_blocks.{i}.attn.norm_q",
+        "transformer_blocks.{i}.attn.norm_k",
+        "transformer_blocks.{i}.attn.norm_added_q",
+        "transformer_blocks.{i}.attn.norm_added_k",
+        "single_transformer_blocks.{i}.attn.norm_q",
+        "single_transformer_blocks.{i}.attn.norm_k",
+    ]
+)
+FLUX_FP8_IGNORE_ONLY_DQFAST = sorted(
+    ["norm_out.linear"]
+    + [f"time_text_embed.{e}.linear_{j}" for e in ("guidance_embedder", "text_embedder", "timestep_embedder") for j in (1, 2)]
+    + _flux_blocks(["transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2"])
+)
+FP8_QC_MD = ["_quantization_metadata", "config", "quantization_config"]  # differ because `ignore` differs
+NVFP4_QC = {"checkpoint_weight_scale_layout": ("linear", "<absent>"), "group_size": (16, "<absent>")}
+NVFP4_MD_ONLY_DQFAST = ["_class_name", "config", "dqfast_version"]
+FLUX_NVFP4_FALLBACK_MODULES = _flux_blocks(
+    [
+        "transformer_blocks.{i}.norm1.linear",
+        "transformer_blocks.{i}.norm1_context.linear",
+        "transformer_blocks.{i}.ff.net.0.proj",
+        "transformer_blocks.{i}.ff.net.2",
+        "transformer_blocks.{i}.ff_context.net.0.proj",
+        "transformer_blocks.{i}.ff_context.net.2",
+        "single_transformer_blocks.{i}.norm.linear",
+        "single_transformer_blocks.{i}.proj_mlp",
+    ]
+)
+FLUX_NVFP4_QUANTIZED_WEIGHTS = _flux_blocks(
+    [
+        f"transformer_blocks.{{i}}.attn.{m}.weight"
+        for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out")
+    ]
+    + [f"single_transformer_blocks.{{i}}.{m}.weight" for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_out")]
+)
+WAN_BLOCK_LINEARS = [f"blocks.{{i}}.{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")] + [
+    "blocks.{i}.ffn.net.0.proj",
+    "blocks.{i}.ffn.net.2",
+]
+
+EXPECTED: dict[str, dict] = {
+    # FLUX.1 FP8, same flags: every tensor byte-identical; index, ignore list and metadata differ.
+    "flux-fp8": {
+        "files_only_reference": [INDEX],
+        "ignore_only_dqfast": FLUX_FP8_IGNORE_ONLY_DQFAST,
+        "ignore_only_reference": FLUX_FP8_IGNORE_ONLY_SGLANG,
+        "metadata_keys_only_dqfast": DQFAST_MD,
+        "metadata_values_differ": FP8_QC_MD,
+    },
+    # --keep-bf16-pattern (dqfast: --fallback): the extra fallback layers are equal byte for byte.
+    "flux-fp8-keep-bf16": {
+        "files_only_reference": [INDEX],
+        "ignore_only_dqfast": FLUX_FP8_IGNORE_ONLY_DQFAST,
+        "ignore_only_reference": FLUX_FP8_IGNORE_ONLY_SGLANG,
+        "metadata_keys_only_dqfast": DQFAST_MD,
+        "metadata_values_differ": FP8_QC_MD,
+    },
+    # A 2-shard export: SGLang keeps the source shards, dqfast re-shards (into 1 file here).
+    "flux-fp8-2shard": {
+        "files_only_dqfast": ["diffusion_pytorch_model.safetensors"],
+        "files_only_reference": [
+            "diffusion_pytorch_model-00001-of-00002.safetensors",
+            "diffusion_pytorch_model-00002-of-00002.safetensors",
+            INDEX,
+        ],
+        "ignore_only_dqfast": FLUX_FP8_IGNORE_ONLY_DQFAST,
+        "ignore_only_reference": FLUX_FP8_IGNORE_ONLY_SGLANG,
+        "metadata_keys_only_dqfast": DQFAST_MD,
+        "metadata_values_differ": FP8_QC_MD,
+    },
+    # Wan2.2 FP8: SGLang has no Wan preset; ModelOpt's filter already ignores what dqfast's `wan`
+    # preset keeps in BF16, so tensors are equal; dqfast lists the disabled blocks 0-2 and the
+    # condition embedder module by module, SGLang lists the RMSNorms.
+    "wan-fp8": {
+        "files_only_reference": [INDEX],
+        "ignore_only_dqfast": sorted(
+            [f.format(i=i) for f in WAN_BLOCK_LINEARS for i in (0, 1, 2)]
+            + [f"condition_embedder.{e}.linear_{j}" for e in ("text_embedder", "time_embedder") for j in (1, 2)]
+            + ["condition_embedder.time_proj"]
+        ),
+        "ignore_only_reference": sorted(
+            [f"blocks.{i}.{a}.norm_{q}" for i in range(4) for a in ("attn1", "attn2") for q in ("q", "k")]
+            + [f"blocks.{i}.norm2" for i in range(4)]
+        ),
+        "metadata_keys_only_dqfast": DQFAST_MD,
+        "metadata_values_differ": FP8_QC_MD,
+    },
+    # FLUX.1 NVFP4 with the flux1-nvfp4 preset: tensors and ignore list equal.
+    "flux-nvfp4": {
+        "files_only_reference": [INDEX],
+        "quant_config_differ": NVFP4_QC,
+        "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
+        "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
+    },
+    # No preset given: SGLang applies none, dqfast's `auto` applies FLUX.1's.
+    "flux-nvfp4-no-preset": {
+        "files_only_reference": [INDEX],
+        "tensors_only_reference": sorted(
+            f"{m}.{s}" for m in FLUX_NVFP4_FALLBACK_MODULES for s in ("input_scale", "weight_scale", "weight_scale_2")
+        ),
+        "tensors_dtype_shape_differ": sorted(f"{m}.weight" for m in FLUX_NVFP4_FALLBACK_MODULES),
+        "quant_config_differ": NVFP4_QC,
+        "ignore_only_dqfast": [
+            "single_transformer_blocks.*.norm.linear*",
+            "single_transformer_blocks.*.proj_mlp*",
+            "transformer_blocks.*.ff.net.0.proj*",
+            "transformer_blocks.*.ff.net.2*",
+            "transformer_blocks.*.ff_context.net.0.proj*",
+            "transformer_blocks.*.ff_context.net.2*",
+            "transformer_blocks.*.norm1.linear*",
+            "transformer_blocks.*.norm1_context.linear*",
+        ],
+        "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
+        "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
+    },
+    # --swap-weight-nibbles: SGLang keeps the bytes and writes the flag; dqfast swaps the bytes and
+    # writes `false`.
+    "flux-nvfp4-swap": {
+        "files_only_reference": [INDEX],
+        "tensors_bytes_differ": FLUX_NVFP4_QUANTIZED_WEIGHTS,
+        "quant_config_differ": {**NVFP4_QC, "swap_weight_nibbles": (False, True)},
+        "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
+        "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
+    },
+}
+
+
+def _build_pair(case: str, flux, modelopt_fixture, tmp_path):
+    from dqfast.fp8 import build_fp8_transformer
+    from dqfast.nvfp4 import build_nvfp4_transformer
+
+    d, s = tmp_path / "dqfast", tmp_path / "sglang"
+    f8, f4 = flux["fp8"], flux["nvfp4"]
+    if case == "flux-fp8":
+        build_fp8_transformer(d, modelopt_hf_dir=f8.hf_dir, modelopt_backbone_ckpt=f8.backbone, base_transformer_dir=f8.base_dir)
+        sglang_fp8(f8, s)
+    elif case == "flux-fp8-2shard":
+        two = reshard_two(f8.hf_dir, tmp_path / "two" / "transformer")
+        build_fp8_transformer(d, modelopt_hf_dir=two, modelopt_backbone_ckpt=f8.backbone, base_transformer_dir=f8.base_dir)
+        sglang_fp8(f8, s, hf_dir=two)
+    elif case == "flux-fp8-keep-bf16":
+        pat = r"^single_transformer_blocks\.\d+\.proj_mlp$"
+        build_fp8_transformer(
+            d, modelopt_hf_dir=f8.hf_dir, modelopt_backbone_ckpt=f8.backbone, base_transformer_dir=f8.base_dir, fallback=[pat]
+        )
+        sglang_fp8(f8, s, keep_bf16_patterns=[pat])
+    elif case == "wan-fp8":
+        w8 = modelopt_fixture("wan", "fp8")
+        build_fp8_transformer(d, modelopt_hf_dir=w8.hf_dir, modelopt_backbone_ckpt=w8.backbone, base_transformer_dir=w8.base_dir)
+        sglang_fp8(w8, s)
+    elif case == "flux-nvfp4":
+        build_nvfp4_transformer(d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1")
+        sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4")
+    elif case == "flux-nvfp4-no-preset":
+        build_nvfp4_transformer(d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir)
+        sglang_nvfp4(f4, s)
+    elif case == "flux-nvfp4-swap":
+        build_nvfp4_transformer(
+            d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1", swap_weight_nibbles=True
+        )
+        sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4", swap_weight_nibbles=True)
+    return d, s
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_builder_parity_with_sglang(case, flux, modelopt_fixture, tmp_path):
+    d, s = _build_pair(case, flux, modelopt_fixture, tmp_path)
+    got = {k: v for k, v in compare_dirs(d, s).items() if v}
+    want = EXPECTED[case]
+    assert got == want
+    if case == "flux-fp8-keep-bf16":  # the pattern really took effect, on both sides
+        from dqfast.reader import open_checkpoint
+
+        for out in (d, s):
+            assert open_checkpoint(out).tensors["single_transformer_blocks.0.proj_mlp.weight"].dtype == "BF16"
+
+
+def test_sglang_fp8_tool_runs_as_a_module(flux, tmp_path):
+    """The documented entry point (`python -m ...`) works in this venv, with upstream's flags."""
+    import subprocess
+    import sys
+
+    f8 = flux["fp8"]
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang.multimodal_gen.tools.build_modelopt_fp8_transformer",
+        "--modelopt-hf-dir",
+        str(f8.hf_dir),
+        "--modelopt-backbone-ckpt",
+        str(f8.backbone),
+        "--base-transformer-dir",
+        str(f8.base_dir),
+        "--output-dir",
+        str(out),
+        "--keep-bf16-pattern",
+        r"^proj_out$",
+        "--maxbound",
+        "448",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / INDEX).is_file()
+
+
+@pytest.mark.parametrize(
+    "args,status",
+    [(["--keep-bf16-pattern", "^proj_out$"], 0), (["--maxbound", "448"], 2), (["--model-type", "ltx2"], 0)],
+    ids=["keep-bf16-pattern", "maxbound", "model-type-ltx2"],
+)
+def test_upstream_fp8_flags(args, status, flux, tmp_path):
+    """Upstream `build_modelopt_fp8_transformer` flags on dqfast's `build fp8`: accepted (0) or not
+    yet (2: `--maxbound`, issue #13 part 3)."""
+    from click.testing import CliRunner
+    from dqfast.cli import main
+
+    f8 = flux["fp8"]
+    r = CliRunner().invoke(
+        main,
+        ["build", "fp8", "--modelopt-hf-dir", str(f8.hf_dir), "--modelopt-backbone-ckpt", str(f8.backbone)]
+        + ["--base-transformer-dir", str(f8.base_dir), "--output-dir", str(tmp_path / "o"), *args],
+    )
+    assert r.exit_code == status, r.output
+    assert (tmp_path / "o").exists() == (status == 0)

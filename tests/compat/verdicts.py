@@ -1,0 +1,98 @@
+"""Expected verdict of each (output kind, engine) pair on the tiny FLUX.1 and Wan2.2 — asserted by
+test_engine_verdicts.py against the engines' own code, rendered into docs/compat.md and the README
+matrix by matrix.py. A change in either engine (or in dqfast) fails a test until this table is
+updated.
+"""
+
+from __future__ import annotations
+
+
+def _blocks(fmts, double=(0, 1), single=(0, 1)) -> frozenset[str]:
+    out = set()
+    for f in fmts:
+        for i in single if f.startswith("single_") else double:
+            out.add(f.format(i=i))
+    return frozenset(out)
+
+
+# vLLM-Omni's FLUX.1 (diffusion/models/flux/flux_transformer.py) gives the double-stream blocks
+# `safe_quant_config(...)` (no quantization) and the `proj_out` substring in `ignore` also matches
+# `single_transformer_blocks.*.proj_out`: these checkpoint-quantized layers land in BF16 parameters.
+VO_FLUX_BF16_LAYERS = _blocks(
+    [
+        f"transformer_blocks.{{i}}.attn.{m}"
+        for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out")
+    ]
+    + ["single_transformer_blocks.{i}.proj_out"]
+)
+# The mixed default policy puts these in NVFP4 (uint8) where vLLM-Omni's FLUX.1 has BF16 parameters.
+VO_MIXED_ERRORS = _blocks([f"transformer_blocks.{{i}}.{f}.{m}" for f in ("ff", "ff_context") for m in ("net.0.proj", "net.2")])
+VO_MIXED_BF16 = VO_FLUX_BF16_LAYERS | _blocks(
+    [
+        "transformer_blocks.{i}.norm1.linear",
+        "transformer_blocks.{i}.norm1_context.linear",
+        "single_transformer_blocks.{i}.norm.linear",
+        "single_transformer_blocks.{i}.attn.to_q",
+        "single_transformer_blocks.{i}.attn.to_k",
+        "single_transformer_blocks.{i}.attn.to_v",
+    ]
+)
+# SGLang's FP8 tool lists FeedForward fallbacks under its alias (`ff.proj_in`, `ff.proj_out`), but
+# SGLang's FLUX.1 DiT names them `ff.net.0.proj` / `ff.net.2`: the runtime quantizes them, while the
+# checkpoint holds BF16 weights without scales.
+SGL_FP8_FF_UNEXCLUDED = _blocks(["transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2"])
+
+#: (kind, engine) -> (status, bf16 layers, error layers or a config-error substring)
+EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]] = {
+    ("fp8-export", "sglang"): ("loads", frozenset(), frozenset()),
+    ("fp8-export", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
+    ("fp8-bf16-tensor", "sglang"): ("loads", frozenset(), frozenset()),
+    ("fp8-bf16-tensor", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
+    ("fp8-bf16-channel", "sglang"): ("fails", frozenset(), "Unsupported ModelOpt quant_algo for diffusion: FP8_PER_CHANNEL_PER_TOKEN"),
+    ("fp8-bf16-channel", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
+    ("nvfp4-export", "sglang"): ("loads", frozenset(), frozenset()),
+    ("nvfp4-export", "vllm-omni"): ("fails", frozenset(), VO_FLUX_BF16_LAYERS),
+    ("nvfp4-bf16", "sglang"): ("loads", frozenset(), frozenset()),
+    ("nvfp4-bf16", "vllm-omni"): ("fails", frozenset(), VO_FLUX_BF16_LAYERS),
+    ("mixed", "sglang"): ("fails", frozenset(), "ModelOpt mixed precision is not supported"),
+    ("mixed", "vllm-omni"): ("fails", VO_MIXED_BF16, VO_MIXED_ERRORS),
+    ("components", "sglang"): ("fails", frozenset(), "Unsupported ModelOpt quant_algo for diffusion: FP8_PER_CHANNEL_PER_TOKEN"),
+    ("components", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
+    ("sglang-fp8", "sglang"): ("fails", frozenset(), SGL_FP8_FF_UNEXCLUDED),
+    ("sglang-fp8", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
+    ("sglang-nvfp4", "sglang"): ("loads", frozenset(), frozenset()),
+    ("sglang-nvfp4", "vllm-omni"): ("fails", frozenset(), VO_FLUX_BF16_LAYERS),
+    # vLLM-Omni's Wan2.2 DiT quantizes every block Linear (fused attn1 q/k/v, ffn renamed net_0/net_2).
+    ("wan-fp8-export", "sglang"): ("loads", frozenset(), frozenset()),
+    ("wan-fp8-export", "vllm-omni"): ("loads", frozenset(), frozenset()),
+    ("wan-sglang-fp8", "sglang"): ("loads", frozenset(), frozenset()),
+    ("wan-sglang-fp8", "vllm-omni"): ("loads", frozenset(), frozenset()),
+}
+
+#: Why, in words (docs/compat.md and the README matrix).
+WHY = {
+    "vo-bf16": "double-stream blocks and `single_transformer_blocks.*.proj_out` (`proj_out` substring in `ignore`) "
+    "are BF16 in vLLM-Omni's FLUX.1: their FP8 weights are dequantized at load",
+    "vo-nvfp4": "uint8 NVFP4 weights of the double-stream attention and `single_transformer_blocks.*.proj_out` "
+    "meet BF16 parameters (size mismatch)",
+    "vo-mixed": "NVFP4 FeedForward weights of the double-stream blocks meet BF16 parameters; FP8 layers there are dequantized",
+    "sgl-channel": "SGLang accepts only `FP8` and `NVFP4` (`Unsupported ModelOpt quant_algo ... FP8_PER_CHANNEL_PER_TOKEN`)",
+    "sgl-mixed": "SGLang rejects `MIXED_PRECISION`",
+    "sgl-ff": "SGLang's own FP8 tool ignores FeedForward fallbacks as `ff.proj_in`/`ff.proj_out`; SGLang's FLUX.1 "
+    "runtime names them `ff.net.0.proj`/`ff.net.2`, quantizes them, and finds BF16 weights without scales",
+}
+WHY_OF = {
+    ("fp8-export", "vllm-omni"): "vo-bf16",
+    ("fp8-bf16-tensor", "vllm-omni"): "vo-bf16",
+    ("fp8-bf16-channel", "sglang"): "sgl-channel",
+    ("fp8-bf16-channel", "vllm-omni"): "vo-bf16",
+    ("nvfp4-export", "vllm-omni"): "vo-nvfp4",
+    ("nvfp4-bf16", "vllm-omni"): "vo-nvfp4",
+    ("mixed", "sglang"): "sgl-mixed",
+    ("mixed", "vllm-omni"): "vo-mixed",
+    ("components", "sglang"): "sgl-channel",
+    ("components", "vllm-omni"): "vo-bf16",
+    ("sglang-fp8", "sglang"): "sgl-ff",
+    ("sglang-fp8", "vllm-omni"): "vo-bf16",
+    ("sglang-nvfp4", "vllm-omni"): "vo-nvfp4",
+}
