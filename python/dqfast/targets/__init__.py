@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dqfast.models.base import glob_to_regex
+
 __all__ = ["Target", "TARGETS", "get_target", "IGNORE_MATCHERS"]
 
 SGLANG = "sglang==0.5.23"
@@ -22,7 +24,7 @@ VLLM_OMNI = "vllm-omni==0.30.0 (with vllm==0.30.0)"
 
 
 def _glob_fullmatch(pattern: str, module: str) -> bool:
-    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), module) is not None
+    return re.fullmatch(glob_to_regex(pattern), module) is not None  # SGLang's rule, as the builders use it
 
 
 def _vllm_match(pattern: str, module: str) -> bool:
