@@ -244,9 +244,9 @@ def test_builder_registry_is_shared() -> None:
     from dqfast.cli import build_components_cmd
 
     assert batch.BUILDERS is builders.BUILDERS is components.BUILDERS
-    assert {"fp8", "nvfp4", "mixed"} <= set(builders.BUILDERS)
+    assert {"fp8", "nvfp4", "mixed", "mxfp8"} <= set(builders.BUILDERS)
     kind = next(p for p in build_components_cmd.params if p.name == "kind")
-    assert set(kind.type.choices) == {"fp8", "nvfp4", "mixed"}  # type: ignore[attr-defined]
+    assert set(kind.type.choices) == set(builders.BUILDERS)  # type: ignore[attr-defined]
     with pytest.raises(dqfast.PlanError, match="unknown build kind 'int8'"):
         builders.get_builder("int8")
 
