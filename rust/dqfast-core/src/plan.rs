@@ -405,6 +405,15 @@ impl<'a> Src<'a> {
     }
 }
 
+/// `s` when its dtype is `want` (the byte-wise ops keep dtype and shape), else the error
+/// "`needs` data, found <dtype>" naming the tensor.
+fn same_dtype_src<'a>(s: Src<'a>, want: Dtype, needs: &str) -> Result<Src<'a>> {
+    if s.info.dtype != want {
+        return Err(s.err(format!("{needs} data, found {}", s.info.dtype)));
+    }
+    Ok(s)
+}
+
 enum Kind<'a> {
     Copy(Src<'a>),
     Fp8 {
@@ -595,13 +604,7 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                 )
             }
             Op::SwapNibbles { src } => {
-                let s = get(src)?;
-                if s.info.dtype != Dtype::U8 {
-                    return Err(s.err(format!(
-                        "nibble swap needs packed U8 data, found {}",
-                        s.info.dtype
-                    )));
-                }
+                let s = same_dtype_src(get(src)?, Dtype::U8, "nibble swap needs packed U8")?;
                 (
                     Dtype::U8,
                     s.info.shape.clone(),
@@ -610,13 +613,7 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                 )
             }
             Op::RepairNanE4m3 { src } => {
-                let s = get(src)?;
-                if s.info.dtype != Dtype::F8_E4M3 {
-                    return Err(s.err(format!(
-                        "NaN repair needs F8_E4M3 data, found {}",
-                        s.info.dtype
-                    )));
-                }
+                let s = same_dtype_src(get(src)?, Dtype::F8_E4M3, "NaN repair needs F8_E4M3")?;
                 (
                     Dtype::F8_E4M3,
                     s.info.shape.clone(),
