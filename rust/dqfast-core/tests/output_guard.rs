@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use dqfast_core::checkpoint::Checkpoint;
 use dqfast_core::error::Error;
 use dqfast_core::plan::execute_json;
+use dqfast_core::writer::relative_to_cwd;
 use proptest::prelude::*;
 
 /// Where the output goes, as a path inside the test tree, and whether that overlaps an input.
@@ -57,28 +58,11 @@ fn spelling() -> impl Strategy<Value = Spelling> {
     ]
 }
 
-/// `to` relative to the current directory (`..` up to the common ancestor).
-fn relative_to_cwd(to: &Path) -> PathBuf {
-    let cwd = fs::canonicalize(std::env::current_dir().unwrap()).unwrap();
-    let to = fs::canonicalize(to).unwrap();
-    let common = cwd
-        .components()
-        .zip(to.components())
-        .take_while(|(a, b)| a == b)
-        .count();
-    let mut rel = PathBuf::new();
-    for _ in common..cwd.components().count() {
-        rel.push("..");
-    }
-    rel.extend(to.components().skip(common));
-    rel
-}
-
 /// `rel` (inside the tree at `root`) spelled as asked.
 fn spell(root: &Path, rel: &str, how: Spelling, trailing_slash: bool) -> PathBuf {
     let mut p = match how {
         Spelling::Absolute => root.join(rel),
-        Spelling::RelativeToCwd => relative_to_cwd(root).join(rel),
+        Spelling::RelativeToCwd => relative_to_cwd(root).unwrap().join(rel),
         Spelling::ThroughSubDotDot => root.join("sub/..").join(rel),
         Spelling::ThroughMissingDotDot => root.join("nope/deeper/../..").join(rel),
         Spelling::CurDir => root.join(".").join(rel).join("."),
