@@ -3,46 +3,33 @@
 //! schedule must never let the reader thread and the engine wait on each other).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use dqfast_core::dtype::Dtype;
-use dqfast_core::header::serialize_header;
 use dqfast_core::plan::execute_json;
 use serde_json::json;
 
+mod common;
+use common::{src, write_file, Bf16Rng, Spec};
+
 /// A safetensors file of BF16 tensors with pseudo-random finite values; returns its path.
 fn write_source(dir: &Path, name: &str, tensors: &[(&str, Vec<usize>)]) -> PathBuf {
-    let entries: Vec<(String, Dtype, Vec<usize>)> = tensors
+    // Exponent 0x70..0x8F: |x| ~ 2^-15 .. 2^16, finite and varied.
+    let mut rng = Bf16Rng {
+        state: 0x9E37_79B9_7F4A_7C15,
+        exp_min: 0x70,
+        exps: 32,
+    };
+    let specs: Vec<Spec> = tensors
         .iter()
-        .map(|(n, s)| (n.to_string(), Dtype::BF16, s.clone()))
+        .map(|(n, s)| {
+            let data = rng.data(s.iter().product());
+            (*n, Dtype::BF16, s.clone(), Some(data))
+        })
         .collect();
-    let (hdr, _) = serialize_header(&BTreeMap::new(), &entries).unwrap();
     let p = dir.join(name);
-    let mut f = std::fs::File::create(&p).unwrap();
-    f.write_all(&hdr).unwrap();
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    for (_, shape) in tensors {
-        let n: usize = shape.iter().product();
-        let mut bytes = Vec::with_capacity(n * 2);
-        for _ in 0..n {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            // sign, exponent 0x70..0x8F (|x| ~ 2^-15 .. 2^16), random mantissa: finite, varied.
-            let sign = (state >> 63) as u16;
-            let exp = 0x70 + ((state >> 40) % 32) as u16;
-            let mant = (state & 0x7F) as u16;
-            let v = (sign << 15) | (exp << 7) | mant;
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        f.write_all(&bytes).unwrap();
-    }
+    write_file(&p, &specs);
     p
-}
-
-fn src(tensor: &str) -> serde_json::Value {
-    json!({"source": 0, "tensor": tensor})
 }
 
 fn plan(source: &Path, out: &Path, io: &str, budget: u64) -> String {

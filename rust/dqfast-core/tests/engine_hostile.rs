@@ -4,7 +4,6 @@
 //! strict header reader (tensors must tile the data section exactly, as safetensors requires).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,54 +12,16 @@ use std::time::{Duration, Instant};
 use dqfast_core::checkpoint::Checkpoint;
 use dqfast_core::dtype::Dtype;
 use dqfast_core::error::Error;
-use dqfast_core::header::serialize_header;
 use dqfast_core::plan::{execute_json, execute_json_with, validate_json, Control};
 use serde_json::{json, Value};
 
-/// A safetensors file of the given tensors (bytes given, or filled with 0x3C: small finite
-/// values in every float format, finite e4m3).
-/// (name, dtype, shape, bytes or None for filler).
-type Spec<'a> = (&'a str, Dtype, Vec<usize>, Option<Vec<u8>>);
-
-fn write_file(path: &Path, tensors: &[Spec]) {
-    let entries: Vec<(String, Dtype, Vec<usize>)> = tensors
-        .iter()
-        .map(|(n, d, s, _)| (n.to_string(), *d, s.clone()))
-        .collect();
-    let (hdr, offs) = serialize_header(&BTreeMap::new(), &entries).unwrap();
-    let mut f = std::fs::File::create(path).unwrap();
-    f.write_all(&hdr).unwrap();
-    for ((_, _, _, data), (a, b)) in tensors.iter().zip(offs) {
-        match data {
-            Some(d) => {
-                assert_eq!(d.len(), b - a);
-                f.write_all(d).unwrap()
-            }
-            None => f.write_all(&vec![0x3C; b - a]).unwrap(),
-        }
-    }
-}
-
-fn src(t: &str) -> Value {
-    json!({"source": 0, "tensor": t})
-}
-
-fn plan_of(source: &Path, out: &Path, tensors: Value) -> Value {
-    json!({"sources": [source], "output_dir": out, "fsync": false, "tensors": tensors})
-}
+mod common;
+use common::{err_of, plan_of, src, write_file};
 
 /// Every output shard parses with the strict reader and holds the expected tensors.
 fn assert_readable(out: &Path, names: usize) {
     let ck = Checkpoint::open(out).unwrap_or_else(|e| panic!("output not readable: {e}"));
     assert_eq!(ck.names.len(), names);
-}
-
-fn err_of(plan: &Value) -> String {
-    let s = plan.to_string();
-    let v = validate_json(&s).expect_err("validate_plan must refuse what execute refuses");
-    let e = execute_json(&s).unwrap_err().to_string();
-    assert_eq!(v.to_string(), e, "validate and execute disagree");
-    e
 }
 
 #[test]

@@ -3,59 +3,35 @@
 //! non-finite weight is refused naming the tensor and its row; bad shapes and dtypes are refused
 //! before anything is written; every output re-parses with the strict reader.
 
-use std::collections::BTreeMap;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
 use dqfast_core::checkpoint::Checkpoint;
 use dqfast_core::dtype::Dtype;
-use dqfast_core::header::serialize_header;
 use dqfast_core::mxfp8;
-use dqfast_core::plan::{execute_json, validate_json};
+use dqfast_core::plan::execute_json;
 use serde_json::{json, Value};
+
+mod common;
+use common::{err_of, plan_of, src, write_file, Bf16Rng};
 
 /// Rows x K of the large weight: 8200 x 4096 BF16 (67 MB) gives 33.6 MB of values (three 16 MiB
 /// batches) and 1.05 MB of scales (two 1 MiB pieces), so both ops cross a boundary.
 const N: usize = 8200;
 const K: usize = 4096;
 
-/// Pseudo-random finite BF16 values over a wide range of magnitudes (xorshift).
-fn bf16_data(n: usize, mut state: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(n * 2);
-    for _ in 0..n {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let sign = (state >> 63) as u16;
-        let exp = 0x60 + ((state >> 40) % 48) as u16;
-        let v = (sign << 15) | (exp << 7) | (state & 0x7F) as u16;
-        out.extend_from_slice(&v.to_le_bytes());
+/// `n` pseudo-random finite BF16 values over a wide range of magnitudes (2^-31 .. 2^16).
+fn bf16_data(n: usize, state: u64) -> Vec<u8> {
+    Bf16Rng {
+        state,
+        exp_min: 0x60,
+        exps: 48,
     }
-    out
-}
-
-/// A safetensors file of (name, dtype, shape, bytes); returns the data section's file offset of
-/// each tensor.
-fn write_file(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, &[u8])]) -> Vec<u64> {
-    let entries: Vec<(String, Dtype, Vec<usize>)> = tensors
-        .iter()
-        .map(|(n, d, s, _)| (n.to_string(), *d, s.clone()))
-        .collect();
-    let (hdr, offs) = serialize_header(&BTreeMap::new(), &entries).unwrap();
-    let mut f = std::fs::File::create(path).unwrap();
-    f.write_all(&hdr).unwrap();
-    for (_, _, _, data) in tensors {
-        f.write_all(data).unwrap();
-    }
-    offs.iter().map(|&(a, _)| (hdr.len() + a) as u64).collect()
-}
-
-fn src(t: &str) -> Value {
-    json!({"source": 0, "tensor": t})
+    .data(n)
 }
 
 fn plan(source: &Path, out: &Path, tensors: Value) -> String {
-    json!({"sources": [source], "output_dir": out, "fsync": false, "tensors": tensors}).to_string()
+    plan_of(source, out, tensors).to_string()
 }
 
 fn mx_ops(name: &str, t: &str, scales_first: bool) -> Value {
@@ -81,8 +57,8 @@ fn plan_output_equals_the_kernel_across_batches_and_refuses_a_nan_naming_tensor_
     let offs = write_file(
         &s,
         &[
-            ("w", Dtype::BF16, vec![N, K], &big),
-            ("f", Dtype::F32, vec![7, 64], &small),
+            ("w", Dtype::BF16, vec![N, K], Some(big.clone())),
+            ("f", Dtype::F32, vec![7, 64], Some(small.clone())),
         ],
     );
     let out = d.path().join("out");
@@ -142,10 +118,10 @@ fn bad_shapes_and_dtypes_are_refused_before_writing_naming_the_tensor() {
     write_file(
         &s,
         &[
-            ("k48", Dtype::BF16, vec![2, 48], &[0x3C; 2 * 48 * 2]),
-            ("flat", Dtype::BF16, vec![64], &[0x3C; 64 * 2]),
-            ("cube", Dtype::BF16, vec![1, 2, 32], &[0x3C; 64 * 2]),
-            ("e4m3", Dtype::F8_E4M3, vec![2, 32], &[0x3C; 64]),
+            ("k48", Dtype::BF16, vec![2, 48], None),
+            ("flat", Dtype::BF16, vec![64], None),
+            ("cube", Dtype::BF16, vec![1, 2, 32], None),
+            ("e4m3", Dtype::F8_E4M3, vec![2, 32], None),
         ],
     );
     for (t, op, want) in [
@@ -155,10 +131,11 @@ fn bad_shapes_and_dtypes_are_refused_before_writing_naming_the_tensor() {
         ("e4m3", "mxfp8_scales", "cannot be quantized"),
     ] {
         let out = d.path().join("out");
-        let p = plan(&s, &out, json!([{"name": "x", "op": op, "src": src(t)}]));
-        let v = validate_json(&p).unwrap_err().to_string();
-        let e = execute_json(&p).unwrap_err().to_string();
-        assert_eq!(v, e, "validate and execute agree");
+        let e = err_of(&plan_of(
+            &s,
+            &out,
+            json!([{"name": "x", "op": op, "src": src(t)}]),
+        ));
         assert!(
             e.contains(&format!("tensor '{t}'")) && e.contains(want),
             "{e}"
@@ -174,8 +151,8 @@ fn zero_size_weights_give_empty_readable_tensors() {
     write_file(
         &s,
         &[
-            ("n0", Dtype::BF16, vec![0, 64], &[]),
-            ("k0", Dtype::F16, vec![3, 0], &[]),
+            ("n0", Dtype::BF16, vec![0, 64], Some(vec![])),
+            ("k0", Dtype::F16, vec![3, 0], Some(vec![])),
         ],
     );
     let out = d.path().join("out");
