@@ -61,6 +61,46 @@ fn rows_per_piece(row_bytes: usize) -> usize {
     (PIECE_BYTES / row_bytes.max(1)).max(1)
 }
 
+/// The scale grid of a `[rows, cols]` tensor in `[bm, bn]` blocks, checking that `scales` holds
+/// one scale per block.
+fn scale_grid(
+    scales: &[f32],
+    rows: usize,
+    cols: usize,
+    bm: usize,
+    bn: usize,
+) -> PyResult<(usize, usize)> {
+    let (gr, gc) = grid(rows, cols, bm, bn)?;
+    expect_len("scales", scales.len(), gr * gc)?;
+    Ok((gr, gc))
+}
+
+/// Runs `f(input row, its block-row of scales, output row)` over `[rows, cols]` rows in parallel
+/// (inputs of `in_row` bytes a row; `gc` scales per block-row of `bm` rows).
+fn par_scaled_rows<O: Send>(
+    out: &mut [O],
+    input: &[u8],
+    in_row: usize,
+    cols: usize,
+    (bm, gc, scales): (usize, usize, &[f32]),
+    f: impl Fn(&[u8], &[f32], &mut [O]) + Sync,
+) {
+    let rpp = rows_per_piece(cols * std::mem::size_of::<O>());
+    out.par_chunks_mut(rpp * cols)
+        .zip(input.par_chunks(rpp * in_row))
+        .enumerate()
+        .for_each(|(p, (oc, ic))| {
+            for (i, (orow, irow)) in oc
+                .chunks_exact_mut(cols)
+                .zip(ic.chunks_exact(in_row))
+                .enumerate()
+            {
+                let g = (p * rpp + i) / bm;
+                f(irow, &scales[g * gc..(g + 1) * gc], orow);
+            }
+        });
+}
+
 /// max |x| per `[bm, bn]` block of a `[rows, cols]` float tensor, row-major grid; NaN propagates.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -150,8 +190,7 @@ fn ops_quantize_e4m3(
     let n = rows * cols;
     expect_len("input bytes", s.len(), n * d.size())?;
     expect_len("out", o.len(), n)?;
-    let (gr, gc) = grid(rows, cols, bm, bn)?;
-    expect_len("scales", sc.len(), gr * gc)?;
+    let (gr, gc) = scale_grid(sc, rows, cols, bm, bn)?;
     if n == 0 {
         return Ok(());
     }
@@ -179,21 +218,16 @@ fn ops_quantize_e4m3(
             return;
         }
         // A row's scales are its block-row of the grid, one per segment of `bn` elements.
-        let rpp = rows_per_piece(cols);
-        o.par_chunks_mut(rpp * cols)
-            .zip(s.par_chunks(rpp * cols * d.size()))
-            .enumerate()
-            .for_each(|(p, (oc, src_rows))| {
-                for (i, (orow, srow)) in oc
-                    .chunks_exact_mut(cols)
-                    .zip(src_rows.chunks_exact(cols * d.size()))
-                    .enumerate()
-                {
-                    let g = (p * rpp + i) / bm;
-                    let row_scales = &sc[g * gc..(g + 1) * gc];
-                    fp8::quantize_e4m3(srow, d, row_scales, bn, 0, rounding, saturation, orow);
-                }
-            });
+        par_scaled_rows(
+            o,
+            s,
+            cols * d.size(),
+            cols,
+            (bm, gc, sc),
+            |srow, row_scales, orow| {
+                fp8::quantize_e4m3(srow, d, row_scales, bn, 0, rounding, saturation, orow)
+            },
+        );
     })
 }
 
@@ -216,8 +250,7 @@ fn ops_dequantize_e4m3(
     let n = rows * cols;
     expect_len("input", s.len(), n)?;
     expect_len("out", o.len(), n)?;
-    let (gr, gc) = grid(rows, cols, bm, bn)?;
-    expect_len("scales", sc.len(), gr * gc)?;
+    let (gr, gc) = scale_grid(sc, rows, cols, bm, bn)?;
     if n == 0 {
         return Ok(());
     }
@@ -229,20 +262,9 @@ fn ops_dequantize_e4m3(
                 .for_each(|(oc, qc)| fp8::dequantize_e4m3(qc, sc, n, 0, oc));
             return;
         }
-        let rpp = rows_per_piece(cols * 4);
-        o.par_chunks_mut(rpp * cols)
-            .zip(s.par_chunks(rpp * cols))
-            .enumerate()
-            .for_each(|(p, (oc, qc))| {
-                for (i, (orow, qrow)) in oc
-                    .chunks_exact_mut(cols)
-                    .zip(qc.chunks_exact(cols))
-                    .enumerate()
-                {
-                    let g = (p * rpp + i) / bm;
-                    fp8::dequantize_e4m3(qrow, &sc[g * gc..(g + 1) * gc], bn, 0, orow);
-                }
-            });
+        par_scaled_rows(o, s, cols, cols, (bm, gc, sc), |qrow, row_scales, orow| {
+            fp8::dequantize_e4m3(qrow, row_scales, bn, 0, orow)
+        });
     })
 }
 
