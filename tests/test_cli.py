@@ -15,6 +15,24 @@ def _run(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+def _build_fp8(fx, out, *extra: str, hf_dir=None):
+    """`dqfast build fp8` from the fixture's ModelOpt export (`hf_dir`: its default, the
+    transformer folder) into `out`."""
+    return _run(
+        "build",
+        "fp8",
+        "--modelopt-hf-dir",
+        str(fx.hf_dir if hf_dir is None else hf_dir),
+        "--modelopt-backbone-ckpt",
+        str(fx.backbone),
+        "--base-transformer-dir",
+        str(fx.base_dir),
+        "--output-dir",
+        str(out),
+        *extra,
+    )
+
+
 @pytest.fixture(scope="module")
 def flux_fp8(modelopt_fixture):
     return modelopt_fixture("flux", "fp8")
@@ -22,21 +40,7 @@ def flux_fp8(modelopt_fixture):
 
 def test_build_fp8_cli_matches_api(flux_fp8, tmp_path):
     out = tmp_path / "cli"
-    r = _run(
-        "build",
-        "fp8",
-        "--modelopt-hf-dir",
-        str(flux_fp8.out_dir / "hf"),
-        "--modelopt-backbone-ckpt",
-        str(flux_fp8.backbone),
-        "--base-transformer-dir",
-        str(flux_fp8.base_dir),
-        "--output-dir",
-        str(out),
-        "--model-type",
-        "flux1",
-        "--json",
-    )
+    r = _build_fp8(flux_fp8, out, "--model-type", "flux1", "--json", hf_dir=flux_fp8.out_dir / "hf")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
     assert rep["counts"]["quantized"] > 0 and rep["output_dir"] == str(out)
@@ -57,19 +61,7 @@ def test_build_fp8_cli_matches_api(flux_fp8, tmp_path):
 
 def test_dry_run_prints_plan_and_writes_nothing(flux_fp8, tmp_path):
     out = tmp_path / "dry"
-    r = _run(
-        "build",
-        "fp8",
-        "--modelopt-hf-dir",
-        str(flux_fp8.hf_dir),
-        "--modelopt-backbone-ckpt",
-        str(flux_fp8.backbone),
-        "--base-transformer-dir",
-        str(flux_fp8.base_dir),
-        "--output-dir",
-        str(out),
-        "--dry-run",
-    )
+    r = _build_fp8(flux_fp8, out, "--dry-run")
     assert r.exit_code == 0
     assert "bf16-fallback" in r.output and "transformer_blocks.0.norm1.linear" in r.output
     assert not out.exists()
@@ -78,18 +70,7 @@ def test_dry_run_prints_plan_and_writes_nothing(flux_fp8, tmp_path):
 def test_errors_are_one_line_and_exit_2(flux_fp8, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
-    r = _run(
-        "build",
-        "fp8",
-        "--modelopt-hf-dir",
-        str(flux_fp8.hf_dir),
-        "--modelopt-backbone-ckpt",
-        str(flux_fp8.backbone),
-        "--base-transformer-dir",
-        str(flux_fp8.base_dir),
-        "--output-dir",
-        str(out),
-    )
+    r = _build_fp8(flux_fp8, out)
     assert r.exit_code == 2
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "already exists" in lines[0]
