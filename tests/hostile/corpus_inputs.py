@@ -926,58 +926,23 @@ def _(inp, out):
 # ---- --from-bf16 with an export ---------------------------------------------------------------
 
 
-@case("fp8-from-bf16-with-export", r"--from-bf16 and --modelopt-hf-dir exclude each other")
-def _(inp, out):
-    kw = write_export(inp)
-    return Cli(
-        [
-            "build",
-            "fp8",
-            "--from-bf16",
-            "--base-transformer-dir",
-            str(kw["base_transformer_dir"]),
-            "--modelopt-hf-dir",
-            str(kw["modelopt_hf_dir"]),
-            "--output-dir",
-            str(out),
-        ]
-    )
+def _from_bf16_with(builder: str, flag: str, key: str) -> Callable[[Path, Path], Cli]:
+    """`build <builder> --from-bf16` given also the export's `flag` (`key` of write_export)."""
+
+    def make(inp: Path, out: Path) -> Cli:
+        kw = write_export(inp)
+        base = str(kw["base_transformer_dir"])
+        return Cli(["build", builder, "--from-bf16", "--base-transformer-dir", base, flag, str(kw[key]), "--output-dir", str(out)])
+
+    return make
 
 
-@case("fp8-from-bf16-with-backbone", r"--from-bf16 and --modelopt-backbone-ckpt exclude each other")
-def _(inp, out):
-    kw = write_export(inp)
-    return Cli(
-        [
-            "build",
-            "fp8",
-            "--from-bf16",
-            "--base-transformer-dir",
-            str(kw["base_transformer_dir"]),
-            "--modelopt-backbone-ckpt",
-            str(kw["modelopt_backbone_ckpt"]),
-            "--output-dir",
-            str(out),
-        ]
-    )
-
-
-@case("nvfp4-from-bf16-with-export", r"--from-bf16 and --modelopt-hf-dir exclude each other")
-def _(inp, out):
-    kw = write_export(inp)
-    return Cli(
-        [
-            "build",
-            "nvfp4",
-            "--from-bf16",
-            "--base-transformer-dir",
-            str(kw["base_transformer_dir"]),
-            "--modelopt-hf-dir",
-            str(kw["modelopt_hf_dir"]),
-            "--output-dir",
-            str(out),
-        ]
-    )
+for _id, _builder, _flag, _key in (
+    ("fp8-from-bf16-with-export", "fp8", "--modelopt-hf-dir", "modelopt_hf_dir"),
+    ("fp8-from-bf16-with-backbone", "fp8", "--modelopt-backbone-ckpt", "modelopt_backbone_ckpt"),
+    ("nvfp4-from-bf16-with-export", "nvfp4", "--modelopt-hf-dir", "modelopt_hf_dir"),
+):
+    case(_id, f"--from-bf16 and {_flag} exclude each other")(_from_bf16_with(_builder, _flag, _key))
 
 
 # ---- a build that quantizes nothing ----------------------------------------------------------
