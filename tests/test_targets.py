@@ -56,16 +56,18 @@ def test_check_from_bf16_outputs(flux_base, tmp_path):
     sgl, vo = check_checkpoint(ch, "any")
     assert sgl.status == "fails" and "FP8_PER_CHANNEL_PER_TOKEN" in sgl.config_error
     assert vo.status == "loads-bf16"
-    # vLLM-Omni's FLUX.1 quantizes single-stream q/k/v and proj_mlp only; the rest is dequantized.
+    # vLLM-Omni's FLUX.1 quantizes the single-stream blocks' Linears only; the rest is dequantized.
+    # Their proj_out is quantized now that `ignore` no longer lists a bare `proj_out` (substring rule).
     assert vo.modules("quantized") == {
-        f"single_transformer_blocks.{i}.{m}" for i in (0, 1) for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+        f"single_transformer_blocks.{i}.{m}" for i in (0, 1) for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
     }
     nv = tmp_path / "nv"
     build_nvfp4_transformer(nv, from_bf16=True, base_transformer_dir=flux_base)
     sgl, vo = check_checkpoint(nv, "any")
     assert sgl.status == "loads"
     assert vo.status == "fails"
-    assert {f"single_transformer_blocks.{i}.proj_out" for i in (0, 1)} <= vo.modules("error")
+    assert "transformer_blocks.0.attn.to_q" in vo.modules("error")
+    assert not {f"single_transformer_blocks.{i}.proj_out" for i in (0, 1)} & vo.modules("error")
 
 
 def test_check_cli(flux_base, tmp_path):
@@ -87,20 +89,14 @@ def _quantized_modules(d: Path) -> set[str]:
     return {n[: -len(".weight")] for n, t in open_checkpoint(d).tensors.items() if n.endswith(".weight") and t.dtype in ("F8_E4M3", "U8")}
 
 
-# Today's collisions (issue #13): ModelOpt's recipe keeps the top-level `proj_out` in BF16, dqfast
-# writes it to `ignore`, and vLLM's substring rule then also excludes the quantized
-# `single_transformer_blocks.*.proj_out` (FLUX.1; Wan has no nested proj_out). A fix flips these.
-KNOWN_COLLISIONS = {("flux1", "fp8", "vllm-omni"), ("flux1", "nvfp4", "vllm-omni")}
-
-
 @pytest.mark.parametrize("target", sorted(TARGETS))
 @pytest.mark.parametrize("kind", ["fp8", "nvfp4"])
 @pytest.mark.parametrize("family", sorted(SMALL))
-def test_no_ignore_entry_matches_a_quantized_module(family, kind, target, tmp_path, request):
+def test_no_ignore_entry_matches_a_quantized_module(family, kind, target, tmp_path):
     """Property: under each target's matching rule, no `ignore` entry of a from-BF16 output names a
-    module the output quantizes (for every preset with a synthetic model: flux1, wan)."""
-    if (family, kind, target) in KNOWN_COLLISIONS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="proj_out substring collision (issue #13)"))
+    module the output quantizes (for every preset with a synthetic model: flux1, wan). Before the
+    fix, ModelOpt's recipe kept the top-level FLUX.1 `proj_out` in BF16, `ignore` listed `proj_out`,
+    and vLLM's substring rule excluded the quantized `single_transformer_blocks.*.proj_out` too."""
     base = make_transformer(tmp_path / "src", family, **SMALL[family]).base
     out = tmp_path / "out"
     if kind == "fp8":
@@ -122,3 +118,61 @@ def test_ltx2_preset_matches_sglangs_fallback_set():
     assert p.fp8_fallback_match("transformer_blocks.45.audio_ff.proj_out")
     assert p.fp8_fallback_match("audio_adaln_single.emb.timestep_embedder.linear_2")
     assert p.fp8_fallback_match("transformer_blocks.1.attn1.to_q") is None
+
+
+def test_build_target_refuses_what_the_engine_cannot_load(flux_base, tmp_path):
+    """`--target`: the `dqfast check` rules run on the plan; a refused build writes nothing."""
+    from dqfast.errors import PlanError
+
+    out = tmp_path / "nv"
+    with pytest.raises(
+        PlanError, match=r"--target vllm-omni: vllm-omni==0\.30\.0.* cannot load 'transformer_blocks\.0\.attn\.\w+'.*does not quantize"
+    ):
+        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target="vllm-omni")
+    assert not out.exists()
+    with pytest.raises(PlanError, match="cannot load quant_algo FP8_PER_CHANNEL_PER_TOKEN"):
+        build_fp8_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target="any")
+    assert not out.exists()
+    with pytest.raises(PlanError, match="--fit-target .* needs --target"):
+        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, fit_target=True)
+    # SGLang loads the NVFP4 FLUX.1 build as planned: no refusal, the report names the target.
+    rep = build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target="sglang")
+    assert rep.target == "sglang" and [r.status for r in check_checkpoint(out, "sglang")] == ["loads"]
+
+
+@pytest.mark.parametrize("target", ["vllm-omni", "any"])
+def test_build_fit_target_adjusts_and_says_so(flux_base, tmp_path, target):
+    out = tmp_path / "nv"
+    rep = build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target=target, fit_target=True)
+    assert {r.target: r.status for r in check_checkpoint(out, target)} == dict.fromkeys([t.name for t in get_target(target)], "loads")
+    kept = {w.split("kept ")[1].split(" ")[0] for w in rep.warnings if "kept " in w}
+    assert "transformer_blocks.0.attn.to_q" in kept and "single_transformer_blocks.0.proj_out" not in kept
+    tensors = open_checkpoint(out).tensors
+    assert tensors["transformer_blocks.0.attn.to_q.weight"].dtype == "BF16"
+    assert "transformer_blocks.0.attn.to_q.weight_scale" not in tensors
+    assert tensors["single_transformer_blocks.0.proj_out.weight"].dtype == "U8"
+    # The kept layers' ignore entries do not exclude the quantized single-stream layers (substring rule).
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert all(TARGETS["vllm-omni"].ignored(ignore, m) is None for m in _quantized_modules(out))
+
+
+def test_build_cli_target_flags(flux_base, tmp_path):
+    out = tmp_path / "o"
+    args = ["build", "nvfp4", "--from-bf16", "--base-transformer-dir", str(flux_base), "--output-dir", str(out), "-q"]
+    r = CliRunner().invoke(main, [*args, "--target", "vllm-omni"])
+    assert r.exit_code == 2 and "cannot load 'transformer_blocks." in r.output and not out.exists()
+    r = CliRunner().invoke(main, [*args, "--fit-target"])
+    assert r.exit_code == 2 and "--fit-target" in r.output
+    r = CliRunner().invoke(main, [*args, "--target", "vllm-omni", "--fit-target"])
+    assert r.exit_code == 0, r.output
+    assert check_checkpoint(out, "vllm-omni")[0].status == "loads"
+
+
+def test_build_mixed_target(flux_base, tmp_path):
+    from dqfast.errors import PlanError
+    from dqfast.mixed import build_mixed_transformer
+
+    with pytest.raises(PlanError, match="sglang.*cannot load quant_algo MIXED_PRECISION"):
+        build_mixed_transformer(tmp_path / "m", flux_base, target="sglang", fit_target=True)
+    rep = build_mixed_transformer(tmp_path / "m", flux_base, target="vllm-omni", fit_target=True)
+    assert rep.warnings and check_checkpoint(tmp_path / "m", "vllm-omni")[0].status in ("loads", "loads-bf16")

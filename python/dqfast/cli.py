@@ -20,6 +20,7 @@ from dqfast.cli_types import AT_LEAST_ONE, COUNT, POSITIVE_FLOAT, SizeParam
 from dqfast.errors import DqfastError
 from dqfast.hub import InputPath, hub_options
 from dqfast.plan import IO_MODES, BuildReport
+from dqfast.targets import TARGET_NAMES
 
 
 def _fail(msg: str) -> None:
@@ -181,6 +182,19 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-shard-size", type=SizeParam(minimum=1), default="5GB", show_default=True),
         click.option("--threads", type=COUNT, default=0, show_default=True, help="Worker threads (0 = all cores; capped at the cores)."),
         click.option("--strict", is_flag=True, help="Fail (instead of warning) when the build quantizes no module."),
+        click.option(
+            "--target",
+            type=click.Choice(TARGET_NAMES),
+            default=None,
+            help="Serving engine the output must load in (any = both), by the rules of `dqfast check`: "
+            "a layer it cannot load fails the build before anything is written.",
+        ),
+        click.option(
+            "--fit-target",
+            is_flag=True,
+            help="With --target: keep in BF16 (and list in ignore) the layers the engine cannot load quantized; "
+            "the report's warnings name each one.",
+        ),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
         click.option("--dry-run", is_flag=True, help="Print the plan (which modules become what, and why); write nothing."),
         click.option("--no-fsync", is_flag=True, help="Skip fsync before the output is moved into place."),
@@ -220,6 +234,8 @@ def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
         io=kw["io_mode"],
         force_model_type=kw["force_model_type"],
         strict=kw["strict"],
+        target=kw["target"],
+        fit_target=kw["fit_target"],
     )
 
 

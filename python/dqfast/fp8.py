@@ -81,19 +81,7 @@ def check_activation_amax(value: float | None, default: float, what: str = "acti
 
 
 def _output_config(src_cfg: dict[str, Any], quant_cfg: dict[str, Any], plan: PlanBuilder) -> None:
-    out_cfg = dict(src_cfg)
-    out_cfg["quantization_config"] = quant_cfg
-    # allow_nan=False: the output config is strict JSON, whatever slipped through.
-    plan.text_file("config.json", json.dumps(out_cfg, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    qjson = json.dumps(quant_cfg, sort_keys=True, allow_nan=False)
-    plan.shard_metadata = {
-        "format": "pt",
-        "_class_name": str(src_cfg.get("_class_name", "")),
-        "config": json.dumps(out_cfg, sort_keys=True, allow_nan=False),
-        "quantization_config": qjson,
-        "_quantization_metadata": qjson,
-        "dqfast_version": __version__,
-    }
+    plan.write_config(src_cfg, quant_cfg)
 
 
 def _fallback_res(patterns: Iterable[str] | str) -> list[re.Pattern[str]]:
@@ -139,6 +127,8 @@ def build_fp8_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
+    target: str | None = None,
+    fit_target: bool = False,
 ) -> BuildReport:
     """Build an FP8 transformer directory that SGLang Diffusion / vLLM-Omni load.
 
@@ -189,6 +179,7 @@ def build_fp8_transformer(
             repair_nan,
         )
     check_quantized(report, report.counts.get("quantized", 0), strict)
+    plan.target, plan.fit_target = target, fit_target
     return finish(plan, report, dry_run=dry_run, progress=progress)
 
 

@@ -122,6 +122,8 @@ def build_mixed_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
+    target: str | None = None,
+    fit_target: bool = False,
 ) -> BuildReport:
     """Write a MIXED_PRECISION transformer directory built from the BF16 base.
 
@@ -260,4 +262,5 @@ def build_mixed_transformer(
     if fp8_layers and fp8_activation_amax is None:
         report.warnings.append("FP8 input_scale = 1.0 (activation amax 448 assumed); pass fp8_activation_amax from calibration")
     report.warnings.append("MIXED_PRECISION loads in vLLM-Omni (modelopt_mixed) and dqfast.runtime; SGLang Diffusion rejects it")
+    plan.target, plan.fit_target = target, fit_target
     return finish(plan, report, dry_run=dry_run, progress=progress)

@@ -115,6 +115,8 @@ def build_nvfp4_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
+    target: str | None = None,
+    fit_target: bool = False,
 ) -> BuildReport:
     """Build a mixed BF16+NVFP4 transformer directory (SGLang Diffusion / vLLM-Omni layout).
 
@@ -149,6 +151,7 @@ def build_nvfp4_transformer(
             force_model_type,
         )
     check_quantized(report, report.counts.get("nvfp4", 0), strict)
+    plan.target, plan.fit_target = target, fit_target
     return finish(plan, report, dry_run=dry_run, progress=progress)
 
 
