@@ -13,7 +13,6 @@ Two ways in:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import OrderedDict
