@@ -176,3 +176,27 @@ def test_build_mixed_target(flux_base, tmp_path):
         build_mixed_transformer(tmp_path / "m", flux_base, target="sglang", fit_target=True)
     rep = build_mixed_transformer(tmp_path / "m", flux_base, target="vllm-omni", fit_target=True)
     assert rep.warnings and check_checkpoint(tmp_path / "m", "vllm-omni")[0].status in ("loads", "loads-bf16")
+
+
+def test_batch_manifest_target_option(flux_base, tmp_path):
+    """`target` / `fit_target` are builder options in a batch manifest; a bad name is refused
+    before anything runs, and a job with a target an output cannot meet fails (nothing written)."""
+    from dqfast import batch as B
+
+    m = tmp_path / "m.toml"
+    job = f'[[jobs]]\nname = "{{n}}"\nbuilder = "nvfp4"\noutput = "out/{{n}}"\ninputs = {{{{ base_transformer_dir = "{flux_base}" }}}}\n'
+    m.write_text(job.format(n="bad") + 'options = { from_bf16 = true, target = "trt" }\n')
+    with pytest.raises(B.ManifestError, match="option 'target' must be"):
+        B.load_manifest(m)
+    m.write_text(
+        job.format(n="refused")
+        + 'options = { from_bf16 = true, target = "vllm-omni" }\n'
+        + job.format(n="fit")
+        + 'options = { from_bf16 = true, target = "vllm-omni", fit_target = true }\n'
+    )
+    s = B.run_batch(B.load_manifest(m))
+    by = {j.name: j for j in s.jobs}
+    assert by["refused"].status == "failed" and "cannot load 'transformer_blocks." in by["refused"].error
+    assert not (tmp_path / "out" / "refused").exists()
+    assert by["fit"].status == "done", by["fit"].error
+    assert check_checkpoint(tmp_path / "out" / "fit", "vllm-omni")[0].status == "loads"

@@ -39,6 +39,7 @@ from dqfast.plan import (
 from dqfast.presets import ModelPreset, pattern_list, resolve_preset
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
+from dqfast.targets import TargetName
 
 __all__ = ["build_fp8_transformer"]
 
@@ -126,7 +127,7 @@ def build_fp8_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
-    target: str | None = None,
+    target: TargetName | None = None,
     fit_target: bool = False,
 ) -> BuildReport:
     """Build an FP8 transformer directory that SGLang Diffusion / vLLM-Omni load.

@@ -35,6 +35,7 @@ from dqfast.plan import BuildReport, IoMode, ModuleDecision, ProgressFn, finish,
 from dqfast.presets import ModelPreset, pattern_list, resolve_preset
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
+from dqfast.targets import TargetName
 
 __all__ = ["ALGOS", "default_policy", "parse_policy", "build_mixed_transformer"]
 
@@ -122,7 +123,7 @@ def build_mixed_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
-    target: str | None = None,
+    target: TargetName | None = None,
     fit_target: bool = False,
 ) -> BuildReport:
     """Write a MIXED_PRECISION transformer directory built from the BF16 base.

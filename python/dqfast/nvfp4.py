@@ -40,6 +40,7 @@ from dqfast.plan import (
 from dqfast.presets import ModelPreset, glob_to_regex, pattern_list, resolve_preset
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import TensorMeta, open_checkpoint, read_tensor
+from dqfast.targets import TargetName
 
 __all__ = ["build_nvfp4_transformer", "fused_groups", "nan_scale_bytes", "nibble_order_report", "NVFP4_BOUND"]
 
@@ -115,7 +116,7 @@ def build_nvfp4_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
-    target: str | None = None,
+    target: TargetName | None = None,
     fit_target: bool = False,
 ) -> BuildReport:
     """Build a mixed BF16+NVFP4 transformer directory (SGLang Diffusion / vLLM-Omni layout).

@@ -14,8 +14,9 @@ import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
-__all__ = ["Target", "TARGETS", "TARGET_NAMES", "get_target", "IGNORE_MATCHERS", "collision_free_ignore"]
+__all__ = ["Target", "TargetName", "TARGETS", "TARGET_NAMES", "get_target", "IGNORE_MATCHERS", "collision_free_ignore"]
 
 SGLANG = "sglang==0.5.23"
 VLLM_OMNI = "vllm-omni==0.30.0 (with vllm==0.30.0)"
@@ -148,8 +149,10 @@ def get_target(name: str) -> list[Target]:
         raise ValueError(f"unknown target '{name}' (known: {', '.join(sorted(TARGETS))}, any)") from None
 
 
-#: What ``--target`` accepts (``any`` = every engine above).
+#: What ``--target`` / ``target=`` accepts (``any`` = every engine above).
+TargetName = Literal["sglang", "vllm-omni", "any"]
 TARGET_NAMES = (*TARGETS, "any")
+assert set(TARGET_NAMES) == set(TargetName.__args__)  # the Literal is the same list, for type checks
 
 
 def collision_free_ignore(ignore: list[str], quantized: set[str]) -> tuple[list[str], dict[str, str]]:
