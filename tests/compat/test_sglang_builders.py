@@ -29,18 +29,24 @@ def _flux_blocks(fmt: list[str], double=(0, 1), single=(0, 1)) -> list[str]:
 # SGLang's FP8 tool lists every 1-D-weight module without a scale (RMSNorms) in `ignore`; dqfast
 # lists only Linear layers, plus the diffusers names of SGLang's FeedForward aliases and of layers
 # ModelOpt already covers with a wildcard.
-FLUX_FP8_IGNORE_ONLY_SGLANG = _flux_blocks(
-    [
-        "transformer_blocks.{i}.attn.norm_q",
-        "transformer_blocks.{i}.attn.norm_k",
-        "transformer_blocks.{i}.attn.norm_added_q",
-        "transformer_blocks.{i}.attn.norm_added_k",
-        "single_transformer_blocks.{i}.attn.norm_q",
-        "single_transformer_blocks.{i}.attn.norm_k",
-    ]
+FLUX_FP8_IGNORE_ONLY_SGLANG = sorted(
+    ["proj_out"]
+    + _flux_blocks(
+        [
+            "transformer_blocks.{i}.attn.norm_q",
+            "transformer_blocks.{i}.attn.norm_k",
+            "transformer_blocks.{i}.attn.norm_added_q",
+            "transformer_blocks.{i}.attn.norm_added_k",
+            "single_transformer_blocks.{i}.attn.norm_q",
+            "single_transformer_blocks.{i}.attn.norm_k",
+        ]
+    )
 )
+# `proj_out` (kept BF16) is written as `p*roj_out`: vLLM would match a bare `proj_out` as a substring
+# of the quantized `single_transformer_blocks.*.proj_out` too.
+PROJ_OUT_ONLY_DQFAST, PROJ_OUT_ONLY_SGLANG = ["p*roj_out"], ["proj_out"]
 FLUX_FP8_IGNORE_ONLY_DQFAST = sorted(
-    ["norm_out.linear"]
+    ["norm_out.linear", *PROJ_OUT_ONLY_DQFAST]
     + [f"time_text_embed.{e}.linear_{j}" for e in ("guidance_embedder", "text_embedder", "timestep_embedder") for j in (1, 2)]
     + _flux_blocks(["transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2"])
 )
@@ -118,9 +124,11 @@ EXPECTED: dict[str, dict] = {
         "metadata_keys_only_dqfast": DQFAST_MD,
         "metadata_values_differ": FP8_QC_MD,
     },
-    # FLUX.1 NVFP4 with the flux1-nvfp4 preset: tensors and ignore list equal.
+    # FLUX.1 NVFP4 with the flux1-nvfp4 preset: tensors equal, ignore list equal but for `proj_out`.
     "flux-nvfp4": {
         "files_only_reference": [INDEX],
+        "ignore_only_dqfast": PROJ_OUT_ONLY_DQFAST,
+        "ignore_only_reference": PROJ_OUT_ONLY_SGLANG,
         "quant_config_differ": NVFP4_QC,
         "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
         "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
@@ -133,7 +141,9 @@ EXPECTED: dict[str, dict] = {
         ),
         "tensors_dtype_shape_differ": sorted(f"{m}.weight" for m in FLUX_NVFP4_FALLBACK_MODULES),
         "quant_config_differ": NVFP4_QC,
+        "ignore_only_reference": PROJ_OUT_ONLY_SGLANG,
         "ignore_only_dqfast": [
+            "p*roj_out",
             "single_transformer_blocks.*.norm.linear*",
             "single_transformer_blocks.*.proj_mlp*",
             "transformer_blocks.*.ff.net.0.proj*",
@@ -151,6 +161,8 @@ EXPECTED: dict[str, dict] = {
     "flux-nvfp4-swap": {
         "files_only_reference": [INDEX],
         "tensors_bytes_differ": FLUX_NVFP4_QUANTIZED_WEIGHTS,
+        "ignore_only_dqfast": PROJ_OUT_ONLY_DQFAST,
+        "ignore_only_reference": PROJ_OUT_ONLY_SGLANG,
         "quant_config_differ": {**NVFP4_QC, "swap_weight_nibbles": (False, True)},
         "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
         "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
