@@ -125,6 +125,7 @@ BUILDERS: dict[str, Builder] = {
         ("modelopt_hf_dir", "modelopt_backbone_ckpt", "base_transformer_dir"),
     ),
     "nvfp4": Builder("dqfast.nvfp4:build_nvfp4_transformer", ("modelopt_hf_dir", "base_transformer_dir")),
+    "mxfp8": Builder("dqfast.mxfp8:build_mxfp8_transformer", ("base_transformer_dir",)),
 }
 
 

@@ -176,7 +176,7 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "fallbacks",
             multiple=True,
             metavar="PATTERN",
-            help="Extra modules to keep in BF16 (repeatable): a regex for fp8 (SGLang's FP8 builder), "
+            help="Extra modules to keep in BF16 (repeatable): a regex for fp8 and mxfp8 (SGLang's FP8 builder), "
             "a glob for nvfp4 (SGLang's NVFP4 builder).",
         ),
         click.option("--max-shard-size", type=SizeParam(minimum=1), default="5GB", show_default=True),
@@ -341,6 +341,25 @@ def build_nvfp4(**kw: Any) -> None:
             reconcile_fused_scales=not kw["no_reconcile_fused"],
             from_bf16=kw["from_bf16"],
             activation_amax=kw["activation_amax"],
+            **_common_build_kwargs(kw),
+        )
+    )
+    _print_build(report, kw)
+
+
+@build.command("mxfp8")
+@click.option("--base-transformer-dir", required=True, type=InputPath(), help="BF16 base transformer.")
+@_common_build_options
+def build_mxfp8(**kw: Any) -> None:
+    """MXFP8 weight-only transformer for vLLM-Omni (quant_method mxfp8) from the BF16 base, calibration-free."""
+    from dqfast.mxfp8 import build_mxfp8_transformer
+
+    report = _run(
+        lambda: build_mxfp8_transformer(
+            kw["output_dir"],
+            base_transformer_dir=kw["base_transformer_dir"],
+            model_type=kw["model_type"],
+            fallback=kw["fallbacks"],
             **_common_build_kwargs(kw),
         )
     )

@@ -42,7 +42,8 @@ def _module_kind(parts: dict[str, Any]) -> str:
     if w is None:
         return "other"
     if w.dtype == "F8_E4M3":
-        return "fp8"
+        # MXFP8 (vLLM-Omni): e4m3 values with U8 E8M0 block scales [N, K/32].
+        return "mxfp8" if "weight_scale" in parts and parts["weight_scale"].dtype == "U8" else "fp8"
     if w.dtype == "U8" and "weight_scale" in parts and parts["weight_scale"].dtype == "F8_E4M3":
         return "nvfp4"
     if w.dtype in ("BF16", "F16", "F32"):
@@ -75,6 +76,13 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
                     problems.append(f"{m}: FP8 weight without {s}")
             if qc is not None and qc.quant_algo == "FP8" and "input_scale" not in parts:
                 problems.append(f"{m}: FP8 weight without input_scale (quant_algo FP8 is static)")
+        if kind == "mxfp8":
+            w, ws, block = parts["weight"], parts["weight_scale"], _core.MXFP8_BLOCK
+            want = [w.shape[0], w.shape[1] // block] if len(w.shape) == 2 else None
+            if want is None or w.shape[1] % block or list(ws.shape) != want:
+                problems.append(f"{m}: MXFP8 weight {list(w.shape)} needs K % {block} == 0 and weight_scale {want}, has {list(ws.shape)}")
+            elif ws.nbytes <= _MAX_SCALE_BYTES and (n := int((read_tensor(ws.file, ws.name, raw=True) == 0xFF).sum())):
+                problems.append(f"{m}: {n} NaN scale byte(s) (0xFF, E8M0 NaN) in weight_scale")
         if kind == "nvfp4":
             w, ws = parts["weight"], parts["weight_scale"]
             if len(w.shape) == 2 and len(ws.shape) == 2 and w.shape[1] * 2 != ws.shape[1] * 16:

@@ -3,6 +3,7 @@
 Accepted forms (the ones SGLang Diffusion and vLLM-Omni read):
 - flat ``config.json["quantization_config"]`` with ``quant_method: modelopt`` and ``quant_algo``
   FP8 / FP8_PER_CHANNEL_PER_TOKEN / NVFP4 / MIXED_PRECISION (+ ``quantized_layers``);
+- flat ``quant_method: mxfp8`` (vLLM-Omni's MXFP8, ``ignored_layers``): quant_algo ``MXFP8``;
 - legacy sidecar ``hf_quant_config.json``: ``{"quantization": {"quant_algo", "exclude_modules", ...}}``;
 - a config rebuilt from safetensors metadata (``_quantization_metadata`` / ``quantization_config``)
   when a directory has no config.json.
@@ -172,6 +173,10 @@ def _normalize(cfg: dict[str, Any], source: str) -> QuantConfig | None:
     method = _field(cfg, "quant_method", str, source, "") or _field(cfg, "method", str, source, "") or ""
     method = method.lower()
     producer = _field(cfg, "producer", dict, source, "") or {}
+    if method == "mxfp8":  # vLLM-Omni's MXFP8 weight-only (dqfast.mxfp8): exact-name ignore list
+        ignored = _str_list(cfg, "ignored_layers", source)
+        ignored = _str_list(cfg, "modules_to_not_convert", source) if ignored is None else ignored
+        return QuantConfig("MXFP8", ignore=list(ignored or []), source=source, raw=dict(cfg))
     if method not in MODELOPT_METHODS and producer.get("name") != "modelopt":
         return None
     algo = _field(cfg, "quant_algo", str, source, "")

@@ -27,6 +27,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::fp8::{self, Rounding, Saturation};
 use crate::header::{checked_nbytes, serialize_header, TensorInfo};
+use crate::mxfp8::{self, MxError};
 use crate::nvfp4;
 use crate::writer::{assign_shards, index_json, shard_file_name, OutputGuard, StagedDir};
 
@@ -224,6 +225,10 @@ pub enum Op {
         amax: NvAmax,
         shape: Vec<usize>,
     },
+    /// MXFP8 e4m3 values `[N, K]` of a float tensor `[N, K]` (see [`mxfp8`]).
+    Mxfp8Weight { src: SrcRef },
+    /// MXFP8 E8M0 block scales, U8 `[N, K/32]`, of a float tensor `[N, K]`.
+    Mxfp8Scales { src: SrcRef },
 }
 
 /// Where an FP8 scale comes from.
@@ -430,6 +435,7 @@ enum Kind<'a> {
         what: NvPart,
         k: usize,
     },
+    Mx(Mx<'a>),
 }
 
 #[derive(Clone)]
@@ -758,6 +764,13 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
                     op,
                 )
             }
+            Op::Mxfp8Weight { src } | Op::Mxfp8Scales { src } => {
+                let s = get(src)?;
+                float_src(&s)?;
+                let scales = matches!(t.op, Op::Mxfp8Scales { .. });
+                let m = Mx::new(s, scales)?;
+                (m.dtype(), m.shape(), Kind::Mx(m), m.op_name())
+            }
         };
         let nbytes = checked_nbytes(&shape, dtype.size())
             .ok_or_else(|| Error::Plan(format!("'{}': shape {shape:?} overflows", t.name)))?;
@@ -785,6 +798,107 @@ fn nv_global_checked(amax: f32) -> std::result::Result<f32, String> {
     fp8::check_scale(g).map(|_| g).map_err(|m| {
         format!("weight amax {amax:e} gives global scale amax/2688 = {m}; keep this weight in BF16 (fallback)")
     })
+}
+
+/// An MXFP8 output of one float weight `[N, K]`, values (`[N, K]` e4m3) or scales (`[N, K/32]`
+/// U8): the op's shape, fill, reads and release rule in one place.
+#[derive(Clone, Copy)]
+struct Mx<'a> {
+    src: Src<'a>,
+    scales: bool,
+    k: usize,
+}
+
+impl<'a> Mx<'a> {
+    fn new(src: Src<'a>, scales: bool) -> Result<Self> {
+        let shape = &src.info.shape;
+        if shape.len() != 2 || !shape[1].is_multiple_of(mxfp8::BLOCK) {
+            return Err(src.err(format!(
+                "MXFP8 needs a 2-D weight whose last dimension is a multiple of {}, found {shape:?}",
+                mxfp8::BLOCK
+            )));
+        }
+        Ok(Mx {
+            src,
+            scales,
+            k: shape[1],
+        })
+    }
+
+    fn dtype(&self) -> Dtype {
+        if self.scales {
+            Dtype::U8
+        } else {
+            Dtype::F8_E4M3
+        }
+    }
+
+    fn shape(&self) -> Vec<usize> {
+        vec![self.src.info.shape[0], self.row_out()]
+    }
+
+    fn op_name(&self) -> &'static str {
+        if self.scales {
+            "mxfp8_scales"
+        } else {
+            "mxfp8_weight"
+        }
+    }
+
+    /// Output bytes per source row: the unit of work, since a block never straddles rows.
+    fn row_out(&self) -> usize {
+        if self.scales {
+            self.k / mxfp8::BLOCK
+        } else {
+            self.k
+        }
+    }
+
+    /// Source bytes behind output bytes `from..to` (whole rows; never called when K = 0, as the
+    /// output is then empty).
+    fn src_range(&self, from: usize, to: usize) -> std::ops::Range<usize> {
+        let (row_out, row_in) = (self.row_out(), self.k * self.src.info.dtype.size());
+        from / row_out * row_in..to / row_out * row_in
+    }
+
+    /// Output bytes `at..at + out.len()`. A non-finite weight is refused naming the source tensor
+    /// and the row counted from the tensor's start (the kernel counts from the piece's).
+    fn fill(&self, ld: &Loaded, at: usize, out: &mut [u8]) -> Result<()> {
+        let d = self.src.info.dtype;
+        let s = &ld.data(&self.src)[self.src_range(at, at + out.len())];
+        let r = if self.scales {
+            mxfp8::block_scales(s, d, self.k, out)
+        } else {
+            mxfp8::quantize_values(s, d, self.k, out)
+        };
+        r.map_err(|e| {
+            let e = match e {
+                MxError::NonFinite { row, col, value } => MxError::NonFinite {
+                    row: at / self.row_out() + row,
+                    col,
+                    value,
+                },
+                e => e,
+            };
+            self.src.err(e.to_string())
+        })
+    }
+
+    /// Drop the mapped source rows behind output bytes `from..to` (the other MXFP8 op of this
+    /// weight faults them back in from the page cache, which keeps RSS at one batch).
+    fn release(&self, ld: &Loaded, from: usize, to: usize) {
+        let r = self.src_range(from, to);
+        ld.release_range(&self.src, r.start, r.end);
+    }
+
+    /// Source bytes read, counted once per weight (on the values; the scales re-read them).
+    fn source_bytes(&self) -> usize {
+        if self.scales {
+            0
+        } else {
+            self.src.info.nbytes()
+        }
+    }
 }
 
 fn row_slice(s: &Src, start: usize, stop: usize) -> Result<(Vec<usize>, usize)> {
@@ -1092,8 +1206,9 @@ fn fill(
     scales: Option<&[f32]>,
     nv_gs: f32,
     lut: Option<&fp8::E4m3Lut>,
-) {
+) -> Result<()> {
     match &r.kind {
+        Kind::Mx(m) => return m.fill(ld, at, out),
         Kind::Fp8 {
             src,
             rounding,
@@ -1153,6 +1268,7 @@ fn fill(
         }
         _ => unreachable!("fill on a non-computed tensor"),
     }
+    Ok(())
 }
 
 /// Output bytes of one indivisible unit of work.
@@ -1168,6 +1284,7 @@ fn unit_bytes(r: &Resolved) -> usize {
             k,
             ..
         } => (k / 16).max(1),
+        Kind::Mx(m) => m.row_out().max(1),
         _ => 1,
     }
 }
@@ -1291,17 +1408,23 @@ fn emit<'a>(
         let mut buf = pool.try_recv().unwrap_or_default();
         buf.clear();
         buf.resize(len, 0);
-        buf.par_chunks_mut(piece).enumerate().for_each(|(i, c)| {
-            fill(
-                r,
-                ld,
-                at + i * piece,
-                c,
-                scales.as_deref().map(|v| v.as_slice()),
-                nv_gs,
-                lut.as_ref(),
-            )
-        });
+        let filled: Vec<Result<()>> = buf
+            .par_chunks_mut(piece)
+            .enumerate()
+            .map(|(i, c)| {
+                fill(
+                    r,
+                    ld,
+                    at + i * piece,
+                    c,
+                    scales.as_deref().map(|v| v.as_slice()),
+                    nv_gs,
+                    lut.as_ref(),
+                )
+            })
+            .collect();
+        // The first failing piece in tensor order, so the error names the first bad row.
+        filled.into_iter().collect::<Result<()>>()?;
         send(Msg::Owned(buf))?;
         // Elementwise ops never look back: drop the source pages of this batch now, so the
         // resident set holds about one batch of input, not one tensor.
@@ -1326,6 +1449,7 @@ fn emit<'a>(
             } => {
                 ld.release_range(src, byte_start + at, byte_start + at + len);
             }
+            Kind::Mx(m) => m.release(ld, at, at + len),
             _ => {}
         }
         at += len;
@@ -1774,6 +1898,7 @@ fn sources_of<'a>(r: &Resolved<'a>) -> Vec<Src<'a>> {
             vec![*s]
         }
         Kind::Rows { src, .. } | Kind::Rescale { src, .. } | Kind::Nv { src, .. } => vec![*src],
+        Kind::Mx(m) => vec![m.src],
         Kind::Concat(ss) => ss.clone(),
         _ => Vec::new(),
     }
@@ -1790,6 +1915,7 @@ fn source_bytes(r: &Resolved) -> u64 {
             ..
         } => src.info.nbytes(),
         Kind::Rows { .. } | Kind::Rescale { .. } => r.nbytes,
+        Kind::Mx(m) => m.source_bytes(),
         Kind::Concat(ss) => ss.iter().map(|s| s.info.nbytes()).sum(),
         _ => 0,
     }) as u64
