@@ -178,7 +178,7 @@ def plan_tensors(plan: Any) -> dict[str, _Planned]:
         if op in ("copy", "swap_nibbles", "repair_nan_e4m3"):
             m = src(t["src"])
             out[t["name"]] = _Planned(m.dtype, tuple(m.shape))
-        elif op == "fp8":
+        elif op in ("fp8", "mxfp8_weight"):
             out[t["name"]] = _Planned("F8_E4M3", tuple(src(t["src"]).shape))
         elif op in ("scale_of", "scale_from_amax", "f32", "nvfp4_global_scale"):
             out[t["name"]] = _Planned("F32", tuple(t["shape"]))
@@ -195,6 +195,9 @@ def plan_tensors(plan: Any) -> dict[str, _Planned]:
         elif op == "nvfp4_block_scales":
             n, k = src(t["src"]).shape
             out[t["name"]] = _Planned("F8_E4M3", (n, k // 16))
+        elif op == "mxfp8_scales":
+            n, k = src(t["src"]).shape
+            out[t["name"]] = _Planned("U8", (n, k // 32))
         else:
             raise PlanError(f"internal: op '{op}' of tensor '{t['name']}' has no output description for --target")
     return out

@@ -271,7 +271,8 @@ def finish(plan: PlanBuilder, report: BuildReport, *, dry_run: bool, progress: P
     return the report without writing. A dry run over an existing output without overwrite is
     still a useful preview: the plan is validated as if replacing it, and a warning says so."""
     report.dry_run = dry_run
-    if plan.quant_config is not None:
+    if plan.quant_config is not None and plan.quant_config.get("quant_method") == "modelopt":
+        # ModelOpt configs only: the targets' rules are about them (MXFP8's ignored_layers match exactly).
         # Late import: dqfast.check reads checkpoints (reader) and presets, which import plan.
         from dqfast.check import apply_target
 
