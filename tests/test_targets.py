@@ -200,3 +200,11 @@ def test_batch_manifest_target_option(flux_base, tmp_path):
     assert not (tmp_path / "out" / "refused").exists()
     assert by["fit"].status == "done", by["fit"].error
     assert check_checkpoint(tmp_path / "out" / "fit", "vllm-omni")[0].status == "loads"
+
+
+def test_mxfp8_refuses_a_target(flux_base, tmp_path):
+    """The targets have no MXFP8 rules: `build mxfp8 --target` is refused, not silently unchecked."""
+    r = CliRunner().invoke(
+        main, ["build", "mxfp8", "--base-transformer-dir", str(flux_base), "--output-dir", str(tmp_path / "o"), "--target", "vllm-omni"]
+    )
+    assert r.exit_code == 2 and "not MXFP8" in r.output and not (tmp_path / "o").exists()
