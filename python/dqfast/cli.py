@@ -273,6 +273,13 @@ def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     metavar="REGEX",
     help="SGLang's name for --fallback (regexes, re.search on every name variant).",
 )
+@click.option(
+    "--maxbound",
+    type=POSITIVE_FLOAT,
+    default=448.0,
+    show_default=True,
+    help="SGLang's flag: scales from backbone.pt are amax / maxbound (the export's bytes must agree unless --requantize).",
+)
 @_common_build_options
 def build_fp8(**kw: Any) -> None:
     """FP8 transformer (SGLang build_modelopt_fp8_transformer semantics)."""
@@ -292,6 +299,7 @@ def build_fp8(**kw: Any) -> None:
             rounding=kw["rounding"],
             requantize=kw["requantize"],
             repair_nan=kw["repair_nan"],
+            maxbound=kw["maxbound"],
             **_common_build_kwargs(kw),
         )
     )

@@ -253,12 +253,11 @@ def test_sglang_fp8_tool_runs_as_a_module(flux, tmp_path):
     "args,status",
     # ltx2 on the FLUX.1 fixture: upstream takes any preset for any model; dqfast refuses a
     # preset that does not match config.json's _class_name unless forced (issue #11), so both here.
-    [(["--keep-bf16-pattern", "^proj_out$"], 0), (["--maxbound", "448"], 2), (["--model-type", "ltx2", "--force-model-type"], 0)],
+    [(["--keep-bf16-pattern", "^proj_out$"], 0), (["--maxbound", "448"], 0), (["--model-type", "ltx2", "--force-model-type"], 0)],
     ids=["keep-bf16-pattern", "maxbound", "model-type-ltx2"],
 )
 def test_upstream_fp8_flags(args, status, flux, tmp_path):
-    """Upstream `build_modelopt_fp8_transformer` flags on dqfast's `build fp8`: accepted (0) or not
-    yet (2: `--maxbound`, issue #13 part 3)."""
+    """Upstream `build_modelopt_fp8_transformer` flags on dqfast's `build fp8`: all accepted (0)."""
     from click.testing import CliRunner
     from dqfast.cli import main
 
