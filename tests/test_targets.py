@@ -208,3 +208,31 @@ def test_mxfp8_refuses_a_target(flux_base, tmp_path):
         main, ["build", "mxfp8", "--base-transformer-dir", str(flux_base), "--output-dir", str(tmp_path / "o"), "--target", "vllm-omni"]
     )
     assert r.exit_code == 2 and "not MXFP8" in r.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("target", [None, "any", "sglang", "vllm-omni"])
+def test_swap_weight_nibbles_by_target(modelopt_fixture, tmp_path, target):
+    """--swap-weight-nibbles: SGLang swaps at load by the config flag (its own tool keeps the bytes
+    and writes `true`); vLLM-Omni ignores the flag, so the bytes are swapped and no flag written."""
+    from dqfast import _core
+
+    f4 = modelopt_fixture("flux", "nvfp4")
+    out = tmp_path / "o"
+    build_nvfp4_transformer(
+        out,
+        modelopt_hf_dir=f4.hf_dir,
+        base_transformer_dir=f4.base_dir,
+        swap_weight_nibbles=True,
+        target=target,
+        fit_target=target in ("any", "vllm-omni"),
+    )
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    w = "single_transformer_blocks.0.attn.to_q.weight"
+    from dqfast.reader import read_tensor
+
+    src, got = (read_tensor(open_checkpoint(d).tensors[w].file, w).tobytes() for d in (f4.hf_dir, out))
+    if target == "sglang":
+        assert qc["swap_weight_nibbles"] is True and got == src
+    else:
+        assert got == _core.swap_nibbles(src) and got != src
+        assert qc.get("swap_weight_nibbles", "absent") == ("absent" if target == "vllm-omni" else False)

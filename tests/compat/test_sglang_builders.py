@@ -156,8 +156,17 @@ EXPECTED: dict[str, dict] = {
         "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
         "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
     },
-    # --swap-weight-nibbles: SGLang keeps the bytes and writes the flag; dqfast swaps the bytes and
-    # writes `false`.
+    # --swap-weight-nibbles --target sglang: dqfast also keeps the bytes and writes the flag.
+    "flux-nvfp4-swap-target-sglang": {
+        "files_only_reference": [INDEX],
+        "ignore_only_dqfast": PROJ_OUT_ONLY_DQFAST,
+        "ignore_only_reference": PROJ_OUT_ONLY_SGLANG,
+        "quant_config_differ": NVFP4_QC,
+        "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
+        "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
+    },
+    # --swap-weight-nibbles (no target, or one with vLLM-Omni): SGLang keeps the bytes and writes the
+    # flag; dqfast swaps the bytes and writes `false` (vLLM-Omni ignores the flag).
     "flux-nvfp4-swap": {
         "files_only_reference": [INDEX],
         "tensors_bytes_differ": FLUX_NVFP4_QUANTIZED_WEIGHTS,
@@ -202,6 +211,11 @@ def _build_pair(case: str, flux, modelopt_fixture, tmp_path):
     elif case == "flux-nvfp4-swap":
         build_nvfp4_transformer(
             d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1", swap_weight_nibbles=True
+        )
+        sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4", swap_weight_nibbles=True)
+    elif case == "flux-nvfp4-swap-target-sglang":
+        build_nvfp4_transformer(
+            d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1", swap_weight_nibbles=True, target="sglang"
         )
         sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4", swap_weight_nibbles=True)
     return d, s
