@@ -236,3 +236,12 @@ def test_swap_weight_nibbles_by_target(modelopt_fixture, tmp_path, target):
     else:
         assert got == _core.swap_nibbles(src) and got != src
         assert qc.get("swap_weight_nibbles", "absent") == ("absent" if target == "vllm-omni" else False)
+
+
+def test_single_shard_build_writes_an_index(flux_base, tmp_path):
+    """SGLang's builder tools always write `*.safetensors.index.json`; dqfast's builders too."""
+    out = tmp_path / "o"
+    build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base)
+    idx = json.loads((out / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert set(idx["weight_map"].values()) == {"diffusion_pytorch_model.safetensors"}
+    assert set(idx["weight_map"]) == set(open_checkpoint(out).tensors)

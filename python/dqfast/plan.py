@@ -156,6 +156,8 @@ class PlanBuilder:
         self.quant_config: dict[str, Any] | None = None
         self.target: str | None = None
         self.fit_target = False
+        # An index json even for one shard: SGLang's builder tools always write one (issue #13).
+        self.always_index = True
 
     def write_config(self, src_cfg: dict[str, Any], quant_cfg: dict[str, Any]) -> None:
         """config.json (the source's, with ``quantization_config``) and the shard metadata; a
@@ -219,6 +221,7 @@ class PlanBuilder:
                 "fsync": self.fsync,
                 "io": self.io,
                 "guard_inputs": self.guard_inputs,
+                "always_index": self.always_index,
             }
         )
 
