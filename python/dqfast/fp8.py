@@ -133,6 +133,12 @@ def build_fp8_transformer(
 ) -> BuildReport:
     """Build an FP8 transformer directory that SGLang Diffusion / vLLM-Omni load.
 
+    ``target`` (``sglang``, ``vllm-omni``, ``any``): refuse, before writing, an output that engine
+    cannot load (:func:`dqfast.check.apply_target`); ``fit_target``: keep such layers in BF16 instead
+    (``report.warnings`` lists each). ``ignore`` entries never match a quantized module under
+    either engine's rule (``proj_out`` is written ``p*roj_out``).
+
+    ``maxbound``: SGLang's ``--maxbound`` (backbone amax / maxbound).
     ``fallback``: regexes (one ``str`` is one pattern). ``model_type`` must match config.json's
     ``_class_name`` unless ``force_model_type``; a build that quantizes nothing warns
     (``report.warnings``), or fails with ``strict``.

@@ -137,6 +137,8 @@ def build_mixed_transformer(
     Both are stated in the config's ``calibration`` entry. ``guard_inputs``: files the caller
     read to make the arguments (the CLI's ``--policy`` file); like the base, the output may never
     be, contain or lie inside one.
+    ``target`` / ``fit_target``: as for :func:`dqfast.fp8.build_fp8_transformer` (SGLang rejects
+    MIXED_PRECISION, so ``sglang`` and ``any`` always refuse).
     """
     out = Path(output_dir)
     plan = new_plan(out, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)

@@ -123,6 +123,11 @@ def build_nvfp4_transformer(
 ) -> BuildReport:
     """Build a mixed BF16+NVFP4 transformer directory (SGLang Diffusion / vLLM-Omni layout).
 
+    ``target`` (``sglang``, ``vllm-omni``, ``any``): refuse, before writing, an output that engine
+    cannot load (:func:`dqfast.check.apply_target`); ``fit_target``: keep such layers in BF16 instead
+    (``report.warnings`` lists each). ``ignore`` entries never match a quantized module under
+    either engine's rule (``proj_out`` is written ``p*roj_out``).
+
     ``fallback`` takes globs (``.`` literal, ``*`` any run, full match; one ``str`` is one glob),
     like SGLang's ``--keep-bf16-pattern`` for this builder. ``force_model_type`` and ``strict``
     as in :func:`dqfast.fp8.build_fp8_transformer`.
