@@ -245,3 +245,20 @@ def test_single_shard_build_writes_an_index(flux_base, tmp_path):
     idx = json.loads((out / "diffusion_pytorch_model.safetensors.index.json").read_text())
     assert set(idx["weight_map"].values()) == {"diffusion_pytorch_model.safetensors"}
     assert set(idx["weight_map"]) == set(open_checkpoint(out).tensors)
+
+
+def test_components_target(flux_base, tmp_path):
+    """`build components` passes --target/--fit-target to each component's builder."""
+    import shutil
+
+    root = tmp_path / "pipe"
+    shutil.copytree(flux_base, root / "transformer")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(
+        main, ["build", "components", "nvfp4", "--root", str(root), "--output-dir", str(out), "--from-bf16", "--target", "vllm-omni"]
+    )
+    assert r.exit_code == 2 and "cannot load 'transformer_blocks." in r.output and not (out / "transformer").exists()
+    args = ["build", "components", "nvfp4", "--root", str(root), "--output-dir", str(out), "--from-bf16", "--target", "any", "--fit-target"]
+    r = CliRunner().invoke(main, [*args, "-q"])
+    assert r.exit_code == 0, r.output
+    assert [x.status for x in check_checkpoint(out / "transformer", "any")] == ["loads", "loads"]
