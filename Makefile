@@ -57,6 +57,7 @@ lint: venv
 	cargo clippy --all-targets --release -q -- -D warnings
 	$(VENV)/bin/ruff check -q .
 	$(VENV)/bin/ruff format --check -q .
+	$(VENV)/bin/mypy
 
 # Compatibility suite (docs/compat.md): SGLang's and vLLM-Omni's own code as the oracle, in a
 # separate venv. The engines are installed --no-deps (their full dependency sets pin CUDA-only

@@ -410,6 +410,29 @@ output = "out/nvfp4"
     assert _dir_files(direct) == _dir_files(tmp_path / "out" / "nvfp4")
 
 
+def test_mixed_builder_in_a_manifest(tmp_path: Path, inputs: dict[str, Path]) -> None:
+    """``mixed`` comes from the one builder registry (dqfast.builders): a manifest can name it,
+    its options are checked against its signature, and the output is what the API writes."""
+    m = tmp_path / "mixed.toml"
+    m.write_text(f"""
+[[jobs]]
+builder = "mixed"
+output = "out/mixed"
+inputs = {{ base_transformer_dir = "{inputs["a"]}" }}
+options = {{ model_type = "none", policy = {{ nvfp4 = ["."] }} }}
+""")
+    s = B.run_batch(B.load_manifest(m))
+    assert s.jobs[0].status == "done", s.jobs[0].error
+    direct = tmp_path / "direct"
+    from dqfast.mixed import build_mixed_transformer
+
+    build_mixed_transformer(direct, inputs["a"], {"nvfp4": ["."]}, model_type="none")
+    assert _dir_files(direct) == _dir_files(tmp_path / "out" / "mixed")
+    m.write_text(m.read_text().replace("policy", "polcy"))
+    with pytest.raises(B.ManifestError, match="unknown option 'polcy' for builder 'mixed'"):
+        B.load_manifest(m)
+
+
 # ---- builder registry ----------------------------------------------------------------------
 
 

@@ -132,3 +132,20 @@ def test_cli_build_mixed_components_and_components_command(pipeline, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert (out2 / "transformer" / "config.json").is_file() and not (out2 / "transformer_2").exists()
+
+
+def test_cli_build_components_mxfp8(pipeline, tmp_path):
+    """Every builder of the registry is a `build components` kind; mxfp8 (calibration-free only)
+    gets no from-BF16/activation options, and each component equals its standalone build."""
+    from click.testing import CliRunner
+    from dqfast.cli import main
+    from dqfast.mxfp8 import build_mxfp8_transformer
+
+    out = tmp_path / "mx"
+    res = CliRunner().invoke(main, ["build", "components", "mxfp8", "--root", str(pipeline), "--output-dir", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    for c in ("transformer", "transformer_2"):
+        alone = tmp_path / f"alone-{c}"
+        build_mxfp8_transformer(alone, base_transformer_dir=pipeline / c)
+        assert _load(out / c).keys() == _load(alone).keys()
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(_load(out / c).values(), _load(alone).values()))

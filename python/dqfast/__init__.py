@@ -21,9 +21,9 @@ from dqfast.errors import (
 )
 from dqfast.fp8 import build_fp8_transformer
 from dqfast.mixed import build_mixed_transformer
+from dqfast.models import PRESETS, ModelPreset, get_preset
 from dqfast.nvfp4 import build_nvfp4_transformer
 from dqfast.plan import BuildReport, ModuleDecision
-from dqfast.presets import PRESETS, ModelPreset, get_preset
 from dqfast.quant_config import QuantConfig, resolve_quant_config
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
 

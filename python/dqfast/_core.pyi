@@ -8,6 +8,11 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
+# Format constants of dqfast-core (each number written once, in Rust).
+E4M3_MAX: float  # 448.0
+E4M3_MAX_BYTE: int  # 0x7E, the e4m3 code of +448
+NVFP4_BOUND: float  # 6 * 448 = 2688.0
+NVFP4_GROUP: int  # 16 elements per NVFP4 block scale
 
 # Errors are raised as the classes of ``dqfast.errors`` (defined in Python so they pickle).
 

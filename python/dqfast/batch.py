@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import inspect
 import json
 import os
@@ -46,6 +45,7 @@ from typing import Any, Literal
 
 from dqfast import _core
 from dqfast._files import check_regular, open_regular, read_regular
+from dqfast.builders import BUILDERS, Builder, register_builder
 from dqfast.errors import DqfastError, OutputExistsError
 
 __all__ = [
@@ -97,40 +97,12 @@ class ManifestError(DqfastError):
 # ---- builders -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Builder:
-    """A build function the manifest can name.
-
-    ``target`` is ``"module:function"`` (imported on use, so a builder whose module is not there
-    yet fails only the jobs that use it); the function takes the output directory first and
-    keywords after, as :func:`dqfast.build_fp8_transformer` does. ``inputs`` are the keywords
-    that are paths (checked to exist, fingerprinted for resumability); every other keyword of the
-    function is an option, except those the batch runner sets itself.
-    """
-
-    target: str
-    inputs: tuple[str, ...]
-
-    def load(self) -> Callable[..., Any]:
-        mod, _, fn = self.target.partition(":")
-        return getattr(importlib.import_module(mod), fn)
-
-
 #: Keywords the runner owns: never accepted from a manifest.
 RUNNER_KEYWORDS = frozenset({"output_dir", "overwrite", "dry_run", "threads"})
 
-BUILDERS: dict[str, Builder] = {
-    "fp8": Builder(
-        "dqfast.fp8:build_fp8_transformer",
-        ("modelopt_hf_dir", "modelopt_backbone_ckpt", "base_transformer_dir"),
-    ),
-    "nvfp4": Builder("dqfast.nvfp4:build_nvfp4_transformer", ("modelopt_hf_dir", "base_transformer_dir")),
-    "mxfp8": Builder("dqfast.mxfp8:build_mxfp8_transformer", ("base_transformer_dir",)),
-}
-
-
-def register_builder(name: str, target: str, inputs: Iterable[str]) -> None:
-    BUILDERS[name] = Builder(target, tuple(inputs))
+# Builders come from the one registry (dqfast.builders): every builder the CLI and
+# ``dqfast.components`` know (fp8, nvfp4, mixed, mxfp8) can be named in a manifest; a manifest's
+# ``inputs`` are the builder's path keywords, every other keyword of the function is an option.
 
 
 # ---- manifest -------------------------------------------------------------------------------
@@ -413,11 +385,11 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
             problems.append(f"{label}: unknown key '{k}' (known: {', '.join(sorted(JOB_KEYS))})")
         merged: dict[str, Any] = {**defaults, **j}
         for table in ("inputs", "options"):
-            d, own = defaults.get(table) or {}, j.get(table) or {}
-            if not isinstance(d, dict) or not isinstance(own, dict):
-                problems.append(f"{label}: '{table}' must be a table, not {_type_name(own if isinstance(d, dict) else d)}")
-                d, own = {}, {}
-            merged[table] = {**d, **own}
+            dflt, own = defaults.get(table) or {}, j.get(table) or {}
+            if not isinstance(dflt, dict) or not isinstance(own, dict):
+                problems.append(f"{label}: '{table}' must be a table, not {_type_name(own if isinstance(dflt, dict) else dflt)}")
+                dflt, own = {}, {}
+            merged[table] = {**dflt, **own}
         builder_name = merged.get("builder")
         output = merged.get("output")
         if output is not None and (not isinstance(output, str) or "\0" in output):
@@ -438,6 +410,7 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
         inputs: dict[str, str] = {}
         options: dict[str, Any] = dict(merged["options"])
         if builder is not None:
+            assert isinstance(builder_name, str)  # a builder was found under this name
             if builder_name not in keywords_cache:
                 keywords_cache[builder_name] = _signature_keywords(builder)
             kws = keywords_cache[builder_name]
@@ -589,7 +562,7 @@ def _input_files(path: Path) -> list[Path]:
     (a FIFO would block the hashing forever)."""
     if not path.is_dir():
         return [check_regular(path, "input")]
-    out = []
+    out: list[Path] = []
     for root, dirs, files in os.walk(path):
         # Staging directories and job records of outputs that live under an input root.
         dirs[:] = sorted(d for d in dirs if STAGING_TAG not in d)
@@ -645,7 +618,7 @@ def _canonical(v: Any) -> Any:
 def fingerprint(job: JobSpec) -> tuple[str, dict[str, Any], int]:
     """sha256 of everything that determines the output, the identity document and the largest
     input tensor."""
-    from dqfast import __version__
+    from dqfast._core import __version__
 
     idents = {}
     largest = 0

@@ -9,18 +9,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
+from dqfast.cli_format import human as _human  # the CLI's one formatter
 from dqfast.cli_types import COUNT, SizeParam
 from dqfast.errors import DqfastError
-
-
-def _human(n: float) -> str:
-    from dqfast.cli import _human as human  # the CLI's one formatter
-
-    return human(n)
 
 
 @click.command("batch")
@@ -50,7 +45,7 @@ def _human(n: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
 def batch(
     manifest: Path,
-    executor: str,
+    executor: Literal["local", "ray"],
     address: str | None,
     max_parallel: int,
     cores: int,

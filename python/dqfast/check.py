@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dqfast.errors import PlanError
-from dqfast.presets import detect_preset
+from dqfast.models import detect_preset
 from dqfast.quant_config import find_component_dir, load_json, resolve_quant_config
 from dqfast.reader import open_checkpoint
 from dqfast.targets import Target, get_target

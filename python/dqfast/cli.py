@@ -16,16 +16,17 @@ from typing import Any
 
 import click
 
+from dqfast.batch_cli import batch
+from dqfast.builders import BUILDERS
+from dqfast.cli_format import fail as _fail
+from dqfast.cli_format import human as _human
+from dqfast.cli_format import run_or_fail
 from dqfast.cli_types import AT_LEAST_ONE, COUNT, POSITIVE_FLOAT, SizeParam
 from dqfast.errors import DqfastError
 from dqfast.hub import InputPath, hub_options
 from dqfast.plan import IO_MODES, BuildReport
+from dqfast.ptq_cli import ptq
 from dqfast.targets import TARGET_NAMES
-
-
-def _fail(msg: str) -> None:
-    click.echo(f"error: {' '.join(str(msg).splitlines())}", err=True)
-    sys.exit(2)
 
 
 class OneLineErrors(click.Group):
@@ -34,14 +35,22 @@ class OneLineErrors(click.Group):
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
         except click.ClickException as e:
             if type(e).__name__ == "NoArgsIsHelpError":  # bare `dqfast build`: the help, as click shows it
                 e.show()
                 sys.exit(e.exit_code)
             _fail_code(e.format_message(), e.exit_code)
+        except ModuleNotFoundError as e:
+            if not e.name or e.name.split(".")[0] == "dqfast":
+                raise  # dqfast's own module missing: a bug, keep the traceback
+            from dqfast.extras import EXTRAS, missing_extra
+
+            top = e.name.split(".")[0]
+            extra = next((x for x, mods in EXTRAS.items() if top in mods), None)
+            _fail_code(str(missing_extra(extra, top)) if extra else f"this command needs '{top}', which is not installed", 2)
         except click.exceptions.Abort as e:
             click.echo("Aborted!", err=True)
             # Ctrl-C / SIGTERM outside a build: the same exit status as a cancelled build.
@@ -68,32 +77,18 @@ def _run(fn: Callable[[], Any]) -> Any:
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
-        return fn()
+        return run_or_fail(fn)  # dqfast's errors: one line, exit 2
     except KeyboardInterrupt:
         for p in _PROGRESS:
             p.close()
         click.echo("interrupted: nothing was written at the output path", err=True)
         sys.exit(130)
-    except DqfastError as e:
-        _fail(str(e))
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        _fail(str(e))
-    except ValueError as e:  # e.g. a malformed backbone.pt
-        _fail(str(e))
     finally:
         for p in _PROGRESS:
             p.close()
         _PROGRESS.clear()
         if main_thread:
             signal.signal(signal.SIGTERM, old_term)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 def print_report(report: BuildReport, as_json: bool, show_decisions: bool) -> None:
@@ -469,7 +464,7 @@ def _load_policy(spec: str) -> list[tuple[str, str]]:
 
 
 @build.command("components")
-@click.argument("kind", type=click.Choice(["fp8", "nvfp4", "mixed"]))
+@click.argument("kind", type=click.Choice(list(BUILDERS)))
 @click.option(
     "--root",
     required=True,
@@ -494,7 +489,7 @@ def build_components_cmd(**kw: Any) -> None:
 
     kind = kw["kind"]
     args: dict[str, Any] = dict(model_type=kw["model_type"], **_common_build_kwargs(kw))
-    if kind != "mixed":
+    if kind not in ("mixed", "mxfp8"):  # the calibration-free-only builders take neither
         args.update(fallback=list(kw["fallbacks"]), from_bf16=kw["from_bf16"], activation_amax=kw["activation_amax"])
         if kw["base_transformer_dir"]:
             args["base_transformer_dir"] = str(kw["base_transformer_dir"])
@@ -678,7 +673,7 @@ def _print_verify(r: dict[str, Any], as_json: bool = False) -> None:
 @main.command("presets")
 def presets_cmd() -> None:
     """List the model presets and where their lists come from."""
-    from dqfast.presets import PRESETS
+    from dqfast.models import PRESETS
 
     for p in PRESETS.values():
         click.echo(
@@ -695,27 +690,14 @@ def demo_cmd(workdir: Path) -> None:
     """Generate a small synthetic FLUX.1-shaped ModelOpt FP8 export and convert it."""
     from dqfast.demo import run_demo
 
-    _run(lambda: run_demo(workdir))
+    _run(lambda: run_demo(workdir, show=print_report))
 
 
-def _register_optional() -> None:
-    # Commands whose modules live elsewhere register themselves here; a missing optional
-    # dependency must never break the rest of the CLI.
-    try:
-        from dqfast.ptq_cli import ptq
-    except ImportError:
-        pass
-    else:
-        main.add_command(ptq)
-    try:
-        from dqfast.batch_cli import batch
-    except ImportError:
-        pass
-    else:
-        main.add_command(batch)
-
-
-_register_optional()
+# Every subcommand is registered here, unconditionally: their modules import only click and
+# dqfast, so a broken one fails loudly instead of vanishing from --help; optional extras (torch,
+# modelopt, ray) are imported when a command runs, and a missing one is a one-line error (main).
+main.add_command(ptq)
+main.add_command(batch)
 
 
 def _help_everywhere(cmd: click.Command) -> None:

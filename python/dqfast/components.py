@@ -10,37 +10,21 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dqfast import _core
+from dqfast import builders as _builders
 from dqfast.errors import OutputExistsError, PlanError
 from dqfast.plan import BuildReport
 
 __all__ = ["BUILDERS", "find_components", "build_components", "ComponentsReport"]
 
 
-def _builder(kind: str) -> Callable[..., BuildReport]:
-    if kind == "fp8":
-        from dqfast.fp8 import build_fp8_transformer
-
-        return build_fp8_transformer
-    if kind == "nvfp4":
-        from dqfast.nvfp4 import build_nvfp4_transformer
-
-        return build_nvfp4_transformer
-    if kind == "mixed":
-        from dqfast.mixed import build_mixed_transformer
-
-        return build_mixed_transformer
-    raise PlanError(f"unknown build kind '{kind}' (known: {', '.join(BUILDERS)})")
-
-
-BUILDERS = ("fp8", "nvfp4", "mixed")
-# The builders' keywords that name inputs (guarded against every component output).
-_PATH_KEYWORDS = ("modelopt_hf_dir", "modelopt_backbone_ckpt", "base_transformer_dir")
+# The builder registry's names (fp8, nvfp4, mixed, and any registered later).
+BUILDERS = _builders.BUILDERS
 
 
 def find_components(root: str | os.PathLike[str]) -> list[str]:
@@ -81,14 +65,15 @@ def build_components(
     every string/path argument has ``{component}`` substituted. ``components=None`` means all of
     :func:`find_components`.
     """
-    builder = _builder(kind)
+    spec = _builders.get_builder(kind)
+    builder = spec.load()
     comps = list(components) if components else find_components(root)
     if len(set(comps)) != len(comps):
         raise PlanError(f"components listed twice: {comps}")
     out_root = Path(output_dir)
     overwrite = bool(builder_kwargs.get("overwrite", False))
     dry_run = bool(builder_kwargs.get("dry_run", False))
-    main_arg = "base_transformer_dir" if kind == "mixed" or builder_kwargs.get("from_bf16") else "modelopt_hf_dir"
+    main_arg = spec.main_input_for(builder_kwargs)
     builder_kwargs.setdefault(main_arg, str(root))
     per_component = {
         c: {k: (str(v).replace("{component}", c) if isinstance(v, (str, os.PathLike)) else v) for k, v in builder_kwargs.items()}
@@ -96,7 +81,7 @@ def build_components(
     }
     # Every component output against every component's inputs (and the root), before the first
     # build: a later component must not find its input already replaced by an earlier output.
-    inputs = [str(root)] + [str(kw[k]) for kw in per_component.values() for k in _PATH_KEYWORDS if kw.get(k) is not None]
+    inputs = [str(root)] + [str(kw[k]) for kw in per_component.values() for k in spec.inputs if kw.get(k) is not None]
     inputs += [str(p) for kw in per_component.values() for p in kw.get("guard_inputs", ())]
     for c in comps:
         _core.check_output_paths(out_root / c, inputs, "--output-dir")
@@ -114,11 +99,7 @@ def build_components(
             kw = dict(per_component[c])
             target = out_root / c
             existed = target.exists()
-            if kind == "mixed":
-                base = kw.pop("base_transformer_dir")
-                r = builder(target, base, component=c, **kw)
-            else:
-                r = builder(target, component=c, **kw)
+            r = builder(target, component=c, **kw)
             if not existed and not dry_run:
                 created.append(target)
             report.components[c] = r

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,10 +27,11 @@ __all__ = ["run_demo"]
 MARKER = ".dqfast-demo"
 
 
-def run_demo(workdir: str | Path = "demo-out") -> dict:
+def run_demo(workdir: str | Path = "demo-out", show: Callable[..., None] | None = None) -> dict[str, Any]:
+    """``show(report, as_json, show_decisions)`` prints the build report (the CLI passes its
+    ``print_report``; taking it as an argument keeps ``demo`` from importing ``cli``)."""
     from rich.console import Console
 
-    from dqfast.cli import print_report
     from dqfast.synth import make_transformer
 
     console = Console()
@@ -68,7 +71,8 @@ def run_demo(workdir: str | Path = "demo-out") -> dict:
         model_type="auto",
         max_shard_size=2_000_000,
     )
-    print_report(report, as_json=False, show_decisions=False)
+    if show is not None:
+        show(report, False, False)
     console.print("[bold]3/3[/bold] checking the output")
     info = inspect_checkpoint(out)
     worst = 0.0

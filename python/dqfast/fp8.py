@@ -22,8 +22,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dqfast import __version__, _core
+from dqfast import _core
+from dqfast._core import E4M3_MAX, __version__  # 448, from dqfast-core
 from dqfast.errors import PlanError
+from dqfast.models import ModelPreset, pattern_list, resolve_preset
 from dqfast.plan import (
     BuildReport,
     IoMode,
@@ -36,7 +38,6 @@ from dqfast.plan import (
     new_plan,
     split_module,
 )
-from dqfast.presets import ModelPreset, pattern_list, resolve_preset
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
 from dqfast.targets import TargetName
@@ -45,7 +46,6 @@ __all__ = ["build_fp8_transformer"]
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
-E4M3_MAX = 448.0
 
 Rounding = Literal["exact", "modelopt"]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dqfast import _core
+from dqfast.errors import PlanError
 from dqfast.plan import split_module
 from dqfast.quant_config import QuantConfig, load_json, resolve_quant_config
 from dqfast.reader import CheckpointInfo, open_checkpoint, read_tensor
@@ -60,9 +61,9 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
     cfg = load_json(comp / "config.json") if comp.is_dir() and (comp / "config.json").is_file() else {}
     qc: QuantConfig | None = resolve_quant_config(comp) if comp.is_dir() else None
     mods: dict[str, dict[str, Any]] = {}
-    for name, meta in info.tensors.items():
+    for name, tmeta in info.tensors.items():
         m, suffix = split_module(name)
-        mods.setdefault(m, {})[suffix or name] = meta
+        mods.setdefault(m, {})[suffix or name] = tmeta
     kinds = Counter(_module_kind(parts) for parts in mods.values())
     problems: list[str] = []
     # NaN codes in any e4m3 tensor (FP8 weights, NVFP4 block scales): counted by the engine over
@@ -101,7 +102,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
             try:
                 # The engine's scale rule: finite, > 0 and a normal float32 (no zero/subnormal).
                 _core.check_scales(v.tolist(), meta.name)
-            except _core.PlanError as e:
+            except PlanError as e:
                 problems.append(str(e))
         if qc is not None and kind == "float" and len(parts["weight"].shape) == 2 and qc.algo_for(m) not in (None,):
             if qc.quant_algo != "MIXED_PRECISION":

@@ -27,39 +27,26 @@ from typing import Any
 
 import numpy as np
 
-from dqfast import __version__
+from dqfast._core import E4M3_MAX, __version__
 from dqfast.errors import PlanError
-from dqfast.fp8 import E4M3_MAX, FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, check_activation_amax
-from dqfast.nvfp4 import GROUP, NVFP4_BOUND, fused_groups
+from dqfast.fp8 import FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, check_activation_amax
+from dqfast.models import MLP_PATTERNS, ModelPreset, fused_groups, pattern_list, resolve_preset
+from dqfast.nvfp4 import GROUP, NVFP4_BOUND
 from dqfast.plan import BuildReport, IoMode, ModuleDecision, ProgressFn, finish, new_plan
-from dqfast.presets import ModelPreset, pattern_list, resolve_preset
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
 from dqfast.targets import TargetName
 
-__all__ = ["ALGOS", "default_policy", "parse_policy", "build_mixed_transformer"]
+__all__ = ["ALGOS", "MLP_PATTERNS", "default_policy", "parse_policy", "build_mixed_transformer"]
 
 ALGOS = ("fp8", "nvfp4", "bf16")
-
-#: Heavy MLP projections (most of the FLOPs and bytes): NVFP4 by default.
-MLP_PATTERNS = (
-    r"\.ff(_context)?\.net\.(0\.proj|2)$",  # diffusers FeedForward (FLUX.1, HunyuanVideo)
-    r"\.ff(_context)?\.(linear_in|linear_out|proj_in|proj_out)$",  # FLUX.2, LTX
-    r"\.proj_mlp$",  # FLUX.1 single blocks
-    r"\.ffn\.net\.(0\.proj|2)$",  # Wan
-    r"\.(img|txt)_mlp\.net\.(0\.proj|2)$",  # Qwen-Image
-)
 
 Policy = Sequence[tuple[str, str]]
 
 
 def default_policy(preset: ModelPreset) -> list[tuple[str, str]]:
-    """Layers ModelOpt's recipe leaves unquantized stay BF16 (embedders, final projection, ...),
-    heavy MLPs NVFP4, every other Linear (attention, modulation: the sensitive ones) FP8."""
-    pol: list[tuple[str, str]] = [("bf16", f"^(?:{p})") for p in preset.ptq_disabled]
-    pol += [("nvfp4", p) for p in MLP_PATTERNS]
-    pol.append(("fp8", r"."))
-    return pol
+    """The family's default policy (:meth:`dqfast.models.ModelPreset.default_mixed_policy`)."""
+    return preset.default_mixed_policy()
 
 
 def parse_policy(policy: Any, source: str = "policy") -> list[tuple[str, str]]:
@@ -162,6 +149,7 @@ def build_mixed_transformer(
     why: dict[str, str] = {}
     ignore: set[str] = set()
     counts = {"fp8": 0, "nvfp4": 0, "bf16": 0, "not_linear": 0, "nvfp4_demoted_to_fp8": 0}
+    algo: str | None
     for module, parts in mods.items():
         w = parts.get("weight")
         if w is None:

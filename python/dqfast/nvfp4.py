@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from dqfast import __version__, _core
+from dqfast import _core
+from dqfast._core import E4M3_MAX_BYTE, NVFP4_BOUND, NVFP4_GROUP, __version__
 from dqfast.errors import PlanError
 from dqfast.fp8 import FLOAT_DTYPES, _check_base_tensor, _group_modules, _ignore_entries, _output_config, check_activation_amax
+from dqfast.models import ModelPreset, fused_groups, glob_to_regex, pattern_list, resolve_preset
 from dqfast.plan import (
     BuildReport,
     IoMode,
@@ -39,35 +41,20 @@ from dqfast.plan import (
     finish,
     new_plan,
 )
-from dqfast.presets import ModelPreset, glob_to_regex, pattern_list, resolve_preset
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import TensorMeta, open_checkpoint, read_tensor
 from dqfast.targets import TargetName, get_target
 
 __all__ = ["build_nvfp4_transformer", "fused_groups", "nan_scale_bytes", "nibble_order_report", "NVFP4_BOUND"]
 
-#: ``6 * 448``: E2M1 max times E4M3 max; global scale = amax / NVFP4_BOUND.
-NVFP4_BOUND = 2688.0
-GROUP = 16
-
-# Shards a loader fuses into one GEMM (vLLM-Omni: to_q/k/v -> to_qkv, add_*_proj -> add_kv_proj).
-_FUSED = (
-    (re.compile(r"^(?P<p>.*)\.to_(?P<s>[qkv])$"), "to_qkv"),
-    (re.compile(r"^(?P<p>.*)\.add_(?P<s>[qkv])_proj$"), "add_qkv"),
-    (re.compile(r"^(?P<p>.*)\.(?P<s>[qkv])_proj$"), "qkv_proj"),
-)
+# ``NVFP4_BOUND`` = 6 * 448 (E2M1 max times E4M3 max; global scale = amax / NVFP4_BOUND) and
+# ``GROUP`` = 16 elements per block scale: the numbers of dqfast-core, exported by ``_core``.
+GROUP = NVFP4_GROUP
 
 
-def fused_groups(modules: Iterable[str]) -> dict[str, list[str]]:
-    """Group q/k/v projection modules that loaders fuse: ``{group key: [q, k, v] modules}``."""
-    groups: dict[str, dict[str, str]] = {}
-    for m in modules:
-        for rx, kind in _FUSED:
-            mt = rx.match(m)
-            if mt:
-                groups.setdefault(f"{mt['p']}.{kind}", {})[mt["s"]] = m
-                break
-    return {k: [v[s] for s in sorted(v)] for k, v in groups.items() if len(v) > 1}
+def _e4m3_nan(raw: np.ndarray) -> np.ndarray:
+    """Mask of e4m3 NaN codes (0x7F/0xFF: every exponent and mantissa bit set)."""
+    return np.asarray((raw & 0x7F) == 0x7F)
 
 
 def _is_nvfp4(parts: dict[str, TensorMeta]) -> bool:
@@ -88,7 +75,7 @@ def _scalar_f32(meta: TensorMeta) -> float:
 def nan_scale_bytes(meta: TensorMeta) -> int:
     """How many NaN codes (0x7F/0xFF) an e4m3 tensor holds."""
     raw = read_tensor(meta.file, meta.name, raw=True)
-    return int(np.count_nonzero((raw & 0x7F) == 0x7F))
+    return int(np.count_nonzero(_e4m3_nan(raw)))
 
 
 def _fallback_globs(patterns: Iterable[str] | str) -> list[re.Pattern[str]]:
@@ -262,7 +249,7 @@ def _plan_export(
             for suffix, meta in parts.items():
                 if suffix in ("weight_scale", "weight_scale_2", "input_scale"):
                     continue
-                want = None
+                want: tuple[int, ...] | None = None
                 if suffix == "weight" and meta.dtype == "U8":
                     want = (meta.shape[0], meta.shape[1] * 2)
                 elif suffix != "weight" or meta.dtype in FLOAT_DTYPES:
@@ -329,7 +316,7 @@ def _plan_export(
 def _rescale_error(ws: TensorMeta, factor: float, gs_old: float, gs_new: float) -> float:
     """Largest relative change of a block's dequantization multiplier after rescaling."""
     raw = read_tensor(ws.file, ws.name, raw=True)
-    raw = np.where((raw & 0x7F) == 0x7F, np.uint8(0x7E), raw).astype(np.uint8)
+    raw = np.where(_e4m3_nan(raw), np.uint8(E4M3_MAX_BYTE), raw).astype(np.uint8)
     old = np.frombuffer(_core.e4m3_to_f32(raw.tobytes()), dtype=np.float32).astype(np.float64) * gs_old
     new_b = _core.rescale_block_scales(raw.tobytes(), factor)
     new = np.frombuffer(_core.e4m3_to_f32(new_b), dtype=np.float32).astype(np.float64) * gs_new

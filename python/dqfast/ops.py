@@ -55,7 +55,7 @@ def _torch_as_numpy(t: Any, what: str) -> np.ndarray:
     view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}.get(t.element_size())
     if view is None:
         raise PlanError(f"{what}: unsupported tensor dtype {t.dtype}")
-    a = t.detach().view(view).numpy()
+    a: np.ndarray = t.detach().view(view).numpy()
     return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[t.element_size()])
 
 

@@ -59,7 +59,7 @@ def ptq(**kw: Any) -> None:
     Conditioning comes from deterministic pseudo-embeddings (SHA-256-seeded noise per prompt):
     no text encoder is run. See docs/ptq.md.
     """
-    from dqfast.cli import _run
+    from dqfast.cli_format import run_or_fail as _run
     from dqfast.errors import DqfastError
     from dqfast.extras import require_extra
 
@@ -103,7 +103,7 @@ def ptq(**kw: Any) -> None:
             t = c.trajectory
             click.echo(
                 f"  layers {c.layers['layers'] if c.layers else 0}, min weight cosine "
-                f"{c.layers['min_cosine']:.5f}; trajectory final cosine {t['final_cosine']:.6f}, "
+                f"{(c.layers or {}).get('min_cosine', float('nan')):.5f}; trajectory final cosine {t['final_cosine']:.6f}, "
                 f"PSNR {t['final_psnr_db']:.2f} dB"
             )
     click.echo(f"report: {result.report_path}")

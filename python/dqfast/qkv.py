@@ -33,8 +33,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dqfast import __version__
+from dqfast._core import __version__
 from dqfast.errors import PlanError
+from dqfast.models import QkvRule, get_preset
 from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan, split_module
 from dqfast.quant_config import load_json
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
@@ -60,52 +61,8 @@ _SCALAR_SUFFIXES = ("weight_scale_2", "input_scale")
 _ROW_SUFFIXES = ("weight", "weight_scale", "bias")
 
 
-@dataclass(frozen=True)
-class QkvRule:
-    """How one fused module relates to its three shards.
-
-    ``fused`` matches fused module names; ``shard_name`` (``re.Match.expand`` template with ``{s}``
-    for q/k/v) names the shards from that match. ``shard`` matches shard module names (named group
-    ``s`` = q|k|v); ``fused_name`` names the fused module from that match.
-    """
-
-    fused: str
-    shard: str
-    fused_name: str
-    shard_name: str
-
-    def shards_of(self, module: str) -> list[str] | None:
-        m = re.match(self.fused, module)
-        if m is None:
-            return None
-        return [m.expand(self.shard_name.replace("{s}", s)) for s in _SHARDS]
-
-    def fused_of(self, module: str) -> tuple[str, str] | None:
-        """(fused name, shard letter) of a shard module, else None."""
-        m = re.match(self.shard, module)
-        if m is None:
-            return None
-        return m.expand(self.fused_name), m["s"]
-
-
-#: BFL FLUX.2 names <-> diffusers Flux2Transformer2DModel shard names (the mapping SGLang's
-#: FLUX.2 config applies at load: img_attn.qkv -> attn.to_qkv = to_q|to_k|to_v, txt_attn.qkv ->
-#: attn.to_added_qkv = add_q|k|v_proj). ``single_blocks.N.linear1`` (q/k/v + MLP, unequal parts)
-#: is fused in diffusers too (``to_qkv_mlp_proj``) and is never split.
-FLUX2_BFL_RULES: tuple[QkvRule, ...] = (
-    QkvRule(
-        r"^double_blocks\.(?P<i>\d+)\.img_attn\.qkv$",
-        r"^transformer_blocks\.(?P<i>\d+)\.attn\.to_(?P<s>[qkv])$",
-        r"double_blocks.\g<i>.img_attn.qkv",
-        r"transformer_blocks.\g<i>.attn.to_{s}",
-    ),
-    QkvRule(
-        r"^double_blocks\.(?P<i>\d+)\.txt_attn\.qkv$",
-        r"^transformer_blocks\.(?P<i>\d+)\.attn\.add_(?P<s>[qkv])_proj$",
-        r"double_blocks.\g<i>.txt_attn.qkv",
-        r"transformer_blocks.\g<i>.attn.add_{s}_proj",
-    ),
-)
+#: BFL FLUX.2 packed names <-> diffusers shards: the FLUX.2 family's rules (``dqfast.models.flux2``).
+FLUX2_BFL_RULES: tuple[QkvRule, ...] = get_preset("flux2").qkv_rules
 
 #: SGLang's FLUX.2 runtime names (``attn.to_qkv`` / ``attn.to_added_qkv``) <-> diffusers shards.
 SGLANG_FUSED_RULES: tuple[QkvRule, ...] = (

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dqfast._files import read_regular, typed_error
 from dqfast.errors import PlanError
-from dqfast.presets import ignore_pattern_matches
+from dqfast.models import ignore_pattern_matches
 
 __all__ = [
     "QuantConfig",
@@ -29,6 +29,7 @@ __all__ = [
     "load_json_if_present",
     "parse_json",
     "resolve_quant_config",
+    "quantized_layer_entry",
     "MODELOPT_METHODS",
 ]
 
@@ -57,12 +58,22 @@ class QuantConfig:
             return None
         if self.quant_algo != "MIXED_PRECISION":
             return self.quant_algo
-        if module in self.quantized_layers:
-            return str(self.quantized_layers[module]["quant_algo"]).upper()
-        for prefix, spec in self.quantized_layers.items():
-            if module.startswith(prefix + "."):
-                return str(spec["quant_algo"]).upper()
-        return None
+        entry = quantized_layer_entry(self.quantized_layers, module)
+        return None if entry is None else str(entry["quant_algo"]).upper()
+
+
+def quantized_layer_entry(quantized_layers: Mapping[str, Any], module: str) -> Any:
+    """The MIXED_PRECISION ``quantized_layers`` entry of ``module``: its own, else the entry of
+    the nearest listed ancestor (``blocks.0.attn`` covers ``blocks.0.attn.to_q``), else None.
+    The one matcher: the builders' ``QuantConfig.algo_for`` and the runtime loader use it."""
+    if module in quantized_layers:
+        return quantized_layers[module]
+    parts = module.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in quantized_layers:
+            return quantized_layers[prefix]
+    return None
 
 
 #: Deeper than this is no model config: refused before anything walks it recursively.

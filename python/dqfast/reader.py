@@ -96,7 +96,8 @@ def to_float32(dtype: str, raw: np.ndarray) -> np.ndarray:
     if dtype == "F8_E8M0":
         # Exponent-only scale: 2^(b - 127); 0xFF is NaN (OCP MX spec).
         scale = np.ldexp(np.float32(1.0), np.minimum(raw, 0xFE).astype(np.int32) - 127)
-        return np.where(raw == 0xFF, np.float32(np.nan), scale).astype(np.float32)
+        out: np.ndarray = np.where(raw == 0xFF, np.float32(np.nan), scale).astype(np.float32)
+        return out
     return raw.astype(np.float32)
 
 
@@ -104,7 +105,7 @@ def read_tensor(path: str | os.PathLike[str], name: str, *, raw: bool = False) -
     """One tensor as numpy. BF16 and F8_E4M3 come back as float32 unless ``raw`` (then their
     bit patterns as uint16 / uint8)."""
     dtype, shape, data = _core.read_tensor(str(path), name)
-    arr = np.frombuffer(data, dtype=_NUMPY[dtype]).reshape(shape)
+    arr: np.ndarray = np.frombuffer(data, dtype=_NUMPY[dtype]).reshape(shape)
     if raw or dtype not in ("BF16", "F8_E4M3"):
         return arr
     return to_float32(dtype, arr)

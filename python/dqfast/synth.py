@@ -29,10 +29,11 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
+from dqfast._core import E4M3_MAX  # 448, written once in dqfast-core
+
 __all__ = ["TensorSpec", "SynthPaths", "family_config", "tensor_specs", "make_transformer", "FAMILIES"]
 
 FAMILIES = ("flux1", "wan")
-E4M3_MAX = 448.0
 _POOL_BITS = 22
 _CHUNK = 1 << 20  # elements per generated chunk
 _DTYPE_SIZE = {"BF16": 2, "F32": 4, "F8_E4M3": 1}
@@ -266,7 +267,7 @@ class _ShardedWriter:
         self._pos += 1
 
     def write(self, data: bytes | memoryview | np.ndarray) -> None:
-        mv = memoryview(data).cast("B")
+        mv = memoryview(data).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
         if mv.nbytes > self._remaining:
             raise RuntimeError("tensor data overruns its header entry")
         assert self._file is not None
@@ -345,7 +346,7 @@ class _Source:
 
 def _modelopt_disabled(family: str, module: str, export_filter: ExportFilter) -> bool:
     """Whether ModelOpt's diffusion example (flux-dev / wan2.2 filter) leaves ``module`` unquantized."""
-    from dqfast.presets import get_preset
+    from dqfast.models import get_preset
 
     if export_filter == "no-block-filter" and family == "wan":
         # The Wan filter's block indices (0-2, 37-39) are meant for 40 blocks; at a few blocks

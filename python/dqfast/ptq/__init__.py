@@ -5,10 +5,30 @@ the dqfast builders and verifier (``run_ptq``).
 Importing this package needs neither torch nor modelopt; the functions import them.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .calibration import BUILTIN_PROMPTS, CalibConfig, calibrate_denoising, load_prompts, random_calibration_batches
-from .flow import ComponentResult, PtqResult, load_transformer, run_ptq
+from .loading import load_transformer
 from .presets import PRESETS, BlockRange, PtqPreset, get_preset
 from .quantize import build_quant_config, export_hf, quantize, save, save_backbone
+
+if TYPE_CHECKING:
+    from .flow import ComponentResult, PtqResult, run_ptq
+
+# The flow (which runs ``dqfast.verify``, which uses this package's calibration inputs) is
+# imported on first use, so that ``dqfast.verify`` -> ``dqfast.ptq`` is no import cycle.
+_FLOW = ("ComponentResult", "PtqResult", "run_ptq")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FLOW:
+        from . import flow
+
+        return getattr(flow, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BUILTIN_PROMPTS",

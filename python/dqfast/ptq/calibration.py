@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dqfast.models import family_of_class
+
 # A small built-in prompt set (written for dqfast; used when no prompts file is given).
 BUILTIN_PROMPTS: tuple[str, ...] = (
     "A red fox sitting in fresh snow at sunrise, soft golden light",
@@ -167,10 +169,9 @@ class CalibConfig:
 
 def model_family(transformer: Any) -> str:
     name = type(transformer).__name__
-    if name == "FluxTransformer2DModel":
-        return "flux"
-    if name == "WanTransformer3DModel":
-        return "wan"
+    family = family_of_class(name).calibration  # the model registry says which inputs fit
+    if family is not None:
+        return family
     raise NotImplementedError(
         f"no calibration inputs for {name}: the denoising-loop calibration supports "
         "FluxTransformer2DModel and WanTransformer3DModel (pass forward_loop= for others)"

@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from dqfast import _core
-from dqfast import presets as model_presets
+from dqfast import models as model_presets
+from dqfast.builders import get_builder
 from dqfast.errors import OutputExistsError
 from dqfast.quant_config import load_json
 
 from .calibration import CalibConfig, calibrate_denoising, model_family
+from .loading import load_transformer
 from .presets import MODELOPT_SOURCE, get_preset
 from .quantize import Algo, build_quant_config, export_hf, quantize, save_backbone
 
@@ -71,51 +73,6 @@ class PtqResult:
             if c.name == name:
                 return c
         raise KeyError(name)
-
-
-def load_transformer(component_dir: str | Path, dtype: Any = None) -> Any:
-    """A diffusers transformer from its directory, in ``dtype`` (default BF16).
-
-    ``from_pretrained`` first; models with ``_keep_in_fp32_modules`` (Wan) need accelerate
-    there, so without it the model is built from its config and loaded with a strict
-    ``load_state_dict`` (every tensor in ``dtype``; needs the full model in float32 while
-    it is built).
-    """
-    import diffusers
-    import torch
-
-    component_dir = Path(component_dir)
-    dtype = dtype or torch.bfloat16
-    config = load_json(component_dir / "config.json")  # regular file, strict JSON, typed errors
-    cls_name = config.get("_class_name")
-    cls = getattr(diffusers, str(cls_name), None)
-    if cls is None:
-        raise ValueError(f"{component_dir / 'config.json'}: unknown diffusers class {cls_name!r}")
-    try:
-        import accelerate  # noqa: F401
-
-        return cls.from_pretrained(component_dir, torch_dtype=dtype).eval()
-    except ImportError:
-        pass
-    model = cls.from_config(cls.load_config(component_dir))
-    model.load_state_dict(_read_state_dict(component_dir), strict=True)
-    return model.to(dtype).eval()
-
-
-def _read_state_dict(component_dir: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    index = component_dir / "diffusion_pytorch_model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(load_json(index)["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(component_dir.glob("*.safetensors"))]
-    if not files:
-        raise FileNotFoundError(f"{component_dir}: no .safetensors files")
-    state: dict[str, Any] = {}
-    for f in files:
-        state.update(load_file(str(component_dir / f)))
-    return state
 
 
 def _is_module(obj: Any) -> bool:
@@ -313,7 +270,8 @@ def run_ptq(
         for n in names:
             t0 = time.perf_counter()
             dq_dir = out / "dqfast" / n
-            base = Path(results[n].base_dir) if results[n].base_dir else None
+            comp_base = results[n].base_dir
+            base = Path(comp_base) if comp_base else None
             report = _build(algo, dq_dir, Path(results[n].hf_dir), Path(results[n].backbone), base, preset.name, n)
             results[n].dqfast_dir = str(dq_dir)
             results[n].build = {"quant_algo": report.quant_algo, "counts": dict(report.counts), "warnings": list(report.warnings)}
@@ -362,23 +320,11 @@ def run_ptq(
 
 
 def _build(algo: str, dq_dir: Path, hf_dir: Path, backbone: Path, base_dir: Path | None, model_type: str, component: str) -> Any:
-    if algo == "fp8":
-        from dqfast.fp8 import build_fp8_transformer
-
-        return build_fp8_transformer(
-            dq_dir,
-            modelopt_hf_dir=hf_dir,
-            modelopt_backbone_ckpt=backbone,
-            base_transformer_dir=base_dir,
-            model_type=model_type,
-            overwrite=True,
-            component=component,
-        )
-    from dqfast.nvfp4 import build_nvfp4_transformer
-
-    return build_nvfp4_transformer(
-        dq_dir, modelopt_hf_dir=hf_dir, base_transformer_dir=base_dir, model_type=model_type, overwrite=True, component=component
-    )
+    # The builder registry names the inputs each builder takes (nvfp4 has no backbone).
+    builder = get_builder(algo)
+    given = {"modelopt_hf_dir": hf_dir, "modelopt_backbone_ckpt": backbone, "base_transformer_dir": base_dir}
+    inputs = {k: v for k, v in given.items() if k in builder.inputs}
+    return builder.load()(dq_dir, **inputs, model_type=model_type, overwrite=True, component=component)
 
 
 def _verify(

@@ -95,12 +95,13 @@ def _disable_conv_and_mha(transformer: Any, is_fp4: bool, quantize_mha: bool) ->
         from diffusers.models.attention import AttentionModuleMixin
         from diffusers.models.attention_processor import Attention
 
-        attention_types: tuple[type, ...] = (Attention, AttentionModuleMixin)
+        attention_types: tuple[Any, ...] = (Attention, AttentionModuleMixin)
     except ImportError:  # older diffusers
         from diffusers.models.attention_processor import Attention
 
         attention_types = (Attention,)
 
+    module: Any  # torch modules that grow quantizer attributes
     for module in transformer.modules():
         if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) and is_fp4:
             for attr in ("weight_quantizer", "input_quantizer"):

@@ -9,7 +9,6 @@ or dtype, each named with its file.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,7 +49,9 @@ class QuantSpec:
         if self.is_ignored(module):
             return None
         if self.quant_algo == "MIXED_PRECISION":
-            entry = self.quantized_layers.get(module)
+            from dqfast.quant_config import quantized_layer_entry  # the builders' matcher (prefixes too)
+
+            entry = quantized_layer_entry(self.quantized_layers, module)
             if entry is None:
                 return None
             algo = str(entry.get("quant_algo", "")).upper()
@@ -100,32 +101,15 @@ def read_quant_spec(path: str | Path) -> QuantSpec:
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
-    """Map every tensor name to its safetensors file (index if present, else all files)."""
-    from safetensors import safe_open
+    """Map every tensor name to its safetensors file: the Rust reader's shard/index rule
+    (``dqfast.reader.open_checkpoint``), the one the builders use."""
+    from dqfast.reader import open_checkpoint
 
-    indexes = sorted(path.glob("*.safetensors.index.json"))
-    if len(indexes) > 1:
-        raise CheckpointMismatch(f"{path}: several index files {[i.name for i in indexes]}")
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        out = {}
-        for name, fname in weight_map.items():
-            f = path / fname
-            if not f.is_file():
-                raise CheckpointMismatch(f"{indexes[0].name}: shard {fname} (for {name}) is missing")
-            out[name] = f
-        return out
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointMismatch(f"{path}: no .safetensors files")
-    out = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                if name in out:
-                    raise CheckpointMismatch(f"tensor {name} is in both {out[name].name} and {f.name}")
-                out[name] = f
-    return out
+    try:
+        info = open_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointMismatch(str(e)) from None
+    return {name: Path(meta.file) for name, meta in info.tensors.items()}
 
 
 @dataclass

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dqfast.models.base import glob_to_regex
+
 __all__ = ["Target", "TargetName", "TARGETS", "TARGET_NAMES", "get_target", "IGNORE_MATCHERS", "collision_free_ignore"]
 
 SGLANG = "sglang==0.5.23"
@@ -23,7 +25,7 @@ VLLM_OMNI = "vllm-omni==0.30.0 (with vllm==0.30.0)"
 
 
 def _glob_fullmatch(pattern: str, module: str) -> bool:
-    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), module) is not None
+    return re.fullmatch(glob_to_regex(pattern), module) is not None  # SGLang's rule, as the builders use it
 
 
 def _vllm_match(pattern: str, module: str) -> bool:

@@ -77,7 +77,7 @@ def verify_checkpoint(
     report: dict[str, Any] = {"base": str(base_dir), "quantized": str(quant_dir), "layer_summary": summarize_layers(rows)}
     if trajectory_check:
         from dqfast.ptq.calibration import CalibConfig, model_family, timestep_scale, trajectory_inputs
-        from dqfast.ptq.flow import load_transformer
+        from dqfast.ptq.loading import load_transformer
         from dqfast.runtime.loader import load_quantized
         from dqfast.verify.trajectory import trajectory
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ def layer_errors(base_dir: str | Path, quant_dir: str | Path) -> list[dict]:
         base = breader.get(f"{module}.weight")
         if tuple(base.shape) != tuple(deq.shape):
             raise CheckpointError(f"{module}: base shape {tuple(base.shape)} != quantized {tuple(deq.shape)}")
-        row = {"module": module, "algo": algo, "shape": list(deq.shape)}
+        row: dict[str, Any] = {"module": module, "algo": algo, "shape": list(deq.shape)}
         row.update(_metrics(base.float(), deq))
         row["nan_scale_bytes"] = nan_bytes
         row["nan"] = bool(nan_bytes) or bool(torch.isnan(deq).any()) or math.isnan(row["cosine"])

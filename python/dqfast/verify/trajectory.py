@@ -108,7 +108,7 @@ def trajectory(
     template = inputs["hidden_states"]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(template.shape, generator=gen, dtype=torch.float32).to(template.device)
-    scheds = [FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift) for _ in range(2)]
+    scheds: list[Any] = [FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift) for _ in range(2)]
     for s in scheds:
         s.set_timesteps(steps, device=template.device)
     lat_b = noise.clone()

@@ -29,6 +29,8 @@ pub const E2M1_VALUES: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
 pub const E2M1_BOUNDS: [f32; 7] = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0];
 /// Smallest block scale ModelOpt writes (smallest e4m3 subnormal).
 pub const MIN_BLOCK_SCALE: f32 = 1.0 / 512.0;
+/// The global-scale bound `6 * 448` (E2M1 max times E4M3 max): `weight_scale_2 = amax / 2688`.
+pub const GLOBAL_BOUND: f32 = E2M1_MAX * E4M3_MAX;
 
 /// ModelOpt's E2M1 encoding of one f32 (4-bit code).
 #[inline(always)]
@@ -60,7 +62,7 @@ pub fn e2m1_decode(code: u8) -> f32 {
 /// `weight_scale_2` (and `input_scale`) from a calibrated maximum: `amax / (6 * 448)` in f32.
 #[inline]
 pub fn global_scale_from_amax(amax: f32) -> f32 {
-    amax / (E2M1_MAX * E4M3_MAX)
+    amax / GLOBAL_BOUND
 }
 
 /// `weight_scale_2` from the weight's own max |w| (the builders' rule): [`global_scale_from_amax`]

@@ -463,6 +463,11 @@ fn peak_rss_bytes() -> u64 {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The format constants, written once in dqfast-core; Python imports them from here.
+    m.add("E4M3_MAX", fp8::E4M3_MAX)?;
+    m.add("E4M3_MAX_BYTE", fp8::E4M3_MAX_BYTE)?;
+    m.add("NVFP4_BOUND", dqfast_core::nvfp4::GLOBAL_BOUND)?;
+    m.add("NVFP4_GROUP", dqfast_core::nvfp4::BLOCK)?;
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
     m.add_function(wrap_pyfunction!(read_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(read_tensor, m)?)?;

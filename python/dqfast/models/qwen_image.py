@@ -1,0 +1,26 @@
+"""Qwen-Image (diffusers ``QwenImageTransformer2DModel``)."""
+
+from __future__ import annotations
+
+from dqfast.models.base import MO_EXAMPLE, BlockRange, ModelPreset
+
+PRESET = ModelPreset(
+    name="qwen-image",
+    class_names=("QwenImageTransformer2DModel",),
+    fp8_fallback=(
+        r"^img_in$",
+        r"^txt_in$",
+        r"^time_text_embed\.timestep_embedder\.linear_[12]$",
+        r"^norm_out\.linear$",
+        r"^proj_out$",
+        r"^transformer_blocks\.\d+\.img_mlp\.net\.2$",
+        r"^transformer_blocks\.\d+\.(img_mod|txt_mod)$",
+    ),
+    # diffusers names the modulation Linear ``img_mod.1`` (inside a Sequential); SGLang ``img_mod``.
+    canonical_renames=((r"\.(img_mod|txt_mod)\.1$", r".\1"),),
+    ptq_disabled=(r"^(?!.*(?:^|\.)transformer_blocks\.\d+(?:\.|$)).*", r".*transformer_blocks\.(0|1|58|59)(\.|$)"),
+    modelopt_model_types=("qwen-image",),
+    block_range=BlockRange("transformer_blocks", 2, 2),
+    source="FP8: sgl-project/sglang PR #23155 (not merged at 27b84fc; see docs/notes/sources.md); "
+    f"PTQ: {MO_EXAMPLE} qwen-image (first/last two of 60 blocks)",
+)

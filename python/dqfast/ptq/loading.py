@@ -1,0 +1,51 @@
+"""Loading a diffusers transformer from its directory (PTQ and ``dqfast.verify`` both need it;
+kept out of ``flow`` so that ``verify`` does not import the PTQ flow, which imports ``verify``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dqfast.quant_config import load_json
+
+__all__ = ["load_transformer"]
+
+
+def load_transformer(component_dir: str | Path, dtype: Any = None) -> Any:
+    """A diffusers transformer from its directory, in ``dtype`` (default BF16).
+
+    ``from_pretrained`` first; models with ``_keep_in_fp32_modules`` (Wan) need accelerate
+    there, so without it the model is built from its config and loaded with a strict
+    ``load_state_dict`` (every tensor in ``dtype``; needs the full model in float32 while
+    it is built).
+    """
+    import diffusers
+    import torch
+
+    component_dir = Path(component_dir)
+    dtype = dtype or torch.bfloat16
+    config = load_json(component_dir / "config.json")  # regular file, strict JSON, typed errors
+    cls_name = config.get("_class_name")
+    cls = getattr(diffusers, str(cls_name), None)
+    if cls is None:
+        raise ValueError(f"{component_dir / 'config.json'}: unknown diffusers class {cls_name!r}")
+    try:
+        import accelerate  # noqa: F401
+
+        return cls.from_pretrained(component_dir, torch_dtype=dtype).eval()
+    except ImportError:
+        pass
+    model = cls.from_config(cls.load_config(component_dir))
+    model.load_state_dict(_read_state_dict(component_dir), strict=True)
+    return model.to(dtype).eval()
+
+
+def _read_state_dict(component_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    from dqfast.reader import open_checkpoint
+
+    state: dict[str, Any] = {}
+    for f in open_checkpoint(component_dir).files:  # the Rust reader's shard/index rule
+        state.update(load_file(str(f)))
+    return state
