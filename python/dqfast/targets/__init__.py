@@ -14,7 +14,7 @@ import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from dqfast.models.base import glob_to_regex
 
@@ -154,7 +154,7 @@ def get_target(name: str) -> list[Target]:
 #: What ``--target`` / ``target=`` accepts (``any`` = every engine above).
 TargetName = Literal["sglang", "vllm-omni", "any"]
 TARGET_NAMES = (*TARGETS, "any")
-assert set(TARGET_NAMES) == set(TargetName.__args__)  # the Literal is the same list, for type checks
+assert set(TARGET_NAMES) == set(get_args(TargetName))  # the Literal is the same list, for type checks
 
 
 def collision_free_ignore(ignore: list[str], quantized: set[str]) -> tuple[list[str], dict[str, str]]:
