@@ -13,6 +13,7 @@ import pytest
 from ckpt_helpers import load_dir as _load_dir
 from dqfast.errors import CheckpointError, OutputExistsError, PlanError
 from dqfast.presets import get_preset
+from dqfast.targets import TARGETS
 
 torch = pytest.importorskip("torch")
 st = pytest.importorskip("safetensors.torch")
@@ -92,7 +93,10 @@ def test_output_config_and_metadata(flux_fp8, flux_build):
     assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "FP8" and qc["quant_type"] == "FP8"
     assert qc["producer"]["name"] == "modelopt"
     export_cfg = json.loads((flux_fp8.hf_dir / "config.json").read_text())
-    assert set(export_cfg["quantization_config"]["ignore"]) <= set(qc["ignore"])
+    # Every export entry is kept; `proj_out` as `p*roj_out` (a bare `proj_out` would make vLLM's
+    # substring rule exclude the quantized single_transformer_blocks.*.proj_out too).
+    assert set(export_cfg["quantization_config"]["ignore"]) - {"proj_out"} <= set(qc["ignore"])
+    assert "proj_out" not in qc["ignore"] and "p*roj_out" in qc["ignore"]
     for d in report.decisions:
         if d.action == "bf16-fallback":
             assert d.module in qc["ignore"]
@@ -348,7 +352,8 @@ def test_from_bf16_per_channel(flux_fp8, tmp_path):
         assert f"{m}.input_scale" not in got
     # ModelOpt's flux-dev filter and the preset's fallbacks stay BF16 and are ignored.
     for name in ("x_embedder", "proj_out", "transformer_blocks.0.norm1.linear"):
-        assert got[f"{name}.weight"].dtype == torch.bfloat16 and name in cfg["ignore"]
+        assert got[f"{name}.weight"].dtype == torch.bfloat16
+        assert all(t.ignored(cfg["ignore"], name) for t in TARGETS.values())
 
 
 def test_from_bf16_per_tensor_needs_activation_amax(flux_fp8, tmp_path):
@@ -400,3 +405,31 @@ def test_per_channel_export_gets_per_row_scales(flux_fp8, tmp_path):
         ref = (w / s.unsqueeze(1)).clamp(-448, 448).to(torch.float8_e4m3fn)
         assert torch.equal(got[f"{m}.weight"].view(torch.uint8), ref.view(torch.uint8))
         assert f"{m}.input_scale" not in got
+
+
+def test_maxbound_divides_backbone_amax(flux_fp8, tmp_path):
+    """SGLang's `--maxbound`: 448 is the default (same output); another bound changes the scales,
+    which the export's e4m3 bytes then contradict (refused) unless they are re-quantized."""
+    from click.testing import CliRunner
+    from dqfast.cli import main
+
+    kw = dict(modelopt_hf_dir=flux_fp8.hf_dir, modelopt_backbone_ckpt=flux_fp8.backbone, base_transformer_dir=flux_fp8.base_dir)
+    dqfast.build_fp8_transformer(tmp_path / "a", **kw)
+    dqfast.build_fp8_transformer(tmp_path / "b", maxbound=448, **kw)
+    a, b = _load_dir(tmp_path / "a"), _load_dir(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    with pytest.raises(PlanError, match="amax/224 .* different calibrations"):
+        dqfast.build_fp8_transformer(tmp_path / "c", maxbound=224.0, **kw)
+    assert not (tmp_path / "c").exists()
+    dqfast.build_fp8_transformer(tmp_path / "d", maxbound=224.0, requantize=True, **kw)
+    d = _load_dir(tmp_path / "d")
+    m = "single_transformer_blocks.0.attn.to_q"
+    assert torch.equal(d[f"{m}.weight_scale"], a[f"{m}.weight_scale"] * 2)
+    assert torch.equal(d[f"{m}.input_scale"], a[f"{m}.input_scale"] * 2)
+    with pytest.raises(PlanError, match="--maxbound"):
+        dqfast.build_fp8_transformer(tmp_path / "e", from_bf16=True, base_transformer_dir=flux_fp8.base_dir, maxbound=224.0)
+    args = ["build", "fp8", "--output-dir", str(tmp_path / "f"), "--modelopt-hf-dir", str(flux_fp8.hf_dir)]
+    args += ["--modelopt-backbone-ckpt", str(flux_fp8.backbone), "--base-transformer-dir", str(flux_fp8.base_dir)]
+    assert CliRunner().invoke(main, [*args, "--maxbound", "0"]).exit_code == 2
+    r = CliRunner().invoke(main, [*args, "--maxbound", "448", "-q"])
+    assert r.exit_code == 0, r.output

@@ -56,16 +56,18 @@ def test_check_from_bf16_outputs(flux_base, tmp_path):
     sgl, vo = check_checkpoint(ch, "any")
     assert sgl.status == "fails" and "FP8_PER_CHANNEL_PER_TOKEN" in sgl.config_error
     assert vo.status == "loads-bf16"
-    # vLLM-Omni's FLUX.1 quantizes single-stream q/k/v and proj_mlp only; the rest is dequantized.
+    # vLLM-Omni's FLUX.1 quantizes the single-stream blocks' Linears only; the rest is dequantized.
+    # Their proj_out is quantized now that `ignore` no longer lists a bare `proj_out` (substring rule).
     assert vo.modules("quantized") == {
-        f"single_transformer_blocks.{i}.{m}" for i in (0, 1) for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+        f"single_transformer_blocks.{i}.{m}" for i in (0, 1) for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
     }
     nv = tmp_path / "nv"
     build_nvfp4_transformer(nv, from_bf16=True, base_transformer_dir=flux_base)
     sgl, vo = check_checkpoint(nv, "any")
     assert sgl.status == "loads"
     assert vo.status == "fails"
-    assert {f"single_transformer_blocks.{i}.proj_out" for i in (0, 1)} <= vo.modules("error")
+    assert "transformer_blocks.0.attn.to_q" in vo.modules("error")
+    assert not {f"single_transformer_blocks.{i}.proj_out" for i in (0, 1)} & vo.modules("error")
 
 
 def test_check_cli(flux_base, tmp_path):
@@ -87,20 +89,14 @@ def _quantized_modules(d: Path) -> set[str]:
     return {n[: -len(".weight")] for n, t in open_checkpoint(d).tensors.items() if n.endswith(".weight") and t.dtype in ("F8_E4M3", "U8")}
 
 
-# Today's collisions (issue #13): ModelOpt's recipe keeps the top-level `proj_out` in BF16, dqfast
-# writes it to `ignore`, and vLLM's substring rule then also excludes the quantized
-# `single_transformer_blocks.*.proj_out` (FLUX.1; Wan has no nested proj_out). A fix flips these.
-KNOWN_COLLISIONS = {("flux1", "fp8", "vllm-omni"), ("flux1", "nvfp4", "vllm-omni")}
-
-
 @pytest.mark.parametrize("target", sorted(TARGETS))
 @pytest.mark.parametrize("kind", ["fp8", "nvfp4"])
 @pytest.mark.parametrize("family", sorted(SMALL))
-def test_no_ignore_entry_matches_a_quantized_module(family, kind, target, tmp_path, request):
+def test_no_ignore_entry_matches_a_quantized_module(family, kind, target, tmp_path):
     """Property: under each target's matching rule, no `ignore` entry of a from-BF16 output names a
-    module the output quantizes (for every preset with a synthetic model: flux1, wan)."""
-    if (family, kind, target) in KNOWN_COLLISIONS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="proj_out substring collision (issue #13)"))
+    module the output quantizes (for every preset with a synthetic model: flux1, wan). Before the
+    fix, ModelOpt's recipe kept the top-level FLUX.1 `proj_out` in BF16, `ignore` listed `proj_out`,
+    and vLLM's substring rule excluded the quantized `single_transformer_blocks.*.proj_out` too."""
     base = make_transformer(tmp_path / "src", family, **SMALL[family]).base
     out = tmp_path / "out"
     if kind == "fp8":
@@ -122,3 +118,147 @@ def test_ltx2_preset_matches_sglangs_fallback_set():
     assert p.fp8_fallback_match("transformer_blocks.45.audio_ff.proj_out")
     assert p.fp8_fallback_match("audio_adaln_single.emb.timestep_embedder.linear_2")
     assert p.fp8_fallback_match("transformer_blocks.1.attn1.to_q") is None
+
+
+def test_build_target_refuses_what_the_engine_cannot_load(flux_base, tmp_path):
+    """`--target`: the `dqfast check` rules run on the plan; a refused build writes nothing."""
+    from dqfast.errors import PlanError
+
+    out = tmp_path / "nv"
+    with pytest.raises(
+        PlanError, match=r"--target vllm-omni: vllm-omni==0\.30\.0.* cannot load 'transformer_blocks\.0\.attn\.\w+'.*does not quantize"
+    ):
+        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target="vllm-omni")
+    assert not out.exists()
+    with pytest.raises(PlanError, match="cannot load quant_algo FP8_PER_CHANNEL_PER_TOKEN"):
+        build_fp8_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target="any")
+    assert not out.exists()
+    with pytest.raises(PlanError, match="--fit-target .* needs --target"):
+        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, fit_target=True)
+    # SGLang loads the NVFP4 FLUX.1 build as planned: no refusal, the report names the target.
+    rep = build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target="sglang")
+    assert rep.target == "sglang" and [r.status for r in check_checkpoint(out, "sglang")] == ["loads"]
+
+
+@pytest.mark.parametrize("target", ["vllm-omni", "any"])
+def test_build_fit_target_adjusts_and_says_so(flux_base, tmp_path, target):
+    out = tmp_path / "nv"
+    rep = build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target=target, fit_target=True)
+    assert {r.target: r.status for r in check_checkpoint(out, target)} == dict.fromkeys([t.name for t in get_target(target)], "loads")
+    kept = {w.split("kept ")[1].split(" ")[0] for w in rep.warnings if "kept " in w}
+    assert "transformer_blocks.0.attn.to_q" in kept and "single_transformer_blocks.0.proj_out" not in kept
+    tensors = open_checkpoint(out).tensors
+    assert tensors["transformer_blocks.0.attn.to_q.weight"].dtype == "BF16"
+    assert "transformer_blocks.0.attn.to_q.weight_scale" not in tensors
+    assert tensors["single_transformer_blocks.0.proj_out.weight"].dtype == "U8"
+    # The kept layers' ignore entries do not exclude the quantized single-stream layers (substring rule).
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert all(TARGETS["vllm-omni"].ignored(ignore, m) is None for m in _quantized_modules(out))
+
+
+def test_build_cli_target_flags(flux_base, tmp_path):
+    out = tmp_path / "o"
+    args = ["build", "nvfp4", "--from-bf16", "--base-transformer-dir", str(flux_base), "--output-dir", str(out), "-q"]
+    r = CliRunner().invoke(main, [*args, "--target", "vllm-omni"])
+    assert r.exit_code == 2 and "cannot load 'transformer_blocks." in r.output and not out.exists()
+    r = CliRunner().invoke(main, [*args, "--fit-target"])
+    assert r.exit_code == 2 and "--fit-target" in r.output
+    r = CliRunner().invoke(main, [*args, "--target", "vllm-omni", "--fit-target"])
+    assert r.exit_code == 0, r.output
+    assert check_checkpoint(out, "vllm-omni")[0].status == "loads"
+
+
+def test_build_mixed_target(flux_base, tmp_path):
+    from dqfast.errors import PlanError
+    from dqfast.mixed import build_mixed_transformer
+
+    with pytest.raises(PlanError, match="sglang.*cannot load quant_algo MIXED_PRECISION"):
+        build_mixed_transformer(tmp_path / "m", flux_base, target="sglang", fit_target=True)
+    rep = build_mixed_transformer(tmp_path / "m", flux_base, target="vllm-omni", fit_target=True)
+    assert rep.warnings and check_checkpoint(tmp_path / "m", "vllm-omni")[0].status in ("loads", "loads-bf16")
+
+
+def test_batch_manifest_target_option(flux_base, tmp_path):
+    """`target` / `fit_target` are builder options in a batch manifest; a bad name is refused
+    before anything runs, and a job with a target an output cannot meet fails (nothing written)."""
+    from dqfast import batch as B
+
+    m = tmp_path / "m.toml"
+    job = f'[[jobs]]\nname = "{{n}}"\nbuilder = "nvfp4"\noutput = "out/{{n}}"\ninputs = {{{{ base_transformer_dir = "{flux_base}" }}}}\n'
+    m.write_text(job.format(n="bad") + 'options = { from_bf16 = true, target = "trt" }\n')
+    with pytest.raises(B.ManifestError, match="option 'target' must be"):
+        B.load_manifest(m)
+    m.write_text(
+        job.format(n="refused")
+        + 'options = { from_bf16 = true, target = "vllm-omni" }\n'
+        + job.format(n="fit")
+        + 'options = { from_bf16 = true, target = "vllm-omni", fit_target = true }\n'
+    )
+    s = B.run_batch(B.load_manifest(m))
+    by = {j.name: j for j in s.jobs}
+    assert by["refused"].status == "failed" and "cannot load 'transformer_blocks." in by["refused"].error
+    assert not (tmp_path / "out" / "refused").exists()
+    assert by["fit"].status == "done", by["fit"].error
+    assert check_checkpoint(tmp_path / "out" / "fit", "vllm-omni")[0].status == "loads"
+
+
+def test_mxfp8_refuses_a_target(flux_base, tmp_path):
+    """The targets have no MXFP8 rules: `build mxfp8 --target` is refused, not silently unchecked."""
+    r = CliRunner().invoke(
+        main, ["build", "mxfp8", "--base-transformer-dir", str(flux_base), "--output-dir", str(tmp_path / "o"), "--target", "vllm-omni"]
+    )
+    assert r.exit_code == 2 and "not MXFP8" in r.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("target", [None, "any", "sglang", "vllm-omni"])
+def test_swap_weight_nibbles_by_target(modelopt_fixture, tmp_path, target):
+    """--swap-weight-nibbles: SGLang swaps at load by the config flag (its own tool keeps the bytes
+    and writes `true`); vLLM-Omni ignores the flag, so the bytes are swapped and no flag written."""
+    from dqfast import _core
+
+    f4 = modelopt_fixture("flux", "nvfp4")
+    out = tmp_path / "o"
+    build_nvfp4_transformer(
+        out,
+        modelopt_hf_dir=f4.hf_dir,
+        base_transformer_dir=f4.base_dir,
+        swap_weight_nibbles=True,
+        target=target,
+        fit_target=target in ("any", "vllm-omni"),
+    )
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    w = "single_transformer_blocks.0.attn.to_q.weight"
+    from dqfast.reader import read_tensor
+
+    src, got = (read_tensor(open_checkpoint(d).tensors[w].file, w).tobytes() for d in (f4.hf_dir, out))
+    if target == "sglang":
+        assert qc["swap_weight_nibbles"] is True and got == src
+    else:
+        assert got == _core.swap_nibbles(src) and got != src
+        assert qc.get("swap_weight_nibbles", "absent") == ("absent" if target == "vllm-omni" else False)
+
+
+def test_single_shard_build_writes_an_index(flux_base, tmp_path):
+    """SGLang's builder tools always write `*.safetensors.index.json`; dqfast's builders too."""
+    out = tmp_path / "o"
+    build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base)
+    idx = json.loads((out / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert set(idx["weight_map"].values()) == {"diffusion_pytorch_model.safetensors"}
+    assert set(idx["weight_map"]) == set(open_checkpoint(out).tensors)
+
+
+def test_components_target(flux_base, tmp_path):
+    """`build components` passes --target/--fit-target to each component's builder."""
+    import shutil
+
+    root = tmp_path / "pipe"
+    shutil.copytree(flux_base, root / "transformer")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(
+        main, ["build", "components", "nvfp4", "--root", str(root), "--output-dir", str(out), "--from-bf16", "--target", "vllm-omni"]
+    )
+    assert r.exit_code == 2 and "cannot load 'transformer_blocks." in r.output and not (out / "transformer").exists()
+    args = ["build", "components", "nvfp4", "--root", str(root), "--output-dir", str(out), "--from-bf16", "--target", "any", "--fit-target"]
+    r = CliRunner().invoke(main, [*args, "-q"])
+    assert r.exit_code == 0, r.output
+    assert [x.status for x in check_checkpoint(out / "transformer", "any")] == ["loads", "loads"]

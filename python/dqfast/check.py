@@ -16,7 +16,7 @@ from dqfast.quant_config import find_component_dir, load_json, resolve_quant_con
 from dqfast.reader import open_checkpoint
 from dqfast.targets import Target, get_target
 
-__all__ = ["LayerVerdict", "CheckReport", "check_checkpoint"]
+__all__ = ["LayerVerdict", "CheckReport", "check_checkpoint", "plan_tensors", "apply_target"]
 
 
 @dataclass
@@ -147,3 +147,163 @@ def check_checkpoint(path: str | os.PathLike[str], target: str = "any") -> list[
         else:
             reports.append(_check_one(t, d, family, qc, tensors))
     return reports
+
+
+# --- The same rules applied to a build plan, before anything is written (``--target``) -------------
+
+
+@dataclass(frozen=True)
+class _Planned:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+_SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
+
+
+def plan_tensors(plan: Any) -> dict[str, _Planned]:
+    """dtype and shape of every tensor ``plan`` (a :class:`dqfast.plan.PlanBuilder`) will write,
+    from its ops and the headers of its sources (no tensor data is read)."""
+    infos: dict[int, Any] = {}
+
+    def src(ref: dict[str, Any]) -> Any:
+        i = ref["source"]
+        if i not in infos:
+            infos[i] = open_checkpoint(plan.sources[i]).tensors
+        return infos[i][ref["tensor"]]
+
+    out: dict[str, _Planned] = {}
+    for t in plan.tensors:
+        op = t["op"]
+        if op in ("copy", "swap_nibbles", "repair_nan_e4m3"):
+            m = src(t["src"])
+            out[t["name"]] = _Planned(m.dtype, tuple(m.shape))
+        elif op in ("fp8", "mxfp8_weight"):
+            out[t["name"]] = _Planned("F8_E4M3", tuple(src(t["src"]).shape))
+        elif op in ("scale_of", "scale_from_amax", "f32", "nvfp4_global_scale"):
+            out[t["name"]] = _Planned("F32", tuple(t["shape"]))
+        elif op in ("slice_rows", "rescale_e4m3"):
+            m = src(t["src"])
+            rows = t.get("stop", 0) - t.get("start", 0) or m.shape[0]
+            out[t["name"]] = _Planned("F8_E4M3" if op == "rescale_e4m3" else m.dtype, (rows, *m.shape[1:]))
+        elif op == "concat_rows":
+            ms = [src(s) for s in t["srcs"]]
+            out[t["name"]] = _Planned(ms[0].dtype, (sum(m.shape[0] for m in ms), *ms[0].shape[1:]))
+        elif op == "nvfp4_weight":
+            n, k = src(t["src"]).shape
+            out[t["name"]] = _Planned("U8", (n, k // 2))
+        elif op == "nvfp4_block_scales":
+            n, k = src(t["src"]).shape
+            out[t["name"]] = _Planned("F8_E4M3", (n, k // 16))
+        elif op == "mxfp8_scales":
+            n, k = src(t["src"]).shape
+            out[t["name"]] = _Planned("U8", (n, k // 32))
+        else:
+            raise PlanError(f"internal: op '{op}' of tensor '{t['name']}' has no output description for --target")
+    return out
+
+
+def _float_source(plan: Any, name: str) -> int | None:
+    """A source of ``plan`` holding ``name`` as a BF16/F16/F32 tensor (the base transformer)."""
+    for i, p in enumerate(plan.sources):
+        try:
+            m = open_checkpoint(p).tensors.get(name)
+        except Exception:
+            continue
+        if m is not None and m.dtype in ("BF16", "F16", "F32"):
+            return i
+    return None
+
+
+def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str) -> None:
+    """Rewrite ``module`` of ``plan`` to its float weight (no scales), listed in ``ignore``."""
+    s = _float_source(plan, f"{module}.weight")
+    if s is None:
+        raise PlanError(
+            f"--fit-target: '{module}' must stay BF16 ({why}) but no input holds its float weight (pass --base-transformer-dir)"
+        )
+    drop = {f"{module}.{x}" for x in ("weight", *_SCALE_SUFFIXES)}
+    plan.tensors = [t for t in plan.tensors if t["name"] not in drop]
+    plan.copy(f"{module}.weight", s)
+    qcfg["ignore"] = [*qcfg.get("ignore", []), module]
+    if isinstance(qcfg.get("quantized_layers"), dict):
+        qcfg["quantized_layers"].pop(module, None)
+
+
+def apply_target(plan: Any, report: Any) -> None:
+    """The serving-engine pass of every builder (called by :func:`dqfast.plan.finish`):
+
+    1. always: an ``ignore`` entry that an engine's matching rule applies to a module the output
+       quantizes is rewritten (vLLM's substring rule: ``proj_out`` would exclude
+       ``single_transformer_blocks.*.proj_out``);
+    2. with ``plan.target``: the target's acceptance rules (the ones ``dqfast check`` runs) on the
+       planned tensors and config; a layer an engine cannot load is a PlanError naming it and the
+       rule, or with ``plan.fit_target`` is kept in BF16 / added to ``ignore`` (listed in
+       ``report.warnings``).
+    """
+    from dqfast.quant_config import _normalize
+    from dqfast.targets import collision_free_ignore
+
+    qcfg = dict(plan.quant_config)
+    tensors = plan_tensors(plan)
+    family = detect_preset(plan.src_config).name
+    targets: list[Target] = []
+    if plan.fit_target and plan.target is None:
+        raise PlanError("--fit-target (fit_target=True) needs --target (target=...)")
+    if plan.target is not None:
+        try:
+            targets = get_target(plan.target)
+        except ValueError as e:
+            raise PlanError(f"--target (target): {e}") from None
+        report.target = plan.target
+    for _ in range(3):
+        if plan.fit_target and targets:
+            forced = False
+            for t in targets:
+                qc = _normalize(_fix_ignore(qcfg, tensors, collision_free_ignore), "planned config")
+                if qc is None or qc.quant_algo not in t.algos:
+                    break
+                for v in _check_one(t, plan.output_dir, family, qc, tensors).layers:
+                    if v.outcome in ("error", "dequantized") and v.stored != "BF16":
+                        _keep_bf16(plan, qcfg, v.module, f"{t.name}: {v.detail}")
+                        report.warnings.append(f"--target {plan.target}: kept {v.module} in BF16 ({t.name}: {v.detail})")
+                        forced = True
+                    elif v.outcome == "error":
+                        qcfg["ignore"] = [*qcfg.get("ignore", []), v.module]
+                        report.warnings.append(f"--target {plan.target}: listed {v.module} in ignore ({t.name}: {v.detail})")
+                        forced = True
+            if forced:
+                tensors = plan_tensors(plan)
+                continue
+        break
+    qcfg["ignore"] = _fix_ignore(qcfg, tensors, collision_free_ignore, report if targets else None)["ignore"]
+    for t in targets:
+        qc = _normalize(qcfg, "planned config")
+        if qc is not None and qc.quant_algo not in t.algos:
+            raise PlanError(f"--target {plan.target}: {t.engine_version} cannot load quant_algo {qc.quant_algo} ({t.algos_source})")
+        rep = _check_one(t, plan.output_dir, family, qc, tensors)
+        bad = [v for v in rep.layers if v.outcome == "error"]
+        if bad:
+            more = f" (and {len(bad) - 1} more layer(s))" if len(bad) > 1 else ""
+            raise PlanError(
+                f"--target {plan.target}: {t.engine_version} cannot load '{bad[0].module}': {bad[0].detail}{more}; "
+                "pass --fit-target (fit_target=True) to keep such layers in BF16"
+            )
+    plan.write_config(plan.src_config, qcfg)
+
+
+def _fix_ignore(qcfg: dict[str, Any], tensors: dict[str, _Planned], fix: Any, report: Any = None) -> dict[str, Any]:
+    quantized = {n[: -len(".weight")] for n, m in tensors.items() if n.endswith(".weight") and m.dtype in ("F8_E4M3", "F8_E5M2", "U8")}
+    seen: list[str] = []
+    for p in qcfg.get("ignore", []):
+        if p not in seen:
+            seen.append(p)
+    try:
+        ignore, rewrites = fix(seen, quantized)
+    except ValueError as e:
+        raise PlanError(f"quantization_config.ignore: {e}") from None
+    if report is not None:
+        for old, new in rewrites.items():
+            report.warnings.append(f"ignore entry '{old}' written as '{new}' (vLLM matches '{old}' as a substring of quantized layers)")
+    qcfg["ignore"] = ignore
+    return qcfg

@@ -26,6 +26,7 @@ from dqfast.errors import DqfastError
 from dqfast.hub import InputPath, hub_options
 from dqfast.plan import IO_MODES, BuildReport
 from dqfast.ptq_cli import ptq
+from dqfast.targets import TARGET_NAMES
 
 
 class OneLineErrors(click.Group):
@@ -176,6 +177,19 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-shard-size", type=SizeParam(minimum=1), default="5GB", show_default=True),
         click.option("--threads", type=COUNT, default=0, show_default=True, help="Worker threads (0 = all cores; capped at the cores)."),
         click.option("--strict", is_flag=True, help="Fail (instead of warning) when the build quantizes no module."),
+        click.option(
+            "--target",
+            type=click.Choice(TARGET_NAMES),
+            default=None,
+            help="Serving engine the output must load in (any = both), by the rules of `dqfast check`: "
+            "a layer it cannot load fails the build before anything is written.",
+        ),
+        click.option(
+            "--fit-target",
+            is_flag=True,
+            help="With --target: keep in BF16 (and list in ignore) the layers the engine cannot load quantized; "
+            "the report's warnings name each one.",
+        ),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
         click.option("--dry-run", is_flag=True, help="Print the plan (which modules become what, and why); write nothing."),
         click.option("--no-fsync", is_flag=True, help="Skip fsync before the output is moved into place."),
@@ -215,6 +229,8 @@ def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
         io=kw["io_mode"],
         force_model_type=kw["force_model_type"],
         strict=kw["strict"],
+        target=kw["target"],
+        fit_target=kw["fit_target"],
     )
 
 
@@ -252,6 +268,13 @@ def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     metavar="REGEX",
     help="SGLang's name for --fallback (regexes, re.search on every name variant).",
 )
+@click.option(
+    "--maxbound",
+    type=POSITIVE_FLOAT,
+    default=448.0,
+    show_default=True,
+    help="SGLang's flag: scales from backbone.pt are amax / maxbound (the export's bytes must agree unless --requantize).",
+)
 @_common_build_options
 def build_fp8(**kw: Any) -> None:
     """FP8 transformer (SGLang build_modelopt_fp8_transformer semantics)."""
@@ -271,6 +294,7 @@ def build_fp8(**kw: Any) -> None:
             rounding=kw["rounding"],
             requantize=kw["requantize"],
             repair_nan=kw["repair_nan"],
+            maxbound=kw["maxbound"],
             **_common_build_kwargs(kw),
         )
     )

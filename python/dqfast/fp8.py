@@ -13,7 +13,6 @@ Two ways in:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import OrderedDict
@@ -41,6 +40,7 @@ from dqfast.plan import (
 )
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
+from dqfast.targets import TargetName
 
 __all__ = ["build_fp8_transformer"]
 
@@ -81,19 +81,7 @@ def check_activation_amax(value: float | None, default: float, what: str = "acti
 
 
 def _output_config(src_cfg: dict[str, Any], quant_cfg: dict[str, Any], plan: PlanBuilder) -> None:
-    out_cfg = dict(src_cfg)
-    out_cfg["quantization_config"] = quant_cfg
-    # allow_nan=False: the output config is strict JSON, whatever slipped through.
-    plan.text_file("config.json", json.dumps(out_cfg, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    qjson = json.dumps(quant_cfg, sort_keys=True, allow_nan=False)
-    plan.shard_metadata = {
-        "format": "pt",
-        "_class_name": str(src_cfg.get("_class_name", "")),
-        "config": json.dumps(out_cfg, sort_keys=True, allow_nan=False),
-        "quantization_config": qjson,
-        "_quantization_metadata": qjson,
-        "dqfast_version": __version__,
-    }
+    plan.write_config(src_cfg, quant_cfg)
 
 
 def _fallback_res(patterns: Iterable[str] | str) -> list[re.Pattern[str]]:
@@ -139,9 +127,18 @@ def build_fp8_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
+    target: TargetName | None = None,
+    fit_target: bool = False,
+    maxbound: float = E4M3_MAX,
 ) -> BuildReport:
     """Build an FP8 transformer directory that SGLang Diffusion / vLLM-Omni load.
 
+    ``target`` (``sglang``, ``vllm-omni``, ``any``): refuse, before writing, an output that engine
+    cannot load (:func:`dqfast.check.apply_target`); ``fit_target``: keep such layers in BF16 instead
+    (``report.warnings`` lists each). ``ignore`` entries never match a quantized module under
+    either engine's rule (``proj_out`` is written ``p*roj_out``).
+
+    ``maxbound``: SGLang's ``--maxbound`` (backbone amax / maxbound).
     ``fallback``: regexes (one ``str`` is one pattern). ``model_type`` must match config.json's
     ``_class_name`` unless ``force_model_type``; a build that quantizes nothing warns
     (``report.warnings``), or fails with ``strict``.
@@ -154,6 +151,11 @@ def build_fp8_transformer(
     plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
     plan.guard(modelopt_hf_dir, modelopt_backbone_ckpt, base_transformer_dir)
     extra = _fallback_res(fallback)
+    # SGLang's --maxbound: the FP8 bound backbone amax values are divided by (scale = amax / maxbound).
+    if isinstance(maxbound, bool) or not isinstance(maxbound, (int, float)) or not (np.isfinite(maxbound) and maxbound > 0):
+        raise PlanError(f"--maxbound (maxbound) is {maxbound!r}; it must be finite and > 0")
+    if from_bf16 and maxbound != E4M3_MAX:
+        raise PlanError("--maxbound (maxbound) applies to scales from backbone.pt amax; --from-bf16 uses 448 (E4M3's maximum)")
     if from_bf16:
         if base_transformer_dir is None:
             raise PlanError("from_bf16 (--from-bf16) needs base_transformer_dir (--base-transformer-dir)")
@@ -187,8 +189,10 @@ def build_fp8_transformer(
             component,
             force_model_type,
             repair_nan,
+            float(maxbound),
         )
     check_quantized(report, report.counts.get("quantized", 0), strict)
+    plan.target, plan.fit_target = target, fit_target
     return finish(plan, report, dry_run=dry_run, progress=progress)
 
 
@@ -204,6 +208,7 @@ def _plan_calibrated(
     component: str,
     force_model_type: bool = False,
     repair_nan: bool = False,
+    maxbound: float = E4M3_MAX,
 ) -> BuildReport:
     from dqfast.amax import load_amax
 
@@ -271,7 +276,9 @@ def _plan_calibrated(
                     f"{amax_source}: no calibrated {missing} for '{module}' "
                     f"({module}.weight_quantizer._amax / .input_quantizer._amax), but the export quantizes it"
                 )
-            w_scale, in_scale = _fp8_scales(export, parts, module, pair, scale_from, per_channel, check_export=not requantize)
+            w_scale, in_scale = _fp8_scales(
+                export, parts, module, pair, scale_from, per_channel, check_export=not requantize, bound=maxbound
+            )
             report.decisions.append(ModuleDecision(module, "fp8", f"quantized in the export; scales from {scale_from}"))
             counts["quantized"] += 1
             for suffix, meta in parts.items():
@@ -357,6 +364,7 @@ def _fp8_scales(
     scale_from: str,
     per_channel: bool,
     check_export: bool = True,
+    bound: float = E4M3_MAX,
 ) -> tuple[list[float], float | None]:
     """(weight scale values — one, or one per output row —, input scale or None when dynamic).
 
@@ -365,7 +373,7 @@ def _fp8_scales(
     # Scales come from the engine's one scale rule (amax / 448 in float32; a zero or subnormal
     # scale is refused): the same numbers and checks as the plan's own scale ops.
     def scales(amax: np.ndarray, what: str) -> np.ndarray:
-        return np.asarray(_core.scales_from_amax(amax.tolist(), E4M3_MAX, f"backbone.pt: {what} of '{module}'"), dtype=np.float32)
+        return np.asarray(_core.scales_from_amax(amax.tolist(), bound, f"backbone.pt: {what} of '{module}'"), dtype=np.float32)
 
     if scale_from == "backbone":
         if per_channel:
@@ -383,7 +391,7 @@ def _fp8_scales(
             if exported.shape != w.shape or np.any(exported != w):
                 raise PlanError(
                     f"{ws_meta.file}: tensor '{ws_meta.name}' is {exported[:4].tolist()} but backbone.pt gives "
-                    f"amax/448 = {w[:4].tolist()}: the export and backbone.pt come from different calibrations"
+                    f"amax/{bound:g} = {w[:4].tolist()}: the export and backbone.pt come from different calibrations"
                 )
         return [float(x) for x in w], i
     needed = ("weight_scale",) if per_channel else ("weight_scale", "input_scale")

@@ -35,6 +35,7 @@ from dqfast.nvfp4 import GROUP, NVFP4_BOUND
 from dqfast.plan import BuildReport, IoMode, ModuleDecision, ProgressFn, finish, new_plan
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
+from dqfast.targets import TargetName
 
 __all__ = ["ALGOS", "MLP_PATTERNS", "default_policy", "parse_policy", "build_mixed_transformer"]
 
@@ -109,6 +110,8 @@ def build_mixed_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
+    target: TargetName | None = None,
+    fit_target: bool = False,
 ) -> BuildReport:
     """Write a MIXED_PRECISION transformer directory built from the BF16 base.
 
@@ -121,6 +124,8 @@ def build_mixed_transformer(
     Both are stated in the config's ``calibration`` entry. ``guard_inputs``: files the caller
     read to make the arguments (the CLI's ``--policy`` file); like the base, the output may never
     be, contain or lie inside one.
+    ``target`` / ``fit_target``: as for :func:`dqfast.fp8.build_fp8_transformer` (SGLang rejects
+    MIXED_PRECISION, so ``sglang`` and ``any`` always refuse).
     """
     out = Path(output_dir)
     plan = new_plan(out, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
@@ -248,4 +253,5 @@ def build_mixed_transformer(
     if fp8_layers and fp8_activation_amax is None:
         report.warnings.append("FP8 input_scale = 1.0 (activation amax 448 assumed); pass fp8_activation_amax from calibration")
     report.warnings.append("MIXED_PRECISION loads in vLLM-Omni (modelopt_mixed) and dqfast.runtime; SGLang Diffusion rejects it")
+    plan.target, plan.fit_target = target, fit_target
     return finish(plan, report, dry_run=dry_run, progress=progress)

@@ -32,6 +32,7 @@ from dqfast.plan import BuildReport, IoMode, ModuleDecision, ProgressFn, check_q
 from dqfast.presets import resolve_preset
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
+from dqfast.targets import TargetName
 
 __all__ = ["build_mxfp8_transformer", "BLOCK"]
 
@@ -55,6 +56,8 @@ def build_mxfp8_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
+    target: TargetName | None = None,
+    fit_target: bool = False,
 ) -> BuildReport:
     """Build an MXFP8 weight-only transformer directory for vLLM-Omni from a BF16/F16/F32 base.
 
@@ -66,6 +69,11 @@ def build_mxfp8_transformer(
     (a non-finite weight: :class:`~dqfast.errors.CheckpointError` with the tensor and row);
     nothing is left at ``output_dir`` on failure. ``progress``: see :data:`dqfast.plan.ProgressFn`.
     """
+    if target is not None or fit_target:
+        # dqfast.targets has no MXFP8 rules yet: refuse rather than claim a check that is not made.
+        raise PlanError(
+            "--target / --fit-target (target=, fit_target=): the serving-engine rules cover ModelOpt FP8/NVFP4/mixed, not MXFP8"
+        )
     plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
     plan.guard(base_transformer_dir)
     extra = _fallback_res(fallback)

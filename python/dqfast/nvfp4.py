@@ -4,7 +4,9 @@
   modules come back from the BF16 base, ``_quantizer`` state is dropped, everything else is kept
   byte for byte — except where dqfast is asked to fix known defects:
   ``swap_weight_nibbles`` rewrites every packed byte in Rust (the config then says
-  ``swap_weight_nibbles: false``, since the bytes are already in runtime order — never both);
+  ``swap_weight_nibbles: false``, since the bytes are already in runtime order — never both;
+  ``target="vllm-omni"``: no flag at all, vLLM-Omni ignores it) — except with ``target="sglang"``,
+  where the bytes are kept and the config says ``swap_weight_nibbles: true`` (SGLang's own tool);
   NaN block-scale bytes (ModelOpt 0.44) are refused, or clamped to 448 with ``repair_nan_scales``;
   q/k/v shards that a loader fuses but whose ``weight_scale_2`` differ are reconciled exactly
   (block scales rescaled to the shared maximum and re-rounded) instead of vLLM's silent max().
@@ -41,6 +43,7 @@ from dqfast.plan import (
 )
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import TensorMeta, open_checkpoint, read_tensor
+from dqfast.targets import TargetName, get_target
 
 __all__ = ["build_nvfp4_transformer", "fused_groups", "nan_scale_bytes", "nibble_order_report", "NVFP4_BOUND"]
 
@@ -102,8 +105,15 @@ def build_nvfp4_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
+    target: TargetName | None = None,
+    fit_target: bool = False,
 ) -> BuildReport:
     """Build a mixed BF16+NVFP4 transformer directory (SGLang Diffusion / vLLM-Omni layout).
+
+    ``target`` (``sglang``, ``vllm-omni``, ``any``): refuse, before writing, an output that engine
+    cannot load (:func:`dqfast.check.apply_target`); ``fit_target``: keep such layers in BF16 instead
+    (``report.warnings`` lists each). ``ignore`` entries never match a quantized module under
+    either engine's rule (``proj_out`` is written ``p*roj_out``).
 
     ``fallback`` takes globs (``.`` literal, ``*`` any run, full match; one ``str`` is one glob),
     like SGLang's ``--keep-bf16-pattern`` for this builder. ``force_model_type`` and ``strict``
@@ -128,19 +138,39 @@ def build_nvfp4_transformer(
             Path(base_transformer_dir) if base_transformer_dir else None,
             model_type,
             fallback,
-            swap_weight_nibbles,
+            _swap_mode(swap_weight_nibbles, target),
             # One name for NaN repair across builders (repair_nan_scales: the older spelling).
             repair_nan_scales or repair_nan,
             reconcile_fused_scales,
             component,
             force_model_type,
+            target is not None and not any(t.honours_swap_flag for t in _target_list(target)),
         )
     check_quantized(report, report.counts.get("nvfp4", 0), strict)
+    plan.target, plan.fit_target = target, fit_target
     return finish(plan, report, dry_run=dry_run, progress=progress)
 
 
 def _preset_fallback(preset: ModelPreset, module: str, extra: list[re.Pattern[str]]) -> str | None:
     return preset.nvfp4_fallback_match(module, extra)
+
+
+def _swap_mode(swap: bool, target: str | None) -> str:
+    """How ``--swap-weight-nibbles`` is honoured: "flag" (keep the bytes, write
+    ``swap_weight_nibbles: true``) when every engine of ``target`` swaps at load by that flag
+    (SGLang, as its own tool does), else "bytes" (swap in place: vLLM-Omni ignores the flag);
+    "none" without the option."""
+    if not swap:
+        return "none"
+    ts = _target_list(target)
+    return "flag" if ts and all(t.honours_swap_flag for t in ts) else "bytes"
+
+
+def _target_list(target: str | None) -> list[Any]:
+    try:
+        return get_target(target) if target is not None else []
+    except ValueError as e:
+        raise PlanError(f"--target (target): {e}") from None
 
 
 def _plan_export(
@@ -149,11 +179,12 @@ def _plan_export(
     base_dir: Path | None,
     model_type: str,
     fallback: list[str],
-    swap: bool,
+    swap: str,
     repair: bool,
     reconcile: bool,
     component: str,
     force_model_type: bool = False,
+    target_ignores_flag: bool = False,
 ) -> BuildReport:
     export_dir, export_cfg, qc = load_modelopt_export(hf_dir, component, lambda a: "FP4" in a, "NVFP4")
     export = open_checkpoint(export_dir)
@@ -240,7 +271,7 @@ def _plan_export(
             for suffix, meta in parts.items():
                 ref = plan.ref(src_export, meta.name)
                 if suffix == "weight":
-                    if swap:
+                    if swap == "bytes":
                         plan.add(meta.name, "swap_nibbles", src=ref)
                         counts["nibble_swapped"] += 1
                     else:
@@ -265,12 +296,17 @@ def _plan_export(
         if p not in ignore:
             ignore.append(p)
     quant_cfg = dict(qc.raw)
-    quant_cfg.update({"quant_method": "modelopt", "ignore": ignore, "swap_weight_nibbles": False})
+    quant_cfg.update({"quant_method": "modelopt", "ignore": ignore, "swap_weight_nibbles": swap == "flag"})
+    if target_ignores_flag:
+        # Every engine of the target ignores the flag (vLLM-Omni): the bytes are in its order, no flag.
+        quant_cfg.pop("swap_weight_nibbles")
     quant_cfg.setdefault("quant_type", qc.quant_algo.upper())
     quant_cfg.setdefault("group_size", qc.group_size or GROUP)
     quant_cfg.setdefault("checkpoint_weight_scale_layout", "linear")
-    if swap:
+    if swap == "bytes":
         report.warnings.append("packed weights were nibble-swapped in place; the config says swap_weight_nibbles: false")
+    elif swap == "flag":
+        report.warnings.append("packed weights kept as exported; the config says swap_weight_nibbles: true (the target swaps at load)")
     _output_config(export_cfg or (load_json(base.root / "config.json") if base else {}), quant_cfg, plan)
     copy_sidecar_files(plan, export_dir)
     report.counts = counts

@@ -99,6 +99,8 @@ class BuildReport:
     timings: dict[str, float] = field(default_factory=dict)
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
+    #: the serving-engine target the output was checked against (``--target``), None: not checked
+    target: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +151,32 @@ class PlanBuilder:
         # Inputs read while planning that are not sources (export root, backbone.pt, policy
         # file): the engine refuses an output that is, contains or lies inside any of them.
         self.guard_inputs: list[str] = []
+        # The output config (set by write_config) and the serving-engine target checked in finish().
+        self.src_config: dict[str, Any] | None = None
+        self.quant_config: dict[str, Any] | None = None
+        self.target: str | None = None
+        self.fit_target = False
+        # An index json even for one shard: SGLang's builder tools always write one (issue #13).
+        self.always_index = True
+
+    def write_config(self, src_cfg: dict[str, Any], quant_cfg: dict[str, Any]) -> None:
+        """config.json (the source's, with ``quantization_config``) and the shard metadata; a
+        second call replaces the first (the target pass rewrites ``ignore``)."""
+        self.src_config, self.quant_config = src_cfg, quant_cfg
+        out_cfg = dict(src_cfg)
+        out_cfg["quantization_config"] = quant_cfg
+        self.files = [f for f in self.files if f["name"] != "config.json"]
+        # allow_nan=False: the output config is strict JSON, whatever slipped through.
+        self.text_file("config.json", json.dumps(out_cfg, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        qjson = json.dumps(quant_cfg, sort_keys=True, allow_nan=False)
+        self.shard_metadata = {
+            "format": "pt",
+            "_class_name": str(src_cfg.get("_class_name", "")),
+            "config": json.dumps(out_cfg, sort_keys=True, allow_nan=False),
+            "quantization_config": qjson,
+            "_quantization_metadata": qjson,
+            "dqfast_version": _core.__version__,
+        }
 
     def guard(self, *paths: str | os.PathLike[str] | None) -> None:
         """Protect these inputs too (``None`` entries are skipped)."""
@@ -193,6 +221,7 @@ class PlanBuilder:
                 "fsync": self.fsync,
                 "io": self.io,
                 "guard_inputs": self.guard_inputs,
+                "always_index": self.always_index,
             }
         )
 
@@ -245,6 +274,12 @@ def finish(plan: PlanBuilder, report: BuildReport, *, dry_run: bool, progress: P
     return the report without writing. A dry run over an existing output without overwrite is
     still a useful preview: the plan is validated as if replacing it, and a warning says so."""
     report.dry_run = dry_run
+    if plan.quant_config is not None and plan.quant_config.get("quant_method") == "modelopt":
+        # ModelOpt configs only: the targets' rules are about them (MXFP8's ignored_layers match exactly).
+        # Late import: dqfast.check reads checkpoints (reader) and presets, which import plan.
+        from dqfast.check import apply_target
+
+        apply_target(plan, report)
     if not dry_run:
         return execute(plan, report, progress=progress)
     exists = plan.output_dir.exists() and not plan.overwrite

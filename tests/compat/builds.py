@@ -17,6 +17,9 @@ KINDS = {
     "fp8-bf16-channel": "dqfast build fp8 --from-bf16 (default: per-channel, FP8_PER_CHANNEL_PER_TOKEN)",
     "nvfp4-export": "dqfast build nvfp4 from a ModelOpt NVFP4 export --pattern-preset flux1-nvfp4",
     "nvfp4-bf16": "dqfast build nvfp4 --from-bf16",
+    "nvfp4-bf16-fit-vllm-omni": "dqfast build nvfp4 --from-bf16 --target vllm-omni --fit-target",
+    "nvfp4-export-fit-vllm-omni": "dqfast build nvfp4 from a ModelOpt NVFP4 export --pattern-preset flux1-nvfp4 "
+    "--target vllm-omni --fit-target",
     "mixed": "dqfast build mixed (default policy)",
     "components": "dqfast build components fp8 --from-bf16 (transformer/ of a pipeline root)",
     "sglang-fp8": "SGLang 0.5.23 build_modelopt_fp8_transformer (reference)",
@@ -92,6 +95,12 @@ def build_kind(kind: str, flux: dict, root: Path) -> Path:
         build_nvfp4_transformer(out, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1")
     elif kind == "nvfp4-bf16":
         build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=f4.base_dir)
+    elif kind == "nvfp4-bf16-fit-vllm-omni":
+        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=f4.base_dir, target="vllm-omni", fit_target=True)
+    elif kind == "nvfp4-export-fit-vllm-omni":
+        build_nvfp4_transformer(
+            out, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1", target="vllm-omni", fit_target=True
+        )
     elif kind == "mixed":
         build_mixed_transformer(out, f4.base_dir)
     elif kind == "components":

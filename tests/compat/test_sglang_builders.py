@@ -29,18 +29,24 @@ def _flux_blocks(fmt: list[str], double=(0, 1), single=(0, 1)) -> list[str]:
 # SGLang's FP8 tool lists every 1-D-weight module without a scale (RMSNorms) in `ignore`; dqfast
 # lists only Linear layers, plus the diffusers names of SGLang's FeedForward aliases and of layers
 # ModelOpt already covers with a wildcard.
-FLUX_FP8_IGNORE_ONLY_SGLANG = _flux_blocks(
-    [
-        "transformer_blocks.{i}.attn.norm_q",
-        "transformer_blocks.{i}.attn.norm_k",
-        "transformer_blocks.{i}.attn.norm_added_q",
-        "transformer_blocks.{i}.attn.norm_added_k",
-        "single_transformer_blocks.{i}.attn.norm_q",
-        "single_transformer_blocks.{i}.attn.norm_k",
-    ]
+FLUX_FP8_IGNORE_ONLY_SGLANG = sorted(
+    ["proj_out"]
+    + _flux_blocks(
+        [
+            "transformer_blocks.{i}.attn.norm_q",
+            "transformer_blocks.{i}.attn.norm_k",
+            "transformer_blocks.{i}.attn.norm_added_q",
+            "transformer_blocks.{i}.attn.norm_added_k",
+            "single_transformer_blocks.{i}.attn.norm_q",
+            "single_transformer_blocks.{i}.attn.norm_k",
+        ]
+    )
 )
+# `proj_out` (kept BF16) is written as `p*roj_out`: vLLM would match a bare `proj_out` as a substring
+# of the quantized `single_transformer_blocks.*.proj_out` too.
+PROJ_OUT_ONLY_DQFAST, PROJ_OUT_ONLY_SGLANG = ["p*roj_out"], ["proj_out"]
 FLUX_FP8_IGNORE_ONLY_DQFAST = sorted(
-    ["norm_out.linear"]
+    ["norm_out.linear", *PROJ_OUT_ONLY_DQFAST]
     + [f"time_text_embed.{e}.linear_{j}" for e in ("guidance_embedder", "text_embedder", "timestep_embedder") for j in (1, 2)]
     + _flux_blocks(["transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2"])
 )
@@ -74,7 +80,6 @@ WAN_BLOCK_LINEARS = [f"blocks.{{i}}.{a}.{p}" for a in ("attn1", "attn2") for p i
 EXPECTED: dict[str, dict] = {
     # FLUX.1 FP8, same flags: every tensor byte-identical; index, ignore list and metadata differ.
     "flux-fp8": {
-        "files_only_reference": [INDEX],
         "ignore_only_dqfast": FLUX_FP8_IGNORE_ONLY_DQFAST,
         "ignore_only_reference": FLUX_FP8_IGNORE_ONLY_SGLANG,
         "metadata_keys_only_dqfast": DQFAST_MD,
@@ -82,7 +87,6 @@ EXPECTED: dict[str, dict] = {
     },
     # --keep-bf16-pattern (dqfast: --fallback): the extra fallback layers are equal byte for byte.
     "flux-fp8-keep-bf16": {
-        "files_only_reference": [INDEX],
         "ignore_only_dqfast": FLUX_FP8_IGNORE_ONLY_DQFAST,
         "ignore_only_reference": FLUX_FP8_IGNORE_ONLY_SGLANG,
         "metadata_keys_only_dqfast": DQFAST_MD,
@@ -94,8 +98,9 @@ EXPECTED: dict[str, dict] = {
         "files_only_reference": [
             "diffusion_pytorch_model-00001-of-00002.safetensors",
             "diffusion_pytorch_model-00002-of-00002.safetensors",
-            INDEX,
         ],
+        # Both write an index; the shard names (weight_map) and total_size differ.
+        "index_differ": ["metadata", "weight_map"],
         "ignore_only_dqfast": FLUX_FP8_IGNORE_ONLY_DQFAST,
         "ignore_only_reference": FLUX_FP8_IGNORE_ONLY_SGLANG,
         "metadata_keys_only_dqfast": DQFAST_MD,
@@ -105,7 +110,6 @@ EXPECTED: dict[str, dict] = {
     # preset keeps in BF16, so tensors are equal; dqfast lists the disabled blocks 0-2 and the
     # condition embedder module by module, SGLang lists the RMSNorms.
     "wan-fp8": {
-        "files_only_reference": [INDEX],
         "ignore_only_dqfast": sorted(
             [f.format(i=i) for f in WAN_BLOCK_LINEARS for i in (0, 1, 2)]
             + [f"condition_embedder.{e}.linear_{j}" for e in ("text_embedder", "time_embedder") for j in (1, 2)]
@@ -118,22 +122,25 @@ EXPECTED: dict[str, dict] = {
         "metadata_keys_only_dqfast": DQFAST_MD,
         "metadata_values_differ": FP8_QC_MD,
     },
-    # FLUX.1 NVFP4 with the flux1-nvfp4 preset: tensors and ignore list equal.
+    # FLUX.1 NVFP4 with the flux1-nvfp4 preset: tensors equal, ignore list equal but for `proj_out`.
     "flux-nvfp4": {
-        "files_only_reference": [INDEX],
+        "ignore_only_dqfast": PROJ_OUT_ONLY_DQFAST,
+        "ignore_only_reference": PROJ_OUT_ONLY_SGLANG,
         "quant_config_differ": NVFP4_QC,
         "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
         "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
     },
-    # No preset given: SGLang applies none, dqfast's `auto` applies FLUX.1's.
+    # No preset given: SGLang applies none, dqfast's `auto` applies FLUX.1's (so the index differs too).
     "flux-nvfp4-no-preset": {
-        "files_only_reference": [INDEX],
+        "index_differ": ["metadata", "weight_map"],
         "tensors_only_reference": sorted(
             f"{m}.{s}" for m in FLUX_NVFP4_FALLBACK_MODULES for s in ("input_scale", "weight_scale", "weight_scale_2")
         ),
         "tensors_dtype_shape_differ": sorted(f"{m}.weight" for m in FLUX_NVFP4_FALLBACK_MODULES),
         "quant_config_differ": NVFP4_QC,
+        "ignore_only_reference": PROJ_OUT_ONLY_SGLANG,
         "ignore_only_dqfast": [
+            "p*roj_out",
             "single_transformer_blocks.*.norm.linear*",
             "single_transformer_blocks.*.proj_mlp*",
             "transformer_blocks.*.ff.net.0.proj*",
@@ -146,11 +153,20 @@ EXPECTED: dict[str, dict] = {
         "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
         "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
     },
-    # --swap-weight-nibbles: SGLang keeps the bytes and writes the flag; dqfast swaps the bytes and
-    # writes `false`.
+    # --swap-weight-nibbles --target sglang: dqfast also keeps the bytes and writes the flag.
+    "flux-nvfp4-swap-target-sglang": {
+        "ignore_only_dqfast": PROJ_OUT_ONLY_DQFAST,
+        "ignore_only_reference": PROJ_OUT_ONLY_SGLANG,
+        "quant_config_differ": NVFP4_QC,
+        "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
+        "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
+    },
+    # --swap-weight-nibbles (no target, or one with vLLM-Omni): SGLang keeps the bytes and writes the
+    # flag; dqfast swaps the bytes and writes `false` (vLLM-Omni ignores the flag).
     "flux-nvfp4-swap": {
-        "files_only_reference": [INDEX],
         "tensors_bytes_differ": FLUX_NVFP4_QUANTIZED_WEIGHTS,
+        "ignore_only_dqfast": PROJ_OUT_ONLY_DQFAST,
+        "ignore_only_reference": PROJ_OUT_ONLY_SGLANG,
         "quant_config_differ": {**NVFP4_QC, "swap_weight_nibbles": (False, True)},
         "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
         "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
@@ -192,6 +208,11 @@ def _build_pair(case: str, flux, modelopt_fixture, tmp_path):
             d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1", swap_weight_nibbles=True
         )
         sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4", swap_weight_nibbles=True)
+    elif case == "flux-nvfp4-swap-target-sglang":
+        build_nvfp4_transformer(
+            d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1", swap_weight_nibbles=True, target="sglang"
+        )
+        sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4", swap_weight_nibbles=True)
     return d, s
 
 
@@ -200,6 +221,8 @@ def test_builder_parity_with_sglang(case, flux, modelopt_fixture, tmp_path):
     d, s = _build_pair(case, flux, modelopt_fixture, tmp_path)
     got = {k: v for k, v in compare_dirs(d, s).items() if v}
     want = EXPECTED[case]
+    if "index_differ" in got:  # which fields differ (the values follow from the other rows)
+        got["index_differ"] = sorted(got["index_differ"])
     assert got == want
     if case == "flux-fp8-keep-bf16":  # the pattern really took effect, on both sides
         from dqfast.reader import open_checkpoint
@@ -241,12 +264,11 @@ def test_sglang_fp8_tool_runs_as_a_module(flux, tmp_path):
     "args,status",
     # ltx2 on the FLUX.1 fixture: upstream takes any preset for any model; dqfast refuses a
     # preset that does not match config.json's _class_name unless forced (issue #11), so both here.
-    [(["--keep-bf16-pattern", "^proj_out$"], 0), (["--maxbound", "448"], 2), (["--model-type", "ltx2", "--force-model-type"], 0)],
+    [(["--keep-bf16-pattern", "^proj_out$"], 0), (["--maxbound", "448"], 0), (["--model-type", "ltx2", "--force-model-type"], 0)],
     ids=["keep-bf16-pattern", "maxbound", "model-type-ltx2"],
 )
 def test_upstream_fp8_flags(args, status, flux, tmp_path):
-    """Upstream `build_modelopt_fp8_transformer` flags on dqfast's `build fp8`: accepted (0) or not
-    yet (2: `--maxbound`, issue #13 part 3)."""
+    """Upstream `build_modelopt_fp8_transformer` flags on dqfast's `build fp8`: all accepted (0)."""
     from click.testing import CliRunner
     from dqfast.cli import main
 

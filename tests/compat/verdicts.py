@@ -16,18 +16,19 @@ def _blocks(fmts, double=(0, 1), single=(0, 1)) -> frozenset[str]:
 
 
 # vLLM-Omni's FLUX.1 (diffusion/models/flux/flux_transformer.py) gives the double-stream blocks
-# `safe_quant_config(...)` (no quantization) and the `proj_out` substring in `ignore` also matches
-# `single_transformer_blocks.*.proj_out`: these checkpoint-quantized layers land in BF16 parameters.
-VO_FLUX_BF16_LAYERS = _blocks(
+# `safe_quant_config(...)` (no quantization): these checkpoint-quantized layers land in BF16 parameters.
+VO_FLUX_DOUBLE = _blocks(
     [
         f"transformer_blocks.{{i}}.attn.{m}"
         for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out")
     ]
-    + ["single_transformer_blocks.{i}.proj_out"]
 )
+# SGLang's own tools write `proj_out` to `ignore`; vLLM matches it as a substring of
+# `single_transformer_blocks.*.proj_out` too (dqfast writes `p*roj_out`, which does not).
+VO_FLUX_BF16_LAYERS = VO_FLUX_DOUBLE | _blocks(["single_transformer_blocks.{i}.proj_out"])
 # The mixed default policy puts these in NVFP4 (uint8) where vLLM-Omni's FLUX.1 has BF16 parameters.
 VO_MIXED_ERRORS = _blocks([f"transformer_blocks.{{i}}.{f}.{m}" for f in ("ff", "ff_context") for m in ("net.0.proj", "net.2")])
-VO_MIXED_BF16 = VO_FLUX_BF16_LAYERS | _blocks(
+VO_MIXED_BF16 = VO_FLUX_DOUBLE | _blocks(
     [
         "transformer_blocks.{i}.norm1.linear",
         "transformer_blocks.{i}.norm1_context.linear",
@@ -45,23 +46,28 @@ SGL_FP8_FF_UNEXCLUDED = _blocks(["transformer_blocks.{i}.ff.net.0.proj", "transf
 #: (kind, engine) -> (status, bf16 layers, error layers or a config-error substring)
 EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]] = {
     ("fp8-export", "sglang"): ("loads", frozenset(), frozenset()),
-    ("fp8-export", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
+    ("fp8-export", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
     ("fp8-bf16-tensor", "sglang"): ("loads", frozenset(), frozenset()),
-    ("fp8-bf16-tensor", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
+    ("fp8-bf16-tensor", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
     ("fp8-bf16-channel", "sglang"): ("fails", frozenset(), "Unsupported ModelOpt quant_algo for diffusion: FP8_PER_CHANNEL_PER_TOKEN"),
-    ("fp8-bf16-channel", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
+    ("fp8-bf16-channel", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
     ("nvfp4-export", "sglang"): ("loads", frozenset(), frozenset()),
-    ("nvfp4-export", "vllm-omni"): ("fails", frozenset(), VO_FLUX_BF16_LAYERS),
+    ("nvfp4-export", "vllm-omni"): ("fails", frozenset(), VO_FLUX_DOUBLE),
     ("nvfp4-bf16", "sglang"): ("loads", frozenset(), frozenset()),
-    ("nvfp4-bf16", "vllm-omni"): ("fails", frozenset(), VO_FLUX_BF16_LAYERS),
+    ("nvfp4-bf16", "vllm-omni"): ("fails", frozenset(), VO_FLUX_DOUBLE),
     ("mixed", "sglang"): ("fails", frozenset(), "ModelOpt mixed precision is not supported"),
     ("mixed", "vllm-omni"): ("fails", VO_MIXED_BF16, VO_MIXED_ERRORS),
     ("components", "sglang"): ("fails", frozenset(), "Unsupported ModelOpt quant_algo for diffusion: FP8_PER_CHANNEL_PER_TOKEN"),
-    ("components", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
+    ("components", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
     ("sglang-fp8", "sglang"): ("fails", frozenset(), SGL_FP8_FF_UNEXCLUDED),
     ("sglang-fp8", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
     ("sglang-nvfp4", "sglang"): ("loads", frozenset(), frozenset()),
     ("sglang-nvfp4", "vllm-omni"): ("fails", frozenset(), VO_FLUX_BF16_LAYERS),
+    # --target vllm-omni --fit-target: the layers vLLM-Omni's FLUX.1 keeps BF16 are written in BF16.
+    ("nvfp4-bf16-fit-vllm-omni", "sglang"): ("loads", frozenset(), frozenset()),
+    ("nvfp4-bf16-fit-vllm-omni", "vllm-omni"): ("loads", frozenset(), frozenset()),
+    ("nvfp4-export-fit-vllm-omni", "sglang"): ("loads", frozenset(), frozenset()),
+    ("nvfp4-export-fit-vllm-omni", "vllm-omni"): ("loads", frozenset(), frozenset()),
     # vLLM-Omni's Wan2.2 DiT quantizes every block Linear (fused attn1 q/k/v, ffn renamed net_0/net_2).
     ("wan-fp8-export", "sglang"): ("loads", frozenset(), frozenset()),
     ("wan-fp8-export", "vllm-omni"): ("loads", frozenset(), frozenset()),
@@ -71,10 +77,13 @@ EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]
 
 #: Why, in words (docs/compat.md and the README matrix).
 WHY = {
-    "vo-bf16": "double-stream blocks and `single_transformer_blocks.*.proj_out` (`proj_out` substring in `ignore`) "
-    "are BF16 in vLLM-Omni's FLUX.1: their FP8 weights are dequantized at load",
-    "vo-nvfp4": "uint8 NVFP4 weights of the double-stream attention and `single_transformer_blocks.*.proj_out` "
-    "meet BF16 parameters (size mismatch)",
+    "vo-bf16": "double-stream blocks are BF16 in vLLM-Omni's FLUX.1: their FP8 weights are dequantized at load",
+    "vo-bf16-sgl": "double-stream blocks and `single_transformer_blocks.*.proj_out` (`proj_out` in SGLang's `ignore` "
+    "matches it as a substring) are BF16 in vLLM-Omni's FLUX.1: their FP8 weights are dequantized at load",
+    "vo-nvfp4": "uint8 NVFP4 weights of the double-stream attention meet BF16 parameters (size mismatch); "
+    "`build nvfp4 --target vllm-omni --fit-target` writes them in BF16",
+    "vo-nvfp4-sgl": "uint8 NVFP4 weights of the double-stream attention and `single_transformer_blocks.*.proj_out` "
+    "(`proj_out` substring in `ignore`) meet BF16 parameters (size mismatch)",
     "vo-mixed": "NVFP4 FeedForward weights of the double-stream blocks meet BF16 parameters; FP8 layers there are dequantized",
     "sgl-channel": "SGLang accepts only `FP8` and `NVFP4` (`Unsupported ModelOpt quant_algo ... FP8_PER_CHANNEL_PER_TOKEN`)",
     "sgl-mixed": "SGLang rejects `MIXED_PRECISION`",
@@ -93,6 +102,6 @@ WHY_OF = {
     ("components", "sglang"): "sgl-channel",
     ("components", "vllm-omni"): "vo-bf16",
     ("sglang-fp8", "sglang"): "sgl-ff",
-    ("sglang-fp8", "vllm-omni"): "vo-bf16",
-    ("sglang-nvfp4", "vllm-omni"): "vo-nvfp4",
+    ("sglang-fp8", "vllm-omni"): "vo-bf16-sgl",
+    ("sglang-nvfp4", "vllm-omni"): "vo-nvfp4-sgl",
 }

@@ -14,10 +14,11 @@ import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from dqfast.models.base import glob_to_regex
 
-__all__ = ["Target", "TARGETS", "get_target", "IGNORE_MATCHERS"]
+__all__ = ["Target", "TargetName", "TARGETS", "TARGET_NAMES", "get_target", "IGNORE_MATCHERS", "collision_free_ignore"]
 
 SGLANG = "sglang==0.5.23"
 VLLM_OMNI = "vllm-omni==0.30.0 (with vllm==0.30.0)"
@@ -148,3 +149,43 @@ def get_target(name: str) -> list[Target]:
         return [TARGETS[name]]
     except KeyError:
         raise ValueError(f"unknown target '{name}' (known: {', '.join(sorted(TARGETS))}, any)") from None
+
+
+#: What ``--target`` / ``target=`` accepts (``any`` = every engine above).
+TargetName = Literal["sglang", "vllm-omni", "any"]
+TARGET_NAMES = (*TARGETS, "any")
+assert set(TARGET_NAMES) == set(get_args(TargetName))  # the Literal is the same list, for type checks
+
+
+def collision_free_ignore(ignore: list[str], quantized: set[str]) -> tuple[list[str], dict[str, str]]:
+    """``ignore`` with every entry that some engine's rule matches against a quantized module
+    rewritten, and the rewrites ({old: new}).
+
+    The rewrite puts a ``*`` after the first character (``proj_out`` -> ``p*roj_out``): for SGLang
+    (glob, full match) and vLLM's fnmatch it still matches the module it names, and it is no longer
+    a literal substring of a longer name (vLLM's substring rule). It is checked under every rule;
+    an entry that cannot be rewritten so (already a pattern) raises ValueError naming it.
+    """
+    engines = list(TARGETS.values())
+
+    def hits(entry: str) -> str | None:
+        for t in engines:
+            for q in sorted(quantized):
+                if IGNORE_MATCHERS[t.ignore_matching](entry, q):
+                    return f"{q} ({t.name}: {t.ignore_matching})"
+        return None
+
+    out: list[str] = []
+    rewrites: dict[str, str] = {}
+    for p in ignore:
+        hit = hits(p)
+        if hit is None:
+            out.append(p)
+            continue
+        alt = p[:1] + "*" + p[1:]
+        if "*" in p or len(p) < 2 or hits(alt) is not None or not all(IGNORE_MATCHERS[t.ignore_matching](alt, p) for t in engines):
+            raise ValueError(f"ignore entry '{p}' also matches the quantized module {hit}")
+        rewrites[p] = alt
+        if alt not in out:
+            out.append(alt)
+    return out, rewrites
