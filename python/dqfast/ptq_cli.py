@@ -53,6 +53,8 @@ from dqfast.cli_types import AT_LEAST_ONE, COUNT
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success (no progress, no summary); errors still go to stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print each component's per-layer cosine and SNR.")
 def ptq(**kw: Any) -> None:
     """ModelOpt PTQ of a diffusers transformer with ModelOpt's diffusion presets.
 
@@ -92,11 +94,13 @@ def ptq(**kw: Any) -> None:
             overwrite=kw["overwrite"],
             device=kw["device"],
             verify_steps=kw["verify_steps"],
-            progress=not kw["no_progress"],
+            progress=not (kw["no_progress"] or kw["quiet"]),
         )
     except (DqfastError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    if kw["quiet"]:
+        return
     for c in result.components:
         click.echo(f"{c.name}: {c.backbone}  {c.hf_dir}" + (f"  {c.dqfast_dir}" if c.dqfast_dir else ""))
         if c.trajectory:
@@ -106,6 +110,9 @@ def ptq(**kw: Any) -> None:
                 f"{(c.layers or {}).get('min_cosine', float('nan')):.5f}; trajectory final cosine {t['final_cosine']:.6f}, "
                 f"PSNR {t['final_psnr_db']:.2f} dB"
             )
+        if kw["verbose"]:
+            for row in (c.layers or {}).get("rows", []):
+                click.echo(f"    {row['module']}: cosine {row['cosine']:.6f}  SNR {row['snr_db']:.1f} dB")
     click.echo(f"report: {result.report_path}")
 
 
