@@ -5,7 +5,10 @@ Registered by ``dqfast.cli`` with ``main.add_command(ptq)``; usable standalone t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,9 @@ def ptq(**kw: Any) -> None:
     _run(lambda: require_extra("ptq"))
     from dqfast.ptq import CalibConfig, run_ptq
 
+    # -q: ModelOpt's own prints (quantizer counts, export paths) are held back and shown only when
+    # the run fails; warnings are not shown.
+    held = io.StringIO()
     try:
         calib = CalibConfig(
             prompts_file=kw["prompts_file"],
@@ -80,23 +86,29 @@ def ptq(**kw: Any) -> None:
             num_frames=kw["num_frames"],
             text_len=kw["text_len"],
         )
-        result = run_ptq(
-            kw["model_dir"],
-            kw["out_dir"],
-            algo=kw["algo"],
-            model_type=kw["model_type"],
-            calib=calib,
-            seed=kw["seed"],
-            quantize_mha=kw["quantize_mha"],
-            build=kw["build"],
-            verify=kw["verify"],
-            components=list(kw["components"]) or None,
-            overwrite=kw["overwrite"],
-            device=kw["device"],
-            verify_steps=kw["verify_steps"],
-            progress=not (kw["no_progress"] or kw["quiet"]),
-        )
+        with contextlib.ExitStack() as quiet:
+            if kw["quiet"]:
+                quiet.enter_context(contextlib.redirect_stdout(held))
+                quiet.enter_context(warnings.catch_warnings())
+                warnings.simplefilter("ignore")  # ModelOpt's and torch's UserWarnings
+            result = run_ptq(
+                kw["model_dir"],
+                kw["out_dir"],
+                algo=kw["algo"],
+                model_type=kw["model_type"],
+                calib=calib,
+                seed=kw["seed"],
+                quantize_mha=kw["quantize_mha"],
+                build=kw["build"],
+                verify=kw["verify"],
+                components=list(kw["components"]) or None,
+                overwrite=kw["overwrite"],
+                device=kw["device"],
+                verify_steps=kw["verify_steps"],
+                progress=not (kw["no_progress"] or kw["quiet"]),
+            )
     except (DqfastError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+        click.echo(held.getvalue(), err=True, nl=False)
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     if kw["quiet"]:
