@@ -168,6 +168,32 @@ jobs:
     assert jobs[1].output == str(tmp_path / "out" / "two")
 
 
+def test_default_names_are_unique_path_suffixes(tmp_path: Path, inputs: dict[str, Path]) -> None:
+    # Two pipelines' `transformer` outputs used to be rejected as two jobs named 'transformer'.
+    m = tmp_path / "jobs.toml"
+    m.write_text(f"""
+[defaults]
+builder = "fp8"
+options = {{ model_type = "none", from_bf16 = true }}
+inputs = {{ base_transformer_dir = "{inputs["a"]}" }}
+[[jobs]]
+output = "out/wan/transformer"
+[[jobs]]
+output = "out/flux/transformer"
+[[jobs]]
+output = "out/flux/transformer_2"
+[[jobs]]
+name = "vae"
+output = "out/x/vae"
+[[jobs]]
+output = "out/y/vae"
+""")
+    jobs = B.load_manifest(m).jobs
+    assert [j.name for j in jobs] == ["wan/transformer", "flux/transformer", "transformer_2", "vae", "y/vae"]
+    # Each job still gets its own log file.
+    assert len({B._safe(j.name) for j in jobs}) == len(jobs)
+
+
 def test_check_plans_every_job_without_writing(tmp_path: Path, inputs: dict[str, Path]) -> None:
     m = _manifest(
         tmp_path,
@@ -184,6 +210,48 @@ options = {{ from_bf16 = true, weight_granularity = "tensor" }}
     assert r.exit_code == 2, r.output
     assert "job 'no-input-scale': PlanError" in r.output and "4 job(s), 1 with errors" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_progress_plain_lines_bytes_and_eta() -> None:
+    import io
+
+    from dqfast.progress import BatchProgress
+
+    out = io.StringIO()
+    bp = BatchProgress(3, rich=False, stream=out, every=0.0)
+    bp.event("start", "a", None)
+    bp.event("progress", "a", (0, 0))
+    assert "0/3 jobs" in out.getvalue() and "ETA ?" in out.getvalue()
+    bp.event("progress", "a", (500_000_000, 1_000_000_000))
+    # One size known (1 GB): the two jobs not measured yet count at that mean.
+    assert bp.totals() == (500_000_000, 3_000_000_000)
+    last = out.getvalue().splitlines()[-1]
+    assert "0.50 GB / 3.00 GB (17%)" in last and "GB/s" in last and "ETA ?" not in last
+    bp.event("end", "a", B.JobResult(name="a", status="done", output="o", bytes=1_000_000_000))
+    assert "1/3 jobs" in out.getvalue().splitlines()[-1]
+    bp.print("[green]   done[/green] a")
+    assert out.getvalue().splitlines()[-1] == "   done a"
+    bp.close()
+
+
+def test_cli_quiet_and_verbose(tmp_path: Path, inputs: dict[str, Path]) -> None:
+    m = tmp_path / "q.toml"
+    m.write_text(f"""
+[defaults]
+builder = "fp8"
+options = {{ model_type = "none", from_bf16 = true, fsync = false }}
+inputs = {{ base_transformer_dir = "{inputs["a"]}" }}
+[[jobs]]
+output = "out/p1/transformer"
+[[jobs]]
+output = "out/p2/transformer"
+""")
+    r = CliRunner().invoke(batch_cmd, [str(m), "-q"])
+    assert r.exit_code == 0 and r.output == "", r.output
+    assert (tmp_path / "out/p1/transformer/config.json").is_file() and (tmp_path / "out/p2/transformer/config.json").is_file()
+    r = CliRunner().invoke(batch_cmd, [str(m), "--verbose"])
+    assert r.exit_code == 0, r.output
+    assert "skipped p1/transformer" in r.output and "log " + str(tmp_path) in r.output and "2 job(s)" in r.output
 
 
 def test_cli_registers_in_a_group() -> None:
@@ -215,13 +283,28 @@ options = {{ from_bf16 = true }}
     )
     man = B.load_manifest(m)
     events: list[tuple[str, str]] = []
-    s1 = B.run_batch(man, on_event=lambda k, j, r: events.append((k, j.name)))
+    progress: dict[str, list[tuple[int, int]]] = {}
+
+    def on_event(k: str, j: Any, data: Any) -> None:
+        if k == "progress":
+            progress.setdefault(j.name, []).append(data)
+        else:
+            events.append((k, j.name))
+
+    s1 = B.run_batch(man, on_event=on_event)
     r1 = _by_name(s1)
     assert {n: r.status for n, r in r1.items()} == {"a-channel": "done", "b-tensor": "done", "calibrated": "done", "broken": "failed"}
     assert r1["broken"].error_type == "CheckpointError" and "not valid JSON" in r1["broken"].error
     assert not (tmp_path / "out" / "broken").exists()
     assert not B.record_path(tmp_path / "out" / "broken").exists()  # a failure leaves no record
     assert sorted(events) == sorted([(k, n) for n in r1 for k in ("start", "end")])
+    # Byte progress comes back from the worker processes while they write (not a 0/? spinner):
+    # the last report of a built job is complete, and bytes only grow.
+    for n in ("a-channel", "b-tensor", "calibrated"):
+        done, total = progress[n][-1]
+        assert total > 0 and done == total, (n, progress[n])
+        assert [d for d, _ in progress[n]] == sorted(d for d, _ in progress[n])
+    assert "broken" not in progress
 
     # Outputs are what the API builds directly, byte for byte.
     direct = tmp_path / "direct"

@@ -70,3 +70,12 @@ def test_verify_json_dash_prints_to_stdout_and_creates_no_file(built, tmp_path, 
     r = CliRunner().invoke(main, ["verify", "layers", str(base), str(quant), "--json", "report.json"])
     assert r.exit_code == 0 and "layers:" in r.output
     assert json.loads((tmp_path / "report.json").read_text())["layer_summary"]["layers"] > 0
+
+
+def test_verify_quiet_prints_nothing_and_verbose_prints_layers(built):
+    base, quant = built
+    r = CliRunner().invoke(main, ["verify", "layers", str(base), str(quant), "-q"])
+    assert r.exit_code == 0 and r.output == ""
+    r = CliRunner().invoke(main, ["verify", "layers", str(base), str(quant), "--verbose"])
+    assert r.exit_code == 0 and "layers:" in r.output and " cosine " in r.output and "SNR" in r.output
+    assert r.output.count("\n") > 2  # the summary plus one line per layer

@@ -82,6 +82,7 @@ def test_failure_removes_what_this_call_created(pipeline, tmp_path):
     with pytest.raises(PlanError, match="already quantized"):
         build_components("mixed", root, out)
     assert not (out / "transformer").exists()
+    assert not out.exists()  # nor the pipeline's VAE / model_index.json, nor a staging directory
     with pytest.raises(PlanError, match="unknown build kind"):
         build_components("int4", root, out)
 
@@ -149,3 +150,83 @@ def test_cli_build_components_mxfp8(pipeline, tmp_path):
         build_mxfp8_transformer(alone, base_transformer_dir=pipeline / c)
         assert _load(out / c).keys() == _load(alone).keys()
         assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(_load(out / c).values(), _load(alone).values()))
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def full_pipeline(pipeline, tmp_path) -> Path:
+    """The tiny pipeline with the untouched components a serving engine needs."""
+    root = tmp_path / "full"
+    shutil.copytree(pipeline, root)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "vae": ["diffusers", "AutoencoderKLWan"]}))
+    (root / "vae" / "config.json").write_text('{"z_dim": 16}')
+    (root / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"vae-weights" * 100)
+    (root / "text_encoder").mkdir()
+    (root / "text_encoder" / "model.safetensors").write_bytes(b"te" * 50)
+    (root / "tokenizer" / "sub").mkdir(parents=True)
+    (root / "tokenizer" / "sub" / "spiece.model").write_bytes(b"tok")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text("{}")
+    return root
+
+
+def test_pipeline_root_gets_untouched_components(full_pipeline, tmp_path):
+    out = tmp_path / "out"
+    rep = build_components("mixed", full_pipeline, out, fp8_activation_amax=10.0)
+    assert rep.copied == ["model_index.json", "scheduler", "text_encoder", "tokenizer", "vae"]
+    assert rep.to_dict()["copied"] == rep.copied
+    for name in rep.copied:
+        src, dst = full_pipeline / name, out / name
+        if src.is_file():
+            assert dst.read_bytes() == src.read_bytes()
+        else:
+            assert _tree(dst) == _tree(src) and _tree(src)
+    # The transformers are built as before (same bytes as a transformers-only build), and nothing
+    # else (no staging directory) is left in the output.
+    only = tmp_path / "only"
+    rep2 = build_components("mixed", full_pipeline, only, fp8_activation_amax=10.0, transformers_only=True)
+    assert rep2.copied == [] and sorted(p.name for p in only.iterdir()) == ["transformer", "transformer_2"]
+    for c in ("transformer", "transformer_2"):
+        assert _tree(out / c) == _tree(only / c)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["transformer", "transformer_2", *rep.copied])
+    # An existing output is refused for the copied entries too, unless overwrite.
+    shutil.rmtree(only / "transformer")
+    shutil.rmtree(only / "transformer_2")
+    (only / "vae").mkdir()
+    with pytest.raises(Exception, match="already exists"):
+        build_components("mixed", full_pipeline, only, fp8_activation_amax=10.0)
+    assert not (only / "transformer").exists()
+
+
+def test_pipeline_copy_failure_leaves_nothing(full_pipeline, tmp_path, monkeypatch):
+    import dqfast.components as C
+
+    calls = []
+
+    def boom(src, dst):
+        calls.append(src)
+        if "tokenizer" in src:
+            raise OSError("disk full")
+        shutil.copy2(src, dst)
+
+    monkeypatch.setattr(C, "_link_or_copy", boom)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        build_components("mixed", full_pipeline, out, fp8_activation_amax=10.0)
+    assert calls and not out.exists()
+
+
+def test_cli_components_transformers_only(full_pipeline, tmp_path):
+    from click.testing import CliRunner
+    from dqfast.cli import main
+
+    base = ["build", "components", "fp8", "--root", str(full_pipeline), "--from-bf16", "-q", "--output-dir"]
+    res = CliRunner().invoke(main, [*base, str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "a" / "model_index.json").read_bytes() == (full_pipeline / "model_index.json").read_bytes()
+    res = CliRunner().invoke(main, [*base, str(tmp_path / "b"), "--transformers-only"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["transformer", "transformer_2"]

@@ -203,3 +203,6 @@ def test_cli_smoke(tmp_path):
     # A second run refuses to overwrite without --overwrite.
     res = CliRunner().invoke(ptq, args)
     assert res.exit_code == 2 and "already exists" in res.output
+    # -q: the same run prints nothing on success.
+    res = CliRunner().invoke(ptq, [*args, "--overwrite", "-q"])
+    assert res.exit_code == 0 and res.output == "", res.output

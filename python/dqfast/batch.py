@@ -47,6 +47,7 @@ from dqfast import _core
 from dqfast._files import check_regular, open_regular, read_regular
 from dqfast.builders import BUILDERS, Builder, register_builder
 from dqfast.errors import DqfastError, OutputExistsError
+from dqfast.plan import ProgressFn
 
 __all__ = [
     "Builder",
@@ -370,6 +371,7 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
         default_identity = "stat"
 
     jobs: list[JobSpec] = []
+    unnamed: dict[int, str] = {}  # job index -> resolved output, for jobs without a 'name'
     keywords_cache: dict[str, set[str] | str] = {}
     hints: dict[str, dict[str, Any]] = {}
     for i, j in enumerate(jobs_raw):
@@ -399,6 +401,8 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
             problems.append(f"{label}: missing 'output'")
             output = ""
         name = j.get("name") if isinstance(j.get("name"), str) and j.get("name") else (Path(output).name if output else f"job{i}")
+        if not (isinstance(j.get("name"), str) and j.get("name")) and output:
+            unnamed[len(jobs)] = resolve(output)
         if not isinstance(builder_name, str):
             problems.append(f"{label}: 'builder' must be a builder name string, not {_type_name(builder_name)}")
             builder = None
@@ -468,10 +472,28 @@ def parse_manifest(data: Any, *, base_dir: Path, path: Path | None = None, check
             )
         )
 
+    for idx, nm in _default_names(unnamed, {jb.name for k, jb in enumerate(jobs) if k not in unnamed}).items():
+        jobs[idx].name = nm
     _check_cross_job(jobs, problems, path, [x for x in (settings.log_dir, settings.summary) if x])
     if problems:
         raise ManifestError(problems, path)
     return Manifest(path=path or base_dir / "manifest", settings=settings, jobs=jobs)
+
+
+def _default_names(outputs: dict[int, str], taken: set[str]) -> dict[int, str]:
+    """Default job names: the shortest suffix of each output path that no other unnamed job's
+    output ends with and no explicit name uses (``a/transformer`` and ``b/transformer`` become
+    ``a/transformer`` and ``b/transformer``; a lone ``x/transformer`` stays ``transformer``)."""
+    parts = {i: Path(o).parts for i, o in outputs.items()}
+    names: dict[int, str] = {}
+    for i, ps in parts.items():
+        others = [q for k, q in parts.items() if k != i and q != ps]
+        for n in range(1, len(ps) + 1):
+            cand = ps[-n:]
+            if "/".join(cand) not in taken and all(q[-n:] != cand for q in others):
+                break
+        names[i] = "/".join(cand).lstrip("/") or "/"
+    return names
 
 
 def _real(p: str) -> Path:
@@ -784,8 +806,9 @@ class _Log:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
 
-def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = False) -> JobResult:
-    """Run one job to completion (or skip it); never raises for job failures — they are returned."""
+def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = False, progress: ProgressFn | None = None) -> JobResult:
+    """Run one job to completion (or skip it); never raises for job failures — they are returned.
+    ``progress`` is passed to the builder (see :data:`dqfast.plan.ProgressFn`)."""
     t0 = time.monotonic()
     log = _Log(job.log)
     wrote_running = False
@@ -832,7 +855,10 @@ def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = Fal
             wrote_running = True
             fn = Builder(job.target or BUILDERS[job.builder].target, ()).load()
             log(f"building with threads={job.threads} options={json.dumps(_canonical(job.options))}")
-            report = fn(out, **job.inputs, **job.options, threads=job.threads, overwrite=False)
+            # A plug-in builder without a `progress` keyword simply reports nothing while it runs.
+            takes = progress is not None and "progress" in _signature_keywords(Builder(job.target or BUILDERS[job.builder].target, ()))
+            extra: dict[str, Any] = {"progress": progress} if takes else {}
+            report = fn(out, **job.inputs, **job.options, threads=job.threads, overwrite=False, **extra)
             bytes_written = int(getattr(report, "bytes_written", 0))
             res.status = "done"
         checksum, files = output_checksum(out)
@@ -949,7 +975,9 @@ class BatchSummary:
 
 
 #: ``on_event(kind, job, result)``; kind is "start" or "end" (result set on "end").
-EventFn = Callable[[str, JobSpec, "JobResult | None"], None]
+#: ``(kind, job, data)``: ``("start", job, None)``, ``("progress", job, (bytes_done, bytes_total))``
+#: (local executor, while the builder writes) and ``("end", job, JobResult)``.
+EventFn = Callable[[str, JobSpec, Any], None]
 
 
 def _prepare(manifest: Manifest, cores: int, log_dir: Path) -> list[JobSpec]:
@@ -1029,6 +1057,7 @@ def _run_local(
     need = {i: estimate_memory(jobs[i]) for i in pending}
     running: dict[int, tuple[subprocess.Popen[bytes], Path, float]] = {}
     results: dict[int, JobResult] = {}
+    last_progress: dict[int, tuple[int, int]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="dqfast-batch-"))
     # Workers import what this process can (a builder registered from a module on sys.path).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -1049,7 +1078,7 @@ def _run_local(
                 Path(jobs[i].log).parent.mkdir(parents=True, exist_ok=True)
                 with open(jobs[i].log, "ab") as logf:
                     proc = subprocess.Popen(
-                        [sys.executable, "-m", "dqfast.batch", str(spec), str(result)],
+                        [sys.executable, "-m", "dqfast.batch", str(spec), str(result), str(workdir / f"{i}.progress")],
                         stdout=logf,
                         stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL,
@@ -1061,6 +1090,9 @@ def _run_local(
                 emit("start", jobs[i], None)
             time.sleep(0.05)
             for i, (proc, result, started) in list(running.items()):
+                if (p := _read_progress(workdir / f"{i}.progress")) is not None and p != last_progress.get(i):
+                    last_progress[i] = p
+                    emit("progress", jobs[i], p)
                 if proc.poll() is None:
                     continue
                 del running[i]
@@ -1146,11 +1178,38 @@ def _run_ray(jobs: list[JobSpec], address: str | None, overwrite: bool, verify: 
             ray.shutdown()
 
 
+class _FileProgress:
+    """A builder ``progress`` callback of a worker process: the latest ``bytes_done bytes_total``
+    replaces a small file the batch process polls (no pipe to fill or deadlock; a killed worker
+    leaves at worst a stale figure). At most every ``every`` seconds, and always the last one."""
+
+    def __init__(self, path: Path, every: float = 0.2) -> None:
+        self.path, self.every, self._last = path, every, 0.0
+
+    def __call__(self, bytes_done: int, bytes_total: int, tensors_done: int, tensors_total: int, current: str) -> None:
+        now = time.monotonic()
+        if bytes_done < bytes_total and now - self._last < self.every:
+            return
+        self._last = now
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(f"{bytes_done} {bytes_total}")
+        os.replace(tmp, self.path)
+
+
+def _read_progress(path: Path) -> tuple[int, int] | None:
+    try:
+        done, total = path.read_text().split()
+        return int(done), int(total)
+    except (OSError, ValueError):
+        return None
+
+
 def _worker_main(argv: list[str]) -> int:
-    """``python -m dqfast.batch SPEC RESULT``: the local executor's per-job process."""
-    spec_path, result_path = argv
+    """``python -m dqfast.batch SPEC RESULT [PROGRESS]``: the local executor's per-job process."""
+    spec_path, result_path, *progress_path = argv
     spec = json.loads(Path(spec_path).read_text())
-    res = run_job(JobSpec(**spec["job"]), overwrite_foreign=spec["overwrite"], verify=spec["verify"])
+    progress = _FileProgress(Path(progress_path[0])) if progress_path else None
+    res = run_job(JobSpec(**spec["job"]), overwrite_foreign=spec["overwrite"], verify=spec["verify"], progress=progress)
     _write_json_atomic(Path(result_path), res.to_dict())
     return 0 if res.status != "failed" else 1
 

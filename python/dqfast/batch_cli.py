@@ -43,6 +43,8 @@ from dqfast.errors import DqfastError
 @click.option("--verify", is_flag=True, help="Re-hash finished outputs before skipping them.")
 @click.option("--check", is_flag=True, help="Validate the manifest and plan every job (reading headers, writing nothing); exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success (no progress, no per-job lines); failed jobs on stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print each job's output and log path.")
 def batch(
     manifest: Path,
     executor: Literal["local", "ray"],
@@ -56,6 +58,8 @@ def batch(
     verify: bool,
     check: bool,
     as_json: bool,
+    quiet: bool = False,
+    verbose: bool = False,
 ) -> None:
     """Run the conversion jobs of MANIFEST (TOML or YAML): in parallel, resumable, idempotent."""
     from dqfast.batch import ManifestError, batch_paths, load_manifest, run_batch
@@ -80,56 +84,53 @@ def batch(
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from dqfast.progress import BatchProgress
 
-    console = Console(stderr=True)
     colors = {"done": "green", "skipped": "cyan", "adopted": "cyan", "failed": "red"}
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-        disable=as_json,
-    ) as progress:
-        overall = progress.add_task("[bold]jobs", total=len(m.jobs))
-        per_job: dict[str, Any] = {}
+    # -q and --json: no live display and no per-job lines (a failed job is still named on stderr).
+    show = not (quiet or as_json)
+    display = BatchProgress(len(m.jobs), rich=sys.stderr.isatty()) if show else None
 
-        def on_event(kind: str, job: Any, res: Any) -> None:
-            if kind == "start":
-                per_job[job.name] = progress.add_task(f"  {job.name}", total=None)
-                return
-            tid = per_job.pop(job.name, None)
-            if tid is not None:
-                progress.remove_task(tid)
-            progress.advance(overall)
-            c = colors.get(res.status, "white")
-            extra = f" {res.error_type}: {res.error}" if res.status == "failed" else f" {_human(res.bytes)}"
-            progress.console.print(f"[{c}]{res.status:>7}[/{c}] {job.name} ({res.seconds:.1f}s){extra}")
+    def on_event(kind: str, job: Any, data: Any) -> None:
+        if display is not None:
+            display.event(kind, job.name, data)
+        if kind != "end":
+            return
+        res = data
+        if display is None:
+            if res.status == "failed" and not as_json:
+                click.echo(f"failed: {job.name}: {res.error_type}: {res.error} (log: {res.log})", err=True)
+            return
+        c = colors.get(res.status, "white")
+        extra = f" {res.error_type}: {res.error}" if res.status == "failed" else f" {_human(res.bytes)}"
+        line = f"[{c}]{res.status:>7}[/{c}] {job.name} ({res.seconds:.1f}s){extra}"
+        if verbose or res.status == "failed":
+            line += f"\n         output {res.output}, log {res.log}"
+        display.print(line)
 
-        try:
-            summary = run_batch(
-                m,
-                executor=executor,
-                address=address,
-                max_parallel=max_parallel,
-                cores=cores,
-                memory_limit=mem,
-                log_dir=log_dir,
-                summary_path=summary_path,
-                overwrite=overwrite,
-                verify=verify,
-                on_event=on_event,
-            )
-        except DqfastError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+    try:
+        summary = run_batch(
+            m,
+            executor=executor,
+            address=address,
+            max_parallel=max_parallel,
+            cores=cores,
+            memory_limit=mem,
+            log_dir=log_dir,
+            summary_path=summary_path,
+            overwrite=overwrite,
+            verify=verify,
+            on_event=on_event,
+        )
+    except DqfastError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    finally:
+        if display is not None:
+            display.close()
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
-    else:
+    elif not quiet:
         counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items()))
-        console.print(f"{len(summary.jobs)} job(s) in {summary.seconds:.1f}s: {counts}")
+        click.echo(f"{len(summary.jobs)} job(s) in {summary.seconds:.1f}s: {counts}", err=True)
     sys.exit(0 if summary.ok else 1)

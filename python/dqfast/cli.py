@@ -482,6 +482,11 @@ def _load_policy(spec: str) -> list[tuple[str, str]]:
 @click.option("--from-bf16", is_flag=True, help="fp8/nvfp4: quantize the base weights (no export).")
 @click.option("--activation-amax", type=POSITIVE_FLOAT, default=None, help="fp8/nvfp4 --from-bf16 activation amax.")
 @click.option("--weight-granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True)
+@click.option(
+    "--transformers-only",
+    is_flag=True,
+    help="Write only the transformers, not the rest of a model_index.json pipeline (VAE, text encoders, scheduler, ...).",
+)
 @_common_build_options
 def build_components_cmd(**kw: Any) -> None:
     """Build every transformer component of a pipeline, each into <output-dir>/<component>."""
@@ -499,6 +504,7 @@ def build_components_cmd(**kw: Any) -> None:
                 args["modelopt_backbone_ckpt"] = kw["modelopt_backbone_ckpt"]
     else:
         args["fallback"] = list(kw["fallbacks"])
+    args["transformers_only"] = kw["transformers_only"]
     rep = _run(lambda: build_components(kind, kw["root"], kw["output_dir"], _parse_components(kw["components"]), **args))
     _print_components(rep, kw["as_json"], kw["dry_run"] or kw["verbose"], kw["quiet"])
 
@@ -612,17 +618,24 @@ def verify() -> None:
     _run(lambda: require_extra("verify"))
 
 
+def _quiet_verbose(f: Callable[..., Any]) -> Callable[..., Any]:
+    """-q/-v of the verify commands (the report itself is unchanged; exit status too)."""
+    f = click.option("-v", "--verbose", is_flag=True, help="Also print every layer's cosine and SNR.")(f)
+    return click.option("-q", "--quiet", is_flag=True, help="Print nothing unless a check fails.")(f)
+
+
 @verify.command("layers")
 @click.argument("base_dir", type=click.Path(exists=True, path_type=Path))
 @click.argument("quant_dir", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "json_path", **_JSON_OUT)
-def verify_layers(base_dir: Path, quant_dir: Path, json_path: Path | None) -> None:
+@_quiet_verbose
+def verify_layers(base_dir: Path, quant_dir: Path, json_path: Path | None, quiet: bool = False, verbose: bool = False) -> None:
     """Per-layer error of the dequantized weights (max/mean abs, cosine, SNR), outliers and NaNs."""
     from dqfast.verify.checkpoint import verify_checkpoint
 
     to_stdout = _json_to_stdout(json_path)
     r = _run(lambda: verify_checkpoint(base_dir, quant_dir, trajectory_check=False, json_path=None if to_stdout else json_path))
-    _print_verify(r, as_json=to_stdout)
+    _print_verify(r, as_json=to_stdout, quiet=quiet, verbose=verbose)
 
 
 @verify.command("trajectory")
@@ -633,8 +646,17 @@ def verify_layers(base_dir: Path, quant_dir: Path, json_path: Path | None) -> No
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_path", **_JSON_OUT)
 @click.option("--png", "png_path", type=click.Path(path_type=Path), default=None, help="Per-step plot (needs matplotlib).")
+@_quiet_verbose
 def verify_trajectory(
-    base_dir: Path, quant_dir: Path, steps: int, seed: int, device: str, json_path: Path | None, png_path: Path | None
+    base_dir: Path,
+    quant_dir: Path,
+    steps: int,
+    seed: int,
+    device: str,
+    json_path: Path | None,
+    png_path: Path | None,
+    quiet: bool = False,
+    verbose: bool = False,
 ) -> None:
     """Run BF16 and quantized transformers through the same seeded denoising loop and compare."""
     from dqfast.verify.checkpoint import verify_checkpoint
@@ -642,16 +664,24 @@ def verify_trajectory(
     to_stdout = _json_to_stdout(json_path)
     out = None if to_stdout else json_path
     r = _run(lambda: verify_checkpoint(base_dir, quant_dir, steps=steps, seed=seed, device=device, json_path=out, png_path=png_path))
-    _print_verify(r, as_json=to_stdout)
+    _print_verify(r, as_json=to_stdout, quiet=quiet, verbose=verbose)
 
 
-def _print_verify(r: dict[str, Any], as_json: bool = False) -> None:
+def _print_verify(r: dict[str, Any], as_json: bool = False, quiet: bool = False, verbose: bool = False) -> None:
     s = r["layer_summary"]
     if as_json:
         click.echo(json.dumps(r, indent=2, default=float))
         if s.get("nan_layers"):
             sys.exit(1)
         return
+    if quiet:
+        if s.get("nan_layers"):
+            click.echo(f"NaN layers: {', '.join(s['nan_layers'])}", err=True)
+            sys.exit(1)
+        return
+    if verbose:
+        for row in s.get("rows", []):
+            click.echo(f"  {row['module']}: cosine {row['cosine']:.6f}  SNR {row['snr_db']:.1f} dB")
     click.echo(
         f"layers: {s['layers']}  min cosine {s.get('min_cosine', float('nan')):.6f} ({s.get('worst_layer')})  "
         f"median SNR {s.get('median_snr_db') or float('nan'):.1f} dB  min SNR {s.get('min_snr_db') or float('nan'):.1f} dB"

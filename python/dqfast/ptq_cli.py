@@ -5,7 +5,10 @@ Registered by ``dqfast.cli`` with ``main.add_command(ptq)``; usable standalone t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,8 @@ from dqfast.cli_types import AT_LEAST_ONE, COUNT
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success (no progress, no summary); errors still go to stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print each component's per-layer cosine and SNR.")
 def ptq(**kw: Any) -> None:
     """ModelOpt PTQ of a diffusers transformer with ModelOpt's diffusion presets.
 
@@ -66,6 +71,9 @@ def ptq(**kw: Any) -> None:
     _run(lambda: require_extra("ptq"))
     from dqfast.ptq import CalibConfig, run_ptq
 
+    # -q: ModelOpt's own prints (quantizer counts, export paths) are held back and shown only when
+    # the run fails; warnings are not shown.
+    held = io.StringIO()
     try:
         calib = CalibConfig(
             prompts_file=kw["prompts_file"],
@@ -78,25 +86,33 @@ def ptq(**kw: Any) -> None:
             num_frames=kw["num_frames"],
             text_len=kw["text_len"],
         )
-        result = run_ptq(
-            kw["model_dir"],
-            kw["out_dir"],
-            algo=kw["algo"],
-            model_type=kw["model_type"],
-            calib=calib,
-            seed=kw["seed"],
-            quantize_mha=kw["quantize_mha"],
-            build=kw["build"],
-            verify=kw["verify"],
-            components=list(kw["components"]) or None,
-            overwrite=kw["overwrite"],
-            device=kw["device"],
-            verify_steps=kw["verify_steps"],
-            progress=not kw["no_progress"],
-        )
+        with contextlib.ExitStack() as quiet:
+            if kw["quiet"]:
+                quiet.enter_context(contextlib.redirect_stdout(held))
+                quiet.enter_context(warnings.catch_warnings())
+                warnings.simplefilter("ignore")  # ModelOpt's and torch's UserWarnings
+            result = run_ptq(
+                kw["model_dir"],
+                kw["out_dir"],
+                algo=kw["algo"],
+                model_type=kw["model_type"],
+                calib=calib,
+                seed=kw["seed"],
+                quantize_mha=kw["quantize_mha"],
+                build=kw["build"],
+                verify=kw["verify"],
+                components=list(kw["components"]) or None,
+                overwrite=kw["overwrite"],
+                device=kw["device"],
+                verify_steps=kw["verify_steps"],
+                progress=not (kw["no_progress"] or kw["quiet"]),
+            )
     except (DqfastError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+        click.echo(held.getvalue(), err=True, nl=False)
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    if kw["quiet"]:
+        return
     for c in result.components:
         click.echo(f"{c.name}: {c.backbone}  {c.hf_dir}" + (f"  {c.dqfast_dir}" if c.dqfast_dir else ""))
         if c.trajectory:
@@ -106,6 +122,9 @@ def ptq(**kw: Any) -> None:
                 f"{(c.layers or {}).get('min_cosine', float('nan')):.5f}; trajectory final cosine {t['final_cosine']:.6f}, "
                 f"PSNR {t['final_psnr_db']:.2f} dB"
             )
+        if kw["verbose"]:
+            for row in (c.layers or {}).get("rows", []):
+                click.echo(f"    {row['module']}: cosine {row['cosine']:.6f}  SNR {row['snr_db']:.1f} dB")
     click.echo(f"report: {result.report_path}")
 
 
