@@ -79,3 +79,19 @@ def test_verify_quiet_prints_nothing_and_verbose_prints_layers(built):
     r = CliRunner().invoke(main, ["verify", "layers", str(base), str(quant), "--verbose"])
     assert r.exit_code == 0 and "layers:" in r.output and " cosine " in r.output and "SNR" in r.output
     assert r.output.count("\n") > 2  # the summary plus one line per layer
+
+
+def test_verify_shows_live_progress_unless_quiet(built):
+    """verify reports its progress on stderr as builds do (plain lines off a terminal, the last one
+    at 100%), and the API callback counts every layer once, in order, up to the total."""
+    from dqfast.verify.layers import layer_errors
+
+    base, quant = built
+    r = CliRunner().invoke(main, ["verify", "layers", str(base), str(quant)])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("dqfast: ")]
+    assert lines and "(100%)" in lines[-1]
+    calls: list[tuple[int, int, str]] = []
+    rows = layer_errors(base, quant, lambda d, t, what: calls.append((d, t, what)))
+    assert [c[0] for c in calls] == list(range(1, len(rows) + 1)) and {c[1] for c in calls} == {len(rows)}
+    assert [c[2] for c in calls] == [r["module"] for r in rows]

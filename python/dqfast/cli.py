@@ -634,8 +634,23 @@ def verify_layers(base_dir: Path, quant_dir: Path, json_path: Path | None, quiet
     from dqfast.verify.checkpoint import verify_checkpoint
 
     to_stdout = _json_to_stdout(json_path)
-    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, trajectory_check=False, json_path=None if to_stdout else json_path))
+    step = _verify_progress(quiet or to_stdout)
+    r = _run(
+        lambda: verify_checkpoint(base_dir, quant_dir, trajectory_check=False, json_path=None if to_stdout else json_path, progress=step)
+    )
     _print_verify(r, as_json=to_stdout, quiet=quiet, verbose=verbose)
+
+
+def _verify_progress(quiet: bool) -> Callable[[int, int, str], None] | None:
+    """Live progress of the verify commands (layers, then denoising steps) on stderr, as for builds;
+    none with -q or JSON on stdout. Closed by `_run`."""
+    from dqfast.progress import make_progress
+
+    p = make_progress(quiet=quiet, unit="items")
+    if p is None:
+        return None
+    _PROGRESS.append(p)
+    return lambda done, total, what: p(done, total, done, total, what)
 
 
 @verify.command("trajectory")
@@ -663,7 +678,12 @@ def verify_trajectory(
 
     to_stdout = _json_to_stdout(json_path)
     out = None if to_stdout else json_path
-    r = _run(lambda: verify_checkpoint(base_dir, quant_dir, steps=steps, seed=seed, device=device, json_path=out, png_path=png_path))
+    step = _verify_progress(quiet or to_stdout)
+    r = _run(
+        lambda: verify_checkpoint(
+            base_dir, quant_dir, steps=steps, seed=seed, device=device, json_path=out, png_path=png_path, progress=step
+        )
+    )
     _print_verify(r, as_json=to_stdout, quiet=quiet, verbose=verbose)
 
 

@@ -26,7 +26,10 @@ def _gb(n: float) -> str:
 class CliProgress:
     """A ``progress`` callable; :meth:`close` ends a live display (safe to call twice)."""
 
-    def __init__(self, *, rich: bool, stream: TextIO | None = None, every: float = PLAIN_EVERY) -> None:
+    def __init__(self, *, rich: bool, stream: TextIO | None = None, every: float = PLAIN_EVERY, unit: str = "bytes") -> None:
+        # unit "bytes": a build (bytes written, GB/s); "items": a count of steps (verify's layers
+        # and denoising steps), called as progress(done, total, done, total, current).
+        self.unit = unit
         self.rich = rich
         self.stream = stream or sys.stderr
         self.every = every
@@ -55,6 +58,9 @@ class CliProgress:
             rate = bytes_done / max(now - self._t0, 1e-9)
             eta = (bytes_total - bytes_done) / rate if rate > 0 else float("inf")
             pct = 100.0 * bytes_done / bytes_total if bytes_total else 100.0
+            if self.unit == "items":
+                print(f"dqfast: {bytes_done}/{bytes_total} ({pct:.0f}%), ETA {eta:.0f}s, {current}", file=self.stream, flush=True)
+                return
             print(
                 f"dqfast: {_gb(bytes_done)} / {_gb(bytes_total)} ({pct:.0f}%), {tensors_done}/{tensors_total} tensors, "
                 f"{rate / 1e9:.2f} GB/s, ETA {eta:.0f}s, {current}",
@@ -64,13 +70,21 @@ class CliProgress:
 
     def _start_bar(self, total: int) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
+        amount = [MofNCompleteColumn()] if self.unit == "items" else [DownloadColumn(), TransferSpeedColumn()]
         self._bar = Progress(
             TextColumn("[bold]dqfast"),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            *amount,
             TimeRemainingColumn(),
             TextColumn("{task.fields[tensor]}"),
             console=Console(file=self.stream),
@@ -87,13 +101,13 @@ class CliProgress:
             self._bar = None
 
 
-def make_progress(*, quiet: bool, stream: TextIO | None = None) -> CliProgress | None:
+def make_progress(*, quiet: bool, stream: TextIO | None = None, unit: str = "bytes") -> CliProgress | None:
     """The CLI's reporter: none when quiet, a rich bar when ``stream`` (stderr) is a terminal,
     plain periodic lines otherwise."""
     if quiet:
         return None
     s = stream or sys.stderr
-    return CliProgress(rich=s.isatty(), stream=s)
+    return CliProgress(rich=s.isatty(), stream=s, unit=unit)
 
 
 class BatchProgress:

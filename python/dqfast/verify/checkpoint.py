@@ -5,6 +5,7 @@ denoising trajectory (both models built from their directories; the quantized on
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,14 @@ def verify_checkpoint(
     json_path: str | Path | None = None,
     png_path: str | Path | None = None,
     trajectory_check: bool = True,
+    progress: Callable[[int, int, str], Any] | None = None,
 ) -> dict[str, Any]:
     """Layer errors (always) and, with ``trajectory_check``, a seeded denoising comparison.
 
     Conditioning comes from ``calib`` (a ``dqfast.ptq.CalibConfig``); by default deterministic
     pseudo prompt embeddings, since no text encoder is loaded — the comparison is between the two
-    transformers on identical inputs, which is what quantization changes.
+    transformers on identical inputs, which is what quantization changes. ``progress(done, total,
+    what)`` is called after each layer, then after each denoising step.
     """
     from dqfast import _core
     from dqfast.verify.layers import layer_errors
@@ -65,7 +68,7 @@ def verify_checkpoint(
     for d in (base_dir, quant_dir):
         open_checkpoint(d)
     try:
-        rows = layer_errors(base_dir, quant_dir)
+        rows = layer_errors(base_dir, quant_dir, progress)
     except CheckpointError:
         raise
     except (ValueError, OSError) as e:  # CheckpointMismatch and the safetensors library's errors
@@ -89,7 +92,9 @@ def verify_checkpoint(
         family = model_family(base)
         inputs = trajectory_inputs(base, cc)
         shift = cc.shift if cc.shift is not None else (3.0 if family == "flux" else 5.0)
-        traj = trajectory(base, quant, inputs, steps=steps, seed=seed, shift=shift, timestep_scale=timestep_scale(family))
+        traj = trajectory(
+            base, quant, inputs, steps=steps, seed=seed, shift=shift, timestep_scale=timestep_scale(family), progress=progress
+        )
         t = traj.to_dict()
         t.update(
             inputs_note=f"one prompt ({cc.conditioning_kind()}), latent shape {list(inputs['hidden_states'].shape)}",

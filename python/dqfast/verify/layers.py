@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from ..runtime.loader import FP8_ALGOS, _Reader, _tensor_files, read_quant_spec
 # or whose cosine falls under MIN_COSINE, is flagged as an outlier.
 OUTLIER_DB_BELOW_MEDIAN = 6.0
 MIN_COSINE = 0.99
+
+#: ``progress(done, total, what)`` after each unit of work (a layer, a denoising step).
+StepFn = Callable[[int, int, str], Any]
 
 
 def _dequantize(reader: _Reader, module: str, swap_nibbles: bool) -> tuple[torch.Tensor, str, int]:
@@ -52,8 +56,9 @@ def _metrics(ref: torch.Tensor, deq: torch.Tensor) -> dict:
     }
 
 
-def layer_errors(base_dir: str | Path, quant_dir: str | Path) -> list[dict]:
+def layer_errors(base_dir: str | Path, quant_dir: str | Path, progress: StepFn | None = None) -> list[dict]:
     """For every quantized Linear in `quant_dir`: its dequantized weight vs `base_dir`'s.
+    ``progress(done, total, module)`` is called after each layer.
 
     Each dict: module, algo, shape, max_abs_err, mean_abs_err, cosine, snr_db, nan (NaN in
     the dequantized weight or NaN scale bytes), nan_scale_bytes, outlier (see module constants).
@@ -75,6 +80,8 @@ def layer_errors(base_dir: str | Path, quant_dir: str | Path) -> list[dict]:
         row["nan_scale_bytes"] = nan_bytes
         row["nan"] = bool(nan_bytes) or bool(torch.isnan(deq).any()) or math.isnan(row["cosine"])
         rows.append(row)
+        if progress is not None:
+            progress(len(rows), len(modules), module)
     for algo in {r["algo"] for r in rows}:
         finite = [r["snr_db"] for r in rows if r["algo"] == algo and math.isfinite(r["snr_db"])]
         median = statistics.median(finite) if finite else float("nan")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ def trajectory(
     seed: int = 0,
     shift: float = 1.0,
     timestep_scale: float = 1e-3,
+    progress: Callable[[int, int, str], Any] | None = None,
 ) -> TrajectoryResult:
     """Run both models through `steps` Euler flow-matching steps from the same noise.
 
@@ -122,6 +124,8 @@ def trajectory(
         row = {"step": i, "timestep": float(t)}
         row.update(_compare(lat_b, lat_q))
         result.steps.append(row)
+        if progress is not None:
+            progress(i + 1, steps, f"step {i + 1}/{steps}")
     final = _compare(lat_b, lat_q)
     peak = float(lat_b.max() - lat_b.min())
     result.final_cosine = final["cosine"]
