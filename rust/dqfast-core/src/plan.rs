@@ -786,15 +786,10 @@ fn resolve<'a>(plan: &Plan, sources: &'a [Checkpoint]) -> Result<Vec<Resolved<'a
     Ok(out)
 }
 
-/// NVFP4 global scale of a given amax, by the one scale rule.
+/// NVFP4 global scale of a given (calibrated) amax: [`fp8::scales_from_amax`] with the NVFP4
+/// bound, so a given amax of 0 is refused (only a weight's own all-zero amax gets 1).
 fn nv_global_checked(amax: f32) -> std::result::Result<f32, String> {
-    if !(amax.is_finite() && amax > 0.0) {
-        return Err(format!("weight amax is {amax}; it must be finite and > 0"));
-    }
-    let g = nvfp4::global_scale_from_amax(amax);
-    fp8::check_scale(g).map(|_| g).map_err(|m| {
-        format!("weight amax {amax:e} gives global scale amax/2688 = {m}; keep this weight in BF16 (fallback)")
-    })
+    fp8::scales_from_amax("NVFP4 weight amax", &[amax], nvfp4::GLOBAL_BOUND).map(|v| v[0])
 }
 
 /// An MXFP8 output of one float weight `[N, K]`, values (`[N, K]` e4m3) or scales (`[N, K/32]`
