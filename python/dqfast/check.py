@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from dqfast.errors import PlanError
+from dqfast.formats import BF16, MIXED_PRECISION, WeightFormat, classify, family_algos
 from dqfast.models import detect_preset
-from dqfast.quant_config import find_component_dir, load_json, resolve_quant_config
+from dqfast.quant_config import find_component_dir, load_json, quantized_layer_entry, resolve_quant_config
 from dqfast.reader import open_checkpoint
 from dqfast.targets import Target, get_target
 
@@ -65,17 +66,10 @@ class CheckReport:
         }
 
 
-def _stored(tensors: dict, module: str) -> str:
-    w = tensors[f"{module}.weight"]
-    ws = tensors.get(f"{module}.weight_scale")
-    if w.dtype == "U8" and ws is not None and ws.dtype == "F8_E4M3":
-        return "NVFP4"
-    if w.dtype in ("F8_E4M3", "F8_E5M2"):
-        n = 1
-        for d in ws.shape if ws is not None else ():
-            n *= d
-        return "FP8" if n <= 1 else "FP8 per-channel"
-    return "BF16"
+def _stored(tensors: dict, module: str) -> WeightFormat | None:
+    """The module's weight format (``dqfast.formats.classify``); None: a dtype no format stores."""
+    parts = {s: tensors[f"{module}.{s}"] for s in ("weight", "weight_scale") if f"{module}.{s}" in tensors}
+    return classify(parts)
 
 
 def _engine_algo(t: Target, family: str, qc: Any, module: str) -> tuple[str | None, str]:
@@ -85,13 +79,13 @@ def _engine_algo(t: Target, family: str, qc: Any, module: str) -> tuple[str | No
     hit = t.ignored(qc.ignore, module)
     if hit is not None:
         return None, f"matched by ignore entry '{hit}' ({t.ignore_matching})"
-    if qc.quant_algo != "MIXED_PRECISION":
+    if qc.quant_algo != MIXED_PRECISION:
         return qc.quant_algo, ""
     layers = qc.quantized_layers
     fused = t.packed_layer(module)
     if fused is not None and not t.mixed_resolves_packed and fused not in layers:
         return None, f"fused layer {fused} not resolvable from per-shard quantized_layers ({t.mixed_source})"
-    spec = layers.get(module) or next((s for p, s in layers.items() if module.startswith(p + ".")), None)
+    spec = quantized_layer_entry(layers, module)  # the builders' and the runtime's matcher
     if spec is None:
         return None, "not listed in quantized_layers"
     return str(spec.get("quant_algo", "")).upper(), ""
@@ -104,24 +98,28 @@ def _check_one(t: Target, d: Path, family: str, qc: Any, tensors: dict) -> Check
         return rep
     linears = sorted(n[: -len(".weight")] for n, m in tensors.items() if n.endswith(".weight") and len(m.shape) == 2)
     for m in linears:
-        stored = _stored(tensors, m)
+        fmt = _stored(tensors, m)
+        stored = fmt.label if fmt is not None else tensors[f"{m}.weight"].dtype
         algo, why = _engine_algo(t, family, qc, m) if qc is not None else (None, "no quantization config")
-        if stored == "BF16":
+        if fmt is None:
+            rep.layers.append(LayerVerdict(m, stored, "error", f"{stored} weight: stored in no format {t.name} loads"))
+            continue
+        if fmt is BF16:
             if algo is None:
                 rep.layers.append(LayerVerdict(m, stored, "bf16", "loaded as BF16"))
             else:
                 rep.layers.append(LayerVerdict(m, stored, "error", f"BF16 weight for a layer {t.name} quantizes as {algo} (no scales)"))
             continue
         if algo is None:
-            if stored.startswith("FP8") and t.fp8_into_bf16 == "dequantized":
+            if fmt.kind == "fp8" and t.fp8_into_bf16 == "dequantized":
                 rep.layers.append(LayerVerdict(m, stored, "dequantized", f"loaded as BF16 (dequantized): {why}"))
             else:
                 rep.layers.append(LayerVerdict(m, stored, "error", f"{stored} weight for an unquantized (BF16) layer: {why}"))
             continue
-        base = "FP8" if stored.startswith("FP8") else stored
-        if not algo.startswith(base) and not (base == "NVFP4" and algo == "W4A16_NVFP4"):
+        # The stored family must be the one the algo builds (either FP8 granularity for an FP8 algo).
+        if algo not in family_algos(fmt.kind):
             rep.layers.append(LayerVerdict(m, stored, "error", f"{stored} weight for a layer {t.name} builds as {algo}"))
-        elif stored == "FP8 per-channel" and "channel" not in t.fp8_weight_scales:
+        elif fmt.scale_per == "channel" and "channel" not in t.fp8_weight_scales:
             rep.layers.append(LayerVerdict(m, stored, "error", f"per-channel weight_scale; {t.name} takes per-tensor only"))
         else:
             rep.layers.append(LayerVerdict(m, stored, "quantized", f"quantized as {algo}"))

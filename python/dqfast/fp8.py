@@ -25,6 +25,7 @@ import numpy as np
 from dqfast import _core
 from dqfast._core import E4M3_MAX, __version__  # 448, from dqfast-core
 from dqfast.errors import PlanError
+from dqfast.formats import FP8, FP8_CHANNEL, family_algos
 from dqfast.models import ModelPreset, pattern_list, resolve_preset
 from dqfast.plan import (
     BuildReport,
@@ -45,7 +46,7 @@ from dqfast.targets import TargetName
 __all__ = ["build_fp8_transformer"]
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
-FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
+FP8_ALGOS = family_algos("fp8")
 
 Rounding = Literal["exact", "modelopt"]
 
@@ -213,7 +214,7 @@ def _plan_calibrated(
     from dqfast.amax import load_amax
 
     export_dir, export_cfg, qc = load_modelopt_export(hf_dir, component, lambda a: a in FP8_ALGOS, "FP8")
-    per_channel = qc.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"
+    per_channel = qc.quant_algo in FP8_CHANNEL.algos
     export = open_checkpoint(export_dir)
     preset = resolve_preset(model_type, export_cfg, force_model_type)
     base = open_checkpoint(find_component_dir(base_dir, component)) if base_dir else None
@@ -434,7 +435,7 @@ def _plan_from_bf16(
         )
     if activation_amax is not None and not (np.isfinite(activation_amax) and activation_amax > 0):
         raise PlanError(f"--activation-amax (activation_amax) is {activation_amax}; it must be finite and > 0")
-    algo = "FP8_PER_CHANNEL_PER_TOKEN" if per_row else "FP8"
+    algo = (FP8_CHANNEL if per_row else FP8).algos[0]
     src = plan.source(base.root)
     report = BuildReport(output_dir=str(plan.output_dir), quant_algo=algo)
     counts = {"quantized": 0, "bf16_fallback": 0, "kept_unquantized": 0, "added_scales": 0}
@@ -479,7 +480,7 @@ def _plan_from_bf16(
         "producer": {"name": "dqfast", "version": __version__},
         "config_groups": {
             "group_0": {
-                "weights": {"num_bits": 8, "type": "float", "dynamic": False, "strategy": "channel" if per_row else "tensor"},
+                "weights": {**FP8.config_weights, "strategy": "channel" if per_row else "tensor"},
                 "input_activations": {
                     "num_bits": 8,
                     "type": "float",

@@ -10,6 +10,7 @@ from typing import Any
 
 from dqfast import _core
 from dqfast.errors import PlanError
+from dqfast.formats import FORMATS, MIXED_PRECISION, WeightFormat, classify
 from dqfast.plan import split_module
 from dqfast.quant_config import QuantConfig, load_json, resolve_quant_config
 from dqfast.reader import CheckpointInfo, open_checkpoint, read_tensor
@@ -39,17 +40,42 @@ class InspectReport:
 
 
 def _module_kind(parts: dict[str, Any]) -> str:
+    """The module's format family (``dqfast.formats``), ``other`` without a weight, else the
+    weight's own dtype."""
+    f = classify(parts)
+    if f is not None:
+        return f.kind
     w = parts.get("weight")
-    if w is None:
-        return "other"
-    if w.dtype == "F8_E4M3":
-        # MXFP8 (vLLM-Omni): e4m3 values with U8 E8M0 block scales [N, K/32].
-        return "mxfp8" if "weight_scale" in parts and parts["weight_scale"].dtype == "U8" else "fp8"
-    if w.dtype == "U8" and "weight_scale" in parts and parts["weight_scale"].dtype == "F8_E4M3":
-        return "nvfp4"
-    if w.dtype in ("BF16", "F16", "F32"):
-        return "float"
-    return w.dtype.lower()
+    return "other" if w is None else str(w.dtype).lower()
+
+
+def _format_problems(m: str, f: WeightFormat, parts: dict[str, Any], qc: QuantConfig | None) -> list[str]:
+    """What a layer of format ``f`` lacks or has wrong: its tensors (``f.tensors``) and the shape
+    of its block scales."""
+    problems: list[str] = []
+    label = f.kind.upper()  # FP8 per-channel is reported as FP8
+    for s in f.tensors:
+        if s in parts:
+            continue
+        if s != "input_scale":
+            problems.append(f"{m}: {label} weight without {s}")
+            continue
+        # Only a static-activation algo needs it, and the config says which the layer has.
+        algo = qc.algo_for(m) if qc is not None else None
+        if algo is not None and any(g.kind == f.kind and g.needs_input_scale(algo) for g in FORMATS.values()):
+            problems.append(f"{m}: {label} weight without {s} (quant_algo {algo} is static)")
+    w, ws = parts["weight"], parts.get("weight_scale")
+    if f.scale_per == "block" and ws is not None:
+        want = f.block_scale_shape(w.shape)
+        if want is None or list(ws.shape) != want:
+            k = w.shape[-1] * f.elements_per_byte if w.shape else 0
+            need = f"needs K % {f.block} == 0 and weight_scale {want}, has {list(ws.shape)}"
+            problems.append(f"{m}: {label} weight {list(w.shape)} (K = {k} elements) {need}")
+        elif f.scale_nan_byte is not None and ws.nbytes <= _MAX_SCALE_BYTES:
+            n = int((read_tensor(ws.file, ws.name, raw=True) == f.scale_nan_byte).sum())
+            if n:
+                problems.append(f"{m}: {n} NaN scale byte(s) (0x{f.scale_nan_byte:02X}, the scale's NaN code) in weight_scale")
+    return problems
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
@@ -71,25 +97,9 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
     nan_e4m3: dict[str, int] = _core.count_nan_e4m3(str(comp))
     for m, parts in mods.items():
         kind = _module_kind(parts)
-        if kind == "fp8":
-            for s in ("weight_scale",):
-                if s not in parts:
-                    problems.append(f"{m}: FP8 weight without {s}")
-            if qc is not None and qc.quant_algo == "FP8" and "input_scale" not in parts:
-                problems.append(f"{m}: FP8 weight without input_scale (quant_algo FP8 is static)")
-        if kind == "mxfp8":
-            w, ws, block = parts["weight"], parts["weight_scale"], _core.MXFP8_BLOCK
-            want = [w.shape[0], w.shape[1] // block] if len(w.shape) == 2 else None
-            if want is None or w.shape[1] % block or list(ws.shape) != want:
-                problems.append(f"{m}: MXFP8 weight {list(w.shape)} needs K % {block} == 0 and weight_scale {want}, has {list(ws.shape)}")
-            elif ws.nbytes <= _MAX_SCALE_BYTES and (n := int((read_tensor(ws.file, ws.name, raw=True) == 0xFF).sum())):
-                problems.append(f"{m}: {n} NaN scale byte(s) (0xFF, E8M0 NaN) in weight_scale")
-        if kind == "nvfp4":
-            w, ws = parts["weight"], parts["weight_scale"]
-            if len(w.shape) == 2 and len(ws.shape) == 2 and w.shape[1] * 2 != ws.shape[1] * 16:
-                problems.append(f"{m}: weight {list(w.shape)} and weight_scale {list(ws.shape)} disagree on K")
-            if "weight_scale_2" not in parts:
-                problems.append(f"{m}: NVFP4 weight without weight_scale_2")
+        fmt = classify(parts)
+        if fmt is not None and fmt.weight_dtype is not None:
+            problems += _format_problems(m, fmt, parts, qc)
         for suffix, meta in parts.items():
             nan = nan_e4m3.get(meta.name, 0)
             if nan:
@@ -105,7 +115,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> InspectReport:
             except PlanError as e:
                 problems.append(str(e))
         if qc is not None and kind == "float" and len(parts["weight"].shape) == 2 and qc.algo_for(m) not in (None,):
-            if qc.quant_algo != "MIXED_PRECISION":
+            if qc.quant_algo != MIXED_PRECISION:
                 problems.append(f"{m}: float weight but not covered by the ignore list (loaders expect it quantized)")
     return InspectReport(
         path=str(comp),

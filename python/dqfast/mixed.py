@@ -29,6 +29,7 @@ import numpy as np
 
 from dqfast._core import E4M3_MAX, __version__
 from dqfast.errors import PlanError
+from dqfast.formats import FP8, NVFP4
 from dqfast.fp8 import FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, check_activation_amax
 from dqfast.models import MLP_PATTERNS, ModelPreset, fused_groups, pattern_list, resolve_preset
 from dqfast.nvfp4 import GROUP, NVFP4_BOUND
@@ -206,30 +207,30 @@ def build_mixed_transformer(
                 )
                 plan.add(f"{module}.weight_scale", "scale_of", of=meta.name, shape=[1])
                 plan.add(f"{module}.input_scale", "scale_from_amax", amax=[amax["fp8"]], bound=E4M3_MAX, shape=[1])
-                quantized_layers[module] = {"quant_algo": "FP8"}
+                quantized_layers[module] = FP8.layer_entry()
             else:
                 am = {"kind": "max_of", "srcs": [plan.ref(src, f"{m}.weight") for m in members]}
                 plan.add(meta.name, "nvfp4_weight", src=ref, amax=am)
                 plan.add(f"{module}.weight_scale", "nvfp4_block_scales", src=ref, amax=am)
                 plan.add(f"{module}.weight_scale_2", "nvfp4_global_scale", src=ref, amax=am, shape=[])
                 plan.add(f"{module}.input_scale", "scale_from_amax", amax=[amax["nvfp4"]], bound=NVFP4_BOUND, shape=[])
-                quantized_layers[module] = {"quant_algo": "NVFP4", "group_size": GROUP}
+                quantized_layers[module] = NVFP4.layer_entry()
     if not quantized_layers:
         raise PlanError("the policy quantizes no layer (MIXED_PRECISION needs a non-empty quantized_layers)")
 
-    fp8_layers = sorted(m for m, v in quantized_layers.items() if v["quant_algo"] == "FP8")
-    nv_layers = sorted(m for m, v in quantized_layers.items() if v["quant_algo"] == "NVFP4")
+    fp8_layers = sorted(m for m, v in quantized_layers.items() if v["quant_algo"] in FP8.algos)
+    nv_layers = sorted(m for m, v in quantized_layers.items() if v["quant_algo"] in NVFP4.algos)
     config_groups: dict[str, Any] = {}
     if fp8_layers:
         config_groups[f"group_{len(config_groups)}"] = {
-            "weights": {"num_bits": 8, "type": "float", "dynamic": False},
-            "input_activations": {"num_bits": 8, "type": "float", "dynamic": False},
+            "weights": dict(FP8.config_weights),
+            "input_activations": dict(FP8.config_weights),
             "targets": fp8_layers,
         }
     if nv_layers:
         config_groups[f"group_{len(config_groups)}"] = {
-            "weights": {"num_bits": 4, "type": "float", "dynamic": False, "group_size": GROUP},
-            "input_activations": {"num_bits": 4, "type": "float", "dynamic": False, "group_size": GROUP},
+            "weights": dict(NVFP4.config_weights),
+            "input_activations": dict(NVFP4.config_weights),
             "targets": nv_layers,
         }
     quant_cfg: dict[str, Any] = {

@@ -28,6 +28,7 @@ import numpy as np
 from dqfast import _core
 from dqfast._core import E4M3_MAX_BYTE, NVFP4_BOUND, NVFP4_GROUP, __version__
 from dqfast.errors import PlanError
+from dqfast.formats import NVFP4
 from dqfast.fp8 import FLOAT_DTYPES, _check_base_tensor, _group_modules, _ignore_entries, _output_config, check_activation_amax
 from dqfast.models import ModelPreset, fused_groups, glob_to_regex, pattern_list, resolve_preset
 from dqfast.plan import (
@@ -186,7 +187,7 @@ def _plan_export(
     force_model_type: bool = False,
     target_ignores_flag: bool = False,
 ) -> BuildReport:
-    export_dir, export_cfg, qc = load_modelopt_export(hf_dir, component, lambda a: "FP4" in a, "NVFP4")
+    export_dir, export_cfg, qc = load_modelopt_export(hf_dir, component, lambda a: a in NVFP4.algos, "NVFP4")
     export = open_checkpoint(export_dir)
     preset = resolve_preset(model_type, export_cfg, force_model_type)
     extra = _fallback_globs(fallback)
@@ -406,8 +407,8 @@ def _plan_from_bf16(
         "producer": {"name": "dqfast", "version": __version__},
         "config_groups": {
             "group_0": {
-                "weights": {"num_bits": 4, "type": "float", "dynamic": False, "group_size": GROUP},
-                "input_activations": {"num_bits": 4, "type": "float", "dynamic": False, "group_size": GROUP},
+                "weights": dict(NVFP4.config_weights),
+                "input_activations": dict(NVFP4.config_weights),
                 "targets": ["Linear"],
             }
         },

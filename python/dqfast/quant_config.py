@@ -20,6 +20,7 @@ from typing import Any
 
 from dqfast._files import read_regular, typed_error
 from dqfast.errors import PlanError
+from dqfast.formats import FP8, MIXED_PRECISION, NVFP4, algo_names, format_for_method
 from dqfast.models import ignore_pattern_matches
 
 __all__ = [
@@ -34,7 +35,8 @@ __all__ = [
 ]
 
 MODELOPT_METHODS = frozenset({"modelopt", "modelopt_fp4", "modelopt_fp8", "modelopt_mixed"})
-KNOWN_ALGOS = frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4", "W4A16_NVFP4", "MIXED_PRECISION"})
+#: The quant_algo names a ModelOpt config may carry (the format registry's).
+KNOWN_ALGOS = algo_names("modelopt")
 
 
 @dataclass
@@ -56,7 +58,7 @@ class QuantConfig:
         """The algorithm a module is quantized with, or None when it stays unquantized."""
         if self.is_ignored(module):
             return None
-        if self.quant_algo != "MIXED_PRECISION":
+        if self.quant_algo != MIXED_PRECISION:
             return self.quant_algo
         entry = quantized_layer_entry(self.quantized_layers, module)
         return None if entry is None else str(entry["quant_algo"]).upper()
@@ -184,10 +186,11 @@ def _normalize(cfg: dict[str, Any], source: str) -> QuantConfig | None:
     method = _field(cfg, "quant_method", str, source, "") or _field(cfg, "method", str, source, "") or ""
     method = method.lower()
     producer = _field(cfg, "producer", dict, source, "") or {}
-    if method == "mxfp8":  # vLLM-Omni's MXFP8 weight-only (dqfast.mxfp8): exact-name ignore list
+    own = format_for_method(method)
+    if own is not None:  # vLLM-Omni's MXFP8 weight-only (dqfast.mxfp8): exact-name ignore list
         ignored = _str_list(cfg, "ignored_layers", source)
         ignored = _str_list(cfg, "modules_to_not_convert", source) if ignored is None else ignored
-        return QuantConfig("MXFP8", ignore=list(ignored or []), source=source, raw=dict(cfg))
+        return QuantConfig(own.algos[0], ignore=list(ignored or []), source=source, raw=dict(cfg))
     if method not in MODELOPT_METHODS and producer.get("name") != "modelopt":
         return None
     algo = _field(cfg, "quant_algo", str, source, "")
@@ -195,7 +198,7 @@ def _normalize(cfg: dict[str, Any], source: str) -> QuantConfig | None:
     if algo is None and quantization is not None:
         algo = _field(quantization, "quant_algo", str, f"{source} 'quantization'", "")
     if algo is None:
-        algo = {"modelopt_fp4": "NVFP4", "modelopt_fp8": "FP8", "modelopt_mixed": "MIXED_PRECISION"}.get(method)
+        algo = {"modelopt_fp4": NVFP4.algos[0], "modelopt_fp8": FP8.algos[0], "modelopt_mixed": MIXED_PRECISION}.get(method)
     if algo is None:
         raise typed_error(PlanError, f"{source}: modelopt quantization config without quant_algo", source)
     algo = algo.upper()
@@ -219,7 +222,7 @@ def _normalize(cfg: dict[str, Any], source: str) -> QuantConfig | None:
     for name, spec in layers.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("quant_algo"), str):
             raise typed_error(PlanError, f"{source}: field 'quantized_layers.{name}' must be an object with a string 'quant_algo'", source)
-    if algo == "MIXED_PRECISION" and not layers:
+    if algo == MIXED_PRECISION and not layers:
         raise typed_error(PlanError, f"{source}: MIXED_PRECISION config without quantized_layers", source)
     return QuantConfig(
         quant_algo=algo,
@@ -280,12 +283,13 @@ def _from_tensor_families(info: Any) -> QuantConfig | None:
     weights = {n[: -len(".weight")]: t for n, t in info.tensors.items() if n.endswith(".weight")}
     nv, fp8, other = [], [], []
     group = None
+    # SGLang's own test, not dqfast.formats.classify: its extra ndim conditions are what it loads.
     for m, w in weights.items():
         ws = info.tensors.get(f"{m}.weight_scale")
-        if w.dtype == "U8" and ws is not None and ws.dtype == "F8_E4M3" and len(ws.shape) >= 2 and len(w.shape) == 2:
+        if w.dtype == NVFP4.weight_dtype and ws is not None and ws.dtype == NVFP4.scale_dtype and len(ws.shape) >= 2 and len(w.shape) == 2:
             nv.append(m)
             group = 2 * w.shape[1] // max(ws.shape[-1], 1)
-        elif w.dtype == "F8_E4M3":
+        elif w.dtype == FP8.weight_dtype:
             fp8.append(m)
         else:
             other.append(m)
@@ -293,12 +297,12 @@ def _from_tensor_families(info: Any) -> QuantConfig | None:
         return None
     source = f"{info.root}: inferred from tensor dtypes (no config)"
     if nv and fp8:
-        layers = {m: {"quant_algo": "NVFP4", "group_size": group} for m in nv}
-        layers.update({m: {"quant_algo": "FP8"} for m in fp8})
-        return QuantConfig("MIXED_PRECISION", ignore=sorted(other), quantized_layers=layers, group_size=group, source=source)
+        layers = {m: {**NVFP4.layer_entry(), "group_size": group} for m in nv}
+        layers.update({m: FP8.layer_entry() for m in fp8})
+        return QuantConfig(MIXED_PRECISION, ignore=sorted(other), quantized_layers=layers, group_size=group, source=source)
     if nv:
-        return QuantConfig("NVFP4", ignore=sorted(other), group_size=group, source=source)
-    return QuantConfig("FP8", ignore=sorted(other), source=source)
+        return QuantConfig(NVFP4.algos[0], ignore=sorted(other), group_size=group, source=source)
+    return QuantConfig(FP8.algos[0], ignore=sorted(other), source=source)
 
 
 def load_modelopt_export(

@@ -18,12 +18,14 @@ import torch
 from torch import nn
 
 from dqfast.errors import CheckpointError
+from dqfast.formats import family_algos
 
 from . import quant as Q
 from .linear import Fp8Linear, Nvfp4Linear
 
-FP8_ALGOS = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN"}
-NVFP4_ALGOS = {"NVFP4", "W4A16_NVFP4"}
+# The formats this loader runs (dqfast.formats; MXFP8 is not one of them yet).
+FP8_ALGOS = set(family_algos("fp8"))
+NVFP4_ALGOS = set(family_algos("nvfp4"))
 
 
 class CheckpointMismatch(CheckpointError, ValueError):

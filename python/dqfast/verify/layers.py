@@ -11,9 +11,11 @@ from typing import Any
 import torch
 
 from dqfast.errors import CheckpointError
+from dqfast.formats import classify, family_algos
+from dqfast.reader import open_checkpoint
 
 from ..runtime import quant as Q
-from ..runtime.loader import FP8_ALGOS, _Reader, _tensor_files, read_quant_spec
+from ..runtime.loader import _Reader, _tensor_files, read_quant_spec
 
 # A layer whose weight SNR is this far below the median of layers with the same algo,
 # or whose cosine falls under MIN_COSINE, is flagged as an outlier.
@@ -24,21 +26,26 @@ MIN_COSINE = 0.99
 StepFn = Callable[[int, int, str], Any]
 
 
-def _dequantize(reader: _Reader, module: str, swap_nibbles: bool) -> tuple[torch.Tensor, str, int]:
+def _dequantize_fp8(reader: _Reader, module: str, swap_nibbles: bool) -> tuple[torch.Tensor, int]:
     w = reader.get(f"{module}.weight")
     scale = reader.get(f"{module}.weight_scale").float()
-    if w.dtype == torch.float8_e4m3fn:
-        s = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
-        return w.float() * s, "FP8", 0
-    if w.dtype == torch.uint8:
-        block = reader.get(f"{module}.weight_scale")
-        raw = block.view(torch.uint8)
-        nan_bytes = int(((raw == 0x7F) | (raw == 0xFF)).sum())
-        if swap_nibbles:
-            w = Q.swap_nibbles(w)
-        gs = reader.get(f"{module}.weight_scale_2").float().reshape(())
-        return Q.nvfp4_dequantize(w, block, gs), "NVFP4", nan_bytes
-    raise CheckpointError(f"{module}.weight has dtype {w.dtype}; not a quantized weight")
+    s = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
+    return w.float() * s, 0
+
+
+def _dequantize_nvfp4(reader: _Reader, module: str, swap_nibbles: bool) -> tuple[torch.Tensor, int]:
+    w = reader.get(f"{module}.weight")
+    block = reader.get(f"{module}.weight_scale")
+    raw = block.view(torch.uint8)
+    nan_bytes = int(((raw == 0x7F) | (raw == 0xFF)).sum())
+    if swap_nibbles:
+        w = Q.swap_nibbles(w)
+    gs = reader.get(f"{module}.weight_scale_2").float().reshape(())
+    return Q.nvfp4_dequantize(w, block, gs), nan_bytes
+
+
+#: Dequantizer of each format family (``dqfast.formats``, ``WeightFormat.kind``) the runtime loads.
+_DEQUANTIZE: dict[str, Callable[[_Reader, str, bool], tuple[torch.Tensor, int]]] = {"fp8": _dequantize_fp8, "nvfp4": _dequantize_nvfp4}
 
 
 def _metrics(ref: torch.Tensor, deq: torch.Tensor) -> dict:
@@ -66,12 +73,18 @@ def layer_errors(base_dir: str | Path, quant_dir: str | Path, progress: StepFn |
     spec = read_quant_spec(quant_dir)
     qreader = _Reader(_tensor_files(Path(quant_dir)))
     breader = _Reader(_tensor_files(Path(base_dir)))
+    metas = open_checkpoint(quant_dir).tensors
     modules = sorted(name[: -len(".weight_scale")] for name in qreader.files if name.endswith(".weight_scale"))
     rows: list[dict] = []
     for module in modules:
-        deq, algo, nan_bytes = _dequantize(qreader, module, spec.swap_weight_nibbles)
-        if algo == "FP8" and spec.quant_algo in FP8_ALGOS:
-            algo = spec.quant_algo
+        parts = {s: metas[f"{module}.{s}"] for s in ("weight", "weight_scale") if f"{module}.{s}" in metas}
+        fmt = classify(parts)
+        if fmt is None or fmt.kind not in _DEQUANTIZE:
+            dtype = parts["weight"].dtype if "weight" in parts else "missing"
+            raise CheckpointError(f"{module}.weight has dtype {dtype}; not a quantized weight")
+        deq, nan_bytes = _DEQUANTIZE[fmt.kind](qreader, module, spec.swap_weight_nibbles)
+        # The config's name when it is of this family (FP8_PER_CHANNEL_PER_TOKEN), else the family's.
+        algo = spec.quant_algo if spec.quant_algo in family_algos(fmt.kind) else fmt.kind.upper()
         base = breader.get(f"{module}.weight")
         if tuple(base.shape) != tuple(deq.shape):
             raise CheckpointError(f"{module}: base shape {tuple(base.shape)} != quantized {tuple(deq.shape)}")

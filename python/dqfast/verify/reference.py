@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dqfast.formats import MIXED_PRECISION, format_of_algo
+
 from ..runtime import quant as Q
 from ..runtime.loader import _pattern_matches
 
@@ -44,20 +46,21 @@ def calibrate_input_amax(model: nn.Module, batches: Iterable[Mapping]) -> dict[s
 def _layer_tensors(name: str, lin: nn.Linear, algo: str, in_amax: float | None) -> dict[str, torch.Tensor]:
     w = lin.weight.detach().float()
     out: dict[str, torch.Tensor] = {}
-    if algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"):
-        q, s = Q.fp8_quantize_weight(w, per_channel=algo != "FP8")
+    fmt = format_of_algo(algo)
+    if fmt.kind == "fp8":
+        q, s = Q.fp8_quantize_weight(w, per_channel=fmt.scale_per == "channel")
         out[f"{name}.weight"] = q
         out[f"{name}.weight_scale"] = s.float()
-        if algo == "FP8":
+        if fmt.needs_input_scale(algo):
             if in_amax is None:
                 raise ValueError(f"{name}: FP8 needs a calibrated input amax")
             out[f"{name}.input_scale"] = torch.tensor(max(in_amax, Q.MIN_AMAX) / Q.E4M3_MAX)
-    elif algo in ("NVFP4", "W4A16_NVFP4"):
+    elif fmt.kind == "nvfp4":
         packed, s, gs = Q.nvfp4_quantize(w)
         out[f"{name}.weight"] = packed
         out[f"{name}.weight_scale"] = s
         out[f"{name}.weight_scale_2"] = gs.reshape(())
-        if algo == "NVFP4":
+        if fmt.needs_input_scale(algo):
             if in_amax is None:
                 raise ValueError(f"{name}: NVFP4 needs a calibrated input amax")
             out[f"{name}.input_scale"] = torch.tensor(max(in_amax, Q.MIN_AMAX) / (Q.E2M1_MAX * Q.E4M3_MAX))
@@ -95,7 +98,7 @@ def export_reference_checkpoint(
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
-        if quant_algo == "MIXED_PRECISION":
+        if quant_algo == MIXED_PRECISION:
             algo = (layer_algos or {}).get(name)
         else:
             algo = None if any(_pattern_matches(p, name) for p in ignore) else quant_algo
@@ -117,12 +120,10 @@ def export_reference_checkpoint(
         "ignore": ignore,
         "swap_weight_nibbles": swap_weight_nibbles,
     }
-    if quant_algo == "MIXED_PRECISION":
-        qcfg["quantized_layers"] = {
-            n: ({"quant_algo": a, "group_size": 16} if "NVFP4" in a else {"quant_algo": a}) for n, a in sorted(quantized.items())
-        }
-    if "NVFP4" in quant_algo:
-        qcfg["group_size"] = 16
+    if quant_algo == MIXED_PRECISION:
+        qcfg["quantized_layers"] = {n: format_of_algo(a).layer_entry(a) for n, a in sorted(quantized.items())}
+    elif (fmt := format_of_algo(quant_algo)).scale_per == "block":
+        qcfg["group_size"] = fmt.block
     config = dict(getattr(model, "config", {}) or {})
     config["_class_name"] = type(model).__name__
     config["quantization_config"] = qcfg

@@ -1,0 +1,230 @@
+"""The format registry: one :class:`WeightFormat` per way a Linear weight is stored.
+
+Each entry holds everything the Python side decides about a format, so that the config reader
+(``quant_config``), ``inspect``, ``check``, ``verify``, the runtime loader and the builders ask
+here instead of keeping their own ``if algo == "NVFP4"`` chains:
+
+- ``algos``: the ``quant_algo`` names that store it (the first is the one dqfast writes);
+  ``quant_method``: the config's ``quant_method`` (``modelopt``, or vLLM-Omni's ``mxfp8``);
+- how a layer's tensors are recognised (:func:`classify`: weight dtype, scale dtype and size);
+- the tensors a layer of it carries besides ``weight`` and its block along K;
+- its MIXED_PRECISION ``quantized_layers`` entry and its ``config_groups`` weight fields;
+- the plan ops that write it and the builder (a :data:`dqfast.builders.BUILDERS` key) that does.
+
+Every number comes from ``dqfast._core`` (the Rust engine), never written again here.
+This module imports nothing else from dqfast but ``_core`` and ``errors``: any module may use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dqfast import _core
+from dqfast.errors import PlanError
+
+__all__ = [
+    "WeightFormat",
+    "FORMATS",
+    "BF16",
+    "FP8",
+    "FP8_CHANNEL",
+    "NVFP4",
+    "MXFP8",
+    "MIXED_PRECISION",
+    "classify",
+    "algo_names",
+    "format_of_algo",
+    "family_algos",
+    "format_for_method",
+]
+
+#: The ModelOpt quant_algo whose layers each carry their own format (``quantized_layers``).
+MIXED_PRECISION = "MIXED_PRECISION"
+
+
+class _Tensor(Protocol):
+    """What :func:`classify` reads of a tensor: a reader ``TensorMeta`` (header only)."""
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """One storage format of a Linear weight."""
+
+    #: Registry key ("bf16", "fp8", "fp8_channel", "nvfp4", "mxfp8").
+    name: str
+    #: As reports print it ("FP8 per-channel").
+    label: str
+    #: The family: both FP8 scale granularities are "fp8"; ``inspect`` counts modules by it.
+    kind: str
+    #: quant_algo values that store this format; the first is the one dqfast writes.
+    algos: tuple[str, ...] = ()
+    #: quant_algo values of ``algos`` whose activations have a static ``input_scale``.
+    static_input_algos: tuple[str, ...] = ()
+    #: The config's quant_method.
+    quant_method: str = "modelopt"
+    #: safetensors dtype of ``weight`` and of ``weight_scale`` (None: no scale).
+    weight_dtype: str | None = None
+    scale_dtype: str | None = None
+    #: Weight-scale granularity: "tensor", "channel" or "block" (``block`` elements along K).
+    scale_per: str | None = None
+    block: int | None = None
+    #: Weight elements per stored byte along K (NVFP4 packs two).
+    elements_per_byte: int = 1
+    #: A ``weight_scale`` byte that is NaN when the scale dtype cannot say so itself (U8 E8M0).
+    scale_nan_byte: int | None = None
+    #: Tensors a layer carries besides ``weight`` (``input_scale`` only for static algos).
+    tensors: tuple[str, ...] = ()
+    #: ``config_groups.*.weights`` fields (a builder adds its own ``strategy``).
+    config_weights: Mapping[str, Any] = field(default_factory=dict)
+    #: Plan ops (``dqfast.plan``) that write a layer of it.
+    ops: tuple[str, ...] = ()
+    #: The builder (a ``dqfast.builders.BUILDERS`` key) that writes it.
+    builder: str | None = None
+
+    def layer_entry(self, algo: str | None = None) -> dict[str, Any]:
+        """This format's MIXED_PRECISION ``quantized_layers`` entry (for ``algo``, one of
+        ``algos``; by default the one dqfast writes)."""
+        entry: dict[str, Any] = {"quant_algo": algo or self.algos[0]}
+        if self.scale_per == "block":
+            entry["group_size"] = self.block
+        return entry
+
+    def needs_input_scale(self, algo: str) -> bool:
+        return algo in self.static_input_algos
+
+    def block_scale_shape(self, weight_shape: tuple[int, ...]) -> list[int] | None:
+        """The ``weight_scale`` shape a ``[N, K]`` stored weight needs (one scale per ``block``
+        elements along K), or None when the weight is not 2-D or K is no multiple of ``block``."""
+        if self.scale_per != "block" or self.block is None or len(weight_shape) != 2:
+            return None
+        k = weight_shape[1] * self.elements_per_byte
+        return None if k % self.block else [weight_shape[0], k // self.block]
+
+
+BF16 = WeightFormat("bf16", "BF16", "float", weight_dtype=None)
+FP8 = WeightFormat(
+    "fp8",
+    "FP8",
+    "fp8",
+    algos=("FP8",),
+    static_input_algos=("FP8",),
+    weight_dtype="F8_E4M3",
+    scale_dtype="F32",
+    scale_per="tensor",
+    tensors=("weight_scale", "input_scale"),
+    config_weights={"num_bits": 8, "type": "float", "dynamic": False},
+    ops=("fp8", "scale_of", "scale_from_amax", "f32", "repair_nan_e4m3"),
+    builder="fp8",
+)
+FP8_CHANNEL = WeightFormat(
+    "fp8_channel",
+    "FP8 per-channel",
+    "fp8",
+    algos=("FP8_PER_CHANNEL_PER_TOKEN",),
+    weight_dtype="F8_E4M3",
+    scale_dtype="F32",
+    scale_per="channel",
+    tensors=("weight_scale",),
+    config_weights={"num_bits": 8, "type": "float", "dynamic": False},
+    ops=("fp8", "scale_of", "f32", "repair_nan_e4m3"),
+    builder="fp8",
+)
+NVFP4 = WeightFormat(
+    "nvfp4",
+    "NVFP4",
+    "nvfp4",
+    # W4A16_NVFP4: the same weights, activations left in BF16 (no input_scale needed).
+    algos=("NVFP4", "W4A16_NVFP4"),
+    static_input_algos=("NVFP4",),
+    weight_dtype="U8",
+    scale_dtype="F8_E4M3",
+    scale_per="block",
+    block=_core.NVFP4_GROUP,
+    elements_per_byte=2,
+    tensors=("weight_scale", "weight_scale_2", "input_scale"),
+    config_weights={"num_bits": 4, "type": "float", "dynamic": False, "group_size": _core.NVFP4_GROUP},
+    ops=("nvfp4_weight", "nvfp4_block_scales", "nvfp4_global_scale", "scale_from_amax", "f32", "swap_nibbles", "rescale_e4m3"),
+    builder="nvfp4",
+)
+MXFP8 = WeightFormat(
+    "mxfp8",
+    "MXFP8",
+    "mxfp8",
+    algos=("MXFP8",),
+    quant_method="mxfp8",
+    weight_dtype="F8_E4M3",
+    # E8M0 exponent bytes, stored as U8 the way vLLM-Omni's loader takes them.
+    scale_dtype="U8",
+    scale_per="block",
+    block=_core.MXFP8_BLOCK,
+    # E8M0's NaN code (OCP MX spec; the Rust kernel never writes it and does not export it).
+    scale_nan_byte=0xFF,
+    tensors=("weight_scale",),
+    ops=("mxfp8_weight", "mxfp8_scales"),
+    builder="mxfp8",
+)
+
+#: Every format, in the order :func:`classify` tries them (the more specific first).
+FORMATS: dict[str, WeightFormat] = {f.name: f for f in (MXFP8, NVFP4, FP8_CHANNEL, FP8, BF16)}
+
+_FLOAT_WEIGHTS = frozenset({"BF16", "F16", "F32"})
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def classify(parts: Mapping[str, _Tensor]) -> WeightFormat | None:
+    """The format of one module from its tensors (``suffix -> TensorMeta``, e.g. ``{"weight": …,
+    "weight_scale": …}``), by dtypes and the weight scale's size; None when it has no weight or the
+    weight is stored in no known format (an integer or F8_E5M2 weight)."""
+    w = parts.get("weight")
+    if w is None:
+        return None
+    if w.dtype in _FLOAT_WEIGHTS:
+        return BF16
+    ws = parts.get("weight_scale")
+    for f in (MXFP8, NVFP4):
+        if w.dtype == f.weight_dtype and ws is not None and ws.dtype == f.scale_dtype:
+            return f
+    if w.dtype == FP8.weight_dtype:
+        # A missing weight_scale is FP8 all the same (inspect reports it missing).
+        return FP8_CHANNEL if ws is not None and _numel(ws.shape) > 1 else FP8
+    return None
+
+
+def algo_names(quant_method: str = "modelopt") -> frozenset[str]:
+    """Every quant_algo a ``quant_method`` config may name (for ModelOpt: its formats' and
+    MIXED_PRECISION)."""
+    names = frozenset(a for f in FORMATS.values() if f.quant_method == quant_method for a in f.algos)
+    return names | {MIXED_PRECISION} if quant_method == "modelopt" else names
+
+
+def format_of_algo(algo: str) -> WeightFormat:
+    """The format a (per-layer) quant_algo stores; a PlanError for MIXED_PRECISION or an unknown name."""
+    a = algo.upper()
+    for f in FORMATS.values():
+        if a in f.algos:
+            return f
+    known = sorted(a for f in FORMATS.values() for a in f.algos)
+    raise PlanError(f"quant_algo '{algo}' is no weight format (known: {', '.join(known)})")
+
+
+def family_algos(kind: str) -> tuple[str, ...]:
+    """The quant_algo names of every format of a family (``"fp8"``: FP8, FP8_PER_CHANNEL_PER_TOKEN)."""
+    return tuple(a for f in FORMATS.values() if f.kind == kind for a in f.algos)
+
+
+def format_for_method(quant_method: str) -> WeightFormat | None:
+    """The format a non-ModelOpt ``quant_method`` names (``mxfp8``), else None."""
+    m = quant_method.lower()
+    return next((f for f in FORMATS.values() if f.quant_method != "modelopt" and f.quant_method == m), None)

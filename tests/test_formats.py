@@ -1,0 +1,149 @@
+"""The format registry (``dqfast.formats``): one entry per weight format, and the places that used
+to make their own format decisions (``quant_config``, ``inspect``, ``check``, ``verify``, the
+runtime loader) answering from it."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import pytest
+from dqfast import _core, formats
+from dqfast.builders import BUILDERS
+from dqfast.check import _check_one, _engine_algo
+from dqfast.formats import BF16, FP8, FP8_CHANNEL, MXFP8, NVFP4, classify
+from dqfast.inspect import inspect_checkpoint
+from dqfast.quant_config import KNOWN_ALGOS, QuantConfig
+from dqfast.reader import TensorMeta
+from dqfast.targets import TARGETS
+from malformed.corpus import write_safetensors
+
+PLAN_RS = Path(__file__).resolve().parents[1] / "rust" / "dqfast-core" / "src" / "plan.rs"
+
+
+def _t(dtype: str, shape: list[int]) -> TensorMeta:
+    n = 1
+    for d in shape:
+        n *= d
+    return TensorMeta("x", dtype, tuple(shape), n, "f.safetensors")
+
+
+def test_numbers_come_from_the_engine() -> None:
+    assert NVFP4.block == _core.NVFP4_GROUP
+    assert MXFP8.block == _core.MXFP8_BLOCK
+    assert NVFP4.config_weights["group_size"] == _core.NVFP4_GROUP
+    assert NVFP4.layer_entry() == {"quant_algo": "NVFP4", "group_size": _core.NVFP4_GROUP}
+    assert FP8.layer_entry() == {"quant_algo": "FP8"}
+
+
+def test_builders_and_ops_exist() -> None:
+    # Every op a format names is a variant of the engine's `Op` enum (serde snake_case).
+    src = PLAN_RS.read_text()
+    body = src[src.index("pub enum Op {") :]
+    body = body[: body.index("\n}\n")]
+    variants = {re.sub(r"(?<!^)(?=[A-Z])", "_", v).lower() for v in re.findall(r"^    ([A-Z][A-Za-z0-9]*)\b", body, re.M)}
+    for f in formats.FORMATS.values():
+        assert set(f.ops) <= variants, (f.name, set(f.ops) - variants)
+        assert f.builder is None or f.builder in BUILDERS, f.name
+
+
+def test_config_reader_knows_the_registrys_algos() -> None:
+    assert KNOWN_ALGOS == {"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4", "W4A16_NVFP4", "MIXED_PRECISION"}
+    assert KNOWN_ALGOS == formats.algo_names("modelopt")
+    assert formats.format_for_method("MXFP8") is MXFP8
+    assert formats.format_for_method("modelopt") is None
+    assert formats.format_of_algo("w4a16_nvfp4") is NVFP4
+    with pytest.raises(formats.PlanError, match="MIXED_PRECISION"):
+        formats.format_of_algo("MIXED_PRECISION")
+
+
+@pytest.mark.parametrize(
+    ("parts", "want"),
+    [
+        ({"weight": ("BF16", [4, 32])}, BF16),
+        ({"weight": ("F8_E4M3", [4, 32]), "weight_scale": ("F32", [])}, FP8),
+        ({"weight": ("F8_E4M3", [4, 32]), "weight_scale": ("F32", [1])}, FP8),
+        ({"weight": ("F8_E4M3", [4, 32])}, FP8),  # scale missing: FP8, and inspect says so
+        ({"weight": ("F8_E4M3", [4, 32]), "weight_scale": ("F32", [4])}, FP8_CHANNEL),
+        ({"weight": ("F8_E4M3", [4, 32]), "weight_scale": ("U8", [4, 1])}, MXFP8),
+        ({"weight": ("U8", [4, 16]), "weight_scale": ("F8_E4M3", [4, 2])}, NVFP4),
+        ({"weight": ("F8_E5M2", [4, 32])}, None),
+        ({"weight": ("I8", [4, 32])}, None),
+        ({"bias": ("BF16", [4])}, None),
+    ],
+)
+def test_classify(parts: dict[str, tuple[str, list[int]]], want: formats.WeightFormat | None) -> None:
+    assert classify({k: _t(*v) for k, v in parts.items()}) is want
+
+
+def test_check_uses_the_one_mixed_precision_matcher() -> None:
+    # check.py had its own matcher: the first listed prefix, not the nearest listed ancestor the
+    # builders and the runtime use; with both 'blocks.0' and 'blocks.0.ff' listed it said FP8.
+    t = TARGETS["vllm-omni"]
+    layers = {"blocks.0": {"quant_algo": "FP8"}, "blocks.0.ff": {"quant_algo": "NVFP4", "group_size": 16}}
+    qc = QuantConfig("MIXED_PRECISION", quantized_layers=layers)
+    assert qc.algo_for("blocks.0.ff.net.2") == "NVFP4"
+    assert _engine_algo(t, "unknown", qc, "blocks.0.ff.net.2") == ("NVFP4", "")
+
+
+def test_check_tells_mxfp8_from_per_channel_fp8() -> None:
+    # An MXFP8 layer (e4m3 weight, U8 E8M0 block scales) under an FP8 config was taken for
+    # per-channel FP8 and said to load; its scales are exponents, not float32 channel scales.
+    t = TARGETS["vllm-omni"]
+    qc = QuantConfig("FP8_PER_CHANNEL_PER_TOKEN")
+    tensors = {"blk.weight": _t("F8_E4M3", [4, 32]), "blk.weight_scale": _t("U8", [4, 1])}
+    rep = _check_one(t, Path("."), "unknown", qc, tensors)
+    (v,) = rep.layers
+    assert (v.stored, v.outcome) == ("MXFP8", "error"), v
+    tensors["blk.weight_scale"] = _t("F32", [4])
+    (v,) = _check_one(t, Path("."), "unknown", qc, tensors).layers
+    assert (v.stored, v.outcome) == ("FP8 per-channel", "quantized"), v
+
+
+def _nvfp4_dir(tmp_path: Path, algo: str) -> Path:
+    d = tmp_path / algo
+    d.mkdir()
+    cfg = {"_class_name": "X", "quantization_config": {"quant_method": "modelopt", "quant_algo": algo, "group_size": 16}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    write_safetensors(
+        d / "diffusion_pytorch_model.safetensors",
+        {
+            "blk.weight": ("U8", [2, 16], bytes(32)),
+            "blk.weight_scale": ("F8_E4M3", [2, 2], bytes([0x38]) * 4),
+            "blk.weight_scale_2": ("F32", [], struct.pack("<f", 1.0)),
+        },
+    )
+    return d
+
+
+def test_inspect_reports_a_missing_nvfp4_input_scale(tmp_path: Path) -> None:
+    # quant_algo NVFP4 quantizes activations with a static input_scale (the runtime loader refuses
+    # a layer without one); inspect only checked FP8's. W4A16_NVFP4 needs none.
+    r = inspect_checkpoint(_nvfp4_dir(tmp_path, "NVFP4"))
+    assert r.problems == ["blk: NVFP4 weight without input_scale (quant_algo NVFP4 is static)"]
+    assert r.modules == {"nvfp4": 1}
+    assert inspect_checkpoint(_nvfp4_dir(tmp_path, "W4A16_NVFP4")).problems == []
+
+
+def test_inspect_checks_block_scale_shapes_from_the_registry(tmp_path: Path) -> None:
+    # One rule for every block format: weight_scale [N, K/block], K counted in elements (NVFP4
+    # packs two per byte). NVFP4 used to be checked on columns only, so a scale with the wrong
+    # number of rows passed.
+    d = _nvfp4_dir(tmp_path, "W4A16_NVFP4")
+    write_safetensors(
+        d / "diffusion_pytorch_model.safetensors",
+        {
+            "blk.weight": ("U8", [2, 16], bytes(32)),
+            "blk.weight_scale": ("F8_E4M3", [1, 2], bytes([0x38]) * 2),
+            "blk.weight_scale_2": ("F32", [], struct.pack("<f", 1.0)),
+        },
+    )
+    assert inspect_checkpoint(d).problems == [
+        "blk: NVFP4 weight [2, 16] (K = 32 elements) needs K % 16 == 0 and weight_scale [2, 2], has [1, 2]"
+    ]
+    assert NVFP4.block_scale_shape((2, 16)) == [2, 2]
+    assert MXFP8.block_scale_shape((2, 64)) == [2, 2]
+    assert MXFP8.block_scale_shape((2, 48)) is None
+    assert FP8.block_scale_shape((2, 64)) is None
