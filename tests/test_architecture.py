@@ -235,7 +235,9 @@ def test_calibration_family_from_the_registry() -> None:
 
     assert model_family(obj("FluxTransformer2DModel")) == "flux"
     assert model_family(obj("WanTransformer3DModel")) == "wan"
-    with pytest.raises(NotImplementedError, match="QwenImageTransformer2DModel"):
+    from dqfast.errors import PlanError
+
+    with pytest.raises(PlanError, match="QwenImageTransformer2DModel"):
         model_family(obj("QwenImageTransformer2DModel"))
 
 

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from dqfast.backbone import read_amax
+from dqfast.errors import PlanError
 from dqfast.ptq.presets import PRESETS, get_preset
 
 CASES = [("flux", "fp8"), ("flux", "nvfp4"), ("wan", "fp8"), ("wan", "nvfp4")]
@@ -54,7 +55,7 @@ def test_qwen_block_range_rules_from_block_count():
     assert not enabled("transformer_blocks.4.img_mlp.net.2.input_quantizer")
     assert enabled("transformer_blocks.2.attn.to_q.weight_quantizer")
     assert enabled("transformer_blocks.3.txt_mod.1.weight_quantizer")
-    with pytest.raises(ValueError):
+    with pytest.raises(PlanError, match="needs at least"):
         get_preset("qwen-image").block_range.quant_cfg_rules(5)
     # The post-calibration filter (60-block literal) still disables everything outside the blocks.
     pats = [re.compile(p) for p in get_preset("qwen-image").disable_patterns()]

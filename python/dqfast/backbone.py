@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from dqfast._files import open_regular
-from dqfast.errors import CheckpointError
+from dqfast.errors import BackboneError
 
 BACKBONE_FILENAME = "backbone.pt"
 _WEIGHT_SUFFIX = ".weight_quantizer._amax"
@@ -36,14 +36,6 @@ _STORAGE_DTYPES: dict[str, tuple[str, int]] = {
     "BFloat16Storage": ("u2", 2),  # widened to float32 by a 16-bit shift
     "DoubleStorage": ("f8", 8),
 }
-
-
-class BackboneError(CheckpointError, ValueError):
-    """A ``backbone.pt`` that cannot be read as a ModelOpt checkpoint (a ``ValueError`` too, as
-    it always was). ``path`` may be given positionally; pickling is DqfastError's."""
-
-    def __init__(self, msg: str, path: str | os.PathLike[str] | None = None, tensor: str | None = None) -> None:
-        super().__init__(msg, path=None if path is None else str(path), tensor=tensor)
 
 
 #: ``torch.save`` writes every entry uncompressed; anything else is not its output (and a

@@ -46,7 +46,7 @@ from typing import Any, Literal
 from dqfast import _core
 from dqfast._files import check_regular, open_regular, read_regular
 from dqfast.builders import BUILDERS, Builder, register_builder
-from dqfast.errors import DqfastError, OutputExistsError
+from dqfast.errors import DqfastError, ManifestError, OutputExistsError, PlanError
 from dqfast.plan import ProgressFn
 
 __all__ = [
@@ -81,18 +81,6 @@ READ_BUFFERS = 512 << 20
 SMALL_FILE = 1 << 20
 
 IdentityMode = Literal["stat", "content"]
-
-
-class ManifestError(DqfastError):
-    """The manifest is invalid; ``problems`` lists every problem found (not just the first)."""
-
-    def __init__(self, problems: list[str], path: str | os.PathLike[str] | None = None) -> None:
-        self.problems = problems
-        # One line (the CLI's error format); ``problems`` keeps them apart. Pickling is
-        # DqfastError's (it restores ``problems`` with the other attributes).
-        super().__init__(
-            f"{str(path) + ': ' if path else ''}invalid manifest: " + "; ".join(problems), path=None if path is None else str(path)
-        )
 
 
 # ---- builders -------------------------------------------------------------------------------
@@ -1036,7 +1024,7 @@ def run_batch(
     elif executor == "ray":
         results = _run_ray(jobs, address, overwrite, verify, emit)
     else:
-        raise ValueError(f"unknown executor '{executor}' (local or ray)")
+        raise PlanError(f"--executor (executor=): unknown executor '{executor}' (local or ray)")
     summary = BatchSummary(manifest=str(manifest.path), executor=executor, seconds=time.monotonic() - t0, jobs=results)
     _write_json_atomic(out, summary.to_dict())
     return summary

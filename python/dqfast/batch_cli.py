@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 import click
 
+from dqfast.cli_format import OneLineCommand
 from dqfast.cli_format import human as _human  # the CLI's one formatter
 from dqfast.cli_types import COUNT, SizeParam
-from dqfast.errors import DqfastError
 
 
-@click.command("batch")
+@click.command("batch", cls=OneLineCommand)
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--executor",
@@ -62,13 +62,11 @@ def batch(
     verbose: bool = False,
 ) -> None:
     """Run the conversion jobs of MANIFEST (TOML or YAML): in parallel, resumable, idempotent."""
-    from dqfast.batch import ManifestError, batch_paths, load_manifest, run_batch
+    from dqfast.batch import batch_paths, load_manifest, run_batch
 
-    try:
-        m = load_manifest(manifest)
-    except ManifestError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    # dqfast's errors (an invalid manifest, a refused path) end the command as one `error:` line
+    # with exit status 2: OneLineCommand.main, the CLI's one mapping.
+    m = load_manifest(manifest)
     if check:
         from dqfast.batch import check_plans
 
@@ -78,11 +76,7 @@ def batch(
         click.echo(f"{manifest}: {len(m.jobs)} job(s), {len(errors)} with errors")
         sys.exit(2 if errors else 0)
     mem = memory_limit or 0
-    try:  # before the progress display starts: a refusal is one line
-        batch_paths(m, log_dir, summary_path)
-    except DqfastError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    batch_paths(m, log_dir, summary_path)  # before the progress display starts: a refusal is one line
 
     from dqfast.progress import BatchProgress
 
@@ -122,9 +116,6 @@ def batch(
             verify=verify,
             on_event=on_event,
         )
-    except DqfastError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
     finally:
         if display is not None:
             display.close()

@@ -18,50 +18,15 @@ import click
 
 from dqfast.batch_cli import batch
 from dqfast.builders import BUILDERS
+from dqfast.cli_format import OneLineGroup
 from dqfast.cli_format import fail as _fail
 from dqfast.cli_format import human as _human
-from dqfast.cli_format import run_or_fail
 from dqfast.cli_types import AT_LEAST_ONE, COUNT, POSITIVE_FLOAT, SizeParam
 from dqfast.errors import DqfastError
 from dqfast.hub import InputPath, hub_options
 from dqfast.plan import IO_MODES, BuildReport
 from dqfast.ptq_cli import ptq
 from dqfast.targets import TARGET_NAMES
-
-
-class OneLineErrors(click.Group):
-    """Usage errors (a bad flag value, a missing option) as one ``error:`` line naming the flag,
-    exit status 2 — the same form as dqfast's own errors — instead of click's usage block."""
-
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
-        try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
-        except click.ClickException as e:
-            if type(e).__name__ == "NoArgsIsHelpError":  # bare `dqfast build`: the help, as click shows it
-                e.show()
-                sys.exit(e.exit_code)
-            _fail_code(e.format_message(), e.exit_code)
-        except ModuleNotFoundError as e:
-            if not e.name or e.name.split(".")[0] == "dqfast":
-                raise  # dqfast's own module missing: a bug, keep the traceback
-            from dqfast.extras import EXTRAS, missing_extra
-
-            top = e.name.split(".")[0]
-            extra = next((x for x, mods in EXTRAS.items() if top in mods), None)
-            _fail_code(str(missing_extra(extra, top)) if extra else f"this command needs '{top}', which is not installed", 2)
-        except click.exceptions.Abort as e:
-            click.echo("Aborted!", err=True)
-            # Ctrl-C / SIGTERM outside a build: the same exit status as a cancelled build.
-            sys.exit(130 if isinstance(e.__context__, KeyboardInterrupt) else 1)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-def _fail_code(msg: str, code: int) -> None:
-    click.echo(f"error: {' '.join(msg.splitlines())}", err=True)
-    sys.exit(code)
-
 
 #: Live progress displays started by `_common_build_kwargs`, ended by `_run` whatever happens.
 _PROGRESS: list[Any] = []
@@ -77,7 +42,7 @@ def _run(fn: Callable[[], Any]) -> Any:
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
-        return run_or_fail(fn)  # dqfast's errors: one line, exit 2
+        return fn()  # dqfast's errors: one line, exit 2, in OneLineGroup.main
     except KeyboardInterrupt:
         for p in _PROGRESS:
             p.close()
@@ -141,7 +106,7 @@ def _print_build(report: BuildReport, kw: dict[str, Any]) -> None:
     print_report(report, kw["as_json"], show_decisions=kw["dry_run"] or kw["verbose"])
 
 
-@click.group(cls=OneLineErrors, context_settings=dict(help_option_names=["-h", "--help"]))  # inherited by every subcommand
+@click.group(cls=OneLineGroup, context_settings=dict(help_option_names=["-h", "--help"]))  # inherited by every subcommand
 @click.version_option(package_name="dqfast")
 def main() -> None:
     """Convert diffusion-transformer checkpoints to FP8 / NVFP4 for SGLang Diffusion and vLLM-Omni."""

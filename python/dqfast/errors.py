@@ -8,10 +8,15 @@ looks them up by name in this module): an exception whose class is importable by
 pickles, so an error raised in a ``ProcessPoolExecutor`` worker or a Ray task reaches the parent
 as itself, with its attributes, instead of as a ``PicklingError``. This module imports nothing from
 dqfast, so any module (the extension included) can import it without a cycle.
+
+Every exception dqfast raises to its users is one of these classes (``tests/test_errors.py``
+checks that no other module defines one): the CLI maps them all to one ``error:`` line and exit
+status 2 in one place (``dqfast.cli_format.OneLineErrors``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __all__ = [
@@ -22,6 +27,11 @@ __all__ = [
     "OutputExistsError",
     "DqfastIOError",
     "InternalError",
+    "BackboneError",
+    "HubCacheError",
+    "CheckpointMismatch",
+    "ManifestError",
+    "MissingExtraError",
 ]
 
 
@@ -76,3 +86,37 @@ class DqfastIOError(DqfastError):
 
 class InternalError(DqfastError):
     """A bug in dqfast (a caught panic)."""
+
+
+class BackboneError(CheckpointError, ValueError):
+    """A ``backbone.pt`` that cannot be read as a ModelOpt checkpoint (``dqfast.backbone``; a
+    ``ValueError`` too, as it always was). ``path`` may be given positionally."""
+
+    def __init__(self, msg: str, path: str | os.PathLike[str] | None = None, tensor: str | None = None) -> None:
+        super().__init__(msg, path=None if path is None else str(path), tensor=tensor)
+
+
+class HubCacheError(CheckpointError):
+    """A hub id whose repo, revision or subfolder is not in the local cache (``dqfast.hub``)."""
+
+
+class CheckpointMismatch(CheckpointError, ValueError):
+    """The checkpoint does not fit the model (``dqfast.runtime.load_quantized``; names the tensor
+    and the file); a ``ValueError`` too, as it always was."""
+
+
+class ManifestError(DqfastError):
+    """The ``dqfast batch`` manifest is invalid; ``problems`` lists every problem found (not just
+    the first)."""
+
+    def __init__(self, problems: list[str], path: str | os.PathLike[str] | None = None) -> None:
+        self.problems = problems
+        # One line (the CLI's error format); ``problems`` keeps them apart. Pickling is
+        # DqfastError's (it restores ``problems`` with the other attributes).
+        super().__init__(
+            f"{str(path) + ': ' if path else ''}invalid manifest: " + "; ".join(problems), path=None if path is None else str(path)
+        )
+
+
+class MissingExtraError(DqfastError):
+    """An optional dependency of the requested feature is not installed (``dqfast.extras``)."""

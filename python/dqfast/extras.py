@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from dqfast.errors import DqfastError
+from dqfast.errors import MissingExtraError
 
 __all__ = ["EXTRAS", "MissingExtraError", "missing_extra", "require_extra"]
 
@@ -24,10 +24,6 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "ray": ("ray", "yaml"),
     "hub": ("huggingface_hub",),
 }
-
-
-class MissingExtraError(DqfastError):
-    """An optional dependency of the requested feature is not installed."""
 
 
 def missing_extra(extra: str, module: str) -> MissingExtraError:

@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from dqfast.errors import CheckpointError, PlanError
+from dqfast.errors import CheckpointError, HubCacheError, PlanError
 from dqfast.extras import require_extra
 
 __all__ = ["HUB_PREFIX", "HubCacheError", "hub_spec", "parse_hub_spec", "resolve_input", "InputPath", "input_variant", "variant_path"]
@@ -34,10 +34,6 @@ __all__ = ["HUB_PREFIX", "HubCacheError", "hub_spec", "parse_hub_spec", "resolve
 HUB_PREFIX = "hf://"
 # org/name as the hub allows them (letters, digits, '-', '_', '.'), exactly one slash.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-
-
-class HubCacheError(CheckpointError):
-    """A hub id whose repo, revision or subfolder is not in the local cache."""
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None, str | None] | None:

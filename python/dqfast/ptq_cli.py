@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 
+from dqfast.cli_format import OneLineCommand
 from dqfast.cli_types import AT_LEAST_ONE, COUNT
 
 
-@click.command("ptq")
+@click.command("ptq", cls=OneLineCommand)
 @click.option(
     "--model-dir",
     required=True,
@@ -64,11 +64,9 @@ def ptq(**kw: Any) -> None:
     Conditioning comes from deterministic pseudo-embeddings (SHA-256-seeded noise per prompt):
     no text encoder is run. See docs/ptq.md.
     """
-    from dqfast.cli_format import run_or_fail as _run
-    from dqfast.errors import DqfastError
     from dqfast.extras import require_extra
 
-    _run(lambda: require_extra("ptq"))
+    require_extra("ptq")
     from dqfast.ptq import CalibConfig, run_ptq
 
     # -q: ModelOpt's own prints (quantizer counts, export paths) are held back and shown only when
@@ -107,10 +105,10 @@ def ptq(**kw: Any) -> None:
                 verify_steps=kw["verify_steps"],
                 progress=not (kw["no_progress"] or kw["quiet"]),
             )
-    except (DqfastError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+    except BaseException:
+        # The held prints, then the error (one `error:` line, exit 2, from OneLineCommand.main).
         click.echo(held.getvalue(), err=True, nl=False)
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        raise
     if kw["quiet"]:
         return
     for c in result.components:

@@ -131,7 +131,7 @@ class BlockRange:
         # The example refuses models with fewer than two quantized middle blocks.
         need = self.exclude_first_n + self.exclude_last_n + 2
         if num_blocks < need:
-            raise ValueError(f"block_range on '{self.block_module}' needs at least {need} blocks, the model has {num_blocks}")
+            raise PlanError(f"block_range on '{self.block_module}' needs at least {need} blocks, the model has {num_blocks}")
         excluded = sorted(set(range(self.exclude_first_n)) | set(range(num_blocks - self.exclude_last_n, num_blocks)))
         m = self.block_module
         rules: list[dict[str, Any]] = [

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dqfast.errors import PlanError
 from dqfast.models import family_of_class
 
 # A small built-in prompt set (written for dqfast; used when no prompts file is given).
@@ -70,7 +71,6 @@ DEFAULT_NEGATIVE_PROMPT = "blurry, low quality, static, overexposed, distorted, 
 def load_prompts(path: str | Path) -> list[str]:
     """One prompt per line; blank lines skipped, surrounding whitespace stripped."""
     from dqfast._files import read_regular
-    from dqfast.errors import PlanError
 
     try:
         lines = read_regular(path, "prompts file", PlanError, limit=64 << 20).decode("utf-8").splitlines()
@@ -78,7 +78,7 @@ def load_prompts(path: str | Path) -> list[str]:
         raise PlanError(f"{path}: prompts file is not UTF-8 ({e.reason} at byte {e.start})") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise ValueError(f"{path}: no prompts (one per line expected)")
+        raise PlanError(f"{path}: no prompts (one per line expected)", path=str(path))
     return prompts
 
 
@@ -117,7 +117,7 @@ class CalibConfig:
     def __post_init__(self) -> None:
         for name in ("calib_size", "batch_size", "n_steps"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise PlanError(f"--{name.replace('_', '-')} ({name}=) must be >= 1, got {getattr(self, name)}")
 
     def prompt_list(self) -> list[str]:
         if self.prompts is not None:
@@ -172,7 +172,7 @@ def model_family(transformer: Any) -> str:
     family = family_of_class(name).calibration  # the model registry says which inputs fit
     if family is not None:
         return family
-    raise NotImplementedError(
+    raise PlanError(
         f"no calibration inputs for {name}: the denoising-loop calibration supports "
         "FluxTransformer2DModel and WanTransformer3DModel (pass forward_loop= for others)"
     )
@@ -270,7 +270,7 @@ def _select_expert(models: dict[str, Any], boundary_ratio: float | None) -> Call
         # Wan2.2 A14B: the first expert denoises t >= boundary, the second the rest.
         boundary = boundary_ratio * 1000.0
         return lambda t: (names[0], models[names[0]]) if t >= boundary else (names[1], models[names[1]])
-    raise ValueError(f"{len(names)} transformers but no boundary_ratio to choose between them: {names}")
+    raise PlanError(f"{len(names)} transformers but no boundary_ratio to choose between them: {names}")
 
 
 def calibrate_denoising(

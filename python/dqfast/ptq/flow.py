@@ -31,7 +31,7 @@ from typing import Any
 from dqfast import _core
 from dqfast import models as model_presets
 from dqfast.builders import get_builder
-from dqfast.errors import OutputExistsError
+from dqfast.errors import CheckpointError, OutputExistsError, PlanError
 from dqfast.quant_config import load_json
 
 from .calibration import CalibConfig, calibrate_denoising, model_family
@@ -99,7 +99,7 @@ def _resolve_inputs(model_or_dir: Any, components: Sequence[str] | None) -> tupl
         )
         missing = [n for n in names if n not in comps]
         if missing or not names:
-            raise ValueError(f"transformer components {missing or names} not found in {sorted(comps)}")
+            raise PlanError(f"--components (components=): transformer components {missing or names} not found in {sorted(comps)}")
         cfg = dict(getattr(model_or_dir, "config", {}) or {}) if not isinstance(model_or_dir, dict) else {}
         return {n: comps[n] for n in names}, {}, cfg
     root = Path(model_or_dir)
@@ -111,15 +111,15 @@ def _resolve_inputs(model_or_dir: Any, components: Sequence[str] | None) -> tupl
             else sorted((k for k in index if k.startswith("transformer") and (root / k / "config.json").exists()), key=_pipeline_order)
         )
         if not names:
-            raise ValueError(f"{root}: model_index.json lists no transformer component with a config.json")
+            raise CheckpointError(f"{root}: model_index.json lists no transformer component with a config.json", path=str(root))
         for n in names:
             if not (root / n / "config.json").exists():
-                raise FileNotFoundError(f"{root / n / 'config.json'}: component {n!r} not found")
+                raise CheckpointError(f"{root / n / 'config.json'}: component {n!r} not found", path=str(root / n / "config.json"))
         return {n: None for n in names}, {n: root / n for n in names}, index
     if (root / "config.json").exists():
         name = components[0] if components else "transformer"
         return {name: None}, {name: root}, {}
-    raise FileNotFoundError(f"{root}: neither a pipeline (model_index.json) nor a component (config.json) directory")
+    raise CheckpointError(f"{root}: neither a pipeline (model_index.json) nor a component (config.json) directory", path=str(root))
 
 
 def _pipeline_order(name: str) -> tuple[int, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dqfast.errors import CheckpointError, DqfastError
 from dqfast.quant_config import load_json
 
 __all__ = ["load_transformer"]
@@ -28,15 +29,25 @@ def load_transformer(component_dir: str | Path, dtype: Any = None) -> Any:
     cls_name = config.get("_class_name")
     cls = getattr(diffusers, str(cls_name), None)
     if cls is None:
-        raise ValueError(f"{component_dir / 'config.json'}: unknown diffusers class {cls_name!r}")
+        raise CheckpointError(
+            f"{component_dir / 'config.json'}: unknown diffusers class {cls_name!r}", path=str(component_dir / "config.json")
+        )
     try:
         import accelerate  # noqa: F401
-
-        return cls.from_pretrained(component_dir, torch_dtype=dtype).eval()
     except ImportError:
-        pass
-    model = cls.from_config(cls.load_config(component_dir))
-    model.load_state_dict(_read_state_dict(component_dir), strict=True)
+        accelerate = None
+    try:
+        if accelerate is not None:
+            return cls.from_pretrained(component_dir, torch_dtype=dtype).eval()
+        model = cls.from_config(cls.load_config(component_dir))
+        model.load_state_dict(_read_state_dict(component_dir), strict=True)
+    except DqfastError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
+        # diffusers / torch refusing files that do not fit the class (missing or unexpected
+        # tensors, wrong shapes, an unreadable config): bad input, so a typed one-line error.
+        msg = " ".join(str(e).split())
+        raise CheckpointError(f"{component_dir}: cannot load it as {cls_name}: {msg[:400]}", path=str(component_dir)) from None
     return model.to(dtype).eval()
 
 

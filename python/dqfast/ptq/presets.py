@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dqfast import models as model_presets
+from dqfast.errors import PlanError
 from dqfast.models import FP8_RECIPE, MODELOPT_SOURCE, NVFP4_FP8_MHA_RECIPE, NVFP4_RECIPE, BlockRange
 
 __all__ = [
@@ -64,7 +65,7 @@ class PtqPreset:
             return self.fp8_recipe
         if algo == "nvfp4":
             return self.nvfp4_recipe
-        raise ValueError(f"unknown algo {algo!r}: expected 'fp8' or 'nvfp4'")
+        raise PlanError(f"--algo (algo=): unknown algo {algo!r}: expected 'fp8' or 'nvfp4'")
 
     def disable_patterns(self) -> list[str]:
         return list(self.disable)
@@ -79,7 +80,7 @@ def get_preset(name: str) -> PtqPreset:
     try:
         return PRESETS[canonical]
     except KeyError:
-        raise KeyError(f"no PTQ preset for model type {canonical!r}; known: {sorted(PRESETS)}") from None
+        raise PlanError(f"--model-type (model_type=): no PTQ preset for model type {canonical!r}; known: {sorted(PRESETS)}") from None
 
 
 def compile_filter(patterns: list[str]) -> Callable[[str], bool]:

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+from dqfast.errors import PlanError
+
 from .presets import FP8_RECIPE, NVFP4_RECIPE, PtqPreset, compile_filter, get_preset
 
 Algo = Literal["fp8", "nvfp4"]
@@ -52,7 +54,7 @@ def build_quant_config(
     from modelopt.torch.quantization.config import QuantizeConfig
 
     if algo not in ("fp8", "nvfp4"):
-        raise ValueError(f"unknown algo {algo!r}: expected 'fp8' or 'nvfp4'")
+        raise PlanError(f"--algo (algo=): unknown algo {algo!r}: expected 'fp8' or 'nvfp4'")
     recipe = preset.recipe(algo) if preset else (FP8_RECIPE if algo == "fp8" else NVFP4_RECIPE)
     base = load_config(recipe, schema_type=QuantizeConfig).model_dump(exclude_unset=True)
     base = copy.deepcopy(base)
@@ -70,7 +72,7 @@ def build_quant_config(
         br = preset.block_range
         count = (block_counts or {}).get(br.block_module)
         if count is None:
-            raise ValueError(f"preset {preset.name!r} needs the length of {br.block_module!r}")
+            raise PlanError(f"preset {preset.name!r} needs the length of {br.block_module!r}")
         entries.extend(br.quant_cfg_rules(count))
     for entry in entries:
         cfg = entry.get("cfg")
@@ -160,7 +162,7 @@ def quantize(
     else:
         batches = list(calib_batches) if calib_batches is not None else random_calibration_batches(transformer, 2, seed)
         if not batches:
-            raise ValueError("calib_batches is empty: max calibration needs at least one batch")
+            raise PlanError("calib_batches is empty: max calibration needs at least one batch")
 
         def loop(model: Any) -> None:
             for batch in batches:

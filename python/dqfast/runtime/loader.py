@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dqfast.errors import CheckpointError
+from dqfast.errors import CheckpointError, CheckpointMismatch
 from dqfast.formats import family_algos
 
 from . import quant as Q
@@ -26,11 +26,6 @@ from .linear import Fp8Linear, Nvfp4Linear
 # The formats this loader runs (dqfast.formats; MXFP8 is not one of them yet).
 FP8_ALGOS = set(family_algos("fp8"))
 NVFP4_ALGOS = set(family_algos("nvfp4"))
-
-
-class CheckpointMismatch(CheckpointError, ValueError):
-    """The checkpoint does not fit the model (names the tensor and the file); a ``ValueError``
-    too, as it always was."""
 
 
 @dataclass
