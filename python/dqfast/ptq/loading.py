@@ -8,6 +8,7 @@ from typing import Any
 
 from dqfast.errors import CheckpointError, DqfastError
 from dqfast.quant_config import load_json
+from dqfast.reader import open_checkpoint
 
 __all__ = ["load_transformer"]
 
@@ -32,6 +33,10 @@ def load_transformer(component_dir: str | Path, dtype: Any = None) -> Any:
         raise CheckpointError(
             f"{component_dir / 'config.json'}: unknown diffusers class {cls_name!r}", path=str(component_dir / "config.json")
         )
+    # The Rust reader's shard/index rule decides which files the checkpoint is (and refuses what
+    # it finds ambiguous: several files without an index, a shard no index entry names), for both
+    # paths below — diffusers' own rule would load a directory every other dqfast command refuses.
+    files = open_checkpoint(component_dir).files
     try:
         import accelerate  # noqa: F401
     except ImportError:
@@ -40,7 +45,7 @@ def load_transformer(component_dir: str | Path, dtype: Any = None) -> Any:
         if accelerate is not None:
             return cls.from_pretrained(component_dir, torch_dtype=dtype).eval()
         model = cls.from_config(cls.load_config(component_dir))
-        model.load_state_dict(_read_state_dict(component_dir), strict=True)
+        model.load_state_dict(_read_state_dict(files), strict=True)
     except DqfastError:
         raise
     except (OSError, ValueError, RuntimeError) as e:
@@ -51,12 +56,10 @@ def load_transformer(component_dir: str | Path, dtype: Any = None) -> Any:
     return model.to(dtype).eval()
 
 
-def _read_state_dict(component_dir: Path) -> dict[str, Any]:
+def _read_state_dict(files: list[Path]) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    from dqfast.reader import open_checkpoint
-
     state: dict[str, Any] = {}
-    for f in open_checkpoint(component_dir).files:  # the Rust reader's shard/index rule
+    for f in files:  # the Rust reader's shard/index rule (dqfast.reader.open_checkpoint)
         state.update(load_file(str(f)))
     return state
