@@ -772,16 +772,6 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 class _Log:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -851,7 +841,7 @@ def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = Fal
             res.status = "done"
         checksum, files = output_checksum(out)
         res.seconds = time.monotonic() - t0
-        res.peak_rss_bytes = _peak_rss()
+        res.peak_rss_bytes = _core.peak_rss_bytes()  # VmHWM, the engine's reader (0 where unknown)
         res.bytes = bytes_written or sum(f["size"] for f in files.values())
         res.output_checksum = checksum
         _write_json_atomic(
@@ -882,7 +872,7 @@ def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = Fal
     res.seconds = time.monotonic() - t0
     res.finished = time.time()
     if not res.peak_rss_bytes:
-        res.peak_rss_bytes = _peak_rss()
+        res.peak_rss_bytes = _core.peak_rss_bytes()
     return res
 
 
