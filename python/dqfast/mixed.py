@@ -32,7 +32,7 @@ from dqfast.errors import PlanError
 from dqfast.formats import FP8, NVFP4
 from dqfast.fp8 import FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, check_activation_amax
 from dqfast.models import MLP_PATTERNS, ModelPreset, fused_groups, pattern_list, resolve_preset
-from dqfast.nvfp4 import GROUP, NVFP4_BOUND
+from dqfast.nvfp4 import GROUP, NVFP4_BOUND, add_nvfp4_layer
 from dqfast.plan import BuildReport, IoMode, ModuleDecision, ProgressFn, finish, new_plan
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
@@ -210,10 +210,7 @@ def build_mixed_transformer(
                 quantized_layers[module] = FP8.layer_entry()
             else:
                 am = {"kind": "max_of", "srcs": [plan.ref(src, f"{m}.weight") for m in members]}
-                plan.add(meta.name, "nvfp4_weight", src=ref, amax=am)
-                plan.add(f"{module}.weight_scale", "nvfp4_block_scales", src=ref, amax=am)
-                plan.add(f"{module}.weight_scale_2", "nvfp4_global_scale", src=ref, amax=am, shape=[])
-                plan.add(f"{module}.input_scale", "scale_from_amax", amax=[amax["nvfp4"]], bound=NVFP4_BOUND, shape=[])
+                add_nvfp4_layer(plan, module, meta.name, ref, am, amax["nvfp4"])
                 quantized_layers[module] = NVFP4.layer_entry()
     if not quantized_layers:
         raise PlanError("the policy quantizes no layer (MIXED_PRECISION needs a non-empty quantized_layers)")

@@ -391,11 +391,7 @@ def _plan_from_bf16(
             if suffix != "weight":
                 plan.copy(meta.name, src)
                 continue
-            ref = plan.ref(src, meta.name)
-            plan.add(meta.name, "nvfp4_weight", src=ref, amax=amax)
-            plan.add(f"{module}.weight_scale", "nvfp4_block_scales", src=ref, amax=amax)
-            plan.add(f"{module}.weight_scale_2", "nvfp4_global_scale", src=ref, amax=amax, shape=[])
-            plan.add(f"{module}.input_scale", "scale_from_amax", amax=[a_amax], bound=NVFP4_BOUND, shape=[])
+            add_nvfp4_layer(plan, module, meta.name, plan.ref(src, meta.name), amax, a_amax)
     quant_cfg: dict[str, Any] = {
         "quant_method": "modelopt",
         "quant_algo": "NVFP4",
@@ -417,6 +413,17 @@ def _plan_from_bf16(
     _output_config(base_cfg, quant_cfg, plan)
     report.counts = counts
     return report
+
+
+def add_nvfp4_layer(plan: PlanBuilder, module: str, weight: str, ref: dict[str, Any], amax: dict[str, Any], input_amax: float) -> None:
+    """The plan ops of one NVFP4 layer quantized from a float weight (``ref``): packed values, e4m3
+    block scales and the global scale, all from ``amax`` (a ``max_of`` over fused shards shares
+    one global scale), and the static ``input_scale = input_amax / NVFP4_BOUND``. The one place
+    the builders (``nvfp4`` from BF16, ``mixed``) write an NVFP4 layer."""
+    plan.add(weight, "nvfp4_weight", src=ref, amax=amax)
+    plan.add(f"{module}.weight_scale", "nvfp4_block_scales", src=ref, amax=amax)
+    plan.add(f"{module}.weight_scale_2", "nvfp4_global_scale", src=ref, amax=amax, shape=[])
+    plan.add(f"{module}.input_scale", "scale_from_amax", amax=[input_amax], bound=NVFP4_BOUND, shape=[])
 
 
 def nibble_order_report(quant_dir: str | os.PathLike[str], reference_dir: str | os.PathLike[str], limit: int = 8) -> dict[str, Any]:
