@@ -104,6 +104,19 @@ def _check_base_tensor(base: CheckpointInfo, name: str, want_shape: tuple[int, .
     return meta
 
 
+def add_fp8_layer(
+    plan: PlanBuilder, module: str, weight: TensorMeta, ref: dict[str, Any], *, per_row: bool, rounding: str, input_amax: float | None
+) -> None:
+    """The plan ops of one FP8 layer quantized from a float weight (``ref``): e4m3 values with the
+    scale of their own amax (per row or per tensor), that scale as ``weight_scale``, and with
+    ``input_amax`` a static ``input_scale = input_amax / 448``. The one place the builders (``fp8``
+    from BF16, ``mixed``) write an FP8 layer."""
+    plan.add(weight.name, "fp8", src=ref, scale={"kind": "weight_amax", "per_row": per_row}, rounding=rounding)
+    plan.add(f"{module}.weight_scale", "scale_of", of=weight.name, shape=[weight.shape[0]] if per_row else [1])
+    if input_amax is not None:
+        plan.add(f"{module}.input_scale", "scale_from_amax", amax=[float(input_amax)], bound=E4M3_MAX, shape=[1])
+
+
 def build_fp8_transformer(
     output_dir: str | os.PathLike[str],
     *,
@@ -466,12 +479,8 @@ def _plan_from_bf16(
             if suffix != "weight":
                 plan.copy(meta.name, src)
                 continue
-            plan.add(meta.name, "fp8", src=plan.ref(src, meta.name), scale={"kind": "weight_amax", "per_row": per_row}, rounding=rounding)
-            plan.add(f"{module}.weight_scale", "scale_of", of=meta.name, shape=[meta.shape[0]] if per_row else [1])
-            counts["added_scales"] += 1
-            if activation_amax is not None:
-                plan.add(f"{module}.input_scale", "scale_from_amax", amax=[float(activation_amax)], bound=E4M3_MAX, shape=[1])
-                counts["added_scales"] += 1
+            add_fp8_layer(plan, module, meta, plan.ref(src, meta.name), per_row=per_row, rounding=rounding, input_amax=activation_amax)
+            counts["added_scales"] += 1 if activation_amax is None else 2
     quant_cfg: dict[str, Any] = {
         "quant_method": "modelopt",
         "quant_algo": algo,

@@ -30,7 +30,7 @@ import numpy as np
 from dqfast._core import E4M3_MAX, __version__
 from dqfast.errors import PlanError
 from dqfast.formats import FP8, NVFP4
-from dqfast.fp8 import FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, check_activation_amax
+from dqfast.fp8 import FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, add_fp8_layer, check_activation_amax
 from dqfast.models import MLP_PATTERNS, ModelPreset, fused_groups, pattern_list, resolve_preset
 from dqfast.nvfp4 import GROUP, NVFP4_BOUND, add_nvfp4_layer
 from dqfast.plan import BuildReport, IoMode, ModuleDecision, ProgressFn, finish, new_plan
@@ -198,15 +198,8 @@ def build_mixed_transformer(
                 continue
             ref = plan.ref(src, meta.name)
             if algo == "fp8":
-                plan.add(
-                    meta.name,
-                    "fp8",
-                    src=ref,
-                    scale={"kind": "weight_amax", "per_row": False},
-                    rounding="exact" if rounding == "exact" else "source_dtype",
-                )
-                plan.add(f"{module}.weight_scale", "scale_of", of=meta.name, shape=[1])
-                plan.add(f"{module}.input_scale", "scale_from_amax", amax=[amax["fp8"]], bound=E4M3_MAX, shape=[1])
+                rnd = "exact" if rounding == "exact" else "source_dtype"
+                add_fp8_layer(plan, module, meta, ref, per_row=False, rounding=rnd, input_amax=amax["fp8"])
                 quantized_layers[module] = FP8.layer_entry()
             else:
                 am = {"kind": "max_of", "srcs": [plan.ref(src, f"{m}.weight") for m in members]}
