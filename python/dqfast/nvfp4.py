@@ -28,7 +28,7 @@ import numpy as np
 from dqfast import _core
 from dqfast._core import E4M3_MAX_BYTE, NVFP4_BOUND, NVFP4_GROUP, __version__
 from dqfast.errors import PlanError
-from dqfast.formats import NVFP4
+from dqfast.formats import NVFP4, classify
 from dqfast.fp8 import FLOAT_DTYPES, _check_base_tensor, _group_modules, _ignore_entries, _output_config, check_activation_amax
 from dqfast.models import ModelPreset, fused_groups, glob_to_regex, pattern_list, resolve_preset
 from dqfast.plan import (
@@ -56,11 +56,6 @@ GROUP = NVFP4_GROUP
 def _e4m3_nan(raw: np.ndarray) -> np.ndarray:
     """Mask of e4m3 NaN codes (0x7F/0xFF: every exponent and mantissa bit set)."""
     return np.asarray((raw & 0x7F) == 0x7F)
-
-
-def _is_nvfp4(parts: dict[str, TensorMeta]) -> bool:
-    w, s = parts.get("weight"), parts.get("weight_scale")
-    return w is not None and s is not None and w.dtype == "U8" and s.dtype == "F8_E4M3"
 
 
 def _scalar_f32(meta: TensorMeta) -> float:
@@ -210,7 +205,7 @@ def _plan_export(
     # Exact reconciliation of fused shards whose global scales differ.
     rescale: dict[str, tuple[float, float, float]] = {}  # module -> (factor, gs_max, input_max)
     fb = {m: _preset_fallback(preset, m, extra) for m in mods}
-    nv_mods = [m for m, p in mods.items() if _is_nvfp4(p) and fb[m] is None]
+    nv_mods = [m for m, p in mods.items() if classify(p) is NVFP4 and fb[m] is None]
     for key, group in fused_groups(nv_mods).items():
         gs = {m: _scalar_f32(mods[m]["weight_scale_2"]) for m in group if "weight_scale_2" in mods[m]}
         if len(gs) != len(group):
@@ -258,7 +253,7 @@ def _plan_export(
                 _check_base_tensor(base, meta.name, want)
                 plan.copy(meta.name, src_base)
             continue
-        if _is_nvfp4(parts):
+        if classify(parts) is NVFP4:
             counts["nvfp4"] += 1
             report.decisions.append(ModuleDecision(module, "nvfp4", "quantized in the export"))
             ws = parts["weight_scale"]
@@ -438,7 +433,7 @@ def nibble_order_report(quant_dir: str | os.PathLike[str], reference_dir: str | 
     mods = _group_modules(q)
     rows = []
     for m, parts in mods.items():
-        if not _is_nvfp4(parts) or f"{m}.weight" not in ref.tensors or "weight_scale_2" not in parts:
+        if classify(parts) is not NVFP4 or f"{m}.weight" not in ref.tensors or "weight_scale_2" not in parts:
             continue
         w = read_tensor(parts["weight"].file, parts["weight"].name, raw=True)
         s = read_tensor(parts["weight_scale"].file, parts["weight_scale"].name, raw=True)

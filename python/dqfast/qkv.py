@@ -35,6 +35,7 @@ import numpy as np
 
 from dqfast._core import __version__
 from dqfast.errors import PlanError
+from dqfast.formats import NVFP4, classify
 from dqfast.models import QkvRule, get_preset
 from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan, split_module
 from dqfast.quant_config import load_json
@@ -89,11 +90,6 @@ def _group(info: CheckpointInfo) -> OrderedDict[str, dict[str, TensorMeta]]:
         module, suffix = split_module(name)
         mods.setdefault(module, {})[suffix] = meta
     return mods
-
-
-def _is_nvfp4(parts: dict[str, TensorMeta]) -> bool:
-    w, s = parts.get("weight"), parts.get("weight_scale")
-    return w is not None and s is not None and w.dtype == "U8" and s.dtype == "F8_E4M3"
 
 
 def _check_swizzle_rows(module: str, parts: dict[str, TensorMeta], shard_rows: int, swizzled: bool) -> None:
@@ -185,7 +181,7 @@ def fuse_qkv(
     from dqfast.nvfp4 import _rescale_error
 
     names = [m for m, _ in shards]
-    nv = [_is_nvfp4(p) for _, p in shards]
+    nv = [classify(p) is NVFP4 for _, p in shards]
     if any(nv) and not all(nv):
         raise PlanError(f"cannot fuse {names}: some shards are NVFP4 and some are not")
     suffixes = set(shards[0][1])
@@ -380,7 +376,7 @@ def convert_qkv_layout(
                     report.warnings.append(f"{f}: shards had different input_scale; the fused layer keeps the max")
                 report.decisions.append(ModuleDecision(f, "fuse" if not res.reconciled else "fuse+reconcile", why))
         # Config and metadata: follow the rename; state the NVFP4 byte layout explicitly.
-        has_nv = any(_is_nvfp4(p) for p in mods.values())
+        has_nv = any(classify(p) is NVFP4 for p in mods.values())
 
         def fix(q: dict[str, Any]) -> dict[str, Any]:
             q = _rename_in_config(q, rename)
