@@ -147,3 +147,16 @@ def test_inspect_checks_block_scale_shapes_from_the_registry(tmp_path: Path) -> 
     assert MXFP8.block_scale_shape((2, 64)) == [2, 2]
     assert MXFP8.block_scale_shape((2, 48)) is None
     assert FP8.block_scale_shape((2, 64)) is None
+
+
+def test_op_outputs_come_from_the_registry() -> None:
+    # check.plan_tensors (--target, before writing) asks the registry what a format's op writes;
+    # it had the dtypes and k // 2, k // 16, k // 32 written out per op.
+    assert formats.op_output("fp8", (4, 64)) == ("F8_E4M3", (4, 64))
+    assert formats.op_output("nvfp4_weight", (4, 64)) == ("U8", (4, 32))
+    assert formats.op_output("nvfp4_block_scales", (4, 64)) == ("F8_E4M3", (4, 64 // _core.NVFP4_GROUP))
+    assert formats.op_output("mxfp8_weight", (4, 64)) == ("F8_E4M3", (4, 64))
+    assert formats.op_output("mxfp8_scales", (4, 64)) == ("U8", (4, 64 // _core.MXFP8_BLOCK))
+    assert formats.op_output("copy", (4, 64)) is None
+    for f in formats.FORMATS.values():
+        assert {f.weight_op, f.block_scale_op} - {None} <= set(f.ops), f.name

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dqfast.errors import PlanError
-from dqfast.formats import BF16, FP8, MIXED_PRECISION, MXFP8, NVFP4, WeightFormat, classify, family_algos
+from dqfast.formats import BF16, MIXED_PRECISION, WeightFormat, classify, family_algos, op_output
 from dqfast.models import detect_preset
 from dqfast.quant_config import find_component_dir, load_json, quantized_layer_entry, resolve_quant_config
 from dqfast.reader import open_checkpoint
@@ -176,8 +176,6 @@ def plan_tensors(plan: Any) -> dict[str, _Planned]:
         if op in ("copy", "swap_nibbles", "repair_nan_e4m3"):
             m = src(t["src"])
             out[t["name"]] = _Planned(m.dtype, tuple(m.shape))
-        elif op in ("fp8", "mxfp8_weight"):
-            out[t["name"]] = _Planned(str(FP8.weight_dtype), tuple(src(t["src"]).shape))
         elif op in ("scale_of", "scale_from_amax", "f32", "nvfp4_global_scale"):
             out[t["name"]] = _Planned("F32", tuple(t["shape"]))
         elif op in ("slice_rows", "rescale_e4m3"):
@@ -187,15 +185,8 @@ def plan_tensors(plan: Any) -> dict[str, _Planned]:
         elif op == "concat_rows":
             ms = [src(s) for s in t["srcs"]]
             out[t["name"]] = _Planned(ms[0].dtype, (sum(m.shape[0] for m in ms), *ms[0].shape[1:]))
-        elif op == "nvfp4_weight":
-            n, k = src(t["src"]).shape
-            out[t["name"]] = _Planned(str(NVFP4.weight_dtype), (n, k // NVFP4.elements_per_byte))
-        elif op == "nvfp4_block_scales":
-            n, k = src(t["src"]).shape
-            out[t["name"]] = _Planned(str(NVFP4.scale_dtype), (n, k // (NVFP4.block or 1)))
-        elif op == "mxfp8_scales":
-            n, k = src(t["src"]).shape
-            out[t["name"]] = _Planned(str(MXFP8.scale_dtype), (n, k // (MXFP8.block or 1)))
+        elif "src" in t and (planned := op_output(op, tuple(src(t["src"]).shape))) is not None:
+            out[t["name"]] = _Planned(*planned)  # a format's own op: dqfast.formats says what it writes
         else:
             raise PlanError(f"internal: op '{op}' of tensor '{t['name']}' has no output description for --target")
     return out

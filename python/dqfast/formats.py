@@ -35,6 +35,7 @@ __all__ = [
     "MXFP8",
     "MIXED_PRECISION",
     "classify",
+    "op_output",
     "algo_names",
     "format_of_algo",
     "family_algos",
@@ -85,8 +86,12 @@ class WeightFormat:
     tensors: tuple[str, ...] = ()
     #: ``config_groups.*.weights`` fields (a builder adds its own ``strategy``).
     config_weights: Mapping[str, Any] = field(default_factory=dict)
-    #: Plan ops (``dqfast.plan``) that write a layer of it.
+    #: Plan ops (``dqfast.plan``) that write a layer of it; ``weight_op`` writes the stored weight
+    #: and ``block_scale_op`` its block scales from a float ``[N, K]`` source (both None: no op of
+    #: its own).
     ops: tuple[str, ...] = ()
+    weight_op: str | None = None
+    block_scale_op: str | None = None
     #: The builder (a ``dqfast.builders.BUILDERS`` key) that writes it.
     builder: str | None = None
 
@@ -100,6 +105,16 @@ class WeightFormat:
 
     def needs_input_scale(self, algo: str) -> bool:
         return algo in self.static_input_algos
+
+    def op_output(self, op: str, src_shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]] | None:
+        """dtype and shape that this format's ``op`` writes from a float ``[..., K]`` source (what
+        ``check`` plans for ``--target`` before anything is written); None for another op."""
+        *lead, k = src_shape
+        if op == self.weight_op and self.weight_dtype is not None:
+            return self.weight_dtype, (*lead, k // self.elements_per_byte)
+        if op == self.block_scale_op and self.scale_dtype is not None and self.block:
+            return self.scale_dtype, (*lead, k // self.block)
+        return None
 
     def block_scale_shape(self, weight_shape: tuple[int, ...]) -> list[int] | None:
         """The ``weight_scale`` shape a ``[N, K]`` stored weight needs (one scale per ``block``
@@ -123,6 +138,7 @@ FP8 = WeightFormat(
     tensors=("weight_scale", "input_scale"),
     config_weights={"num_bits": 8, "type": "float", "dynamic": False},
     ops=("fp8", "scale_of", "scale_from_amax", "f32", "repair_nan_e4m3"),
+    weight_op="fp8",
     builder="fp8",
 )
 FP8_CHANNEL = WeightFormat(
@@ -136,6 +152,7 @@ FP8_CHANNEL = WeightFormat(
     tensors=("weight_scale",),
     config_weights={"num_bits": 8, "type": "float", "dynamic": False},
     ops=("fp8", "scale_of", "f32", "repair_nan_e4m3"),
+    weight_op="fp8",
     builder="fp8",
 )
 NVFP4 = WeightFormat(
@@ -153,6 +170,8 @@ NVFP4 = WeightFormat(
     tensors=("weight_scale", "weight_scale_2", "input_scale"),
     config_weights={"num_bits": 4, "type": "float", "dynamic": False, "group_size": _core.NVFP4_GROUP},
     ops=("nvfp4_weight", "nvfp4_block_scales", "nvfp4_global_scale", "scale_from_amax", "f32", "swap_nibbles", "rescale_e4m3"),
+    weight_op="nvfp4_weight",
+    block_scale_op="nvfp4_block_scales",
     builder="nvfp4",
 )
 MXFP8 = WeightFormat(
@@ -170,6 +189,8 @@ MXFP8 = WeightFormat(
     scale_nan_byte=0xFF,
     tensors=("weight_scale",),
     ops=("mxfp8_weight", "mxfp8_scales"),
+    weight_op="mxfp8_weight",
+    block_scale_op="mxfp8_scales",
     builder="mxfp8",
 )
 
@@ -199,6 +220,15 @@ def classify(parts: Mapping[str, _Tensor]) -> WeightFormat | None:
     if w.dtype == FP8.weight_dtype:
         # A missing weight_scale is FP8 all the same (inspect reports it missing).
         return FP8_CHANNEL if ws is not None and _numel(ws.shape) > 1 else FP8
+    return None
+
+
+def op_output(op: str, src_shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]] | None:
+    """What a format's own plan op writes from a ``[N, K]`` source (:meth:`WeightFormat.op_output`
+    of the format it belongs to); None for an op no format owns (copy, scales, ...)."""
+    for f in FORMATS.values():
+        if (out := f.op_output(op, src_shape)) is not None:
+            return out
     return None
 
 
