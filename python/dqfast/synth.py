@@ -30,6 +30,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 
 from dqfast._core import E4M3_MAX  # 448, written once in dqfast-core
+from dqfast.errors import PlanError
 
 __all__ = ["TensorSpec", "SynthPaths", "family_config", "tensor_specs", "make_transformer", "FAMILIES"]
 
@@ -107,10 +108,10 @@ def family_config(family: str, **overrides: Any) -> dict[str, Any]:
             "pos_embed_seq_len": None,
         }
     else:
-        raise ValueError(f"unknown family '{family}' (known: {', '.join(FAMILIES)})")
+        raise PlanError(f"unknown family '{family}' (known: {', '.join(FAMILIES)})")
     unknown = set(overrides) - set(cfg)
     if unknown:
-        raise ValueError(f"unknown {family} config keys: {sorted(unknown)}")
+        raise PlanError(f"unknown {family} config keys: {sorted(unknown)}")
     cfg.update(overrides)
     return cfg
 
@@ -164,9 +165,9 @@ def _wan_specs(c: dict[str, Any]) -> list[TensorSpec]:
     dim = c["num_attention_heads"] * c["attention_head_dim"]
     pt, ph, pw = c["patch_size"]
     if c["image_dim"] is not None or c["added_kv_proj_dim"] is not None or c["pos_embed_seq_len"] is not None:
-        raise ValueError("synthetic wan supports the T2V layout only (image_dim/added_kv_proj_dim None)")
+        raise PlanError("synthetic wan supports the T2V layout only (image_dim/added_kv_proj_dim None)")
     if c["qk_norm"] != "rms_norm_across_heads":
-        raise ValueError("synthetic wan supports qk_norm='rms_norm_across_heads' only")
+        raise PlanError("synthetic wan supports qk_norm='rms_norm_across_heads' only")
     s = [
         TensorSpec("scale_shift_table", (1, 2, dim), "other"),
         TensorSpec("patch_embedding.weight", (dim, c["in_channels"], pt, ph, pw), "other"),
@@ -395,7 +396,7 @@ def make_transformer(
         over["num_layers"] = blocks
     if single_blocks is not None:
         if family != "flux1":
-            raise ValueError("single_blocks applies to flux1 only")
+            raise PlanError("single_blocks applies to flux1 only")
         over["num_single_layers"] = single_blocks
     if heads is not None:
         over["num_attention_heads"] = heads
