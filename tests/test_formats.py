@@ -160,3 +160,24 @@ def test_op_outputs_come_from_the_registry() -> None:
     assert formats.op_output("copy", (4, 64)) is None
     for f in formats.FORMATS.values():
         assert {f.weight_op, f.block_scale_op} - {None} <= set(f.ops), f.name
+
+
+def test_verify_names_a_format_it_does_not_dequantize(tmp_path: Path) -> None:
+    # verify dispatched on the weight's torch dtype alone: an MXFP8 layer (e4m3 weight, U8 E8M0
+    # scales) in a ModelOpt FP8 checkpoint was taken for FP8 and its exponent bytes for scales.
+    pytest.importorskip("torch")
+    from dqfast.errors import CheckpointError
+    from dqfast.verify.layers import layer_errors
+
+    base, quant = tmp_path / "base", tmp_path / "quant"
+    base.mkdir()
+    quant.mkdir()
+    write_safetensors(base / "diffusion_pytorch_model.safetensors", {"blk.weight": ("BF16", [4, 32], bytes(256))})
+    cfg = {"_class_name": "X", "quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}}
+    (quant / "config.json").write_text(json.dumps(cfg))
+    write_safetensors(
+        quant / "diffusion_pytorch_model.safetensors",
+        {"blk.weight": ("F8_E4M3", [4, 32], bytes([0x38]) * 128), "blk.weight_scale": ("U8", [4, 1], bytes([127]) * 4)},
+    )
+    with pytest.raises(CheckpointError, match="blk: MXFP8 weights are not verified"):
+        layer_errors(base, quant)

@@ -79,9 +79,12 @@ def layer_errors(base_dir: str | Path, quant_dir: str | Path, progress: StepFn |
     for module in modules:
         parts = {s: metas[f"{module}.{s}"] for s in ("weight", "weight_scale") if f"{module}.{s}" in metas}
         fmt = classify(parts)
-        if fmt is None or fmt.kind not in _DEQUANTIZE:
+        if fmt is None or fmt.weight_dtype is None:
             dtype = parts["weight"].dtype if "weight" in parts else "missing"
             raise CheckpointError(f"{module}.weight has dtype {dtype}; not a quantized weight")
+        if fmt.kind not in _DEQUANTIZE:
+            known = ", ".join(k.upper() for k in _DEQUANTIZE)
+            raise CheckpointError(f"{module}: {fmt.label} weights are not verified (verify dequantizes {known})")
         deq, nan_bytes = _DEQUANTIZE[fmt.kind](qreader, module, spec.swap_weight_nibbles)
         # The config's name when it is of this family (FP8_PER_CHANNEL_PER_TOKEN), else the family's.
         algo = spec.quant_algo if spec.quant_algo in family_algos(fmt.kind) else fmt.kind.upper()
