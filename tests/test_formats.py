@@ -158,6 +158,7 @@ def test_op_outputs_come_from_the_registry() -> None:
     assert formats.op_output("mxfp8_weight", (4, 64)) == ("F8_E4M3", (4, 64))
     assert formats.op_output("mxfp8_scales", (4, 64)) == ("U8", (4, 64 // _core.MXFP8_BLOCK))
     assert formats.op_output("copy", (4, 64)) is None
+    assert formats.op_output("nvfp4_weight", ()) is None
     for f in formats.FORMATS.values():
         assert {f.weight_op, f.block_scale_op} - {None} <= set(f.ops), f.name
 

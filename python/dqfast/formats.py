@@ -109,6 +109,8 @@ class WeightFormat:
     def op_output(self, op: str, src_shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]] | None:
         """dtype and shape that this format's ``op`` writes from a float ``[..., K]`` source (what
         ``check`` plans for ``--target`` before anything is written); None for another op."""
+        if not src_shape or op not in (self.weight_op, self.block_scale_op):
+            return None
         *lead, k = src_shape
         if op == self.weight_op and self.weight_dtype is not None:
             return self.weight_dtype, (*lead, k // self.elements_per_byte)
