@@ -189,6 +189,15 @@ def _e2m1_to_f32(codes):
     return bits.to(tl.float16, bitcast=True).to(tl.float32)
 
 
+def _fit_block_k(k: int, bk: int) -> int:
+    """The GEMM kernels' K step: `bk` halved (down to 32) until it divides K."""
+    while bk > 32 and k % bk:
+        bk //= 2
+    if k % bk:
+        raise ValueError(f"K={k} must be a multiple of 32")
+    return bk
+
+
 @triton.jit
 def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # This program's output tile, visited in groups of GROUP_M tile-rows (grouped ordering: the
@@ -394,10 +403,7 @@ def nvfp4_w4a16_matmul(
         raise TypeError("W4A16 kernel takes bf16/fp16 activations")
     x2d = x2d.contiguous()
     bm, bn, bk, nw, ns, swap = config or default_w4a16_config(m, n, k)
-    while bk > 32 and k % bk:
-        bk //= 2
-    if k % bk:
-        raise ValueError(f"K={k} must be a multiple of 32")
+    bk = _fit_block_k(k, bk)
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     if m == 0:
         return y
@@ -572,10 +578,7 @@ def fp8_linear_static(
     m, k = x2d.shape
     n = weight.shape[0]
     bm, bn, bk, nw, ns = fp8_linear_static_config(m)
-    while bk > 32 and k % bk:
-        bk //= 2
-    if k % bk:
-        raise ValueError(f"K={k} must be a multiple of 32")
+    bk = _fit_block_k(k, bk)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     y = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
