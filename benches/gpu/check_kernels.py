@@ -162,6 +162,41 @@ def check_fused(c: Checker, dev: torch.device) -> None:
     c.record("fused nvfp4 qkv (w4a8, per-channel gs) vs w4a8 emulation", e5 < 1e-2, rel_err=e5)
 
 
+def check_small_m(c: Checker, dev: torch.device) -> None:
+    """`triton` at M <= TK.FUSED_MAX_M: one launch (Fp8FusedCall), first call through Triton,
+    later ones through the compiled kernel's C launcher with integer addresses; against the
+    emulation and the two-launch path (quantize + _scaled_mm), 2-D, 3-D and unaligned inputs."""
+    for m, k, n in ((16, 3072, 3072), (1, 5120, 5120), (64, 3072, 12288), (TK.FUSED_MAX_M, 12288, 3072), (7, 3072, 9216)):
+        gen = torch.Generator(device=dev).manual_seed(m * 7 + k + n)
+        lin = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
+        base = (torch.randn(m * k + 8, device=dev, generator=gen) * 2).to(torch.bfloat16)
+        for pc in (False, True):
+            xs = {"2d": base[: m * k].view(m, k), "3d": base[: m * k].view(1, m, k), "unaligned": base[1 : 1 + m * k].view(m, k)}
+            mod = fp8_linear_from_float(lin, per_channel=pc, input_scale=float(base.float().abs().max() / 448), backend="triton")
+            for name, x in xs.items():
+                ref = mod.forward_emulation(x)
+                ys = [mod(x) for _ in range(3)]  # first through Triton, then the C launcher
+                fc = mod.__dict__.get("_fused_call", (None,))[0]
+                fast = fc is not None and fc.kernel is not None
+                lim = TK.FUSED_MAX_M
+                TK.FUSED_MAX_M = 0  # the two-launch path for comparison
+                try:
+                    mod.__dict__.pop("_fused_call", None)
+                    y2 = mod(x)
+                finally:
+                    TK.FUSED_MAX_M = lim
+                e, e2 = rel(ys[-1], ref), rel(ys[-1], y2)
+                same = all(torch.equal(ys[0], y) for y in ys[1:])
+                c.record(
+                    f"fp8 triton one-launch M={m} K={k} N={n} pc={pc} {name}",
+                    e < 1e-2 and e2 < 5e-3 and same and fast and bool(torch.isfinite(ys[-1]).all()),
+                    rel_err=e,
+                    rel_vs_two_launch=e2,
+                    fast_launch=fast,
+                    repeat_equal=same,
+                )
+
+
 def check_autotune(c: Checker, dev: torch.device, out: Path) -> None:
     os.environ["DQFAST_AUTOTUNE_CACHE"] = tempfile.mkdtemp(prefix="dqfast-at-")
     AT._TUNERS.clear()
@@ -203,7 +238,7 @@ def check_graph(c: Checker, dev: torch.device) -> None:
         return fp4(layers[1](torch.nn.functional.gelu(layers[0](x))))
 
     run = CudaGraphRunner(fwd)
-    for m in (1024, 256):
+    for m in (1024, 256, 16):  # 16 rows: the one-launch path (Fp8FusedCall) under capture
         x = torch.randn(m, k, device=dev).to(torch.bfloat16)
         with torch.inference_mode():
             eager = fwd(x).clone()
@@ -216,7 +251,7 @@ def check_graph(c: Checker, dev: torch.device) -> None:
             torch.equal(g1, eager) and torch.equal(g2, eager2),
             max_abs=float((g2.float() - eager2.float()).abs().max()),
         )
-    c.record("cuda graph runner keeps one graph per shape", len(run.graphs) == 2, graphs=len(run.graphs))
+    c.record("cuda graph runner keeps one graph per shape", len(run.graphs) == 3, graphs=len(run.graphs))
 
 
 def check_flashinfer_refusals(c: Checker, dev: torch.device) -> None:
@@ -270,6 +305,7 @@ def main() -> int:
         c.guarded(f"nvfp4 {tag}", lambda x=x, lin=lin, tag=tag: check_fp4(c, x, lin, tag))
 
     c.guarded("fused", lambda: check_fused(c, dev))
+    c.guarded("small M one launch", lambda: check_small_m(c, dev))
     c.guarded("autotune", lambda: check_autotune(c, dev, out))
     c.guarded("cuda graph", lambda: check_graph(c, dev))
     if fi:

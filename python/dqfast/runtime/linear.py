@@ -186,7 +186,7 @@ def _env_raw(name: str):
     return os.environ.get(name)
 
 
-_ENV_KEYS = {n: os.fsencode(n) for n in ("DQFAST_SHARE_ACT_QUANT", "DQFAST_FP8_GEMM_BACKEND")}
+_ENV_KEYS = {n: os.fsencode(n) for n in ("DQFAST_SHARE_ACT_QUANT", "DQFAST_FP8_GEMM_BACKEND", "DQFAST_FP4_GEMM_BACKEND")}
 
 
 def _ver(t: torch.Tensor) -> int:
@@ -450,10 +450,39 @@ class Fp8Linear(nn.Module):
         memo[(bucket, out_dtype, measure)] = choice
         return choice
 
+    def _fused_applies(self, x: torch.Tensor) -> bool:
+        """`triton` at small M takes the one-launch kernel (triton_kernels.FUSED_MAX_M rows): static
+        input scale, one shard, an input and weight the kernel takes."""
+        if self.input_scale is None or self.shard_sizes or not _has_module("triton"):
+            return False
+        from . import triton_kernels as TK
+
+        return TK.Fp8FusedCall.applicable(x, self.weight) and self.weight_scale.dtype == torch.float32
+
+    def _make_fused_call(self, x: torch.Tensor, out_dtype: torch.dtype):
+        from . import triton_kernels as TK
+
+        bufs = self._buffers
+        fc = TK.Fp8FusedCall(x, bufs["weight"], bufs["input_scale"], bufs["weight_scale"], self._parameters.get("bias"), out_dtype)
+        self.__dict__["_fused_call"] = (fc, self.backend_request, _env_raw("DQFAST_FP8_GEMM_BACKEND"))
+        return fc
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             # Decided before any backend lookup: keep the traced graph free of host-side logic.
             return self.forward_traceable(x) if x.is_cuda else self.forward_emulation(x)
+        fast = self.__dict__.get("_fused_call")
+        if fast is not None:
+            # The one-launch path at small M (`triton`, static scales): taken while the input
+            # signature, the module's tensors and the back-end request are those it was made for.
+            fc, request, env = fast
+            bufs = self._buffers
+            if (
+                self.backend_request == request
+                and _env_raw("DQFAST_FP8_GEMM_BACKEND") == env
+                and fc.matches(x, bufs["weight"], bufs.get("input_scale"), bufs["weight_scale"], self._parameters.get("bias"))
+            ):
+                return fc(x)
         backend = self._resolved_backend()
         x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
@@ -463,6 +492,8 @@ class Fp8Linear(nn.Module):
             return self.forward_emulation(x)
         if backend == "compile":
             return self.forward_traceable(x)
+        if backend == "triton" and self._fused_applies(x):
+            return self._make_fused_call(x, out_dtype)(x)
         y = self._run(x2d, out_dtype, backend, _share_act_quant())
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
@@ -648,7 +679,12 @@ class Nvfp4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self.forward_traceable(x) if x.is_cuda else self.forward_emulation(x)
-        backend = self.backend
+        # Resolved once per (request, env value, device): the capability query costs host time.
+        key = (self.backend_request, _env_raw("DQFAST_FP4_GEMM_BACKEND"), self._buffers["weight"].device)
+        cached = self.__dict__.get("_backend_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_backend_cache"] = (key, self.backend)
+        backend = cached[1]
         if backend == "emulation":
             return self.forward_emulation(x)
         if backend == "emulation_w4a16":

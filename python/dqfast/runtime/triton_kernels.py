@@ -79,22 +79,28 @@ class _Launcher:
         kernel, constexprs = hit
         drv = self._driver.active
         stream = drv.get_current_stream(drv.get_current_device())
-        full = (*args, *constexprs)
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
-        knobs = self._knobs.runtime
-        kernel.run(
-            grid[0],
-            g1,
-            g2,
-            stream,
-            kernel.function,
-            kernel.packed_metadata,
-            kernel.launch_metadata(grid, stream, *full),
-            knobs.launch_enter_hook,
-            knobs.launch_exit_hook,
-            *full,
-        )
+        if _hooks_idle():
+            # Tensors as integer addresses: Triton's C launcher would call data_ptr() and query
+            # the driver about each pointer (callers pass CUDA tensors only).
+            full = (*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args), *constexprs)
+            kernel.run(grid[0], g1, g2, stream, kernel.function, kernel.packed_metadata, None, None, None, *full)
+        else:
+            full = (*args, *constexprs)
+            knobs = self._knobs.runtime
+            kernel.run(
+                grid[0],
+                g1,
+                g2,
+                stream,
+                kernel.function,
+                kernel.packed_metadata,
+                kernel.launch_metadata(grid, stream, *full),
+                knobs.launch_enter_hook,
+                knobs.launch_exit_hook,
+                *full,
+            )
         self.fast_calls += 1
         return kernel
 
@@ -522,18 +528,17 @@ def _fp8_linear_static_kernel(
     GROUP_M: tl.constexpr,
 ):
     # Y = (e4m3(X / s) @ W^T) * s * ws + bias in ONE launch: the activation is quantized in
-    # registers as its tiles are loaded (x * (1/s): may differ from x / s by one e4m3 step in
-    # rare ties), so an eager call costs one kernel launch instead of quantize + GEMM.
+    # registers as its tiles are loaded (div_rn: the same e4m3 bytes as fp8_quant_static), so an
+    # eager call costs one kernel launch instead of quantize + GEMM.
     offs_m, offs_n, mask_m, mask_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     s = tl.load(s_ptr)
-    inv = 1.0 / s
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, K // BLOCK_K):
         a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0).to(tl.float32)
-        a8 = tl.clamp(a * inv, -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
+        a8 = tl.clamp(tl.math.div_rn(a, s), -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
         b = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
         acc = tl.dot(a8, tl.trans(b), acc)
         x_ptrs += BLOCK_K
@@ -565,6 +570,12 @@ def fp8_linear_static_config(m: int) -> tuple[int, int, int, int, int]:
     return 128, 128, 128, 8, 3
 
 
+# Rows up to which Fp8Linear's `triton` back end takes the one-launch kernel (static scales): at
+# such sizes an eager call is bound by host time, ~15-25 us per launch on the H200 machine
+# (docs/runtime.md). Read at import, like DQFAST_FP8_FUSED_CONFIG.
+FUSED_MAX_M = int(os.environ.get("DQFAST_FP8_FUSED_MAX_M", "64"))
+
+
 def fp8_linear_static(
     x2d: torch.Tensor,
     weight: torch.Tensor,
@@ -572,12 +583,13 @@ def fp8_linear_static(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Fused static-scale FP8 Linear: x2d [M, K] bf16/fp16, weight e4m3 [N, K], input_scale float32
     0-dim, weight_scale float32 0-dim or [N]; K must be a multiple of 32."""
     m, k = x2d.shape
     n = weight.shape[0]
-    bm, bn, bk, nw, ns = fp8_linear_static_config(m)
+    bm, bn, bk, nw, ns = config or fp8_linear_static_config(m)
     bk = _fit_block_k(k, bk)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
@@ -609,3 +621,152 @@ def fp8_linear_static(
         num_stages=ns,
     )
     return y
+
+
+def _hooks_idle() -> bool:
+    """No Triton launch hook is set (profilers set them): a launch then needs no launch metadata.
+    Triton <= 3.6 keeps a hook or None, newer versions a HookChain with a `calls` list."""
+    rt = _RUNTIME_KNOBS
+    if rt is None:
+        return False
+    for h in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if h is not None and getattr(h, "calls", True):
+            return False
+    return True
+
+
+try:
+    from triton import knobs as _knobs
+
+    _RUNTIME_KNOBS = _knobs.runtime
+except Exception:  # an older Triton: Fp8FusedCall always launches through Triton
+    _RUNTIME_KNOBS = None
+
+
+class Fp8FusedCall:
+    """`fp8_linear_static` for one input signature (shape, dtype, device, 16-byte alignment of
+    the input) and one set of module tensors, with everything but the output allocation and the
+    launch worked out once. The module's tensors go to the C launcher as integer addresses
+    (Triton's launcher otherwise calls `data_ptr()` and a CUDA pointer query per tensor), and the
+    kernel reads the scales and bias on the device, so in-place edits of them need no rebuild;
+    `matches` sees a replaced or moved tensor (another address). The first call launches through
+    Triton (compiling it, and fixing the specialization the later calls reuse)."""
+
+    __slots__ = (
+        "x_shape",
+        "x_dtype",
+        "dev",
+        "aligned",
+        "ptrs",
+        "tensors",
+        "out_shape",
+        "out_dtype",
+        "meta",
+        "ints",
+        "grid0",
+        "kernel",
+        "cfg",
+    )
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        input_scale: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> None:
+        k = x.shape[-1]
+        m = x.numel() // k
+        n = weight.shape[0]
+        bm, bn, bk, nw, ns = fp8_linear_static_config(m)
+        bk = _fit_block_k(k, bk)
+        self.cfg = (bm, bn, bk, nw, ns)
+        self.x_shape, self.x_dtype, self.dev = x.shape, x.dtype, x.get_device()
+        self.aligned = x.data_ptr() % 16 == 0
+        self.tensors = (weight, input_scale, weight_scale, bias)
+        self.ptrs = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
+        self.out_shape, self.out_dtype = (*x.shape[:-1], n), out_dtype
+        self.ints = (m, n, k, k, weight.stride(0), n)
+        self.meta = (weight_scale.numel() > 1, bias is not None, bm, bn, bk, 8)
+        self.grid0 = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        self.kernel = None
+
+    @staticmethod
+    def applicable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Inputs the fused kernel takes: on a GPU (or the interpreter), bf16/fp16, contiguous, K a
+        multiple of 32, 1..FUSED_MAX_M rows."""
+        k = x.shape[-1]
+        return (
+            x.dtype in (torch.bfloat16, torch.float16)
+            and (x.is_cuda or _INTERPRET)
+            and x.is_contiguous()
+            and k % 32 == 0
+            and 0 < x.numel() // max(k, 1) <= FUSED_MAX_M
+            and weight.is_contiguous()
+        )
+
+    def matches(
+        self, x: torch.Tensor, weight: torch.Tensor, input_scale: torch.Tensor | None, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> bool:
+        return (
+            x.shape == self.x_shape
+            and x.dtype == self.x_dtype
+            and x.get_device() == self.dev
+            and x.is_contiguous()
+            and (not self.aligned or x.data_ptr() % 16 == 0)
+            and weight.data_ptr() == self.ptrs[0]
+            and input_scale is not None
+            and input_scale.data_ptr() == self.ptrs[1]
+            and weight_scale.data_ptr() == self.ptrs[2]
+            and (0 if bias is None else bias.data_ptr()) == self.ptrs[3]
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(self.out_shape, dtype=self.out_dtype, device=x.device)
+        kernel = self.kernel
+        if kernel is None or not _hooks_idle():
+            w, s, ws, b = self.tensors
+            bm, bn, bk, nw, ns = self.cfg
+            k = _fp8_linear_static_kernel[(self.grid0,)](
+                x,
+                w,
+                s,
+                ws,
+                b if b is not None else ws,
+                y,
+                *self.ints,
+                PER_CHANNEL_WS=self.meta[0],
+                HAS_BIAS=self.meta[1],
+                BLOCK_M=bm,
+                BLOCK_N=bn,
+                BLOCK_K=bk,
+                GROUP_M=8,
+                num_warps=nw,
+                num_stages=ns,
+            )
+            if kernel is None and _RUNTIME_KNOBS is not None and not _INTERPRET and k is not None and hasattr(k, "packed_metadata"):
+                self.kernel = k
+            return y
+        p = self.ptrs
+        kernel.run(
+            self.grid0,
+            1,
+            1,
+            torch._C._cuda_getCurrentRawStream(self.dev),
+            kernel.function,
+            kernel.packed_metadata,
+            None,
+            None,
+            None,
+            x.data_ptr(),
+            p[0],
+            p[1],
+            p[2],
+            p[3] or p[2],
+            y.data_ptr(),
+            *self.ints,
+            *self.meta,
+        )
+        return y
