@@ -114,3 +114,33 @@ def test_fp4_backend_by_capability(monkeypatch) -> None:
         assert L.resolve_fp4_backend(None, dev) == want, cap
     monkeypatch.setenv("DQFAST_FP4_GEMM_BACKEND", "triton")
     assert L.resolve_fp4_backend(None, dev) == "triton"
+
+
+def test_w4a8_prepare_is_both_kernels_in_one_launch_in_the_interpreter() -> None:
+    """The combined launch (weight tiles first, then one program per activation row) against the
+    two kernels it replaces, under TRITON_INTERPRET=1 on CPU: the same bytes, one- and two-pass
+    rows, N not a multiple of the tile. (The interpreter's own e4m3 rounding is not torch's, so
+    bytes are compared kernel against kernel here; check_kernels.py compares them with torch on a GPU.)"""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = """
+import torch
+from dqfast.runtime import triton_kernels as TK, linear as L
+torch.manual_seed(0)
+for m, k, n in ((5, 96, 80), (2, 16416, 16)):
+    mod = L.nvfp4_linear_from_float(torch.nn.Linear(k, n).to(torch.bfloat16), backend="w4a8")
+    x = (torch.randn(m, k) * 3).to(torch.bfloat16)
+    inv, _ = mod.w4a8_weight_scale()
+    w8, q, qs = TK.w4a8_prepare(mod.weight, mod.weight_scale, inv, x)
+    w8r = TK.nvfp4_to_e4m3(mod.weight, mod.weight_scale, inv)
+    qr, qsr = TK.fp8_quant_per_token(x)
+    assert torch.equal(w8.view(torch.uint8), w8r.view(torch.uint8)), (m, k, n)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(qs, qsr), (m, k, n)
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DQFAST_SHARE_ACT_QUANT": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

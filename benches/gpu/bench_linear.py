@@ -218,13 +218,16 @@ def host_overhead() -> dict:
     base = res["us_per_call"]["F.linear"]
     res["ratio_to_F.linear"] = {k2: round(v / base, 2) for k2, v in res["us_per_call"].items() if isinstance(v, float)}
     # The same with Triton's own launch path (the runtime's fast launcher off)
-    launchers = (TK._STATIC, TK._ROW, TK._TO_E4M3)
+    launchers = (TK._STATIC, TK._ROW, TK._TO_E4M3, TK._W4A8_PREP)
     for la in launchers:
         la.enabled = False
+    TK.FUSED_MAX_M = 0
     try:
         res["us_per_call"]["Triton static quant alone (Triton launch)"] = measure(functools.partial(TK.fp8_quant_static, x, s1))
-        res["us_per_call"]["Fp8Linear triton static (Triton launch)"] = measure(no_share(functools.partial(f8["triton"], x)))
+        res["us_per_call"]["Fp8Linear triton static, two launches (Triton launch)"] = measure(no_share(functools.partial(two, x)))
+        res["us_per_call"]["Nvfp4Linear w4a8 (Triton launch)"] = measure(no_share(functools.partial(f4, x)))
     finally:
+        TK.FUSED_MAX_M = lim
         for la in launchers:
             la.enabled = True
     print("host us/call", json.dumps({k2: round(v, 1) if isinstance(v, float) else v for k2, v in res["us_per_call"].items()}), flush=True)
@@ -234,17 +237,19 @@ def host_overhead() -> dict:
 def fused_crossover() -> dict:
     """`triton` one launch (Fp8FusedCall) vs two launches (Triton quantize + _scaled_mm) vs BF16
     F.linear by rows: GPU time (do_bench median, ms) and eager time per call issued back to back
-    (us, wall / calls: the larger of host and GPU time), plus GPU time of fused tile configs.
-    Picks TK.FUSED_MAX_M from data."""
+    (us, wall / calls: the larger of host and GPU time), plus GPU time of fused tile configs: the
+    data behind TK.FUSED_MAX_M and fp8_linear_static_config. do_bench's ms of a host-bound call is
+    its host time."""
     dev = torch.device("cuda")
     cfgs = [
+        (16, 32, 128, 4, 4),
         (16, 64, 128, 4, 4),
+        (16, 64, 256, 4, 3),
+        (16, 128, 128, 4, 4),
         (32, 64, 128, 4, 4),
+        (32, 128, 128, 4, 4),
         (64, 64, 128, 4, 4),
-        (64, 32, 128, 4, 4),
-        (64, 64, 256, 4, 3),
         (64, 128, 128, 4, 3),
-        (128, 64, 128, 4, 3),
         (128, 128, 128, 8, 3),
     ]
     out: list[dict] = []

@@ -121,7 +121,13 @@ def check_fp4(c: Checker, x: torch.Tensor, lin: torch.nn.Linear, tag: str) -> No
         w8r = Q.nvfp4_to_e4m3(mod.weight, mod.weight_scale, inv)
         d = int((w8.view(torch.uint8) != w8r.view(torch.uint8)).sum())
         c.record(f"nvfp4_to_e4m3 {call} {tag}", d == 0, differing_bytes=d)
+    qr, qsr = TK.fp8_quant_per_token(x)
+    for call in ("first", "fast"):  # weight conversion + per-token quantization in one launch
+        w8p, qp, qsp = TK.w4a8_prepare(mod.weight, mod.weight_scale, inv, x)
+        d = int((w8p.view(torch.uint8) != w8r.view(torch.uint8)).sum()) + int((qp.view(torch.uint8) != qr.view(torch.uint8)).sum())
+        c.record(f"w4a8_prepare {call} {tag} (== nvfp4_to_e4m3 + fp8_quant_per_token)", d == 0 and torch.equal(qsp, qsr), differing_bytes=d)
     mod.backend_request = "w4a8"
+    _ACT_CACHE.clear()
     y = mod(x)
     e = rel(y, mod.forward_w4a8_emulation(x))
     c.record(f"nvfp4 w4a8 module vs w4a8 emulation {tag}", e < 1e-2 and bool(torch.isfinite(y).all()), rel_err=e)
@@ -166,6 +172,21 @@ def check_small_m(c: Checker, dev: torch.device) -> None:
     """`triton` at M <= TK.FUSED_MAX_M: one launch (Fp8FusedCall), first call through Triton,
     later ones through the compiled kernel's C launcher with integer addresses; against the
     emulation and the two-launch path (quantize + _scaled_mm), 2-D, 3-D and unaligned inputs."""
+    # The in-GEMM quantization's bytes: with an identity e4m3 weight (scale 1, no bias) each output
+    # is e4m3(x / s) * s, exactly as bf16, so y equals the static quantization kernel's bytes
+    # times s only if every quantized byte is the same.
+    for m in (1, 16, 64):
+        k = 512
+        gen = torch.Generator(device=dev).manual_seed(1000 + m)
+        eye = torch.eye(k, device=dev).to(torch.float8_e4m3fn)
+        for s_val in (0.013, 1 / 448, 0.37):
+            s = torch.tensor(s_val, device=dev)
+            x = (torch.randn(m, k, device=dev, generator=gen) * 448 * s_val * 0.4).to(torch.bfloat16)
+            x[0, :8] = torch.tensor([0.0, -0.0, 1e-6, -1e-6, 448 * s_val, -448 * s_val, 1e4, -1e4], device=dev)
+            y = TK.fp8_linear_static(x, eye, s, torch.ones((), device=dev), None, torch.bfloat16)
+            ref = (TK.fp8_quant_static(x, s).float() * s).to(torch.bfloat16)
+            d = int((y.view(torch.int16) != ref.view(torch.int16)).sum())
+            c.record(f"fp8 one-launch in-GEMM quantization bytes M={m} s={s_val:.4g}", d == 0, differing=d, of=x.numel())
     for m, k, n in ((16, 3072, 3072), (1, 5120, 5120), (64, 3072, 12288), (TK.FUSED_MAX_M, 12288, 3072), (7, 3072, 9216)):
         gen = torch.Generator(device=dev).manual_seed(m * 7 + k + n)
         lin = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
@@ -311,7 +332,11 @@ def main() -> int:
     if fi:
         c.guarded("flashinfer refusals", lambda: check_flashinfer_refusals(c, dev))
     c.record(
-        "fast launcher used", TK._STATIC.fast_calls > 0 and TK._ROW.fast_calls > 0, static=TK._STATIC.fast_calls, row=TK._ROW.fast_calls
+        "fast launcher used",
+        TK._STATIC.fast_calls > 0 and TK._ROW.fast_calls > 0 and TK._W4A8_PREP.fast_calls > 0,
+        static=TK._STATIC.fast_calls,
+        row=TK._ROW.fast_calls,
+        w4a8_prepare=TK._W4A8_PREP.fast_calls,
     )
 
     (out / "check.json").write_text(json.dumps(c.results, indent=1))

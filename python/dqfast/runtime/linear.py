@@ -625,16 +625,18 @@ class Nvfp4Linear(nn.Module):
         from . import triton_kernels as TK
 
         inv, ws = self.w4a8_weight_scale()
-        w8 = TK.nvfp4_to_e4m3(self.weight, self.weight_scale, inv)  # transient, one layer call
-        # Per-token FP8 activations, quantized once for sibling layers fed the same tensor
-        # (the same cache and kernel as Fp8Linear's per-token path).
+        # Per-token FP8 activations, quantized once for sibling layers fed the same tensor (the
+        # same cache and numerics as Fp8Linear's per-token path); the e4m3 weight is transient,
+        # one layer call. Both in one launch when the activation is not cached.
         share = _share_act_quant()
         hit = _ACT_CACHE.get(x2d, ("tok",)) if share else None
         if hit is None:
-            hit = TK.fp8_quant_per_token(x2d)
+            w8, xq, xs = TK.w4a8_prepare(self.weight, self.weight_scale, inv, x2d)
             if share:
-                _ACT_CACHE.put(x2d, ("tok",), hit)
-        xq, xs = hit
+                _ACT_CACHE.put(x2d, ("tok",), (xq, xs))
+        else:
+            w8 = TK.nvfp4_to_e4m3(self.weight, self.weight_scale, inv)
+            xq, xs = hit
         bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
         return torch._scaled_mm(xq, w8.t(), scale_a=xs, scale_b=ws, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
 

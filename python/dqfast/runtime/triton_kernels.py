@@ -106,17 +106,9 @@ class _Launcher:
 
 
 @triton.jit
-def _fp8_quant_row_kernel(
-    x_ptr,
-    q_ptr,
-    s_ptr,
-    K,
-    stride_x,
-    stride_q,
-    BLOCK_K: tl.constexpr,
-    ONE_PASS: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
+def _quant_row(x_ptr, q_ptr, s_ptr, row, K, stride_x, stride_q, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
+    # One row -> amax, scale = amax / 448, e4m3(x / scale); shared by the per-token kernel and
+    # the W4A8 prepare kernel.
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
     offs = tl.arange(0, BLOCK_K)
@@ -144,6 +136,20 @@ def _fp8_quant_row_kernel(
 
 
 @triton.jit
+def _fp8_quant_row_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    K,
+    stride_x,
+    stride_q,
+    BLOCK_K: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+):
+    _quant_row(x_ptr, q_ptr, s_ptr, tl.program_id(0).to(tl.int64), K, stride_x, stride_q, BLOCK_K, ONE_PASS)
+
+
+@triton.jit
 def _fp8_quant_static_kernel(x_ptr, q_ptr, s_ptr, numel, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -167,13 +173,17 @@ def fp8_quant_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
     if m == 0:
         return q, s
-    block = triton.next_power_of_2(k)
-    one_pass = block <= 16384
-    if not one_pass:
-        block = 4096
+    block, one_pass = _row_block(k)
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
     _ROW((m,), x2d, q, s, k, x2d.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass, num_warps=warps)
     return q, s
+
+
+def _row_block(k: int) -> tuple[int, bool]:
+    """Per-token quantization's block along K: the whole row in registers up to 16384, else two
+    passes of 4096."""
+    block = triton.next_power_of_2(k)
+    return (block, True) if block <= 16384 else (4096, False)
 
 
 def fp8_quant_static(x2d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -443,22 +453,10 @@ def nvfp4_w4a16_matmul(
 
 
 @triton.jit
-def _nvfp4_to_e4m3_kernel(
-    w_ptr,
-    s_ptr,
-    inv_ptr,
-    o_ptr,
-    N,
-    K,
-    stride_wn,
-    stride_sn,
-    stride_on,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+def _to_e4m3_tile(
+    w_ptr, s_ptr, inv_ptr, o_ptr, N, stride_wn, stride_sn, stride_on, pid_n, pid_k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
 ):
     # o[n, k] = e4m3(e2m1[n, k] * block_scale[n, k // 16] * inv[n]); inv[n] = 448 / (6 * max_j block_scale[n, j])
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
@@ -475,7 +473,58 @@ def _nvfp4_to_e4m3_kernel(
     tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + ko[None, :], w.to(tl.float8e4nv), mask=mask_n[:, None])
 
 
+@triton.jit
+def _nvfp4_to_e4m3_kernel(
+    w_ptr,
+    s_ptr,
+    inv_ptr,
+    o_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    stride_on,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    _to_e4m3_tile(w_ptr, s_ptr, inv_ptr, o_ptr, N, stride_wn, stride_sn, stride_on, tl.program_id(0), tl.program_id(1), BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _w4a8_prepare_kernel(
+    w_ptr,
+    s_ptr,
+    inv_ptr,
+    o_ptr,
+    x_ptr,
+    q_ptr,
+    qs_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    stride_on,
+    stride_x,
+    stride_q,
+    W_PROGRAMS,
+    K_TILES,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+):
+    # Both inputs of a W4A8 GEMM in ONE launch (an eager call then costs two launches, this and
+    # the GEMM): the first W_PROGRAMS programs convert weight tiles, the rest quantize one
+    # activation row each.
+    pid = tl.program_id(0)
+    if pid < W_PROGRAMS:
+        _to_e4m3_tile(w_ptr, s_ptr, inv_ptr, o_ptr, N, stride_wn, stride_sn, stride_on, pid // K_TILES, pid % K_TILES, BLOCK_N, BLOCK_K)
+    else:
+        _quant_row(x_ptr, q_ptr, qs_ptr, (pid - W_PROGRAMS).to(tl.int64), K, stride_x, stride_q, ROW_BLOCK, ONE_PASS)
+
+
 _TO_E4M3 = _Launcher(_nvfp4_to_e4m3_kernel)
+_W4A8_PREP = _Launcher(_w4a8_prepare_kernel)
 
 
 def nvfp4_to_e4m3(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor) -> torch.Tensor:
@@ -483,9 +532,7 @@ def nvfp4_to_e4m3(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale
     reference numerics; the global scale stays outside, in the GEMM's per-channel weight scale)."""
     n, kh = packed.shape
     k = kh * 2
-    block_k = 128 if k % 128 == 0 else (64 if k % 64 == 0 else 32)
-    if k % block_k:
-        raise ValueError(f"K={k} must be a multiple of 32")
+    block_k = _fit_block_k(k, 128)
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=packed.device)
     grid = ((n + 63) // 64, k // block_k)
     _TO_E4M3(
@@ -504,6 +551,53 @@ def nvfp4_to_e4m3(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale
         num_warps=4,
     )
     return out
+
+
+def w4a8_prepare(
+    packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor, x2d: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`nvfp4_to_e4m3(packed, block_scale, inv_row_scale)` and `fp8_quant_per_token(x2d)` in one
+    launch (the same bytes): returns (e4m3 weight [N, K], e4m3 activation [M, K], scales [M, 1])."""
+    n, kh = packed.shape
+    k = kh * 2
+    m = x2d.shape[0]
+    if x2d.shape[1] != k:
+        raise ValueError(f"shape mismatch: x {tuple(x2d.shape)}, weight {tuple(packed.shape)}")
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    block_k = _fit_block_k(k, 128)
+    dev = packed.device
+    out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=dev)
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=dev)
+    qs = torch.empty((m, 1), dtype=torch.float32, device=dev)
+    k_tiles = k // block_k
+    w_programs = (n + 63) // 64 * k_tiles
+    row_block, one_pass = _row_block(k)
+    _W4A8_PREP(
+        (w_programs + m,),
+        packed,
+        block_scale,
+        inv_row_scale,
+        out,
+        x2d,
+        q,
+        qs,
+        n,
+        k,
+        packed.stride(0),
+        block_scale.stride(0),
+        out.stride(0),
+        x2d.stride(0),
+        q.stride(0),
+        w_programs,
+        k_tiles,
+        BLOCK_N=64,
+        BLOCK_K=block_k,
+        ROW_BLOCK=row_block,
+        ONE_PASS=one_pass,
+        num_warps=4 if row_block <= 4096 else 8,
+    )
+    return out, q, qs
 
 
 @triton.jit
@@ -528,17 +622,24 @@ def _fp8_linear_static_kernel(
     GROUP_M: tl.constexpr,
 ):
     # Y = (e4m3(X / s) @ W^T) * s * ws + bias in ONE launch: the activation is quantized in
-    # registers as its tiles are loaded (div_rn: the same e4m3 bytes as fp8_quant_static), so an
-    # eager call costs one kernel launch instead of quantize + GEMM.
+    # registers as its tiles are loaded (once per N tile), so an eager call costs one kernel
+    # launch instead of quantize + GEMM. X / s is the correctly rounded quotient, as div_rn gives
+    # it (the same e4m3 bytes as fp8_quant_static), but from a multiply and two FMAs: q = x * (1/s)
+    # is within an ulp, r = x - q * s is exact, q + r * (1/s) rounds correctly (Markstein's
+    # theorem; 1/s rounded to nearest). div_rn itself in this loop made the kernel 2.5-7x slower
+    # on the H200 (benches/gpu/results/h200/run8).
     offs_m, offs_n, mask_m, mask_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     s = tl.load(s_ptr)
+    inv = tl.math.div_rn(1.0, s)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, K // BLOCK_K):
         a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0).to(tl.float32)
-        a8 = tl.clamp(tl.math.div_rn(a, s), -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
+        q = a * inv
+        q = tl.fma(tl.fma(-q, s, a), inv, q)
+        a8 = tl.clamp(q, -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
         b = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
         acc = tl.dot(a8, tl.trans(b), acc)
         x_ptrs += BLOCK_K
@@ -565,6 +666,11 @@ def fp8_linear_static_config(m: int) -> tuple[int, int, int, int, int]:
     if _FP8_FUSED_ENV:
         bm, bn, bk, nw, ns = (int(v) for v in _FP8_FUSED_ENV.split(","))
         return bm, bn, bk, nw, ns
+    # Few rows: BLOCK_M near M (padded rows are quantized and multiplied too), many N tiles.
+    if m <= 16:
+        return 16, 64, 128, 4, 4
+    if m <= 32:
+        return 32, 64, 128, 4, 4
     if m <= 64:
         return 64, 64, 128, 4, 4
     return 128, 128, 128, 8, 3
