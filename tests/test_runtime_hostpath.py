@@ -223,7 +223,7 @@ def test_triton_backend_takes_one_launch_at_small_m(monkeypatch) -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: torch.randn(TK.FUSED_MAX_M + 1, 64).to(torch.bfloat16),  # more rows than the threshold
+        lambda: torch.randn(TK.ONE_LAUNCH_MAX_MN // 32 + 1, 64).to(torch.bfloat16),  # more rows than the rule allows
         lambda: torch.randn(64, 8).to(torch.bfloat16).t(),  # not contiguous
         lambda: torch.randn(4, 64),  # float32 input
     ],
@@ -235,6 +235,29 @@ def test_one_launch_path_not_taken_outside_its_inputs(monkeypatch, cpu_triton_pa
     y = mod(x)
     assert calls == [] and "_fused_call" not in mod.__dict__
     assert torch.allclose(y.float(), mod.forward_emulation(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_one_launch_rule() -> None:
+    """Few rows always; more rows only with a short K and a small M x N (run 8's crossover)."""
+    assert TK.FUSED_MAX_M is None  # no DQFAST_FP8_FUSED_MAX_M in the test environment
+    assert TK.one_launch_wins(16, 12288, 3072) and TK.one_launch_wins(1, 15360, 3072)
+    assert not TK.one_launch_wins(64, 12288, 3072)  # long K: the sequential K loop loses
+    assert TK.one_launch_wins(512, 3072, 3072) and TK.one_launch_wins(128, 3072, 12288)
+    assert not TK.one_launch_wins(1024, 3072, 3072) and not TK.one_launch_wins(256, 3072, 12288)
+
+
+def test_fused_env_row_limit_replaces_the_rule(monkeypatch) -> None:
+    monkeypatch.setattr(TK, "FUSED_MAX_M", 8)
+    assert TK.one_launch_wins(8, 12288, 3072) and not TK.one_launch_wins(9, 64, 64)
+
+
+def test_triton_fused_takes_one_launch_at_any_m(monkeypatch) -> None:
+    calls = _count_fused_calls(monkeypatch)
+    mod = _fp8()
+    mod.backend_request = "triton_fused"
+    x = torch.randn(TK.ONE_LAUNCH_MAX_MN // 32 + 1, 64).to(torch.bfloat16)
+    assert torch.allclose(mod(x).float(), mod.forward_emulation(x).float(), rtol=2e-2, atol=2e-2)
+    assert len(calls) == 1
 
 
 def test_one_launch_path_not_taken_for_dynamic_scales_or_shards(monkeypatch) -> None:
@@ -313,6 +336,6 @@ print("ok")
 """
     import os
 
-    env = {**os.environ, "TRITON_INTERPRET": "1", "DQFAST_FP8_FUSED_MAX_M": "64"}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -238,7 +238,7 @@ def fused_crossover() -> dict:
     """`triton` one launch (Fp8FusedCall) vs two launches (Triton quantize + _scaled_mm) vs BF16
     F.linear by rows: GPU time (do_bench median, ms) and eager time per call issued back to back
     (us, wall / calls: the larger of host and GPU time), plus GPU time of fused tile configs: the
-    data behind TK.FUSED_MAX_M and fp8_linear_static_config. do_bench's ms of a host-bound call is
+    data behind TK.one_launch_wins and fp8_linear_static_config. do_bench's ms of a host-bound call is
     its host time."""
     dev = torch.device("cuda")
     cfgs = [
@@ -298,7 +298,12 @@ def fused_crossover() -> dict:
             print("crossover", json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}), flush=True)
         del w
     TK.FUSED_MAX_M = lim
-    return {"rows": out, "fused_max_m": lim, "default_config_small": list(TK.fp8_linear_static_config(16))}
+    rule = {"always_m": TK.ONE_LAUNCH_ALWAYS_M, "max_k": TK.ONE_LAUNCH_MAX_K, "max_mn": TK.ONE_LAUNCH_MAX_MN, "env_max_m": lim}
+    return {
+        "rows": out,
+        "one_launch_rule": rule,
+        "configs": {f"{m}x{n}": list(TK.fp8_linear_static_config(m, n)) for m in (16, 128, 1024) for n in (3072, 12288)},
+    }
 
 
 def profile_top(fn: Callable[[], object], top: int = 12) -> list[dict]:

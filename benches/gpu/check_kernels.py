@@ -169,7 +169,7 @@ def check_fused(c: Checker, dev: torch.device) -> None:
 
 
 def check_small_m(c: Checker, dev: torch.device) -> None:
-    """`triton` at M <= TK.FUSED_MAX_M: one launch (Fp8FusedCall), first call through Triton,
+    """`triton` where TK.one_launch_wins: one launch (Fp8FusedCall), first call through Triton,
     later ones through the compiled kernel's C launcher with integer addresses; against the
     emulation and the two-launch path (quantize + _scaled_mm), 2-D, 3-D and unaligned inputs."""
     # The in-GEMM quantization's bytes: with an identity e4m3 weight (scale 1, no bias) each output
@@ -184,28 +184,31 @@ def check_small_m(c: Checker, dev: torch.device) -> None:
             x = (torch.randn(m, k, device=dev, generator=gen) * 448 * s_val * 0.4).to(torch.bfloat16)
             x[0, :8] = torch.tensor([0.0, -0.0, 1e-6, -1e-6, 448 * s_val, -448 * s_val, 1e4, -1e4], device=dev)
             y = TK.fp8_linear_static(x, eye, s, torch.ones((), device=dev), None, torch.bfloat16)
-            ref = (TK.fp8_quant_static(x, s).float() * s).to(torch.bfloat16)
+            # + 0.0: a GEMM's sum turns the -0 of e4m3(-0) and of tiny negatives into +0
+            ref = (TK.fp8_quant_static(x, s).float() * s + 0.0).to(torch.bfloat16)
             d = int((y.view(torch.int16) != ref.view(torch.int16)).sum())
             c.record(f"fp8 one-launch in-GEMM quantization bytes M={m} s={s_val:.4g}", d == 0, differing=d, of=x.numel())
-    for m, k, n in ((16, 3072, 3072), (1, 5120, 5120), (64, 3072, 12288), (TK.FUSED_MAX_M, 12288, 3072), (7, 3072, 9216)):
+    for m, k, n in ((16, 3072, 3072), (1, 5120, 5120), (64, 3072, 12288), (64, 12288, 3072), (7, 3072, 9216)):
         gen = torch.Generator(device=dev).manual_seed(m * 7 + k + n)
         lin = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
         base = (torch.randn(m * k + 8, device=dev, generator=gen) * 2).to(torch.bfloat16)
         for pc in (False, True):
             xs = {"2d": base[: m * k].view(m, k), "3d": base[: m * k].view(1, m, k), "unaligned": base[1 : 1 + m * k].view(m, k)}
-            mod = fp8_linear_from_float(lin, per_channel=pc, input_scale=float(base.float().abs().max() / 448), backend="triton")
+            mod = fp8_linear_from_float(lin, per_channel=pc, input_scale=float(base.float().abs().max() / 448), backend="triton_fused")
             for name, x in xs.items():
                 ref = mod.forward_emulation(x)
                 ys = [mod(x) for _ in range(3)]  # first through Triton, then the C launcher
                 fc = mod.__dict__.get("_fused_call", (None,))[0]
                 fast = fc is not None and fc.kernel is not None
                 lim = TK.FUSED_MAX_M
-                TK.FUSED_MAX_M = 0  # the two-launch path for comparison
+                TK.FUSED_MAX_M = 0  # `triton` then takes the two-launch path, for comparison
+                mod.backend_request = "triton"
                 try:
                     mod.__dict__.pop("_fused_call", None)
                     y2 = mod(x)
                 finally:
                     TK.FUSED_MAX_M = lim
+                    mod.backend_request = "triton_fused"
                 e, e2 = rel(ys[-1], ref), rel(ys[-1], y2)
                 same = all(torch.equal(ys[0], y) for y in ys[1:])
                 c.record(
@@ -216,6 +219,35 @@ def check_small_m(c: Checker, dev: torch.device) -> None:
                     fast_launch=fast,
                     repeat_equal=same,
                 )
+
+
+def check_compiled_w4a8(c: Checker, dev: torch.device) -> None:
+    """Nvfp4Linear W4A8 under torch.compile(fullgraph=True), the e4m3 conversion as a user-defined
+    Triton kernel in the graph and as the custom op: against the eager path and the emulation."""
+    import torch._dynamo as dynamo
+    from dqfast.runtime import linear as L
+
+    torch.manual_seed(5)
+    for m, k, n in ((333, 3072, 3072), (64, 12288, 3072)):
+        mod = nvfp4_linear_from_float(torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16), backend="w4a8")
+        x = (torch.randn(m, k, device=dev) * 2).to(torch.bfloat16)
+        _ACT_CACHE.clear()
+        eager = mod(x)
+        ref = mod.forward_w4a8_emulation(x)
+        for in_graph in (True, False):
+            L.W4A8_CONVERSION_IN_GRAPH = in_graph
+            try:
+                dynamo.reset()
+                y = torch.compile(mod, fullgraph=True)(x)
+            finally:
+                L.W4A8_CONVERSION_IN_GRAPH = True
+            e, e2 = rel(y, ref), rel(y, eager)
+            c.record(
+                f"nvfp4 w4a8 compiled (conversion in graph={in_graph}) M={m} K={k} N={n}",
+                e < 1e-2 and e2 < 5e-3,
+                rel_err=e,
+                rel_vs_eager=e2,
+            )
 
 
 def check_autotune(c: Checker, dev: torch.device, out: Path) -> None:
@@ -327,6 +359,7 @@ def main() -> int:
 
     c.guarded("fused", lambda: check_fused(c, dev))
     c.guarded("small M one launch", lambda: check_small_m(c, dev))
+    c.guarded("compiled w4a8", lambda: check_compiled_w4a8(c, dev))
     c.guarded("autotune", lambda: check_autotune(c, dev, out))
     c.guarded("cuda graph", lambda: check_graph(c, dev))
     if fi:

@@ -18,7 +18,7 @@ timeout "${CHECK_S:-240}" python3 benches/gpu/check_kernels.py --out "$R" > "$R/
 echo "check exit $?"; grep -E "^FAIL|checks:" "$R/check.log" | cut -c1-300
 timeout "${BENCH_S:-200}" python3 benches/gpu/bench_linear.py --out "$R" --no-shapes --no-stack --no-graphs --crossover > "$R/bench.log" 2>&1
 echo "bench exit $?"; grep -E "^host us" "$R/bench.log" | cut -c1-1500
-timeout "${DIT_S:-240}" python3 benches/gpu/bench_dit.py --out "$R/dit" --only "${DIT_ONLY:-bf16,nvfp4_w4a8_all,fp8_triton_static_all,bf16_compiled,nvfp4_w4a8_all_compiled}" > "$R/dit.log" 2>&1
+timeout "${DIT_S:-240}" python3 benches/gpu/bench_dit.py --out "$R/dit" --only "${DIT_ONLY:-bf16,nvfp4_w4a8_all,fp8_triton_static_all,bf16_repeat,bf16_compiled,nvfp4_w4a8_all_compiled,nvfp4_w4a8_all_compiled_custom_op}" > "$R/dit.log" 2>&1
 echo "dit exit $?"; tail -15 "$R/dit/dit.md" 2>/dev/null
 [ -n "${OUT:-}" ] && tar -czf "$OUT/run8.tgz" -C "$R" .
 exit 0

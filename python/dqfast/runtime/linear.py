@@ -174,6 +174,10 @@ def _(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tens
     return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=torch.float8_e4m3fn)
 
 
+# Nvfp4Linear.forward_traceable's NVFP4 -> e4m3 conversion on a GPU: the Triton kernel inside the
+# compiled graph (True) or the opaque custom op above (False; what run 4 measured).
+W4A8_CONVERSION_IN_GRAPH = True
+
 _ENV_DATA = getattr(os.environ, "_data", None)  # CPython's live bytes-keyed dict behind os.environ
 
 
@@ -450,14 +454,15 @@ class Fp8Linear(nn.Module):
         memo[(bucket, out_dtype, measure)] = choice
         return choice
 
-    def _fused_applies(self, x: torch.Tensor) -> bool:
-        """`triton` at small M takes the one-launch kernel (triton_kernels.FUSED_MAX_M rows): static
-        input scale, one shard, an input and weight the kernel takes."""
+    def _fused_applies(self, x: torch.Tensor, any_m: bool = False) -> bool:
+        """`triton` takes the one-launch kernel where it wins (triton_kernels.one_launch_wins: few
+        rows), `triton_fused` (any_m) always: static input scale, one shard, an input and weight
+        the kernel takes."""
         if self.input_scale is None or self.shard_sizes or not _has_module("triton"):
             return False
         from . import triton_kernels as TK
 
-        return TK.Fp8FusedCall.applicable(x, self.weight) and self.weight_scale.dtype == torch.float32
+        return TK.Fp8FusedCall.applicable(x, self.weight, any_m) and self.weight_scale.dtype == torch.float32
 
     def _make_fused_call(self, x: torch.Tensor, out_dtype: torch.dtype):
         from . import triton_kernels as TK
@@ -492,7 +497,7 @@ class Fp8Linear(nn.Module):
             return self.forward_emulation(x)
         if backend == "compile":
             return self.forward_traceable(x)
-        if backend == "triton" and self._fused_applies(x):
+        if (backend == "triton" or backend == "triton_fused") and self._fused_applies(x, backend == "triton_fused"):
             return self._make_fused_call(x, out_dtype)(x)
         y = self._run(x2d, out_dtype, backend, _share_act_quant())
         if y.dtype != x.dtype:
@@ -665,9 +670,17 @@ class Nvfp4Linear(nn.Module):
         if (self.backend_request or "auto") in ("w4a8", "auto"):
             inv = Q.nvfp4_e4m3_inv_row_scale(self.weight_scale)
             ws = (self.weight_scale_2.float().reshape(-1) / inv).reshape(1, -1).expand(1, self.out_features).contiguous()
-            # An opaque op: Inductor's own code for the unpack + lookup + scale + cast is several
-            # times slower than the Triton kernel (measured on the whole FLUX model).
-            w8 = torch.ops.dqfast.nvfp4_to_e4m3(self.weight, self.weight_scale, inv)
+            # Our Triton kernel, not Inductor's own code for the unpack + lookup + scale + cast
+            # (several times slower, measured on the whole FLUX model): on a GPU as a user-defined
+            # Triton kernel inside the graph (launched by Inductor's code: less host time per
+            # call than the custom op, whose Python dispatch made the compiled model host-bound;
+            # W4A8_CONVERSION_IN_GRAPH = False takes the custom op), elsewhere the custom op.
+            if W4A8_CONVERSION_IN_GRAPH and x.is_cuda and _has_module("triton"):
+                from . import triton_kernels as TK
+
+                w8 = TK.nvfp4_to_e4m3_in_graph(self.weight, self.weight_scale, inv)
+            else:
+                w8 = torch.ops.dqfast.nvfp4_to_e4m3(self.weight, self.weight_scale, inv)
             xs = Q.per_token_scale(x2d)
             xq = Q.quantize_fp8(x2d, xs)
             bias = self.bias.to(torch.bfloat16) if self.bias is not None else None

@@ -473,6 +473,31 @@ def _to_e4m3_tile(
     tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + ko[None, :], w.to(tl.float8e4nv), mask=mask_n[:, None])
 
 
+def nvfp4_to_e4m3_in_graph(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor) -> torch.Tensor:
+    """`nvfp4_to_e4m3` for torch.compile: the kernel launched through Triton's `kernel[grid]`,
+    which Dynamo records as a user-defined Triton kernel, so Inductor's generated code launches it
+    (no custom-op dispatch in Python per call, no Python launcher cache to trace)."""
+    n, kh = packed.shape
+    k = kh * 2
+    block_k = _fit_block_k(k, 128)
+    out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=packed.device)
+    _nvfp4_to_e4m3_kernel[(triton.cdiv(n, 64), k // block_k)](
+        packed,
+        block_scale,
+        inv_row_scale,
+        out,
+        n,
+        k,
+        packed.stride(0),
+        block_scale.stride(0),
+        out.stride(0),
+        BLOCK_N=64,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return out
+
+
 @triton.jit
 def _nvfp4_to_e4m3_kernel(
     w_ptr,
@@ -660,26 +685,37 @@ _FP8_LINEAR = _Launcher(_fp8_linear_static_kernel)
 _FP8_FUSED_ENV = os.environ.get("DQFAST_FP8_FUSED_CONFIG")  # read at import: this sits on the per-call path
 
 
-def fp8_linear_static_config(m: int) -> tuple[int, int, int, int, int]:
+def fp8_linear_static_config(m: int, n: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by rows; DQFAST_FP8_FUSED_CONFIG
     ("bm,bn,bk,warps,stages", read when the module is imported) overrides."""
     if _FP8_FUSED_ENV:
         bm, bn, bk, nw, ns = (int(v) for v in _FP8_FUSED_ENV.split(","))
         return bm, bn, bk, nw, ns
-    # Few rows: BLOCK_M near M (padded rows are quantized and multiplied too), many N tiles.
-    if m <= 16:
-        return 16, 64, 128, 4, 4
-    if m <= 32:
-        return 32, 64, 128, 4, 4
-    if m <= 64:
-        return 64, 64, 128, 4, 4
-    return 128, 128, 128, 8, 3
+    # Measured on the H200 (run 8 "crossover", 9 configs x 18 shapes): few rows and narrow N want
+    # BLOCK_M = 16 (padded rows are quantized and multiplied too) with a long K step; the rest
+    # 64 x 128 tiles.
+    if m <= 16 or (m <= 128 and n <= 4096):
+        return 16, 64, 256, 4, 3
+    return 64, 128, 128, 4, 3
 
 
-# Rows up to which Fp8Linear's `triton` back end takes the one-launch kernel (static scales): at
-# such sizes an eager call is bound by host time, ~15-25 us per launch on the H200 machine
-# (docs/runtime.md). Read at import, like DQFAST_FP8_FUSED_CONFIG.
-FUSED_MAX_M = int(os.environ.get("DQFAST_FP8_FUSED_MAX_M", "64"))
+# When Fp8Linear's `triton` back end takes the one-launch kernel (static scales) instead of
+# quantize + _scaled_mm: where the kernel's GPU time stays under the host time of the second
+# launch (~15-25 us per launch on the H200 machine), i.e. few rows, and a K short enough that the
+# few programs' sequential K loop stays short (run 8 "crossover": at M = 64 and K = 12288 it
+# already loses). DQFAST_FP8_FUSED_MAX_M=<rows> replaces the rule by a row limit (read at import).
+ONE_LAUNCH_ALWAYS_M = 16
+ONE_LAUNCH_MAX_K = 4096
+ONE_LAUNCH_MAX_MN = 1_600_000
+_FUSED_ENV = os.environ.get("DQFAST_FP8_FUSED_MAX_M")
+FUSED_MAX_M: int | None = int(_FUSED_ENV) if _FUSED_ENV else None
+
+
+def one_launch_wins(m: int, k: int, n: int) -> bool:
+    """Whether an eager [m, k] x [k, n] FP8 Linear should take the one-launch kernel."""
+    if FUSED_MAX_M is not None:
+        return m <= FUSED_MAX_M
+    return m <= ONE_LAUNCH_ALWAYS_M or (k <= ONE_LAUNCH_MAX_K and m * n <= ONE_LAUNCH_MAX_MN)
 
 
 def fp8_linear_static(
@@ -695,7 +731,7 @@ def fp8_linear_static(
     0-dim, weight_scale float32 0-dim or [N]; K must be a multiple of 32."""
     m, k = x2d.shape
     n = weight.shape[0]
-    bm, bn, bk, nw, ns = config or fp8_linear_static_config(m)
+    bm, bn, bk, nw, ns = config or fp8_linear_static_config(m, n)
     bk = _fit_block_k(k, bk)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
@@ -786,7 +822,7 @@ class Fp8FusedCall:
         k = x.shape[-1]
         m = x.numel() // k
         n = weight.shape[0]
-        bm, bn, bk, nw, ns = fp8_linear_static_config(m)
+        bm, bn, bk, nw, ns = fp8_linear_static_config(m, n)
         bk = _fit_block_k(k, bk)
         self.cfg = (bm, bn, bk, nw, ns)
         self.x_shape, self.x_dtype, self.dev = x.shape, x.dtype, x.get_device()
@@ -800,17 +836,19 @@ class Fp8FusedCall:
         self.kernel = None
 
     @staticmethod
-    def applicable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Inputs the fused kernel takes: on a GPU (or the interpreter), bf16/fp16, contiguous, K a
-        multiple of 32, 1..FUSED_MAX_M rows."""
+    def applicable(x: torch.Tensor, weight: torch.Tensor, any_m: bool = False) -> bool:
+        """Inputs the fused kernel takes (on a GPU or the interpreter, bf16/fp16, contiguous, K a
+        multiple of 32, at least one row) and, unless any_m, where it wins (one_launch_wins)."""
         k = x.shape[-1]
+        m = x.numel() // max(k, 1)
         return (
             x.dtype in (torch.bfloat16, torch.float16)
             and (x.is_cuda or _INTERPRET)
             and x.is_contiguous()
             and k % 32 == 0
-            and 0 < x.numel() // max(k, 1) <= FUSED_MAX_M
+            and m > 0
             and weight.is_contiguous()
+            and (any_m or one_launch_wins(m, k, weight.shape[0]))
         )
 
     def matches(
