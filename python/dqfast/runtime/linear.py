@@ -177,6 +177,8 @@ def _(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tens
 # Nvfp4Linear.forward_traceable's NVFP4 -> e4m3 conversion on a GPU: the Triton kernel inside the
 # compiled graph (True) or the opaque custom op above (False; what run 4 measured).
 W4A8_CONVERSION_IN_GRAPH = True
+# Read once: Dynamo cannot trace importlib's find_spec (a graph break inside forward_traceable).
+_TRITON_INSTALLED = _has_module("triton")
 
 _ENV_DATA = getattr(os.environ, "_data", None)  # CPython's live bytes-keyed dict behind os.environ
 
@@ -290,10 +292,10 @@ class Fp8Linear(nn.Module):
             w = self.weight[rows]
             ws = self.weight_scale[rows] if self.weight_scale.dim() == 1 else self.weight_scale
             if self.input_scale is None:
-                xs = (x2d.float().abs().amax(dim=1, keepdim=True) / 448.0).clamp(min=1e-12)
+                xs = (x2d.float().abs().amax(dim=1, keepdim=True) / Q.E4M3_MAX).clamp(min=Q.MIN_AMAX)
             else:
                 xs = self.input_scale[i] if self.input_scale.dim() == 1 else self.input_scale
-            xq = (x2d.float() / xs).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            xq = (x2d.float() / xs).clamp(-Q.E4M3_MAX, Q.E4M3_MAX).to(torch.float8_e4m3fn)
             if xs.numel() > 1 or ws.numel() > 1:
                 sa = xs.reshape(-1, 1).expand(x2d.shape[0], 1).contiguous().float()
                 sb = ws.float().reshape(1, -1).expand(1, w.shape[0]).contiguous()
@@ -675,7 +677,7 @@ class Nvfp4Linear(nn.Module):
             # Triton kernel inside the graph (launched by Inductor's code: less host time per
             # call than the custom op, whose Python dispatch made the compiled model host-bound;
             # W4A8_CONVERSION_IN_GRAPH = False takes the custom op), elsewhere the custom op.
-            if W4A8_CONVERSION_IN_GRAPH and x.is_cuda and _has_module("triton"):
+            if W4A8_CONVERSION_IN_GRAPH and x.is_cuda and _TRITON_INSTALLED:
                 from . import triton_kernels as TK
 
                 w8 = TK.nvfp4_to_e4m3_in_graph(self.weight, self.weight_scale, inv)

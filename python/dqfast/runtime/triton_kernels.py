@@ -25,8 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-E4M3_MAX = tl.constexpr(448.0)
-MIN_AMAX = tl.constexpr(1e-12)
+from . import quant as Q
+
+E4M3_MAX = tl.constexpr(Q.E4M3_MAX)
+MIN_AMAX = tl.constexpr(Q.MIN_AMAX)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
