@@ -607,15 +607,23 @@ class Nvfp4Linear(nn.Module):
     def w4a8_weight_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inv_row_scale [N], per-channel FP8 weight scale [1, N]) of the W4A8 path, cached per
         version of the block and global scales (no host sync)."""
-        sb, gs = self.weight_scale, self.weight_scale_2
-        key = (sb.data_ptr(), _ver(sb), gs.data_ptr(), _ver(gs))
+        plan = self._w4a8_plan()
+        return plan[1], plan[2]
+
+    def _w4a8_plan(self) -> tuple:
+        """(key, inv_row_scale, FP8 weight scale, bf16 bias or None), rebuilt when the block or
+        global scales or the bias are replaced or edited in place (module dicts read directly:
+        nn.Module.__getattr__ costs host time per name)."""
+        bufs = self._buffers
+        sb, gs, b = bufs["weight_scale"], bufs["weight_scale_2"], self._parameters.get("bias")
+        key = (sb.data_ptr(), _ver(sb), gs.data_ptr(), _ver(gs), None if b is None else (b.data_ptr(), _ver(b)))
         cached = self.__dict__.get("_w4a8_scale")
         if cached is None or cached[0] != key:
             inv = Q.nvfp4_e4m3_inv_row_scale(sb)
             ws = (gs.float().reshape(-1) / inv).reshape(1, -1).expand(1, self.out_features).contiguous()
-            cached = (key, inv, ws)
+            cached = (key, inv, ws, None if b is None else b.to(torch.bfloat16))
             self.__dict__["_w4a8_scale"] = cached
-        return cached[1], cached[2]
+        return cached
 
     def forward_w4a8_emulation(self, x: torch.Tensor) -> torch.Tensor:
         """CPU reference of the W4A8 path: e4m3 weight from quant.nvfp4_to_e4m3, per-token e4m3
@@ -631,20 +639,25 @@ class Nvfp4Linear(nn.Module):
     def _forward_w4a8(self, x2d: torch.Tensor) -> torch.Tensor:
         from . import triton_kernels as TK
 
-        inv, ws = self.w4a8_weight_scale()
+        _, inv, ws, bias = self._w4a8_plan()
+        packed, sb = self._buffers["weight"], self._buffers["weight_scale"]
         # Per-token FP8 activations, quantized once for sibling layers fed the same tensor (the
         # same cache and numerics as Fp8Linear's per-token path); the e4m3 weight is transient,
-        # one layer call. Both in one launch when the activation is not cached.
+        # one layer call. Both in one launch when the activation is not cached, through a call
+        # object cached per input signature (TK.W4a8PrepareCall).
         share = _share_act_quant()
         hit = _ACT_CACHE.get(x2d, ("tok",)) if share else None
         if hit is None:
-            w8, xq, xs = TK.w4a8_prepare(self.weight, self.weight_scale, inv, x2d)
+            prep = self.__dict__.get("_w4a8_prep")
+            if prep is None or not prep.matches(x2d, packed, sb, inv):
+                prep = TK.W4a8PrepareCall(packed, sb, inv, x2d) if TK.W4a8PrepareCall.applicable(x2d) else None
+                self.__dict__["_w4a8_prep"] = prep
+            w8, xq, xs = prep(x2d, packed, sb, inv) if prep is not None else TK.w4a8_prepare(packed, sb, inv, x2d)
             if share:
                 _ACT_CACHE.put(x2d, ("tok",), (xq, xs))
         else:
-            w8 = TK.nvfp4_to_e4m3(self.weight, self.weight_scale, inv)
+            w8 = TK.nvfp4_to_e4m3(packed, sb, inv)
             xq, xs = hit
-        bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
         return torch._scaled_mm(xq, w8.t(), scale_a=xs, scale_b=ws, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
 
     def _forward_flashinfer(self, x2d: torch.Tensor) -> torch.Tensor:

@@ -627,6 +627,95 @@ def w4a8_prepare(
     return out, q, qs
 
 
+class W4a8PrepareCall:
+    """`w4a8_prepare` for one weight (packed codes, block scales, inverse row scales: their
+    addresses) and one activation signature (shape, dtype, device, 16-byte alignment), with the
+    launch arguments worked out once (as Fp8FusedCall): per call three allocations and one C launch."""
+
+    __slots__ = ("x_shape", "x_dtype", "dev", "aligned", "ptrs", "ints", "meta", "grid0", "n", "k", "kernel", "launch_kw")
+
+    def __init__(self, packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor, x2d: torch.Tensor) -> None:
+        n, kh = packed.shape
+        k = kh * 2
+        m = x2d.shape[0]
+        block_k = _fit_block_k(k, 128)
+        k_tiles = k // block_k
+        w_programs = (n + 63) // 64 * k_tiles
+        row_block, one_pass = _row_block(k)
+        self.x_shape, self.x_dtype, self.dev = x2d.shape, x2d.dtype, x2d.get_device()
+        self.aligned = x2d.data_ptr() % 16 == 0
+        self.ptrs = (packed.data_ptr(), block_scale.data_ptr(), inv_row_scale.data_ptr())
+        self.n, self.k = n, k
+        # runtime ints after the 7 pointers: N, K, strides (weight, scales, e4m3 weight, x, q), W_PROGRAMS, K_TILES
+        self.ints = (n, k, packed.stride(0), block_scale.stride(0), k, x2d.stride(0), k, w_programs, k_tiles)
+        self.meta = (64, block_k, row_block, one_pass)
+        self.launch_kw = {
+            "BLOCK_N": 64,
+            "BLOCK_K": block_k,
+            "ROW_BLOCK": row_block,
+            "ONE_PASS": one_pass,
+            "num_warps": 4 if row_block <= 4096 else 8,
+        }
+        self.grid0 = w_programs + m
+        self.kernel = None
+
+    @staticmethod
+    def applicable(x2d: torch.Tensor) -> bool:
+        """On a GPU (or the interpreter), rows with unit stride along K, at least one row."""
+        return (x2d.is_cuda or _INTERPRET) and x2d.dim() == 2 and x2d.stride(1) == 1 and x2d.shape[0] > 0
+
+    def matches(self, x2d: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor) -> bool:
+        return (
+            x2d.shape == self.x_shape
+            and x2d.dtype == self.x_dtype
+            and x2d.get_device() == self.dev
+            and x2d.stride(1) == 1
+            and x2d.stride(0) == self.ints[5]
+            and (not self.aligned or x2d.data_ptr() % 16 == 0)
+            and packed.data_ptr() == self.ptrs[0]
+            and block_scale.data_ptr() == self.ptrs[1]
+            and inv_row_scale.data_ptr() == self.ptrs[2]
+        )
+
+    def __call__(
+        self, x2d: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = x2d.device
+        m = self.x_shape[0]
+        out = torch.empty((self.n, self.k), dtype=torch.float8_e4m3fn, device=dev)
+        q = torch.empty((m, self.k), dtype=torch.float8_e4m3fn, device=dev)
+        qs = torch.empty((m, 1), dtype=torch.float32, device=dev)
+        kernel = self.kernel
+        if kernel is None or not _hooks_idle():
+            i = self.ints
+            k = _w4a8_prepare_kernel[(self.grid0,)](packed, block_scale, inv_row_scale, out, x2d, q, qs, *i, **self.launch_kw)
+            if kernel is None and _RUNTIME_KNOBS is not None and not _INTERPRET and k is not None and hasattr(k, "packed_metadata"):
+                self.kernel = k
+            return out, q, qs
+        p = self.ptrs
+        kernel.run(
+            self.grid0,
+            1,
+            1,
+            torch._C._cuda_getCurrentRawStream(self.dev),
+            kernel.function,
+            kernel.packed_metadata,
+            None,
+            None,
+            None,
+            p[0],
+            p[1],
+            p[2],
+            out.data_ptr(),
+            x2d.data_ptr(),
+            q.data_ptr(),
+            qs.data_ptr(),
+            *self.ints,
+            *self.meta,
+        )
+        return out, q, qs
+
+
 @triton.jit
 def _fp8_linear_static_kernel(
     x_ptr,
