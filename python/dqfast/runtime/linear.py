@@ -7,9 +7,12 @@ Back ends (env vars override the automatic choice; an explicit constructor argum
                shape were tuned, else `triton` on SM89+ (else `scaled_mm`, else emulation)
     autotune:  like auto, but times every runnable back end on a shape's first call and caches it
     scaled_mm: eager torch activation quantization + torch._scaled_mm (cuBLASLt/CUTLASS, SM89+)
-    triton:    fused Triton activation quantization + torch._scaled_mm (bias in the GEMM epilogue)
+    triton:    fused Triton activation quantization + torch._scaled_mm (bias in the GEMM epilogue);
+               with a static input scale and few rows (triton_kernels.one_launch_wins) the
+               one-launch kernel of triton_fused instead
     triton_fused: one Triton kernel quantizes the activation tiles in registers and runs the FP8
-               GEMM + scale + bias epilogue: one launch per call (static input scales only)
+               GEMM + scale + bias epilogue: one launch per call (static input scales only), through
+               a call object cached per input signature (triton_kernels.Fp8FusedCall)
     compile:   plain torch ops + torch._scaled_mm, for torch.compile to fuse (also taken
                automatically whenever the module is being compiled)
     flashinfer*: Triton activation quantization + a FlashInfer FP8 GEMM (static per-tensor
@@ -24,7 +27,8 @@ Back ends (env vars override the automatic choice; an explicit constructor argum
                 rows the fused Triton dequant-GEMM (triton_fused), from there on a Triton
                 dequantize into a transient bf16 weight + cuBLAS GEMM (triton_dequant)
     w4a8:       SM89+: NVFP4 weight -> transient e4m3 weight (Triton, per-channel scale), per-token
-                FP8 activations, row-wise-scaled torch._scaled_mm (FP8 tensor cores)
+                FP8 activations (both in one launch unless a sibling quantized the activation),
+                row-wise-scaled torch._scaled_mm (FP8 tensor cores)
     flashinfer: flashinfer.mm_fp4 (SM100+, W4A4)
     emulation:  dequantize + float32 matmul, W4A4 activation fake-quant (CPU reference)
 """
