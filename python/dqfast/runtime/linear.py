@@ -39,6 +39,7 @@ import functools
 import importlib.util
 import os
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -184,6 +185,13 @@ W4A8_CONVERSION_IN_GRAPH = True
 # Read once: Dynamo cannot trace importlib's find_spec (a graph break inside forward_traceable).
 _TRITON_INSTALLED = _has_module("triton")
 
+
+def _bufs(mod: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's buffer dict, read directly (nn.Module.__getattr__ costs host time per name);
+    typed without torch's `| None` (the runtime's layers register no None buffers)."""
+    return cast("dict[str, torch.Tensor]", mod._buffers)
+
+
 _ENV_DATA = getattr(os.environ, "_data", None)  # CPython's live bytes-keyed dict behind os.environ
 
 
@@ -221,6 +229,12 @@ class Fp8Linear(nn.Module):
     `shard_sizes` for fused layers whose shards were calibrated separately, or None for
     dynamic per-token scales (amax_row / 448).
     """
+
+    # Registered buffers / parameter (nn.Module.__getattr__ would type them `Tensor | Module`).
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
+    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -316,7 +330,7 @@ class Fp8Linear(nn.Module):
     def _resolved_backend(self) -> str:
         # Resolved once per (request, env value): the env var is re-read (cheap) so switching it
         # between calls still works, but the capability query is not repeated.
-        key = (self.backend_request, _env_raw("DQFAST_FP8_GEMM_BACKEND"), self._buffers["weight"].device)
+        key = (self.backend_request, _env_raw("DQFAST_FP8_GEMM_BACKEND"), _bufs(self)["weight"].device)
         cached = self.__dict__.get("_backend_cache")
         if cached is None or cached[0] != key:
             choice = resolve_fp8_backend(self.backend_request, self.weight.device)
@@ -332,7 +346,7 @@ class Fp8Linear(nn.Module):
         shapes, cast bias, host copy of the static scale), rebuilt when any of them changes."""
         # Read from the module's dicts directly (nn.Module.__getattr__ costs ~1 us per name);
         # a replaced tensor changes its id, an in-place edit (load_state_dict, copy_) its version.
-        bufs = self._buffers
+        bufs = _bufs(self)
         w, ws = bufs["weight"], bufs["weight_scale"]
         ins = bufs["input_scale"] if "input_scale" in bufs else self.__dict__.get("input_scale")
         b = self._parameters.get("bias")
@@ -361,14 +375,15 @@ class Fp8Linear(nn.Module):
             return self._scaled_mm_call(xq, sh.wt, sh.sa, sh.sb, sh.bias, plan.out_dtype)
         from . import flashinfer_gemm as FI
 
-        if not plan.flashinfer_ok:
+        s_a, s_b, alpha = sh.sa, sh.sb, sh.alpha
+        if not plan.flashinfer_ok or s_a is None or s_b is None or alpha is None:
             raise NotImplementedError(f"{backend}: FlashInfer FP8 GEMMs take static per-tensor scales and no shards")
         if backend == "flashinfer_cutlass":
-            return FI.gemm_cutlass(xq, sh.w3, sh.alpha, sh.bias, plan.out_dtype, _capability(xq.device))
+            return FI.gemm_cutlass(xq, sh.w3, alpha, sh.bias, plan.out_dtype, _capability(xq.device))
         if backend == "flashinfer_cudnn":
-            y = FI.bmm_fp8(xq, sh.wt3, sh.sa, sh.sb, plan.out_dtype, "cudnn")
+            y = FI.bmm_fp8(xq, sh.wt3, s_a, s_b, plan.out_dtype, "cudnn")
         else:  # "flashinfer" or "flashinfer@<cuBLASLt algorithm index>" (chosen by autotune)
-            y = FI.bmm_fp8(xq, sh.wt3, sh.sa, sh.sb, plan.out_dtype, "cublas", int(backend[11:]) if backend[10:11] == "@" else -1)
+            y = FI.bmm_fp8(xq, sh.wt3, s_a, s_b, plan.out_dtype, "cublas", int(backend[11:]) if backend[10:11] == "@" else -1)
         return y.add_(sh.bias) if sh.bias is not None else y
 
     def _scaled_mm_call(self, xq, wt, sa, sb, bias, out_dtype):
@@ -434,10 +449,12 @@ class Fp8Linear(nn.Module):
             from . import flashinfer_gemm as FI
 
             sh = self._plan(out_dtype).shards[0]
-            try:
-                n_algos = FI.cublas_tactics(x2d.shape[0], sh.wt3, sh.sa, sh.sb, out_dtype)
-            except Exception:
-                n_algos = 0
+            n_algos = 0
+            if sh.sa is not None and sh.sb is not None:  # static per-tensor: fp8_candidates checked it
+                try:
+                    n_algos = FI.cublas_tactics(x2d.shape[0], sh.wt3, sh.sa, sh.sb, out_dtype)
+                except Exception:
+                    n_algos = 0
             cands = cands + tuple(f"flashinfer@{i}" for i in range(n_algos))
         default = _fp8_default(dev)
         if not cands:
@@ -473,7 +490,7 @@ class Fp8Linear(nn.Module):
     def _make_fused_call(self, x: torch.Tensor, out_dtype: torch.dtype):
         from . import triton_kernels as TK
 
-        bufs = self._buffers
+        bufs = _bufs(self)
         fc = TK.Fp8FusedCall(x, bufs["weight"], bufs["input_scale"], bufs["weight_scale"], self._parameters.get("bias"), out_dtype)
         self.__dict__["_fused_call"] = (fc, self.backend_request, _env_raw("DQFAST_FP8_GEMM_BACKEND"))
         return fc
@@ -487,7 +504,7 @@ class Fp8Linear(nn.Module):
             # The one-launch path at small M (`triton`, static scales): taken while the input
             # signature, the module's tensors and the back-end request are those it was made for.
             fc, request, env = fast
-            bufs = self._buffers
+            bufs = _bufs(self)
             if (
                 self.backend_request == request
                 and _env_raw("DQFAST_FP8_GEMM_BACKEND") == env
@@ -526,7 +543,7 @@ class _Fp8Shard:
         self.rowwise = ws.numel() > 1
         self.sb = ws.reshape(()) if not self.rowwise else None
         self.sb_row = ws.reshape(1, -1).expand(1, rows.stop - rows.start).contiguous()
-        self.ws_flat = self.sb_row.reshape(-1) if self.rowwise else self.sb
+        self.ws_flat = ws.reshape(-1) if self.rowwise else ws.reshape(())
         sa = None
         if mod.input_scale is not None:
             sa = (mod.input_scale[idx] if mod.input_scale.dim() == 1 else mod.input_scale).float().reshape(())
@@ -554,6 +571,13 @@ class _Fp8Plan:
 class Nvfp4Linear(nn.Module):
     """y = x @ W^T with W packed E2M1 [N, K/2], e4m3 block scales [N, K/16] and a float32
     global weight_scale_2 (0-dim, or [N] for fused shards with different global scales)."""
+
+    # Registered buffers / parameter (nn.Module.__getattr__ would type them `Tensor | Module`).
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_scale_2: torch.Tensor
+    input_scale: torch.Tensor
+    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -618,7 +642,7 @@ class Nvfp4Linear(nn.Module):
         """(key, inv_row_scale, FP8 weight scale, bf16 bias or None), rebuilt when the block or
         global scales or the bias are replaced or edited in place (module dicts read directly:
         nn.Module.__getattr__ costs host time per name)."""
-        bufs = self._buffers
+        bufs = _bufs(self)
         sb, gs, b = bufs["weight_scale"], bufs["weight_scale_2"], self._parameters.get("bias")
         key = (sb.data_ptr(), _ver(sb), gs.data_ptr(), _ver(gs), None if b is None else (b.data_ptr(), _ver(b)))
         cached = self.__dict__.get("_w4a8_scale")
@@ -644,7 +668,8 @@ class Nvfp4Linear(nn.Module):
         from . import triton_kernels as TK
 
         _, inv, ws, bias = self._w4a8_plan()
-        packed, sb = self._buffers["weight"], self._buffers["weight_scale"]
+        bufs = _bufs(self)
+        packed, sb = bufs["weight"], bufs["weight_scale"]
         # Per-token FP8 activations, quantized once for sibling layers fed the same tensor (the
         # same cache and numerics as Fp8Linear's per-token path); the e4m3 weight is transient,
         # one layer call. Both in one launch when the activation is not cached, through a call
@@ -714,7 +739,7 @@ class Nvfp4Linear(nn.Module):
         if torch.compiler.is_compiling():
             return self.forward_traceable(x) if x.is_cuda else self.forward_emulation(x)
         # Resolved once per (request, env value, device): the capability query costs host time.
-        key = (self.backend_request, _env_raw("DQFAST_FP4_GEMM_BACKEND"), self._buffers["weight"].device)
+        key = (self.backend_request, _env_raw("DQFAST_FP4_GEMM_BACKEND"), _bufs(self)["weight"].device)
         cached = self.__dict__.get("_backend_cache")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_backend_cache"] = (key, self.backend)
@@ -772,9 +797,9 @@ def fp8_linear_from_float(
     q, s = Q.fp8_quantize_weight(linear.weight.detach(), per_channel=per_channel)
     mod.weight.copy_(q)
     mod.weight_scale.copy_(s)
-    if input_scale is not None:
+    if input_scale is not None and mod.input_scale is not None:  # built with static_input_scale
         mod.input_scale.copy_(torch.as_tensor(input_scale, dtype=torch.float32))
-    if linear.bias is not None:
+    if linear.bias is not None and mod.bias is not None:  # built with bias=linear.bias is not None
         mod.bias.data.copy_(linear.bias.detach())
     return mod
 
@@ -792,7 +817,7 @@ def nvfp4_linear_from_float(
     mod.weight_scale.copy_(s)
     mod.weight_scale_2.copy_(gs)
     mod.input_scale.copy_(torch.as_tensor(input_scale, dtype=torch.float32))
-    if linear.bias is not None:
+    if linear.bias is not None and mod.bias is not None:  # built with bias=linear.bias is not None
         mod.bias.data.copy_(linear.bias.detach())
     return mod
 
@@ -815,8 +840,8 @@ def fuse_fp8_linears(shards: Sequence[Fp8Linear]) -> Fp8Linear:
     dtype = next((s.bias.dtype for s in shards if s.bias is not None), torch.bfloat16)
     in_scales = None
     same_in = True
-    if first.input_scale is not None:
-        in_scales = torch.stack([s.input_scale.reshape(()) for s in shards])
+    if first.input_scale is not None:  # then every shard has one (checked above)
+        in_scales = torch.stack([s.input_scale.reshape(()) for s in shards if s.input_scale is not None])
         same_in = bool((in_scales == in_scales[0]).all())
     fused = Fp8Linear(
         k,
@@ -831,9 +856,9 @@ def fuse_fp8_linears(shards: Sequence[Fp8Linear]) -> Fp8Linear:
     )
     fused.weight.copy_(torch.cat([s.weight for s in shards]))
     fused.weight_scale.copy_(torch.cat([s.weight_scale.float().expand(s.out_features) for s in shards]))
-    if in_scales is not None:
+    if in_scales is not None and fused.input_scale is not None:
         fused.input_scale.copy_(in_scales[0] if same_in else in_scales)
-    if has_bias:
+    if fused.bias is not None:  # built with bias=has_bias
         fused.bias.data.copy_(
             torch.cat(
                 [
@@ -869,7 +894,7 @@ def fuse_nvfp4_linears(shards: Sequence[Nvfp4Linear]) -> Nvfp4Linear:
     fused.weight_scale.copy_(torch.cat([s.weight_scale for s in shards]))
     fused.weight_scale_2.copy_(torch.cat([s.weight_scale_2.float().reshape(1).expand(s.out_features) for s in shards]))
     fused.input_scale.copy_(torch.stack([s.input_scale.reshape(()) for s in shards]))
-    if has_bias:
+    if fused.bias is not None:  # built with bias=has_bias
         fused.bias.data.copy_(
             torch.cat(
                 [
