@@ -3,6 +3,7 @@
 # two-launch FP8 by rows, and the whole FLUX.1-dev-sized model (NVFP4 W4A8 / FP8 / BF16, eager and
 # compiled). Needs diffusers importable (DIT_WHEELS=DIR of wheels, installed to /tmp/site).
 # Everything lands in R (default /tmp/run8) and, tarred, in $OUT/run8.tgz when OUT is set.
+# Needs python/dqfast/_core.abi3.so beside the sources (the runtime's constants come from it).
 set -uo pipefail
 R=${R:-/tmp/run8}
 mkdir -p "$R"
