@@ -114,3 +114,71 @@ def test_fp4_backend_by_capability(monkeypatch) -> None:
         assert L.resolve_fp4_backend(None, dev) == want, cap
     monkeypatch.setenv("DQFAST_FP4_GEMM_BACKEND", "triton")
     assert L.resolve_fp4_backend(None, dev) == "triton"
+
+
+def test_w4a8_prepare_is_both_kernels_in_one_launch_in_the_interpreter() -> None:
+    """The combined launch (weight tiles first, then one program per activation row) against the
+    two kernels it replaces, under TRITON_INTERPRET=1 on CPU: the same bytes, one- and two-pass
+    rows, N not a multiple of the tile. (The interpreter's own e4m3 rounding is not torch's, so
+    bytes are compared kernel against kernel here; check_kernels.py compares them with torch on a GPU.)"""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = """
+import torch
+from dqfast.runtime import triton_kernels as TK, linear as L
+torch.manual_seed(0)
+for m, k, n in ((5, 96, 80), (2, 16416, 16)):
+    mod = L.nvfp4_linear_from_float(torch.nn.Linear(k, n).to(torch.bfloat16), backend="w4a8")
+    x = (torch.randn(m, k) * 3).to(torch.bfloat16)
+    inv, _ = mod.w4a8_weight_scale()
+    w8, q, qs = TK.w4a8_prepare(mod.weight, mod.weight_scale, inv, x)
+    w8r = TK.nvfp4_to_e4m3(mod.weight, mod.weight_scale, inv)
+    qr, qsr = TK.fp8_quant_per_token(x)
+    assert torch.equal(w8.view(torch.uint8), w8r.view(torch.uint8)), (m, k, n)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(qs, qsr), (m, k, n)
+    # the module's path: a W4a8PrepareCall per input signature, then the row-wise FP8 GEMM
+    _, _, ws, bias = mod._w4a8_plan()
+    for _ in range(2):
+        y = mod(x)
+        assert isinstance(mod.__dict__["_w4a8_prep"], TK.W4a8PrepareCall)
+        ref = torch._scaled_mm(q, w8.t(), scale_a=qs, scale_b=ws, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+        assert torch.equal(y, ref), (m, k, n)
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DQFAST_SHARE_ACT_QUANT": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_w4a8_prepare_call_follows_input_and_module_changes(monkeypatch) -> None:
+    """The cached W4A8 prepare call is reused for the same input signature and weight, and rebuilt
+    for another shape and after the block scales change (new inverse row scales); the bias is
+    re-cast after an in-place edit. CPU: the launch replaced by the torch references."""
+    TK = pytest.importorskip("dqfast.runtime.triton_kernels")
+    calls: list = []
+    monkeypatch.setattr(TK, "_INTERPRET", True)
+
+    def run(self, x2d, packed, sb, inv):
+        calls.append(self)
+        xs = Q.per_token_scale(x2d)
+        return Q.nvfp4_to_e4m3(packed, sb, inv), Q.quantize_fp8(x2d, xs), xs
+
+    monkeypatch.setattr(TK.W4a8PrepareCall, "__call__", run)
+    monkeypatch.setenv("DQFAST_SHARE_ACT_QUANT", "0")
+    torch.manual_seed(0)
+    mod = L.nvfp4_linear_from_float(torch.nn.Linear(64, 32).to(torch.bfloat16), backend="w4a8")
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    close = lambda: torch.allclose(mod(x).float(), mod.forward_w4a8_emulation(x).float(), rtol=3e-2, atol=3e-2)  # noqa: E731
+    assert close() and close()
+    assert len(calls) == 2 and calls[0] is calls[1]
+    mod(torch.randn(7, 64).to(torch.bfloat16))
+    assert calls[2] is not calls[1]
+    assert close()
+    with torch.no_grad():
+        mod.weight_scale.copy_((mod.weight_scale.float() * 2).to(torch.float8_e4m3fn))
+        mod.bias.add_(1.0)
+    assert close()
+    assert calls[-1] is not calls[2]

@@ -25,7 +25,10 @@ def ensure_dqfast_importable() -> bool:
     stub.__version__ = "0+no-core"
 
     def _missing(name: str):
-        if name.startswith("__"):
+        # Dunders and constants (E4M3_MAX, ...: the runtime's format constants come from the Rust
+        # core) are not faked: carry the real extension (an abi3 build for x86-64 loads on the
+        # device's Python 3.12) when the runtime is used.
+        if name.startswith("__") or name.isupper():
             raise AttributeError(name)
 
         def fail(*_a, **_k):

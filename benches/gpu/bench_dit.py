@@ -504,6 +504,12 @@ def main() -> None:
         for m in fp4.values():
             m.backend_request = "w4a8"
         run_variant("nvfp4_w4a8_all_compiled", compiled(fp4), est_s=150)
+        # the same with the conversion as the opaque custom op (the runtime's previous default)
+        from dqfast.runtime import linear as L
+
+        L.W4A8_CONVERSION_IN_GRAPH = False
+        run_variant("nvfp4_w4a8_all_compiled_custom_op", compiled(fp4), est_s=150)
+        L.W4A8_CONVERSION_IN_GRAPH = True
     res["total_s"] = time.time() - t_start
     write_results(out, res)
     print((out / "dit.md").read_text(), flush=True)

@@ -205,18 +205,105 @@ def host_overhead() -> dict:
             res["us_per_call"][name] = measure(fn)
         except Exception as exc:
             res["us_per_call"][name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    # The two-launch path (quantize + _scaled_mm) that `triton` took at this M before the
+    # one-launch Fp8FusedCall (and still takes above TK.FUSED_MAX_M rows)
+    lim = TK.FUSED_MAX_M
+    TK.FUSED_MAX_M = 0
+    try:
+        two = make_fp8(w, 0.01, "triton", bias)
+        res["us_per_call"]["Fp8Linear triton static, two launches (quantize + _scaled_mm)"] = measure(no_share(functools.partial(two, x)))
+    finally:
+        TK.FUSED_MAX_M = lim
+    # Relative to F.linear measured in this same run (host speed differs from machine to machine)
+    base = res["us_per_call"]["F.linear"]
+    res["ratio_to_F.linear"] = {k2: round(v / base, 2) for k2, v in res["us_per_call"].items() if isinstance(v, float)}
     # The same with Triton's own launch path (the runtime's fast launcher off)
-    launchers = (TK._STATIC, TK._ROW, TK._TO_E4M3)
+    launchers = (TK._STATIC, TK._ROW, TK._TO_E4M3, TK._W4A8_PREP)
     for la in launchers:
         la.enabled = False
+    TK.FUSED_MAX_M = 0
     try:
         res["us_per_call"]["Triton static quant alone (Triton launch)"] = measure(functools.partial(TK.fp8_quant_static, x, s1))
-        res["us_per_call"]["Fp8Linear triton static (Triton launch)"] = measure(no_share(functools.partial(f8["triton"], x)))
+        res["us_per_call"]["Fp8Linear triton static, two launches (Triton launch)"] = measure(no_share(functools.partial(two, x)))
+        res["us_per_call"]["Nvfp4Linear w4a8 (Triton launch)"] = measure(no_share(functools.partial(f4, x)))
     finally:
+        TK.FUSED_MAX_M = lim
         for la in launchers:
             la.enabled = True
     print("host us/call", json.dumps({k2: round(v, 1) if isinstance(v, float) else v for k2, v in res["us_per_call"].items()}), flush=True)
     return res
+
+
+def fused_crossover() -> dict:
+    """`triton` one launch (Fp8FusedCall) vs two launches (Triton quantize + _scaled_mm) vs BF16
+    F.linear by rows: GPU time (do_bench median, ms) and eager time per call issued back to back
+    (us, wall / calls: the larger of host and GPU time), plus GPU time of fused tile configs: the
+    data behind TK.one_launch_wins and fp8_linear_static_config. do_bench's ms of a host-bound call is
+    its host time."""
+    dev = torch.device("cuda")
+    cfgs = [
+        (16, 32, 128, 4, 4),
+        (16, 64, 128, 4, 4),
+        (16, 64, 256, 4, 3),
+        (16, 128, 128, 4, 4),
+        (32, 64, 128, 4, 4),
+        (32, 128, 128, 4, 4),
+        (64, 64, 128, 4, 4),
+        (64, 128, 128, 4, 3),
+        (128, 128, 128, 8, 3),
+    ]
+    out: list[dict] = []
+
+    def wall_us(fn: Callable[[], object], calls: int = 200) -> float:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        vals = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            vals.append((time.perf_counter() - t0) / calls * 1e6)
+        return statistics.median(vals)
+
+    lim = TK.FUSED_MAX_M
+    for k, n in ((3072, 3072), (3072, 12288), (12288, 3072)):
+        w = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
+        bias = (torch.randn(n, device=dev) * 0.1).to(torch.bfloat16)
+        for m in (16, 64, 128, 256, 512, 1024):
+            x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+            row: dict = {"M": m, "K": k, "N": n}
+            row["bf16_ms"] = bench(functools.partial(F.linear, x, w, bias))
+            row["bf16_eager_us"] = wall_us(functools.partial(F.linear, x, w, bias))
+            TK.FUSED_MAX_M = 1 << 30
+            one = make_fp8(w, 0.01, "triton", bias)
+            row["one_launch_ms"] = bench(functools.partial(one, x))
+            row["one_launch_eager_us"] = wall_us(functools.partial(one, x))
+            TK.FUSED_MAX_M = 0
+            two = make_fp8(w, 0.01, "triton", bias)
+            row["two_launch_ms"] = bench(no_share(functools.partial(two, x)))
+            row["two_launch_eager_us"] = wall_us(no_share(functools.partial(two, x)))
+            TK.FUSED_MAX_M = lim
+            for cfg in cfgs:
+                try:
+                    row[f"cfg{','.join(map(str, cfg))}_ms"] = bench(
+                        functools.partial(
+                            TK.fp8_linear_static, x, one.weight, one.input_scale, one.weight_scale, one.bias, torch.bfloat16, cfg
+                        )
+                    )
+                except Exception as exc:
+                    row[f"cfg{','.join(map(str, cfg))}_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            out.append(row)
+            print("crossover", json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}), flush=True)
+        del w
+    TK.FUSED_MAX_M = lim
+    rule = {"always_m": TK.ONE_LAUNCH_ALWAYS_M, "max_k": TK.ONE_LAUNCH_MAX_K, "max_mn": TK.ONE_LAUNCH_MAX_MN, "env_max_m": lim}
+    return {
+        "rows": out,
+        "one_launch_rule": rule,
+        "configs": {f"{m}x{n}": list(TK.fp8_linear_static_config(m, n)) for m in (16, 128, 1024) for n in (3072, 12288)},
+    }
 
 
 def profile_top(fn: Callable[[], object], top: int = 12) -> list[dict]:
@@ -424,6 +511,7 @@ def write_md(path: Path, data: dict) -> None:
         )
     for title, key in (
         ("Host time per eager call", "host"),
+        ("One vs two launches by rows", "crossover"),
         ("CUDA graphs / torch.compile", "graphs"),
         ("FLUX.1-dev Linear stack", "flux_stack"),
     ):
@@ -439,6 +527,7 @@ def main() -> None:
     ap.add_argument("--no-shapes", action="store_true")
     ap.add_argument("--no-stack", action="store_true")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--crossover", action="store_true", help="one- vs two-launch FP8 by rows, fused tile configs")
     ap.add_argument("--graph-blocks", type=int, default=38)
     ap.add_argument("--compile-budget-s", type=float, default=240.0)
     args = ap.parse_args()
@@ -454,6 +543,7 @@ def main() -> None:
     t0 = time.time()
     for key, enabled, fn in (
         ("host", True, host_overhead),
+        ("crossover", args.crossover, fused_crossover),
         ("rows", not args.no_shapes, lambda: shape_benchmarks(data["rows"], sweep=args.sweep)),
         ("graphs", not args.no_graphs, lambda: graph_speedups(args.graph_blocks, args.compile_budget_s)),
         ("flux_stack", not args.no_stack, flux_stack),

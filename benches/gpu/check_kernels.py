@@ -121,7 +121,13 @@ def check_fp4(c: Checker, x: torch.Tensor, lin: torch.nn.Linear, tag: str) -> No
         w8r = Q.nvfp4_to_e4m3(mod.weight, mod.weight_scale, inv)
         d = int((w8.view(torch.uint8) != w8r.view(torch.uint8)).sum())
         c.record(f"nvfp4_to_e4m3 {call} {tag}", d == 0, differing_bytes=d)
+    qr, qsr = TK.fp8_quant_per_token(x)
+    for call in ("first", "fast"):  # weight conversion + per-token quantization in one launch
+        w8p, qp, qsp = TK.w4a8_prepare(mod.weight, mod.weight_scale, inv, x)
+        d = int((w8p.view(torch.uint8) != w8r.view(torch.uint8)).sum()) + int((qp.view(torch.uint8) != qr.view(torch.uint8)).sum())
+        c.record(f"w4a8_prepare {call} {tag} (== nvfp4_to_e4m3 + fp8_quant_per_token)", d == 0 and torch.equal(qsp, qsr), differing_bytes=d)
     mod.backend_request = "w4a8"
+    _ACT_CACHE.clear()
     y = mod(x)
     e = rel(y, mod.forward_w4a8_emulation(x))
     c.record(f"nvfp4 w4a8 module vs w4a8 emulation {tag}", e < 1e-2 and bool(torch.isfinite(y).all()), rel_err=e)
@@ -160,6 +166,88 @@ def check_fused(c: Checker, dev: torch.device) -> None:
     f4.backend_request = "w4a8"
     e5 = rel(f4(x), f4.forward_w4a8_emulation(x))
     c.record("fused nvfp4 qkv (w4a8, per-channel gs) vs w4a8 emulation", e5 < 1e-2, rel_err=e5)
+
+
+def check_small_m(c: Checker, dev: torch.device) -> None:
+    """`triton` where TK.one_launch_wins: one launch (Fp8FusedCall), first call through Triton,
+    later ones through the compiled kernel's C launcher with integer addresses; against the
+    emulation and the two-launch path (quantize + _scaled_mm), 2-D, 3-D and unaligned inputs."""
+    # The in-GEMM quantization's bytes: with an identity e4m3 weight (scale 1, no bias) each output
+    # is e4m3(x / s) * s, exactly as bf16, so y equals the static quantization kernel's bytes
+    # times s only if every quantized byte is the same.
+    for m in (1, 16, 64):
+        k = 512
+        gen = torch.Generator(device=dev).manual_seed(1000 + m)
+        eye = torch.eye(k, device=dev).to(torch.float8_e4m3fn)
+        for s_val in (0.013, 1 / 448, 0.37):
+            s = torch.tensor(s_val, device=dev)
+            x = (torch.randn(m, k, device=dev, generator=gen) * 448 * s_val * 0.4).to(torch.bfloat16)
+            x[0, :8] = torch.tensor([0.0, -0.0, 1e-6, -1e-6, 448 * s_val, -448 * s_val, 1e4, -1e4], device=dev)
+            y = TK.fp8_linear_static(x, eye, s, torch.ones((), device=dev), None, torch.bfloat16)
+            # + 0.0: a GEMM's sum turns the -0 of e4m3(-0) and of tiny negatives into +0
+            ref = (TK.fp8_quant_static(x, s).float() * s + 0.0).to(torch.bfloat16)
+            d = int((y.view(torch.int16) != ref.view(torch.int16)).sum())
+            c.record(f"fp8 one-launch in-GEMM quantization bytes M={m} s={s_val:.4g}", d == 0, differing=d, of=x.numel())
+    for m, k, n in ((16, 3072, 3072), (1, 5120, 5120), (64, 3072, 12288), (64, 12288, 3072), (7, 3072, 9216)):
+        gen = torch.Generator(device=dev).manual_seed(m * 7 + k + n)
+        lin = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
+        base = (torch.randn(m * k + 8, device=dev, generator=gen) * 2).to(torch.bfloat16)
+        for pc in (False, True):
+            xs = {"2d": base[: m * k].view(m, k), "3d": base[: m * k].view(1, m, k), "unaligned": base[1 : 1 + m * k].view(m, k)}
+            mod = fp8_linear_from_float(lin, per_channel=pc, input_scale=float(base.float().abs().max() / 448), backend="triton_fused")
+            for name, x in xs.items():
+                ref = mod.forward_emulation(x)
+                ys = [mod(x) for _ in range(3)]  # first through Triton, then the C launcher
+                fc = mod.__dict__.get("_fused_call", (None,))[0]
+                fast = fc is not None and fc.kernel is not None
+                lim = TK.FUSED_MAX_M
+                TK.FUSED_MAX_M = 0  # `triton` then takes the two-launch path, for comparison
+                mod.backend_request = "triton"
+                try:
+                    mod.__dict__.pop("_fused_call", None)
+                    y2 = mod(x)
+                finally:
+                    TK.FUSED_MAX_M = lim
+                    mod.backend_request = "triton_fused"
+                e, e2 = rel(ys[-1], ref), rel(ys[-1], y2)
+                same = all(torch.equal(ys[0], y) for y in ys[1:])
+                c.record(
+                    f"fp8 triton one-launch M={m} K={k} N={n} pc={pc} {name}",
+                    e < 1e-2 and e2 < 5e-3 and same and fast and bool(torch.isfinite(ys[-1]).all()),
+                    rel_err=e,
+                    rel_vs_two_launch=e2,
+                    fast_launch=fast,
+                    repeat_equal=same,
+                )
+
+
+def check_compiled_w4a8(c: Checker, dev: torch.device) -> None:
+    """Nvfp4Linear W4A8 under torch.compile(fullgraph=True), the e4m3 conversion as a user-defined
+    Triton kernel in the graph and as the custom op: against the eager path and the emulation."""
+    import torch._dynamo as dynamo
+    from dqfast.runtime import linear as L
+
+    torch.manual_seed(5)
+    for m, k, n in ((333, 3072, 3072), (64, 12288, 3072)):
+        mod = nvfp4_linear_from_float(torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16), backend="w4a8")
+        x = (torch.randn(m, k, device=dev) * 2).to(torch.bfloat16)
+        _ACT_CACHE.clear()
+        eager = mod(x)
+        ref = mod.forward_w4a8_emulation(x)
+        for in_graph in (True, False):
+            L.W4A8_CONVERSION_IN_GRAPH = in_graph
+            try:
+                dynamo.reset()
+                y = torch.compile(mod, fullgraph=True)(x)
+            finally:
+                L.W4A8_CONVERSION_IN_GRAPH = True
+            e, e2 = rel(y, ref), rel(y, eager)
+            c.record(
+                f"nvfp4 w4a8 compiled (conversion in graph={in_graph}) M={m} K={k} N={n}",
+                e < 1e-2 and e2 < 5e-3,
+                rel_err=e,
+                rel_vs_eager=e2,
+            )
 
 
 def check_autotune(c: Checker, dev: torch.device, out: Path) -> None:
@@ -203,7 +291,7 @@ def check_graph(c: Checker, dev: torch.device) -> None:
         return fp4(layers[1](torch.nn.functional.gelu(layers[0](x))))
 
     run = CudaGraphRunner(fwd)
-    for m in (1024, 256):
+    for m in (1024, 256, 16):  # 16 rows: the one-launch path (Fp8FusedCall) under capture
         x = torch.randn(m, k, device=dev).to(torch.bfloat16)
         with torch.inference_mode():
             eager = fwd(x).clone()
@@ -216,7 +304,7 @@ def check_graph(c: Checker, dev: torch.device) -> None:
             torch.equal(g1, eager) and torch.equal(g2, eager2),
             max_abs=float((g2.float() - eager2.float()).abs().max()),
         )
-    c.record("cuda graph runner keeps one graph per shape", len(run.graphs) == 2, graphs=len(run.graphs))
+    c.record("cuda graph runner keeps one graph per shape", len(run.graphs) == 3, graphs=len(run.graphs))
 
 
 def check_flashinfer_refusals(c: Checker, dev: torch.device) -> None:
@@ -270,12 +358,18 @@ def main() -> int:
         c.guarded(f"nvfp4 {tag}", lambda x=x, lin=lin, tag=tag: check_fp4(c, x, lin, tag))
 
     c.guarded("fused", lambda: check_fused(c, dev))
+    c.guarded("small M one launch", lambda: check_small_m(c, dev))
+    c.guarded("compiled w4a8", lambda: check_compiled_w4a8(c, dev))
     c.guarded("autotune", lambda: check_autotune(c, dev, out))
     c.guarded("cuda graph", lambda: check_graph(c, dev))
     if fi:
         c.guarded("flashinfer refusals", lambda: check_flashinfer_refusals(c, dev))
     c.record(
-        "fast launcher used", TK._STATIC.fast_calls > 0 and TK._ROW.fast_calls > 0, static=TK._STATIC.fast_calls, row=TK._ROW.fast_calls
+        "fast launcher used",
+        TK._STATIC.fast_calls > 0 and TK._ROW.fast_calls > 0 and TK._W4A8_PREP.fast_calls > 0,
+        static=TK._STATIC.fast_calls,
+        row=TK._ROW.fast_calls,
+        w4a8_prepare=TK._W4A8_PREP.fast_calls,
     )
 
     (out / "check.json").write_text(json.dumps(c.results, indent=1))

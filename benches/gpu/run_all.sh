@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One device call: kernel checks against emulation, then benchmarks. Results land in $OUT.
+# The runtime reads its format constants from dqfast._core: have python/dqfast/_core.abi3.so there
+# (an abi3 x86-64 build from `maturin develop` loads on the device's Python 3.12; run 8 did so).
 #   FI_BUNDLE=DIR   a FlashInfer bundle made by ../shared/tools/flashinfer-bundle.sh (apache_tvm_ffi wheel,
 #                   optional nvidia_cudnn_frontend wheel, flashinfer-trim.tar.gz or .tar.xz); unpacked to /tmp/fisite.
 #                   DIR/fi-jit-cache.tar.gz, if present, restores FlashInfer's JIT builds of an earlier run.

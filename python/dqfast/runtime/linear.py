@@ -7,9 +7,12 @@ Back ends (env vars override the automatic choice; an explicit constructor argum
                shape were tuned, else `triton` on SM89+ (else `scaled_mm`, else emulation)
     autotune:  like auto, but times every runnable back end on a shape's first call and caches it
     scaled_mm: eager torch activation quantization + torch._scaled_mm (cuBLASLt/CUTLASS, SM89+)
-    triton:    fused Triton activation quantization + torch._scaled_mm (bias in the GEMM epilogue)
+    triton:    fused Triton activation quantization + torch._scaled_mm (bias in the GEMM epilogue);
+               with a static input scale and few rows (triton_kernels.one_launch_wins) the
+               one-launch kernel of triton_fused instead
     triton_fused: one Triton kernel quantizes the activation tiles in registers and runs the FP8
-               GEMM + scale + bias epilogue: one launch per call (static input scales only)
+               GEMM + scale + bias epilogue: one launch per call (static input scales only), through
+               a call object cached per input signature (triton_kernels.Fp8FusedCall)
     compile:   plain torch ops + torch._scaled_mm, for torch.compile to fuse (also taken
                automatically whenever the module is being compiled)
     flashinfer*: Triton activation quantization + a FlashInfer FP8 GEMM (static per-tensor
@@ -24,7 +27,8 @@ Back ends (env vars override the automatic choice; an explicit constructor argum
                 rows the fused Triton dequant-GEMM (triton_fused), from there on a Triton
                 dequantize into a transient bf16 weight + cuBLAS GEMM (triton_dequant)
     w4a8:       SM89+: NVFP4 weight -> transient e4m3 weight (Triton, per-channel scale), per-token
-                FP8 activations, row-wise-scaled torch._scaled_mm (FP8 tensor cores)
+                FP8 activations (both in one launch unless a sibling quantized the activation),
+                row-wise-scaled torch._scaled_mm (FP8 tensor cores)
     flashinfer: flashinfer.mm_fp4 (SM100+, W4A4)
     emulation:  dequantize + float32 matmul, W4A4 activation fake-quant (CPU reference)
 """
@@ -35,6 +39,7 @@ import functools
 import importlib.util
 import os
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -174,6 +179,19 @@ def _(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tens
     return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=torch.float8_e4m3fn)
 
 
+# Nvfp4Linear.forward_traceable's NVFP4 -> e4m3 conversion on a GPU: the Triton kernel inside the
+# compiled graph (True) or the opaque custom op above (False; what run 4 measured).
+W4A8_CONVERSION_IN_GRAPH = True
+# Read once: Dynamo cannot trace importlib's find_spec (a graph break inside forward_traceable).
+_TRITON_INSTALLED = _has_module("triton")
+
+
+def _bufs(mod: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's buffer dict, read directly (nn.Module.__getattr__ costs host time per name);
+    typed without torch's `| None` (the runtime's layers register no None buffers)."""
+    return cast("dict[str, torch.Tensor]", mod._buffers)
+
+
 _ENV_DATA = getattr(os.environ, "_data", None)  # CPython's live bytes-keyed dict behind os.environ
 
 
@@ -186,7 +204,7 @@ def _env_raw(name: str):
     return os.environ.get(name)
 
 
-_ENV_KEYS = {n: os.fsencode(n) for n in ("DQFAST_SHARE_ACT_QUANT", "DQFAST_FP8_GEMM_BACKEND")}
+_ENV_KEYS = {n: os.fsencode(n) for n in ("DQFAST_SHARE_ACT_QUANT", "DQFAST_FP8_GEMM_BACKEND", "DQFAST_FP4_GEMM_BACKEND")}
 
 
 def _ver(t: torch.Tensor) -> int:
@@ -211,6 +229,12 @@ class Fp8Linear(nn.Module):
     `shard_sizes` for fused layers whose shards were calibrated separately, or None for
     dynamic per-token scales (amax_row / 448).
     """
+
+    # Registered buffers / parameter (nn.Module.__getattr__ would type them `Tensor | Module`).
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
+    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -286,10 +310,10 @@ class Fp8Linear(nn.Module):
             w = self.weight[rows]
             ws = self.weight_scale[rows] if self.weight_scale.dim() == 1 else self.weight_scale
             if self.input_scale is None:
-                xs = (x2d.float().abs().amax(dim=1, keepdim=True) / 448.0).clamp(min=1e-12)
+                xs = (x2d.float().abs().amax(dim=1, keepdim=True) / Q.E4M3_MAX).clamp(min=Q.MIN_AMAX)
             else:
                 xs = self.input_scale[i] if self.input_scale.dim() == 1 else self.input_scale
-            xq = (x2d.float() / xs).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            xq = (x2d.float() / xs).clamp(-Q.E4M3_MAX, Q.E4M3_MAX).to(torch.float8_e4m3fn)
             if xs.numel() > 1 or ws.numel() > 1:
                 sa = xs.reshape(-1, 1).expand(x2d.shape[0], 1).contiguous().float()
                 sb = ws.float().reshape(1, -1).expand(1, w.shape[0]).contiguous()
@@ -306,7 +330,7 @@ class Fp8Linear(nn.Module):
     def _resolved_backend(self) -> str:
         # Resolved once per (request, env value): the env var is re-read (cheap) so switching it
         # between calls still works, but the capability query is not repeated.
-        key = (self.backend_request, _env_raw("DQFAST_FP8_GEMM_BACKEND"), self._buffers["weight"].device)
+        key = (self.backend_request, _env_raw("DQFAST_FP8_GEMM_BACKEND"), _bufs(self)["weight"].device)
         cached = self.__dict__.get("_backend_cache")
         if cached is None or cached[0] != key:
             choice = resolve_fp8_backend(self.backend_request, self.weight.device)
@@ -322,7 +346,7 @@ class Fp8Linear(nn.Module):
         shapes, cast bias, host copy of the static scale), rebuilt when any of them changes."""
         # Read from the module's dicts directly (nn.Module.__getattr__ costs ~1 us per name);
         # a replaced tensor changes its id, an in-place edit (load_state_dict, copy_) its version.
-        bufs = self._buffers
+        bufs = _bufs(self)
         w, ws = bufs["weight"], bufs["weight_scale"]
         ins = bufs["input_scale"] if "input_scale" in bufs else self.__dict__.get("input_scale")
         b = self._parameters.get("bias")
@@ -351,14 +375,15 @@ class Fp8Linear(nn.Module):
             return self._scaled_mm_call(xq, sh.wt, sh.sa, sh.sb, sh.bias, plan.out_dtype)
         from . import flashinfer_gemm as FI
 
-        if not plan.flashinfer_ok:
+        s_a, s_b, alpha = sh.sa, sh.sb, sh.alpha
+        if not plan.flashinfer_ok or s_a is None or s_b is None or alpha is None:
             raise NotImplementedError(f"{backend}: FlashInfer FP8 GEMMs take static per-tensor scales and no shards")
         if backend == "flashinfer_cutlass":
-            return FI.gemm_cutlass(xq, sh.w3, sh.alpha, sh.bias, plan.out_dtype, _capability(xq.device))
+            return FI.gemm_cutlass(xq, sh.w3, alpha, sh.bias, plan.out_dtype, _capability(xq.device))
         if backend == "flashinfer_cudnn":
-            y = FI.bmm_fp8(xq, sh.wt3, sh.sa, sh.sb, plan.out_dtype, "cudnn")
+            y = FI.bmm_fp8(xq, sh.wt3, s_a, s_b, plan.out_dtype, "cudnn")
         else:  # "flashinfer" or "flashinfer@<cuBLASLt algorithm index>" (chosen by autotune)
-            y = FI.bmm_fp8(xq, sh.wt3, sh.sa, sh.sb, plan.out_dtype, "cublas", int(backend[11:]) if backend[10:11] == "@" else -1)
+            y = FI.bmm_fp8(xq, sh.wt3, s_a, s_b, plan.out_dtype, "cublas", int(backend[11:]) if backend[10:11] == "@" else -1)
         return y.add_(sh.bias) if sh.bias is not None else y
 
     def _scaled_mm_call(self, xq, wt, sa, sb, bias, out_dtype):
@@ -424,10 +449,12 @@ class Fp8Linear(nn.Module):
             from . import flashinfer_gemm as FI
 
             sh = self._plan(out_dtype).shards[0]
-            try:
-                n_algos = FI.cublas_tactics(x2d.shape[0], sh.wt3, sh.sa, sh.sb, out_dtype)
-            except Exception:
-                n_algos = 0
+            n_algos = 0
+            if sh.sa is not None and sh.sb is not None:  # static per-tensor: fp8_candidates checked it
+                try:
+                    n_algos = FI.cublas_tactics(x2d.shape[0], sh.wt3, sh.sa, sh.sb, out_dtype)
+                except Exception:
+                    n_algos = 0
             cands = cands + tuple(f"flashinfer@{i}" for i in range(n_algos))
         default = _fp8_default(dev)
         if not cands:
@@ -450,10 +477,40 @@ class Fp8Linear(nn.Module):
         memo[(bucket, out_dtype, measure)] = choice
         return choice
 
+    def _fused_applies(self, x: torch.Tensor, any_m: bool = False) -> bool:
+        """`triton` takes the one-launch kernel where it wins (triton_kernels.one_launch_wins: few
+        rows), `triton_fused` (any_m) always: static input scale, one shard, an input and weight
+        the kernel takes."""
+        if self.input_scale is None or self.shard_sizes or not _has_module("triton"):
+            return False
+        from . import triton_kernels as TK
+
+        return TK.Fp8FusedCall.applicable(x, self.weight, any_m) and self.weight_scale.dtype == torch.float32
+
+    def _make_fused_call(self, x: torch.Tensor, out_dtype: torch.dtype):
+        from . import triton_kernels as TK
+
+        bufs = _bufs(self)
+        fc = TK.Fp8FusedCall(x, bufs["weight"], bufs["input_scale"], bufs["weight_scale"], self._parameters.get("bias"), out_dtype)
+        self.__dict__["_fused_call"] = (fc, self.backend_request, _env_raw("DQFAST_FP8_GEMM_BACKEND"))
+        return fc
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             # Decided before any backend lookup: keep the traced graph free of host-side logic.
             return self.forward_traceable(x) if x.is_cuda else self.forward_emulation(x)
+        fast = self.__dict__.get("_fused_call")
+        if fast is not None:
+            # The one-launch path at small M (`triton`, static scales): taken while the input
+            # signature, the module's tensors and the back-end request are those it was made for.
+            fc, request, env = fast
+            bufs = _bufs(self)
+            if (
+                self.backend_request == request
+                and _env_raw("DQFAST_FP8_GEMM_BACKEND") == env
+                and fc.matches(x, bufs["weight"], bufs.get("input_scale"), bufs["weight_scale"], self._parameters.get("bias"))
+            ):
+                return fc(x)
         backend = self._resolved_backend()
         x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
@@ -463,6 +520,8 @@ class Fp8Linear(nn.Module):
             return self.forward_emulation(x)
         if backend == "compile":
             return self.forward_traceable(x)
+        if (backend == "triton" or backend == "triton_fused") and self._fused_applies(x, backend == "triton_fused"):
+            return self._make_fused_call(x, out_dtype)(x)
         y = self._run(x2d, out_dtype, backend, _share_act_quant())
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
@@ -484,7 +543,7 @@ class _Fp8Shard:
         self.rowwise = ws.numel() > 1
         self.sb = ws.reshape(()) if not self.rowwise else None
         self.sb_row = ws.reshape(1, -1).expand(1, rows.stop - rows.start).contiguous()
-        self.ws_flat = self.sb_row.reshape(-1) if self.rowwise else self.sb
+        self.ws_flat = ws.reshape(-1) if self.rowwise else ws.reshape(())
         sa = None
         if mod.input_scale is not None:
             sa = (mod.input_scale[idx] if mod.input_scale.dim() == 1 else mod.input_scale).float().reshape(())
@@ -512,6 +571,13 @@ class _Fp8Plan:
 class Nvfp4Linear(nn.Module):
     """y = x @ W^T with W packed E2M1 [N, K/2], e4m3 block scales [N, K/16] and a float32
     global weight_scale_2 (0-dim, or [N] for fused shards with different global scales)."""
+
+    # Registered buffers / parameter (nn.Module.__getattr__ would type them `Tensor | Module`).
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_scale_2: torch.Tensor
+    input_scale: torch.Tensor
+    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -569,15 +635,23 @@ class Nvfp4Linear(nn.Module):
     def w4a8_weight_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inv_row_scale [N], per-channel FP8 weight scale [1, N]) of the W4A8 path, cached per
         version of the block and global scales (no host sync)."""
-        sb, gs = self.weight_scale, self.weight_scale_2
-        key = (sb.data_ptr(), _ver(sb), gs.data_ptr(), _ver(gs))
+        plan = self._w4a8_plan()
+        return plan[1], plan[2]
+
+    def _w4a8_plan(self) -> tuple:
+        """(key, inv_row_scale, FP8 weight scale, bf16 bias or None), rebuilt when the block or
+        global scales or the bias are replaced or edited in place (module dicts read directly:
+        nn.Module.__getattr__ costs host time per name)."""
+        bufs = _bufs(self)
+        sb, gs, b = bufs["weight_scale"], bufs["weight_scale_2"], self._parameters.get("bias")
+        key = (sb.data_ptr(), _ver(sb), gs.data_ptr(), _ver(gs), None if b is None else (b.data_ptr(), _ver(b)))
         cached = self.__dict__.get("_w4a8_scale")
         if cached is None or cached[0] != key:
             inv = Q.nvfp4_e4m3_inv_row_scale(sb)
             ws = (gs.float().reshape(-1) / inv).reshape(1, -1).expand(1, self.out_features).contiguous()
-            cached = (key, inv, ws)
+            cached = (key, inv, ws, None if b is None else b.to(torch.bfloat16))
             self.__dict__["_w4a8_scale"] = cached
-        return cached[1], cached[2]
+        return cached
 
     def forward_w4a8_emulation(self, x: torch.Tensor) -> torch.Tensor:
         """CPU reference of the W4A8 path: e4m3 weight from quant.nvfp4_to_e4m3, per-token e4m3
@@ -593,18 +667,26 @@ class Nvfp4Linear(nn.Module):
     def _forward_w4a8(self, x2d: torch.Tensor) -> torch.Tensor:
         from . import triton_kernels as TK
 
-        inv, ws = self.w4a8_weight_scale()
-        w8 = TK.nvfp4_to_e4m3(self.weight, self.weight_scale, inv)  # transient, one layer call
-        # Per-token FP8 activations, quantized once for sibling layers fed the same tensor
-        # (the same cache and kernel as Fp8Linear's per-token path).
+        _, inv, ws, bias = self._w4a8_plan()
+        bufs = _bufs(self)
+        packed, sb = bufs["weight"], bufs["weight_scale"]
+        # Per-token FP8 activations, quantized once for sibling layers fed the same tensor (the
+        # same cache and numerics as Fp8Linear's per-token path); the e4m3 weight is transient,
+        # one layer call. Both in one launch when the activation is not cached, through a call
+        # object cached per input signature (TK.W4a8PrepareCall).
         share = _share_act_quant()
         hit = _ACT_CACHE.get(x2d, ("tok",)) if share else None
         if hit is None:
-            hit = TK.fp8_quant_per_token(x2d)
+            prep = self.__dict__.get("_w4a8_prep")
+            if prep is None or not prep.matches(x2d, packed, sb, inv):
+                prep = TK.W4a8PrepareCall(packed, sb, inv, x2d) if TK.W4a8PrepareCall.applicable(x2d) else None
+                self.__dict__["_w4a8_prep"] = prep
+            w8, xq, xs = prep(x2d, packed, sb, inv) if prep is not None else TK.w4a8_prepare(packed, sb, inv, x2d)
             if share:
-                _ACT_CACHE.put(x2d, ("tok",), hit)
-        xq, xs = hit
-        bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
+                _ACT_CACHE.put(x2d, ("tok",), (xq, xs))
+        else:
+            w8 = TK.nvfp4_to_e4m3(packed, sb, inv)
+            xq, xs = hit
         return torch._scaled_mm(xq, w8.t(), scale_a=xs, scale_b=ws, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
 
     def _forward_flashinfer(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -632,9 +714,17 @@ class Nvfp4Linear(nn.Module):
         if (self.backend_request or "auto") in ("w4a8", "auto"):
             inv = Q.nvfp4_e4m3_inv_row_scale(self.weight_scale)
             ws = (self.weight_scale_2.float().reshape(-1) / inv).reshape(1, -1).expand(1, self.out_features).contiguous()
-            # An opaque op: Inductor's own code for the unpack + lookup + scale + cast is several
-            # times slower than the Triton kernel (measured on the whole FLUX model).
-            w8 = torch.ops.dqfast.nvfp4_to_e4m3(self.weight, self.weight_scale, inv)
+            # Our Triton kernel, not Inductor's own code for the unpack + lookup + scale + cast
+            # (several times slower, measured on the whole FLUX model): on a GPU as a user-defined
+            # Triton kernel inside the graph (launched by Inductor's code: less host time per
+            # call than the custom op, whose Python dispatch made the compiled model host-bound;
+            # W4A8_CONVERSION_IN_GRAPH = False takes the custom op), elsewhere the custom op.
+            if W4A8_CONVERSION_IN_GRAPH and x.is_cuda and _TRITON_INSTALLED:
+                from . import triton_kernels as TK
+
+                w8 = TK.nvfp4_to_e4m3_in_graph(self.weight, self.weight_scale, inv)
+            else:
+                w8 = torch.ops.dqfast.nvfp4_to_e4m3(self.weight, self.weight_scale, inv)
             xs = Q.per_token_scale(x2d)
             xq = Q.quantize_fp8(x2d, xs)
             bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
@@ -648,7 +738,12 @@ class Nvfp4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self.forward_traceable(x) if x.is_cuda else self.forward_emulation(x)
-        backend = self.backend
+        # Resolved once per (request, env value, device): the capability query costs host time.
+        key = (self.backend_request, _env_raw("DQFAST_FP4_GEMM_BACKEND"), _bufs(self)["weight"].device)
+        cached = self.__dict__.get("_backend_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_backend_cache"] = (key, self.backend)
+        backend = cached[1]
         if backend == "emulation":
             return self.forward_emulation(x)
         if backend == "emulation_w4a16":
@@ -702,9 +797,9 @@ def fp8_linear_from_float(
     q, s = Q.fp8_quantize_weight(linear.weight.detach(), per_channel=per_channel)
     mod.weight.copy_(q)
     mod.weight_scale.copy_(s)
-    if input_scale is not None:
+    if input_scale is not None and mod.input_scale is not None:  # built with static_input_scale
         mod.input_scale.copy_(torch.as_tensor(input_scale, dtype=torch.float32))
-    if linear.bias is not None:
+    if linear.bias is not None and mod.bias is not None:  # built with bias=linear.bias is not None
         mod.bias.data.copy_(linear.bias.detach())
     return mod
 
@@ -722,7 +817,7 @@ def nvfp4_linear_from_float(
     mod.weight_scale.copy_(s)
     mod.weight_scale_2.copy_(gs)
     mod.input_scale.copy_(torch.as_tensor(input_scale, dtype=torch.float32))
-    if linear.bias is not None:
+    if linear.bias is not None and mod.bias is not None:  # built with bias=linear.bias is not None
         mod.bias.data.copy_(linear.bias.detach())
     return mod
 
@@ -745,8 +840,8 @@ def fuse_fp8_linears(shards: Sequence[Fp8Linear]) -> Fp8Linear:
     dtype = next((s.bias.dtype for s in shards if s.bias is not None), torch.bfloat16)
     in_scales = None
     same_in = True
-    if first.input_scale is not None:
-        in_scales = torch.stack([s.input_scale.reshape(()) for s in shards])
+    if first.input_scale is not None:  # then every shard has one (checked above)
+        in_scales = torch.stack([s.input_scale.reshape(()) for s in shards if s.input_scale is not None])
         same_in = bool((in_scales == in_scales[0]).all())
     fused = Fp8Linear(
         k,
@@ -761,9 +856,9 @@ def fuse_fp8_linears(shards: Sequence[Fp8Linear]) -> Fp8Linear:
     )
     fused.weight.copy_(torch.cat([s.weight for s in shards]))
     fused.weight_scale.copy_(torch.cat([s.weight_scale.float().expand(s.out_features) for s in shards]))
-    if in_scales is not None:
+    if in_scales is not None and fused.input_scale is not None:
         fused.input_scale.copy_(in_scales[0] if same_in else in_scales)
-    if has_bias:
+    if fused.bias is not None:  # built with bias=has_bias
         fused.bias.data.copy_(
             torch.cat(
                 [
@@ -799,7 +894,7 @@ def fuse_nvfp4_linears(shards: Sequence[Nvfp4Linear]) -> Nvfp4Linear:
     fused.weight_scale.copy_(torch.cat([s.weight_scale for s in shards]))
     fused.weight_scale_2.copy_(torch.cat([s.weight_scale_2.float().reshape(1).expand(s.out_features) for s in shards]))
     fused.input_scale.copy_(torch.stack([s.input_scale.reshape(()) for s in shards]))
-    if has_bias:
+    if fused.bias is not None:  # built with bias=has_bias
         fused.bias.data.copy_(
             torch.cat(
                 [

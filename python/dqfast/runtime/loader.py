@@ -175,8 +175,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _load_bias(reader: _Reader, name: str, linear: nn.Linear, new: nn.Module, n: int) -> None:
-    if linear.bias is None:
+def _load_bias(reader: _Reader, name: str, linear: nn.Linear, new: Fp8Linear | Nvfp4Linear, n: int) -> None:
+    if linear.bias is None or new.bias is None:  # `new` was built with bias=linear.bias is not None
         if reader.has(f"{name}.bias"):
             raise CheckpointMismatch(f"unexpected tensor {name}.bias in {reader.where(name + '.bias')}: the model's {name} has no bias")
         return
@@ -210,7 +210,7 @@ def _build_fp8(reader: _Reader, name: str, linear: nn.Linear, algo: str, backend
     )
     mod.weight.copy_(w)
     mod.weight_scale.copy_(ws.reshape(mod.weight_scale.shape))
-    if static:
+    if mod.input_scale is not None:  # built with static_input_scale=static
         mod.input_scale.copy_(reader.expect(in_name, torch.float32, [(), (1,)]).reshape(()))
     _load_bias(reader, name, linear, mod, n)
     return mod

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
-E4M3_MAX = 448.0
-E2M1_MAX = 6.0
-NVFP4_BLOCK = 16
+from dqfast._core import E4M3_MAX, E4M3_MAX_BYTE, NVFP4_BOUND, NVFP4_GROUP
+
+# The format constants are the Rust core's (one definition, exported by dqfast._core).
+E2M1_MAX = NVFP4_BOUND / E4M3_MAX  # 6.0, the largest E2M1 magnitude
+NVFP4_BLOCK = NVFP4_GROUP
 # Smallest amax used for dynamic scales, so an all-zero row gives scale > 0 (no 0/0).
 MIN_AMAX = 1e-12
 
@@ -185,5 +187,5 @@ def clamp_nan_e4m3(scales: torch.Tensor) -> tuple[torch.Tensor, int]:
     count = int(bad.sum())
     if count == 0:
         return scales, 0
-    fixed = torch.where(bad, torch.full_like(raw, 0x7E), raw)
+    fixed = torch.where(bad, torch.full_like(raw, E4M3_MAX_BYTE), raw)
     return fixed.view(torch.float8_e4m3fn), count
