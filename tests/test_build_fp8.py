@@ -335,7 +335,7 @@ def test_non_fp8_export_is_refused(modelopt_fixture, tmp_path):
 
 def test_from_bf16_per_channel(flux_fp8, tmp_path):
     out = tmp_path / "pc"
-    r = dqfast.build_fp8_transformer(out, base_transformer_dir=flux_fp8.base_dir, from_bf16=True)
+    r = dqfast.build_fp8_transformer(out, base_transformer_dir=flux_fp8.base_dir, from_bf16=True, target="vllm-omni")
     got = _load_dir(out)
     base = _load_dir(flux_fp8.base_dir)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -393,7 +393,7 @@ def test_per_channel_export_gets_per_row_scales(flux_fp8, tmp_path):
     with pytest.raises(PlanError, match="different calibrations"):
         dqfast.build_fp8_transformer(tmp_path / "stale", **kw)  # export bytes are per-tensor
     out = tmp_path / "pc"
-    r = dqfast.build_fp8_transformer(out, requantize=True, **kw)
+    r = dqfast.build_fp8_transformer(out, requantize=True, target="vllm-omni", **kw)
     assert r.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"
     got = _load_dir(out)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN"

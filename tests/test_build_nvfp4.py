@@ -35,7 +35,9 @@ def flux_nv(modelopt_fixture):
 @pytest.fixture(scope="module")
 def flux_nv_build(flux_nv, tmp_path_factory):
     out = tmp_path_factory.mktemp("nv") / "flux-nvfp4"
-    r = build_nvfp4_transformer(out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, model_type="flux1")
+    r = build_nvfp4_transformer(
+        out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, model_type="flux1", target="sglang"
+    )
     return out, r
 
 
@@ -68,7 +70,7 @@ def test_export_build_keeps_nvfp4_bytes_and_restores_fallbacks(flux_nv, flux_nv_
 def test_from_bf16_is_bit_identical_to_modelopt_export(flux_nv, tmp_path):
     """Weights-only NVFP4 in Rust == ModelOpt's NVFP4QTensor export (q/k/v share global scales)."""
     out = tmp_path / "fb"
-    r = build_nvfp4_transformer(out, base_transformer_dir=flux_nv.base_dir, from_bf16=True)
+    r = build_nvfp4_transformer(out, base_transformer_dir=flux_nv.base_dir, from_bf16=True, target="none")
     got, export = _load_dir(out), _load_dir(flux_nv.hf_dir)
     compared = 0
     for m in [d.module for d in r.decisions if d.action == "nvfp4"]:
@@ -84,7 +86,9 @@ def test_from_bf16_is_bit_identical_to_modelopt_export(flux_nv, tmp_path):
 
 def test_swap_rewrites_bytes_and_inspect_detects_order(flux_nv, flux_nv_build, tmp_path):
     out = tmp_path / "sw"
-    build_nvfp4_transformer(out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, swap_weight_nibbles=True)
+    build_nvfp4_transformer(
+        out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, swap_weight_nibbles=True, target="none"
+    )
     a, b = _load_dir(out), _load_dir(flux_nv_build[0])
     w = "transformer_blocks.0.attn.to_q.weight"
     assert torch.equal(a[w], (b[w] >> 4) | (b[w] << 4))
@@ -110,9 +114,11 @@ def test_nan_scales_refused_or_repaired(flux_nv, tmp_path):
     name = "transformer_blocks.0.attn.to_out.0.weight_scale"
     hf = _corrupt_scale(flux_nv.hf_dir, tmp_path / "hf", name, [0, 5])
     with pytest.raises(PlanError, match=r"to_out\.0\.weight_scale': 2 NaN byte"):
-        build_nvfp4_transformer(tmp_path / "o1", modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir)
+        build_nvfp4_transformer(tmp_path / "o1", modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir, target="none")
     assert not (tmp_path / "o1").exists()
-    r = build_nvfp4_transformer(tmp_path / "o2", modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir, repair_nan_scales=True)
+    r = build_nvfp4_transformer(
+        tmp_path / "o2", modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir, repair_nan_scales=True, target="none"
+    )
     assert r.counts["nan_scale_bytes_repaired"] == 2
     got, orig = _u8(_load_dir(tmp_path / "o2")[name]).reshape(-1), _u8(_load_dir(flux_nv.hf_dir)[name]).reshape(-1)
     assert got[0] == 0x7E and got[5] == 0x7E
@@ -139,7 +145,7 @@ def test_fused_shards_with_different_global_scales_are_reconciled_exactly(flux_n
     st.save_file(sd, str(f), metadata={"format": "pt"})
     before = _deq(sd[f"{m}.weight"], sd[f"{m}.weight_scale"], float(new_gs))
     out = tmp_path / "out"
-    r = build_nvfp4_transformer(out, modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir)
+    r = build_nvfp4_transformer(out, modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir, target="none")
     assert r.counts["fused_groups_reconciled"] == 1
     got = _load_dir(out)
     gq = got["transformer_blocks.0.attn.to_q.weight_scale_2"].item()

@@ -47,12 +47,12 @@ def _synth(root: Path, family: str) -> Any:
 
 
 BUILDS = {
-    "fp8_from_bf16": lambda o, p: build_fp8_transformer(o, base_transformer_dir=p.base, from_bf16=True, fsync=False),
+    "fp8_from_bf16": lambda o, p: build_fp8_transformer(o, base_transformer_dir=p.base, from_bf16=True, fsync=False, target="none"),
     "fp8_from_export": lambda o, p: build_fp8_transformer(
         o, modelopt_hf_dir=p.export_root, modelopt_backbone_ckpt=p.backbone, base_transformer_dir=p.base, fsync=False
     ),
-    "nvfp4_from_bf16": lambda o, p: build_nvfp4_transformer(o, base_transformer_dir=p.base, from_bf16=True, fsync=False),
-    "mixed_default": lambda o, p: build_mixed_transformer(o, p.base, fsync=False),
+    "nvfp4_from_bf16": lambda o, p: build_nvfp4_transformer(o, base_transformer_dir=p.base, from_bf16=True, fsync=False, target="none"),
+    "mixed_default": lambda o, p: build_mixed_transformer(o, p.base, fsync=False, target="none"),
 }
 
 # FLUX.1 pins moved once on purpose (issue #13, branch targets-build): `ignore` lists `p*roj_out`

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dqfast.errors import PlanError
+from dqfast.errors import PlanError, TargetError
 from dqfast.models import detect_preset
 from dqfast.quant_config import find_component_dir, load_json, resolve_quant_config
 from dqfast.reader import open_checkpoint
-from dqfast.targets import Target, get_target
+from dqfast.targets import TARGETS, Target, get_target
 
 __all__ = ["LayerVerdict", "CheckReport", "check_checkpoint", "plan_tensors", "apply_target"]
 
@@ -248,14 +248,14 @@ def apply_target(plan: Any, report: Any) -> None:
     tensors = plan_tensors(plan)
     family = detect_preset(plan.src_config).name
     targets: list[Target] = []
-    if plan.fit_target and plan.target is None:
-        raise PlanError("--fit-target (fit_target=True) needs --target (target=...)")
     if plan.target is not None:
         try:
             targets = get_target(plan.target)
         except ValueError as e:
             raise PlanError(f"--target (target): {e}") from None
         report.target = plan.target
+    if plan.fit_target and not targets:
+        raise PlanError(f"--fit-target (fit_target=True) needs a --target naming an engine (target={plan.target!r} checks none)")
     for _ in range(3):
         if plan.fit_target and targets:
             forced = False
@@ -277,19 +277,31 @@ def apply_target(plan: Any, report: Any) -> None:
                 continue
         break
     qcfg["ignore"] = _fix_ignore(qcfg, tensors, collision_free_ignore, report if targets else None)["ignore"]
+    qc = _normalize(qcfg, "planned config")
+    failures: dict[str, str] = {}  # engine -> why it cannot load the output
     for t in targets:
-        qc = _normalize(qcfg, "planned config")
         if qc is not None and qc.quant_algo not in t.algos:
-            raise PlanError(f"--target {plan.target}: {t.engine_version} cannot load quant_algo {qc.quant_algo} ({t.algos_source})")
-        rep = _check_one(t, plan.output_dir, family, qc, tensors)
-        bad = [v for v in rep.layers if v.outcome == "error"]
+            failures[t.name] = f"{t.engine_version} cannot load quant_algo {qc.quant_algo} ({t.algos_source})"
+            continue
+        bad = [v for v in _check_one(t, plan.output_dir, family, qc, tensors).layers if v.outcome == "error"]
         if bad:
             more = f" (and {len(bad) - 1} more layer(s))" if len(bad) > 1 else ""
-            raise PlanError(
-                f"--target {plan.target}: {t.engine_version} cannot load '{bad[0].module}': {bad[0].detail}{more}; "
-                "pass --fit-target (fit_target=True) to keep such layers in BF16"
-            )
+            failures[t.name] = f"{t.engine_version} cannot load '{bad[0].module}': {bad[0].detail}{more}"
+    if failures:
+        engine, why = next(iter(failures.items()))
+        # A whole format an engine refuses cannot be fitted layer by layer.
+        algo_refused = why.startswith(f"{TARGETS[engine].engine_version} cannot load quant_algo")
+        ways = [] if algo_refused else ["--fit-target (fit_target=True) to keep such layers in BF16"]
+        algo = qc.quant_algo if qc is not None else ""
+        ways.append(_alternatives(plan.target, (lambda e: algo in e.algos) if algo_refused else (lambda e: e.name not in failures)))
+        raise TargetError(f"--target {plan.target}: {why}; pass {', or '.join(ways)}")
     plan.write_config(plan.src_config, qcfg)
+
+
+def _alternatives(name: str, ok: Any) -> str:
+    from dqfast.targets import _others
+
+    return _others(name, ok) or "--target none"
 
 
 def _fix_ignore(qcfg: dict[str, Any], tensors: dict[str, _Planned], fix: Any, report: Any = None) -> dict[str, Any]:

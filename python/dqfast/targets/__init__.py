@@ -5,7 +5,10 @@ file and version it was read from (described in our words; no upstream code here
 (``dqfast.check``) evaluates these rules; the compat suite (``tests/compat``, docs/compat.md) runs the
 engines' own code on the same checkpoints and asserts that both agree.
 
-``any`` is the intersection: a checkpoint meets ``any`` when both engines load it as written.
+``any`` (the default of every builder) is the intersection: a checkpoint meets ``any`` when both
+engines load it as written. ``none`` opts out of every engine check (dqfast's own runtime, other
+loaders). :func:`resolve_defaults` picks, for the options a caller did not set, the value the
+target loads, and says why.
 """
 
 from __future__ import annotations
@@ -18,7 +21,19 @@ from typing import Literal, get_args
 
 from dqfast.models.base import glob_to_regex
 
-__all__ = ["Target", "TargetName", "TARGETS", "TARGET_NAMES", "get_target", "IGNORE_MATCHERS", "collision_free_ignore"]
+__all__ = [
+    "Target",
+    "TargetName",
+    "TARGETS",
+    "TARGET_NAMES",
+    "DEFAULT_TARGET",
+    "get_target",
+    "IGNORE_MATCHERS",
+    "collision_free_ignore",
+    "targets_of",
+    "fp8_from_bf16_granularity",
+    "refuse_format",
+]
 
 SGLANG = "sglang==0.5.23"
 VLLM_OMNI = "vllm-omni==0.30.0 (with vllm==0.30.0)"
@@ -49,6 +64,7 @@ class Target:
     algos_source: str
     #: FP8 weight_scale granularities its FP8 linear layers take ("tensor", "channel")
     fp8_weight_scales: frozenset[str]
+    fp8_weight_scales_source: str
     #: whether `swap_weight_nibbles: true` in the config makes it swap the packed bytes at load
     honours_swap_flag: bool
     nibble_source: str
@@ -67,6 +83,9 @@ class Target:
     #: whether a MIXED_PRECISION `quantized_layers` entry per shard (`to_q`) reaches the fused layer
     mixed_resolves_packed: bool = True
     mixed_source: str = ""
+    #: whether it loads dqfast's MXFP8 layout (quant_method mxfp8, U8 ``weight_scale`` [N, K/32])
+    mxfp8: bool = False
+    mxfp8_source: str = ""
 
     def packed_layer(self, module: str) -> str | None:
         """The fused runtime layer ``module`` is a shard of, else None."""
@@ -100,6 +119,9 @@ TARGETS: dict[str, Target] = {
         algos_source="multimodal_gen/runtime/utils/quantization_utils.py: _resolve_quant_method_name maps only FP8 and "
         "NVFP4; MIXED_PRECISION and other ModelOpt algos (FP8_PER_CHANNEL_PER_TOKEN) raise",
         fp8_weight_scales=frozenset({"tensor"}),
+        fp8_weight_scales_source="modelopt_quant.py: ModelOptFp8Config's linear method creates a one-value weight_scale "
+        "per shard; a per-channel weight_scale (under FP8, or FP8_PER_CHANNEL_PER_TOKEN, which "
+        "quantization_utils.py's _resolve_quant_method_name refuses) does not load",
         honours_swap_flag=True,
         nibble_source="modelopt_quant.py: ModelOptFp4Config reads swap_weight_nibbles (default: packed-QKV layout) and "
         "swaps bytes in process_weights_after_loading",
@@ -110,6 +132,10 @@ TARGETS: dict[str, Target] = {
         quantized_modules={},
         quantized_modules_source="multimodal_gen/runtime/models/dits/flux.py: every Linear of FLUX.1 gets the quant config",
         fp8_into_bf16="error",
+        mxfp8=False,
+        mxfp8_source="multimodal_gen/runtime/layers/quantization/mxfp8.py: MXFP8Config builds on SRT's Fp8LinearMethod "
+        "(srt/layers/quantization/fp8.py), whose block scale parameter is `weight_scale_inv`, not vLLM-Omni's "
+        "`weight_scale`, and needs compute capability 10.0 or an Ascend NPU",
     ),
     "vllm-omni": Target(
         name="vllm-omni",
@@ -120,6 +146,8 @@ TARGETS: dict[str, Target] = {
         algos=frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4", "MIXED_PRECISION"}),
         algos_source="vllm_omni/quantization/factory.py: _detect_modelopt_method",
         fp8_weight_scales=frozenset({"tensor", "channel"}),
+        fp8_weight_scales_source="vllm/model_executor/layers/quantization/modelopt.py: ModelOptFp8Config (FP8) and its "
+        "per-channel variant (FP8_PER_CHANNEL_PER_TOKEN)",
         honours_swap_flag=False,
         nibble_source="vLLM's NVFP4 path consumes ModelOpt's packing (low nibble = even element); no swap flag",
         needs_index=False,
@@ -137,23 +165,29 @@ TARGETS: dict[str, Target] = {
         mixed_source="vllm_omni/diffusion/registry.py binds packed_modules_mapping of the *pipeline* class "
         "(FluxPipeline has none) into the quant config, so ModelOptMixedPrecisionConfig cannot map a fused "
         "layer (to_qkv) back to its shard entries: it stays BF16",
+        mxfp8=True,
+        mxfp8_source="vllm_omni/quantization/factory.py: quant_method mxfp8 -> DiffusionMXFP8Config (docs/notes/sources.md §7)",
     ),
 }
 
 
 def get_target(name: str) -> list[Target]:
-    """The targets a name stands for: one engine, or both for ``any``."""
+    """The targets a name stands for: one engine, both for ``any``, none for ``none``."""
     if name == "any":
         return list(TARGETS.values())
+    if name == "none":
+        return []
     try:
         return [TARGETS[name]]
-    except KeyError:
-        raise ValueError(f"unknown target '{name}' (known: {', '.join(sorted(TARGETS))}, any)") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown target '{name}' (known: {', '.join(TARGET_NAMES)})") from None
 
 
-#: What ``--target`` / ``target=`` accepts (``any`` = every engine above).
-TargetName = Literal["sglang", "vllm-omni", "any"]
-TARGET_NAMES = (*TARGETS, "any")
+#: What ``--target`` / ``target=`` accepts (``any`` = every engine above, ``none`` = no engine check).
+TargetName = Literal["sglang", "vllm-omni", "any", "none"]
+TARGET_NAMES = (*TARGETS, "any", "none")
+#: The builders' default: an output both engines load.
+DEFAULT_TARGET: TargetName = "any"
 assert set(TARGET_NAMES) == set(get_args(TargetName))  # the Literal is the same list, for type checks
 
 
@@ -189,3 +223,60 @@ def collision_free_ignore(ignore: list[str], quantized: set[str]) -> tuple[list[
         if alt not in out:
             out.append(alt)
     return out, rewrites
+
+
+def targets_of(name: str | None) -> list[Target]:
+    """:func:`get_target` for a builder's ``target=`` (None: as ``none``); an unknown name is a
+    PlanError naming the flag."""
+    from dqfast.errors import PlanError
+
+    try:
+        return get_target("none" if name is None else name)
+    except (ValueError, TypeError) as e:
+        raise PlanError(f"--target (target): {e}") from None
+
+
+def _others(name: str, ok: Callable[[Target], bool]) -> str:
+    """``--target`` values (besides ``name``) whose engines all pass ``ok``: the way out of a refusal."""
+    alts = [n for n in TARGET_NAMES if n != name and all(ok(t) for t in get_target(n))]
+    return " or ".join(f"--target {n}" for n in alts)
+
+
+def fp8_from_bf16_granularity(name: str, given: str | None, fit: bool) -> tuple[str, list[str]]:
+    """The weight-scale granularity of an FP8 ``--from-bf16`` build under target ``name``, and the
+    choices the target forced (one line each). Per channel (FP8_PER_CHANNEL_PER_TOKEN, dynamic
+    activations) when every engine of the target loads it, else per tensor. An explicit ``given``
+    the target cannot load is a :class:`~dqfast.errors.TargetError` (with ``fit``: overridden, and
+    reported)."""
+    from dqfast.errors import TargetError
+
+    def channel_ok(t: Target) -> bool:
+        return "channel" in t.fp8_weight_scales and "FP8_PER_CHANNEL_PER_TOKEN" in t.algos
+
+    bad = [t for t in targets_of(name) if not channel_ok(t)]
+    if given == "tensor" or (given is None and bad):
+        if given:
+            return "tensor", []
+        return "tensor", [f"weight scales per-tensor: {bad[0].engine_version} cannot load per-channel ({bad[0].fp8_weight_scales_source})"]
+    if given is None:
+        return "channel", []
+    if given != "channel" or not bad:
+        return given, []
+    msg = (
+        f"--weight-granularity channel (weight_granularity='channel'): --target {name} includes {bad[0].engine_version}, "
+        f"which cannot load per-channel FP8 ({bad[0].fp8_weight_scales_source})"
+    )
+    if fit:
+        return "tensor", [f"{msg}: per-tensor instead (--fit-target)"]
+    raise TargetError(f"{msg}; pass {_others(name, channel_ok)}, or --fit-target to use per-tensor scales")
+
+
+def refuse_format(name: str, what: str, ok: Callable[[Target], bool], why: Callable[[Target], str]) -> None:
+    """A :class:`~dqfast.errors.TargetError` when an engine of target ``name`` cannot load the
+    format ``what`` at all (``--fit-target`` cannot help: no layer of it would load)."""
+    from dqfast.errors import TargetError
+
+    for t in targets_of(name):
+        if not ok(t):
+            alts = _others(name, ok)
+            raise TargetError(f"{what}: --target {name} includes {t.engine_version}, which cannot load it ({why(t)}); pass {alts}")
