@@ -433,3 +433,26 @@ def test_maxbound_divides_backbone_amax(flux_fp8, tmp_path):
     assert CliRunner().invoke(main, [*args, "--maxbound", "0"]).exit_code == 2
     r = CliRunner().invoke(main, [*args, "--maxbound", "448", "-q"])
     assert r.exit_code == 0, r.output
+
+
+def test_ignore_is_sglangs_set_with_rmsnorms_and_collision_free_aliases(flux_fp8, flux_build):
+    """`ignore` of an export build is SGLang 0.5.23's set: ModelOpt's entries, every kept weight
+    without a calibrated scale — the RMSNorms `attn.norm_q`/`norm_k` included (before: Linears only) —
+    and every fallback under SGLang's name; plus the diffusers names of the FeedForward fallbacks,
+    none of which matches a quantized module under either engine's rule."""
+    from dqfast.targets import TARGETS
+
+    out, report = flux_build
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    export_ignore = json.loads((flux_fp8.hf_dir / "config.json").read_text())["quantization_config"]["ignore"]
+    for i in (0, 1):
+        for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+            assert f"transformer_blocks.{i}.attn.{n}" in ignore
+        assert {f"transformer_blocks.{i}.ff.proj_in", f"transformer_blocks.{i}.ff.net.0.proj"} <= set(ignore)
+    # Calibrated, then disabled, and excluded by ModelOpt's own wildcard for both engines: not listed
+    # again (SGLang's tool does not list them either).
+    assert "time_text_embed.timestep_embedder.linear_1" not in ignore
+    assert all(TARGETS[e].ignored(export_ignore, "time_text_embed.timestep_embedder.linear_1") for e in TARGETS)
+    quantized = {d.module for d in report.decisions if d.action == "fp8"}
+    for t in TARGETS.values():
+        assert not {m: t.ignored(ignore, m) for m in quantized if t.ignored(ignore, m)}, t.name

@@ -186,3 +186,50 @@ def test_fp8_export_is_refused(modelopt_fixture, tmp_path):
     fx = modelopt_fixture("flux", "fp8")
     with pytest.raises(PlanError, match="quant_algo is FP8"):
         build_nvfp4_transformer(tmp_path / "o", modelopt_hf_dir=fx.hf_dir, base_transformer_dir=fx.base_dir)
+
+
+def test_no_preset_by_default_as_sglangs_tool(flux_nv, tmp_path):
+    """Without a preset (`model_type` / `--pattern-preset` unset) an export build restores no module
+    from the base, as SGLang's `build_modelopt_nvfp4_transformer` (before: FLUX.1's preset);
+    `--pattern-preset flux1-nvfp4` applies it. Both target SGLang (vLLM-Omni's FLUX.1 loads neither)."""
+    from click.testing import CliRunner
+    from dqfast.cli import main
+
+    out = tmp_path / "none"
+    r = build_nvfp4_transformer(out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, target="sglang")
+    assert r.counts["bf16_fallback"] == 0 and r.counts["nvfp4"] > 0
+    got, export = _load_dir(out), _load_dir(flux_nv.hf_dir)
+    assert {n for n in export if "_quantizer." not in n} == set(got)
+    args = [
+        "build",
+        "nvfp4",
+        "--modelopt-hf-dir",
+        str(flux_nv.hf_dir),
+        "--base-transformer-dir",
+        str(flux_nv.base_dir),
+        "--target",
+        "sglang",
+    ]
+    res = CliRunner().invoke(main, [*args, "--output-dir", str(tmp_path / "cli"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["counts"]["bf16_fallback"] == 0
+    res = CliRunner().invoke(main, [*args, "--output-dir", str(tmp_path / "preset"), "--pattern-preset", "flux1-nvfp4", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["counts"]["bf16_fallback"] > 0
+
+
+def test_qwen_image_nvfp4_export_builds_under_the_default_target(modelopt_fixture, tmp_path):
+    """A real ModelOpt NVFP4 export of a tiny Qwen-Image: no preset (SGLang 0.5.23 has no Qwen-Image
+    NVFP4 one), every tensor kept, `ignore` = ModelOpt's; both engines' rules accept it (`any`)."""
+    from dqfast.check import check_checkpoint
+
+    q4 = modelopt_fixture("qwen-image", "nvfp4")
+    out = tmp_path / "q"
+    r = build_nvfp4_transformer(out, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir)
+    assert r.target == "any" and r.counts["bf16_fallback"] == 0 and r.counts["nvfp4"] > 0
+    got, export = _load_dir(out), _load_dir(q4.hf_dir)
+    assert {n for n in export if "_quantizer." not in n} == set(got)
+    assert all(torch.equal(got[n].view(torch.uint8), export[n].view(torch.uint8)) for n in got if got[n].dtype == torch.uint8)
+    cfg = lambda d: json.loads((d / "config.json").read_text())["quantization_config"]  # noqa: E731
+    assert cfg(out)["ignore"] == cfg(q4.hf_dir)["ignore"]
+    assert [c.status for c in check_checkpoint(out, "any")] == ["loads", "loads"]

@@ -40,7 +40,7 @@ from dqfast.plan import (
 )
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
-from dqfast.targets import DEFAULT_TARGET, TargetName, fp8_from_bf16_granularity
+from dqfast.targets import DEFAULT_TARGET, TARGETS, TargetName, fp8_from_bf16_granularity
 
 __all__ = ["build_fp8_transformer"]
 
@@ -331,11 +331,15 @@ def _plan_calibrated(
         # Neither quantized in the export nor a fallback: kept as ModelOpt wrote it.
         if weight is not None:
             why = "in ModelOpt's ignore list" if qc.is_ignored(module) else "not quantized by ModelOpt"
-            if module in amax and amax[module].weight is not None:
+            calibrated = module in amax and amax[module].weight is not None
+            if calibrated:
                 why += " (its quantizer was disabled after calibration)"
             report.decisions.append(ModuleDecision(module, "keep", why))
             counts["kept_unquantized"] += 1
-            if weight.dtype in FLOAT_DTYPES and len(weight.shape) >= 2:
+            # SGLang's tool lists every kept weight without a calibrated scale (Linears, RMSNorms, ...)
+            # and relies on ModelOpt's own entries for the rest; dqfast lists a calibrated one too
+            # unless ModelOpt's ignore already excludes it for both engines.
+            if not (calibrated and all(t.ignored(list(qc.ignore), module) for t in TARGETS.values())):
                 ignore.update(_ignore_entries(preset, module))
         for meta in parts.values():
             plan.copy(meta.name, src_export)

@@ -47,6 +47,8 @@ SGL_FP8_FF_UNEXCLUDED = _blocks(["transformer_blocks.{i}.ff.net.0.proj", "transf
 EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]] = {
     ("fp8-export", "sglang"): ("loads", frozenset(), frozenset()),
     ("fp8-export", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
+    ("fp8-bf16-default", "sglang"): ("loads", frozenset(), frozenset()),
+    ("fp8-bf16-default", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
     ("fp8-bf16-tensor", "sglang"): ("loads", frozenset(), frozenset()),
     ("fp8-bf16-tensor", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
     ("fp8-bf16-channel", "sglang"): ("fails", frozenset(), "Unsupported ModelOpt quant_algo for diffusion: FP8_PER_CHANNEL_PER_TOKEN"),
@@ -57,13 +59,18 @@ EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]
     ("nvfp4-bf16", "vllm-omni"): ("fails", frozenset(), VO_FLUX_DOUBLE),
     ("mixed", "sglang"): ("fails", frozenset(), "ModelOpt mixed precision is not supported"),
     ("mixed", "vllm-omni"): ("fails", VO_MIXED_BF16, VO_MIXED_ERRORS),
-    ("components", "sglang"): ("fails", frozenset(), "Unsupported ModelOpt quant_algo for diffusion: FP8_PER_CHANNEL_PER_TOKEN"),
+    # The default policy fitted to vLLM-Omni's FLUX.1: what it would dequantize or fail on is written BF16.
+    ("mixed-vllm-omni", "sglang"): ("fails", frozenset(), "ModelOpt mixed precision is not supported"),
+    ("mixed-vllm-omni", "vllm-omni"): ("loads", frozenset(), frozenset()),
+    ("components", "sglang"): ("loads", frozenset(), frozenset()),
     ("components", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
     ("sglang-fp8", "sglang"): ("fails", frozenset(), SGL_FP8_FF_UNEXCLUDED),
     ("sglang-fp8", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
     ("sglang-nvfp4", "sglang"): ("loads", frozenset(), frozenset()),
     ("sglang-nvfp4", "vllm-omni"): ("fails", frozenset(), VO_FLUX_BF16_LAYERS),
     # --target vllm-omni --fit-target: the layers vLLM-Omni's FLUX.1 keeps BF16 are written in BF16.
+    ("nvfp4-bf16-fit", "sglang"): ("loads", frozenset(), frozenset()),
+    ("nvfp4-bf16-fit", "vllm-omni"): ("loads", frozenset(), frozenset()),
     ("nvfp4-bf16-fit-vllm-omni", "sglang"): ("loads", frozenset(), frozenset()),
     ("nvfp4-bf16-fit-vllm-omni", "vllm-omni"): ("loads", frozenset(), frozenset()),
     ("nvfp4-export-fit-vllm-omni", "sglang"): ("loads", frozenset(), frozenset()),
@@ -92,6 +99,7 @@ WHY = {
 }
 WHY_OF = {
     ("fp8-export", "vllm-omni"): "vo-bf16",
+    ("fp8-bf16-default", "vllm-omni"): "vo-bf16",
     ("fp8-bf16-tensor", "vllm-omni"): "vo-bf16",
     ("fp8-bf16-channel", "sglang"): "sgl-channel",
     ("fp8-bf16-channel", "vllm-omni"): "vo-bf16",
@@ -99,7 +107,7 @@ WHY_OF = {
     ("nvfp4-bf16", "vllm-omni"): "vo-nvfp4",
     ("mixed", "sglang"): "sgl-mixed",
     ("mixed", "vllm-omni"): "vo-mixed",
-    ("components", "sglang"): "sgl-channel",
+    ("mixed-vllm-omni", "sglang"): "sgl-mixed",
     ("components", "vllm-omni"): "vo-bf16",
     ("sglang-fp8", "sglang"): "sgl-ff",
     ("sglang-fp8", "vllm-omni"): "vo-bf16-sgl",
