@@ -424,3 +424,25 @@ def test_components_and_batch_default_to_any(flux_base, tmp_path):
     s = B.run_batch(B.load_manifest(m))
     assert s.jobs[0].status == "done", s.jobs[0].error
     assert json.loads((tmp_path / "out" / "d" / "config.json").read_text())["quantization_config"]["quant_algo"] == "FP8"
+
+
+@pytest.mark.parametrize("fit", ["none", "any-fit"])
+@pytest.mark.parametrize("export", ["flux/fp8", "flux/nvfp4", "wan/fp8", "qwen-image/nvfp4"])
+def test_no_ignore_entry_matches_a_quantized_module_of_an_export_build(export, fit, modelopt_fixture, tmp_path):
+    """The same property for the builds from real ModelOpt 0.47 exports (FLUX.1, Wan2.2, Qwen-Image),
+    whose `ignore` starts from ModelOpt's own list (`proj_out`, `transformer_blocks.0*`, ...)."""
+    model, algo = export.split("/")
+    fx = modelopt_fixture(model, algo)
+    kw = dict(target="none") if fit == "none" else dict(target="any", fit_target=True)
+    out = tmp_path / "out"
+    if algo == "fp8":
+        build_fp8_transformer(out, modelopt_hf_dir=fx.hf_dir, modelopt_backbone_ckpt=fx.backbone, base_transformer_dir=fx.base_dir, **kw)
+    else:
+        build_nvfp4_transformer(out, modelopt_hf_dir=fx.hf_dir, base_transformer_dir=fx.base_dir, **kw)
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    quantized = _quantized_modules(out)
+    assert quantized
+    for t in TARGETS.values():
+        assert {m: t.ignored(ignore, m) for m in quantized if t.ignored(ignore, m)} == {}, t.name
+    if fit != "none":
+        assert [r.status for r in check_checkpoint(out, "any")] == ["loads", "loads"]
