@@ -218,18 +218,27 @@ def test_no_preset_by_default_as_sglangs_tool(flux_nv, tmp_path):
     assert json.loads(res.stdout)["counts"]["bf16_fallback"] > 0
 
 
-def test_qwen_image_nvfp4_export_builds_under_the_default_target(modelopt_fixture, tmp_path):
+def test_qwen_image_nvfp4_export(modelopt_fixture, tmp_path):
     """A real ModelOpt NVFP4 export of a tiny Qwen-Image: no preset (SGLang 0.5.23 has no Qwen-Image
-    NVFP4 one), every tensor kept, `ignore` = ModelOpt's; both engines' rules accept it (`any`)."""
+    NVFP4 one), every tensor kept, `ignore` = ModelOpt's, for SGLang. vLLM-Omni's Qwen-Image builds
+    the blocks' img_mod/txt_mod unquantized (the compat suite runs it): the default `any` refuses the
+    export as written, and `--fit-target` writes those layers in BF16 so both engines load it."""
     from dqfast.check import check_checkpoint
+    from dqfast.errors import TargetError
 
     q4 = modelopt_fixture("qwen-image", "nvfp4")
     out = tmp_path / "q"
-    r = build_nvfp4_transformer(out, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir)
-    assert r.target == "any" and r.counts["bf16_fallback"] == 0 and r.counts["nvfp4"] > 0
+    with pytest.raises(TargetError, match=r"vllm-omni.*cannot load 'transformer_blocks\.2\.img_mod\.1'.*qwen_image_transformer\.py"):
+        build_nvfp4_transformer(out, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir)
+    r = build_nvfp4_transformer(out, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir, target="sglang")
+    assert r.counts["bf16_fallback"] == 0 and r.counts["nvfp4"] > 0
     got, export = _load_dir(out), _load_dir(q4.hf_dir)
     assert {n for n in export if "_quantizer." not in n} == set(got)
     assert all(torch.equal(got[n].view(torch.uint8), export[n].view(torch.uint8)) for n in got if got[n].dtype == torch.uint8)
     cfg = lambda d: json.loads((d / "config.json").read_text())["quantization_config"]  # noqa: E731
     assert cfg(out)["ignore"] == cfg(q4.hf_dir)["ignore"]
-    assert [c.status for c in check_checkpoint(out, "any")] == ["loads", "loads"]
+    fit = tmp_path / "fit"
+    r = build_nvfp4_transformer(fit, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir, fit_target=True)
+    assert [c.status for c in check_checkpoint(fit, "any")] == ["loads", "loads"]
+    kept = {w.split("kept ")[1].split(" ")[0] for w in r.warnings if "kept " in w}
+    assert kept == {f"transformer_blocks.{i}.{m}.1" for i in (2, 3) for m in ("img_mod", "txt_mod")}

@@ -29,6 +29,9 @@ KINDS = {
     "sglang-nvfp4": "SGLang 0.5.23 build_modelopt_nvfp4_transformer --pattern-preset flux1-nvfp4 (reference)",
     "wan-fp8-export": "Wan2.2: dqfast build fp8 from a ModelOpt FP8 export",
     "wan-sglang-fp8": "Wan2.2: SGLang 0.5.23 build_modelopt_fp8_transformer (reference)",
+    "qwen-image-nvfp4-export": "Qwen-Image: dqfast build nvfp4 from a ModelOpt NVFP4 export --target sglang (no preset)",
+    "qwen-image-nvfp4-export-fit": "Qwen-Image: dqfast build nvfp4 from a ModelOpt NVFP4 export --fit-target (default --target any)",
+    "qwen-image-sglang-nvfp4": "Qwen-Image: SGLang 0.5.23 build_modelopt_nvfp4_transformer (reference, no preset)",
 }
 
 
@@ -80,7 +83,7 @@ def reshard_two(src: Path, dst: Path) -> Path:
 
 def build_kind(kind: str, flux: dict, root: Path) -> Path:
     """Build output ``kind`` under ``root`` from the fixtures in ``flux`` ("fp8", "nvfp4": FLUX.1;
-    "wan-fp8"); returns the transformer dir."""
+    "wan-fp8"; "qwen-image-nvfp4"); returns the transformer dir."""
     from dqfast.components import build_components
     from dqfast.fp8 import build_fp8_transformer
     from dqfast.mixed import build_mixed_transformer
@@ -128,6 +131,14 @@ def build_kind(kind: str, flux: dict, root: Path) -> Path:
         build_fp8_transformer(out, modelopt_hf_dir=w8.hf_dir, modelopt_backbone_ckpt=w8.backbone, base_transformer_dir=w8.base_dir)
     elif kind == "wan-sglang-fp8":
         sglang_fp8(flux["wan-fp8"], out)
+    elif kind == "qwen-image-nvfp4-export":
+        q4 = flux["qwen-image-nvfp4"]
+        build_nvfp4_transformer(out, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir, target="sglang")
+    elif kind == "qwen-image-nvfp4-export-fit":
+        q4 = flux["qwen-image-nvfp4"]
+        build_nvfp4_transformer(out, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir, fit_target=True)
+    elif kind == "qwen-image-sglang-nvfp4":
+        sglang_nvfp4(flux["qwen-image-nvfp4"], out)
     else:
         raise KeyError(kind)
     return out

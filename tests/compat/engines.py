@@ -97,6 +97,10 @@ VO_MODELS = {
         "vllm_omni.diffusion.models.wan2_2.wan2_2_transformer.WanTransformer3DModel",
         "vllm_omni.diffusion.models.wan2_2.pipeline_wan2_2.Wan22Pipeline",
     ),
+    "QwenImageTransformer2DModel": (
+        "vllm_omni.diffusion.models.qwen_image.qwen_image_transformer.QwenImageTransformer2DModel",
+        "vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image.QwenImagePipeline",
+    ),
 }
 
 
@@ -122,8 +126,14 @@ def vllm_omni_model(cfg: dict, quant_config):
     # As vLLM-Omni's registry does before building a pipeline (_prepare_diffusion_quant_config).
     if quant_config is not None:
         configure_quant_config(quant_config, _obj(pipeline_path))
-    params = set(inspect.signature(model_cls.__init__).parameters) - {"self", "od_config", "quant_config"}
+    sig = inspect.signature(model_cls.__init__).parameters
+    params = set(sig) - {"self", "od_config", "quant_config"}
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in params}
+    if "od_config" in sig and sig["od_config"].default is inspect.Parameter.empty:
+        # Qwen-Image reads only its parallel sizes from it: vLLM-Omni's defaults (one process).
+        from vllm_omni.diffusion.data import OmniDiffusionConfig
+
+        kwargs["od_config"] = OmniDiffusionConfig()
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:

@@ -178,9 +178,9 @@ def _build_pair(case: str, flux, modelopt_fixture, tmp_path):
     elif case == "flux-nvfp4-no-preset":
         build_nvfp4_transformer(d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, target="sglang")
         sglang_nvfp4(f4, s)
-    elif case == "qwen-image-nvfp4":  # the default target: both engines load it
+    elif case == "qwen-image-nvfp4":  # vLLM-Omni's Qwen-Image cannot load it either (img_mod/txt_mod)
         q4 = modelopt_fixture("qwen-image", "nvfp4")
-        build_nvfp4_transformer(d, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir)
+        build_nvfp4_transformer(d, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir, target="sglang")
         sglang_nvfp4(q4, s)
     elif case == "flux-nvfp4-swap":
         build_nvfp4_transformer(

@@ -43,6 +43,9 @@ VO_MIXED_BF16 = VO_FLUX_DOUBLE | _blocks(
 # checkpoint holds BF16 weights without scales.
 SGL_FP8_FF_UNEXCLUDED = _blocks(["transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2"])
 
+# The tiny Qwen-Image has 6 blocks; ModelOpt's recipe quantizes blocks 2 and 3.
+VO_QWEN_MOD = frozenset(f"transformer_blocks.{i}.{m}.1" for i in (2, 3) for m in ("img_mod", "txt_mod"))
+
 #: (kind, engine) -> (status, bf16 layers, error layers or a config-error substring)
 EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]] = {
     ("fp8-export", "sglang"): ("loads", frozenset(), frozenset()),
@@ -80,6 +83,14 @@ EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]
     ("wan-fp8-export", "vllm-omni"): ("loads", frozenset(), frozenset()),
     ("wan-sglang-fp8", "sglang"): ("loads", frozenset(), frozenset()),
     ("wan-sglang-fp8", "vllm-omni"): ("loads", frozenset(), frozenset()),
+    # vLLM-Omni's Qwen-Image (diffusion/models/qwen_image/qwen_image_transformer.py) builds each block's
+    # img_mod / txt_mod Linear unquantized; ModelOpt's export quantizes them in the middle blocks.
+    ("qwen-image-nvfp4-export", "sglang"): ("loads", frozenset(), frozenset()),
+    ("qwen-image-nvfp4-export", "vllm-omni"): ("fails", frozenset(), VO_QWEN_MOD),
+    ("qwen-image-nvfp4-export-fit", "sglang"): ("loads", frozenset(), frozenset()),
+    ("qwen-image-nvfp4-export-fit", "vllm-omni"): ("loads", frozenset(), frozenset()),
+    ("qwen-image-sglang-nvfp4", "sglang"): ("loads", frozenset(), frozenset()),
+    ("qwen-image-sglang-nvfp4", "vllm-omni"): ("fails", frozenset(), VO_QWEN_MOD),
 }
 
 #: Why, in words (docs/compat.md and the README matrix).
@@ -94,6 +105,8 @@ WHY = {
     "vo-mixed": "NVFP4 FeedForward weights of the double-stream blocks meet BF16 parameters; FP8 layers there are dequantized",
     "sgl-channel": "SGLang accepts only `FP8` and `NVFP4` (`Unsupported ModelOpt quant_algo ... FP8_PER_CHANNEL_PER_TOKEN`)",
     "sgl-mixed": "SGLang rejects `MIXED_PRECISION`",
+    "vo-qwen-mod": "vLLM-Omni's Qwen-Image builds each block's `img_mod`/`txt_mod` Linear unquantized: "
+    "ModelOpt's NVFP4 weights there meet BF16 parameters; `--fit-target` writes them in BF16",
     "sgl-ff": "SGLang's own FP8 tool ignores FeedForward fallbacks as `ff.proj_in`/`ff.proj_out`; SGLang's FLUX.1 "
     "runtime names them `ff.net.0.proj`/`ff.net.2`, quantizes them, and finds BF16 weights without scales",
 }
@@ -112,4 +125,6 @@ WHY_OF = {
     ("sglang-fp8", "sglang"): "sgl-ff",
     ("sglang-fp8", "vllm-omni"): "vo-bf16-sgl",
     ("sglang-nvfp4", "vllm-omni"): "vo-nvfp4-sgl",
+    ("qwen-image-nvfp4-export", "vllm-omni"): "vo-qwen-mod",
+    ("qwen-image-sglang-nvfp4", "vllm-omni"): "vo-qwen-mod",
 }

@@ -158,8 +158,15 @@ TARGETS: dict[str, Target] = {
             # The double-stream blocks, embedders, norm_out and the single blocks' norm.linear are built
             # with `safe_quant_config(...)`: unquantized whatever the checkpoint says.
             "flux1": (r"^single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)$",),
+            # Qwen-Image: the blocks' attention and MLPs only; img_in/txt_in, the timestep MLP,
+            # img_mod (quant_config=None), txt_mod (safe_quant_config: None for ModelOpt), norm_out
+            # and proj_out are built unquantized.
+            "qwen-image": (
+                r"^transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|(img|txt)_mlp\.net\.(0\.proj|2))$",
+            ),
         },
-        quantized_modules_source="vllm_omni/diffusion/models/flux/flux_transformer.py (FLUX.1)",
+        quantized_modules_source="vllm_omni/diffusion/models/flux/flux_transformer.py (FLUX.1), "
+        "vllm_omni/diffusion/models/qwen_image/qwen_image_transformer.py (Qwen-Image)",
         fp8_into_bf16="dequantized",
         mixed_resolves_packed=False,
         mixed_source="vllm_omni/diffusion/registry.py binds packed_modules_mapping of the *pipeline* class "
