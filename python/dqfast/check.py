@@ -14,7 +14,7 @@ from dqfast.errors import PlanError, TargetError
 from dqfast.models import detect_preset
 from dqfast.quant_config import find_component_dir, load_json, resolve_quant_config
 from dqfast.reader import open_checkpoint
-from dqfast.targets import TARGETS, Target, get_target
+from dqfast.targets import Target, get_target, other_targets
 
 __all__ = ["LayerVerdict", "CheckReport", "check_checkpoint", "plan_tensors", "apply_target"]
 
@@ -81,7 +81,7 @@ def _stored(tensors: dict, module: str) -> str:
 def _engine_algo(t: Target, family: str, qc: Any, module: str) -> tuple[str | None, str]:
     """The algorithm the engine builds ``module`` with (None: unquantized), and why."""
     if not t.model_quantizes(family, module):
-        return None, f"{t.name}'s {family} model class does not quantize this layer ({t.quantized_modules_source})"
+        return None, f"{t.name}'s {family} model class does not quantize this layer ({t.quantized_source(family)})"
     hit = t.ignored(qc.ignore, module)
     if hit is not None:
         return None, f"matched by ignore entry '{hit}' ({t.ignore_matching})"
@@ -278,30 +278,27 @@ def apply_target(plan: Any, report: Any) -> None:
         break
     qcfg["ignore"] = _fix_ignore(qcfg, tensors, collision_free_ignore, report if targets else None)["ignore"]
     qc = _normalize(qcfg, "planned config")
-    failures: dict[str, str] = {}  # engine -> why it cannot load the output
+    algo = qc.quant_algo if qc is not None else ""
+    algo_refused = [t for t in targets if qc is not None and algo not in t.algos]
+    if algo_refused:  # a whole format: --fit-target cannot help
+        t = algo_refused[0]
+        raise TargetError(
+            f"--target {plan.target}: {t.engine_version} cannot load quant_algo {algo} ({t.algos_source}); "
+            f"pass {other_targets(plan.target, lambda e: algo in e.algos) or '--target none'}"
+        )
+    failures: dict[str, str] = {}  # engine -> the first layer it cannot load, and why
     for t in targets:
-        if qc is not None and qc.quant_algo not in t.algos:
-            failures[t.name] = f"{t.engine_version} cannot load quant_algo {qc.quant_algo} ({t.algos_source})"
-            continue
         bad = [v for v in _check_one(t, plan.output_dir, family, qc, tensors).layers if v.outcome == "error"]
         if bad:
             more = f" (and {len(bad) - 1} more layer(s))" if len(bad) > 1 else ""
             failures[t.name] = f"{t.engine_version} cannot load '{bad[0].module}': {bad[0].detail}{more}"
     if failures:
-        engine, why = next(iter(failures.items()))
-        # A whole format an engine refuses cannot be fitted layer by layer.
-        algo_refused = why.startswith(f"{TARGETS[engine].engine_version} cannot load quant_algo")
-        ways = [] if algo_refused else ["--fit-target (fit_target=True) to keep such layers in BF16"]
-        algo = qc.quant_algo if qc is not None else ""
-        ways.append(_alternatives(plan.target, (lambda e: algo in e.algos) if algo_refused else (lambda e: e.name not in failures)))
-        raise TargetError(f"--target {plan.target}: {why}; pass {', or '.join(ways)}")
+        alts = other_targets(plan.target, lambda e: e.name not in failures) or "--target none"
+        raise TargetError(
+            f"--target {plan.target}: {next(iter(failures.values()))}; "
+            f"pass --fit-target (fit_target=True) to keep such layers in BF16, or {alts}"
+        )
     plan.write_config(plan.src_config, qcfg)
-
-
-def _alternatives(name: str, ok: Any) -> str:
-    from dqfast.targets import _others
-
-    return _others(name, ok) or "--target none"
 
 
 def _fix_ignore(qcfg: dict[str, Any], tensors: dict[str, _Planned], fix: Any, report: Any = None) -> dict[str, Any]:

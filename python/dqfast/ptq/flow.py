@@ -336,7 +336,7 @@ def _check_target_early(algo: str, family: str, target: TargetName, fit_target: 
         if algo == "nvfp4" and not fit_target and t.quantized_modules.get(family) is not None:
             raise TargetError(
                 f"--build --algo nvfp4: --target {target} includes {t.engine_version}, whose {family} model class quantizes "
-                f"only some layers ({t.quantized_modules_source}): ModelOpt's NVFP4 export would not load there; "
+                f"only some layers ({t.quantized_source(family)}): ModelOpt's NVFP4 export would not load there; "
                 "pass --fit-target to keep those layers in BF16, or --target sglang or --target none"
             )
 

@@ -7,8 +7,9 @@ engines' own code on the same checkpoints and asserts that both agree.
 
 ``any`` (the default of every builder) is the intersection: a checkpoint meets ``any`` when both
 engines load it as written. ``none`` opts out of every engine check (dqfast's own runtime, other
-loaders). :func:`resolve_defaults` picks, for the options a caller did not set, the value the
-target loads, and says why.
+loaders). :func:`fp8_from_bf16_granularity` picks, for an option the caller did not set, the
+value the target loads, and says why; :func:`refuse_format` refuses a format an engine of the
+target cannot load at all; :func:`other_targets` names the way out of a refusal.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from dqfast.errors import PlanError, TargetError
 from dqfast.models.base import glob_to_regex
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "IGNORE_MATCHERS",
     "collision_free_ignore",
     "targets_of",
+    "other_targets",
     "fp8_from_bf16_granularity",
     "refuse_format",
 ]
@@ -77,7 +80,8 @@ class Target:
     #: model family (dqfast preset name) -> regexes of the Linear modules its DiT gives a quant config;
     #: a family not listed: every Linear layer (not verified for that family)
     quantized_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    quantized_modules_source: str = ""
+    #: family -> the file that rule was read from ("*": the rule for families not listed)
+    quantized_modules_source: dict[str, str] = field(default_factory=dict)
     #: what happens to an FP8 weight that meets an unquantized (BF16) layer
     fp8_into_bf16: str = "error"  # "error" | "dequantized"
     #: whether a MIXED_PRECISION `quantized_layers` entry per shard (`to_q`) reaches the fused layer
@@ -102,6 +106,10 @@ class Target:
             if match(p, module):
                 return p
         return None
+
+    def quantized_source(self, family: str) -> str:
+        """Where the rule of :meth:`model_quantizes` for ``family`` comes from."""
+        return self.quantized_modules_source.get(family) or self.quantized_modules_source.get("*", "")
 
     def model_quantizes(self, family: str, module: str) -> bool:
         pats = self.quantized_modules.get(family)
@@ -130,7 +138,7 @@ TARGETS: dict[str, Target] = {
         packed={"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")},
         packed_source="multimodal_gen/runtime/models/dits/flux.py (FLUX.1 fused q/k/v)",
         quantized_modules={},
-        quantized_modules_source="multimodal_gen/runtime/models/dits/flux.py: every Linear of FLUX.1 gets the quant config",
+        quantized_modules_source={"*": "multimodal_gen/runtime/models/dits/flux.py: every Linear of FLUX.1 gets the quant config"},
         fp8_into_bf16="error",
         mxfp8=False,
         mxfp8_source="multimodal_gen/runtime/layers/quantization/mxfp8.py: MXFP8Config builds on SRT's Fp8LinearMethod "
@@ -165,8 +173,10 @@ TARGETS: dict[str, Target] = {
                 r"^transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|(img|txt)_mlp\.net\.(0\.proj|2))$",
             ),
         },
-        quantized_modules_source="vllm_omni/diffusion/models/flux/flux_transformer.py (FLUX.1), "
-        "vllm_omni/diffusion/models/qwen_image/qwen_image_transformer.py (Qwen-Image)",
+        quantized_modules_source={
+            "flux1": "vllm_omni/diffusion/models/flux/flux_transformer.py",
+            "qwen-image": "vllm_omni/diffusion/models/qwen_image/qwen_image_transformer.py",
+        },
         fp8_into_bf16="dequantized",
         mixed_resolves_packed=False,
         mixed_source="vllm_omni/diffusion/registry.py binds packed_modules_mapping of the *pipeline* class "
@@ -235,55 +245,50 @@ def collision_free_ignore(ignore: list[str], quantized: set[str]) -> tuple[list[
 def targets_of(name: str | None) -> list[Target]:
     """:func:`get_target` for a builder's ``target=`` (None: as ``none``); an unknown name is a
     PlanError naming the flag."""
-    from dqfast.errors import PlanError
-
     try:
         return get_target("none" if name is None else name)
     except (ValueError, TypeError) as e:
         raise PlanError(f"--target (target): {e}") from None
 
 
-def _others(name: str, ok: Callable[[Target], bool]) -> str:
-    """``--target`` values (besides ``name``) whose engines all pass ``ok``: the way out of a refusal."""
+def other_targets(name: str, ok: Callable[[Target], bool]) -> str:
+    """The ``--target`` values (besides ``name``) whose engines all pass ``ok``, as a phrase
+    (``--target vllm-omni or --target none``): the way out of a refusal."""
     alts = [n for n in TARGET_NAMES if n != name and all(ok(t) for t in get_target(n))]
     return " or ".join(f"--target {n}" for n in alts)
 
 
 def fp8_from_bf16_granularity(name: str, given: str | None, fit: bool) -> tuple[str, list[str]]:
     """The weight-scale granularity of an FP8 ``--from-bf16`` build under target ``name``, and the
-    choices the target forced (one line each). Per channel (FP8_PER_CHANNEL_PER_TOKEN, dynamic
-    activations) when every engine of the target loads it, else per tensor. An explicit ``given``
-    the target cannot load is a :class:`~dqfast.errors.TargetError` (with ``fit``: overridden, and
-    reported)."""
-    from dqfast.errors import TargetError
+    choices the target forced (one line each). Unset (``given`` None): per channel
+    (FP8_PER_CHANNEL_PER_TOKEN, dynamic activations) when every engine of the target loads it, else
+    per tensor. An explicit per-channel choice the target cannot load is a TargetError, or with
+    ``fit`` per tensor (reported)."""
 
     def channel_ok(t: Target) -> bool:
         return "channel" in t.fp8_weight_scales and "FP8_PER_CHANNEL_PER_TOKEN" in t.algos
 
     bad = [t for t in targets_of(name) if not channel_ok(t)]
-    if given == "tensor" or (given is None and bad):
-        if given:
-            return "tensor", []
-        return "tensor", [f"weight scales per-tensor: {bad[0].engine_version} cannot load per-channel ({bad[0].fp8_weight_scales_source})"]
-    if given is None:
-        return "channel", []
-    if given != "channel" or not bad:
+    if given is not None and (given != "channel" or not bad):
         return given, []
+    if given is None:
+        if not bad:
+            return "channel", []
+        return "tensor", [f"weight scales per-tensor: {bad[0].engine_version} cannot load per-channel ({bad[0].fp8_weight_scales_source})"]
     msg = (
         f"--weight-granularity channel (weight_granularity='channel'): --target {name} includes {bad[0].engine_version}, "
         f"which cannot load per-channel FP8 ({bad[0].fp8_weight_scales_source})"
     )
     if fit:
         return "tensor", [f"{msg}: per-tensor instead (--fit-target)"]
-    raise TargetError(f"{msg}; pass {_others(name, channel_ok)}, or --fit-target to use per-tensor scales")
+    raise TargetError(f"{msg}; pass {other_targets(name, channel_ok)}, or --fit-target to use per-tensor scales")
 
 
 def refuse_format(name: str, what: str, ok: Callable[[Target], bool], why: Callable[[Target], str]) -> None:
-    """A :class:`~dqfast.errors.TargetError` when an engine of target ``name`` cannot load the
-    format ``what`` at all (``--fit-target`` cannot help: no layer of it would load)."""
-    from dqfast.errors import TargetError
-
+    """A TargetError when an engine of target ``name`` cannot load the format ``what`` at all
+    (``--fit-target`` cannot help: no layer of it would load)."""
     for t in targets_of(name):
         if not ok(t):
-            alts = _others(name, ok)
-            raise TargetError(f"{what}: --target {name} includes {t.engine_version}, which cannot load it ({why(t)}); pass {alts}")
+            raise TargetError(
+                f"{what}: --target {name} includes {t.engine_version}, which cannot load it ({why(t)}); pass {other_targets(name, ok)}"
+            )
