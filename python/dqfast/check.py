@@ -236,10 +236,11 @@ def apply_target(plan: Any, report: Any) -> None:
     1. always: an ``ignore`` entry that an engine's matching rule applies to a module the output
        quantizes is rewritten (vLLM's substring rule: ``proj_out`` would exclude
        ``single_transformer_blocks.*.proj_out``);
-    2. with ``plan.target``: the target's acceptance rules (the ones ``dqfast check`` runs) on the
-       planned tensors and config; a layer an engine cannot load is a PlanError naming it and the
-       rule, or with ``plan.fit_target`` is kept in BF16 / added to ``ignore`` (listed in
-       ``report.warnings``).
+    2. with ``plan.target`` (the builders' default ``any``; ``none`` and None check nothing): the
+       target's acceptance rules (the ones ``dqfast check`` runs) on the planned tensors and config;
+       a quant_algo an engine refuses, or a layer it cannot load, is a TargetError naming it, the
+       rule and the ``--target`` values that would load it; with ``plan.fit_target`` such a layer is
+       kept in BF16 / added to ``ignore`` instead (listed in ``report.warnings``).
     """
     from dqfast.quant_config import _normalize
     from dqfast.targets import collision_free_ignore

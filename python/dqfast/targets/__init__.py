@@ -127,9 +127,9 @@ TARGETS: dict[str, Target] = {
         algos_source="multimodal_gen/runtime/utils/quantization_utils.py: _resolve_quant_method_name maps only FP8 and "
         "NVFP4; MIXED_PRECISION and other ModelOpt algos (FP8_PER_CHANNEL_PER_TOKEN) raise",
         fp8_weight_scales=frozenset({"tensor"}),
-        fp8_weight_scales_source="modelopt_quant.py: ModelOptFp8Config's linear method creates a one-value weight_scale "
-        "per shard; a per-channel weight_scale (under FP8, or FP8_PER_CHANNEL_PER_TOKEN, which "
-        "quantization_utils.py's _resolve_quant_method_name refuses) does not load",
+        fp8_weight_scales_source="multimodal_gen/runtime/layers/quantization/modelopt_quant.py: ModelOptFp8Config's "
+        "linear method creates a one-value weight_scale per shard, so a per-channel weight_scale does not load "
+        "(and runtime/utils/quantization_utils.py refuses FP8_PER_CHANNEL_PER_TOKEN)",
         honours_swap_flag=True,
         nibble_source="modelopt_quant.py: ModelOptFp4Config reads swap_weight_nibbles (default: packed-QKV layout) and "
         "swaps bytes in process_weights_after_loading",
