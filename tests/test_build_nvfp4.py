@@ -242,3 +242,7 @@ def test_qwen_image_nvfp4_export(modelopt_fixture, tmp_path):
     assert [c.status for c in check_checkpoint(fit, "any")] == ["loads", "loads"]
     kept = {w.split("kept ")[1].split(" ")[0] for w in r.warnings if "kept " in w}
     assert kept == {f"transformer_blocks.{i}.{m}.1" for i in (2, 3) for m in ("img_mod", "txt_mod")}
+    # SGLang asks its quant config about `...img_mod` (the Linear inside the Sequential): both names
+    # are listed, or SGLang would quantize the BF16 layer (the compat suite checks it on SGLang's config).
+    ignore = cfg(fit)["ignore"]
+    assert {"transformer_blocks.2.img_mod.1", "transformer_blocks.2.img_mod"} <= set(ignore)

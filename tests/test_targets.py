@@ -45,6 +45,10 @@ def test_ignore_matching_rules():
     assert vo.ignored(["norm_out*"], "norm_out.linear") == "norm_out*"
     assert [t.name for t in get_target("any")] == ["sglang", "vllm-omni"]
     assert get_target("none") == []
+    # The prefix each engine matches `ignore` against (SGLang's Qwen-Image: the Sequential's name).
+    assert sgl.runtime_name("qwen-image", "transformer_blocks.3.img_mod.1") == "transformer_blocks.3.img_mod"
+    assert vo.runtime_name("qwen-image", "transformer_blocks.3.img_mod.1") == "transformer_blocks.3.img_mod.1"
+    assert sgl.runtime_name("flux1", "transformer_blocks.0.ff.net.2") == "transformer_blocks.0.ff.net.2"
     with pytest.raises(ValueError, match="unknown target"):
         get_target("trt")
 

@@ -14,7 +14,7 @@ from dqfast.errors import PlanError, TargetError
 from dqfast.models import detect_preset
 from dqfast.quant_config import find_component_dir, load_json, resolve_quant_config
 from dqfast.reader import open_checkpoint
-from dqfast.targets import Target, get_target, other_targets
+from dqfast.targets import TARGETS, Target, get_target, other_targets
 
 __all__ = ["LayerVerdict", "CheckReport", "check_checkpoint", "plan_tensors", "apply_target"]
 
@@ -82,7 +82,8 @@ def _engine_algo(t: Target, family: str, qc: Any, module: str) -> tuple[str | No
     """The algorithm the engine builds ``module`` with (None: unquantized), and why."""
     if not t.model_quantizes(family, module):
         return None, f"{t.name}'s {family} model class does not quantize this layer ({t.quantized_source(family)})"
-    hit = t.ignored(qc.ignore, module)
+    runtime = t.runtime_name(family, module)
+    hit = t.ignored(qc.ignore, runtime)
     if hit is not None:
         return None, f"matched by ignore entry '{hit}' ({t.ignore_matching})"
     if qc.quant_algo != "MIXED_PRECISION":
@@ -215,7 +216,17 @@ def _float_source(plan: Any, name: str) -> int | None:
     return None
 
 
-def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str) -> None:
+def _ignore_names(family: str, module: str) -> list[str]:
+    """``module`` and the prefix each engine decides it under (SGLang's Qwen-Image: `img_mod`, not
+    `img_mod.1`): what ``ignore`` must list so that every engine keeps it unquantized."""
+    names = [module]
+    for t in TARGETS.values():
+        if (r := t.runtime_name(family, module)) not in names:
+            names.append(r)
+    return names
+
+
+def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str, family: str) -> None:
     """Rewrite ``module`` of ``plan`` to its float weight (no scales), listed in ``ignore``."""
     s = _float_source(plan, f"{module}.weight")
     if s is None:
@@ -225,7 +236,7 @@ def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str) -> None:
     drop = {f"{module}.{x}" for x in ("weight", *_SCALE_SUFFIXES)}
     plan.tensors = [t for t in plan.tensors if t["name"] not in drop]
     plan.copy(f"{module}.weight", s)
-    qcfg["ignore"] = [*qcfg.get("ignore", []), module]
+    qcfg["ignore"] = [*qcfg.get("ignore", []), *_ignore_names(family, module)]
     if isinstance(qcfg.get("quantized_layers"), dict):
         qcfg["quantized_layers"].pop(module, None)
 
@@ -266,11 +277,11 @@ def apply_target(plan: Any, report: Any) -> None:
                     break
                 for v in _check_one(t, plan.output_dir, family, qc, tensors).layers:
                     if v.outcome in ("error", "dequantized") and v.stored != "BF16":
-                        _keep_bf16(plan, qcfg, v.module, f"{t.name}: {v.detail}")
+                        _keep_bf16(plan, qcfg, v.module, f"{t.name}: {v.detail}", family)
                         report.warnings.append(f"--target {plan.target}: kept {v.module} in BF16 ({t.name}: {v.detail})")
                         forced = True
                     elif v.outcome == "error":
-                        qcfg["ignore"] = [*qcfg.get("ignore", []), v.module]
+                        qcfg["ignore"] = [*qcfg.get("ignore", []), *_ignore_names(family, v.module)]
                         report.warnings.append(f"--target {plan.target}: listed {v.module} in ignore ({t.name}: {v.detail})")
                         forced = True
             if forced:

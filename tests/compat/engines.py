@@ -208,6 +208,18 @@ def sglang_quant_config(cfg: dict, packed_modules_mapping: dict | None = None):
 # SGLang's FLUX.1 DiT fuses q/k/v (configs/models/dits/flux.py): exclusion of a fused layer needs all
 # shards to agree, which ``_is_packed_layer_excluded`` checks.
 SGLANG_FLUX_PACKED = {"to_qkv": ["to_q", "to_k", "to_v"], "to_added_qkv": ["add_q_proj", "add_k_proj", "add_v_proj"]}
+# The prefix SGLang's DiT gives a Linear's quant method, where it differs from the checkpoint's module
+# name: its Qwen-Image (runtime/models/dits/qwen_image.py) builds `img_mod = Sequential(SiLU, Linear)`
+# with prefix `...img_mod` (the weights stay `img_mod.1.*`).
+SGLANG_PREFIX = {"QwenImageTransformer2DModel": ((r"\.(img_mod|txt_mod)\.1$", r".\1"),)}
+
+
+def _sglang_prefix(class_name: str, module: str) -> str:
+    import re
+
+    for pat, repl in SGLANG_PREFIX.get(class_name, ()):
+        module = re.sub(pat, repl, module)
+    return module
 
 
 def sglang_verdict(ckpt: Path) -> Verdict:
@@ -228,7 +240,7 @@ def sglang_verdict(ckpt: Path) -> Verdict:
     linear = {module_of(n) for n, t in info.tensors.items() if n.endswith(".weight") and len(t.shape) == 2}
     for m in sorted(linear):
         try:
-            excluded = qc.is_layer_excluded(m)
+            excluded = qc.is_layer_excluded(_sglang_prefix(cfg.get("_class_name", ""), m))
         except Exception as e:
             v.errors[m] = _first_line(e)
             continue

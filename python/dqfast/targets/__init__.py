@@ -82,6 +82,10 @@ class Target:
     quantized_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: family -> the file that rule was read from ("*": the rule for families not listed)
     quantized_modules_source: dict[str, str] = field(default_factory=dict)
+    #: family -> (regex, replacement) renames from a checkpoint module name to the prefix the
+    #: engine's DiT asks its quant config about (``ignore`` is matched against that prefix)
+    runtime_names: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    runtime_names_source: str = ""
     #: what happens to an FP8 weight that meets an unquantized (BF16) layer
     fp8_into_bf16: str = "error"  # "error" | "dequantized"
     #: whether a MIXED_PRECISION `quantized_layers` entry per shard (`to_q`) reaches the fused layer
@@ -106,6 +110,12 @@ class Target:
             if match(p, module):
                 return p
         return None
+
+    def runtime_name(self, family: str, module: str) -> str:
+        """The prefix under which this engine decides whether ``module`` is quantized."""
+        for pat, repl in self.runtime_names.get(family, ()):
+            module = re.sub(pat, repl, module)
+        return module
 
     def quantized_source(self, family: str) -> str:
         """Where the rule of :meth:`model_quantizes` for ``family`` comes from."""
@@ -139,6 +149,10 @@ TARGETS: dict[str, Target] = {
         packed_source="multimodal_gen/runtime/models/dits/flux.py (FLUX.1 fused q/k/v)",
         quantized_modules={},
         quantized_modules_source={"*": "multimodal_gen/runtime/models/dits/flux.py: every Linear of FLUX.1 gets the quant config"},
+        # Its Qwen-Image builds the modulation Linear inside nn.Sequential (weights `img_mod.1.*`) with
+        # the quant prefix `...img_mod`: an `ignore` entry `...img_mod.1` does not exclude it.
+        runtime_names={"qwen-image": ((r"\.(img_mod|txt_mod)\.1$", r".\1"),)},
+        runtime_names_source="multimodal_gen/runtime/models/dits/qwen_image.py (QwenImageTransformerBlock)",
         fp8_into_bf16="error",
         mxfp8=False,
         mxfp8_source="multimodal_gen/runtime/layers/quantization/mxfp8.py: MXFP8Config builds on SRT's Fp8LinearMethod "
