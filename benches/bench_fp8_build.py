@@ -92,6 +92,7 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
             fsync=args["fsync"],
             max_shard_size=args["shard"],
             threads=args["threads"],
+            target="none",  # the conversion alone, as measured before targets existed
         )
     elif kind in ("dqfast-bf16", "dqfast-bf16-buffered"):
         r = dqfast.build_fp8_transformer(
@@ -104,6 +105,7 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
             fsync=args["fsync"],
             max_shard_size=args["shard"],
             threads=args["threads"],
+            target="none",  # the conversion alone, as measured before targets existed
             io="buffered" if kind.endswith("-buffered") else "auto",
         )
     elif kind == "dqfast-calib":
@@ -115,6 +117,7 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
             fsync=args["fsync"],
             max_shard_size=args["shard"],
             threads=args["threads"],
+            target="none",  # the conversion alone, as measured before targets existed
         )
     else:
         raise SystemExit(f"unknown worker {kind}")

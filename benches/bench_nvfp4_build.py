@@ -61,6 +61,7 @@ def _worker(kind: str, args: dict[str, Any]) -> None:
         fsync=False,
         max_shard_size=args["shard"],
         threads=args["threads"],
+        target="none",  # the conversion alone, as measured before targets existed
         io="buffered" if kind == "dqfast-buffered" else "auto",
     )
     print_worker_result(r)

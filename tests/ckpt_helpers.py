@@ -47,3 +47,82 @@ def load_dir(d: str | Path) -> dict:
     for f in sorted(Path(d).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+#: Tiny configs of the diffusers classes of the families ``dqfast.synth`` does not make (every
+#: Linear's in-features a multiple of 32, so every output kind can quantize every layer).
+TINY_DIFFUSERS = {
+    "qwen-image": (
+        "QwenImageTransformer2DModel",
+        dict(
+            patch_size=2,
+            in_channels=32,
+            out_channels=8,
+            num_layers=6,  # ModelOpt's recipe leaves blocks 0, 1 (and with block_range the last two) unquantized
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            axes_dims_rope=(8, 4, 4),
+        ),
+    ),
+    "flux2": (
+        "Flux2Transformer2DModel",
+        dict(
+            patch_size=1,
+            in_channels=32,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),
+        ),
+    ),
+    "hunyuan-video": (
+        "HunyuanVideoTransformer3DModel",
+        dict(
+            in_channels=32,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=1,
+            num_single_layers=1,
+            num_refiner_layers=1,
+            text_embed_dim=32,
+            pooled_projection_dim=32,
+            rope_axes_dim=(4, 6, 6),
+        ),
+    ),
+    "ltx2": (
+        "LTX2VideoTransformer3DModel",
+        dict(
+            in_channels=32,
+            out_channels=32,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            cross_attention_dim=32,
+            audio_in_channels=32,
+            audio_out_channels=32,
+            audio_num_attention_heads=2,
+            audio_attention_head_dim=16,
+            audio_cross_attention_dim=32,
+            num_layers=1,
+            caption_channels=32,
+        ),
+    ),
+}
+
+
+def tiny_diffusers_base(d: str | Path, family: str) -> Path:
+    """A BF16 transformer directory (config.json + safetensors) of the family's diffusers class
+    with tiny random weights, built on CPU by diffusers itself (its real module names)."""
+    import diffusers
+    import torch
+
+    cls, cfg = TINY_DIFFUSERS[family]
+    torch.manual_seed(0)
+    model = getattr(diffusers, cls)(**cfg).to(torch.bfloat16)
+    d = Path(d)
+    model.save_pretrained(str(d), safe_serialization=True)
+    return d

@@ -54,6 +54,22 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
             "rope_max_seq_len": 32,
         },
     },
+    # Six blocks: ModelOpt's Qwen-Image recipe (block_range) quantizes all but the first and last two.
+    # No denoising-loop calibration inputs exist for it: random forward inputs (_qwen_image_loop).
+    "qwen-image": {
+        "class": "QwenImageTransformer2DModel",
+        "preset": "qwen-image",
+        "config": {
+            "patch_size": 2,
+            "in_channels": 32,
+            "out_channels": 8,
+            "num_layers": 6,
+            "attention_head_dim": 16,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "axes_dims_rope": [8, 4, 4],
+        },
+    },
 }
 
 SEED = 0
@@ -132,11 +148,32 @@ def build_fixture(root: Path, model: str, algo: str) -> FixturePaths:
         return paths
 
     transformer = load_base(base_dir, model)
-    batches = ptq.random_calibration_batches(transformer, CALIB_BATCHES, seed=SEED)
-    ptq.quantize(transformer, algo, batches, filter=TINY_CONFIGS[model]["preset"], seed=SEED)
+    preset = TINY_CONFIGS[model]["preset"]
+    if model == "qwen-image":
+        ptq.quantize(transformer, algo, filter=preset, seed=SEED, forward_loop=_qwen_image_loop)
+    else:
+        batches = ptq.random_calibration_batches(transformer, CALIB_BATCHES, seed=SEED)
+        ptq.quantize(transformer, algo, batches, filter=preset, seed=SEED)
     ptq.save(transformer, out_dir, component="transformer")
     done_marker.write_text(json.dumps({"model": model, "algo": algo, "seed": SEED}))
     return paths
+
+
+def _qwen_image_loop(model: Any) -> None:
+    """Seeded random forward inputs for the tiny Qwen-Image (a 4x4 latent, 6 text tokens)."""
+    import torch
+
+    cfg = TINY_CONFIGS["qwen-image"]["config"]
+    for i in range(CALIB_BATCHES):
+        g = torch.Generator().manual_seed(SEED + i)
+        model(
+            hidden_states=torch.randn(1, 16, cfg["in_channels"], generator=g).to(torch.bfloat16),
+            encoder_hidden_states=torch.randn(1, 6, cfg["joint_attention_dim"], generator=g).to(torch.bfloat16),
+            encoder_hidden_states_mask=torch.ones(1, 6, dtype=torch.bool),
+            timestep=torch.tensor([0.5], dtype=torch.bfloat16),
+            img_shapes=[[(1, 4, 4)]],
+            return_dict=False,
+        )
 
 
 def fixture_root(base: Path, model: str) -> Path:

@@ -364,7 +364,7 @@ builder = "fp8"
 output = "out/a"
 identity = "{identity}"
 inputs = {{ base_transformer_dir = "{inputs["a"]}" }}
-options = {{ from_bf16 = true, model_type = "none", weight_granularity = "{granularity}", activation_amax = 1.0 }}
+options = {{ from_bf16 = true, model_type = "none", weight_granularity = "{granularity}", activation_amax = 1.0, target = "vllm-omni" }}
 """)
         return B.load_manifest(m)
 
@@ -440,7 +440,7 @@ def test_sigkill_of_the_whole_batch_then_resume(tmp_path: Path) -> None:
 builder = "fp8"
 output = "out/big"
 inputs = {{ base_transformer_dir = "{big}" }}
-options = {{ from_bf16 = true, model_type = "none" }}
+options = {{ from_bf16 = true, model_type = "none", target = "none" }}
 """)
     cmd = [sys.executable, "-c", "from dqfast.batch_cli import batch; batch()", str(m), "--json"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -502,14 +502,14 @@ def test_mixed_builder_in_a_manifest(tmp_path: Path, inputs: dict[str, Path]) ->
 builder = "mixed"
 output = "out/mixed"
 inputs = {{ base_transformer_dir = "{inputs["a"]}" }}
-options = {{ model_type = "none", policy = {{ nvfp4 = ["."] }} }}
+options = {{ model_type = "none", policy = {{ nvfp4 = ["."] }}, target = "none" }}
 """)
     s = B.run_batch(B.load_manifest(m))
     assert s.jobs[0].status == "done", s.jobs[0].error
     direct = tmp_path / "direct"
     from dqfast.mixed import build_mixed_transformer
 
-    build_mixed_transformer(direct, inputs["a"], {"nvfp4": ["."]}, model_type="none")
+    build_mixed_transformer(direct, inputs["a"], {"nvfp4": ["."]}, model_type="none", target="none")
     assert _dir_files(direct) == _dir_files(tmp_path / "out" / "mixed")
     m.write_text(m.read_text().replace("policy", "polcy"))
     with pytest.raises(B.ManifestError, match="unknown option 'polcy' for builder 'mixed'"):

@@ -335,7 +335,7 @@ def test_non_fp8_export_is_refused(modelopt_fixture, tmp_path):
 
 def test_from_bf16_per_channel(flux_fp8, tmp_path):
     out = tmp_path / "pc"
-    r = dqfast.build_fp8_transformer(out, base_transformer_dir=flux_fp8.base_dir, from_bf16=True)
+    r = dqfast.build_fp8_transformer(out, base_transformer_dir=flux_fp8.base_dir, from_bf16=True, target="vllm-omni")
     got = _load_dir(out)
     base = _load_dir(flux_fp8.base_dir)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -393,7 +393,7 @@ def test_per_channel_export_gets_per_row_scales(flux_fp8, tmp_path):
     with pytest.raises(PlanError, match="different calibrations"):
         dqfast.build_fp8_transformer(tmp_path / "stale", **kw)  # export bytes are per-tensor
     out = tmp_path / "pc"
-    r = dqfast.build_fp8_transformer(out, requantize=True, **kw)
+    r = dqfast.build_fp8_transformer(out, requantize=True, target="vllm-omni", **kw)
     assert r.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"
     got = _load_dir(out)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN"
@@ -433,3 +433,26 @@ def test_maxbound_divides_backbone_amax(flux_fp8, tmp_path):
     assert CliRunner().invoke(main, [*args, "--maxbound", "0"]).exit_code == 2
     r = CliRunner().invoke(main, [*args, "--maxbound", "448", "-q"])
     assert r.exit_code == 0, r.output
+
+
+def test_ignore_is_sglangs_set_with_rmsnorms_and_collision_free_aliases(flux_fp8, flux_build):
+    """`ignore` of an export build is SGLang 0.5.23's set: ModelOpt's entries, every kept weight
+    without a calibrated scale — the RMSNorms `attn.norm_q`/`norm_k` included (before: Linears only) —
+    and every fallback under SGLang's name; plus the diffusers names of the FeedForward fallbacks,
+    none of which matches a quantized module under either engine's rule."""
+    from dqfast.targets import TARGETS
+
+    out, report = flux_build
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    export_ignore = json.loads((flux_fp8.hf_dir / "config.json").read_text())["quantization_config"]["ignore"]
+    for i in (0, 1):
+        for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+            assert f"transformer_blocks.{i}.attn.{n}" in ignore
+        assert {f"transformer_blocks.{i}.ff.proj_in", f"transformer_blocks.{i}.ff.net.0.proj"} <= set(ignore)
+    # Calibrated, then disabled, and excluded by ModelOpt's own wildcard for both engines: not listed
+    # again (SGLang's tool does not list them either).
+    assert "time_text_embed.timestep_embedder.linear_1" not in ignore
+    assert all(TARGETS[e].ignored(export_ignore, "time_text_embed.timestep_embedder.linear_1") for e in TARGETS)
+    quantized = {d.module for d in report.decisions if d.action == "fp8"}
+    for t in TARGETS.values():
+        assert not {m: t.ignored(ignore, m) for m in quantized if t.ignored(ignore, m)}, t.name

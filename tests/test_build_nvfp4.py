@@ -35,7 +35,9 @@ def flux_nv(modelopt_fixture):
 @pytest.fixture(scope="module")
 def flux_nv_build(flux_nv, tmp_path_factory):
     out = tmp_path_factory.mktemp("nv") / "flux-nvfp4"
-    r = build_nvfp4_transformer(out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, model_type="flux1")
+    r = build_nvfp4_transformer(
+        out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, model_type="flux1", target="sglang"
+    )
     return out, r
 
 
@@ -68,7 +70,7 @@ def test_export_build_keeps_nvfp4_bytes_and_restores_fallbacks(flux_nv, flux_nv_
 def test_from_bf16_is_bit_identical_to_modelopt_export(flux_nv, tmp_path):
     """Weights-only NVFP4 in Rust == ModelOpt's NVFP4QTensor export (q/k/v share global scales)."""
     out = tmp_path / "fb"
-    r = build_nvfp4_transformer(out, base_transformer_dir=flux_nv.base_dir, from_bf16=True)
+    r = build_nvfp4_transformer(out, base_transformer_dir=flux_nv.base_dir, from_bf16=True, target="none")
     got, export = _load_dir(out), _load_dir(flux_nv.hf_dir)
     compared = 0
     for m in [d.module for d in r.decisions if d.action == "nvfp4"]:
@@ -84,7 +86,9 @@ def test_from_bf16_is_bit_identical_to_modelopt_export(flux_nv, tmp_path):
 
 def test_swap_rewrites_bytes_and_inspect_detects_order(flux_nv, flux_nv_build, tmp_path):
     out = tmp_path / "sw"
-    build_nvfp4_transformer(out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, swap_weight_nibbles=True)
+    build_nvfp4_transformer(
+        out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, swap_weight_nibbles=True, target="none"
+    )
     a, b = _load_dir(out), _load_dir(flux_nv_build[0])
     w = "transformer_blocks.0.attn.to_q.weight"
     assert torch.equal(a[w], (b[w] >> 4) | (b[w] << 4))
@@ -110,9 +114,11 @@ def test_nan_scales_refused_or_repaired(flux_nv, tmp_path):
     name = "transformer_blocks.0.attn.to_out.0.weight_scale"
     hf = _corrupt_scale(flux_nv.hf_dir, tmp_path / "hf", name, [0, 5])
     with pytest.raises(PlanError, match=r"to_out\.0\.weight_scale': 2 NaN byte"):
-        build_nvfp4_transformer(tmp_path / "o1", modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir)
+        build_nvfp4_transformer(tmp_path / "o1", modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir, target="none")
     assert not (tmp_path / "o1").exists()
-    r = build_nvfp4_transformer(tmp_path / "o2", modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir, repair_nan_scales=True)
+    r = build_nvfp4_transformer(
+        tmp_path / "o2", modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir, repair_nan_scales=True, target="none"
+    )
     assert r.counts["nan_scale_bytes_repaired"] == 2
     got, orig = _u8(_load_dir(tmp_path / "o2")[name]).reshape(-1), _u8(_load_dir(flux_nv.hf_dir)[name]).reshape(-1)
     assert got[0] == 0x7E and got[5] == 0x7E
@@ -139,7 +145,7 @@ def test_fused_shards_with_different_global_scales_are_reconciled_exactly(flux_n
     st.save_file(sd, str(f), metadata={"format": "pt"})
     before = _deq(sd[f"{m}.weight"], sd[f"{m}.weight_scale"], float(new_gs))
     out = tmp_path / "out"
-    r = build_nvfp4_transformer(out, modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir)
+    r = build_nvfp4_transformer(out, modelopt_hf_dir=hf, base_transformer_dir=flux_nv.base_dir, target="none")
     assert r.counts["fused_groups_reconciled"] == 1
     got = _load_dir(out)
     gq = got["transformer_blocks.0.attn.to_q.weight_scale_2"].item()
@@ -180,3 +186,63 @@ def test_fp8_export_is_refused(modelopt_fixture, tmp_path):
     fx = modelopt_fixture("flux", "fp8")
     with pytest.raises(PlanError, match="quant_algo is FP8"):
         build_nvfp4_transformer(tmp_path / "o", modelopt_hf_dir=fx.hf_dir, base_transformer_dir=fx.base_dir)
+
+
+def test_no_preset_by_default_as_sglangs_tool(flux_nv, tmp_path):
+    """Without a preset (`model_type` / `--pattern-preset` unset) an export build restores no module
+    from the base, as SGLang's `build_modelopt_nvfp4_transformer` (before: FLUX.1's preset);
+    `--pattern-preset flux1-nvfp4` applies it. Both target SGLang (vLLM-Omni's FLUX.1 loads neither)."""
+    from click.testing import CliRunner
+    from dqfast.cli import main
+
+    out = tmp_path / "none"
+    r = build_nvfp4_transformer(out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, target="sglang")
+    assert r.counts["bf16_fallback"] == 0 and r.counts["nvfp4"] > 0
+    got, export = _load_dir(out), _load_dir(flux_nv.hf_dir)
+    assert {n for n in export if "_quantizer." not in n} == set(got)
+    args = [
+        "build",
+        "nvfp4",
+        "--modelopt-hf-dir",
+        str(flux_nv.hf_dir),
+        "--base-transformer-dir",
+        str(flux_nv.base_dir),
+        "--target",
+        "sglang",
+    ]
+    res = CliRunner().invoke(main, [*args, "--output-dir", str(tmp_path / "cli"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["counts"]["bf16_fallback"] == 0
+    res = CliRunner().invoke(main, [*args, "--output-dir", str(tmp_path / "preset"), "--pattern-preset", "flux1-nvfp4", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["counts"]["bf16_fallback"] > 0
+
+
+def test_qwen_image_nvfp4_export(modelopt_fixture, tmp_path):
+    """A real ModelOpt NVFP4 export of a tiny Qwen-Image: no preset (SGLang 0.5.23 has no Qwen-Image
+    NVFP4 one), every tensor kept, `ignore` = ModelOpt's, for SGLang. vLLM-Omni's Qwen-Image builds
+    the blocks' img_mod/txt_mod unquantized (the compat suite runs it): the default `any` refuses the
+    export as written, and `--fit-target` writes those layers in BF16 so both engines load it."""
+    from dqfast.check import check_checkpoint
+    from dqfast.errors import TargetError
+
+    q4 = modelopt_fixture("qwen-image", "nvfp4")
+    out = tmp_path / "q"
+    with pytest.raises(TargetError, match=r"vllm-omni.*cannot load 'transformer_blocks\.2\.img_mod\.1'.*qwen_image_transformer\.py"):
+        build_nvfp4_transformer(out, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir)
+    r = build_nvfp4_transformer(out, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir, target="sglang")
+    assert r.counts["bf16_fallback"] == 0 and r.counts["nvfp4"] > 0
+    got, export = _load_dir(out), _load_dir(q4.hf_dir)
+    assert {n for n in export if "_quantizer." not in n} == set(got)
+    assert all(torch.equal(got[n].view(torch.uint8), export[n].view(torch.uint8)) for n in got if got[n].dtype == torch.uint8)
+    cfg = lambda d: json.loads((d / "config.json").read_text())["quantization_config"]  # noqa: E731
+    assert cfg(out)["ignore"] == cfg(q4.hf_dir)["ignore"]
+    fit = tmp_path / "fit"
+    r = build_nvfp4_transformer(fit, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir, fit_target=True)
+    assert [c.status for c in check_checkpoint(fit, "any")] == ["loads", "loads"]
+    kept = {w.split("kept ")[1].split(" ")[0] for w in r.warnings if "kept " in w}
+    assert kept == {f"transformer_blocks.{i}.{m}.1" for i in (2, 3) for m in ("img_mod", "txt_mod")}
+    # SGLang asks its quant config about `...img_mod` (the Linear inside the Sequential): both names
+    # are listed, or SGLang would quantize the BF16 layer (the compat suite checks it on SGLang's config).
+    ignore = cfg(fit)["ignore"]
+    assert {"transformer_blocks.2.img_mod.1", "transformer_blocks.2.img_mod"} <= set(ignore)

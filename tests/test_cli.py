@@ -42,7 +42,7 @@ def test_build_fp8_cli_matches_api(flux_fp8, tmp_path):
     out = tmp_path / "cli"
     r = _build_fp8(flux_fp8, out, "--model-type", "flux1", "--json", hf_dir=flux_fp8.out_dir / "hf")
     assert r.exit_code == 0, r.output
-    rep = json.loads(r.output)
+    rep = json.loads(r.stdout)  # warnings and target lines go to stderr
     assert rep["counts"]["quantized"] > 0 and rep["output_dir"] == str(out)
     import dqfast
 

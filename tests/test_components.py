@@ -41,7 +41,7 @@ def test_find_components(pipeline):
 
 def test_each_component_built_from_its_own_directory(pipeline, tmp_path):
     out = tmp_path / "out"
-    rep = build_components("mixed", pipeline, out, fp8_activation_amax=10.0)
+    rep = build_components("mixed", pipeline, out, fp8_activation_amax=10.0, target="none")
     assert list(rep.components) == ["transformer", "transformer_2"]
     for c in rep.components:
         assert (out / c / "config.json").is_file()
@@ -49,7 +49,7 @@ def test_each_component_built_from_its_own_directory(pipeline, tmp_path):
         assert rep.components[c].counts["quantized_layers"] > 0
         # Same bytes as a single-component build of that directory.
         alone = tmp_path / f"alone-{c}"
-        build_mixed_transformer(alone, pipeline / c, fp8_activation_amax=10.0)
+        build_mixed_transformer(alone, pipeline / c, fp8_activation_amax=10.0, target="none")
         a, b = _load(out / c), _load(alone)
         assert set(a) == set(b)
         for k in a:
@@ -80,7 +80,7 @@ def test_failure_removes_what_this_call_created(pipeline, tmp_path):
     (root / "transformer_2" / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     with pytest.raises(PlanError, match="already quantized"):
-        build_components("mixed", root, out)
+        build_components("mixed", root, out, target="none")
     assert not (out / "transformer").exists()
     assert not out.exists()  # nor the pipeline's VAE / model_index.json, nor a staging directory
     with pytest.raises(PlanError, match="unknown build kind"):
@@ -106,6 +106,8 @@ def test_cli_build_mixed_components_and_components_command(pipeline, tmp_path):
             "--policy",
             '{"nvfp4": ["\\\\.ff\\\\."], "fp8": ["attn"]}',
             "--json",
+            "--target",
+            "none",
         ],
     )
     assert res.exit_code == 0, res.output
@@ -143,11 +145,13 @@ def test_cli_build_components_mxfp8(pipeline, tmp_path):
     from dqfast.mxfp8 import build_mxfp8_transformer
 
     out = tmp_path / "mx"
-    res = CliRunner().invoke(main, ["build", "components", "mxfp8", "--root", str(pipeline), "--output-dir", str(out), "--json"])
+    res = CliRunner().invoke(
+        main, ["build", "components", "mxfp8", "--root", str(pipeline), "--output-dir", str(out), "--json", "--target", "vllm-omni"]
+    )
     assert res.exit_code == 0, res.output
     for c in ("transformer", "transformer_2"):
         alone = tmp_path / f"alone-{c}"
-        build_mxfp8_transformer(alone, base_transformer_dir=pipeline / c)
+        build_mxfp8_transformer(alone, base_transformer_dir=pipeline / c, target="vllm-omni")
         assert _load(out / c).keys() == _load(alone).keys()
         assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(_load(out / c).values(), _load(alone).values()))
 
@@ -175,7 +179,7 @@ def full_pipeline(pipeline, tmp_path) -> Path:
 
 def test_pipeline_root_gets_untouched_components(full_pipeline, tmp_path):
     out = tmp_path / "out"
-    rep = build_components("mixed", full_pipeline, out, fp8_activation_amax=10.0)
+    rep = build_components("mixed", full_pipeline, out, fp8_activation_amax=10.0, target="none")
     assert rep.copied == ["model_index.json", "scheduler", "text_encoder", "tokenizer", "vae"]
     assert rep.to_dict()["copied"] == rep.copied
     for name in rep.copied:
@@ -187,7 +191,7 @@ def test_pipeline_root_gets_untouched_components(full_pipeline, tmp_path):
     # The transformers are built as before (same bytes as a transformers-only build), and nothing
     # else (no staging directory) is left in the output.
     only = tmp_path / "only"
-    rep2 = build_components("mixed", full_pipeline, only, fp8_activation_amax=10.0, transformers_only=True)
+    rep2 = build_components("mixed", full_pipeline, only, fp8_activation_amax=10.0, transformers_only=True, target="none")
     assert rep2.copied == [] and sorted(p.name for p in only.iterdir()) == ["transformer", "transformer_2"]
     for c in ("transformer", "transformer_2"):
         assert _tree(out / c) == _tree(only / c)
@@ -197,7 +201,7 @@ def test_pipeline_root_gets_untouched_components(full_pipeline, tmp_path):
     shutil.rmtree(only / "transformer_2")
     (only / "vae").mkdir()
     with pytest.raises(Exception, match="already exists"):
-        build_components("mixed", full_pipeline, only, fp8_activation_amax=10.0)
+        build_components("mixed", full_pipeline, only, fp8_activation_amax=10.0, target="none")
     assert not (only / "transformer").exists()
 
 
@@ -215,7 +219,7 @@ def test_pipeline_copy_failure_leaves_nothing(full_pipeline, tmp_path, monkeypat
     monkeypatch.setattr(C, "_link_or_copy", boom)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
-        build_components("mixed", full_pipeline, out, fp8_activation_amax=10.0)
+        build_components("mixed", full_pipeline, out, fp8_activation_amax=10.0, target="none")
     assert calls and not out.exists()
 
 

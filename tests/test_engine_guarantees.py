@@ -48,7 +48,7 @@ ZERO_BUILDS = {
         out, weight_granularity="tensor", activation_amax=2.0, **from_bf16_kwargs(base)
     ),
     "nvfp4": lambda out, base: build_nvfp4_transformer(out, **from_bf16_kwargs(base)),
-    "mixed": lambda out, base: build_mixed_transformer(out, base, model_type="none"),
+    "mixed": lambda out, base: build_mixed_transformer(out, base, model_type="none", target="none"),
 }
 
 
@@ -86,7 +86,7 @@ def test_an_activation_amax_whose_scale_underflows_is_refused(tmp_path, dry_run)
     with pytest.raises(PlanError, match=r"input_scale.*subnormal"):
         dqfast.build_fp8_transformer(out, weight_granularity="tensor", activation_amax=1e-40, dry_run=dry_run, **from_bf16_kwargs(base))
     with pytest.raises(PlanError, match=r"input_scale.*subnormal"):
-        build_mixed_transformer(out, base, model_type="none", fp8_activation_amax=1e-40, dry_run=dry_run)
+        build_mixed_transformer(out, base, model_type="none", fp8_activation_amax=1e-40, dry_run=dry_run, target="none")
     with pytest.raises(PlanError, match=r"input_scale.*subnormal"):
         build_nvfp4_transformer(out, activation_amax=1e-36, dry_run=dry_run, **from_bf16_kwargs(base))
     assert not out.exists() and _staging(tmp_path) == []
@@ -338,6 +338,7 @@ def test_cli_quiet_prints_nothing_and_plain_progress_lines_otherwise(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stderr.splitlines() if x.startswith("dqfast: ")]
     assert lines and "(100%)" in lines[-1] and "tensors" in lines[-1], r.stderr
-    assert "dqfast FP8_PER_CHANNEL_PER_TOKEN build" in r.stdout
+    # The default target (any) makes --from-bf16 per-tensor, and says so on stderr (not with -q above).
+    assert "dqfast FP8 build" in r.stdout and "target any: weight scales per-tensor" in r.stderr
     r = subprocess.run(DQFAST + args + ["--output-dir", str(tmp_path / "v"), "-v"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "plan: what happens to each module" in r.stdout

@@ -40,7 +40,7 @@ def wide_flux(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("kind", ["fp8", "nvfp4"])
 def test_direct_and_buffered_builds_are_byte_identical(wide_flux, tmp_path, kind):
     build = dqfast.build_fp8_transformer if kind == "fp8" else build_nvfp4_transformer
-    kw = dict(base_transformer_dir=wide_flux, from_bf16=True, activation_amax=8.0, fsync=False, max_shard_size="30MB")
+    kw = dict(base_transformer_dir=wide_flux, from_bf16=True, activation_amax=8.0, fsync=False, max_shard_size="30MB", target="sglang")
     reports = {io: build(tmp_path / io, io=io, **kw) for io in ("buffered", "direct", "auto")}
     want = _files(tmp_path / "buffered")
     assert_safetensors_readable(tmp_path / "buffered")

@@ -186,7 +186,7 @@ def test_sigkill_mid_write_leaves_only_staging_which_the_next_build_removes(tmp_
     out = tmp_path / "out"
     script = (
         f"import dqfast; dqfast.build_fp8_transformer({str(out)!r}, base_transformer_dir={str(base)!r}, "
-        "from_bf16=True, model_type='none', threads=1)"
+        "from_bf16=True, model_type='none', threads=1, target='none')"
     )
     proc = subprocess.Popen([sys.executable, "-c", script])
     staged = None
@@ -209,7 +209,7 @@ def test_sigkill_mid_write_leaves_only_staging_which_the_next_build_removes(tmp_
     assert not out.exists()
     assert staged.is_dir()  # SIGKILL gives no chance to clean up...
     # ...so the next build of that output does it.
-    dqfast.build_fp8_transformer(out, **from_bf16_kwargs(base), threads=1, fsync=False)
+    dqfast.build_fp8_transformer(out, **from_bf16_kwargs(base), threads=1, fsync=False, target="none")
     assert leftovers(out) == ["out"]
     assert len(dqfast.open_checkpoint(out).tensors) == 4 + 4  # 4 weights + 4 weight_scales
 

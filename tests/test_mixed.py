@@ -32,7 +32,7 @@ def base_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mixed(base_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("mixed") / "transformer"
-    r = build_mixed_transformer(out, base_dir, fp8_activation_amax=20.0, nvfp4_activation_amax=40.0)
+    r = build_mixed_transformer(out, base_dir, fp8_activation_amax=20.0, nvfp4_activation_amax=40.0, target="none")
     return out, r
 
 
@@ -86,7 +86,7 @@ def test_bytes_match_independent_quantization(mixed, base_dir):
 
 def test_nvfp4_fused_group_shares_global_scale(base_dir, tmp_path):
     out = tmp_path / "o"
-    build_mixed_transformer(out, base_dir, {"nvfp4": [r"\.attn\.(to_[qkv]|add_[qkv]_proj)$"]})
+    build_mixed_transformer(out, base_dir, {"nvfp4": [r"\.attn\.(to_[qkv]|add_[qkv]_proj)$"]}, target="none")
     got, base = _load(out), _load(base_dir)
     p = "transformer_blocks.0.attn"
     amax = max(float(base[f"{p}.to_{s}.weight"].float().abs().max()) for s in "qkv")
@@ -99,10 +99,10 @@ def test_nvfp4_fused_group_shares_global_scale(base_dir, tmp_path):
 
 def test_policy_that_splits_a_fused_group_is_refused(base_dir, tmp_path):
     with pytest.raises(PlanError, match=r"fused group '.*to_qkv' would mix algorithms"):
-        build_mixed_transformer(tmp_path / "o", base_dir, {"nvfp4": [r"\.to_q$"], "fp8": [r"\.to_[kv]$"]})
+        build_mixed_transformer(tmp_path / "o", base_dir, {"nvfp4": [r"\.to_q$"], "fp8": [r"\.to_[kv]$"]}, target="none")
     assert not (tmp_path / "o").exists()
     with pytest.raises(PlanError, match="not one of"):
-        build_mixed_transformer(tmp_path / "o", base_dir, {"int4": [r"."]})
+        build_mixed_transformer(tmp_path / "o", base_dir, {"int4": [r"."]}, target="none")
 
 
 def test_mixed_checkpoint_loads_and_runs(mixed, base_dir):

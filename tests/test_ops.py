@@ -174,11 +174,12 @@ def test_ops_match_the_builders_byte_for_byte(tmp_path):
     syn = make_transformer(tmp_path / "syn", "flux1", blocks=1, single_blocks=1, heads=2, head_dim=32, seed=3)
     base = open_checkpoint(syn.base)
     fp8_ch, fp8_t, nv = tmp_path / "fp8c", tmp_path / "fp8t", tmp_path / "nv"
-    build_fp8_transformer(fp8_ch, base_transformer_dir=syn.base, from_bf16=True, model_type="flux1")
+    # target none: the per-channel default and FLUX.1 NVFP4 (refused under the default any).
+    build_fp8_transformer(fp8_ch, base_transformer_dir=syn.base, from_bf16=True, model_type="flux1", target="none")
     build_fp8_transformer(
         fp8_t, base_transformer_dir=syn.base, from_bf16=True, model_type="flux1", weight_granularity="tensor", activation_amax=4.0
     )
-    build_nvfp4_transformer(nv, base_transformer_dir=syn.base, from_bf16=True, model_type="flux1")
+    build_nvfp4_transformer(nv, base_transformer_dir=syn.base, from_bf16=True, model_type="flux1", target="none")
 
     def weight(name: str) -> np.ndarray:
         return read_tensor(syn.base, name, raw=True)

@@ -53,8 +53,20 @@ def flux_runs(tmp_path_factory):
     out = {}
     for algo in ("fp8", "nvfp4"):
         root = tmp_path_factory.mktemp(f"flux-{algo}")
-        out[algo] = run_ptq(_new_model("flux"), root / "out", algo=algo, calib=_calib(), verify=True, progress=False)
+        # NVFP4 FLUX.1 does not load in vLLM-Omni (part of the default `any`): built for SGLang.
+        target = "sglang" if algo == "nvfp4" else "any"
+        out[algo] = run_ptq(_new_model("flux"), root / "out", algo=algo, calib=_calib(), verify=True, progress=False, target=target)
     return out
+
+
+def test_nvfp4_build_a_target_cannot_load_is_refused_before_calibration(tmp_path):
+    """Under the default `any`, vLLM-Omni's FLUX.1 cannot load ModelOpt's NVFP4 export: `ptq --build`
+    refuses before calibrating (not hours later in the build step), and writes nothing."""
+    from dqfast.errors import TargetError
+
+    with pytest.raises(TargetError, match=r"--target any includes vllm-omni.*pass --fit-target"):
+        run_ptq(_new_model("flux"), tmp_path / "out", algo="nvfp4", calib=_calib(), build=True, progress=False)
+    assert not (tmp_path / "out" / "ckpt").exists() and not (tmp_path / "out" / "hf").exists()
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
+from ckpt_helpers import tiny_diffusers_base
 from click.testing import CliRunner
 from dqfast.check import check_checkpoint
 from dqfast.cli import main
 from dqfast.fp8 import build_fp8_transformer
+from dqfast.mixed import build_mixed_transformer
+from dqfast.models import PRESETS
 from dqfast.nvfp4 import build_nvfp4_transformer
 from dqfast.reader import open_checkpoint
 from dqfast.synth import make_transformer
@@ -41,6 +44,11 @@ def test_ignore_matching_rules():
     assert sgl.ignored(["a.b"], "aXb") is None
     assert vo.ignored(["norm_out*"], "norm_out.linear") == "norm_out*"
     assert [t.name for t in get_target("any")] == ["sglang", "vllm-omni"]
+    assert get_target("none") == []
+    # The prefix each engine matches `ignore` against (SGLang's Qwen-Image: the Sequential's name).
+    assert sgl.runtime_name("qwen-image", "transformer_blocks.3.img_mod.1") == "transformer_blocks.3.img_mod"
+    assert vo.runtime_name("qwen-image", "transformer_blocks.3.img_mod.1") == "transformer_blocks.3.img_mod.1"
+    assert sgl.runtime_name("flux1", "transformer_blocks.0.ff.net.2") == "transformer_blocks.0.ff.net.2"
     with pytest.raises(ValueError, match="unknown target"):
         get_target("trt")
 
@@ -52,7 +60,7 @@ def flux_base(tmp_path_factory) -> Path:
 
 def test_check_from_bf16_outputs(flux_base, tmp_path):
     ch = tmp_path / "ch"
-    build_fp8_transformer(ch, from_bf16=True, base_transformer_dir=flux_base)
+    build_fp8_transformer(ch, from_bf16=True, base_transformer_dir=flux_base, target="none")  # per-channel
     sgl, vo = check_checkpoint(ch, "any")
     assert sgl.status == "fails" and "FP8_PER_CHANNEL_PER_TOKEN" in sgl.config_error
     assert vo.status == "loads-bf16"
@@ -62,7 +70,7 @@ def test_check_from_bf16_outputs(flux_base, tmp_path):
         f"single_transformer_blocks.{i}.{m}" for i in (0, 1) for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
     }
     nv = tmp_path / "nv"
-    build_nvfp4_transformer(nv, from_bf16=True, base_transformer_dir=flux_base)
+    build_nvfp4_transformer(nv, from_bf16=True, base_transformer_dir=flux_base, target="none")
     sgl, vo = check_checkpoint(nv, "any")
     assert sgl.status == "loads"
     assert vo.status == "fails"
@@ -89,24 +97,56 @@ def _quantized_modules(d: Path) -> set[str]:
     return {n[: -len(".weight")] for n, t in open_checkpoint(d).tensors.items() if n.endswith(".weight") and t.dtype in ("F8_E4M3", "U8")}
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
-@pytest.mark.parametrize("kind", ["fp8", "nvfp4"])
-@pytest.mark.parametrize("family", sorted(SMALL))
-def test_no_ignore_entry_matches_a_quantized_module(family, kind, target, tmp_path):
-    """Property: under each target's matching rule, no `ignore` entry of a from-BF16 output names a
-    module the output quantizes (for every preset with a synthetic model: flux1, wan). Before the
-    fix, ModelOpt's recipe kept the top-level FLUX.1 `proj_out` in BF16, `ignore` listed `proj_out`,
-    and vLLM's substring rule excluded the quantized `single_transformer_blocks.*.proj_out` too."""
-    base = make_transformer(tmp_path / "src", family, **SMALL[family]).base
+@pytest.fixture(scope="module")
+def family_base(tmp_path_factory):
+    """A tiny BF16 base per model preset: dqfast.synth's (flux1, wan) or diffusers' own class."""
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            d = tmp_path_factory.mktemp(family)
+            made[family] = make_transformer(d, family, **SMALL[family]).base if family in SMALL else tiny_diffusers_base(d / "t", family)
+        return made[family]
+
+    return get
+
+
+#: Every output kind of the calibration-free builders, each as (builder, kwargs). The export-based
+#: builds (FLUX.1 and Wan2.2 ModelOpt exports) are covered the same way in tests/compat.
+OUTPUT_KINDS = {
+    "fp8-tensor": (build_fp8_transformer, dict(weight_granularity="tensor", activation_amax=448.0)),
+    "fp8-channel": (build_fp8_transformer, dict(weight_granularity="channel")),
+    "nvfp4": (build_nvfp4_transformer, {}),
+    "mixed": (build_mixed_transformer, {}),
+}
+FAMILIES = sorted(p for p in PRESETS if p != "none")
+
+
+@pytest.mark.parametrize("fit", ["none", "any-fit"])
+@pytest.mark.parametrize("kind", sorted(OUTPUT_KINDS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_ignore_entry_matches_a_quantized_module(family, kind, fit, family_base, tmp_path):
+    """Property: for every model preset, output kind and target, no `ignore` entry of the output
+    matches a module it quantizes under either engine's matching rule. Before the fix, ModelOpt's
+    recipe kept the top-level FLUX.1 `proj_out` in BF16, `ignore` listed `proj_out`, and vLLM's
+    substring rule excluded the quantized `single_transformer_blocks.*.proj_out` too; `--fit-target`
+    adds module names (`transformer_blocks.0.attn.to_q`, a substring of the single blocks' names)."""
+    build, kw = OUTPUT_KINDS[kind]
+    base = family_base(family)
     out = tmp_path / "out"
-    if kind == "fp8":
-        build_fp8_transformer(out, from_bf16=True, base_transformer_dir=base, weight_granularity="tensor", activation_amax=448.0)
+    target = (
+        dict(target="none") if fit == "none" else dict(target="vllm-omni" if kind in ("mixed", "fp8-channel") else "any", fit_target=True)
+    )
+    if kind == "mixed":
+        build(out, base, **kw, **target)
     else:
-        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=base)
+        build(out, from_bf16=True, base_transformer_dir=base, **kw, **target)
     ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
-    t = TARGETS[target]
-    hits = {m: t.ignored(ignore, m) for m in _quantized_modules(out)}
-    assert {m: p for m, p in hits.items() if p is not None} == {}
+    quantized = _quantized_modules(out)
+    assert quantized
+    for t in TARGETS.values():
+        hits = {m: t.ignored(ignore, m) for m in quantized}
+        assert {m: p for m, p in hits.items() if p is not None} == {}, t.name
 
 
 def test_ltx2_preset_matches_sglangs_fallback_set():
@@ -122,19 +162,19 @@ def test_ltx2_preset_matches_sglangs_fallback_set():
 
 def test_build_target_refuses_what_the_engine_cannot_load(flux_base, tmp_path):
     """`--target`: the `dqfast check` rules run on the plan; a refused build writes nothing."""
-    from dqfast.errors import PlanError
+    from dqfast.errors import PlanError, TargetError
 
     out = tmp_path / "nv"
     with pytest.raises(
-        PlanError, match=r"--target vllm-omni: vllm-omni==0\.30\.0.* cannot load 'transformer_blocks\.0\.attn\.\w+'.*does not quantize"
+        TargetError, match=r"--target vllm-omni: vllm-omni==0\.30\.0.* cannot load 'transformer_blocks\.0\.attn\.\w+'.*does not quantize"
     ):
         build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target="vllm-omni")
     assert not out.exists()
-    with pytest.raises(PlanError, match="cannot load quant_algo FP8_PER_CHANNEL_PER_TOKEN"):
-        build_fp8_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target="any")
+    with pytest.raises(PlanError, match="--fit-target .* needs a --target naming an engine"):
+        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target="none", fit_target=True)
+    with pytest.raises(PlanError, match="--target \\(target\\): unknown target 'trt'"):
+        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target="trt")
     assert not out.exists()
-    with pytest.raises(PlanError, match="--fit-target .* needs --target"):
-        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, fit_target=True)
     # SGLang loads the NVFP4 FLUX.1 build as planned: no refusal, the report names the target.
     rep = build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target="sglang")
     assert rep.target == "sglang" and [r.status for r in check_checkpoint(out, "sglang")] == ["loads"]
@@ -161,18 +201,19 @@ def test_build_cli_target_flags(flux_base, tmp_path):
     args = ["build", "nvfp4", "--from-bf16", "--base-transformer-dir", str(flux_base), "--output-dir", str(out), "-q"]
     r = CliRunner().invoke(main, [*args, "--target", "vllm-omni"])
     assert r.exit_code == 2 and "cannot load 'transformer_blocks." in r.output and not out.exists()
-    r = CliRunner().invoke(main, [*args, "--fit-target"])
-    assert r.exit_code == 2 and "--fit-target" in r.output
+    r = CliRunner().invoke(main, [*args, "--target", "none", "--fit-target"])
+    assert r.exit_code == 2 and "--fit-target" in r.output and not out.exists()
     r = CliRunner().invoke(main, [*args, "--target", "vllm-omni", "--fit-target"])
     assert r.exit_code == 0, r.output
     assert check_checkpoint(out, "vllm-omni")[0].status == "loads"
+    h = " ".join(CliRunner().invoke(main, ["build", "fp8", "--help"]).output.split())
+    assert "[default: any]" in h and "none" in h and "no engine check" in h
 
 
 def test_build_mixed_target(flux_base, tmp_path):
-    from dqfast.errors import PlanError
-    from dqfast.mixed import build_mixed_transformer
+    from dqfast.errors import TargetError
 
-    with pytest.raises(PlanError, match="sglang.*cannot load quant_algo MIXED_PRECISION"):
+    with pytest.raises(TargetError, match=r"--target sglang: sglang==0\.5\.23 cannot load quant_algo MIXED_PRECISION"):
         build_mixed_transformer(tmp_path / "m", flux_base, target="sglang", fit_target=True)
     rep = build_mixed_transformer(tmp_path / "m", flux_base, target="vllm-omni", fit_target=True)
     assert rep.warnings and check_checkpoint(tmp_path / "m", "vllm-omni")[0].status in ("loads", "loads-bf16")
@@ -202,12 +243,23 @@ def test_batch_manifest_target_option(flux_base, tmp_path):
     assert check_checkpoint(tmp_path / "out" / "fit", "vllm-omni")[0].status == "loads"
 
 
-def test_mxfp8_refuses_a_target(flux_base, tmp_path):
-    """The targets have no MXFP8 rules: `build mxfp8 --target` is refused, not silently unchecked."""
-    r = CliRunner().invoke(
-        main, ["build", "mxfp8", "--base-transformer-dir", str(flux_base), "--output-dir", str(tmp_path / "o"), "--target", "vllm-omni"]
-    )
-    assert r.exit_code == 2 and "not MXFP8" in r.output and not (tmp_path / "o").exists()
+@pytest.mark.parametrize("target", [None, "any", "sglang"])
+def test_mxfp8_refused_where_sglang_is_a_target(flux_base, tmp_path, target):
+    """SGLang 0.5.23 does not load dqfast's MXFP8 layout: `build mxfp8` refuses `any` (the default)
+    and `sglang` before writing, naming the engine rule and `--target vllm-omni`."""
+    args = ["build", "mxfp8", "--base-transformer-dir", str(flux_base), "--output-dir", str(tmp_path / "o")]
+    r = CliRunner().invoke(main, args + ([] if target is None else ["--target", target]))
+    assert r.exit_code == 2 and not (tmp_path / "o").exists()
+    assert r.output.startswith("error: build mxfp8 (quant_method mxfp8): --target")
+    assert "weight_scale_inv" in r.output and "pass --target vllm-omni or --target none" in r.output
+
+
+@pytest.mark.parametrize("target", ["vllm-omni", "none"])
+def test_mxfp8_builds_for_vllm_omni_and_none(flux_base, tmp_path, target):
+    from dqfast.mxfp8 import build_mxfp8_transformer
+
+    rep = build_mxfp8_transformer(tmp_path / "o", base_transformer_dir=flux_base, target=target)
+    assert rep.target == target and rep.counts["mxfp8"] > 0
 
 
 @pytest.mark.parametrize("target", [None, "any", "sglang", "vllm-omni"])
@@ -241,7 +293,7 @@ def test_swap_weight_nibbles_by_target(modelopt_fixture, tmp_path, target):
 def test_single_shard_build_writes_an_index(flux_base, tmp_path):
     """SGLang's builder tools always write `*.safetensors.index.json`; dqfast's builders too."""
     out = tmp_path / "o"
-    build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base)
+    build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, target="sglang")
     idx = json.loads((out / "diffusion_pytorch_model.safetensors.index.json").read_text())
     assert set(idx["weight_map"].values()) == {"diffusion_pytorch_model.safetensors"}
     assert set(idx["weight_map"]) == set(open_checkpoint(out).tensors)
@@ -262,3 +314,139 @@ def test_components_target(flux_base, tmp_path):
     r = CliRunner().invoke(main, [*args, "-q"])
     assert r.exit_code == 0, r.output
     assert [x.status for x in check_checkpoint(out / "transformer", "any")] == ["loads", "loads"]
+
+
+# --- The default target (`any`) and `none` ---------------------------------------------------------
+
+
+def test_default_target_forces_per_tensor_fp8_and_says_why(flux_base, tmp_path):
+    """`build fp8 --from-bf16` with no --target / --weight-granularity: `any` includes SGLang, whose
+    loader cannot take per-channel FP8, so the build is per-tensor (static input_scale 1.0) and the
+    report says so, one line per forced choice. Before: FP8_PER_CHANNEL_PER_TOKEN, which SGLang refuses."""
+    out = tmp_path / "fp8"
+    rep = build_fp8_transformer(out, from_bf16=True, base_transformer_dir=flux_base)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_algo"] == "FP8" and rep.target == "any"
+    assert [f.split(":")[0] for f in rep.target_forced] == ["weight scales per-tensor", "activation amax 448 (input_scale 1.0)"]
+    assert "sglang==0.5.23" in rep.target_forced[0] and "modelopt_quant.py" in rep.target_forced[0]
+    assert rep.to_dict()["target_forced"] == rep.target_forced
+    assert [r.status for r in check_checkpoint(out, "any")] == ["loads", "loads-bf16"]
+    # The CLI prints each forced choice on its own line (stderr), also with --json.
+    args = ["build", "fp8", "--from-bf16", "--base-transformer-dir", str(flux_base), "--json", "--output-dir"]
+    r = CliRunner().invoke(main, [*args, str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["target_forced"] == rep.target_forced
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("target any: ")] == [f"target any: {f}" for f in rep.target_forced]
+
+
+@pytest.mark.parametrize("target", ["none", "vllm-omni"])
+def test_fp8_per_channel_default_where_every_engine_of_the_target_loads_it(flux_base, tmp_path, target):
+    rep = build_fp8_transformer(tmp_path / "o", from_bf16=True, base_transformer_dir=flux_base, target=target)
+    assert rep.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN" and rep.target_forced == [] and rep.target == target
+
+
+def test_explicit_choice_the_target_cannot_load_is_refused(flux_base, tmp_path):
+    """An explicit per-channel choice under `any`: a TargetError naming the flag, the engine rule
+    and the way out, before anything is written; `--fit-target` overrides it and says so."""
+    from dqfast.errors import TargetError
+
+    out = tmp_path / "o"
+    with pytest.raises(
+        TargetError, match=r"^--weight-granularity channel .*sglang==0\.5\.23.*modelopt_quant\.py.*pass --target vllm-omni or --target none"
+    ):
+        build_fp8_transformer(out, from_bf16=True, base_transformer_dir=flux_base, weight_granularity="channel")
+    assert not out.exists()
+    args = [
+        "build",
+        "fp8",
+        "--from-bf16",
+        "--base-transformer-dir",
+        str(flux_base),
+        "--output-dir",
+        str(out),
+        "--weight-granularity",
+        "channel",
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "--fit-target" in r.output and not out.exists()
+    rep = build_fp8_transformer(
+        out, from_bf16=True, base_transformer_dir=flux_base, weight_granularity="channel", activation_amax=100.0, fit_target=True
+    )
+    assert rep.quant_algo == "FP8" and len(rep.target_forced) == 1 and rep.target_forced[0].endswith("per-tensor instead (--fit-target)")
+
+
+def test_default_target_refuses_flux1_nvfp4_unless_fitted(flux_base, family_base, tmp_path):
+    """vLLM-Omni's FLUX.1 quantizes only the single-stream blocks: plain `build nvfp4` of FLUX.1 under
+    the default `any` is refused (naming --fit-target and the engines that would load it); with
+    --fit-target both engines load it. Wan2.2 (every Linear quantized in both) builds as before."""
+    from dqfast.errors import TargetError
+
+    out = tmp_path / "o"
+    with pytest.raises(TargetError, match=r"^--target any: vllm-omni==0\.30\.0.*pass --fit-target .*, or --target sglang or --target none"):
+        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base)
+    assert not out.exists()
+    rep = build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux_base, fit_target=True)
+    assert rep.target == "any" and [r.status for r in check_checkpoint(out, "any")] == ["loads", "loads"]
+    rep = build_nvfp4_transformer(tmp_path / "wan", from_bf16=True, base_transformer_dir=family_base("wan"))
+    assert rep.target == "any" and [r.status for r in check_checkpoint(tmp_path / "wan", "any")] == ["loads", "loads"]
+    # `none`: no engine check at all.
+    rep = build_nvfp4_transformer(tmp_path / "none", from_bf16=True, base_transformer_dir=flux_base, target="none")
+    assert rep.target == "none" and check_checkpoint(tmp_path / "none", "vllm-omni")[0].status == "fails"
+
+
+def test_default_target_refuses_mixed_and_fits_the_default_policy(flux_base, tmp_path):
+    """SGLang rejects MIXED_PRECISION: `build mixed` under `any` fails at once (CLI: one line, exit 2,
+    pointing at --target vllm-omni). Under vllm-omni the *default* policy is fitted to its FLUX.1."""
+    r = CliRunner().invoke(main, ["build", "mixed", "--base-transformer-dir", str(flux_base), "--output-dir", str(tmp_path / "m")])
+    assert r.exit_code == 2 and not (tmp_path / "m").exists()
+    assert r.output.startswith("error: --target any: sglang==0.5.23 cannot load quant_algo MIXED_PRECISION")
+    assert "_resolve_quant_method_name" in r.output and r.output.strip().endswith("pass --target vllm-omni or --target none")
+    rep = build_mixed_transformer(tmp_path / "m", flux_base, target="vllm-omni")
+    assert rep.target_forced and rep.target_forced[0].startswith("default policy:")
+    assert check_checkpoint(tmp_path / "m", "vllm-omni")[0].status in ("loads", "loads-bf16")
+    # An explicit policy is the user's choice: checked as written.
+    from dqfast.errors import TargetError
+
+    with pytest.raises(TargetError, match="cannot load 'transformer_blocks.0"):
+        build_mixed_transformer(tmp_path / "p", flux_base, {"nvfp4": [r"\.ff\."], "fp8": ["."]}, target="vllm-omni")
+
+
+def test_components_and_batch_default_to_any(flux_base, tmp_path):
+    import shutil
+
+    from dqfast import batch as B
+
+    root = tmp_path / "pipe"
+    shutil.copytree(flux_base, root / "transformer")
+    r = CliRunner().invoke(main, ["build", "components", "nvfp4", "--root", str(root), "--output-dir", str(tmp_path / "c"), "--from-bf16"])
+    assert r.exit_code == 2 and "--target any: vllm-omni" in r.output and not (tmp_path / "c" / "transformer").exists()
+    m = tmp_path / "m.toml"
+    m.write_text(
+        f'[[jobs]]\nname = "d"\nbuilder = "fp8"\noutput = "out/d"\ninputs = {{ base_transformer_dir = "{flux_base}" }}\n'
+        "options = { from_bf16 = true }\n"
+    )
+    s = B.run_batch(B.load_manifest(m))
+    assert s.jobs[0].status == "done", s.jobs[0].error
+    assert json.loads((tmp_path / "out" / "d" / "config.json").read_text())["quantization_config"]["quant_algo"] == "FP8"
+
+
+@pytest.mark.parametrize("fit", ["none", "any-fit"])
+@pytest.mark.parametrize("export", ["flux/fp8", "flux/nvfp4", "wan/fp8", "qwen-image/nvfp4"])
+def test_no_ignore_entry_matches_a_quantized_module_of_an_export_build(export, fit, modelopt_fixture, tmp_path):
+    """The same property for the builds from real ModelOpt 0.47 exports (FLUX.1, Wan2.2, Qwen-Image),
+    whose `ignore` starts from ModelOpt's own list (`proj_out`, `transformer_blocks.0*`, ...)."""
+    model, algo = export.split("/")
+    fx = modelopt_fixture(model, algo)
+    kw = dict(target="none") if fit == "none" else dict(target="any", fit_target=True)
+    out = tmp_path / "out"
+    if algo == "fp8":
+        build_fp8_transformer(out, modelopt_hf_dir=fx.hf_dir, modelopt_backbone_ckpt=fx.backbone, base_transformer_dir=fx.base_dir, **kw)
+    else:
+        build_nvfp4_transformer(out, modelopt_hf_dir=fx.hf_dir, base_transformer_dir=fx.base_dir, **kw)
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    quantized = _quantized_modules(out)
+    assert quantized
+    for t in TARGETS.values():
+        assert {m: t.ignored(ignore, m) for m in quantized if t.ignored(ignore, m)} == {}, t.name
+    if fit != "none":
+        assert [r.status for r in check_checkpoint(out, "any")] == ["loads", "loads"]

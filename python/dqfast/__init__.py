@@ -17,6 +17,7 @@ from dqfast.errors import (
     InternalError,
     OutputExistsError,
     PlanError,
+    TargetError,
     UnsafeOutputError,
 )
 from dqfast.fp8 import build_fp8_transformer
@@ -54,6 +55,7 @@ __all__ = [
     "DqfastError",
     "CheckpointError",
     "PlanError",
+    "TargetError",
     "UnsafeOutputError",
     "OutputExistsError",
     "DqfastIOError",

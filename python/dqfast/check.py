@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dqfast.errors import PlanError
+from dqfast.errors import PlanError, TargetError
 from dqfast.formats import BF16, MIXED_PRECISION, WeightFormat, classify, family_algos, op_output
 from dqfast.models import detect_preset
 from dqfast.quant_config import find_component_dir, load_json, quantized_layer_entry, resolve_quant_config
 from dqfast.reader import open_checkpoint
-from dqfast.targets import Target, get_target
+from dqfast.targets import TARGETS, Target, get_target, other_targets
 
 __all__ = ["LayerVerdict", "CheckReport", "check_checkpoint", "plan_tensors", "apply_target"]
 
@@ -75,8 +75,9 @@ def _stored(tensors: dict, module: str) -> WeightFormat | None:
 def _engine_algo(t: Target, family: str, qc: Any, module: str) -> tuple[str | None, str]:
     """The algorithm the engine builds ``module`` with (None: unquantized), and why."""
     if not t.model_quantizes(family, module):
-        return None, f"{t.name}'s {family} model class does not quantize this layer ({t.quantized_modules_source})"
-    hit = t.ignored(qc.ignore, module)
+        return None, f"{t.name}'s {family} model class does not quantize this layer ({t.quantized_source(family)})"
+    runtime = t.runtime_name(family, module)
+    hit = t.ignored(qc.ignore, runtime)
     if hit is not None:
         return None, f"matched by ignore entry '{hit}' ({t.ignore_matching})"
     if qc.quant_algo != MIXED_PRECISION:
@@ -204,7 +205,17 @@ def _float_source(plan: Any, name: str) -> int | None:
     return None
 
 
-def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str) -> None:
+def _ignore_names(family: str, module: str) -> list[str]:
+    """``module`` and the prefix each engine decides it under (SGLang's Qwen-Image: `img_mod`, not
+    `img_mod.1`): what ``ignore`` must list so that every engine keeps it unquantized."""
+    names = [module]
+    for t in TARGETS.values():
+        if (r := t.runtime_name(family, module)) not in names:
+            names.append(r)
+    return names
+
+
+def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str, family: str) -> None:
     """Rewrite ``module`` of ``plan`` to its float weight (no scales), listed in ``ignore``."""
     s = _float_source(plan, f"{module}.weight")
     if s is None:
@@ -214,7 +225,7 @@ def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str) -> None:
     drop = {f"{module}.{x}" for x in ("weight", *_SCALE_SUFFIXES)}
     plan.tensors = [t for t in plan.tensors if t["name"] not in drop]
     plan.copy(f"{module}.weight", s)
-    qcfg["ignore"] = [*qcfg.get("ignore", []), module]
+    qcfg["ignore"] = [*qcfg.get("ignore", []), *_ignore_names(family, module)]
     if isinstance(qcfg.get("quantized_layers"), dict):
         qcfg["quantized_layers"].pop(module, None)
 
@@ -225,10 +236,11 @@ def apply_target(plan: Any, report: Any) -> None:
     1. always: an ``ignore`` entry that an engine's matching rule applies to a module the output
        quantizes is rewritten (vLLM's substring rule: ``proj_out`` would exclude
        ``single_transformer_blocks.*.proj_out``);
-    2. with ``plan.target``: the target's acceptance rules (the ones ``dqfast check`` runs) on the
-       planned tensors and config; a layer an engine cannot load is a PlanError naming it and the
-       rule, or with ``plan.fit_target`` is kept in BF16 / added to ``ignore`` (listed in
-       ``report.warnings``).
+    2. with ``plan.target`` (the builders' default ``any``; ``none`` and None check nothing): the
+       target's acceptance rules (the ones ``dqfast check`` runs) on the planned tensors and config;
+       a quant_algo an engine refuses, or a layer it cannot load, is a TargetError naming it, the
+       rule and the ``--target`` values that would load it; with ``plan.fit_target`` such a layer is
+       kept in BF16 / added to ``ignore`` instead (listed in ``report.warnings``).
     """
     from dqfast.quant_config import _normalize
     from dqfast.targets import collision_free_ignore
@@ -237,14 +249,14 @@ def apply_target(plan: Any, report: Any) -> None:
     tensors = plan_tensors(plan)
     family = detect_preset(plan.src_config).name
     targets: list[Target] = []
-    if plan.fit_target and plan.target is None:
-        raise PlanError("--fit-target (fit_target=True) needs --target (target=...)")
     if plan.target is not None:
         try:
             targets = get_target(plan.target)
         except ValueError as e:
             raise PlanError(f"--target (target): {e}") from None
         report.target = plan.target
+    if plan.fit_target and not targets:
+        raise PlanError(f"--fit-target (fit_target=True) needs a --target naming an engine (target={plan.target!r} checks none)")
     for _ in range(3):
         if plan.fit_target and targets:
             forced = False
@@ -254,11 +266,11 @@ def apply_target(plan: Any, report: Any) -> None:
                     break
                 for v in _check_one(t, plan.output_dir, family, qc, tensors).layers:
                     if v.outcome in ("error", "dequantized") and v.stored != "BF16":
-                        _keep_bf16(plan, qcfg, v.module, f"{t.name}: {v.detail}")
+                        _keep_bf16(plan, qcfg, v.module, f"{t.name}: {v.detail}", family)
                         report.warnings.append(f"--target {plan.target}: kept {v.module} in BF16 ({t.name}: {v.detail})")
                         forced = True
                     elif v.outcome == "error":
-                        qcfg["ignore"] = [*qcfg.get("ignore", []), v.module]
+                        qcfg["ignore"] = [*qcfg.get("ignore", []), *_ignore_names(family, v.module)]
                         report.warnings.append(f"--target {plan.target}: listed {v.module} in ignore ({t.name}: {v.detail})")
                         forced = True
             if forced:
@@ -266,18 +278,27 @@ def apply_target(plan: Any, report: Any) -> None:
                 continue
         break
     qcfg["ignore"] = _fix_ignore(qcfg, tensors, collision_free_ignore, report if targets else None)["ignore"]
+    qc = _normalize(qcfg, "planned config")
+    algo = qc.quant_algo if qc is not None else ""
+    algo_refused = [t for t in targets if qc is not None and algo not in t.algos]
+    if algo_refused:  # a whole format: --fit-target cannot help
+        t = algo_refused[0]
+        raise TargetError(
+            f"--target {plan.target}: {t.engine_version} cannot load quant_algo {algo} ({t.algos_source}); "
+            f"pass {other_targets(plan.target, lambda e: algo in e.algos) or '--target none'}"
+        )
+    failures: dict[str, str] = {}  # engine -> the first layer it cannot load, and why
     for t in targets:
-        qc = _normalize(qcfg, "planned config")
-        if qc is not None and qc.quant_algo not in t.algos:
-            raise PlanError(f"--target {plan.target}: {t.engine_version} cannot load quant_algo {qc.quant_algo} ({t.algos_source})")
-        rep = _check_one(t, plan.output_dir, family, qc, tensors)
-        bad = [v for v in rep.layers if v.outcome == "error"]
+        bad = [v for v in _check_one(t, plan.output_dir, family, qc, tensors).layers if v.outcome == "error"]
         if bad:
             more = f" (and {len(bad) - 1} more layer(s))" if len(bad) > 1 else ""
-            raise PlanError(
-                f"--target {plan.target}: {t.engine_version} cannot load '{bad[0].module}': {bad[0].detail}{more}; "
-                "pass --fit-target (fit_target=True) to keep such layers in BF16"
-            )
+            failures[t.name] = f"{t.engine_version} cannot load '{bad[0].module}': {bad[0].detail}{more}"
+    if failures:
+        alts = other_targets(plan.target, lambda e: e.name not in failures) or "--target none"
+        raise TargetError(
+            f"--target {plan.target}: {next(iter(failures.values()))}; "
+            f"pass --fit-target (fit_target=True) to keep such layers in BF16, or {alts}"
+        )
     plan.write_config(plan.src_config, qcfg)
 
 

@@ -26,7 +26,7 @@ from dqfast.errors import DqfastError
 from dqfast.hub import InputPath, hub_options
 from dqfast.plan import IO_MODES, BuildReport
 from dqfast.ptq_cli import ptq
-from dqfast.targets import TARGET_NAMES
+from dqfast.targets import DEFAULT_TARGET, TARGET_NAMES
 
 #: Live progress displays started by `_common_build_kwargs`, ended by `_run` whatever happens.
 _PROGRESS: list[Any] = []
@@ -95,6 +95,8 @@ def print_report(report: BuildReport, as_json: bool, show_decisions: bool) -> No
 
 def _print_warnings(report: BuildReport) -> None:
     # stderr, also with --json: a warning must reach the user whatever stdout is piped into.
+    for f in report.target_forced:
+        click.echo(f"target {report.target}: {f}", err=True)
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
 
@@ -145,15 +147,18 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--target",
             type=click.Choice(TARGET_NAMES),
-            default=None,
-            help="Serving engine the output must load in (any = both), by the rules of `dqfast check`: "
-            "a layer it cannot load fails the build before anything is written.",
+            default=DEFAULT_TARGET,
+            show_default=True,
+            help="Serving engine the output must load in, by the rules of `dqfast check` (any = both SGLang and "
+            "vLLM-Omni; none = no engine check, e.g. for dqfast's own runtime or other loaders). Options left unset "
+            "take the value the target loads (each printed as 'target NAME: ...'); an explicit choice or a layer it cannot "
+            "load fails the build before anything is written.",
         ),
         click.option(
             "--fit-target",
             is_flag=True,
-            help="With --target: keep in BF16 (and list in ignore) the layers the engine cannot load quantized; "
-            "the report's warnings name each one.",
+            help="Keep in BF16 (and list in ignore) the layers the --target engine cannot load quantized, and override "
+            "explicit options it cannot load; the report's warnings name each one.",
         ),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
         click.option("--dry-run", is_flag=True, help="Print the plan (which modules become what, and why); write nothing."),
@@ -212,9 +217,9 @@ def _common_build_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 @click.option(
     "--weight-granularity",
     type=click.Choice(["channel", "tensor"]),
-    default="channel",
-    show_default=True,
-    help="--from-bf16: per output channel (FP8_PER_CHANNEL_PER_TOKEN) or per tensor (FP8, needs --activation-amax).",
+    default=None,
+    help="--from-bf16: per output channel (FP8_PER_CHANNEL_PER_TOKEN) or per tensor (FP8, needs --activation-amax). "
+    "Default: from --target (tensor, with activation amax 448, where SGLang is a target; else channel).",
 )
 @click.option("--activation-amax", type=POSITIVE_FLOAT, default=None, help="--from-bf16: static activation amax -> input_scale = amax/448.")
 @click.option(
@@ -269,7 +274,12 @@ def build_fp8(**kw: Any) -> None:
 @build.command("nvfp4")
 @click.option("--modelopt-hf-dir", type=InputPath(), help="ModelOpt NVFP4 HF export (root or transformer/).")
 @click.option("--base-transformer-dir", type=InputPath(), help="BF16 base transformer (fallback weights).")
-@click.option("--pattern-preset", default=None, help="SGLang's name for --model-type (e.g. flux1-nvfp4).")
+@click.option(
+    "--pattern-preset",
+    default=None,
+    help="SGLang's name for the BF16 fallback preset (none, flux1-nvfp4; or a --model-type name). Without it and "
+    "--model-type, no preset is applied, as SGLang's tool does (--from-bf16: auto).",
+)
 @click.option("--keep-bf16-pattern", "keep_bf16", multiple=True, metavar="GLOB", help="SGLang's name for --fallback (globs).")
 @click.option(
     "--swap-weight-nibbles/--no-swap-weight-nibbles",
@@ -297,6 +307,8 @@ def build_nvfp4(**kw: Any) -> None:
     model_type = kw["model_type"]
     if kw["pattern_preset"]:
         model_type = {"flux1-nvfp4": "flux1"}.get(kw["pattern_preset"], kw["pattern_preset"])
+    elif click.get_current_context().get_parameter_source("model_type") == click.core.ParameterSource.DEFAULT:
+        model_type = None  # SGLang's default: no preset (the builder: auto for --from-bf16)
     report = _run(
         lambda: build_nvfp4_transformer(
             kw["output_dir"],
@@ -446,7 +458,12 @@ def _load_policy(spec: str) -> list[tuple[str, str]]:
 @click.option("--modelopt-backbone-ckpt", default=None, help="backbone.pt per component; '{component}' is substituted.")
 @click.option("--from-bf16", is_flag=True, help="fp8/nvfp4: quantize the base weights (no export).")
 @click.option("--activation-amax", type=POSITIVE_FLOAT, default=None, help="fp8/nvfp4 --from-bf16 activation amax.")
-@click.option("--weight-granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True)
+@click.option(
+    "--weight-granularity",
+    type=click.Choice(["channel", "tensor"]),
+    default=None,
+    help="fp8 --from-bf16: as for `build fp8` (default: from --target).",
+)
 @click.option(
     "--transformers-only",
     is_flag=True,
@@ -458,7 +475,9 @@ def build_components_cmd(**kw: Any) -> None:
     from dqfast.components import build_components
 
     kind = kw["kind"]
-    args: dict[str, Any] = dict(model_type=kw["model_type"], **_common_build_kwargs(kw))
+    args: dict[str, Any] = dict(**_common_build_kwargs(kw))
+    if click.get_current_context().get_parameter_source("model_type") != click.core.ParameterSource.DEFAULT:
+        args["model_type"] = kw["model_type"]  # else the builder's default (nvfp4: no preset, as SGLang's tool)
     if kind not in ("mixed", "mxfp8"):  # the calibration-free-only builders take neither
         args.update(fallback=list(kw["fallbacks"]), from_bf16=kw["from_bf16"], activation_amax=kw["activation_amax"])
         if kw["base_transformer_dir"]:

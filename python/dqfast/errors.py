@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "PlanError",
     "UnsafeOutputError",
+    "TargetError",
     "OutputExistsError",
     "DqfastIOError",
     "InternalError",
@@ -74,6 +75,12 @@ class UnsafeOutputError(PlanError):
     a class of its own so callers can tell "choose another output" from a bad plan."""
 
     input: str | None = None
+
+
+class TargetError(PlanError):
+    """The serving-engine target (``--target``; default ``any``) cannot load what the options ask
+    for; the message names the flag or layer, the engine rule and its upstream file, and the way
+    out (another ``--target``, or ``--fit-target``). A :class:`PlanError`: nothing was written."""
 
 
 class OutputExistsError(DqfastError):

@@ -41,7 +41,7 @@ from dqfast.plan import (
 )
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
-from dqfast.targets import TargetName
+from dqfast.targets import DEFAULT_TARGET, TARGETS, TargetName, fp8_from_bf16_granularity
 
 __all__ = ["build_fp8_transformer"]
 
@@ -126,7 +126,7 @@ def build_fp8_transformer(
     model_type: str = "auto",
     fallback: Iterable[str] | str = (),
     from_bf16: bool = False,
-    weight_granularity: Literal["channel", "tensor"] = "channel",
+    weight_granularity: Literal["channel", "tensor"] | None = None,
     activation_amax: float | None = None,
     rounding: Rounding = "exact",
     requantize: bool = False,
@@ -141,16 +141,22 @@ def build_fp8_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
-    target: TargetName | None = None,
+    target: TargetName = DEFAULT_TARGET,
     fit_target: bool = False,
     maxbound: float = E4M3_MAX,
 ) -> BuildReport:
     """Build an FP8 transformer directory that SGLang Diffusion / vLLM-Omni load.
 
-    ``target`` (``sglang``, ``vllm-omni``, ``any``): refuse, before writing, an output that engine
-    cannot load (:func:`dqfast.check.apply_target`); ``fit_target``: keep such layers in BF16 instead
-    (``report.warnings`` lists each). ``ignore`` entries never match a quantized module under
-    either engine's rule (``proj_out`` is written ``p*roj_out``).
+    ``target`` (``any``: both engines, the default; ``sglang``, ``vllm-omni``; ``none``: no engine
+    check): refuse, before writing, an output that engine cannot load
+    (:class:`dqfast.errors.TargetError`, :func:`dqfast.check.apply_target`); ``fit_target``: keep
+    such layers in BF16 instead (``report.warnings`` lists each). ``ignore`` entries never match a
+    quantized module under either engine's rule (``proj_out`` is written ``p*roj_out``).
+
+    ``weight_granularity`` (``from_bf16``; None: from the target): per output channel
+    (``FP8_PER_CHANNEL_PER_TOKEN``) where every engine of the target loads it (``vllm-omni``,
+    ``none``), else per tensor (``FP8``, and ``activation_amax`` 448 unless given); each choice the
+    target made is a line of ``report.target_forced``.
 
     ``maxbound``: SGLang's ``--maxbound`` (backbone amax / maxbound).
     ``fallback``: regexes (one ``str`` is one pattern). ``model_type`` must match config.json's
@@ -177,17 +183,26 @@ def build_fp8_transformer(
             if given is not None:
                 # The export would be silently ignored: --from-bf16 quantizes the base itself.
                 raise PlanError(f"--from-bf16 and {flag} exclude each other (from_bf16=True ignores the export): pass one")
+        granularity, forced = fp8_from_bf16_granularity(target, weight_granularity, fit_target)
+        if granularity == "tensor" and activation_amax is None and weight_granularity != "tensor":
+            # Both engines' per-tensor FP8 layers need a static input_scale; 448 gives 1.0, as `build mixed`.
+            activation_amax = E4M3_MAX
+            forced.append(
+                f"activation amax {E4M3_MAX:g} (input_scale 1.0): per-tensor FP8 needs a static input_scale in both engines; "
+                "pass --activation-amax from a calibration"
+            )
         report = _plan_from_bf16(
             plan,
             Path(base_transformer_dir),
             model_type,
             extra,
-            weight_granularity,
+            granularity,
             activation_amax,
             _rounding(rounding),
             component,
             force_model_type,
         )
+        report.target_forced += forced
     else:
         if modelopt_hf_dir is None:
             raise PlanError("a calibrated FP8 build needs --modelopt-hf-dir (modelopt_hf_dir), or use --from-bf16 (from_bf16=True)")
@@ -330,11 +345,15 @@ def _plan_calibrated(
         # Neither quantized in the export nor a fallback: kept as ModelOpt wrote it.
         if weight is not None:
             why = "in ModelOpt's ignore list" if qc.is_ignored(module) else "not quantized by ModelOpt"
-            if module in amax and amax[module].weight is not None:
+            calibrated = module in amax and amax[module].weight is not None
+            if calibrated:
                 why += " (its quantizer was disabled after calibration)"
             report.decisions.append(ModuleDecision(module, "keep", why))
             counts["kept_unquantized"] += 1
-            if weight.dtype in FLOAT_DTYPES and len(weight.shape) >= 2:
+            # SGLang's tool lists every kept weight without a calibrated scale (Linears, RMSNorms, ...)
+            # and relies on ModelOpt's own entries for the rest; dqfast lists a calibrated one too
+            # unless ModelOpt's ignore already excludes it for both engines.
+            if not (calibrated and all(t.ignored(list(qc.ignore), module) for t in TARGETS.values())):
                 ignore.update(_ignore_entries(preset, module))
         for meta in parts.values():
             plan.copy(meta.name, src_export)

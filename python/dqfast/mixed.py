@@ -36,7 +36,7 @@ from dqfast.nvfp4 import GROUP, NVFP4_BOUND, add_nvfp4_layer
 from dqfast.plan import BuildReport, IoMode, ModuleDecision, ProgressFn, finish, new_plan
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
-from dqfast.targets import TargetName
+from dqfast.targets import DEFAULT_TARGET, TargetName, targets_of
 
 __all__ = ["ALGOS", "MLP_PATTERNS", "default_policy", "parse_policy", "build_mixed_transformer"]
 
@@ -111,7 +111,7 @@ def build_mixed_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
-    target: TargetName | None = None,
+    target: TargetName = DEFAULT_TARGET,
     fit_target: bool = False,
 ) -> BuildReport:
     """Write a MIXED_PRECISION transformer directory built from the BF16 base.
@@ -125,8 +125,12 @@ def build_mixed_transformer(
     Both are stated in the config's ``calibration`` entry. ``guard_inputs``: files the caller
     read to make the arguments (the CLI's ``--policy`` file); like the base, the output may never
     be, contain or lie inside one.
-    ``target`` / ``fit_target``: as for :func:`dqfast.fp8.build_fp8_transformer` (SGLang rejects
-    MIXED_PRECISION, so ``sglang`` and ``any`` always refuse).
+    ``target`` / ``fit_target``: as for :func:`dqfast.fp8.build_fp8_transformer`. SGLang rejects
+    MIXED_PRECISION, so ``sglang`` and ``any`` (the default) refuse it before anything is written
+    (:class:`dqfast.errors.TargetError`): pass ``target="vllm-omni"`` (or ``"none"``). With the
+    default policy, the layers the target's model class cannot load quantized stay BF16 (as
+    ``fit_target``; ``report.target_forced`` says so, the warnings name each layer); an explicit
+    ``policy`` is checked as written.
     """
     out = Path(output_dir)
     plan = new_plan(out, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
@@ -245,4 +249,10 @@ def build_mixed_transformer(
         report.warnings.append("FP8 input_scale = 1.0 (activation amax 448 assumed); pass fp8_activation_amax from calibration")
     report.warnings.append("MIXED_PRECISION loads in vLLM-Omni (modelopt_mixed) and dqfast.runtime; SGLang Diffusion rejects it")
     plan.target, plan.fit_target = target, fit_target
+    if policy is None and not fit_target and targets_of(target):
+        # The default policy is dqfast's choice, not the user's: fit it to the target.
+        plan.fit_target = True
+        report.target_forced.append(
+            "default policy: layers the target's model class cannot load quantized stay BF16 (as --fit-target; the warnings name each)"
+        )
     return finish(plan, report, dry_run=dry_run, progress=progress)

@@ -32,7 +32,7 @@ from dqfast.plan import BuildReport, IoMode, ModuleDecision, ProgressFn, check_q
 from dqfast.presets import resolve_preset
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
-from dqfast.targets import TargetName
+from dqfast.targets import DEFAULT_TARGET, TargetName, refuse_format
 
 __all__ = ["build_mxfp8_transformer", "BLOCK"]
 
@@ -56,7 +56,7 @@ def build_mxfp8_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
-    target: TargetName | None = None,
+    target: TargetName = DEFAULT_TARGET,
     fit_target: bool = False,
 ) -> BuildReport:
     """Build an MXFP8 weight-only transformer directory for vLLM-Omni from a BF16/F16/F32 base.
@@ -65,15 +65,13 @@ def build_mxfp8_transformer(
     one pattern) of modules to keep in BF16, on top of the preset's FP8 fallbacks. A build that
     quantizes nothing warns (``report.warnings``), or fails with ``strict``.
 
+    ``target``: ``any`` (the default) and ``sglang`` refuse (:class:`dqfast.errors.TargetError`):
+    SGLang 0.5.23 does not load this layout; pass ``target="vllm-omni"`` (or ``"none"``).
+
     Raises :class:`dqfast.errors.DqfastError` subclasses naming the file, tensor and problem
     (a non-finite weight: :class:`~dqfast.errors.CheckpointError` with the tensor and row);
     nothing is left at ``output_dir`` on failure. ``progress``: see :data:`dqfast.plan.ProgressFn`.
     """
-    if target is not None or fit_target:
-        # dqfast.targets has no MXFP8 rules yet: refuse rather than claim a check that is not made.
-        raise PlanError(
-            "--target / --fit-target (target=, fit_target=): the serving-engine rules cover ModelOpt FP8/NVFP4/mixed, not MXFP8"
-        )
     plan = new_plan(output_dir, overwrite=overwrite, dry_run=dry_run, max_shard_size=max_shard_size, threads=threads, fsync=fsync, io=io)
     plan.guard(base_transformer_dir)
     extra = _fallback_res(fallback)
@@ -132,4 +130,9 @@ def build_mxfp8_transformer(
     _output_config(base_cfg, quant_cfg, plan)
     report.counts = counts
     check_quantized(report, counts["mxfp8"], strict)
+    # Only whole-format rules exist for MXFP8 (no ModelOpt config for dqfast.check's layer rules).
+    refuse_format(target, "build mxfp8 (quant_method mxfp8)", lambda t: t.mxfp8, lambda t: t.mxfp8_source)
+    if fit_target:
+        raise PlanError("--fit-target (fit_target=True): dqfast has no per-layer serving-engine rules for MXFP8 yet")
+    report.target = None if target is None else str(target)
     return finish(plan, report, dry_run=dry_run, progress=progress)

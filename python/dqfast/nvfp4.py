@@ -44,7 +44,7 @@ from dqfast.plan import (
 )
 from dqfast.quant_config import find_component_dir, load_float_base, load_json, load_modelopt_export
 from dqfast.reader import TensorMeta, open_checkpoint, read_tensor
-from dqfast.targets import TargetName, get_target
+from dqfast.targets import DEFAULT_TARGET, TargetName, targets_of
 
 __all__ = ["build_nvfp4_transformer", "fused_groups", "nan_scale_bytes", "nibble_order_report", "NVFP4_BOUND"]
 
@@ -83,7 +83,7 @@ def build_nvfp4_transformer(
     *,
     modelopt_hf_dir: str | os.PathLike[str] | None = None,
     base_transformer_dir: str | os.PathLike[str] | None = None,
-    model_type: str = "auto",
+    model_type: str | None = None,
     fallback: Iterable[str] | str = (),
     swap_weight_nibbles: bool = False,
     repair_nan_scales: bool = False,
@@ -101,15 +101,22 @@ def build_nvfp4_transformer(
     force_model_type: bool = False,
     strict: bool = False,
     progress: ProgressFn | None = None,
-    target: TargetName | None = None,
+    target: TargetName = DEFAULT_TARGET,
     fit_target: bool = False,
 ) -> BuildReport:
     """Build a mixed BF16+NVFP4 transformer directory (SGLang Diffusion / vLLM-Omni layout).
 
-    ``target`` (``sglang``, ``vllm-omni``, ``any``): refuse, before writing, an output that engine
-    cannot load (:func:`dqfast.check.apply_target`); ``fit_target``: keep such layers in BF16 instead
-    (``report.warnings`` lists each). ``ignore`` entries never match a quantized module under
-    either engine's rule (``proj_out`` is written ``p*roj_out``).
+    ``target`` (``any``: both engines, the default; ``sglang``, ``vllm-omni``; ``none``: no engine
+    check): refuse, before writing, an output that engine cannot load
+    (:class:`dqfast.errors.TargetError`, :func:`dqfast.check.apply_target`); ``fit_target``: keep
+    such layers in BF16 instead (``report.warnings`` lists each). ``ignore`` entries never match a
+    quantized module under either engine's rule (``proj_out`` is written ``p*roj_out``).
+    vLLM-Omni's FLUX.1 quantizes only the single-stream blocks, so a FLUX.1 export under ``any``
+    or ``vllm-omni`` needs ``fit_target`` (and ``base_transformer_dir`` for the BF16 weights).
+
+    ``model_type`` (None: the default): from an export, the BF16 fallback preset, as SGLang's
+    ``--pattern-preset``: None applies none (SGLang's tool's default), ``"auto"`` the family's from
+    config.json (FLUX.1: ``flux1-nvfp4``); with ``from_bf16`` None means ``"auto"``.
 
     ``fallback`` takes globs (``.`` literal, ``*`` any run, full match; one ``str`` is one glob),
     like SGLang's ``--keep-bf16-pattern`` for this builder. ``force_model_type`` and ``strict``
@@ -124,7 +131,8 @@ def build_nvfp4_transformer(
         if modelopt_hf_dir is not None:
             # The export would be silently ignored: --from-bf16 quantizes the base itself.
             raise PlanError("--from-bf16 and --modelopt-hf-dir exclude each other (from_bf16=True ignores the export): pass one")
-        report = _plan_from_bf16(plan, Path(base_transformer_dir), model_type, fallback, activation_amax, component, force_model_type)
+        mt = "auto" if model_type is None else model_type
+        report = _plan_from_bf16(plan, Path(base_transformer_dir), mt, fallback, activation_amax, component, force_model_type)
     else:
         if modelopt_hf_dir is None:
             raise PlanError("an NVFP4 build needs --modelopt-hf-dir (modelopt_hf_dir), or use --from-bf16 (from_bf16=True)")
@@ -132,7 +140,8 @@ def build_nvfp4_transformer(
             plan,
             Path(modelopt_hf_dir),
             Path(base_transformer_dir) if base_transformer_dir else None,
-            model_type,
+            # SGLang's tool applies no fallback preset unless one is named.
+            "none" if model_type is None else model_type,
             fallback,
             _swap_mode(swap_weight_nibbles, target),
             # One name for NaN repair across builders (repair_nan_scales: the older spelling).
@@ -140,7 +149,7 @@ def build_nvfp4_transformer(
             reconcile_fused_scales,
             component,
             force_model_type,
-            target is not None and not any(t.honours_swap_flag for t in _target_list(target)),
+            bool(_target_list(target)) and not any(t.honours_swap_flag for t in _target_list(target)),
         )
     check_quantized(report, report.counts.get("nvfp4", 0), strict)
     plan.target, plan.fit_target = target, fit_target
@@ -163,10 +172,7 @@ def _swap_mode(swap: bool, target: str | None) -> str:
 
 
 def _target_list(target: str | None) -> list[Any]:
-    try:
-        return get_target(target) if target is not None else []
-    except ValueError as e:
-        raise PlanError(f"--target (target): {e}") from None
+    return targets_of(target)
 
 
 def _plan_export(

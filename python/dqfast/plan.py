@@ -101,6 +101,8 @@ class BuildReport:
     warnings: list[str] = field(default_factory=list)
     #: the serving-engine target the output was checked against (``--target``), None: not checked
     target: str | None = None
+    #: choices the target made for options the caller left unset, one line each with the engine rule
+    target_forced: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -279,6 +281,8 @@ def finish(plan: PlanBuilder, report: BuildReport, *, dry_run: bool, progress: P
         # Late import: dqfast.check reads checkpoints (reader) and presets, which import plan.
         from dqfast.check import apply_target
 
+        # An unsafe output path first: it is the more basic error (the engine checks it again).
+        _core.check_output_paths(str(plan.output_dir), [*plan.sources, *plan.guard_inputs], "--output-dir")
         apply_target(plan, report)
     if not dry_run:
         return execute(plan, report, progress=progress)

@@ -15,6 +15,7 @@ import click
 
 from dqfast.cli_format import OneLineCommand
 from dqfast.cli_types import AT_LEAST_ONE, COUNT
+from dqfast.targets import DEFAULT_TARGET, TARGET_NAMES
 
 
 @click.command("ptq", cls=OneLineCommand)
@@ -52,6 +53,14 @@ from dqfast.cli_types import AT_LEAST_ONE, COUNT
 @click.option("--quantize-mha", is_flag=True, help="Also quantize attention Q/K/V BMMs (FP8), as ModelOpt's --quantize-mha.")
 @click.option("--build", is_flag=True, help="Run dqfast build fp8|nvfp4 into <out>/dqfast/<component>.")
 @click.option("--verify", is_flag=True, help="Layer and trajectory verification into <out>/report.json (implies --build).")
+@click.option(
+    "--target",
+    type=click.Choice(TARGET_NAMES),
+    default=DEFAULT_TARGET,
+    show_default=True,
+    help="--build: serving engine the output must load in, as for `dqfast build` (none = no engine check).",
+)
+@click.option("--fit-target", is_flag=True, help="--build: keep in BF16 the layers the --target engine cannot load quantized.")
 @click.option("--verify-steps", type=AT_LEAST_ONE, default=None, help="Trajectory steps (default: min(n-steps, 8)).")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
@@ -104,6 +113,8 @@ def ptq(**kw: Any) -> None:
                 device=kw["device"],
                 verify_steps=kw["verify_steps"],
                 progress=not (kw["no_progress"] or kw["quiet"]),
+                target=kw["target"],
+                fit_target=kw["fit_target"],
             )
     except BaseException:
         # The held prints, then the error (one `error:` line, exit 2, from OneLineCommand.main).

@@ -13,19 +13,25 @@ from pathlib import Path
 # (kind, what it is) — the order of docs/compat.md and the README matrix.
 KINDS = {
     "fp8-export": "dqfast build fp8 from a ModelOpt FP8 export (FLUX.1 preset)",
+    "fp8-bf16-default": "dqfast build fp8 --from-bf16 (default --target any: per-tensor FP8, activation amax 448)",
     "fp8-bf16-tensor": "dqfast build fp8 --from-bf16 --weight-granularity tensor --activation-amax 448",
-    "fp8-bf16-channel": "dqfast build fp8 --from-bf16 (default: per-channel, FP8_PER_CHANNEL_PER_TOKEN)",
-    "nvfp4-export": "dqfast build nvfp4 from a ModelOpt NVFP4 export --pattern-preset flux1-nvfp4",
-    "nvfp4-bf16": "dqfast build nvfp4 --from-bf16",
+    "fp8-bf16-channel": "dqfast build fp8 --from-bf16 --target vllm-omni (its default: per-channel, FP8_PER_CHANNEL_PER_TOKEN)",
+    "nvfp4-export": "dqfast build nvfp4 from a ModelOpt NVFP4 export --pattern-preset flux1-nvfp4 --target sglang",
+    "nvfp4-bf16": "dqfast build nvfp4 --from-bf16 --target sglang",
+    "nvfp4-bf16-fit": "dqfast build nvfp4 --from-bf16 --fit-target (default --target any)",
     "nvfp4-bf16-fit-vllm-omni": "dqfast build nvfp4 --from-bf16 --target vllm-omni --fit-target",
     "nvfp4-export-fit-vllm-omni": "dqfast build nvfp4 from a ModelOpt NVFP4 export --pattern-preset flux1-nvfp4 "
     "--target vllm-omni --fit-target",
-    "mixed": "dqfast build mixed (default policy)",
-    "components": "dqfast build components fp8 --from-bf16 (transformer/ of a pipeline root)",
+    "mixed": "dqfast build mixed --target none (default policy, not fitted)",
+    "mixed-vllm-omni": "dqfast build mixed --target vllm-omni (default policy, fitted to vLLM-Omni's FLUX.1)",
+    "components": "dqfast build components fp8 --from-bf16 (transformer/ of a pipeline root; default --target any)",
     "sglang-fp8": "SGLang 0.5.23 build_modelopt_fp8_transformer (reference)",
     "sglang-nvfp4": "SGLang 0.5.23 build_modelopt_nvfp4_transformer --pattern-preset flux1-nvfp4 (reference)",
     "wan-fp8-export": "Wan2.2: dqfast build fp8 from a ModelOpt FP8 export",
     "wan-sglang-fp8": "Wan2.2: SGLang 0.5.23 build_modelopt_fp8_transformer (reference)",
+    "qwen-image-nvfp4-export": "Qwen-Image: dqfast build nvfp4 from a ModelOpt NVFP4 export --target sglang (no preset)",
+    "qwen-image-nvfp4-export-fit": "Qwen-Image: dqfast build nvfp4 from a ModelOpt NVFP4 export --fit-target (default --target any)",
+    "qwen-image-sglang-nvfp4": "Qwen-Image: SGLang 0.5.23 build_modelopt_nvfp4_transformer (reference, no preset)",
 }
 
 
@@ -77,7 +83,7 @@ def reshard_two(src: Path, dst: Path) -> Path:
 
 def build_kind(kind: str, flux: dict, root: Path) -> Path:
     """Build output ``kind`` under ``root`` from the fixtures in ``flux`` ("fp8", "nvfp4": FLUX.1;
-    "wan-fp8"); returns the transformer dir."""
+    "wan-fp8"; "qwen-image-nvfp4"); returns the transformer dir."""
     from dqfast.components import build_components
     from dqfast.fp8 import build_fp8_transformer
     from dqfast.mixed import build_mixed_transformer
@@ -87,14 +93,18 @@ def build_kind(kind: str, flux: dict, root: Path) -> Path:
     out = root / kind
     if kind == "fp8-export":
         build_fp8_transformer(out, modelopt_hf_dir=f8.hf_dir, modelopt_backbone_ckpt=f8.backbone, base_transformer_dir=f8.base_dir)
+    elif kind == "fp8-bf16-default":
+        build_fp8_transformer(out, from_bf16=True, base_transformer_dir=f8.base_dir)
     elif kind == "fp8-bf16-tensor":
         build_fp8_transformer(out, from_bf16=True, base_transformer_dir=f8.base_dir, weight_granularity="tensor", activation_amax=448.0)
     elif kind == "fp8-bf16-channel":
-        build_fp8_transformer(out, from_bf16=True, base_transformer_dir=f8.base_dir)
+        build_fp8_transformer(out, from_bf16=True, base_transformer_dir=f8.base_dir, target="vllm-omni")
     elif kind == "nvfp4-export":
-        build_nvfp4_transformer(out, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1")
+        build_nvfp4_transformer(out, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1", target="sglang")
     elif kind == "nvfp4-bf16":
-        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=f4.base_dir)
+        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=f4.base_dir, target="sglang")
+    elif kind == "nvfp4-bf16-fit":
+        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=f4.base_dir, fit_target=True)
     elif kind == "nvfp4-bf16-fit-vllm-omni":
         build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=f4.base_dir, target="vllm-omni", fit_target=True)
     elif kind == "nvfp4-export-fit-vllm-omni":
@@ -102,7 +112,9 @@ def build_kind(kind: str, flux: dict, root: Path) -> Path:
             out, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1", target="vllm-omni", fit_target=True
         )
     elif kind == "mixed":
-        build_mixed_transformer(out, f4.base_dir)
+        build_mixed_transformer(out, f4.base_dir, target="none")
+    elif kind == "mixed-vllm-omni":
+        build_mixed_transformer(out, f4.base_dir, target="vllm-omni")
     elif kind == "components":
         pipe = root / "pipeline-root"
         if not pipe.exists():
@@ -119,6 +131,14 @@ def build_kind(kind: str, flux: dict, root: Path) -> Path:
         build_fp8_transformer(out, modelopt_hf_dir=w8.hf_dir, modelopt_backbone_ckpt=w8.backbone, base_transformer_dir=w8.base_dir)
     elif kind == "wan-sglang-fp8":
         sglang_fp8(flux["wan-fp8"], out)
+    elif kind == "qwen-image-nvfp4-export":
+        q4 = flux["qwen-image-nvfp4"]
+        build_nvfp4_transformer(out, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir, target="sglang")
+    elif kind == "qwen-image-nvfp4-export-fit":
+        q4 = flux["qwen-image-nvfp4"]
+        build_nvfp4_transformer(out, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir, fit_target=True)
+    elif kind == "qwen-image-sglang-nvfp4":
+        sglang_nvfp4(flux["qwen-image-nvfp4"], out)
     else:
         raise KeyError(kind)
     return out

@@ -33,8 +33,13 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def flux(modelopt_fixture):
-    """Real ModelOpt 0.47 exports: tiny FLUX.1 FP8 and NVFP4, tiny Wan2.2 FP8 (as the main suite builds them)."""
-    return {"fp8": modelopt_fixture("flux", "fp8"), "nvfp4": modelopt_fixture("flux", "nvfp4"), "wan-fp8": modelopt_fixture("wan", "fp8")}
+    """Real ModelOpt 0.47 exports: tiny FLUX.1 FP8 and NVFP4, tiny Wan2.2 FP8, tiny Qwen-Image NVFP4 (as the main suite builds them)."""
+    return {
+        "fp8": modelopt_fixture("flux", "fp8"),
+        "nvfp4": modelopt_fixture("flux", "nvfp4"),
+        "wan-fp8": modelopt_fixture("wan", "fp8"),
+        "qwen-image-nvfp4": modelopt_fixture("qwen-image", "nvfp4"),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,10 @@ VO_MODELS = {
         "vllm_omni.diffusion.models.wan2_2.wan2_2_transformer.WanTransformer3DModel",
         "vllm_omni.diffusion.models.wan2_2.pipeline_wan2_2.Wan22Pipeline",
     ),
+    "QwenImageTransformer2DModel": (
+        "vllm_omni.diffusion.models.qwen_image.qwen_image_transformer.QwenImageTransformer2DModel",
+        "vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image.QwenImagePipeline",
+    ),
 }
 
 
@@ -122,8 +126,14 @@ def vllm_omni_model(cfg: dict, quant_config):
     # As vLLM-Omni's registry does before building a pipeline (_prepare_diffusion_quant_config).
     if quant_config is not None:
         configure_quant_config(quant_config, _obj(pipeline_path))
-    params = set(inspect.signature(model_cls.__init__).parameters) - {"self", "od_config", "quant_config"}
+    sig = inspect.signature(model_cls.__init__).parameters
+    params = set(sig) - {"self", "od_config", "quant_config"}
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in params}
+    if "od_config" in sig and sig["od_config"].default is inspect.Parameter.empty:
+        # Qwen-Image reads only its parallel sizes from it: vLLM-Omni's defaults (one process).
+        from vllm_omni.diffusion.data import OmniDiffusionConfig
+
+        kwargs["od_config"] = OmniDiffusionConfig()
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -198,6 +208,18 @@ def sglang_quant_config(cfg: dict, packed_modules_mapping: dict | None = None):
 # SGLang's FLUX.1 DiT fuses q/k/v (configs/models/dits/flux.py): exclusion of a fused layer needs all
 # shards to agree, which ``_is_packed_layer_excluded`` checks.
 SGLANG_FLUX_PACKED = {"to_qkv": ["to_q", "to_k", "to_v"], "to_added_qkv": ["add_q_proj", "add_k_proj", "add_v_proj"]}
+# The prefix SGLang's DiT gives a Linear's quant method, where it differs from the checkpoint's module
+# name: its Qwen-Image (runtime/models/dits/qwen_image.py) builds `img_mod = Sequential(SiLU, Linear)`
+# with prefix `...img_mod` (the weights stay `img_mod.1.*`).
+SGLANG_PREFIX = {"QwenImageTransformer2DModel": ((r"\.(img_mod|txt_mod)\.1$", r".\1"),)}
+
+
+def _sglang_prefix(class_name: str, module: str) -> str:
+    import re
+
+    for pat, repl in SGLANG_PREFIX.get(class_name, ()):
+        module = re.sub(pat, repl, module)
+    return module
 
 
 def sglang_verdict(ckpt: Path) -> Verdict:
@@ -218,7 +240,7 @@ def sglang_verdict(ckpt: Path) -> Verdict:
     linear = {module_of(n) for n, t in info.tensors.items() if n.endswith(".weight") and len(t.shape) == 2}
     for m in sorted(linear):
         try:
-            excluded = qc.is_layer_excluded(m)
+            excluded = qc.is_layer_excluded(_sglang_prefix(cfg.get("_class_name", ""), m))
         except Exception as e:
             v.errors[m] = _first_line(e)
             continue

@@ -26,30 +26,17 @@ def _flux_blocks(fmt: list[str], double=(0, 1), single=(0, 1)) -> list[str]:
     return sorted(out)
 
 
-# SGLang's FP8 tool lists every 1-D-weight module without a scale (RMSNorms) in `ignore`; dqfast
-# lists only Linear layers, plus the diffusers names of SGLang's FeedForward aliases and of layers
-# ModelOpt already covers with a wildcard.
-FLUX_FP8_IGNORE_ONLY_SGLANG = sorted(
-    ["proj_out"]
-    + _flux_blocks(
-        [
-            "transformer_blocks.{i}.attn.norm_q",
-            "transformer_blocks.{i}.attn.norm_k",
-            "transformer_blocks.{i}.attn.norm_added_q",
-            "transformer_blocks.{i}.attn.norm_added_k",
-            "single_transformer_blocks.{i}.attn.norm_q",
-            "single_transformer_blocks.{i}.attn.norm_k",
-        ]
-    )
-)
-# `proj_out` (kept BF16) is written as `p*roj_out`: vLLM would match a bare `proj_out` as a substring
-# of the quantized `single_transformer_blocks.*.proj_out` too.
+# `ignore` of an FP8 build is SGLang's set (ModelOpt's entries, every kept weight without a calibrated
+# scale, RMSNorms included, every fallback). `proj_out` (kept BF16) is written as `p*roj_out`: vLLM would
+# match a bare `proj_out` as a substring of the quantized `single_transformer_blocks.*.proj_out` too.
 PROJ_OUT_ONLY_DQFAST, PROJ_OUT_ONLY_SGLANG = ["p*roj_out"], ["proj_out"]
+# dqfast adds the diffusers name of each FeedForward layer SGLang lists only as `ff.proj_in`/`ff.proj_out`
+# (SGLang's FLUX.1 runtime and vLLM-Omni both name it `ff.net.0.proj`/`ff.net.2`); these match no
+# quantized module under either engine's rule.
 FLUX_FP8_IGNORE_ONLY_DQFAST = sorted(
-    ["norm_out.linear", *PROJ_OUT_ONLY_DQFAST]
-    + [f"time_text_embed.{e}.linear_{j}" for e in ("guidance_embedder", "text_embedder", "timestep_embedder") for j in (1, 2)]
-    + _flux_blocks(["transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2"])
+    PROJ_OUT_ONLY_DQFAST + _flux_blocks(["transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2"])
 )
+FLUX_FP8_IGNORE_ONLY_SGLANG = PROJ_OUT_ONLY_SGLANG
 FP8_QC_MD = ["_quantization_metadata", "config", "quantization_config"]  # differ because `ignore` differs
 NVFP4_QC = {"checkpoint_weight_scale_layout": ("linear", "<absent>"), "group_size": (16, "<absent>")}
 NVFP4_MD_ONLY_DQFAST = ["_class_name", "config", "dqfast_version"]
@@ -107,17 +94,12 @@ EXPECTED: dict[str, dict] = {
         "metadata_values_differ": FP8_QC_MD,
     },
     # Wan2.2 FP8: SGLang has no Wan preset; ModelOpt's filter already ignores what dqfast's `wan`
-    # preset keeps in BF16, so tensors are equal; dqfast lists the disabled blocks 0-2 and the
-    # condition embedder module by module, SGLang lists the RMSNorms.
+    # preset keeps in BF16, so tensors are equal; dqfast lists the preset's fallbacks (the condition
+    # embedder) module by module, as SGLang lists the fallbacks of its presets.
     "wan-fp8": {
         "ignore_only_dqfast": sorted(
-            [f.format(i=i) for f in WAN_BLOCK_LINEARS for i in (0, 1, 2)]
-            + [f"condition_embedder.{e}.linear_{j}" for e in ("text_embedder", "time_embedder") for j in (1, 2)]
+            [f"condition_embedder.{e}.linear_{j}" for e in ("text_embedder", "time_embedder") for j in (1, 2)]
             + ["condition_embedder.time_proj"]
-        ),
-        "ignore_only_reference": sorted(
-            [f"blocks.{i}.{a}.norm_{q}" for i in range(4) for a in ("attn1", "attn2") for q in ("q", "k")]
-            + [f"blocks.{i}.norm2" for i in range(4)]
         ),
         "metadata_keys_only_dqfast": DQFAST_MD,
         "metadata_values_differ": FP8_QC_MD,
@@ -130,26 +112,18 @@ EXPECTED: dict[str, dict] = {
         "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
         "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
     },
-    # No preset given: SGLang applies none, dqfast's `auto` applies FLUX.1's (so the index differs too).
+    # No preset given: neither applies one (dqfast's default since issue #13; before, it applied FLUX.1's).
     "flux-nvfp4-no-preset": {
-        "index_differ": ["metadata", "weight_map"],
-        "tensors_only_reference": sorted(
-            f"{m}.{s}" for m in FLUX_NVFP4_FALLBACK_MODULES for s in ("input_scale", "weight_scale", "weight_scale_2")
-        ),
-        "tensors_dtype_shape_differ": sorted(f"{m}.weight" for m in FLUX_NVFP4_FALLBACK_MODULES),
-        "quant_config_differ": NVFP4_QC,
+        "ignore_only_dqfast": PROJ_OUT_ONLY_DQFAST,
         "ignore_only_reference": PROJ_OUT_ONLY_SGLANG,
-        "ignore_only_dqfast": [
-            "p*roj_out",
-            "single_transformer_blocks.*.norm.linear*",
-            "single_transformer_blocks.*.proj_mlp*",
-            "transformer_blocks.*.ff.net.0.proj*",
-            "transformer_blocks.*.ff.net.2*",
-            "transformer_blocks.*.ff_context.net.0.proj*",
-            "transformer_blocks.*.ff_context.net.2*",
-            "transformer_blocks.*.norm1.linear*",
-            "transformer_blocks.*.norm1_context.linear*",
-        ],
+        "quant_config_differ": NVFP4_QC,
+        "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
+        "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
+    },
+    # Qwen-Image NVFP4 (SGLang 0.5.23 has no Qwen-Image NVFP4 preset; neither builder applies one): the
+    # ModelOpt export as written, `ignore` equal (no entry collides with a quantized module here).
+    "qwen-image-nvfp4": {
+        "quant_config_differ": NVFP4_QC,
         "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
         "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
     },
@@ -161,8 +135,8 @@ EXPECTED: dict[str, dict] = {
         "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
         "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
     },
-    # --swap-weight-nibbles (no target, or one with vLLM-Omni): SGLang keeps the bytes and writes the
-    # flag; dqfast swaps the bytes and writes `false` (vLLM-Omni ignores the flag).
+    # --swap-weight-nibbles --target none (or any, or one with vLLM-Omni): SGLang keeps the bytes and
+    # writes the flag; dqfast swaps the bytes and writes `false` (vLLM-Omni ignores the flag).
     "flux-nvfp4-swap": {
         "tensors_bytes_differ": FLUX_NVFP4_QUANTIZED_WEIGHTS,
         "ignore_only_dqfast": PROJ_OUT_ONLY_DQFAST,
@@ -197,15 +171,20 @@ def _build_pair(case: str, flux, modelopt_fixture, tmp_path):
         w8 = modelopt_fixture("wan", "fp8")
         build_fp8_transformer(d, modelopt_hf_dir=w8.hf_dir, modelopt_backbone_ckpt=w8.backbone, base_transformer_dir=w8.base_dir)
         sglang_fp8(w8, s)
+    # NVFP4 FLUX.1 does not load in vLLM-Omni (part of the default target `any`): built for SGLang.
     elif case == "flux-nvfp4":
-        build_nvfp4_transformer(d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1")
+        build_nvfp4_transformer(d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1", target="sglang")
         sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4")
     elif case == "flux-nvfp4-no-preset":
-        build_nvfp4_transformer(d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir)
+        build_nvfp4_transformer(d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, target="sglang")
         sglang_nvfp4(f4, s)
+    elif case == "qwen-image-nvfp4":  # vLLM-Omni's Qwen-Image cannot load it either (img_mod/txt_mod)
+        q4 = modelopt_fixture("qwen-image", "nvfp4")
+        build_nvfp4_transformer(d, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir, target="sglang")
+        sglang_nvfp4(q4, s)
     elif case == "flux-nvfp4-swap":
         build_nvfp4_transformer(
-            d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1", swap_weight_nibbles=True
+            d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1", swap_weight_nibbles=True, target="none"
         )
         sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4", swap_weight_nibbles=True)
     elif case == "flux-nvfp4-swap-target-sglang":
@@ -280,3 +259,26 @@ def test_upstream_fp8_flags(args, status, flux, tmp_path):
     )
     assert r.exit_code == status, r.output
     assert (tmp_path / "o").exists() == (status == 0)
+
+
+def test_presets_equal_sglangs_tables():
+    """Every FP8 fallback preset is SGLang 0.5.23's list (FLUX.1, FLUX.2, HunyuanVideo, Qwen-Image,
+    LTX-2), and FLUX.1's NVFP4 preset its `flux1-nvfp4`; SGLang's NVFP4 tool has no other preset (so
+    no Qwen-Image NVFP4 one: dqfast's `qwen-image` keeps none either)."""
+    import sglang.multimodal_gen.tools.build_modelopt_fp8_transformer as fp8_tool
+    import sglang.multimodal_gen.tools.build_modelopt_nvfp4_transformer as nvfp4_tool
+    from dqfast.models import get_preset
+
+    for family, name in (
+        ("flux1", "FLUX1"),
+        ("flux2", "FLUX2"),
+        ("hunyuan-video", "HUNYUANVIDEO"),
+        ("qwen-image", "QWEN_IMAGE"),
+        ("ltx2", "LTX2"),
+    ):
+        assert list(get_preset(family).fp8_fallback) == list(getattr(fp8_tool, f"DEFAULT_{name}_KEEP_BF16_PATTERNS")), family
+    assert list(get_preset("flux1").nvfp4_fallback) == list(nvfp4_tool.DEFAULT_FLUX1_NVFP4_FALLBACK_PATTERNS)
+    assert nvfp4_tool._preset_patterns("none") == [] and get_preset("qwen-image").nvfp4_fallback == ()
+    for other in ("qwen-image", "qwen-image-nvfp4", "flux2-nvfp4", "wan-nvfp4"):
+        with pytest.raises(ValueError, match="Unsupported pattern preset"):
+            nvfp4_tool._preset_patterns(other)

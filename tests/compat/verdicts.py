@@ -43,10 +43,15 @@ VO_MIXED_BF16 = VO_FLUX_DOUBLE | _blocks(
 # checkpoint holds BF16 weights without scales.
 SGL_FP8_FF_UNEXCLUDED = _blocks(["transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2"])
 
+# The tiny Qwen-Image has 6 blocks; ModelOpt's recipe quantizes blocks 2 and 3.
+VO_QWEN_MOD = frozenset(f"transformer_blocks.{i}.{m}.1" for i in (2, 3) for m in ("img_mod", "txt_mod"))
+
 #: (kind, engine) -> (status, bf16 layers, error layers or a config-error substring)
 EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]] = {
     ("fp8-export", "sglang"): ("loads", frozenset(), frozenset()),
     ("fp8-export", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
+    ("fp8-bf16-default", "sglang"): ("loads", frozenset(), frozenset()),
+    ("fp8-bf16-default", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
     ("fp8-bf16-tensor", "sglang"): ("loads", frozenset(), frozenset()),
     ("fp8-bf16-tensor", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
     ("fp8-bf16-channel", "sglang"): ("fails", frozenset(), "Unsupported ModelOpt quant_algo for diffusion: FP8_PER_CHANNEL_PER_TOKEN"),
@@ -57,13 +62,18 @@ EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]
     ("nvfp4-bf16", "vllm-omni"): ("fails", frozenset(), VO_FLUX_DOUBLE),
     ("mixed", "sglang"): ("fails", frozenset(), "ModelOpt mixed precision is not supported"),
     ("mixed", "vllm-omni"): ("fails", VO_MIXED_BF16, VO_MIXED_ERRORS),
-    ("components", "sglang"): ("fails", frozenset(), "Unsupported ModelOpt quant_algo for diffusion: FP8_PER_CHANNEL_PER_TOKEN"),
+    # The default policy fitted to vLLM-Omni's FLUX.1: what it would dequantize or fail on is written BF16.
+    ("mixed-vllm-omni", "sglang"): ("fails", frozenset(), "ModelOpt mixed precision is not supported"),
+    ("mixed-vllm-omni", "vllm-omni"): ("loads", frozenset(), frozenset()),
+    ("components", "sglang"): ("loads", frozenset(), frozenset()),
     ("components", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
     ("sglang-fp8", "sglang"): ("fails", frozenset(), SGL_FP8_FF_UNEXCLUDED),
     ("sglang-fp8", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
     ("sglang-nvfp4", "sglang"): ("loads", frozenset(), frozenset()),
     ("sglang-nvfp4", "vllm-omni"): ("fails", frozenset(), VO_FLUX_BF16_LAYERS),
     # --target vllm-omni --fit-target: the layers vLLM-Omni's FLUX.1 keeps BF16 are written in BF16.
+    ("nvfp4-bf16-fit", "sglang"): ("loads", frozenset(), frozenset()),
+    ("nvfp4-bf16-fit", "vllm-omni"): ("loads", frozenset(), frozenset()),
     ("nvfp4-bf16-fit-vllm-omni", "sglang"): ("loads", frozenset(), frozenset()),
     ("nvfp4-bf16-fit-vllm-omni", "vllm-omni"): ("loads", frozenset(), frozenset()),
     ("nvfp4-export-fit-vllm-omni", "sglang"): ("loads", frozenset(), frozenset()),
@@ -73,6 +83,14 @@ EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]
     ("wan-fp8-export", "vllm-omni"): ("loads", frozenset(), frozenset()),
     ("wan-sglang-fp8", "sglang"): ("loads", frozenset(), frozenset()),
     ("wan-sglang-fp8", "vllm-omni"): ("loads", frozenset(), frozenset()),
+    # vLLM-Omni's Qwen-Image (diffusion/models/qwen_image/qwen_image_transformer.py) builds each block's
+    # img_mod / txt_mod Linear unquantized; ModelOpt's export quantizes them in the middle blocks.
+    ("qwen-image-nvfp4-export", "sglang"): ("loads", frozenset(), frozenset()),
+    ("qwen-image-nvfp4-export", "vllm-omni"): ("fails", frozenset(), VO_QWEN_MOD),
+    ("qwen-image-nvfp4-export-fit", "sglang"): ("loads", frozenset(), frozenset()),
+    ("qwen-image-nvfp4-export-fit", "vllm-omni"): ("loads", frozenset(), frozenset()),
+    ("qwen-image-sglang-nvfp4", "sglang"): ("loads", frozenset(), frozenset()),
+    ("qwen-image-sglang-nvfp4", "vllm-omni"): ("fails", frozenset(), VO_QWEN_MOD),
 }
 
 #: Why, in words (docs/compat.md and the README matrix).
@@ -87,11 +105,14 @@ WHY = {
     "vo-mixed": "NVFP4 FeedForward weights of the double-stream blocks meet BF16 parameters; FP8 layers there are dequantized",
     "sgl-channel": "SGLang accepts only `FP8` and `NVFP4` (`Unsupported ModelOpt quant_algo ... FP8_PER_CHANNEL_PER_TOKEN`)",
     "sgl-mixed": "SGLang rejects `MIXED_PRECISION`",
+    "vo-qwen-mod": "vLLM-Omni's Qwen-Image builds each block's `img_mod`/`txt_mod` Linear unquantized: "
+    "ModelOpt's NVFP4 weights there meet BF16 parameters; `--fit-target` writes them in BF16",
     "sgl-ff": "SGLang's own FP8 tool ignores FeedForward fallbacks as `ff.proj_in`/`ff.proj_out`; SGLang's FLUX.1 "
     "runtime names them `ff.net.0.proj`/`ff.net.2`, quantizes them, and finds BF16 weights without scales",
 }
 WHY_OF = {
     ("fp8-export", "vllm-omni"): "vo-bf16",
+    ("fp8-bf16-default", "vllm-omni"): "vo-bf16",
     ("fp8-bf16-tensor", "vllm-omni"): "vo-bf16",
     ("fp8-bf16-channel", "sglang"): "sgl-channel",
     ("fp8-bf16-channel", "vllm-omni"): "vo-bf16",
@@ -99,9 +120,11 @@ WHY_OF = {
     ("nvfp4-bf16", "vllm-omni"): "vo-nvfp4",
     ("mixed", "sglang"): "sgl-mixed",
     ("mixed", "vllm-omni"): "vo-mixed",
-    ("components", "sglang"): "sgl-channel",
+    ("mixed-vllm-omni", "sglang"): "sgl-mixed",
     ("components", "vllm-omni"): "vo-bf16",
     ("sglang-fp8", "sglang"): "sgl-ff",
     ("sglang-fp8", "vllm-omni"): "vo-bf16-sgl",
     ("sglang-nvfp4", "vllm-omni"): "vo-nvfp4-sgl",
+    ("qwen-image-nvfp4-export", "vllm-omni"): "vo-qwen-mod",
+    ("qwen-image-sglang-nvfp4", "vllm-omni"): "vo-qwen-mod",
 }

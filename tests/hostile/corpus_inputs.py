@@ -745,7 +745,8 @@ for _v, _m in (
 
 def _mixed(inp: Path, out: Path, *extra: str, class_name: str = "TinyTransformer") -> Cli:
     base = two_module_base(inp / "base", class_name)
-    return Cli(["build", "mixed", "--base-transformer-dir", str(base), "--output-dir", str(out), *extra])
+    # --target none: these cases are about the inputs (SGLang, part of the default `any`, rejects MIXED_PRECISION).
+    return Cli(["build", "mixed", "--base-transformer-dir", str(base), "--output-dir", str(out), "--target", "none", *extra])
 
 
 def _policy_file(inp: Path, text: str) -> str:
@@ -904,7 +905,7 @@ def _(inp, out):
     from dqfast.mixed import build_mixed_transformer
 
     base = two_module_base(inp / "base")
-    return Api(lambda: build_mixed_transformer(out, base, fallback=r"^blocks\.0\.proj$", model_type="none"))
+    return Api(lambda: build_mixed_transformer(out, base, fallback=r"^blocks\.0\.proj$", model_type="none", target="none"))
 
 
 @case("api-fallback-int", r"fallback \(--fallback\): expected a pattern or a list of patterns, not int", PlanError)

@@ -349,7 +349,7 @@ def test_dry_run_refuses_what_the_build_would(kind: str, tmp_path: Path, monkeyp
     args = ["build", kind, "--base-transformer-dir", "x/base", "--output-dir", "x", "--model-type", "none", "--dry-run"]
     r = _cli(*args, *([] if kind == "mixed" else ["--from-bf16"]))
     _one_error_line(r, "--output-dir x ", "contains input x/base")
-    r = _cli(*args[:5], "elsewhere", *args[6:], *([] if kind == "mixed" else ["--from-bf16"]))
+    r = _cli(*args[:5], "elsewhere", *args[6:], *(["--target", "none"] if kind == "mixed" else ["--from-bf16"]))
     assert r.exit_code == 0, r.output
 
 

@@ -31,8 +31,9 @@ from typing import Any
 from dqfast import _core
 from dqfast import models as model_presets
 from dqfast.builders import get_builder
-from dqfast.errors import CheckpointError, OutputExistsError, PlanError
+from dqfast.errors import CheckpointError, OutputExistsError, PlanError, TargetError
 from dqfast.quant_config import load_json
+from dqfast.targets import DEFAULT_TARGET, TargetName, targets_of
 
 from .calibration import CalibConfig, calibrate_denoising, model_family
 from .loading import load_transformer
@@ -173,6 +174,8 @@ def run_ptq(
     device: str | None = None,
     verify_steps: int | None = None,
     progress: bool = True,
+    target: TargetName = DEFAULT_TARGET,
+    fit_target: bool = False,
 ) -> PtqResult:
     """Quantize, save, export and optionally build and verify.
 
@@ -181,7 +184,9 @@ def run_ptq(
     directory (``model_index.json``; every ``transformer*`` component, or ``components``).
     ``calib``: a :class:`CalibConfig`, a list of prompts, or a prompts file (one per line);
     ``None`` uses the built-in prompt set. ``calib_size``/``n_steps``/``batch_size``/``seed``
-    override the config's values. ``verify`` implies ``build``.
+    override the config's values. ``verify`` implies ``build``. ``target`` / ``fit_target``: the
+    serving-engine check of the build step, as for the builders (default ``any``); an NVFP4 build
+    that a target's model class cannot load is refused before calibration, not after.
     """
     import torch
 
@@ -221,6 +226,8 @@ def run_ptq(
     first = models[names[0]]
     preset_model = model_presets.resolve_preset(model_type, {"_class_name": type(first).__name__})
     preset = get_preset(preset_model.name)
+    if build:
+        _check_target_early(algo, preset_model.name, target, fit_target)
     family = model_family(first)
     if len(names) > 1 and cc.boundary_ratio is None:
         cc.boundary_ratio = float(pipe_cfg.get("boundary_ratio") or WAN22_BOUNDARY_RATIO)
@@ -272,7 +279,9 @@ def run_ptq(
             dq_dir = out / "dqfast" / n
             comp_base = results[n].base_dir
             base = Path(comp_base) if comp_base else None
-            report = _build(algo, dq_dir, Path(results[n].hf_dir), Path(results[n].backbone), base, preset.name, n)
+            report = _build(
+                algo, dq_dir, Path(results[n].hf_dir), Path(results[n].backbone), base, preset.name, n, target=target, fit_target=fit_target
+            )
             results[n].dqfast_dir = str(dq_dir)
             results[n].build = {"quant_algo": report.quant_algo, "counts": dict(report.counts), "warnings": list(report.warnings)}
             results[n].seconds["build"] = time.perf_counter() - t0
@@ -319,12 +328,37 @@ def run_ptq(
     )
 
 
-def _build(algo: str, dq_dir: Path, hf_dir: Path, backbone: Path, base_dir: Path | None, model_type: str, component: str) -> Any:
+def _check_target_early(algo: str, family: str, target: TargetName, fit_target: bool) -> None:
+    """Before calibration (hours on a real model): an NVFP4 export that an engine of ``target``
+    cannot load because its model class quantizes only some layers of the family (vLLM-Omni's
+    FLUX.1). The full check runs in the build step, on the export."""
+    for t in targets_of(target):
+        if algo == "nvfp4" and not fit_target and t.quantized_modules.get(family) is not None:
+            raise TargetError(
+                f"--build --algo nvfp4: --target {target} includes {t.engine_version}, whose {family} model class quantizes "
+                f"only some layers ({t.quantized_source(family)}): ModelOpt's NVFP4 export would not load there; "
+                "pass --fit-target to keep those layers in BF16, or --target sglang or --target none"
+            )
+
+
+def _build(
+    algo: str,
+    dq_dir: Path,
+    hf_dir: Path,
+    backbone: Path,
+    base_dir: Path | None,
+    model_type: str,
+    component: str,
+    target: TargetName = DEFAULT_TARGET,
+    fit_target: bool = False,
+) -> Any:
     # The builder registry names the inputs each builder takes (nvfp4 has no backbone).
     builder = get_builder(algo)
     given = {"modelopt_hf_dir": hf_dir, "modelopt_backbone_ckpt": backbone, "base_transformer_dir": base_dir}
     inputs = {k: v for k, v in given.items() if k in builder.inputs}
-    return builder.load()(dq_dir, **inputs, model_type=model_type, overwrite=True, component=component)
+    return builder.load()(
+        dq_dir, **inputs, model_type=model_type, overwrite=True, component=component, target=target, fit_target=fit_target
+    )
 
 
 def _verify(

@@ -5,7 +5,11 @@ file and version it was read from (described in our words; no upstream code here
 (``dqfast.check``) evaluates these rules; the compat suite (``tests/compat``, docs/compat.md) runs the
 engines' own code on the same checkpoints and asserts that both agree.
 
-``any`` is the intersection: a checkpoint meets ``any`` when both engines load it as written.
+``any`` (the default of every builder) is the intersection: a checkpoint meets ``any`` when both
+engines load it as written. ``none`` opts out of every engine check (dqfast's own runtime, other
+loaders). :func:`fp8_from_bf16_granularity` picks, for an option the caller did not set, the
+value the target loads, and says why; :func:`refuse_format` refuses a format an engine of the
+target cannot load at all; :func:`other_targets` names the way out of a refusal.
 """
 
 from __future__ import annotations
@@ -16,9 +20,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from dqfast.errors import PlanError, TargetError
 from dqfast.models.base import glob_to_regex
 
-__all__ = ["Target", "TargetName", "TARGETS", "TARGET_NAMES", "get_target", "IGNORE_MATCHERS", "collision_free_ignore"]
+__all__ = [
+    "Target",
+    "TargetName",
+    "TARGETS",
+    "TARGET_NAMES",
+    "DEFAULT_TARGET",
+    "get_target",
+    "IGNORE_MATCHERS",
+    "collision_free_ignore",
+    "targets_of",
+    "other_targets",
+    "fp8_from_bf16_granularity",
+    "refuse_format",
+]
 
 SGLANG = "sglang==0.5.23"
 VLLM_OMNI = "vllm-omni==0.30.0 (with vllm==0.30.0)"
@@ -49,6 +67,7 @@ class Target:
     algos_source: str
     #: FP8 weight_scale granularities its FP8 linear layers take ("tensor", "channel")
     fp8_weight_scales: frozenset[str]
+    fp8_weight_scales_source: str
     #: whether `swap_weight_nibbles: true` in the config makes it swap the packed bytes at load
     honours_swap_flag: bool
     nibble_source: str
@@ -61,12 +80,20 @@ class Target:
     #: model family (dqfast preset name) -> regexes of the Linear modules its DiT gives a quant config;
     #: a family not listed: every Linear layer (not verified for that family)
     quantized_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    quantized_modules_source: str = ""
+    #: family -> the file that rule was read from ("*": the rule for families not listed)
+    quantized_modules_source: dict[str, str] = field(default_factory=dict)
+    #: family -> (regex, replacement) renames from a checkpoint module name to the prefix the
+    #: engine's DiT asks its quant config about (``ignore`` is matched against that prefix)
+    runtime_names: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    runtime_names_source: str = ""
     #: what happens to an FP8 weight that meets an unquantized (BF16) layer
     fp8_into_bf16: str = "error"  # "error" | "dequantized"
     #: whether a MIXED_PRECISION `quantized_layers` entry per shard (`to_q`) reaches the fused layer
     mixed_resolves_packed: bool = True
     mixed_source: str = ""
+    #: whether it loads dqfast's MXFP8 layout (quant_method mxfp8, U8 ``weight_scale`` [N, K/32])
+    mxfp8: bool = False
+    mxfp8_source: str = ""
 
     def packed_layer(self, module: str) -> str | None:
         """The fused runtime layer ``module`` is a shard of, else None."""
@@ -84,6 +111,16 @@ class Target:
                 return p
         return None
 
+    def runtime_name(self, family: str, module: str) -> str:
+        """The prefix under which this engine decides whether ``module`` is quantized."""
+        for pat, repl in self.runtime_names.get(family, ()):
+            module = re.sub(pat, repl, module)
+        return module
+
+    def quantized_source(self, family: str) -> str:
+        """Where the rule of :meth:`model_quantizes` for ``family`` comes from."""
+        return self.quantized_modules_source.get(family) or self.quantized_modules_source.get("*", "")
+
     def model_quantizes(self, family: str, module: str) -> bool:
         pats = self.quantized_modules.get(family)
         return True if pats is None else any(re.search(p, module) for p in pats)
@@ -100,6 +137,9 @@ TARGETS: dict[str, Target] = {
         algos_source="multimodal_gen/runtime/utils/quantization_utils.py: _resolve_quant_method_name maps only FP8 and "
         "NVFP4; MIXED_PRECISION and other ModelOpt algos (FP8_PER_CHANNEL_PER_TOKEN) raise",
         fp8_weight_scales=frozenset({"tensor"}),
+        fp8_weight_scales_source="multimodal_gen/runtime/layers/quantization/modelopt_quant.py: ModelOptFp8Config's "
+        "linear method creates a one-value weight_scale per shard, so a per-channel weight_scale does not load "
+        "(and runtime/utils/quantization_utils.py refuses FP8_PER_CHANNEL_PER_TOKEN)",
         honours_swap_flag=True,
         nibble_source="modelopt_quant.py: ModelOptFp4Config reads swap_weight_nibbles (default: packed-QKV layout) and "
         "swaps bytes in process_weights_after_loading",
@@ -108,8 +148,16 @@ TARGETS: dict[str, Target] = {
         packed={"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")},
         packed_source="multimodal_gen/runtime/models/dits/flux.py (FLUX.1 fused q/k/v)",
         quantized_modules={},
-        quantized_modules_source="multimodal_gen/runtime/models/dits/flux.py: every Linear of FLUX.1 gets the quant config",
+        quantized_modules_source={"*": "multimodal_gen/runtime/models/dits/flux.py: every Linear of FLUX.1 gets the quant config"},
+        # Its Qwen-Image builds the modulation Linear inside nn.Sequential (weights `img_mod.1.*`) with
+        # the quant prefix `...img_mod`: an `ignore` entry `...img_mod.1` does not exclude it.
+        runtime_names={"qwen-image": ((r"\.(img_mod|txt_mod)\.1$", r".\1"),)},
+        runtime_names_source="multimodal_gen/runtime/models/dits/qwen_image.py (QwenImageTransformerBlock)",
         fp8_into_bf16="error",
+        mxfp8=False,
+        mxfp8_source="multimodal_gen/runtime/layers/quantization/mxfp8.py: MXFP8Config builds on SRT's Fp8LinearMethod "
+        "(srt/layers/quantization/fp8.py), whose block scale parameter is `weight_scale_inv`, not vLLM-Omni's "
+        "`weight_scale`, and needs compute capability 10.0 or an Ascend NPU",
     ),
     "vllm-omni": Target(
         name="vllm-omni",
@@ -120,6 +168,8 @@ TARGETS: dict[str, Target] = {
         algos=frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4", "MIXED_PRECISION"}),
         algos_source="vllm_omni/quantization/factory.py: _detect_modelopt_method",
         fp8_weight_scales=frozenset({"tensor", "channel"}),
+        fp8_weight_scales_source="vllm/model_executor/layers/quantization/modelopt.py: ModelOptFp8Config (FP8) and its "
+        "per-channel variant (FP8_PER_CHANNEL_PER_TOKEN)",
         honours_swap_flag=False,
         nibble_source="vLLM's NVFP4 path consumes ModelOpt's packing (low nibble = even element); no swap flag",
         needs_index=False,
@@ -130,30 +180,45 @@ TARGETS: dict[str, Target] = {
             # The double-stream blocks, embedders, norm_out and the single blocks' norm.linear are built
             # with `safe_quant_config(...)`: unquantized whatever the checkpoint says.
             "flux1": (r"^single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)$",),
+            # Qwen-Image: the blocks' attention and MLPs only; img_in/txt_in, the timestep MLP,
+            # img_mod (quant_config=None), txt_mod (safe_quant_config: None for ModelOpt), norm_out
+            # and proj_out are built unquantized.
+            "qwen-image": (
+                r"^transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|(img|txt)_mlp\.net\.(0\.proj|2))$",
+            ),
         },
-        quantized_modules_source="vllm_omni/diffusion/models/flux/flux_transformer.py (FLUX.1)",
+        quantized_modules_source={
+            "flux1": "vllm_omni/diffusion/models/flux/flux_transformer.py",
+            "qwen-image": "vllm_omni/diffusion/models/qwen_image/qwen_image_transformer.py",
+        },
         fp8_into_bf16="dequantized",
         mixed_resolves_packed=False,
         mixed_source="vllm_omni/diffusion/registry.py binds packed_modules_mapping of the *pipeline* class "
         "(FluxPipeline has none) into the quant config, so ModelOptMixedPrecisionConfig cannot map a fused "
         "layer (to_qkv) back to its shard entries: it stays BF16",
+        mxfp8=True,
+        mxfp8_source="vllm_omni/quantization/factory.py: quant_method mxfp8 -> DiffusionMXFP8Config (docs/notes/sources.md §7)",
     ),
 }
 
 
 def get_target(name: str) -> list[Target]:
-    """The targets a name stands for: one engine, or both for ``any``."""
+    """The targets a name stands for: one engine, both for ``any``, none for ``none``."""
     if name == "any":
         return list(TARGETS.values())
+    if name == "none":
+        return []
     try:
         return [TARGETS[name]]
-    except KeyError:
-        raise ValueError(f"unknown target '{name}' (known: {', '.join(sorted(TARGETS))}, any)") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown target '{name}' (known: {', '.join(TARGET_NAMES)})") from None
 
 
-#: What ``--target`` / ``target=`` accepts (``any`` = every engine above).
-TargetName = Literal["sglang", "vllm-omni", "any"]
-TARGET_NAMES = (*TARGETS, "any")
+#: What ``--target`` / ``target=`` accepts (``any`` = every engine above, ``none`` = no engine check).
+TargetName = Literal["sglang", "vllm-omni", "any", "none"]
+TARGET_NAMES = (*TARGETS, "any", "none")
+#: The builders' default: an output both engines load.
+DEFAULT_TARGET: TargetName = "any"
 assert set(TARGET_NAMES) == set(get_args(TargetName))  # the Literal is the same list, for type checks
 
 
@@ -189,3 +254,55 @@ def collision_free_ignore(ignore: list[str], quantized: set[str]) -> tuple[list[
         if alt not in out:
             out.append(alt)
     return out, rewrites
+
+
+def targets_of(name: str | None) -> list[Target]:
+    """:func:`get_target` for a builder's ``target=`` (None: as ``none``); an unknown name is a
+    PlanError naming the flag."""
+    try:
+        return get_target("none" if name is None else name)
+    except (ValueError, TypeError) as e:
+        raise PlanError(f"--target (target): {e}") from None
+
+
+def other_targets(name: str, ok: Callable[[Target], bool]) -> str:
+    """The ``--target`` values (besides ``name``) whose engines all pass ``ok``, as a phrase
+    (``--target vllm-omni or --target none``): the way out of a refusal."""
+    alts = [n for n in TARGET_NAMES if n != name and all(ok(t) for t in get_target(n))]
+    return " or ".join(f"--target {n}" for n in alts)
+
+
+def fp8_from_bf16_granularity(name: str, given: str | None, fit: bool) -> tuple[str, list[str]]:
+    """The weight-scale granularity of an FP8 ``--from-bf16`` build under target ``name``, and the
+    choices the target forced (one line each). Unset (``given`` None): per channel
+    (FP8_PER_CHANNEL_PER_TOKEN, dynamic activations) when every engine of the target loads it, else
+    per tensor. An explicit per-channel choice the target cannot load is a TargetError, or with
+    ``fit`` per tensor (reported)."""
+
+    def channel_ok(t: Target) -> bool:
+        return "channel" in t.fp8_weight_scales and "FP8_PER_CHANNEL_PER_TOKEN" in t.algos
+
+    bad = [t for t in targets_of(name) if not channel_ok(t)]
+    if given is not None and (given != "channel" or not bad):
+        return given, []
+    if given is None:
+        if not bad:
+            return "channel", []
+        return "tensor", [f"weight scales per-tensor: {bad[0].engine_version} cannot load per-channel ({bad[0].fp8_weight_scales_source})"]
+    msg = (
+        f"--weight-granularity channel (weight_granularity='channel'): --target {name} includes {bad[0].engine_version}, "
+        f"which cannot load per-channel FP8 ({bad[0].fp8_weight_scales_source})"
+    )
+    if fit:
+        return "tensor", [f"{msg}: per-tensor instead (--fit-target)"]
+    raise TargetError(f"{msg}; pass {other_targets(name, channel_ok)}, or --fit-target to use per-tensor scales")
+
+
+def refuse_format(name: str, what: str, ok: Callable[[Target], bool], why: Callable[[Target], str]) -> None:
+    """A TargetError when an engine of target ``name`` cannot load the format ``what`` at all
+    (``--fit-target`` cannot help: no layer of it would load)."""
+    for t in targets_of(name):
+        if not ok(t):
+            raise TargetError(
+                f"{what}: --target {name} includes {t.engine_version}, which cannot load it ({why(t)}); pass {other_targets(name, ok)}"
+            )
