@@ -328,6 +328,7 @@ def test_default_target_forces_per_tensor_fp8_and_says_why(flux_base, tmp_path):
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_algo"] == "FP8" and rep.target == "any"
     assert [f.split(":")[0] for f in rep.target_forced] == ["weight scales per-tensor", "activation amax 448 (input_scale 1.0)"]
+    assert "will be clipped" in rep.target_forced[1]
     assert "sglang==0.5.23" in rep.target_forced[0] and "modelopt_quant.py" in rep.target_forced[0]
     assert rep.to_dict()["target_forced"] == rep.target_forced
     assert [r.status for r in check_checkpoint(out, "any")] == ["loads", "loads-bf16"]

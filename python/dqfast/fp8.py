@@ -189,7 +189,8 @@ def build_fp8_transformer(
             activation_amax = E4M3_MAX
             forced.append(
                 f"activation amax {E4M3_MAX:g} (input_scale 1.0): per-tensor FP8 needs a static input_scale in both engines; "
-                "pass --activation-amax from a calibration"
+                f"activations above {E4M3_MAX:g} will be clipped: pass --activation-amax from a calibration (dqfast ptq), "
+                "or --target vllm-omni for dynamic per-token activations"
             )
         report = _plan_from_bf16(
             plan,
