@@ -117,7 +117,7 @@ def build_fp8_transformer(
     rounding: Rounding = "exact",
     requantize: bool = False,
     repair_nan: bool = False,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     threads: int = 0,
     overwrite: bool = False,
     dry_run: bool = False,

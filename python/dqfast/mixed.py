@@ -99,7 +99,7 @@ def build_mixed_transformer(
     fp8_activation_amax: float | None = None,
     nvfp4_activation_amax: float | None = None,
     rounding: str = "exact",
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     threads: int = 0,
     overwrite: bool = False,
     dry_run: bool = False,

@@ -46,7 +46,7 @@ def build_mxfp8_transformer(
     base_transformer_dir: str | os.PathLike[str],
     model_type: str = "auto",
     fallback: Iterable[str] | str = (),
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     threads: int = 0,
     overwrite: bool = False,
     dry_run: bool = False,

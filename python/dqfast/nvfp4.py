@@ -95,7 +95,7 @@ def build_nvfp4_transformer(
     reconcile_fused_scales: bool = True,
     from_bf16: bool = False,
     activation_amax: float | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     threads: int = 0,
     overwrite: bool = False,
     dry_run: bool = False,

@@ -129,7 +129,7 @@ class PlanBuilder:
         output_dir: str | os.PathLike[str],
         *,
         overwrite: bool = False,
-        max_shard_bytes: int = 5_000_000_000,
+        max_shard_bytes: int | None = None,
         threads: int = 0,
         fsync: bool = True,
         io: IoMode = "auto",
@@ -231,13 +231,18 @@ def new_plan(
     *,
     overwrite: bool,
     dry_run: bool = False,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     threads: int = 0,
     fsync: bool = True,
     io: IoMode = "auto",
 ) -> PlanBuilder:
     """A plan for ``output_dir``, refused up front (before any reading) when the output exists
-    and overwriting was not asked for. Every builder starts here."""
+    and overwriting was not asked for. Every builder starts here.
+
+    ``max_shard_size`` ``None`` (the default) keeps the sharding of the plan's first source, the
+    checkpoint being converted: same file names, each tensor in the file its source tensor was in,
+    scales beside their weight, the index named like the source's (SGLang's builders do the same).
+    A size re-shards greedily into ``diffusion_pytorch_model-0000i-of-0000n.safetensors``."""
     out = Path(output_dir)
     if out.exists() and not overwrite and not dry_run:
         from dqfast.errors import OutputExistsError
@@ -246,7 +251,7 @@ def new_plan(
     return PlanBuilder(
         out,
         overwrite=overwrite,
-        max_shard_bytes=parse_size(max_shard_size, "max_shard_size (--max-shard-size)"),
+        max_shard_bytes=None if max_shard_size is None else parse_size(max_shard_size, "max_shard_size (--max-shard-size)"),
         threads=threads,
         fsync=fsync,
         io=io,

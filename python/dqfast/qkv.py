@@ -275,7 +275,7 @@ def convert_qkv_layout(
     name_map: Sequence[QkvRule] = FLUX2_BFL_RULES,
     scale_layout: Literal["auto", "linear", "swizzled"] = "auto",
     swap_weight_nibbles: bool | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     threads: int = 0,
     overwrite: bool = False,
     fsync: bool = True,

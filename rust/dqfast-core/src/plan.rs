@@ -29,7 +29,10 @@ use crate::fp8::{self, Rounding, Saturation};
 use crate::header::{checked_nbytes, serialize_header, TensorInfo};
 use crate::mxfp8::{self, MxError};
 use crate::nvfp4;
-use crate::writer::{assign_shards, index_json, shard_file_name, OutputGuard, StagedDir};
+use crate::writer::{
+    assign_shards, index_json, shard_file_name, source_shards, OutputGuard, Placement,
+    SourceLayout, StagedDir,
+};
 
 /// Bytes produced per batch handed to the writer thread.
 const BATCH_BYTES: usize = 16 << 20;
@@ -58,9 +61,6 @@ fn default_read_buffer() -> u64 {
     512 << 20
 }
 
-fn default_shard_bytes() -> u64 {
-    5_000_000_000
-}
 fn default_prefix() -> String {
     "diffusion_pytorch_model".into()
 }
@@ -83,8 +83,13 @@ pub struct Plan {
     pub output_dir: PathBuf,
     #[serde(default)]
     pub overwrite: bool,
-    #[serde(default = "default_shard_bytes")]
-    pub max_shard_bytes: u64,
+    /// `None` (the default): keep the sharding of the first source, the checkpoint being converted
+    /// (file names, which tensor in which file, the index name; see
+    /// [`source_shards`](crate::writer::source_shards)). `Some(n)`: re-shard greedily into files
+    /// of at most `n` bytes named `<file_prefix>-0000i-of-0000k.safetensors` (`--max-shard-size`).
+    #[serde(default)]
+    pub max_shard_bytes: Option<u64>,
+    /// Shard and index names when re-sharding by size (or when the plan has no source).
     #[serde(default = "default_prefix")]
     pub file_prefix: String,
     /// `__metadata__` of every output shard.
@@ -1626,7 +1631,7 @@ pub fn validate(plan: &Plan) -> Result<()> {
             open_regular(src)?;
         }
     }
-    shard_headers(plan, &resolved)?;
+    layout(plan, &sources, resolved)?;
     Ok(())
 }
 
@@ -1641,7 +1646,7 @@ fn parse_plan(plan_json: &str) -> Result<Plan> {
 
 /// Plan fields and the output rule (refused early, before reading anything).
 fn check_plan(plan: &Plan) -> Result<()> {
-    if plan.max_shard_bytes == 0 {
+    if plan.max_shard_bytes == Some(0) {
         return Err(Error::Plan("max_shard_bytes must be > 0".into()));
     }
     if plan.file_prefix.is_empty() || plan.file_prefix.contains('/') {
@@ -1680,21 +1685,104 @@ fn open_sources(plan: &Plan) -> Result<Vec<Checkpoint>> {
     plan.sources.iter().map(|p| Checkpoint::open(p)).collect()
 }
 
-/// Shards (ranges of output tensors) and each shard's serialized header.
-fn shard_headers(
+/// One output shard: its file name, the range of the (write-ordered) resolved tensors it holds
+/// and its serialized header.
+struct ShardPlan {
+    file: String,
+    range: std::ops::Range<usize>,
+    header: Vec<u8>,
+}
+
+/// The output layout: `resolved` reordered into write order (shard by shard), the shards and the
+/// index file name. By default the source's sharding is kept ([`source_shards`]); with
+/// `max_shard_bytes` the tensors are re-sharded greedily in plan order.
+fn layout<'a>(
     plan: &Plan,
-    resolved: &[Resolved],
-) -> Result<Vec<(std::ops::Range<usize>, Vec<u8>)>> {
-    let sizes: Vec<u64> = resolved.iter().map(|r| r.nbytes as u64).collect();
-    assign_shards(&sizes, plan.max_shard_bytes)
+    sources: &'a [Checkpoint],
+    resolved: Vec<Resolved<'a>>,
+) -> Result<(Vec<Resolved<'a>>, Vec<ShardPlan>, String)> {
+    let prefix_index = format!("{}.safetensors.index.json", plan.file_prefix);
+    let (resolved, groups, index) = match (plan.max_shard_bytes, sources.first()) {
+        (None, Some(ck)) => {
+            let lay = SourceLayout::of(ck);
+            let ours: HashMap<&Path, String> = ck
+                .files
+                .iter()
+                .map(|f| {
+                    let n = f.path.file_name().unwrap_or_default();
+                    (f.path.as_path(), n.to_string_lossy().to_string())
+                })
+                .collect();
+            let places: Vec<Placement> = resolved
+                .iter()
+                .map(|r| Placement {
+                    name: &r.name,
+                    source_files: sources_of(r)
+                        .iter()
+                        .filter_map(|s| ours.get(s.file.path.as_path()).cloned())
+                        .collect(),
+                    synthesized: matches!(r.kind, Kind::Bytes(_)),
+                    beside: match r.kind {
+                        Kind::ScaleOf(j) => Some(j),
+                        _ => None,
+                    },
+                })
+                .collect();
+            let shards = source_shards(&lay, &places, &format!("{}.safetensors", plan.file_prefix));
+            let order: Vec<usize> = shards.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+            let mut groups = Vec::with_capacity(shards.len());
+            let mut start = 0;
+            for (file, v) in shards {
+                groups.push((file, start..start + v.len()));
+                start += v.len();
+            }
+            (reorder(resolved, &order), groups, lay.index_name)
+        }
+        (max, _) => {
+            let sizes: Vec<u64> = resolved.iter().map(|r| r.nbytes as u64).collect();
+            let ranges = assign_shards(&sizes, max.unwrap_or(u64::MAX));
+            let n = ranges.len();
+            let groups = ranges
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (shard_file_name(&plan.file_prefix, i, n), r))
+                .collect();
+            (resolved, groups, prefix_index)
+        }
+    };
+    let shards = groups
         .into_iter()
-        .map(|range| {
+        .map(|(file, range)| {
             let entries: Vec<(String, Dtype, Vec<usize>)> = resolved[range.clone()]
                 .iter()
                 .map(|r| (r.name.clone(), r.dtype, r.shape.clone()))
                 .collect();
-            let (hdr, _) = serialize_header(&plan.shard_metadata, &entries)?;
-            Ok((range, hdr))
+            let (header, _) = serialize_header(&plan.shard_metadata, &entries)?;
+            Ok(ShardPlan {
+                file,
+                range,
+                header,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok((resolved, shards, index))
+}
+
+/// `resolved` in the given order (a permutation), `scale_of` references renumbered.
+fn reorder<'a>(resolved: Vec<Resolved<'a>>, order: &[usize]) -> Vec<Resolved<'a>> {
+    let mut new_pos = vec![0; order.len()];
+    for (new, &old) in order.iter().enumerate() {
+        new_pos[old] = new;
+    }
+    let mut slots: Vec<Option<Resolved<'a>>> = resolved.into_iter().map(Some).collect();
+    order
+        .iter()
+        .map(|&old| {
+            let mut r = slots[old].take().expect("a permutation");
+            if let Kind::ScaleOf(j) = &mut r.kind {
+                *j = new_pos[*j];
+            }
+            r
         })
         .collect()
 }
@@ -1712,11 +1800,11 @@ fn execute_inner(plan: &Plan, threads: usize, ctl: &Control) -> Result<Report> {
     check_plan(plan)?;
     let sources = open_sources(plan)?;
     let resolved = resolve(plan, &sources)?;
-    let shards = shard_headers(plan, &resolved)?;
+    let (resolved, shards, index_name) = layout(plan, &sources, resolved)?;
     let n = shards.len();
     let sizes: Vec<u64> = resolved.iter().map(|r| r.nbytes as u64).collect();
     let data_total: u64 = sizes.iter().sum();
-    let hdr_total: u64 = shards.iter().map(|(_, h)| h.len() as u64).sum();
+    let hdr_total: u64 = shards.iter().map(|s| s.header.len() as u64).sum();
     ctl.bytes_total
         .store(data_total + hdr_total, Ordering::Relaxed);
     ctl.tensors_total
@@ -1769,16 +1857,20 @@ fn execute_inner(plan: &Plan, threads: usize, ctl: &Control) -> Result<Report> {
         }
         let mut produce = || -> Result<()> {
             let mut ld = Loaded::default();
-            for (si, (range, hdr)) in shards.iter().enumerate() {
-                let fname = shard_file_name(&plan.file_prefix, si, n);
-                let hdr = hdr.clone();
+            for ShardPlan {
+                file: fname,
+                range,
+                header,
+            } in &shards
+            {
+                let hdr = header.clone();
                 let hdr_len = hdr.len() as u64;
                 let shard_bytes = hdr_len
                     + resolved[range.clone()]
                         .iter()
                         .map(|r| r.nbytes as u64)
                         .sum::<u64>();
-                sink.send(Msg::Open(staged.tmp.join(&fname), shard_bytes))?;
+                sink.send(Msg::Open(staged.tmp.join(fname), shard_bytes))?;
                 sink.send(Msg::Owned(hdr))?;
                 let mut bytes = hdr_len;
                 for i in range.clone() {
@@ -1836,7 +1928,7 @@ fn execute_inner(plan: &Plan, threads: usize, ctl: &Control) -> Result<Report> {
                     });
                 }
                 shard_reports.push(ShardReport {
-                    file: fname,
+                    file: fname.clone(),
                     bytes,
                     tensors: range.len(),
                 });
@@ -1860,9 +1952,7 @@ fn execute_inner(plan: &Plan, threads: usize, ctl: &Control) -> Result<Report> {
     ctl.check()?;
     if n > 1 || plan.always_index {
         let total = data_total;
-        let p = staged
-            .tmp
-            .join(format!("{}.safetensors.index.json", plan.file_prefix));
+        let p = staged.tmp.join(&index_name);
         std::fs::write(&p, index_json(total, &weight_map))
             .map_err(|e| Error::io(&p, "write", e))?;
     }

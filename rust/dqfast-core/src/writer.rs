@@ -41,6 +41,177 @@ pub fn shard_file_name(prefix: &str, i: usize, n: usize) -> String {
     }
 }
 
+/// The shard files of the checkpoint a plan converts (its first source), as the output keeps them:
+/// the default layout, SGLang's builders' rule (issue #13) — every output tensor goes into the file
+/// of the source tensor it came from, under the same file name, and the index is named like the
+/// source's.
+#[derive(Debug, Clone)]
+pub struct SourceLayout {
+    /// File names, sorted (the order the shards are written in, as SGLang's tools do).
+    pub files: Vec<String>,
+    /// Tensor name -> file name.
+    pub held: HashMap<String, String>,
+    /// The source's index file name, or `<stem>.safetensors.index.json` for a single file.
+    pub index_name: String,
+}
+
+impl SourceLayout {
+    /// The layout of an opened checkpoint. A diffusers variant's names lose their variant tag
+    /// (`x.fp16-00001-of-00002.safetensors` -> `x-00001-of-00002.safetensors`, index
+    /// `x.safetensors.index.fp16.json` -> `x.safetensors.index.json`): the output is a model's
+    /// main weights, which loaders look for under the plain names.
+    pub fn of(ck: &crate::checkpoint::Checkpoint) -> SourceLayout {
+        let name = |p: &Path| main_name(&p.file_name().unwrap_or_default().to_string_lossy());
+        let mut files: Vec<String> = ck.files.iter().map(|f| name(&f.path)).collect();
+        files.sort();
+        files.dedup();
+        let held = ck
+            .files
+            .iter()
+            .flat_map(|f| {
+                let n = name(&f.path);
+                f.header
+                    .tensors
+                    .iter()
+                    .map(move |t| (t.name.clone(), n.clone()))
+            })
+            .collect();
+        // `<stem>.safetensors.index.json`, the stem of the index (or of the single file).
+        let named_by = match &ck.index {
+            Some(ix) => ix
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string(),
+            None => files.first().cloned().unwrap_or_default(),
+        };
+        let stem = named_by
+            .split_once(".safetensors")
+            .map_or(named_by.as_str(), |(s, _)| s);
+        let stem = stem.split_once('.').map_or(stem, |(s, _)| s);
+        SourceLayout {
+            files,
+            held,
+            index_name: format!("{stem}.safetensors.index.json"),
+        }
+    }
+}
+
+/// A shard file name without its diffusers variant tag: `<stem>.<variant>.safetensors` ->
+/// `<stem>.safetensors`, `<stem>.<variant>-00001-of-00002.safetensors` ->
+/// `<stem>-00001-of-00002.safetensors` (the reader's rule: a dot inside the name before
+/// `.safetensors` marks a variant); other names unchanged.
+pub fn main_name(file: &str) -> String {
+    let Some(base) = file.strip_suffix(".safetensors") else {
+        return file.to_string();
+    };
+    let Some((stem, variant)) = base.split_once('.') else {
+        return file.to_string();
+    };
+    // `fp16-00001-of-00002`: keep the shard numbering.
+    let shard = variant.rsplitn(4, '-').collect::<Vec<_>>();
+    let numbered = shard.len() == 4
+        && shard[1] == "of"
+        && [shard[0], shard[2]]
+            .iter()
+            .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+    if numbered {
+        format!("{stem}-{}-of-{}.safetensors", shard[2], shard[0])
+    } else {
+        format!("{stem}.safetensors")
+    }
+}
+
+/// One output tensor as [`source_shards`] sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Placement<'a> {
+    pub name: &'a str,
+    /// The file names of the source tensors the op reads from the converted checkpoint, in the
+    /// op's order (the first is its primary source).
+    pub source_files: Vec<String>,
+    /// The op reads no tensor at all (`f32`, `scale_from_amax`: a synthesized scale).
+    pub synthesized: bool,
+    /// An output this one must sit beside (a `scale_of`'s weight), by plan position.
+    pub beside: Option<usize>,
+}
+
+/// Which output shard each tensor goes to, keeping the source's files. In order of precedence:
+/// 1. a `scale_of` beside its weight (the engine computes the scale while writing the weight);
+/// 2. a synthesized tensor (no source tensor: `f32`, `scale_from_amax`) beside its module's
+///    weight, `<module>.weight` with `<module>` the name up to the last dot — SGLang's FP8 tool
+///    writes a quantized weight's new scales into the weight's file, wherever the export had them;
+/// 3. the file where the source holds a tensor of the same name (converted or replaced in place:
+///    an FP8 weight, a BF16 fallback read from another checkpoint, an NVFP4 export's scales);
+/// 4. the file of the op's primary source tensor (renamed, sliced or fused tensors);
+/// 5. otherwise (a scratch input, a synthesized tensor of no module) beside the tensor before it
+///    in the plan, else the source's first file.
+///
+/// Returns the shards to write, in the source's file order: (file name, plan positions in plan
+/// order). A source file that receives no tensor is not written. With no source file at all,
+/// every tensor goes into one `fallback` shard.
+pub fn source_shards(
+    layout: &SourceLayout,
+    tensors: &[Placement],
+    fallback: &str,
+) -> Vec<(String, Vec<usize>)> {
+    let pos: HashMap<&str, usize> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name, i))
+        .collect();
+    let weight_of = |t: &Placement| -> Option<usize> {
+        let (module, _) = t.name.rsplit_once('.')?;
+        pos.get(format!("{module}.weight").as_str())
+            .copied()
+            .filter(|&j| j != pos[t.name])
+    };
+    // Rules 3 and 4 first: they need no other tensor's placement.
+    let mut at: Vec<Option<String>> = tensors
+        .iter()
+        .map(|t| {
+            if t.beside.is_some() || (t.synthesized && weight_of(t).is_some()) {
+                return None;
+            }
+            layout
+                .held
+                .get(t.name)
+                .cloned()
+                .or_else(|| t.source_files.first().cloned())
+        })
+        .collect();
+    let default = layout
+        .files
+        .first()
+        .cloned()
+        .unwrap_or_else(|| fallback.to_string());
+    for i in 0..tensors.len() {
+        if at[i].is_some() {
+            continue;
+        }
+        let t = &tensors[i];
+        let next_to = match t.beside {
+            Some(j) => Some(j),
+            None if t.synthesized => weight_of(t),
+            None => None,
+        };
+        let beside = next_to.and_then(|j| at[j].clone());
+        let previous = i.checked_sub(1).and_then(|j| at[j].clone());
+        at[i] = Some(beside.or(previous).unwrap_or_else(|| default.clone()));
+    }
+    let mut shards: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, f) in at.into_iter().enumerate() {
+        shards
+            .entry(f.expect("assigned above"))
+            .or_default()
+            .push(i);
+    }
+    if shards.is_empty() {
+        // An empty plan still writes one (empty) shard, as the size-based layout does.
+        shards.insert(default, Vec::new());
+    }
+    shards.into_iter().collect()
+}
+
 /// The index json huggingface and diffusers read: `{"metadata": {"total_size"}, "weight_map"}`.
 pub fn index_json(total_size: u64, weight_map: &BTreeMap<String, String>) -> String {
     let v = serde_json::json!({
@@ -788,6 +959,103 @@ mod tests {
         assert_eq!(assign_shards(&[1, 10, 1], 8), vec![0..1, 1..2, 2..3]);
         assert_eq!(assign_shards(&[], 8), vec![0..0]);
         assert_eq!(assign_shards(&[3, 3, 2], 8), vec![0..3]);
+    }
+
+    fn lay(held: &[(&str, &str)]) -> SourceLayout {
+        let mut files: Vec<String> = held.iter().map(|(_, f)| f.to_string()).collect();
+        files.sort();
+        files.dedup();
+        SourceLayout {
+            files,
+            held: held
+                .iter()
+                .map(|(t, f)| (t.to_string(), f.to_string()))
+                .collect(),
+            index_name: "i.json".into(),
+        }
+    }
+
+    fn place<'a>(name: &'a str, files: &[&str], beside: Option<usize>) -> Placement<'a> {
+        Placement {
+            name,
+            source_files: files.iter().map(|f| f.to_string()).collect(),
+            synthesized: false,
+            beside,
+        }
+    }
+
+    fn synth(name: &str) -> Placement<'_> {
+        Placement {
+            name,
+            synthesized: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn source_shards_follow_the_source_files() {
+        let l = lay(&[
+            ("a.weight", "1"),
+            ("b.weight", "1"),
+            ("c.weight", "2"),
+            ("c.weight_scale", "1"),
+            ("c.bias", "1"),
+        ]);
+        let t = [
+            synth("c.input_scale"),          // 0: its module's weight (2), though first
+            place("a.weight", &["1"], None), // 1: held by the source in 1
+            place("b.weight", &["other"], None), // 2: held in 1, whatever file it is read from
+            place("c.weight", &["2"], None), // 3
+            place("x.weight_scale", &[], Some(1)), // 4: beside a.weight (scale_of)
+            place("c.q", &["2", "1"], None), // 5: the primary source's file
+            synth("free"),                   // 6: beside the tensor before it
+            synth("c.weight_scale"),         // 7: beside its weight, not where it was held
+            place("c.bias", &["1"], None),   // 8: read from the source: where it was
+        ];
+        assert_eq!(
+            source_shards(&l, &t, "f"),
+            vec![
+                ("1".into(), vec![1, 2, 4, 8]),
+                ("2".into(), vec![0, 3, 5, 6, 7])
+            ]
+        );
+        // A scale_of follows its weight even when the source holds a tensor of its own name.
+        let l = lay(&[("w", "1"), ("w_scale", "2")]);
+        let t = [place("w", &["1"], None), place("w_scale", &[], Some(0))];
+        assert_eq!(source_shards(&l, &t, "f"), vec![("1".into(), vec![0, 1])]);
+    }
+
+    #[test]
+    fn variant_names_lose_their_tag() {
+        for (given, want) in [
+            ("m.safetensors", "m.safetensors"),
+            (
+                "m-00001-of-00002.safetensors",
+                "m-00001-of-00002.safetensors",
+            ),
+            ("m.fp16.safetensors", "m.safetensors"),
+            (
+                "m.fp16-00001-of-00002.safetensors",
+                "m-00001-of-00002.safetensors",
+            ),
+            ("m.fp16-x.safetensors", "m.safetensors"),
+            ("notes.txt", "notes.txt"),
+        ] {
+            assert_eq!(main_name(given), want, "{given}");
+        }
+    }
+
+    #[test]
+    fn source_shards_of_nothing() {
+        assert_eq!(
+            source_shards(&lay(&[("w", "x.safetensors")]), &[], "f"),
+            vec![("x.safetensors".into(), vec![])]
+        );
+        let t = [synth("s")];
+        assert_eq!(
+            source_shards(&lay(&[]), &t, "f.safetensors"),
+            vec![("f.safetensors".into(), vec![0])]
+        );
     }
 
     #[test]
