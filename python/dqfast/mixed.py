@@ -32,7 +32,21 @@ from dqfast.errors import PlanError
 from dqfast.fp8 import FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, check_activation_amax
 from dqfast.models import MLP_PATTERNS, ModelPreset, fused_groups, pattern_list, resolve_preset
 from dqfast.nvfp4 import GROUP, NVFP4_BOUND
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, ProgressFn, finish, new_plan
+from dqfast.plan import (
+    BuildReport,
+    Fp8,
+    IoMode,
+    MaxOfAmax,
+    ModuleDecision,
+    Nvfp4BlockScales,
+    Nvfp4GlobalScale,
+    Nvfp4Weight,
+    ProgressFn,
+    ScaleFromAmax,
+    ScaleOf,
+    finish,
+    new_plan,
+)
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
 from dqfast.targets import TargetName
@@ -199,20 +213,21 @@ def build_mixed_transformer(
             if algo == "fp8":
                 plan.add(
                     meta.name,
-                    "fp8",
-                    src=ref,
-                    scale={"kind": "weight_amax", "per_row": False},
-                    rounding="exact" if rounding == "exact" else "source_dtype",
+                    Fp8(
+                        src=ref,
+                        scale={"kind": "weight_amax", "per_row": False},
+                        rounding="exact" if rounding == "exact" else "source_dtype",
+                    ),
                 )
-                plan.add(f"{module}.weight_scale", "scale_of", of=meta.name, shape=[1])
-                plan.add(f"{module}.input_scale", "scale_from_amax", amax=[amax["fp8"]], bound=E4M3_MAX, shape=[1])
+                plan.add(f"{module}.weight_scale", ScaleOf(of=meta.name, shape=[1]))
+                plan.add(f"{module}.input_scale", ScaleFromAmax(amax=[amax["fp8"]], bound=E4M3_MAX, shape=[1]))
                 quantized_layers[module] = {"quant_algo": "FP8"}
             else:
-                am = {"kind": "max_of", "srcs": [plan.ref(src, f"{m}.weight") for m in members]}
-                plan.add(meta.name, "nvfp4_weight", src=ref, amax=am)
-                plan.add(f"{module}.weight_scale", "nvfp4_block_scales", src=ref, amax=am)
-                plan.add(f"{module}.weight_scale_2", "nvfp4_global_scale", src=ref, amax=am, shape=[])
-                plan.add(f"{module}.input_scale", "scale_from_amax", amax=[amax["nvfp4"]], bound=NVFP4_BOUND, shape=[])
+                am: MaxOfAmax = {"kind": "max_of", "srcs": [plan.ref(src, f"{m}.weight") for m in members]}
+                plan.add(meta.name, Nvfp4Weight(src=ref, amax=am))
+                plan.add(f"{module}.weight_scale", Nvfp4BlockScales(src=ref, amax=am))
+                plan.add(f"{module}.weight_scale_2", Nvfp4GlobalScale(src=ref, amax=am, shape=[]))
+                plan.add(f"{module}.input_scale", ScaleFromAmax(amax=[amax["nvfp4"]], bound=NVFP4_BOUND, shape=[]))
                 quantized_layers[module] = {"quant_algo": "NVFP4", "group_size": GROUP}
     if not quantized_layers:
         raise PlanError("the policy quantizes no layer (MIXED_PRECISION needs a non-empty quantized_layers)")

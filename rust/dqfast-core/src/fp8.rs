@@ -118,7 +118,9 @@ pub fn repair_nan_e4m3(bytes: &mut [u8]) -> usize {
 }
 
 /// How out-of-range quotients are handled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Saturation {
     /// Clamp to ±448 before the cast, as ModelOpt/vLLM write checkpoints.
@@ -128,7 +130,9 @@ pub enum Saturation {
 }
 
 /// How the quotient `w / scale` is formed before the cast.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Rounding {
     /// `(w.float() / scale).to(e4m3)`: divide in float32, round once. The most accurate.

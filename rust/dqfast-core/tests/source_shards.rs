@@ -192,3 +192,23 @@ fn a_zero_max_shard_bytes_is_refused() {
     let e = validate_json(&p.to_string()).unwrap_err().to_string();
     assert!(e.contains("max_shard_bytes must be > 0"), "{e}");
 }
+
+#[test]
+fn an_unknown_op_field_and_a_self_referencing_scale_of_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (ck, base) = two_shards(d.path());
+    let out = d.path().join("out");
+    // A misspelt optional field would silently take its default: refused instead.
+    let bad = json!([{"name": "a.weight", "op": "fp8", "src": src("a.weight"),
+        "scale": {"kind": "values", "values": [1.0]}, "saturaton": "clamp"}]);
+    let e = validate_json(&plan(&[&ck, &base], &out, bad).to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field `saturaton`"), "{e}");
+    // Before the op split this indexed past the resolved outputs (a panic).
+    let own = json!([{"name": "s", "op": "scale_of", "of": "s", "shape": [1]}]);
+    let e = validate_json(&plan(&[&ck, &base], &out, own).to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must name an earlier fp8 tensor"), "{e}");
+}

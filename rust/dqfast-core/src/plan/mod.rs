@@ -21,4 +21,4 @@ pub use pipeline::{
     effective_threads, execute, execute_json, execute_json_with, execute_with, validate,
     validate_json, Control, Progress, Report, ShardReport, TensorReport, Timings,
 };
-pub use schema::{ExtraFile, IoMode, OutTensor, Plan, SrcRef};
+pub use schema::{plan_schema, ExtraFile, IoMode, OutTensor, Plan, SrcRef};

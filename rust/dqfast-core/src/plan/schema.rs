@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::ops::Op;
@@ -11,7 +12,7 @@ use crate::error::Result;
 use crate::writer::OutputGuard;
 
 /// How the engine moves bytes between disk and memory.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum IoMode {
     /// Direct reads of source tensors that are not already in the page cache, direct writes;
@@ -36,7 +37,7 @@ fn yes() -> bool {
 }
 
 /// What to build. Produced by the Python planner, serialized as JSON.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     /// Checkpoints (files or directories) that ops refer to by position.
@@ -107,7 +108,7 @@ impl Plan {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExtraFile {
     pub name: String,
@@ -117,16 +118,23 @@ pub struct ExtraFile {
     pub copy_from: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SrcRef {
     pub source: usize,
     pub tensor: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 pub struct OutTensor {
     pub name: String,
     #[serde(flatten)]
     pub op: Op,
+}
+
+/// The plan's JSON Schema (draft 2020-12), derived by `schemars` from the same types and serde
+/// attributes the engine deserializes with, so it cannot drift from what [`Plan`] accepts. The
+/// Python planner's ops are tested against it (`_core.plan_schema()`).
+pub fn plan_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Plan)).expect("a schema serializes")
 }

@@ -1,5 +1,6 @@
 //! `copy`: a source tensor byte for byte (e4m3 NaN bytes refused).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{OpKind, Resolve};
@@ -8,7 +9,8 @@ use crate::plan::pipeline::Emit;
 use crate::plan::resolve::{Cx, Out, Src};
 use crate::plan::schema::SrcRef;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CopyOp {
     pub src: SrcRef,
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use rayon::prelude::*;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{OpKind, Resolve};
@@ -21,7 +22,8 @@ fn clamp() -> Saturation {
     Saturation::Clamp
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Fp8Op {
     pub src: SrcRef,
     pub scale: ScaleSpec,
@@ -32,7 +34,7 @@ pub struct Fp8Op {
 }
 
 /// Where an FP8 scale comes from.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ScaleSpec {
     /// Calibrated maxima (one, or one per output row): scale = amax / 448.

@@ -1,6 +1,7 @@
 //! Float32 tensors the planner gives: `f32` (literal values) and `scale_from_amax`
 //! (`amax / bound`). Both are scales, so the scale rule (finite, > 0, normal) applies.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{OpKind, Resolve};
@@ -10,14 +11,16 @@ use crate::fp8;
 use crate::plan::pipeline::Emit;
 use crate::plan::resolve::{numel_of, Cx, Out};
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ScaleFromAmaxOp {
     pub amax: Vec<f32>,
     pub bound: f32,
     pub shape: Vec<usize>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct F32Op {
     pub values: Vec<f32>,
     pub shape: Vec<usize>,

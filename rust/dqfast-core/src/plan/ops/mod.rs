@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::pipeline::Emit;
@@ -94,7 +95,7 @@ pub(crate) struct Memo {
 macro_rules! registry {
     ($($(#[$doc:meta])* $variant:ident($spec:ty),)*) => {
         /// How an output tensor is made (the plan's `"op"` field and that op's fields).
-        #[derive(Debug, Clone, Deserialize, Serialize)]
+        #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
         #[serde(tag = "op", rename_all = "snake_case")]
         pub enum Op {
             $($(#[$doc])* $variant($spec),)*

@@ -1,6 +1,7 @@
 //! `mxfp8_weight` / `mxfp8_scales`: the MXFP8 e4m3 values `[N, K]` and E8M0 block scales
 //! (U8 `[N, K/32]`) of one float weight `[N, K]` (see [`crate::mxfp8`]).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{OpKind, Resolve};
@@ -12,12 +13,14 @@ use crate::plan::resolve::{Cx, Out, Src};
 use crate::plan::schedule::Loaded;
 use crate::plan::schema::SrcRef;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Mxfp8WeightOp {
     pub src: SrcRef,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Mxfp8ScalesOp {
     pub src: SrcRef,
 }

@@ -3,6 +3,7 @@
 //! (`weight_scale_2`, float32). They share one global scale, computed once (memoized), from a
 //! given amax, the weight's own, or the max over a fused q/k/v group.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{OpKind, Resolve};
@@ -15,7 +16,7 @@ use crate::plan::resolve::{float_src, numel_of, Cx, Out, Src};
 use crate::plan::schema::SrcRef;
 
 /// Where an NVFP4 global amax comes from.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum NvAmax {
     Given {
@@ -30,19 +31,22 @@ pub enum NvAmax {
     },
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Nvfp4WeightOp {
     pub src: SrcRef,
     pub amax: NvAmax,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Nvfp4BlockScalesOp {
     pub src: SrcRef,
     pub amax: NvAmax,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Nvfp4GlobalScaleOp {
     pub src: SrcRef,
     pub amax: NvAmax,

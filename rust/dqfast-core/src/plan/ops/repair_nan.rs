@@ -1,5 +1,6 @@
 //! `repair_nan_e4m3`: an e4m3 tensor copied with its NaN bytes (0x7F/0xFF) replaced by 448.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{OpKind, Resolve};
@@ -10,7 +11,8 @@ use crate::plan::pipeline::Emit;
 use crate::plan::resolve::{same_dtype_src, Cx, Out, Src};
 use crate::plan::schema::SrcRef;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RepairNanE4m3Op {
     pub src: SrcRef,
 }

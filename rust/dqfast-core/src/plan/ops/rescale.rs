@@ -1,6 +1,7 @@
 //! `rescale_e4m3`: e4m3 block scales re-expressed for a new global scale, `e4m3(f32(s) * factor)`,
 //! rows `start..stop` (the whole tensor when both are 0).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{OpKind, Resolve};
@@ -11,7 +12,8 @@ use crate::plan::pipeline::Emit;
 use crate::plan::resolve::{row_slice, Cx, Out, Src};
 use crate::plan::schema::SrcRef;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RescaleE4m3Op {
     pub src: SrcRef,
     pub factor: f32,

@@ -1,6 +1,7 @@
 //! `scale_of`: the float32 scale(s) the earlier `fp8` op writing tensor `of` used (weight-derived
 //! scales are known only while that weight is written; they are memoized for this op).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{OpKind, Resolve};
@@ -9,7 +10,8 @@ use crate::error::{Error, Result};
 use crate::plan::pipeline::Emit;
 use crate::plan::resolve::{numel_of, Cx, Out};
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ScaleOfOp {
     pub of: String,
     pub shape: Vec<usize>,

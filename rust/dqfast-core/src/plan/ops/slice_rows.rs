@@ -1,5 +1,6 @@
 //! `slice_rows`: rows `start..stop` of the first dimension (q, k, v of a fused projection).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{OpKind, Resolve};
@@ -8,7 +9,8 @@ use crate::plan::pipeline::Emit;
 use crate::plan::resolve::{row_slice, Cx, Out, Src};
 use crate::plan::schema::SrcRef;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SliceRowsOp {
     pub src: SrcRef,
     pub start: usize,

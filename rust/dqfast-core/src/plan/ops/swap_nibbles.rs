@@ -1,5 +1,6 @@
 //! `swap_nibbles`: the two nibbles of every byte of a U8 tensor swapped (FP4 element order).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{OpKind, Resolve};
@@ -10,7 +11,8 @@ use crate::plan::pipeline::Emit;
 use crate::plan::resolve::{same_dtype_src, Cx, Out, Src};
 use crate::plan::schema::SrcRef;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SwapNibblesOp {
     pub src: SrcRef,
 }
