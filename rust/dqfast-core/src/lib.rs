@@ -7,14 +7,13 @@
 
 pub mod dtype;
 pub mod error;
-pub mod fp8;
+pub mod formats;
 pub mod io;
-pub mod mxfp8;
-pub mod nvfp4;
 pub mod plan;
 pub mod rss;
 
 // The paths the pyo3 crate, the tests and the benches use.
+pub use formats::{e4m3, fp8, mxfp8, nvfp4};
 pub use io::{checkpoint, direct, header};
 /// The output side as one module (was `writer.rs`): shards, index, staging, the overlap guard.
 pub mod writer {
