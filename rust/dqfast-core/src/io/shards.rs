@@ -224,9 +224,19 @@ pub fn index_json(total_size: u64, weight_map: &BTreeMap<String, String>) -> Str
 /// tensor data is written once, in place. A multiple of 4096, so tensor data starts page-aligned.
 pub const STREAM_HEADER_RESERVE: usize = 64 << 10;
 
+/// The same for a shard named by the caller ([`StreamWriter::write_tensor_to`]): it cannot close
+/// early and continue in another file, so it reserves room for about 6,500 entries (a diffusers
+/// shard of 5 GB holds a few hundred). The unused part is spaces in the header, as the format
+/// allows.
+pub const NAMED_HEADER_RESERVE: usize = 1 << 20;
+
 /// One shard a [`StreamWriter`] is filling: data goes at `reserve + offset`, the header is
 /// written into the reserved space when the shard is closed.
 struct StreamShard {
+    /// The file name the caller gave (None: named by position when the writer finishes).
+    name: Option<String>,
+    /// Header bytes reserved at the start of the file.
+    reserve: usize,
     part: PathBuf,
     file: fs::File,
     tensors: Vec<(String, crate::dtype::Dtype, Vec<usize>)>,
@@ -253,6 +263,8 @@ pub struct StreamWriter {
     files: std::collections::HashSet<String>,
     done: Vec<StreamShard>,
     cur: Option<StreamShard>,
+    /// Shards named by the caller, by file name.
+    named: BTreeMap<String, StreamShard>,
 }
 
 /// Serialized length of one header entry, comma included (an upper bound of what it adds).
@@ -263,6 +275,39 @@ fn entry_bytes(name: &str, dtype: crate::dtype::Dtype, shape: &[usize], end: u64
         .unwrap_or(name.len() * 6 + 2)
         + 2
         + serde_json::to_string(&e).map(|x| x.len()).unwrap_or(0)
+}
+
+/// Write one tensor's bytes at their final offset in `c` and record its header entry.
+fn append(
+    c: &mut StreamShard,
+    name: &str,
+    dtype: crate::dtype::Dtype,
+    shape: &[usize],
+    data: &[u8],
+) -> Result<()> {
+    let entry = entry_bytes(name, dtype, shape, c.data_bytes + data.len() as u64);
+    if c.header_bytes + entry > c.reserve {
+        return Err(Error::Plan(if c.tensors.is_empty() {
+            format!(
+                "tensor '{name}': its header entry alone exceeds {} bytes",
+                c.reserve
+            )
+        } else {
+            format!(
+                "tensor '{name}': the shard's {}-byte header space is full ({} tensors)",
+                c.reserve,
+                c.tensors.len()
+            )
+        }));
+    }
+    use std::os::unix::fs::FileExt;
+    c.file
+        .write_all_at(data, c.reserve as u64 + c.data_bytes)
+        .map_err(|e| Error::io(&c.part, "write", e))?;
+    c.data_bytes += data.len() as u64;
+    c.header_bytes += entry;
+    c.tensors.push((name.to_string(), dtype, shape.to_vec()));
+    Ok(())
 }
 
 impl StreamWriter {
@@ -297,6 +342,7 @@ impl StreamWriter {
             files: Default::default(),
             done: Vec::new(),
             cur: None,
+            named: BTreeMap::new(),
         })
     }
 
@@ -317,9 +363,23 @@ impl StreamWriter {
         }
     }
 
-    /// Append one tensor (`data` is its little-endian bytes, `shape` its dimensions).
+    /// Append one tensor (`data` is its little-endian bytes, `shape` its dimensions) to the
+    /// size-based shards (`max_shard_bytes`, named `<prefix>-0000i-of-0000n.safetensors`).
     pub fn write_tensor(
         &mut self,
+        name: &str,
+        dtype: crate::dtype::Dtype,
+        shape: &[usize],
+        data: &[u8],
+    ) -> Result<()> {
+        self.write_tensor_to(None, name, dtype, shape, data)
+    }
+
+    /// [`StreamWriter::write_tensor`] into the shard file `shard` (e.g. the source's file the
+    /// tensor came from) when given. A writer uses named shards or size-based ones, not both.
+    pub fn write_tensor_to(
+        &mut self,
+        shard: Option<&str>,
         name: &str,
         dtype: crate::dtype::Dtype,
         shape: &[usize],
@@ -340,6 +400,19 @@ impl StreamWriter {
         if self.names.contains(name) {
             return Err(Error::Plan(format!("tensor '{name}' written twice")));
         }
+        let mixed = match shard {
+            Some(_) => self.cur.is_some() || !self.done.is_empty(),
+            None => !self.named.is_empty(),
+        };
+        if mixed {
+            return Err(Error::Plan(format!(
+                "tensor '{name}': a writer puts every tensor in a named shard or every tensor in \
+                 size-based shards, not both"
+            )));
+        }
+        if let Some(file) = shard {
+            return self.write_named(&tmp, file, name, dtype, shape, data);
+        }
         // huggingface's greedy rule (as `assign_shards`), and a new shard before the header
         // outgrows its reserved space.
         if let Some(c) = &self.cur {
@@ -355,6 +428,8 @@ impl StreamWriter {
             let file = fs::File::create(&part).map_err(|e| Error::io(&part, "create", e))?;
             let meta = serde_json::json!({"__metadata__": self.metadata}).to_string();
             self.cur = Some(StreamShard {
+                name: None,
+                reserve: self.reserve,
                 part,
                 file,
                 tensors: Vec::new(),
@@ -362,22 +437,49 @@ impl StreamWriter {
                 header_bytes: 8 + meta.len() + 8,
             });
         }
-        let reserve = self.reserve as u64;
         let c = self.cur.as_mut().expect("opened above");
-        let entry = entry_bytes(name, dtype, shape, c.data_bytes + nbytes as u64);
-        if c.header_bytes + entry > self.reserve {
+        append(c, name, dtype, shape, data)?;
+        self.names.insert(name.to_string());
+        Ok(())
+    }
+
+    fn write_named(
+        &mut self,
+        tmp: &Path,
+        file: &str,
+        name: &str,
+        dtype: crate::dtype::Dtype,
+        shape: &[usize],
+        data: &[u8],
+    ) -> Result<()> {
+        if !file.ends_with(".safetensors") || file.contains('/') || file.starts_with('.') {
             return Err(Error::Plan(format!(
-                "tensor '{name}': its header entry alone exceeds {} bytes",
-                self.reserve
+                "tensor '{name}': shard '{file}' is not a plain <name>.safetensors file name"
             )));
         }
-        use std::os::unix::fs::FileExt;
-        c.file
-            .write_all_at(data, reserve + c.data_bytes)
-            .map_err(|e| Error::io(&c.part, "write", e))?;
-        c.data_bytes += nbytes as u64;
-        c.header_bytes += entry;
-        c.tensors.push((name.to_string(), dtype, shape.to_vec()));
+        if !self.named.contains_key(file) {
+            let part = tmp.join(format!(".named-{}.part", self.named.len()));
+            let f = fs::File::create(&part).map_err(|e| Error::io(&part, "create", e))?;
+            let meta = serde_json::json!({"__metadata__": self.metadata}).to_string();
+            let reserve = (meta.len() + 32 + NAMED_HEADER_RESERVE).div_ceil(4096) * 4096;
+            self.named.insert(
+                file.to_string(),
+                StreamShard {
+                    name: Some(file.to_string()),
+                    reserve,
+                    part,
+                    file: f,
+                    tensors: Vec::new(),
+                    data_bytes: 0,
+                    header_bytes: 8 + meta.len() + 8,
+                },
+            );
+        }
+        let c = self.named.get_mut(file).expect("inserted above");
+        append(c, name, dtype, shape, data).map_err(|e| match e {
+            Error::Plan(m) => Error::Plan(format!("shard '{file}': {m}")),
+            e => e,
+        })?;
         self.names.insert(name.to_string());
         Ok(())
     }
@@ -411,11 +513,15 @@ impl StreamWriter {
     pub fn finish(&mut self) -> Result<(Vec<String>, u64)> {
         let tmp = self.stage()?.tmp.clone();
         self.close_current();
+        self.done
+            .extend(std::mem::take(&mut self.named).into_values());
         if self.done.is_empty() {
             // No tensor at all: one empty shard, as the engine writes for an empty plan.
             let part = tmp.join(".shard-0.part");
             let file = fs::File::create(&part).map_err(|e| Error::io(&part, "create", e))?;
             self.done.push(StreamShard {
+                name: None,
+                reserve: self.reserve,
                 part,
                 file,
                 tensors: Vec::new(),
@@ -430,15 +536,15 @@ impl StreamWriter {
         use std::os::unix::fs::FileExt;
         for (i, s) in self.done.iter().enumerate() {
             let (mut hdr, _) = crate::header::serialize_header(&self.metadata, &s.tensors)?;
-            if hdr.len() > self.reserve {
+            if hdr.len() > s.reserve {
                 return Err(Error::Internal(format!(
                     "shard header of {} bytes outgrew its {} reserved bytes",
                     hdr.len(),
-                    self.reserve
+                    s.reserve
                 )));
             }
-            hdr.resize(self.reserve, b' ');
-            hdr[..8].copy_from_slice(&((self.reserve - 8) as u64).to_le_bytes());
+            hdr.resize(s.reserve, b' ');
+            hdr[..8].copy_from_slice(&((s.reserve - 8) as u64).to_le_bytes());
             s.file
                 .write_all_at(&hdr, 0)
                 .map_err(|e| Error::io(&s.part, "write", e))?;
@@ -447,7 +553,10 @@ impl StreamWriter {
                     .sync_all()
                     .map_err(|e| Error::io(&s.part, "fsync", e))?;
             }
-            let fname = shard_file_name(&self.prefix, i, n);
+            let fname = s
+                .name
+                .clone()
+                .unwrap_or_else(|| shard_file_name(&self.prefix, i, n));
             let dst = tmp.join(&fname);
             fs::rename(&s.part, &dst).map_err(|e| Error::io(&s.part, "rename", e))?;
             for (t, _, _) in &s.tensors {
@@ -626,6 +735,57 @@ mod tests {
         drop(w);
         assert!(!out2.exists());
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn stream_writer_writes_named_shards() {
+        use crate::checkpoint::Checkpoint;
+        use crate::dtype::Dtype;
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        let mut w =
+            StreamWriter::create(&out, false, 1, "m", BTreeMap::new(), false, false).unwrap();
+        for (i, f) in ["b.safetensors", "a.safetensors", "b.safetensors"]
+            .iter()
+            .enumerate()
+        {
+            let data = [i as u8; 60];
+            w.write_tensor_to(Some(f), &format!("t{i}"), Dtype::U8, &[2, 30], &data)
+                .unwrap();
+        }
+        // Mixing with size-based shards, and a name that is not a plain shard file, are refused.
+        for (shard, what) in [(None, "not both"), (Some("x/y.safetensors"), "plain")] {
+            let e = w
+                .write_tensor_to(shard, "z", Dtype::U8, &[1], &[0])
+                .unwrap_err();
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        let (names, total) = w.finish().unwrap();
+        assert_eq!(names, ["a.safetensors", "b.safetensors"]);
+        assert_eq!(total, 180);
+        let ck = Checkpoint::open(&out).unwrap();
+        for (t, f) in [("t0", "b"), ("t1", "a"), ("t2", "b")] {
+            let (file, info) = ck.require(t).unwrap();
+            assert_eq!(file.path.file_name().unwrap(), &*format!("{f}.safetensors"));
+            assert_eq!(file.data(info).len(), 60);
+            assert_eq!(file.header.data_start % 4096, 0);
+        }
+        assert!(out.join("m.safetensors.index.json").is_file());
+        // A writer that started with size-based shards refuses a named one.
+        let mut w = StreamWriter::create(
+            &d.path().join("o2"),
+            false,
+            1 << 30,
+            "m",
+            BTreeMap::new(),
+            false,
+            false,
+        )
+        .unwrap();
+        w.write_tensor("x", Dtype::U8, &[1], &[1]).unwrap();
+        assert!(w
+            .write_tensor_to(Some("a.safetensors"), "y", Dtype::U8, &[1], &[1])
+            .is_err());
     }
 
     #[test]
