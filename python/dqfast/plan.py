@@ -130,9 +130,15 @@ class PlanOp:
 
 
 @dataclass(frozen=True)
-class Copy(PlanOp):
-    OP: ClassVar[str] = "copy"
+class _FromSrc(PlanOp):
+    """An op of one source tensor and nothing else."""
+
     src: SrcRef
+
+
+@dataclass(frozen=True)
+class Copy(_FromSrc):
+    OP: ClassVar[str] = "copy"
 
 
 @dataclass(frozen=True)
@@ -167,15 +173,13 @@ class F32(PlanOp):
 
 
 @dataclass(frozen=True)
-class SwapNibbles(PlanOp):
+class SwapNibbles(_FromSrc):
     OP: ClassVar[str] = "swap_nibbles"
-    src: SrcRef
 
 
 @dataclass(frozen=True)
-class RepairNanE4m3(PlanOp):
+class RepairNanE4m3(_FromSrc):
     OP: ClassVar[str] = "repair_nan_e4m3"
-    src: SrcRef
 
 
 @dataclass(frozen=True)
@@ -203,37 +207,37 @@ class RescaleE4m3(PlanOp):
 
 
 @dataclass(frozen=True)
-class Nvfp4Weight(PlanOp):
+class _Nvfp4(PlanOp):
+    """One of the three NVFP4 outputs of a float weight, sharing one global amax."""
+
+    src: SrcRef
+    amax: NvAmax
+
+
+@dataclass(frozen=True)
+class Nvfp4Weight(_Nvfp4):
     OP: ClassVar[str] = "nvfp4_weight"
-    src: SrcRef
-    amax: NvAmax
 
 
 @dataclass(frozen=True)
-class Nvfp4BlockScales(PlanOp):
+class Nvfp4BlockScales(_Nvfp4):
     OP: ClassVar[str] = "nvfp4_block_scales"
-    src: SrcRef
-    amax: NvAmax
 
 
 @dataclass(frozen=True)
-class Nvfp4GlobalScale(PlanOp):
+class Nvfp4GlobalScale(_Nvfp4):
     OP: ClassVar[str] = "nvfp4_global_scale"
-    src: SrcRef
-    amax: NvAmax
     shape: list[int]
 
 
 @dataclass(frozen=True)
-class Mxfp8Weight(PlanOp):
+class Mxfp8Weight(_FromSrc):
     OP: ClassVar[str] = "mxfp8_weight"
-    src: SrcRef
 
 
 @dataclass(frozen=True)
-class Mxfp8Scales(PlanOp):
+class Mxfp8Scales(_FromSrc):
     OP: ClassVar[str] = "mxfp8_scales"
-    src: SrcRef
 
 
 #: Every typed op by its engine name.

@@ -1,5 +1,5 @@
 //! The plan's ops: how each output tensor is made. One file per op (or per family of ops that
-//! share their fields, e.g. the three NVFP4 outputs of one weight): its plan fields (the JSON the
+//! share their fields or their emit: the three NVFP4 outputs of one weight, the bytewise ops): its plan fields (the JSON the
 //! planner writes), how it resolves against the sources, and everything the engine asks of it —
 //! the tensors it reads, the bytes it reports, how it emits its bytes and releases its input.
 //!
@@ -16,17 +16,16 @@ use super::pipeline::Emit;
 use super::resolve::{Cx, Out, Src};
 use crate::error::Result;
 
+pub mod bytewise;
 pub mod concat_rows;
 pub mod copy;
 pub mod fp8;
 pub mod literal;
 pub mod mxfp8;
 pub mod nvfp4;
-pub mod repair_nan;
 pub mod rescale;
 pub mod scale_of;
 pub mod slice_rows;
-pub mod swap_nibbles;
 
 /// An op as written in the plan: resolves against the sources into an [`OpKind`].
 pub(crate) trait Resolve {
@@ -123,9 +122,9 @@ registry! {
     /// A literal float32 tensor.
     F32(literal::F32Op),
     /// Swap the two nibbles of every byte of a U8 tensor (FP4 element order).
-    SwapNibbles(swap_nibbles::SwapNibblesOp),
+    SwapNibbles(bytewise::SwapNibblesOp),
     /// Copy an e4m3 tensor, replacing NaN bytes (0x7F/0xFF) by 448 (0x7E).
-    RepairNanE4m3(repair_nan::RepairNanE4m3Op),
+    RepairNanE4m3(bytewise::RepairNanE4m3Op),
     /// Rows `start..stop` of the first dimension (e.g. q, k, v of a fused projection).
     SliceRows(slice_rows::SliceRowsOp),
     /// Concatenate tensors along the first dimension (same dtype and trailing shape).
