@@ -44,7 +44,8 @@ def sglang_fp8(fx, out: Path, **kw) -> Path:
 def sglang_nvfp4(fx, out: Path, **kw) -> Path:
     from sglang.multimodal_gen.tools.build_modelopt_nvfp4_transformer import build_modelopt_nvfp4_transformer
 
-    build_modelopt_nvfp4_transformer(modelopt_hf_dir=str(fx.hf_dir), base_transformer_dir=str(fx.base_dir), output_dir=str(out), **kw)
+    hf_dir = str(kw.pop("hf_dir", fx.hf_dir))
+    build_modelopt_nvfp4_transformer(modelopt_hf_dir=hf_dir, base_transformer_dir=str(fx.base_dir), output_dir=str(out), **kw)
     return out
 
 

@@ -121,6 +121,15 @@ EXPECTED: dict[str, dict] = {
         "metadata_keys_only_dqfast": DQFAST_MD,
         "metadata_values_differ": FP8_QC_MD,
     },
+    # The NVFP4 export split in 2 files: both keep its shards; index and tensors equal (the
+    # differences are those of one file).
+    "flux-nvfp4-2shard": {
+        "ignore_only_dqfast": PROJ_OUT_ONLY_DQFAST,
+        "ignore_only_reference": PROJ_OUT_ONLY_SGLANG,
+        "quant_config_differ": NVFP4_QC,
+        "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
+        "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
+    },
     # FLUX.1 NVFP4 with the flux1-nvfp4 preset: tensors equal, ignore list equal but for `proj_out`.
     "flux-nvfp4": {
         "ignore_only_dqfast": PROJ_OUT_ONLY_DQFAST,
@@ -199,6 +208,10 @@ def _build_pair(case: str, flux, modelopt_fixture, tmp_path):
     elif case == "flux-nvfp4":
         build_nvfp4_transformer(d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1")
         sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4")
+    elif case == "flux-nvfp4-2shard":
+        two = reshard_two(f4.hf_dir, tmp_path / "two" / "transformer")
+        build_nvfp4_transformer(d, modelopt_hf_dir=two, base_transformer_dir=f4.base_dir, model_type="flux1")
+        sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4", hf_dir=two)
     elif case == "flux-nvfp4-no-preset":
         build_nvfp4_transformer(d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir)
         sglang_nvfp4(f4, s)
