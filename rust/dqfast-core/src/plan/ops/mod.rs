@@ -1,7 +1,8 @@
 //! The plan's ops: how each output tensor is made. One file per op (or per family of ops that
-//! share their fields or their emit: the three NVFP4 outputs of one weight, the bytewise ops): its plan fields (the JSON the
-//! planner writes), how it resolves against the sources, and everything the engine asks of it —
-//! the tensors it reads, the bytes it reports, how it emits its bytes and releases its input.
+//! share their fields or their emit: the three NVFP4 outputs of one weight, the bytewise ops):
+//! its plan fields (the JSON the planner writes), how it resolves against the sources, and
+//! everything the engine asks of it — the tensors it reads, the bytes it reports, how it emits
+//! its bytes and releases its input.
 //!
 //! Adding an op: a new file with its plan struct (`impl Resolve`) and its resolved form
 //! (`impl OpKind`), then its `pub mod` line and one line in `registry!` below.
