@@ -126,3 +126,31 @@ def tiny_diffusers_base(d: str | Path, family: str) -> Path:
     d = Path(d)
     model.save_pretrained(str(d), safe_serialization=True)
     return d
+
+
+def reshard_two(src: Path, dst: Path) -> Path:
+    """A copy of a one-file export split into 2 shards with an index (as `save_pretrained` writes)."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    with safe_open(str(src / "diffusion_pytorch_model.safetensors"), framework="pt") as h:
+        md = dict(h.metadata() or {})
+        names = list(h.keys())
+        tensors = {n: h.get_tensor(n) for n in names}
+    half = len(names) // 2
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    wm = {}
+    for i, part in enumerate((names[:half], names[half:]), 1):
+        fn = f"diffusion_pytorch_model-0000{i}-of-00002.safetensors"
+        save_file({n: tensors[n].contiguous() for n in part}, str(dst / fn), metadata=md)
+        wm.update({n: fn for n in part})
+    (dst / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2)
+    )
+    del torch
+    return dst

@@ -168,8 +168,12 @@ def variants(tmp_path_factory):
     return main_, other, single, sharded
 
 
-def _weights(d: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(d.glob("*.safetensors")))
+def _weights(d: Path) -> dict[str, bytes]:
+    """Every tensor's bytes (the layout follows the input's shards, so files are not compared)."""
+    from dqfast.reader import open_checkpoint, read_tensor
+
+    info = open_checkpoint(d)
+    return {n: read_tensor(m.file, n, raw=True).tobytes() for n, m in info.tensors.items()}
 
 
 def test_variant_selects_the_variant_weights_single_and_sharded(variants, tmp_path):
@@ -184,6 +188,18 @@ def test_variant_selects_the_variant_weights_single_and_sharded(variants, tmp_pa
         with input_variant("fp16"):
             build_fp8_transformer(tmp_path / f"{d.name}-fp16", base_transformer_dir=d, from_bf16=True)
         assert _weights(tmp_path / f"{d.name}-fp16") == _weights(tmp_path / "want_fp16"), d.name
+    # The output keeps the variant's shards under the main names (no `.fp16` tag), which loaders
+    # without a variant look for.
+    out = sorted(p.name for p in (tmp_path / "sharded-fp16").iterdir())
+    n = len(out) - 2
+    assert n > 1
+    want = [f"diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert out == sorted(["config.json", "diffusion_pytorch_model.safetensors.index.json", *want])
+    assert sorted(p.name for p in (tmp_path / "single-fp16").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.safetensors.index.json",
+    ]
 
 
 def test_variant_on_the_cli_and_a_missing_variant(variants, tmp_path):

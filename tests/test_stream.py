@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import mmap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,25 @@ def test_iteration_keeps_about_one_tensor_resident(tmp_path):
     growth, total = (int(x) for x in r.stdout.split())
     assert total == sum((i + 1) * (32 << 20) // 4096 for i in range(8))
     assert growth < 96 << 20, f"peak RSS grew by {growth >> 20} MiB while reading 256 MiB"
+
+
+def test_writer_keeps_a_checkpoints_shards_when_told_the_file(sharded, tmp_path):
+    """``shard=`` puts each tensor into the named file: a copy keeps the source's sharding."""
+    from dqfast.reader import open_checkpoint
+
+    src = open_checkpoint(sharded)
+    where = {n: Path(m.file).name for n, m in src.tensors.items()}
+    out = tmp_path / "copy"
+    with CheckpointReader(sharded) as r, CheckpointWriter(out, always_index=True) as w:
+        for name, a in r:
+            w.write(name, a, dtype=r.tensors[name].dtype, shard=where[name])
+    assert sorted(w.shards) == sorted(set(where.values()))
+    assert {n: Path(m.file).name for n, m in open_checkpoint(out).tensors.items()} == where
+    for f in w.shards:  # safetensors itself reads every file
+        assert set(load_file(str(out / f))) == {n for n, s in where.items() if s == f}
+    index = json.loads((out / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert index["weight_map"] == where
+    with pytest.raises(PlanError, match="not both"), CheckpointWriter(tmp_path / "mixed") as w2:
+        w2.write("a", np.zeros(2, np.float32), shard="a.safetensors")
+        w2.write("b", np.zeros(2, np.float32))
+    assert not (tmp_path / "mixed").exists()

@@ -119,7 +119,13 @@ def test_wheel_is_manylinux_abi3_stripped_and_has_no_dev_pins():
         assert sdists, "make wheel also writes the sdist"
         with tarfile.open(sdists[-1]) as t:
             names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-        assert {"Cargo.lock", "Cargo.toml", "rust/dqfast-core/src/plan.rs", "rust/dqfast-py/src/lib.rs", "python/dqfast/cli.py"} <= names
+        assert {
+            "Cargo.lock",
+            "Cargo.toml",
+            "rust/dqfast-core/src/plan/mod.rs",
+            "rust/dqfast-py/src/lib.rs",
+            "python/dqfast/cli.py",
+        } <= names
 
 
 @pytest.mark.wheel

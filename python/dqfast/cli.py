@@ -141,7 +141,14 @@ def _common_build_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Extra modules to keep in BF16 (repeatable): a regex for fp8 and mxfp8 (SGLang's FP8 builder), "
             "a glob for nvfp4 (SGLang's NVFP4 builder).",
         ),
-        click.option("--max-shard-size", type=SizeParam(minimum=1), default="5GB", show_default=True),
+        click.option(
+            "--max-shard-size",
+            type=SizeParam(minimum=1),
+            default=None,
+            help="Re-shard the output into files of at most this size (5GB, 500MiB, bytes), named "
+            "diffusion_pytorch_model-0000i-of-0000n. Default: keep the source's shards (same file names, "
+            "each tensor in its source tensor's file, scales beside their weight, the index named like the source's).",
+        ),
         click.option("--threads", type=COUNT, default=0, show_default=True, help="Worker threads (0 = all cores; capped at the cores)."),
         click.option("--strict", is_flag=True, help="Fail (instead of warning) when the build quantizes no module."),
         click.option(

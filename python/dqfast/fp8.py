@@ -28,11 +28,18 @@ from dqfast.errors import PlanError
 from dqfast.formats import FP8, FP8_CHANNEL, family_algos
 from dqfast.models import ModelPreset, pattern_list, resolve_preset
 from dqfast.plan import (
+    F32,
     BuildReport,
+    EngineRounding,
+    Fp8,
     IoMode,
     ModuleDecision,
     PlanBuilder,
     ProgressFn,
+    RepairNanE4m3,
+    ScaleFromAmax,
+    ScaleOf,
+    SrcRef,
     check_quantized,
     copy_sidecar_files,
     finish,
@@ -51,7 +58,7 @@ FP8_ALGOS = family_algos("fp8")
 Rounding = Literal["exact", "modelopt"]
 
 
-def _rounding(r: str) -> str:
+def _rounding(r: str) -> EngineRounding:
     if r not in ("exact", "modelopt"):
         raise PlanError(f"rounding must be 'exact' or 'modelopt', not '{r}'")
     return "exact" if r == "exact" else "source_dtype"
@@ -105,16 +112,16 @@ def _check_base_tensor(base: CheckpointInfo, name: str, want_shape: tuple[int, .
 
 
 def add_fp8_layer(
-    plan: PlanBuilder, module: str, weight: TensorMeta, ref: dict[str, Any], *, per_row: bool, rounding: str, input_amax: float | None
+    plan: PlanBuilder, module: str, weight: TensorMeta, ref: SrcRef, *, per_row: bool, rounding: EngineRounding, input_amax: float | None
 ) -> None:
     """The plan ops of one FP8 layer quantized from a float weight (``ref``): e4m3 values with the
     scale of their own amax (per row or per tensor), that scale as ``weight_scale``, and with
     ``input_amax`` a static ``input_scale = input_amax / 448``. The one place the builders (``fp8``
     from BF16, ``mixed``) write an FP8 layer."""
-    plan.add(weight.name, "fp8", src=ref, scale={"kind": "weight_amax", "per_row": per_row}, rounding=rounding)
-    plan.add(f"{module}.weight_scale", "scale_of", of=weight.name, shape=[weight.shape[0]] if per_row else [1])
+    plan.add(weight.name, Fp8(src=ref, scale={"kind": "weight_amax", "per_row": per_row}, rounding=rounding))
+    plan.add(f"{module}.weight_scale", ScaleOf(of=weight.name, shape=[weight.shape[0]] if per_row else [1]))
     if input_amax is not None:
-        plan.add(f"{module}.input_scale", "scale_from_amax", amax=[float(input_amax)], bound=E4M3_MAX, shape=[1])
+        plan.add(f"{module}.input_scale", ScaleFromAmax(amax=[float(input_amax)], bound=E4M3_MAX, shape=[1]))
 
 
 def build_fp8_transformer(
@@ -131,7 +138,7 @@ def build_fp8_transformer(
     rounding: Rounding = "exact",
     requantize: bool = False,
     repair_nan: bool = False,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     threads: int = 0,
     overwrite: bool = False,
     dry_run: bool = False,
@@ -233,7 +240,7 @@ def _plan_calibrated(
     base_dir: Path | None,
     model_type: str,
     extra: list[re.Pattern[str]],
-    rounding: str,
+    rounding: EngineRounding,
     requantize: bool,
     component: str,
     force_model_type: bool = False,
@@ -327,20 +334,20 @@ def _plan_calibrated(
                         src_meta, src = meta, src_export
                     if src_meta.dtype not in FLOAT_DTYPES:
                         raise PlanError(f"{src_meta.file}: tensor '{meta.name}': cannot quantize dtype {src_meta.dtype}")
-                    plan.add(meta.name, "fp8", src=plan.ref(src, meta.name), scale={"kind": "values", "values": w_scale}, rounding=rounding)
+                    plan.add(meta.name, Fp8(src=plan.ref(src, meta.name), scale={"kind": "values", "values": w_scale}, rounding=rounding))
                 elif repair_nan:
                     # The engine refuses NaN e4m3 bytes in a copy; this op replaces them by 448.
-                    plan.add(meta.name, "repair_nan_e4m3", src=plan.ref(src_export, meta.name))
+                    plan.add(meta.name, RepairNanE4m3(src=plan.ref(src_export, meta.name)))
                     counts["nan_bytes_repaired"] += nan_bytes.get(meta.name, 0)
                 else:
                     plan.copy(meta.name, src_export)
                 if len(w_scale) != 1 and len(w_scale) != meta.shape[0]:
                     raise PlanError(f"'{module}': {len(w_scale)} per-channel weight maxima for {meta.shape[0]} output rows")
                 # SGLang's builder writes [1]; per-channel scales keep one value per output row.
-                plan.add(f"{module}.weight_scale", "f32", values=w_scale, shape=[len(w_scale)])
+                plan.add(f"{module}.weight_scale", F32(values=w_scale, shape=[len(w_scale)]))
                 counts["added_scales"] += 1
                 if in_scale is not None:
-                    plan.add(f"{module}.input_scale", "f32", values=[in_scale], shape=[1])
+                    plan.add(f"{module}.input_scale", F32(values=[in_scale], shape=[1]))
                     counts["added_scales"] += 1
             continue
         # Neither quantized in the export nor a fallback: kept as ModelOpt wrote it.
@@ -451,7 +458,7 @@ def _plan_from_bf16(
     extra: list[re.Pattern[str]],
     granularity: str,
     activation_amax: float | None,
-    rounding: str,
+    rounding: EngineRounding,
     component: str,
     force_model_type: bool = False,
 ) -> BuildReport:

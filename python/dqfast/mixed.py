@@ -30,10 +30,10 @@ import numpy as np
 from dqfast._core import E4M3_MAX, __version__
 from dqfast.errors import PlanError
 from dqfast.formats import FP8, NVFP4
-from dqfast.fp8 import FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, add_fp8_layer, check_activation_amax
+from dqfast.fp8 import FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, _rounding, add_fp8_layer, check_activation_amax
 from dqfast.models import MLP_PATTERNS, ModelPreset, fused_groups, pattern_list, resolve_preset
 from dqfast.nvfp4 import GROUP, NVFP4_BOUND, add_nvfp4_layer
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, ProgressFn, finish, new_plan
+from dqfast.plan import BuildReport, IoMode, MaxOfAmax, ModuleDecision, ProgressFn, finish, new_plan
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
 from dqfast.targets import DEFAULT_TARGET, TargetName, targets_of
@@ -100,7 +100,7 @@ def build_mixed_transformer(
     fp8_activation_amax: float | None = None,
     nvfp4_activation_amax: float | None = None,
     rounding: str = "exact",
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     threads: int = 0,
     overwrite: bool = False,
     dry_run: bool = False,
@@ -202,11 +202,10 @@ def build_mixed_transformer(
                 continue
             ref = plan.ref(src, meta.name)
             if algo == "fp8":
-                rnd = "exact" if rounding == "exact" else "source_dtype"
-                add_fp8_layer(plan, module, meta, ref, per_row=False, rounding=rnd, input_amax=amax["fp8"])
+                add_fp8_layer(plan, module, meta, ref, per_row=False, rounding=_rounding(rounding), input_amax=amax["fp8"])
                 quantized_layers[module] = FP8.layer_entry()
             else:
-                am = {"kind": "max_of", "srcs": [plan.ref(src, f"{m}.weight") for m in members]}
+                am: MaxOfAmax = {"kind": "max_of", "srcs": [plan.ref(src, f"{m}.weight") for m in members]}
                 add_nvfp4_layer(plan, module, meta.name, ref, am, amax["nvfp4"])
                 quantized_layers[module] = NVFP4.layer_entry()
     if not quantized_layers:

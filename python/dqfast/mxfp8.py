@@ -28,7 +28,7 @@ from dqfast import _core
 from dqfast.errors import PlanError
 from dqfast.fp8 import FLOAT_DTYPES, _fallback_res, _group_modules, _ignore_entries, _output_config
 from dqfast.nvfp4 import fused_groups
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, ProgressFn, check_quantized, finish, new_plan
+from dqfast.plan import BuildReport, IoMode, ModuleDecision, Mxfp8Scales, Mxfp8Weight, ProgressFn, check_quantized, finish, new_plan
 from dqfast.presets import resolve_preset
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
@@ -46,7 +46,7 @@ def build_mxfp8_transformer(
     base_transformer_dir: str | os.PathLike[str],
     model_type: str = "auto",
     fallback: Iterable[str] | str = (),
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     threads: int = 0,
     overwrite: bool = False,
     dry_run: bool = False,
@@ -118,8 +118,8 @@ def build_mxfp8_transformer(
         for suffix, meta in parts.items():
             if module in qset and suffix == "weight":
                 ref = plan.ref(src, meta.name)
-                plan.add(meta.name, "mxfp8_weight", src=ref)
-                plan.add(f"{module}.weight_scale", "mxfp8_scales", src=ref)
+                plan.add(meta.name, Mxfp8Weight(src=ref))
+                plan.add(f"{module}.weight_scale", Mxfp8Scales(src=ref))
             else:
                 plan.copy(meta.name, src)
     quant_cfg: dict[str, Any] = {

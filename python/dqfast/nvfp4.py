@@ -32,11 +32,22 @@ from dqfast.formats import NVFP4, classify
 from dqfast.fp8 import FLOAT_DTYPES, _check_base_tensor, _group_modules, _ignore_entries, _output_config, check_activation_amax
 from dqfast.models import ModelPreset, fused_groups, glob_to_regex, pattern_list, resolve_preset
 from dqfast.plan import (
+    F32,
     BuildReport,
     IoMode,
+    MaxOfAmax,
     ModuleDecision,
+    NvAmax,
+    Nvfp4BlockScales,
+    Nvfp4GlobalScale,
+    Nvfp4Weight,
     PlanBuilder,
     ProgressFn,
+    RepairNanE4m3,
+    RescaleE4m3,
+    ScaleFromAmax,
+    SrcRef,
+    SwapNibbles,
     check_quantized,
     copy_sidecar_files,
     finish,
@@ -91,7 +102,7 @@ def build_nvfp4_transformer(
     reconcile_fused_scales: bool = True,
     from_bf16: bool = False,
     activation_amax: float | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     threads: int = 0,
     overwrite: bool = False,
     dry_run: bool = False,
@@ -274,18 +285,18 @@ def _plan_export(
                 ref = plan.ref(src_export, meta.name)
                 if suffix == "weight":
                     if swap == "bytes":
-                        plan.add(meta.name, "swap_nibbles", src=ref)
+                        plan.add(meta.name, SwapNibbles(src=ref))
                         counts["nibble_swapped"] += 1
                     else:
                         plan.copy(meta.name, src_export)
                 elif suffix == "weight_scale" and module in rescale:
-                    plan.add(meta.name, "rescale_e4m3", src=ref, factor=rescale[module][0], repair_nan=bool(nan))
+                    plan.add(meta.name, RescaleE4m3(src=ref, factor=rescale[module][0], repair_nan=bool(nan)))
                 elif suffix == "weight_scale" and nan:
-                    plan.add(meta.name, "repair_nan_e4m3", src=ref)
+                    plan.add(meta.name, RepairNanE4m3(src=ref))
                 elif suffix == "weight_scale_2" and module in rescale:
-                    plan.add(meta.name, "f32", values=[rescale[module][1]], shape=list(meta.shape))
+                    plan.add(meta.name, F32(values=[rescale[module][1]], shape=list(meta.shape)))
                 elif suffix == "input_scale" and module in rescale and rescale[module][2] > 0:
-                    plan.add(meta.name, "f32", values=[rescale[module][2]], shape=list(meta.shape))
+                    plan.add(meta.name, F32(values=[rescale[module][2]], shape=list(meta.shape)))
                 else:
                     plan.copy(meta.name, src_export)
             continue
@@ -387,7 +398,7 @@ def _plan_from_bf16(
                 "weights-only amax" + (f", global scale shared with {len(members) - 1} fused shard(s)" if len(members) > 1 else ""),
             )
         )
-        amax = {"kind": "max_of", "srcs": [plan.ref(src, f"{m}.weight") for m in members]}
+        amax: MaxOfAmax = {"kind": "max_of", "srcs": [plan.ref(src, f"{m}.weight") for m in members]}
         for suffix, meta in parts.items():
             if suffix != "weight":
                 plan.copy(meta.name, src)
@@ -416,15 +427,15 @@ def _plan_from_bf16(
     return report
 
 
-def add_nvfp4_layer(plan: PlanBuilder, module: str, weight: str, ref: dict[str, Any], amax: dict[str, Any], input_amax: float) -> None:
+def add_nvfp4_layer(plan: PlanBuilder, module: str, weight: str, ref: SrcRef, amax: NvAmax, input_amax: float) -> None:
     """The plan ops of one NVFP4 layer quantized from a float weight (``ref``): packed values, e4m3
     block scales and the global scale, all from ``amax`` (a ``max_of`` over fused shards shares
     one global scale), and the static ``input_scale = input_amax / NVFP4_BOUND``. The one place
     the builders (``nvfp4`` from BF16, ``mixed``) write an NVFP4 layer."""
-    plan.add(weight, "nvfp4_weight", src=ref, amax=amax)
-    plan.add(f"{module}.weight_scale", "nvfp4_block_scales", src=ref, amax=amax)
-    plan.add(f"{module}.weight_scale_2", "nvfp4_global_scale", src=ref, amax=amax, shape=[])
-    plan.add(f"{module}.input_scale", "scale_from_amax", amax=[input_amax], bound=NVFP4_BOUND, shape=[])
+    plan.add(weight, Nvfp4Weight(src=ref, amax=amax))
+    plan.add(f"{module}.weight_scale", Nvfp4BlockScales(src=ref, amax=amax))
+    plan.add(f"{module}.weight_scale_2", Nvfp4GlobalScale(src=ref, amax=amax, shape=[]))
+    plan.add(f"{module}.input_scale", ScaleFromAmax(amax=[input_amax], bound=NVFP4_BOUND, shape=[]))
 
 
 def nibble_order_report(quant_dir: str | os.PathLike[str], reference_dir: str | os.PathLike[str], limit: int = 8) -> dict[str, Any]:

@@ -10,14 +10,29 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypedDict
 
 from dqfast import _core
 from dqfast.errors import PlanError
 
-__all__ = ["PlanBuilder", "ModuleDecision", "BuildReport", "ProgressFn", "check_quantized", "execute", "finish", "validate", "parse_size"]
+__all__ = [
+    "PlanBuilder",
+    "PlanOp",
+    "OPS",
+    "SrcRef",
+    "EngineRounding",
+    "MaxOfAmax",
+    "ModuleDecision",
+    "BuildReport",
+    "ProgressFn",
+    "check_quantized",
+    "execute",
+    "finish",
+    "validate",
+    "parse_size",
+]
 
 #: ``progress(bytes_done, bytes_total, tensors_done, tensors_total, current_tensor)``: called by
 #: :func:`execute` about every 0.1 s while the engine runs and once at the end (bytes are output
@@ -41,6 +56,211 @@ def split_module(tensor: str) -> tuple[str, str]:
         if tensor.endswith(s):
             return tensor[: -len(s)], s[1:]
     return tensor, ""
+
+
+# ---- typed plan ops ----------------------------------------------------------------------
+# One class per op of the Rust engine (dqfast-core `plan::ops`, the `registry!` there): same name,
+# same fields, `None` = the engine's default. tests/test_plan_schema.py checks them (and every op
+# the builders emit) against `_core.plan_schema()`, the JSON Schema derived from the Rust types, so
+# neither side can drift.
+
+
+class SrcRef(TypedDict):
+    """A source tensor: ``source`` is the plan's source index (``PlanBuilder.source``)."""
+
+    source: int
+    tensor: str
+
+
+class AmaxScale(TypedDict):
+    """FP8 scales from calibrated maxima (one, or one per output row): amax / 448."""
+
+    kind: Literal["amax"]
+    amax: list[float]
+
+
+class ValuesScale(TypedDict):
+    """FP8 scales given directly."""
+
+    kind: Literal["values"]
+    values: list[float]
+
+
+class WeightAmaxScale(TypedDict):
+    """FP8 scales from the weight's own max |w|, per tensor or per output row."""
+
+    kind: Literal["weight_amax"]
+    per_row: bool
+
+
+ScaleSpec = AmaxScale | ValuesScale | WeightAmaxScale
+
+
+class GivenAmax(TypedDict):
+    kind: Literal["given"]
+    amax: float
+
+
+class WeightAmax(TypedDict):
+    kind: Literal["weight"]
+
+
+class MaxOfAmax(TypedDict):
+    """The max |w| over several tensors (fused q/k/v share one NVFP4 global scale)."""
+
+    kind: Literal["max_of"]
+    srcs: list[SrcRef]
+
+
+NvAmax = GivenAmax | WeightAmax | MaxOfAmax
+Saturation = Literal["clamp", "none"]
+# The engine's rounding names (the API's "modelopt" is "source_dtype" here: dqfast.fp8._rounding).
+EngineRounding = Literal["exact", "source_dtype"]
+
+
+@dataclass(frozen=True)
+class PlanOp:
+    """Base of the typed ops: ``OP`` is the engine's op name; :meth:`fields` the JSON fields."""
+
+    OP: ClassVar[str] = ""
+
+    def fields(self) -> dict[str, Any]:
+        """The op's JSON fields, ``None`` (the engine's default) left out."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class _FromSrc(PlanOp):
+    """An op of one source tensor and nothing else."""
+
+    src: SrcRef
+
+
+@dataclass(frozen=True)
+class Copy(_FromSrc):
+    OP: ClassVar[str] = "copy"
+
+
+@dataclass(frozen=True)
+class Fp8(PlanOp):
+    OP: ClassVar[str] = "fp8"
+    src: SrcRef
+    scale: ScaleSpec
+    rounding: EngineRounding | None = None
+    saturation: Saturation | None = None
+
+
+@dataclass(frozen=True)
+class ScaleOf(PlanOp):
+    OP: ClassVar[str] = "scale_of"
+    of: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class ScaleFromAmax(PlanOp):
+    OP: ClassVar[str] = "scale_from_amax"
+    amax: list[float]
+    bound: float
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class F32(PlanOp):
+    OP: ClassVar[str] = "f32"
+    values: list[float]
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class SwapNibbles(_FromSrc):
+    OP: ClassVar[str] = "swap_nibbles"
+
+
+@dataclass(frozen=True)
+class RepairNanE4m3(_FromSrc):
+    OP: ClassVar[str] = "repair_nan_e4m3"
+
+
+@dataclass(frozen=True)
+class SliceRows(PlanOp):
+    OP: ClassVar[str] = "slice_rows"
+    src: SrcRef
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ConcatRows(PlanOp):
+    OP: ClassVar[str] = "concat_rows"
+    srcs: list[SrcRef]
+
+
+@dataclass(frozen=True)
+class RescaleE4m3(PlanOp):
+    OP: ClassVar[str] = "rescale_e4m3"
+    src: SrcRef
+    factor: float
+    start: int | None = None
+    stop: int | None = None
+    repair_nan: bool | None = None
+
+
+@dataclass(frozen=True)
+class _Nvfp4(PlanOp):
+    """One of the three NVFP4 outputs of a float weight, sharing one global amax."""
+
+    src: SrcRef
+    amax: NvAmax
+
+
+@dataclass(frozen=True)
+class Nvfp4Weight(_Nvfp4):
+    OP: ClassVar[str] = "nvfp4_weight"
+
+
+@dataclass(frozen=True)
+class Nvfp4BlockScales(_Nvfp4):
+    OP: ClassVar[str] = "nvfp4_block_scales"
+
+
+@dataclass(frozen=True)
+class Nvfp4GlobalScale(_Nvfp4):
+    OP: ClassVar[str] = "nvfp4_global_scale"
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class Mxfp8Weight(_FromSrc):
+    OP: ClassVar[str] = "mxfp8_weight"
+
+
+@dataclass(frozen=True)
+class Mxfp8Scales(_FromSrc):
+    OP: ClassVar[str] = "mxfp8_scales"
+
+
+#: Every typed op by its engine name.
+OPS: dict[str, type[PlanOp]] = {
+    c.OP: c
+    for c in (
+        Copy,
+        Fp8,
+        ScaleOf,
+        ScaleFromAmax,
+        F32,
+        SwapNibbles,
+        RepairNanE4m3,
+        SliceRows,
+        ConcatRows,
+        RescaleE4m3,
+        Nvfp4Weight,
+        Nvfp4BlockScales,
+        Nvfp4GlobalScale,
+        Mxfp8Weight,
+        Mxfp8Scales,
+    )
+}
 
 
 SIZE_UNITS = {"TIB": 1 << 40, "GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10, "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
@@ -131,7 +351,7 @@ class PlanBuilder:
         output_dir: str | os.PathLike[str],
         *,
         overwrite: bool = False,
-        max_shard_bytes: int = 5_000_000_000,
+        max_shard_bytes: int | None = None,
         threads: int = 0,
         fsync: bool = True,
         io: IoMode = "auto",
@@ -192,15 +412,19 @@ class PlanBuilder:
             self.sources.append(p)
         return self.sources.index(p)
 
-    def add(self, name: str, op: str, **fields: Any) -> None:
-        self.tensors.append({"name": name, "op": op, **fields})
+    def add(self, name: str, op: PlanOp) -> None:
+        """Output tensor ``name`` made by ``op`` (a typed op: :data:`OPS`)."""
+        if not isinstance(op, PlanOp):
+            raise TypeError(f"'{name}': a plan op must be one of dqfast.plan.OPS, not {op!r}")
+        self.tensors.append({"name": name, "op": op.OP, **op.fields()})
 
     @staticmethod
-    def ref(source: int, tensor: str) -> dict[str, Any]:
+    def ref(source: int, tensor: str) -> SrcRef:
         return {"source": source, "tensor": tensor}
 
     def copy(self, name: str, source: int, tensor: str | None = None) -> None:
-        self.add(name, "copy", src=self.ref(source, tensor or name))
+        """``name`` copied from tensor ``tensor`` (default: the same name) of source ``source``."""
+        self.add(name, Copy(self.ref(source, tensor or name)))
 
     def text_file(self, name: str, text: str) -> None:
         self.files.append({"name": name, "text": text})
@@ -233,13 +457,18 @@ def new_plan(
     *,
     overwrite: bool,
     dry_run: bool = False,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     threads: int = 0,
     fsync: bool = True,
     io: IoMode = "auto",
 ) -> PlanBuilder:
     """A plan for ``output_dir``, refused up front (before any reading) when the output exists
-    and overwriting was not asked for. Every builder starts here."""
+    and overwriting was not asked for. Every builder starts here.
+
+    ``max_shard_size`` ``None`` (the default) keeps the sharding of the plan's first source, the
+    checkpoint being converted: same file names, each tensor in the file its source tensor was in,
+    scales beside their weight, the index named like the source's (SGLang's builders do the same).
+    A size re-shards greedily into ``diffusion_pytorch_model-0000i-of-0000n.safetensors``."""
     out = Path(output_dir)
     if out.exists() and not overwrite and not dry_run:
         from dqfast.errors import OutputExistsError
@@ -248,7 +477,7 @@ def new_plan(
     return PlanBuilder(
         out,
         overwrite=overwrite,
-        max_shard_bytes=parse_size(max_shard_size, "max_shard_size (--max-shard-size)"),
+        max_shard_bytes=None if max_shard_size is None else parse_size(max_shard_size, "max_shard_size (--max-shard-size)"),
         threads=threads,
         fsync=fsync,
         io=io,

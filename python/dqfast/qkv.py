@@ -37,7 +37,21 @@ from dqfast._core import __version__
 from dqfast.errors import PlanError
 from dqfast.formats import NVFP4, classify
 from dqfast.models import QkvRule, get_preset
-from dqfast.plan import BuildReport, IoMode, ModuleDecision, PlanBuilder, copy_sidecar_files, execute, new_plan, split_module
+from dqfast.plan import (
+    F32,
+    BuildReport,
+    ConcatRows,
+    Copy,
+    IoMode,
+    ModuleDecision,
+    PlanBuilder,
+    RescaleE4m3,
+    SliceRows,
+    copy_sidecar_files,
+    execute,
+    new_plan,
+    split_module,
+)
 from dqfast.quant_config import load_json
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
 
@@ -131,12 +145,12 @@ def split_packed_qkv(
             if not meta.shape or meta.shape[0] != rows:
                 raise PlanError(f"{meta.file}: tensor '{meta.name}': shape {list(meta.shape)} has no {rows} leading rows to split")
             for i, shard in enumerate(shard_names):
-                plan.add(f"{shard}.{suffix}", "slice_rows", src=plan.ref(source, meta.name), start=i * per, stop=(i + 1) * per)
+                plan.add(f"{shard}.{suffix}", SliceRows(src=plan.ref(source, meta.name), start=i * per, stop=(i + 1) * per))
         elif suffix in _SCALAR_SUFFIXES:
             if int(np.prod(meta.shape)) != 1:
                 raise PlanError(f"{meta.file}: tensor '{meta.name}': shape {list(meta.shape)} is not a per-tensor scale")
             for shard in shard_names:
-                plan.add(f"{shard}.{suffix}", "copy", src=plan.ref(source, meta.name))
+                plan.add(f"{shard}.{suffix}", Copy(src=plan.ref(source, meta.name)))
         else:
             raise PlanError(f"{meta.file}: tensor '{meta.name}': don't know how to split '{suffix or meta.name}'")
 
@@ -217,27 +231,27 @@ def fuse_qkv(
                 f = float(gs[m] / gmax)  # float32 division, as the bound in docs/nvfp4.md assumes
                 result.factors[m] = f
                 scratch = f"{m}.weight_scale"
-                rescale_plan.add(scratch, "rescale_e4m3", src=rescale_plan.ref(rescale_plan.source(meta.file), meta.name), factor=f)
+                rescale_plan.add(scratch, RescaleE4m3(src=rescale_plan.ref(rescale_plan.source(meta.file), meta.name), factor=f))
                 srcs.append(plan.ref(plan.source(rescale_plan.output_dir), scratch))
                 worst = max(worst, _rescale_error(meta, f, float(gs[m]), float(gmax)))
-            plan.add(f"{fused}.weight_scale", "concat_rows", srcs=srcs)
+            plan.add(f"{fused}.weight_scale", ConcatRows(srcs=srcs))
             result.reconciled = True
             result.max_relative_change = worst
         elif suffix in _ROW_SUFFIXES:
-            plan.add(f"{fused}.{suffix}", "concat_rows", srcs=[plan.ref(source, m.name) for m in metas])
+            plan.add(f"{fused}.{suffix}", ConcatRows(srcs=[plan.ref(source, m.name) for m in metas]))
         elif suffix == "weight_scale_2":
             if reconcile:
-                plan.add(f"{fused}.weight_scale_2", "f32", values=[float(max(gs.values()))], shape=list(metas[0].shape))
+                plan.add(f"{fused}.weight_scale_2", F32(values=[float(max(gs.values()))], shape=list(metas[0].shape)))
             else:
-                plan.add(f"{fused}.weight_scale_2", "copy", src=plan.ref(source, metas[0].name))
+                plan.add(f"{fused}.weight_scale_2", Copy(src=plan.ref(source, metas[0].name)))
         elif suffix == "input_scale":
             vals = [_scalar(m) for m in metas]
             if len(set(vals)) == 1:
-                plan.add(f"{fused}.input_scale", "copy", src=plan.ref(source, metas[0].name))
+                plan.add(f"{fused}.input_scale", Copy(src=plan.ref(source, metas[0].name)))
             else:
                 # One activation feeds all shards: vLLM keeps the max, so do the same, visibly.
                 result.input_scales_differed = True
-                plan.add(f"{fused}.input_scale", "f32", values=[float(max(vals))], shape=list(metas[0].shape))
+                plan.add(f"{fused}.input_scale", F32(values=[float(max(vals))], shape=list(metas[0].shape)))
         else:
             raise PlanError(f"cannot fuse tensor '{metas[0].name}' ('{suffix}')")
     return result
@@ -271,7 +285,7 @@ def convert_qkv_layout(
     name_map: Sequence[QkvRule] = FLUX2_BFL_RULES,
     scale_layout: Literal["auto", "linear", "swizzled"] = "auto",
     swap_weight_nibbles: bool | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     threads: int = 0,
     overwrite: bool = False,
     fsync: bool = True,

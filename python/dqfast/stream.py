@@ -237,11 +237,14 @@ class CheckpointWriter:
             raise PlanError(f"{self.output_dir}: the writer is closed")
         return self._w
 
-    def write(self, name: str, array: Any, *, dtype: str | None = None) -> None:
+    def write(self, name: str, array: Any, *, dtype: str | None = None, shard: str | None = None) -> None:
         """Append one tensor. ``dtype`` overrides the inferred safetensors dtype for raw bit
-        patterns of the same element size (``"BF16"`` for ``uint16``, ``"F8_E4M3"`` for ``uint8``)."""
+        patterns of the same element size (``"BF16"`` for ``uint16``, ``"F8_E4M3"`` for ``uint8``).
+        ``shard``: the file it goes into (``"diffusion_pytorch_model-00002-of-00003.safetensors"``,
+        e.g. its source tensor's, to keep a checkpoint's sharding); a writer uses named shards or
+        ``max_shard_size`` shards, not both."""
         data, d, shape = _bytes_view(array, dtype)
-        self._core().write_tensor(name, d, shape, data)
+        self._core().write_tensor(name, d, shape, data, shard)
 
     def write_file(self, name: str, content: str | bytes) -> None:
         """A non-tensor file of the output directory (``config.json``)."""

@@ -6,7 +6,6 @@ too (the references of the parity tests, and rows of their own in the verdict ta
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -51,34 +50,9 @@ def sglang_fp8(fx, out: Path, **kw) -> Path:
 def sglang_nvfp4(fx, out: Path, **kw) -> Path:
     from sglang.multimodal_gen.tools.build_modelopt_nvfp4_transformer import build_modelopt_nvfp4_transformer
 
-    build_modelopt_nvfp4_transformer(modelopt_hf_dir=str(fx.hf_dir), base_transformer_dir=str(fx.base_dir), output_dir=str(out), **kw)
+    hf_dir = str(kw.pop("hf_dir", fx.hf_dir))
+    build_modelopt_nvfp4_transformer(modelopt_hf_dir=hf_dir, base_transformer_dir=str(fx.base_dir), output_dir=str(out), **kw)
     return out
-
-
-def reshard_two(src: Path, dst: Path) -> Path:
-    """A copy of a one-file export split into 2 shards with an index (as `save_pretrained` writes)."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    dst.mkdir(parents=True)
-    shutil.copy(src / "config.json", dst / "config.json")
-    with safe_open(str(src / "diffusion_pytorch_model.safetensors"), framework="pt") as h:
-        md = dict(h.metadata() or {})
-        names = list(h.keys())
-        tensors = {n: h.get_tensor(n) for n in names}
-    half = len(names) // 2
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    wm = {}
-    for i, part in enumerate((names[:half], names[half:]), 1):
-        fn = f"diffusion_pytorch_model-0000{i}-of-00002.safetensors"
-        save_file({n: tensors[n].contiguous() for n in part}, str(dst / fn), metadata=md)
-        wm.update({n: fn for n in part})
-    (dst / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2)
-    )
-    del torch
-    return dst
 
 
 def build_kind(kind: str, flux: dict, root: Path) -> Path:

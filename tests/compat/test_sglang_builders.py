@@ -10,7 +10,8 @@ field must be equal. A fix of one of them flips its case: update the table (and 
 from __future__ import annotations
 
 import pytest
-from builds import reshard_two, sglang_fp8, sglang_nvfp4
+from builds import sglang_fp8, sglang_nvfp4
+from ckpt_helpers import reshard_two
 from compare import compare_dirs
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -79,15 +80,13 @@ EXPECTED: dict[str, dict] = {
         "metadata_keys_only_dqfast": DQFAST_MD,
         "metadata_values_differ": FP8_QC_MD,
     },
-    # A 2-shard export: SGLang keeps the source shards, dqfast re-shards (into 1 file here).
+    # A 2-shard export: both keep the source shards (same file names, same weight_map, same index
+    # name), and every tensor is equal. The export has `transformer_blocks.0.attn.to_out.0.input_scale`
+    # in shard 1 and its weight in shard 2: both write the new scale beside the weight, but SGLang
+    # also leaves the export's copy in shard 1 (a tensor in two shards, which strict readers refuse),
+    # so its index's total_size counts it twice (+4 bytes). dqfast writes each tensor once.
     "flux-fp8-2shard": {
-        "files_only_dqfast": ["diffusion_pytorch_model.safetensors"],
-        "files_only_reference": [
-            "diffusion_pytorch_model-00001-of-00002.safetensors",
-            "diffusion_pytorch_model-00002-of-00002.safetensors",
-        ],
-        # Both write an index; the shard names (weight_map) and total_size differ.
-        "index_differ": ["metadata", "weight_map"],
+        "index_differ": ["metadata"],
         "ignore_only_dqfast": FLUX_FP8_IGNORE_ONLY_DQFAST,
         "ignore_only_reference": FLUX_FP8_IGNORE_ONLY_SGLANG,
         "metadata_keys_only_dqfast": DQFAST_MD,
@@ -103,6 +102,15 @@ EXPECTED: dict[str, dict] = {
         ),
         "metadata_keys_only_dqfast": DQFAST_MD,
         "metadata_values_differ": FP8_QC_MD,
+    },
+    # The NVFP4 export split in 2 files: both keep its shards; index and tensors equal (the
+    # differences are those of one file).
+    "flux-nvfp4-2shard": {
+        "ignore_only_dqfast": PROJ_OUT_ONLY_DQFAST,
+        "ignore_only_reference": PROJ_OUT_ONLY_SGLANG,
+        "quant_config_differ": NVFP4_QC,
+        "metadata_keys_only_dqfast": NVFP4_MD_ONLY_DQFAST,
+        "metadata_values_differ": ["_quantization_metadata", "quantization_config"],
     },
     # FLUX.1 NVFP4 with the flux1-nvfp4 preset: tensors equal, ignore list equal but for `proj_out`.
     "flux-nvfp4": {
@@ -175,6 +183,10 @@ def _build_pair(case: str, flux, modelopt_fixture, tmp_path):
     elif case == "flux-nvfp4":
         build_nvfp4_transformer(d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, model_type="flux1", target="sglang")
         sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4")
+    elif case == "flux-nvfp4-2shard":
+        two = reshard_two(f4.hf_dir, tmp_path / "two" / "transformer")
+        build_nvfp4_transformer(d, modelopt_hf_dir=two, base_transformer_dir=f4.base_dir, model_type="flux1")
+        sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4", hf_dir=two)
     elif case == "flux-nvfp4-no-preset":
         build_nvfp4_transformer(d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, target="sglang")
         sglang_nvfp4(f4, s)

@@ -5,16 +5,20 @@
 //! Python decides *what* to write (a [`plan::Plan`]); this crate decides *how*, with bounded
 //! memory and all cores. It has no Python dependency and is tested with `cargo test`.
 
-pub mod checkpoint;
-pub mod direct;
 pub mod dtype;
 pub mod error;
-pub mod fp8;
-pub mod header;
-pub mod mxfp8;
-pub mod nvfp4;
+pub mod formats;
+pub mod io;
 pub mod plan;
 pub mod rss;
-pub mod writer;
+
+// The paths the pyo3 crate, the tests and the benches use.
+pub use formats::{e4m3, fp8, mxfp8, nvfp4};
+pub use io::{checkpoint, direct, header};
+/// The output side as one module (was `writer.rs`): shards, index, staging, the overlap guard.
+pub mod writer {
+    pub use crate::io::shards::*;
+    pub use crate::io::staging::*;
+}
 
 pub use error::{Error, Result};

@@ -231,6 +231,13 @@ fn validate_plan(py: Python<'_>, plan_json: String) -> PyResult<()> {
     run_detached(py, move || dqfast_core::plan::validate_json(&plan_json))
 }
 
+/// The build plan's JSON Schema (a JSON string), derived from the Rust types the engine reads:
+/// op names, their fields, which are required, their types.
+#[pyfunction]
+fn plan_schema() -> String {
+    dqfast_core::plan::plan_schema().to_string()
+}
+
 /// Worker threads the engine uses for `requested` (0 = one per core; capped at the cores).
 #[pyfunction]
 fn effective_threads(requested: usize) -> usize {
@@ -478,6 +485,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scales_from_amax, m)?)?;
     m.add_function(wrap_pyfunction!(check_scales, m)?)?;
     m.add_function(wrap_pyfunction!(validate_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_schema, m)?)?;
     m.add_function(wrap_pyfunction!(effective_threads, m)?)?;
     m.add_function(wrap_pyfunction!(count_nan_e4m3, m)?)?;
     m.add_function(wrap_pyfunction!(peak_rss_bytes, m)?)?;

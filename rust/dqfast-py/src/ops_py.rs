@@ -438,6 +438,7 @@ impl StreamWriterCore {
         Ok(StreamWriterCore { inner: Some(w) })
     }
 
+    #[pyo3(signature = (name, dtype, shape, data, shard=None))]
     fn write_tensor(
         &mut self,
         py: Python<'_>,
@@ -445,12 +446,15 @@ impl StreamWriterCore {
         dtype: &str,
         shape: Vec<usize>,
         data: PyReadonlyArray1<'_, u8>,
+        shard: Option<String>,
     ) -> PyResult<()> {
         let d = Dtype::parse(dtype)
             .ok_or_else(|| Exc::Plan.new_err(format!("unknown safetensors dtype '{dtype}'")))?;
         let bytes = ro(&data, "tensor data")?;
         let w = self.get()?;
-        run_detached(py, move || w.write_tensor(&name, d, &shape, bytes))
+        run_detached(py, move || {
+            w.write_tensor_to(shard.as_deref(), &name, d, &shape, bytes)
+        })
     }
 
     fn write_file(&mut self, py: Python<'_>, name: String, data: Vec<u8>) -> PyResult<()> {

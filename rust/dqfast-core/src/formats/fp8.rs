@@ -7,118 +7,22 @@
 //! default; NaN stays NaN as with `torch.clamp`). `tests/test_fp8_kernels.py` proves both against
 //! torch over every BF16/FP16 input.
 
-use half::{bf16, f16};
+use half::f16;
 
+use super::load::{Bf16, Elem, F16, F32};
+use super::with_avx2;
 use crate::dtype::Dtype;
 
-/// Largest finite e4m3 value.
-pub const E4M3_MAX: f32 = 448.0;
-/// Byte of +448.
-pub const E4M3_MAX_BYTE: u8 = 0x7E;
-
-const FP8_NAN_THRESHOLD: u32 = 1087 << 20; // 480.0f32
-const DENORM_MAGIC: u32 = 141 << 23; // 2^14: adding it aligns the subnormal grid to bit 0
-const MIN_NORMAL_BITS: u32 = 121 << 23; // 2^-6
-const NORMAL_REBIAS: u32 = ((7i32 - 127) << 23) as u32;
-
-/// PyTorch's float → float8_e4m3fn cast, written without branches so loops vectorize.
-#[inline(always)]
-pub fn e4m3_from_f32(f: f32) -> u8 {
-    let bits = f.to_bits();
-    let sign = ((bits >> 24) & 0x80) as u8;
-    let abs = bits & 0x7fff_ffff;
-    let sub = (f32::from_bits(abs) + f32::from_bits(DENORM_MAGIC))
-        .to_bits()
-        .wrapping_sub(DENORM_MAGIC) as u8;
-    let mant_odd = (abs >> 20) & 1;
-    let norm = (abs
-        .wrapping_add(NORMAL_REBIAS)
-        .wrapping_add(0x7FFFF)
-        .wrapping_add(mant_odd)
-        >> 20) as u8;
-    let r = if abs >= FP8_NAN_THRESHOLD {
-        0x7f
-    } else if abs < MIN_NORMAL_BITS {
-        sub
-    } else {
-        norm
-    };
-    r | sign
-}
-
-/// f32 bit pattern of an e4m3 byte, built from the format's definition (normals
-/// `(1 + m/8)·2^(e-7)`, subnormals `m·2^-9`, 0x7F/0xFF NaN).
-const fn e4m3_bits(b: u8) -> u32 {
-    let sign = ((b as u32) & 0x80) << 24;
-    let e = ((b >> 3) & 0xF) as u32;
-    let m = (b & 0x7) as u32;
-    if b & 0x7f == 0x7f {
-        return sign | 0x7fc0_0000;
-    }
-    if e != 0 {
-        return sign | ((e + 120) << 23) | (m << 20);
-    }
-    if m == 0 {
-        return sign;
-    }
-    // Subnormal: normalize m·2^-9 (m in 1..=7): p = index of m's top bit.
-    let p = if m >= 4 {
-        2
-    } else if m >= 2 {
-        1
-    } else {
-        0
-    };
-    sign | ((p + 118) << 23) | ((m - (1 << p)) << (23 - p))
-}
-
-const fn e4m3_table() -> [f32; 256] {
-    let mut t = [0f32; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = f32::from_bits(e4m3_bits(i as u8));
-        i += 1;
-    }
-    t
-}
-
-/// Every e4m3 byte's value: decoding is one load (it sits in NVFP4's per-block inner loop).
-static E4M3_TO_F32: [f32; 256] = e4m3_table();
-
-/// float8_e4m3fn → f32 (exact).
-#[inline(always)]
-pub fn e4m3_to_f32(b: u8) -> f32 {
-    E4M3_TO_F32[b as usize]
-}
-
-/// Whether an e4m3 byte is one of the two NaN codes.
-#[inline]
-pub fn e4m3_is_nan(b: u8) -> bool {
-    b & 0x7f == 0x7f
-}
-
-/// Number of e4m3 NaN bytes (0x7F, 0xFF). Counted in u32 lanes over fixed chunks so the loop
-/// vectorizes (a byte compare and add per element).
-pub fn count_nan_e4m3(bytes: &[u8]) -> usize {
-    bytes
-        .chunks(1 << 16)
-        .map(|c| c.iter().map(|&b| ((b & 0x7F) == 0x7F) as u32).sum::<u32>() as usize)
-        .sum()
-}
-
-/// Replace every e4m3 NaN byte by +448 (0x7E), as vLLM-Omni does at load; returns how many.
-pub fn repair_nan_e4m3(bytes: &mut [u8]) -> usize {
-    let mut n = 0;
-    for b in bytes.iter_mut() {
-        let nan = (*b & 0x7F) == 0x7F;
-        n += nan as usize;
-        *b = if nan { E4M3_MAX_BYTE } else { *b };
-    }
-    n
-}
+pub use super::e4m3::{
+    count_nan_e4m3, e4m3_from_f32, e4m3_is_nan, e4m3_to_f32, repair_nan_e4m3, E4M3_MAX,
+    E4M3_MAX_BYTE,
+};
+pub use super::load::{load_f32, round_to_bf16, to_f32_vec};
 
 /// How out-of-range quotients are handled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Saturation {
     /// Clamp to ±448 before the cast, as ModelOpt/vLLM write checkpoints.
@@ -128,7 +32,9 @@ pub enum Saturation {
 }
 
 /// How the quotient `w / scale` is formed before the cast.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Rounding {
     /// `(w.float() / scale).to(e4m3)`: divide in float32, round once. The most accurate.
@@ -137,39 +43,6 @@ pub enum Rounding {
     /// export does: torch keeps the quotient in the weight's dtype (BF16/FP16), so it is rounded
     /// twice. Reproduces ModelOpt's exported bytes.
     SourceDtype,
-}
-
-/// PyTorch's scalar float → bfloat16 rounding (RNE; NaN becomes the canonical 0x7FC0).
-#[inline(always)]
-pub fn round_to_bf16(f: f32) -> f32 {
-    if f.is_nan() {
-        return f32::from_bits(0x7FC0_0000);
-    }
-    let b = f.to_bits();
-    let r = b.wrapping_add(0x7FFF + ((b >> 16) & 1));
-    f32::from_bits(r & 0xFFFF_0000)
-}
-
-#[inline(always)]
-fn round_to_f16(f: f32) -> f32 {
-    f16::from_f32(f).to_f32()
-}
-
-/// Read element `i` of a little-endian float buffer as f32.
-#[inline(always)]
-pub fn load_f32(src: &[u8], dtype: Dtype, i: usize) -> f32 {
-    match dtype {
-        Dtype::BF16 => bf16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
-        Dtype::F16 => f16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
-        Dtype::F32 => f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().unwrap()),
-        _ => unreachable!("load_f32 on non-float dtype {dtype}"),
-    }
-}
-
-/// Decode a whole float buffer to f32 (for verification and small tensors).
-pub fn to_f32_vec(src: &[u8], dtype: Dtype) -> Vec<f32> {
-    let n = src.len() / dtype.size();
-    (0..n).map(|i| load_f32(src, dtype, i)).collect()
 }
 
 /// Quantize `src` (elements `first_elem..` of a tensor whose rows hold `row_len` elements) to
@@ -194,54 +67,12 @@ pub fn quantize_e4m3(
     )
 }
 
-trait Src {
-    const SIZE: usize;
-    fn load(b: &[u8]) -> f32;
-    fn round_native(f: f32) -> f32;
-}
-struct Bf16Src;
-struct F16Src;
-struct F32Src;
-impl Src for Bf16Src {
-    const SIZE: usize = 2;
-    #[inline(always)]
-    fn load(b: &[u8]) -> f32 {
-        f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
-    }
-    #[inline(always)]
-    fn round_native(f: f32) -> f32 {
-        round_to_bf16(f)
-    }
-}
-impl Src for F16Src {
-    const SIZE: usize = 2;
-    #[inline(always)]
-    fn load(b: &[u8]) -> f32 {
-        f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
-    }
-    #[inline(always)]
-    fn round_native(f: f32) -> f32 {
-        round_to_f16(f)
-    }
-}
-impl Src for F32Src {
-    const SIZE: usize = 4;
-    #[inline(always)]
-    fn load(b: &[u8]) -> f32 {
-        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    }
-    #[inline(always)]
-    fn round_native(f: f32) -> f32 {
-        f
-    }
-}
-
 /// Elements converted together: fixed-size arrays let LLVM vectorize the division, rounding and
 /// byte selection (the per-element function is branch-free).
 const LANES: usize = 16;
 
 #[inline(always)]
-fn convert_one<S: Src, const NATIVE: bool, const CLAMP: bool>(w: f32, scale: f32) -> u8 {
+fn convert_one<S: Elem, const NATIVE: bool, const CLAMP: bool>(w: f32, scale: f32) -> u8 {
     let mut q = w / scale;
     if NATIVE {
         q = S::round_native(q);
@@ -253,7 +84,7 @@ fn convert_one<S: Src, const NATIVE: bool, const CLAMP: bool>(w: f32, scale: f32
 }
 
 #[inline(always)]
-fn convert_run_inline<S: Src, const NATIVE: bool, const CLAMP: bool>(
+fn convert_run_inline<S: Elem, const NATIVE: bool, const CLAMP: bool>(
     src: &[u8],
     scale: f32,
     out: &mut [u8],
@@ -280,29 +111,14 @@ fn convert_run_inline<S: Src, const NATIVE: bool, const CLAMP: bool>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn convert_run_avx2<S: Src, const NATIVE: bool, const CLAMP: bool>(
-    src: &[u8],
-    scale: f32,
-    out: &mut [u8],
-) {
-    convert_run_inline::<S, NATIVE, CLAMP>(src, scale, out)
-}
-
 /// The same code compiled twice: for AVX2 (8-wide division) when the CPU has it, else baseline.
-fn convert_run<S: Src, const NATIVE: bool, const CLAMP: bool>(
+fn convert_run<S: Elem, const NATIVE: bool, const CLAMP: bool>(
     src: &[u8],
     scale: f32,
     out: &mut [u8],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        unsafe { convert_run_avx2::<S, NATIVE, CLAMP>(src, scale, out) };
-        return;
-    }
-    convert_run_inline::<S, NATIVE, CLAMP>(src, scale, out)
+    with_avx2!(fn go[S: Elem, const NATIVE: bool, const CLAMP: bool](src: &[u8], scale: f32, out: &mut [u8]) [S, NATIVE, CLAMP] -> ()
+        => convert_run_inline::<S, NATIVE, CLAMP>(src, scale, out))
 }
 
 /// A 65,536-entry table of the e4m3 byte of every 16-bit input for one scale: per-tensor BF16/FP16
@@ -355,19 +171,19 @@ fn quantize_direct(
 ) {
     match dtype {
         Dtype::BF16 => {
-            quantize_typed::<Bf16Src>(src, scales, row_len, first_elem, rounding, saturation, out)
+            quantize_typed::<Bf16>(src, scales, row_len, first_elem, rounding, saturation, out)
         }
         Dtype::F16 => {
-            quantize_typed::<F16Src>(src, scales, row_len, first_elem, rounding, saturation, out)
+            quantize_typed::<F16>(src, scales, row_len, first_elem, rounding, saturation, out)
         }
         Dtype::F32 => {
-            quantize_typed::<F32Src>(src, scales, row_len, first_elem, rounding, saturation, out)
+            quantize_typed::<F32>(src, scales, row_len, first_elem, rounding, saturation, out)
         }
         _ => unreachable!("quantize_e4m3 on non-float dtype {dtype}"),
     }
 }
 
-fn quantize_typed<S: Src>(
+fn quantize_typed<S: Elem>(
     src: &[u8],
     scales: &[f32],
     row_len: usize,
@@ -440,19 +256,8 @@ fn max_abs_bits16_inline(src: &[u8]) -> u16 {
     m
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn max_abs_bits16_avx2(src: &[u8]) -> u16 {
-    max_abs_bits16_inline(src)
-}
-
 fn max_abs_bits16(src: &[u8]) -> u16 {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { max_abs_bits16_avx2(src) };
-    }
-    max_abs_bits16_inline(src)
+    with_avx2!(fn go[](src: &[u8]) [] -> u16 => max_abs_bits16_inline(src))
 }
 
 /// Per-row max |x| (rows of `row_len` elements).

@@ -18,9 +18,11 @@
 
 use rayon::prelude::*;
 
+use super::e4m3::{e4m3_from_f32, e4m3_to_f32, E4M3_MAX};
+use super::load::{Bf16, Elem, BLOCK as HALF, F16, F32};
+use super::nvfp4::block_amax;
+use super::with_avx2;
 use crate::dtype::Dtype;
-use crate::fp8::{e4m3_from_f32, e4m3_to_f32, E4M3_MAX};
-use crate::nvfp4::{self, block_amax, Elem};
 
 /// Elements per E8M0 scale.
 pub const BLOCK: usize = 32;
@@ -118,7 +120,6 @@ fn quantize_rows<E: Elem>(
     scales: &mut [u8],
     want: Want,
 ) -> Option<(usize, f32)> {
-    const HALF: usize = nvfp4::BLOCK;
     let mut v = [[0f32; HALF]; 2];
     for (b, chunk) in src.chunks_exact(BLOCK * E::SIZE).enumerate() {
         let (lo, hi) = chunk.split_at(HALF * E::SIZE);
@@ -151,6 +152,17 @@ fn quantize_rows<E: Elem>(
     None
 }
 
+/// [`quantize_rows`] compiled for AVX2 when the CPU has it.
+fn rows_dispatch<E: Elem>(
+    src: &[u8],
+    values: &mut [u8],
+    scales: &mut [u8],
+    want: Want,
+) -> Option<(usize, f32)> {
+    with_avx2!(fn go[E: Elem](src: &[u8], values: &mut [u8], scales: &mut [u8], want: Want) [E] -> Option<(usize, f32)>
+        => quantize_rows::<E>(src, values, scales, want))
+}
+
 /// Split whole rows over rayon tasks; report the first non-finite element in row-major order.
 fn run<E: Elem>(
     src: &[u8],
@@ -180,7 +192,7 @@ fn run<E: Elem>(
     }
     let first_bad = jobs
         .into_par_iter()
-        .filter_map(|(at, s, v, sc)| quantize_rows::<E>(s, v, sc, want).map(|(i, x)| (at + i, x)))
+        .filter_map(|(at, s, v, sc)| rows_dispatch::<E>(s, v, sc, want).map(|(i, x)| (at + i, x)))
         .min_by_key(|&(i, _)| i);
     match first_bad {
         None => Ok(()),
@@ -238,9 +250,9 @@ fn dispatch(
     want: Want,
 ) -> Result<(), MxError> {
     match dtype {
-        Dtype::BF16 => run::<nvfp4::Bf16>(src, k, values, scales, want),
-        Dtype::F16 => run::<nvfp4::F16>(src, k, values, scales, want),
-        Dtype::F32 => run::<nvfp4::F32>(src, k, values, scales, want),
+        Dtype::BF16 => run::<Bf16>(src, k, values, scales, want),
+        Dtype::F16 => run::<F16>(src, k, values, scales, want),
+        Dtype::F32 => run::<F32>(src, k, values, scales, want),
         _ => Err(MxError::Dtype(dtype)),
     }
 }

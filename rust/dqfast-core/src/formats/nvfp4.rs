@@ -14,10 +14,12 @@
 //! All row-wise functions treat blocks independently, so any chunk of whole rows (indeed any
 //! chunk of whole blocks) gives the same bytes as the whole tensor.
 
+use super::e4m3::{e4m3_from_f32, e4m3_to_f32, E4M3_MAX};
 use crate::dtype::Dtype;
-use crate::fp8::{e4m3_from_f32, e4m3_to_f32, E4M3_MAX};
 // The e4m3 NaN helpers live with the other e4m3 code; re-exported for the NVFP4 callers.
-pub use crate::fp8::{count_nan_e4m3, repair_nan_e4m3};
+pub use super::e4m3::{count_nan_e4m3, repair_nan_e4m3};
+use super::load::{Bf16, Elem, F16, F32};
+use super::with_avx2;
 
 /// Elements per block scale.
 pub const BLOCK: usize = 16;
@@ -81,58 +83,6 @@ fn block_scale_byte(block_amax: f32, six_wsf2: f32) -> u8 {
     }
     // f32::clamp keeps NaN, as torch.clamp does; the cast then gives 0x7F.
     e4m3_from_f32(s.clamp(MIN_BLOCK_SCALE, E4M3_MAX))
-}
-
-/// Source element types, loaded 16 at a time into f32 (MXFP8 loads its 32-element blocks as two).
-pub(crate) trait Elem {
-    const SIZE: usize;
-    fn load_block(b: &[u8], out: &mut [f32; BLOCK]);
-}
-pub(crate) struct Bf16;
-pub(crate) struct F16;
-pub(crate) struct F32;
-impl Elem for Bf16 {
-    const SIZE: usize = 2;
-    #[inline(always)]
-    fn load_block(b: &[u8], out: &mut [f32; BLOCK]) {
-        let b: &[u8; 2 * BLOCK] = b.try_into().unwrap();
-        for i in 0..BLOCK {
-            out[i] = f32::from_bits((u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16);
-        }
-    }
-}
-impl Elem for F16 {
-    const SIZE: usize = 2;
-    #[inline(always)]
-    fn load_block(b: &[u8], out: &mut [f32; BLOCK]) {
-        let b: &[u8; 2 * BLOCK] = b.try_into().unwrap();
-        for i in 0..BLOCK {
-            out[i] = f16_bits_to_f32(u16::from_le_bytes([b[2 * i], b[2 * i + 1]]));
-        }
-    }
-}
-impl Elem for F32 {
-    const SIZE: usize = 4;
-    #[inline(always)]
-    fn load_block(b: &[u8], out: &mut [f32; BLOCK]) {
-        let b: &[u8; 4 * BLOCK] = b.try_into().unwrap();
-        for i in 0..BLOCK {
-            out[i] = f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
-        }
-    }
-}
-
-/// Exact f16 -> f32 without branches (vectorizes, unlike a per-call feature check): placing the
-/// exponent+mantissa bits 13 higher and multiplying by 2^112 rebiases normals and subnormals alike;
-/// Inf/NaN get the all-ones exponent.
-#[inline(always)]
-fn f16_bits_to_f32(h: u16) -> f32 {
-    let h = h as u32;
-    let sign = (h & 0x8000) << 16;
-    let em = (h & 0x7fff) << 13;
-    let finite = (f32::from_bits(em) * f32::from_bits(0x7780_0000)).to_bits();
-    let special = em | 0x7f80_0000;
-    f32::from_bits(sign | if em >= 0x7c00 << 13 { special } else { finite })
 }
 
 /// max |v| over a block; NaN if any element is NaN (torch.amax propagates NaN). The max of the
@@ -215,36 +165,19 @@ fn codes_typed<E: Elem>(src: &[u8], wsf2: f32, packed: &mut [u8]) {
     }
 }
 
-/// Runs `$body` compiled for AVX2 when the CPU has it (the generic loops are `inline(always)`,
-/// so they are re-vectorized 8 lanes wide); results are identical, only speed differs.
-macro_rules! with_avx2 {
-    ($name:ident, ($($arg:ident : $ty:ty),*), $body:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2")]
-            unsafe fn $name<E: Elem>($($arg: $ty),*) {
-                $body
-            }
-            if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2 (checked just above).
-                unsafe { $name::<E>($($arg),*) };
-                return;
-            }
-        }
-        $body
-    }};
-}
-
 fn quantize_dispatch<E: Elem>(src: &[u8], wsf2: f32, packed: &mut [u8], scales: &mut [u8]) {
-    with_avx2!(go, (src: &[u8], wsf2: f32, packed: &mut [u8], scales: &mut [u8]), quantize_typed::<E>(src, wsf2, packed, scales))
+    with_avx2!(fn go[E: Elem](src: &[u8], wsf2: f32, packed: &mut [u8], scales: &mut [u8]) [E] -> ()
+        => quantize_typed::<E>(src, wsf2, packed, scales))
 }
 
 fn scales_dispatch<E: Elem>(src: &[u8], wsf2: f32, scales: &mut [u8]) {
-    with_avx2!(go, (src: &[u8], wsf2: f32, scales: &mut [u8]), scales_typed::<E>(src, wsf2, scales))
+    with_avx2!(fn go[E: Elem](src: &[u8], wsf2: f32, scales: &mut [u8]) [E] -> ()
+        => scales_typed::<E>(src, wsf2, scales))
 }
 
 fn codes_dispatch<E: Elem>(src: &[u8], wsf2: f32, packed: &mut [u8]) {
-    with_avx2!(go, (src: &[u8], wsf2: f32, packed: &mut [u8]), codes_typed::<E>(src, wsf2, packed))
+    with_avx2!(fn go[E: Elem](src: &[u8], wsf2: f32, packed: &mut [u8]) [E] -> ()
+        => codes_typed::<E>(src, wsf2, packed))
 }
 
 /// Packed codes and block scales in one pass over rows of a `[rows, k]` float tensor.
@@ -576,19 +509,6 @@ mod tests {
         assert_eq!(packed[..8], [0u8; 8]);
         assert_eq!(scales[1], 0x7F);
         assert_eq!(packed[8..], [0x77u8; 8]);
-    }
-
-    #[test]
-    fn f16_conversion_is_exact_for_every_pattern() {
-        for h in 0..=u16::MAX {
-            let want = half::f16::from_bits(h).to_f32();
-            let got = f16_bits_to_f32(h);
-            if want.is_nan() {
-                assert!(got.is_nan(), "{h:#06x}");
-            } else {
-                assert_eq!(got.to_bits(), want.to_bits(), "{h:#06x}");
-            }
-        }
     }
 
     #[test]

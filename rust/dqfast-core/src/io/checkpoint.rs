@@ -179,6 +179,8 @@ impl SafeFile {
 pub struct Checkpoint {
     pub root: PathBuf,
     pub files: Vec<SafeFile>,
+    /// The index json the shards were listed by (None: a single file).
+    pub index: Option<PathBuf>,
     locate: HashMap<String, usize>,
     /// Tensor names in shard order, then file order.
     pub names: Vec<String>,
@@ -303,6 +305,7 @@ impl Checkpoint {
                 names.push(t.name.clone());
             }
         }
+        let index_path = index.as_ref().map(|(p, _)| p.clone());
         if let Some((index_path, weight_map)) = index {
             for (name, shard) in &weight_map {
                 match locate.get(name) {
@@ -333,6 +336,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             root: root.to_path_buf(),
             files,
+            index: index_path,
             locate,
             names,
         })
