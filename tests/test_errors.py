@@ -100,6 +100,7 @@ _UNTYPED_OK = {
     "ptq/__init__.py:AttributeError",
     "ptq/flow.py:KeyError",
     "ptq/quantize.py:TypeError",
+    "plan.py:TypeError",  # PlanBuilder.add given something not a typed op: a programming error, not user input
     "quant_config.py:ValueError",
     "targets/__init__.py:ValueError",  # get_target / fix: every caller re-raises as PlanError
 }

@@ -79,9 +79,12 @@ BUILDS = {
         ),
     ),
     "fp8_from_bf16": lambda o, p: (p.base, build_fp8_transformer(o, base_transformer_dir=p.base, from_bf16=True, fsync=False)),
-    "nvfp4_from_bf16": lambda o, p: (p.base, build_nvfp4_transformer(o, base_transformer_dir=p.base, from_bf16=True, fsync=False)),
-    "mixed": lambda o, p: (p.base, build_mixed_transformer(o, p.base, fsync=False)),
-    "mxfp8": lambda o, p: (p.base, build_mxfp8_transformer(o, base_transformer_dir=p.base, fsync=False)),
+    "nvfp4_from_bf16": lambda o, p: (
+        p.base,
+        build_nvfp4_transformer(o, base_transformer_dir=p.base, from_bf16=True, fsync=False, target="none"),
+    ),
+    "mixed": lambda o, p: (p.base, build_mixed_transformer(o, p.base, fsync=False, target="none")),
+    "mxfp8": lambda o, p: (p.base, build_mxfp8_transformer(o, base_transformer_dir=p.base, fsync=False, target="none")),
 }
 
 
@@ -138,5 +141,7 @@ def test_nvfp4_export_keeps_its_shards(modelopt_fixture: Any, tmp_path: Path) ->
     f4 = modelopt_fixture("flux", "nvfp4")
     two = reshard_two(f4.hf_dir, tmp_path / "two" / "transformer")
     out = tmp_path / "out"
-    rep = build_nvfp4_transformer(out, modelopt_hf_dir=two, base_transformer_dir=f4.base_dir, model_type="flux1", fsync=False)
+    rep = build_nvfp4_transformer(
+        out, modelopt_hf_dir=two, base_transformer_dir=f4.base_dir, model_type="flux1", fsync=False, target="sglang"
+    )
     assert_source_layout(two, out, rep)
