@@ -185,7 +185,7 @@ def _build_pair(case: str, flux, modelopt_fixture, tmp_path):
         sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4")
     elif case == "flux-nvfp4-2shard":
         two = reshard_two(f4.hf_dir, tmp_path / "two" / "transformer")
-        build_nvfp4_transformer(d, modelopt_hf_dir=two, base_transformer_dir=f4.base_dir, model_type="flux1")
+        build_nvfp4_transformer(d, modelopt_hf_dir=two, base_transformer_dir=f4.base_dir, model_type="flux1", target="sglang")
         sglang_nvfp4(f4, s, pattern_preset="flux1-nvfp4", hf_dir=two)
     elif case == "flux-nvfp4-no-preset":
         build_nvfp4_transformer(d, modelopt_hf_dir=f4.hf_dir, base_transformer_dir=f4.base_dir, target="sglang")
