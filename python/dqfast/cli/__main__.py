@@ -1,0 +1,5 @@
+"""``python -m dqfast.cli``: the ``dqfast`` command."""
+
+from dqfast.cli import main
+
+main()
