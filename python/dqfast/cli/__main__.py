@@ -2,4 +2,5 @@
 
 from dqfast.cli import main
 
-main()
+if __name__ == "__main__":  # not on a plain import (tests import every module)
+    main()

@@ -4,7 +4,7 @@ generated here, plus ``build components``.
 A builder's command is its registry entry's own options (:class:`dqfast.builders.Option`), then
 the options every builder shares (:data:`BUILD_OPTIONS`, declared once below), then the hub
 options. The values reach the build function as keywords of the same name; the few SGLang flag
-names whose meaning is not a keyword of the builder are translated in :data:`_SGLANG_FLAGS`.
+names whose meaning is not a keyword of the builder are translated in :data:`_CLI_FLAGS`.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def _click_option(o: Option) -> Callable[[Callable[..., Any]], Callable[..., Any
     return click.option(*o.flags, o.name, **kind, **extra)
 
 
-def _nvfp4_flags(kw: dict[str, Any], args: dict[str, Any]) -> None:
+def _nvfp4_flags(args: dict[str, Any]) -> None:
     args["reconcile_fused_scales"] = not args.pop("no_reconcile_fused")
     preset = args.pop("pattern_preset")
     if preset:
@@ -172,17 +172,17 @@ def _nvfp4_flags(kw: dict[str, Any], args: dict[str, Any]) -> None:
         args["model_type"] = None  # SGLang's default: no preset (the builder: auto for --from-bf16)
 
 
-def _mixed_flags(kw: dict[str, Any], args: dict[str, Any]) -> None:
+def _mixed_flags(args: dict[str, Any]) -> None:
     spec = args["policy"]
     args["policy"] = _load_policy(spec) if spec else None
     # A policy file is an input too: the output must not overwrite it.
     args["guard_inputs"] = [spec] if spec and os.path.lexists(spec) else []
 
 
-#: CLI flags whose meaning is not the builder keyword of the same name (SGLang's tools' names,
-#: files the CLI reads); run before the build's progress display starts. Every builder also
-#: takes --keep-bf16-pattern, where it has it, as more --fallback patterns.
-_SGLANG_FLAGS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
+#: Per builder, its flags whose value is not the builder keyword of the same name (SGLang's tools'
+#: flag names, a file the CLI reads), rewritten into keywords before the progress display starts.
+#: --keep-bf16-pattern (SGLang's name), on any builder that has it, adds --fallback patterns.
+_CLI_FLAGS: dict[str, Callable[[dict[str, Any]], None]] = {
     "nvfp4": _nvfp4_flags,
     "mixed": _mixed_flags,
 }
@@ -191,8 +191,8 @@ _SGLANG_FLAGS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
 def _run_builder(name: str, b: Builder, kw: dict[str, Any]) -> None:
     args = {o.name: kw[o.name] for o in b.options}
     args.update(model_type=kw["model_type"], fallback=list(kw["fallbacks"]) + list(args.pop("keep_bf16", ())))
-    if name in _SGLANG_FLAGS:
-        _SGLANG_FLAGS[name](kw, args)
+    if name in _CLI_FLAGS:
+        _CLI_FLAGS[name](args)
     components = args.pop("components", None)  # --components: the main input is a pipeline root
     args.update(_shared_kwargs(kw))
     if components is not None:
