@@ -277,19 +277,13 @@ def build_components_cmd(**kw: Any) -> None:
     from dqfast.components import build_components
 
     kind = kw["kind"]
-    args: dict[str, Any] = dict(**_shared_kwargs(kw))
+    b = BUILDERS[kind]
+    args: dict[str, Any] = dict(**_shared_kwargs(kw), fallback=list(kw["fallbacks"]), transformers_only=kw["transformers_only"])
     if click.get_current_context().get_parameter_source("model_type") != click.core.ParameterSource.DEFAULT:
         args["model_type"] = kw["model_type"]  # else the builder's default (nvfp4: no preset, as SGLang's tool)
-    if kind not in ("mixed", "mxfp8"):  # the calibration-free-only builders take neither
-        args.update(fallback=list(kw["fallbacks"]), from_bf16=kw["from_bf16"], activation_amax=kw["activation_amax"])
-        if kw["base_transformer_dir"]:
-            args["base_transformer_dir"] = str(kw["base_transformer_dir"])
-        if kind == "fp8":
-            args["weight_granularity"] = kw["weight_granularity"]
-            if kw["modelopt_backbone_ckpt"]:
-                args["modelopt_backbone_ckpt"] = kw["modelopt_backbone_ckpt"]
-    else:
-        args["fallback"] = list(kw["fallbacks"])
-    args["transformers_only"] = kw["transformers_only"]
+    # This command's options that the builder has too (as `build <kind>` options); --root is its main input.
+    own = {o.name for o in b.options} - {b.main_input}
+    args.update({k: kw[k] for k in ("from_bf16", "activation_amax", "weight_granularity") if k in own})
+    args.update({k: str(kw[k]) for k in ("base_transformer_dir", "modelopt_backbone_ckpt") if k in own and kw[k]})
     rep = run(lambda: build_components(kind, kw["root"], kw["output_dir"], _parse_components(kw["components"]), **args))
     _print_components(rep, kw["as_json"], kw["dry_run"] or kw["verbose"], kw["quiet"])
