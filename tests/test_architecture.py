@@ -127,7 +127,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycles_among_dqfast_modules() -> None:
     graph = _graph()
-    assert "dqfast.batch_cli" in graph["dqfast.cli"] and "dqfast._core" in graph["dqfast.fp8"]  # the walk sees imports
+    assert "dqfast.cli.batch" in graph["dqfast.cli"] and "dqfast._core" in graph["dqfast.fp8"]  # the walk sees imports
     assert _cycles(graph) == []
 
 
@@ -243,7 +243,7 @@ def test_calibration_family_from_the_registry() -> None:
 
 def test_builder_registry_is_shared() -> None:
     from dqfast import batch, builders, components
-    from dqfast.cli import build_components_cmd
+    from dqfast.cli.build import build_components_cmd
 
     assert batch.BUILDERS is builders.BUILDERS is components.BUILDERS
     assert {"fp8", "nvfp4", "mixed", "mxfp8"} <= set(builders.BUILDERS)
@@ -251,6 +251,60 @@ def test_builder_registry_is_shared() -> None:
     assert set(kind.type.choices) == set(builders.BUILDERS)  # type: ignore[attr-defined]
     with pytest.raises(dqfast.PlanError, match="unknown build kind 'int8'"):
         builders.get_builder("int8")
+
+
+_TOY_BUILDER = """
+import json
+
+
+def build(output_dir, **kw):
+    with open(output_dir, "w") as f:
+        json.dump(kw, f, default=str)
+"""
+
+_TOY_CLI = """
+import sys
+from dqfast.builders import Option, register_builder
+
+register_builder(
+    "toy",
+    "toybuilder:build",
+    ["base_transformer_dir"],
+    help="A toy builder.",
+    options=[
+        Option(("--base-transformer-dir",), "Its base.", required=True),
+        Option(("--gain",), "A positive factor.", kind="amax", default=1.0, show_default=True),
+        Option(("--mode",), kind=("a", "b"), default="a"),
+    ],
+)
+from dqfast.cli import main
+
+sys.argv[0] = "dqfast"
+main()
+"""
+
+
+def test_a_registered_builder_gets_its_build_command(tmp_path: Path) -> None:
+    """Adding a builder is one registry entry: `dqfast build <name>` appears with its own options
+    and every shared one, and passes them to the build function as keywords (no CLI edit)."""
+    (tmp_path / "toybuilder.py").write_text(_TOY_BUILDER)
+    base, out = tmp_path / "base", tmp_path / "out.json"
+    base.mkdir()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", _TOY_CLI, *args], capture_output=True, text=True, cwd=tmp_path)
+
+    r = cli("build", "toy", "--help")
+    assert r.returncode == 0 and "A toy builder." in r.stdout, r.stderr
+    for flag in ("--gain", "--mode", "--base-transformer-dir", "--output-dir", "--target", "--max-shard-size", "--revision"):
+        assert flag in r.stdout, flag
+    r = cli("build", "toy", "--base-transformer-dir", str(base), "--output-dir", str(out), "--gain", "2", "--threads", "3", "-q")
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+    kw = json.loads(out.read_text())
+    assert (kw["base_transformer_dir"], kw["gain"], kw["mode"], kw["threads"]) == (str(base), 2.0, "a", 3)
+    assert (kw["model_type"], kw["fallback"], kw["target"], kw["io"], kw["fsync"]) == ("auto", [], "any", "auto", True)
+    r = cli("build", "toy", "--base-transformer-dir", str(base), "--output-dir", str(out), "--gain", "-1")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "--gain" in r.stderr, r.stderr
 
 
 def test_format_constants_come_from_core() -> None:

@@ -20,7 +20,7 @@ import pytest
 from ckpt_helpers import assert_safetensors_readable
 from click.testing import CliRunner
 from dqfast import batch as B
-from dqfast.batch_cli import batch as batch_cmd
+from dqfast.cli.batch import batch as batch_cmd
 from malformed.corpus import base_tensors, weight, write_base, write_export, write_safetensors
 
 # ---- fixtures -------------------------------------------------------------------------------
@@ -442,7 +442,7 @@ output = "out/big"
 inputs = {{ base_transformer_dir = "{big}" }}
 options = {{ from_bf16 = true, model_type = "none", target = "none" }}
 """)
-    cmd = [sys.executable, "-c", "from dqfast.batch_cli import batch; batch()", str(m), "--json"]
+    cmd = [sys.executable, "-c", "from dqfast.cli.batch import batch; batch()", str(m), "--json"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = tmp_path / "out"
     killed = False

@@ -40,7 +40,7 @@ def test_presets_name_no_internal_paths():
 
 
 def test_ptq_output_dir_with_out_as_alias(tmp_path):
-    from dqfast.ptq_cli import ptq
+    from dqfast.cli.ptq import ptq
 
     for flag in ("--output-dir", "--out"):
         ctx = ptq.make_context("ptq", ["--model-dir", str(tmp_path), flag, "o"])

@@ -233,7 +233,7 @@ def test_batch_check_refuses_what_the_engine_refuses(tmp_path):
         options = {{ model_type = "none", from_bf16 = true, weight_granularity = "tensor", activation_amax = 1e-40 }}
         """)
     )
-    from dqfast.batch_cli import batch as batch_cmd
+    from dqfast.cli.batch import batch as batch_cmd
 
     r = CliRunner().invoke(batch_cmd, [str(m), "--check"])
     assert r.exit_code == 2, r.output

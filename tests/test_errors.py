@@ -134,11 +134,11 @@ def test_the_cli_maps_errors_to_exit_2_in_one_place() -> None:
         and isinstance(node.args[0], ast.Constant)
         and node.args[0].value == 2
     ]
-    assert exits == []  # fail() takes the status; only cli_format.OneLineErrors decides it
-    from dqfast.batch_cli import batch
+    assert exits == []  # fail() takes the status; only cli._format.OneLineErrors decides it
     from dqfast.cli import main
-    from dqfast.cli_format import OneLineErrors
-    from dqfast.ptq_cli import ptq
+    from dqfast.cli._format import OneLineErrors
+    from dqfast.cli.batch import batch
+    from dqfast.cli.ptq import ptq
 
     # The commands a process can start in (dqfast, and batch / ptq run on their own).
     assert all(isinstance(c, OneLineErrors) for c in (main, batch, ptq))

@@ -24,10 +24,10 @@ diffusers = pytest.importorskip("diffusers")
 
 from click.testing import CliRunner  # noqa: E402
 from dqfast.backbone import read_amax  # noqa: E402
+from dqfast.cli.ptq import ptq  # noqa: E402
 from dqfast.ptq import CalibConfig, run_ptq  # noqa: E402
 from dqfast.ptq.calibration import pseudo_embedding  # noqa: E402
 from dqfast.ptq.presets import get_preset  # noqa: E402
-from dqfast.ptq_cli import ptq  # noqa: E402
 from modelopt_fixtures import TINY_CONFIGS, _new_model  # noqa: E402
 
 # Small enough for CPU: FLUX 4x4 tokens, Wan 2x4x4 latent patches, 8 text tokens.

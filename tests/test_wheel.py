@@ -124,7 +124,7 @@ def test_wheel_is_manylinux_abi3_stripped_and_has_no_dev_pins():
             "Cargo.toml",
             "rust/dqfast-core/src/plan/mod.rs",
             "rust/dqfast-py/src/lib.rs",
-            "python/dqfast/cli.py",
+            "python/dqfast/cli/__init__.py",
         } <= names
 
 

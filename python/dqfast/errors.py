@@ -11,7 +11,7 @@ dqfast, so any module (the extension included) can import it without a cycle.
 
 Every exception dqfast raises to its users is one of these classes (``tests/test_errors.py``
 checks that no other module defines one): the CLI maps them all to one ``error:`` line and exit
-status 2 in one place (``dqfast.cli_format.OneLineErrors``).
+status 2 in one place (``dqfast.cli._format.OneLineErrors``).
 """
 
 from __future__ import annotations

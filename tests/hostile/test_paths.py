@@ -253,7 +253,7 @@ def test_ptq_out_must_not_overlap_the_model_dir(tmp_path: Path, monkeypatch: pyt
 
 
 def test_batch_job_output_is_the_manifest_dir(tmp_path: Path) -> None:
-    from dqfast.batch_cli import batch as batch_cmd
+    from dqfast.cli.batch import batch as batch_cmd
 
     base = write_base(tmp_path / "in" / "base")
     jobs = tmp_path / "jobs"
@@ -354,7 +354,7 @@ def test_dry_run_refuses_what_the_build_would(kind: str, tmp_path: Path, monkeyp
 
 
 def test_batch_summary_and_logs_stay_out_of_inputs(tmp_path: Path) -> None:
-    from dqfast.batch_cli import batch as batch_cmd
+    from dqfast.cli.batch import batch as batch_cmd
 
     base = write_base(tmp_path / "base")
     m = tmp_path / "jobs.toml"

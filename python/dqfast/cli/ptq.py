@@ -1,6 +1,6 @@
 """``dqfast ptq``: ModelOpt post-training quantization, then (optionally) dqfast build and verify.
 
-Registered by ``dqfast.cli`` with ``main.add_command(ptq)``; usable standalone too.
+Registered by :mod:`dqfast.cli`; usable standalone too.
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ from typing import Any
 
 import click
 
-from dqfast.cli_format import OneLineCommand
-from dqfast.cli_types import AT_LEAST_ONE, COUNT
+from dqfast.cli._format import OneLineCommand
+from dqfast.cli._types import AT_LEAST_ONE, COUNT
 from dqfast.targets import DEFAULT_TARGET, TARGET_NAMES
+
+#: Options that are `CalibConfig` fields, and `run_ptq` keywords, of the same name.
+_CALIB = ("prompts_file", "calib_size", "n_steps", "batch_size", "seed", "height", "width", "num_frames", "text_len")
+_PASSED = ("algo", "model_type", "seed", "quantize_mha", "build", "verify", "overwrite", "device", "verify_steps", "target", "fit_target")
 
 
 @click.command("ptq", cls=OneLineCommand)
@@ -82,17 +86,7 @@ def ptq(**kw: Any) -> None:
     # the run fails; warnings are not shown.
     held = io.StringIO()
     try:
-        calib = CalibConfig(
-            prompts_file=kw["prompts_file"],
-            calib_size=kw["calib_size"],
-            n_steps=kw["n_steps"],
-            batch_size=kw["batch_size"],
-            seed=kw["seed"],
-            height=kw["height"],
-            width=kw["width"],
-            num_frames=kw["num_frames"],
-            text_len=kw["text_len"],
-        )
+        calib = CalibConfig(**{k: kw[k] for k in _CALIB})
         with contextlib.ExitStack() as quiet:
             if kw["quiet"]:
                 quiet.enter_context(contextlib.redirect_stdout(held))
@@ -101,20 +95,10 @@ def ptq(**kw: Any) -> None:
             result = run_ptq(
                 kw["model_dir"],
                 kw["out_dir"],
-                algo=kw["algo"],
-                model_type=kw["model_type"],
                 calib=calib,
-                seed=kw["seed"],
-                quantize_mha=kw["quantize_mha"],
-                build=kw["build"],
-                verify=kw["verify"],
                 components=list(kw["components"]) or None,
-                overwrite=kw["overwrite"],
-                device=kw["device"],
-                verify_steps=kw["verify_steps"],
                 progress=not (kw["no_progress"] or kw["quiet"]),
-                target=kw["target"],
-                fit_target=kw["fit_target"],
+                **{k: kw[k] for k in _PASSED},
             )
     except BaseException:
         # The held prints, then the error (one `error:` line, exit 2, from OneLineCommand.main).

@@ -1,6 +1,6 @@
 """``dqfast batch MANIFEST``: run a manifest of conversion jobs (see :mod:`dqfast.batch`).
 
-Register with ``main.add_command(batch)`` in :mod:`dqfast.cli`. Exit status: 0 when every job is
+Registered by :mod:`dqfast.cli`. Exit status: 0 when every job is
 done or skipped, 1 when a job failed, 2 when the manifest is invalid.
 """
 
@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import click
 
-from dqfast.cli_format import OneLineCommand
-from dqfast.cli_format import human as _human  # the CLI's one formatter
-from dqfast.cli_types import COUNT, SizeParam
+from dqfast.cli._format import OneLineCommand, human
+from dqfast.cli._types import COUNT, SizeParam
+
+#: Options that are `run_batch` keywords of the same name.
+_PASSED = ("executor", "address", "max_parallel", "cores", "log_dir", "summary_path", "overwrite", "verify")
 
 
 @click.command("batch", cls=OneLineCommand)
@@ -45,22 +47,7 @@ from dqfast.cli_types import COUNT, SizeParam
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success (no progress, no per-job lines); failed jobs on stderr.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print each job's output and log path.")
-def batch(
-    manifest: Path,
-    executor: Literal["local", "ray"],
-    address: str | None,
-    max_parallel: int,
-    cores: int,
-    memory_limit: int | None,
-    log_dir: Path | None,
-    summary_path: Path | None,
-    overwrite: bool,
-    verify: bool,
-    check: bool,
-    as_json: bool,
-    quiet: bool = False,
-    verbose: bool = False,
-) -> None:
+def batch(manifest: Path, check: bool, as_json: bool, quiet: bool, verbose: bool, **kw: Any) -> None:
     """Run the conversion jobs of MANIFEST (TOML or YAML): in parallel, resumable, idempotent."""
     from dqfast.batch import batch_paths, load_manifest, run_batch
 
@@ -75,8 +62,7 @@ def batch(
             click.echo(f"error: job '{name}': {err}", err=True)
         click.echo(f"{manifest}: {len(m.jobs)} job(s), {len(errors)} with errors")
         sys.exit(2 if errors else 0)
-    mem = memory_limit or 0
-    batch_paths(m, log_dir, summary_path)  # before the progress display starts: a refusal is one line
+    batch_paths(m, kw["log_dir"], kw["summary_path"])  # before the progress display starts: a refusal is one line
 
     from dqfast.progress import BatchProgress
 
@@ -96,26 +82,14 @@ def batch(
                 click.echo(f"failed: {job.name}: {res.error_type}: {res.error} (log: {res.log})", err=True)
             return
         c = colors.get(res.status, "white")
-        extra = f" {res.error_type}: {res.error}" if res.status == "failed" else f" {_human(res.bytes)}"
+        extra = f" {res.error_type}: {res.error}" if res.status == "failed" else f" {human(res.bytes)}"
         line = f"[{c}]{res.status:>7}[/{c}] {job.name} ({res.seconds:.1f}s){extra}"
         if verbose or res.status == "failed":
             line += f"\n         output {res.output}, log {res.log}"
         display.print(line)
 
     try:
-        summary = run_batch(
-            m,
-            executor=executor,
-            address=address,
-            max_parallel=max_parallel,
-            cores=cores,
-            memory_limit=mem,
-            log_dir=log_dir,
-            summary_path=summary_path,
-            overwrite=overwrite,
-            verify=verify,
-            on_event=on_event,
-        )
+        summary = run_batch(m, memory_limit=kw["memory_limit"] or 0, on_event=on_event, **{k: kw[k] for k in _PASSED})
     finally:
         if display is not None:
             display.close()
