@@ -822,6 +822,28 @@ def nvfp4_linear_from_float(
     return mod
 
 
+def _fused_dims(shards: Sequence[Fp8Linear] | Sequence[Nvfp4Linear]) -> tuple[int, list[int], bool, torch.dtype]:
+    """(in_features, each shard's out_features, any bias, the bias dtype) of shards fused along N."""
+    k = shards[0].in_features
+    if any(s.in_features != k for s in shards):
+        raise ValueError("shards must share in_features")
+    dtype = next((s.bias.dtype for s in shards if s.bias is not None), torch.bfloat16)
+    return k, [s.out_features for s in shards], any(s.bias is not None for s in shards), dtype
+
+
+def _copy_fused_bias(fused: Fp8Linear | Nvfp4Linear, shards: Sequence[Fp8Linear] | Sequence[Nvfp4Linear], dtype: torch.dtype) -> None:
+    """The shards' biases end to end (zeros for a shard without one) into ``fused.bias``."""
+    if fused.bias is not None:  # built with bias=has_bias
+        fused.bias.data.copy_(
+            torch.cat(
+                [
+                    s.bias.detach().to(dtype) if s.bias is not None else torch.zeros(s.out_features, dtype=dtype, device=s.weight.device)
+                    for s in shards
+                ]
+            )
+        )
+
+
 def fuse_fp8_linears(shards: Sequence[Fp8Linear]) -> Fp8Linear:
     """Concatenate FP8 shards (e.g. q, k, v) along N without requantizing.
 
@@ -830,14 +852,9 @@ def fuse_fp8_linears(shards: Sequence[Fp8Linear]) -> Fp8Linear:
     quantizes the activation once per distinct scale); equal ones collapse to one.
     """
     first = shards[0]
-    k = first.in_features
-    if any(s.in_features != k for s in shards):
-        raise ValueError("shards must share in_features")
+    k, sizes, has_bias, dtype = _fused_dims(shards)
     if any((s.input_scale is None) != (first.input_scale is None) for s in shards):
         raise ValueError("cannot fuse static and dynamic activation scaling")
-    sizes = [s.out_features for s in shards]
-    has_bias = any(s.bias is not None for s in shards)
-    dtype = next((s.bias.dtype for s in shards if s.bias is not None), torch.bfloat16)
     in_scales = None
     same_in = True
     if first.input_scale is not None:  # then every shard has one (checked above)
@@ -858,15 +875,7 @@ def fuse_fp8_linears(shards: Sequence[Fp8Linear]) -> Fp8Linear:
     fused.weight_scale.copy_(torch.cat([s.weight_scale.float().expand(s.out_features) for s in shards]))
     if in_scales is not None and fused.input_scale is not None:
         fused.input_scale.copy_(in_scales[0] if same_in else in_scales)
-    if fused.bias is not None:  # built with bias=has_bias
-        fused.bias.data.copy_(
-            torch.cat(
-                [
-                    s.bias.detach().to(dtype) if s.bias is not None else torch.zeros(s.out_features, dtype=dtype, device=s.weight.device)
-                    for s in shards
-                ]
-            )
-        )
+    _copy_fused_bias(fused, shards, dtype)
     return fused
 
 
@@ -874,12 +883,7 @@ def fuse_nvfp4_linears(shards: Sequence[Nvfp4Linear]) -> Nvfp4Linear:
     """Concatenate NVFP4 shards along N exactly: block scales and codes untouched, each
     shard's weight_scale_2 kept as a per-channel vector (never max over shards)."""
     first = shards[0]
-    k = first.in_features
-    if any(s.in_features != k for s in shards):
-        raise ValueError("shards must share in_features")
-    sizes = [s.out_features for s in shards]
-    has_bias = any(s.bias is not None for s in shards)
-    dtype = next((s.bias.dtype for s in shards if s.bias is not None), torch.bfloat16)
+    k, sizes, has_bias, dtype = _fused_dims(shards)
     fused = Nvfp4Linear(
         k,
         sum(sizes),
@@ -894,13 +898,5 @@ def fuse_nvfp4_linears(shards: Sequence[Nvfp4Linear]) -> Nvfp4Linear:
     fused.weight_scale.copy_(torch.cat([s.weight_scale for s in shards]))
     fused.weight_scale_2.copy_(torch.cat([s.weight_scale_2.float().reshape(1).expand(s.out_features) for s in shards]))
     fused.input_scale.copy_(torch.stack([s.input_scale.reshape(()) for s in shards]))
-    if fused.bias is not None:  # built with bias=has_bias
-        fused.bias.data.copy_(
-            torch.cat(
-                [
-                    s.bias.detach().to(dtype) if s.bias is not None else torch.zeros(s.out_features, dtype=dtype, device=s.weight.device)
-                    for s in shards
-                ]
-            )
-        )
+    _copy_fused_bias(fused, shards, dtype)
     return fused
