@@ -579,6 +579,29 @@ impl StreamWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::Checkpoint;
+    use crate::dtype::Dtype;
+
+    /// A temp dir and a [`StreamWriter`] (no metadata, no fsync) into its `out` (not yet there).
+    fn writer_in_tmp(
+        max_shard_bytes: u64,
+        prefix: &str,
+        always_index: bool,
+    ) -> (tempfile::TempDir, PathBuf, StreamWriter) {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        let w = StreamWriter::create(
+            &out,
+            false,
+            max_shard_bytes,
+            prefix,
+            BTreeMap::new(),
+            always_index,
+            false,
+        )
+        .unwrap();
+        (d, out, w)
+    }
 
     #[test]
     fn shards_split_greedily() {
@@ -694,12 +717,7 @@ mod tests {
 
     #[test]
     fn stream_writer_shards_reads_back_and_is_atomic() {
-        use crate::checkpoint::Checkpoint;
-        use crate::dtype::Dtype;
-        let d = tempfile::tempdir().unwrap();
-        let out = d.path().join("out");
-        let mut w =
-            StreamWriter::create(&out, false, 130, "model", BTreeMap::new(), false, false).unwrap();
+        let (d, out, mut w) = writer_in_tmp(130, "model", false);
         let staged = w.staging_dir().unwrap().to_path_buf();
         for i in 0..5u8 {
             w.write_tensor(&format!("t{i}"), Dtype::U8, &[2, 30], &[i; 60])
@@ -739,12 +757,7 @@ mod tests {
 
     #[test]
     fn stream_writer_writes_named_shards() {
-        use crate::checkpoint::Checkpoint;
-        use crate::dtype::Dtype;
-        let d = tempfile::tempdir().unwrap();
-        let out = d.path().join("out");
-        let mut w =
-            StreamWriter::create(&out, false, 1, "m", BTreeMap::new(), false, false).unwrap();
+        let (d, out, mut w) = writer_in_tmp(1, "m", false);
         for (i, f) in ["b.safetensors", "a.safetensors", "b.safetensors"]
             .iter()
             .enumerate()
@@ -790,12 +803,7 @@ mod tests {
 
     #[test]
     fn stream_writer_closes_a_shard_before_its_header_overflows() {
-        use crate::checkpoint::Checkpoint;
-        use crate::dtype::Dtype;
-        let d = tempfile::tempdir().unwrap();
-        let out = d.path().join("out");
-        let mut w =
-            StreamWriter::create(&out, false, u64::MAX, "m", BTreeMap::new(), false, true).unwrap();
+        let (_d, out, mut w) = writer_in_tmp(u64::MAX, "m", true);
         let long = "n".repeat(2000);
         for i in 0..100 {
             w.write_tensor(&format!("{long}{i}"), Dtype::U8, &[1], &[i as u8])
