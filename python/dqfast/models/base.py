@@ -230,22 +230,22 @@ class ModelPreset:
             seen.setdefault(v, None)
         return list(seen)
 
-    def fp8_fallback_match(self, module: str, extra: list[re.Pattern[str]] | None = None) -> str | None:
-        """The first fallback pattern matching any variant of ``module``, else None."""
-        pats = self._fp8_fallback_re + list(extra or ())
+    def _first_match(self, pats: list[re.Pattern[str]], module: str, full: bool) -> str | None:
+        """The first of ``pats`` matching any variant of ``module`` (``re.fullmatch`` when ``full``,
+        else ``re.search``), else None."""
         for v in self.name_variants(module):
             for p in pats:
-                if p.search(v):
+                if p.fullmatch(v) if full else p.search(v):
                     return p.pattern
         return None
 
+    def fp8_fallback_match(self, module: str, extra: list[re.Pattern[str]] | None = None) -> str | None:
+        """The first fallback regex (``re.search``) matching any variant of ``module``, else None."""
+        return self._first_match(self._fp8_fallback_re + list(extra or ()), module, full=False)
+
     def nvfp4_fallback_match(self, module: str, extra: list[re.Pattern[str]] | None = None) -> str | None:
-        pats = self._nvfp4_fallback_re + list(extra or ())
-        for v in self.name_variants(module):
-            for p in pats:
-                if p.fullmatch(v):
-                    return p.pattern
-        return None
+        """The first fallback glob (as a regex, full match) matching any variant of ``module``, else None."""
+        return self._first_match(self._nvfp4_fallback_re + list(extra or ()), module, full=True)
 
     def default_mixed_policy(self) -> list[tuple[str, str]]:
         """Layers ModelOpt's recipe leaves unquantized stay BF16 (embedders, final projection, ...),

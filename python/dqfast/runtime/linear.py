@@ -222,7 +222,36 @@ def _share_act_quant() -> bool:
     return _env_raw("DQFAST_SHARE_ACT_QUANT") not in (b"0", "0")
 
 
-class Fp8Linear(nn.Module):
+class _QuantLinear(nn.Module):
+    """What the FP8 and NVFP4 layers share: their sizes, the requested back end, the output rows
+    of fused shards that keep their own scales (``shard_sizes``), and an optional bias."""
+
+    bias: nn.Parameter | None
+
+    def __init__(self, in_features: int, out_features: int, backend: str | None, shard_sizes: Sequence[int] | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend_request = backend
+        self.shard_sizes = list(shard_sizes) if shard_sizes else None
+
+    @property
+    def _n_shards(self) -> int:
+        """Shards with their own scales (0: one set of scales for the whole layer)."""
+        return len(self.shard_sizes) if self.shard_sizes else 0
+
+    def _add_bias(self, bias: bool, dtype: torch.dtype, device: torch.device | str | None) -> None:
+        self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    def _emulated_output(self, outs: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The float32 outputs of each shard's rows end to end, plus the bias, in ``x``'s dtype and shape."""
+        y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class Fp8Linear(_QuantLinear):
     """y = x @ W^T with W float8_e4m3fn [N, K] and float32 weight_scale (0-dim or [N]).
 
     input_scale: float32 0-dim (static activation scale), or a per-shard vector with
@@ -234,7 +263,6 @@ class Fp8Linear(nn.Module):
     weight: torch.Tensor
     weight_scale: torch.Tensor
     input_scale: torch.Tensor | None
-    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -248,20 +276,16 @@ class Fp8Linear(nn.Module):
         backend: str | None = None,
         shard_sizes: Sequence[int] | None = None,
     ) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, backend, shard_sizes)
         self.per_channel = per_channel
-        self.backend_request = backend
-        self.shard_sizes = list(shard_sizes) if shard_sizes else None
-        n_shards = len(self.shard_sizes) if self.shard_sizes else 0
+        n_shards = self._n_shards
         self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("weight_scale", torch.ones((out_features,) if per_channel else (), dtype=torch.float32, device=device))
         if static_input_scale:
             self.register_buffer("input_scale", torch.ones((n_shards,) if n_shards else (), dtype=torch.float32, device=device))
         else:
             self.input_scale = None
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._add_bias(bias, dtype, device)
         self._scaled_mm_bias_ok = True
 
     def extra_repr(self) -> str:
@@ -292,10 +316,7 @@ class Fp8Linear(nn.Module):
             if self.input_scale is not None:
                 s = self.input_scale[i] if self.input_scale.dim() == 1 else self.input_scale
             outs.append(self._fake_quant_input(x2d, s) @ w[rows].t())
-        y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._emulated_output(outs, x)
 
     # -- GPU paths ---------------------------------------------------------------------------
     def forward_traceable(self, x: torch.Tensor) -> torch.Tensor:
@@ -568,7 +589,7 @@ class _Fp8Plan:
         self.flashinfer_ok = len(self.shards) == 1 and self.shards[0].alpha is not None
 
 
-class Nvfp4Linear(nn.Module):
+class Nvfp4Linear(_QuantLinear):
     """y = x @ W^T with W packed E2M1 [N, K/2], e4m3 block scales [N, K/16] and a float32
     global weight_scale_2 (0-dim, or [N] for fused shards with different global scales)."""
 
@@ -577,7 +598,6 @@ class Nvfp4Linear(nn.Module):
     weight_scale: torch.Tensor
     weight_scale_2: torch.Tensor
     input_scale: torch.Tensor
-    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -590,20 +610,16 @@ class Nvfp4Linear(nn.Module):
         act_quant: bool = True,
         shard_sizes: Sequence[int] | None = None,
     ) -> None:
-        super().__init__()
         if in_features % Q.NVFP4_BLOCK:
             raise ValueError(f"in_features={in_features} is not a multiple of 16")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.backend_request = backend
+        super().__init__(in_features, out_features, backend, shard_sizes)
         self.act_quant = act_quant
-        self.shard_sizes = list(shard_sizes) if shard_sizes else None
-        n_shards = len(self.shard_sizes) if self.shard_sizes else 0
+        n_shards = self._n_shards
         self.register_buffer("weight", torch.zeros((out_features, in_features // 2), dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.zeros((out_features, in_features // 16), dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("weight_scale_2", torch.ones((out_features,) if n_shards else (), dtype=torch.float32, device=device))
         self.register_buffer("input_scale", torch.ones((n_shards,) if n_shards else (), dtype=torch.float32, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._add_bias(bias, dtype, device)
         self._fi_cache: tuple | None = None
 
     def extra_repr(self) -> str:
@@ -627,10 +643,7 @@ class Nvfp4Linear(nn.Module):
                 s = self.input_scale[i] if self.input_scale.dim() == 1 else self.input_scale
                 xin = Q.nvfp4_fake_quant_activation(x2d, s)
             outs.append(xin @ w[rows].t())
-        y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._emulated_output(outs, x)
 
     def w4a8_weight_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inv_row_scale [N], per-channel FP8 weight scale [1, N]) of the W4A8 path, cached per
@@ -659,10 +672,7 @@ class Nvfp4Linear(nn.Module):
         x2d = _flatten(x).float()
         inv, ws = self.w4a8_weight_scale()
         w = Q.nvfp4_to_e4m3(self.weight, self.weight_scale, inv).float() * ws.reshape(-1, 1)
-        y = Q.fp8_fake_quant(x2d, Q.per_token_scale(x2d)) @ w.t()
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._emulated_output([Q.fp8_fake_quant(x2d, Q.per_token_scale(x2d)) @ w.t()], x)
 
     def _forward_w4a8(self, x2d: torch.Tensor) -> torch.Tensor:
         from . import triton_kernels as TK
@@ -822,6 +832,28 @@ def nvfp4_linear_from_float(
     return mod
 
 
+def _fused_dims(shards: Sequence[Fp8Linear] | Sequence[Nvfp4Linear]) -> tuple[int, list[int], bool, torch.dtype]:
+    """(in_features, each shard's out_features, any bias, the bias dtype) of shards fused along N."""
+    k = shards[0].in_features
+    if any(s.in_features != k for s in shards):
+        raise ValueError("shards must share in_features")
+    dtype = next((s.bias.dtype for s in shards if s.bias is not None), torch.bfloat16)
+    return k, [s.out_features for s in shards], any(s.bias is not None for s in shards), dtype
+
+
+def _copy_fused_bias(fused: Fp8Linear | Nvfp4Linear, shards: Sequence[Fp8Linear] | Sequence[Nvfp4Linear], dtype: torch.dtype) -> None:
+    """The shards' biases end to end (zeros for a shard without one) into ``fused.bias``."""
+    if fused.bias is not None:  # built with bias=has_bias
+        fused.bias.data.copy_(
+            torch.cat(
+                [
+                    s.bias.detach().to(dtype) if s.bias is not None else torch.zeros(s.out_features, dtype=dtype, device=s.weight.device)
+                    for s in shards
+                ]
+            )
+        )
+
+
 def fuse_fp8_linears(shards: Sequence[Fp8Linear]) -> Fp8Linear:
     """Concatenate FP8 shards (e.g. q, k, v) along N without requantizing.
 
@@ -830,14 +862,9 @@ def fuse_fp8_linears(shards: Sequence[Fp8Linear]) -> Fp8Linear:
     quantizes the activation once per distinct scale); equal ones collapse to one.
     """
     first = shards[0]
-    k = first.in_features
-    if any(s.in_features != k for s in shards):
-        raise ValueError("shards must share in_features")
+    k, sizes, has_bias, dtype = _fused_dims(shards)
     if any((s.input_scale is None) != (first.input_scale is None) for s in shards):
         raise ValueError("cannot fuse static and dynamic activation scaling")
-    sizes = [s.out_features for s in shards]
-    has_bias = any(s.bias is not None for s in shards)
-    dtype = next((s.bias.dtype for s in shards if s.bias is not None), torch.bfloat16)
     in_scales = None
     same_in = True
     if first.input_scale is not None:  # then every shard has one (checked above)
@@ -858,15 +885,7 @@ def fuse_fp8_linears(shards: Sequence[Fp8Linear]) -> Fp8Linear:
     fused.weight_scale.copy_(torch.cat([s.weight_scale.float().expand(s.out_features) for s in shards]))
     if in_scales is not None and fused.input_scale is not None:
         fused.input_scale.copy_(in_scales[0] if same_in else in_scales)
-    if fused.bias is not None:  # built with bias=has_bias
-        fused.bias.data.copy_(
-            torch.cat(
-                [
-                    s.bias.detach().to(dtype) if s.bias is not None else torch.zeros(s.out_features, dtype=dtype, device=s.weight.device)
-                    for s in shards
-                ]
-            )
-        )
+    _copy_fused_bias(fused, shards, dtype)
     return fused
 
 
@@ -874,12 +893,7 @@ def fuse_nvfp4_linears(shards: Sequence[Nvfp4Linear]) -> Nvfp4Linear:
     """Concatenate NVFP4 shards along N exactly: block scales and codes untouched, each
     shard's weight_scale_2 kept as a per-channel vector (never max over shards)."""
     first = shards[0]
-    k = first.in_features
-    if any(s.in_features != k for s in shards):
-        raise ValueError("shards must share in_features")
-    sizes = [s.out_features for s in shards]
-    has_bias = any(s.bias is not None for s in shards)
-    dtype = next((s.bias.dtype for s in shards if s.bias is not None), torch.bfloat16)
+    k, sizes, has_bias, dtype = _fused_dims(shards)
     fused = Nvfp4Linear(
         k,
         sum(sizes),
@@ -894,13 +908,5 @@ def fuse_nvfp4_linears(shards: Sequence[Nvfp4Linear]) -> Nvfp4Linear:
     fused.weight_scale.copy_(torch.cat([s.weight_scale for s in shards]))
     fused.weight_scale_2.copy_(torch.cat([s.weight_scale_2.float().reshape(1).expand(s.out_features) for s in shards]))
     fused.input_scale.copy_(torch.stack([s.input_scale.reshape(()) for s in shards]))
-    if fused.bias is not None:  # built with bias=has_bias
-        fused.bias.data.copy_(
-            torch.cat(
-                [
-                    s.bias.detach().to(dtype) if s.bias is not None else torch.zeros(s.out_features, dtype=dtype, device=s.weight.device)
-                    for s in shards
-                ]
-            )
-        )
+    _copy_fused_bias(fused, shards, dtype)
     return fused

@@ -244,6 +244,28 @@ struct StreamShard {
     header_bytes: usize,
 }
 
+impl StreamShard {
+    /// An empty shard writing into a new `part` file (the one place a shard file is created);
+    /// `header_bytes`: what its header holds before any tensor entry.
+    fn create(
+        part: PathBuf,
+        name: Option<String>,
+        reserve: usize,
+        header_bytes: usize,
+    ) -> Result<StreamShard> {
+        let file = fs::File::create(&part).map_err(|e| Error::io(&part, "create", e))?;
+        Ok(StreamShard {
+            name,
+            reserve,
+            part,
+            file,
+            tensors: Vec::new(),
+            data_bytes: 0,
+            header_bytes,
+        })
+    }
+}
+
 /// Writes tensors handed over one at a time (sizes not known in advance) into sharded safetensors
 /// under a [`StagedDir`]: each tensor's bytes are written once, at their final offset; headers
 /// (the same [`serialize_header`](crate::header::serialize_header) as the build engine, padded
@@ -425,17 +447,13 @@ impl StreamWriter {
         }
         if self.cur.is_none() {
             let part = tmp.join(format!(".shard-{}.part", self.done.len()));
-            let file = fs::File::create(&part).map_err(|e| Error::io(&part, "create", e))?;
             let meta = serde_json::json!({"__metadata__": self.metadata}).to_string();
-            self.cur = Some(StreamShard {
-                name: None,
-                reserve: self.reserve,
+            self.cur = Some(StreamShard::create(
                 part,
-                file,
-                tensors: Vec::new(),
-                data_bytes: 0,
-                header_bytes: 8 + meta.len() + 8,
-            });
+                None,
+                self.reserve,
+                8 + meta.len() + 8,
+            )?);
         }
         let c = self.cur.as_mut().expect("opened above");
         append(c, name, dtype, shape, data)?;
@@ -459,21 +477,11 @@ impl StreamWriter {
         }
         if !self.named.contains_key(file) {
             let part = tmp.join(format!(".named-{}.part", self.named.len()));
-            let f = fs::File::create(&part).map_err(|e| Error::io(&part, "create", e))?;
             let meta = serde_json::json!({"__metadata__": self.metadata}).to_string();
             let reserve = (meta.len() + 32 + NAMED_HEADER_RESERVE).div_ceil(4096) * 4096;
-            self.named.insert(
-                file.to_string(),
-                StreamShard {
-                    name: Some(file.to_string()),
-                    reserve,
-                    part,
-                    file: f,
-                    tensors: Vec::new(),
-                    data_bytes: 0,
-                    header_bytes: 8 + meta.len() + 8,
-                },
-            );
+            let shard =
+                StreamShard::create(part, Some(file.to_string()), reserve, 8 + meta.len() + 8)?;
+            self.named.insert(file.to_string(), shard);
         }
         let c = self.named.get_mut(file).expect("inserted above");
         append(c, name, dtype, shape, data).map_err(|e| match e {
@@ -518,16 +526,8 @@ impl StreamWriter {
         if self.done.is_empty() {
             // No tensor at all: one empty shard, as the engine writes for an empty plan.
             let part = tmp.join(".shard-0.part");
-            let file = fs::File::create(&part).map_err(|e| Error::io(&part, "create", e))?;
-            self.done.push(StreamShard {
-                name: None,
-                reserve: self.reserve,
-                part,
-                file,
-                tensors: Vec::new(),
-                data_bytes: 0,
-                header_bytes: 0,
-            });
+            self.done
+                .push(StreamShard::create(part, None, self.reserve, 0)?);
         }
         let n = self.done.len();
         let mut names = Vec::with_capacity(n);
@@ -579,6 +579,29 @@ impl StreamWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::Checkpoint;
+    use crate::dtype::Dtype;
+
+    /// A temp dir and a [`StreamWriter`] (no metadata, no fsync) into its `out` (not yet there).
+    fn writer_in_tmp(
+        max_shard_bytes: u64,
+        prefix: &str,
+        always_index: bool,
+    ) -> (tempfile::TempDir, PathBuf, StreamWriter) {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        let w = StreamWriter::create(
+            &out,
+            false,
+            max_shard_bytes,
+            prefix,
+            BTreeMap::new(),
+            always_index,
+            false,
+        )
+        .unwrap();
+        (d, out, w)
+    }
 
     #[test]
     fn shards_split_greedily() {
@@ -694,12 +717,7 @@ mod tests {
 
     #[test]
     fn stream_writer_shards_reads_back_and_is_atomic() {
-        use crate::checkpoint::Checkpoint;
-        use crate::dtype::Dtype;
-        let d = tempfile::tempdir().unwrap();
-        let out = d.path().join("out");
-        let mut w =
-            StreamWriter::create(&out, false, 130, "model", BTreeMap::new(), false, false).unwrap();
+        let (d, out, mut w) = writer_in_tmp(130, "model", false);
         let staged = w.staging_dir().unwrap().to_path_buf();
         for i in 0..5u8 {
             w.write_tensor(&format!("t{i}"), Dtype::U8, &[2, 30], &[i; 60])
@@ -739,12 +757,7 @@ mod tests {
 
     #[test]
     fn stream_writer_writes_named_shards() {
-        use crate::checkpoint::Checkpoint;
-        use crate::dtype::Dtype;
-        let d = tempfile::tempdir().unwrap();
-        let out = d.path().join("out");
-        let mut w =
-            StreamWriter::create(&out, false, 1, "m", BTreeMap::new(), false, false).unwrap();
+        let (d, out, mut w) = writer_in_tmp(1, "m", false);
         for (i, f) in ["b.safetensors", "a.safetensors", "b.safetensors"]
             .iter()
             .enumerate()
@@ -790,12 +803,7 @@ mod tests {
 
     #[test]
     fn stream_writer_closes_a_shard_before_its_header_overflows() {
-        use crate::checkpoint::Checkpoint;
-        use crate::dtype::Dtype;
-        let d = tempfile::tempdir().unwrap();
-        let out = d.path().join("out");
-        let mut w =
-            StreamWriter::create(&out, false, u64::MAX, "m", BTreeMap::new(), false, true).unwrap();
+        let (_d, out, mut w) = writer_in_tmp(u64::MAX, "m", true);
         let long = "n".repeat(2000);
         for i in 0..100 {
             w.write_tensor(&format!("{long}{i}"), Dtype::U8, &[1], &[i as u8])
