@@ -42,3 +42,61 @@ def test_check_vllm_omni_on_sglang_nvfp4_output(outputs):
     (rep,) = json.loads(r.output)
     failing = {v["module"] for v in rep["layers"] if v["outcome"] == "error"}
     assert failing == set(real.errors) and len(failing) == 18
+
+
+def _variant(src, dst, edit):
+    """A copy of output ``src`` with its tensors and config changed by ``edit(tensors, qcfg)``."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(tensors, cfg["quantization_config"])
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(dst / "diffusion_pytorch_model.safetensors"))
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def _no_ignore(tensors, qcfg):
+    qcfg["ignore"] = []
+
+
+def _fp8_feedforward(tensors, qcfg):
+    # One FLUX.1 FeedForward Linear in per-tensor FP8, as ModelOpt stores it.
+    import torch
+
+    m = "transformer_blocks.0.ff.net.2"
+    w = tensors[f"{m}.weight"].float()
+    scale = w.abs().max() / 448.0
+    tensors[f"{m}.weight"] = (w / scale).to(torch.float8_e4m3fn)
+    tensors[f"{m}.weight_scale"] = scale.reshape(())
+    tensors[f"{m}.input_scale"] = torch.tensor(1.0)
+    qcfg["ignore"] = [p for p in qcfg["ignore"] if not p.startswith("transformer_blocks.0.ff")]
+
+
+@pytest.mark.parametrize(
+    ("kind", "edit", "status"),
+    [
+        # SGLang replaces an NVFP4 config's `ignore` by the layers the safetensors hold in BF16
+        # (transformer_load_utils.py): with `ignore` emptied, it still loads.
+        ("nvfp4-export", _no_ignore, "loads"),
+        # SGLang's FLUX.1 (tp_size 1) builds its FeedForwards unquantized; its loader dequantizes an
+        # FP8 weight that meets one (fsdp_load.py).
+        ("fp8-export", _fp8_feedforward, "loads-bf16"),
+    ],
+)
+def test_check_agrees_with_sglang_on_edited_outputs(kind, edit, status, outputs, tmp_path):
+    d = _variant(outputs(kind), tmp_path / kind, edit)
+    real = sglang_verdict(d)
+    (rep,) = check_checkpoint(d, "sglang")
+    assert real.status == rep.status == status, real.errors
+    assert rep.modules("error") == set(real.errors)
+    assert rep.modules("dequantized") == real.bf16
+    assert rep.modules("quantized") == real.quantized
