@@ -208,7 +208,7 @@ class SglangLoad:
     """What SGLang's own transformer loader built and loaded for one checkpoint."""
 
     meta: dict  # parameter/buffer name -> (dtype, shape) of the module tree as SGLang built it
-    targets: dict  # checkpoint tensor -> parameter name, after SGLang's name mapping
+    targets: dict  # checkpoint tensor -> (parameter name after SGLang's name mapping, shard index or None)
     model: object | None  # the loaded model (None: the load raised)
     error: str | None  # the loader's exception, if any
     stage: str  # "config" (raised before the module tree was built) | "load" | "done"
@@ -222,13 +222,12 @@ def sglang_load(ckpt: Path) -> SglangLoad:
     (name mapping, weight loaders, dtype casts, FP8 dequantization into BF16 parameters)."""
     import importlib
 
-    import torch
     from shims import sglang_cpu
 
     sglang_cpu.install()
     import sglang.multimodal_gen.runtime.loader.fsdp_load as fsdp_load
     from sglang.multimodal_gen.runtime.loader.component_loaders.transformer_loader import TransformerLoader
-    from sglang.multimodal_gen.runtime.loader.utils import get_param_names_mapping, hf_to_custom_state_dict
+    from sglang.multimodal_gen.runtime.loader.utils import get_param_names_mapping
     from sglang.multimodal_gen.runtime.server_args import ServerArgs, set_global_server_args
 
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -255,15 +254,18 @@ def sglang_load(ckpt: Path) -> SglangLoad:
         fsdp_load.initialize_model = initialize_model
     if "meta" not in built:
         return SglangLoad({}, {}, None, error, "config")
-    # SGLang's own name mapping (and fusion of split tensors), on meta tensors of the checkpoint's
-    # dtypes and shapes: which parameter each checkpoint tensor lands in.
+    # SGLang's own name mapping: which parameter each checkpoint tensor lands in, and whether it is
+    # one shard of a fused parameter (merge index). A name whose mapping leaves the model's names
+    # keeps its own, as the loader's hf_to_custom_state_dict does.
     from dqfast.reader import open_checkpoint
 
-    info = open_checkpoint(ckpt).tensors
     fn = get_param_names_mapping(built["mapping"], valid_target_names=set(built["meta"]))
-    metas = ((n, torch.empty(t.shape, dtype=getattr(torch, _TORCH_DTYPES[t.dtype]), device="meta")) for n, t in info.items())
-    _, reverse = hf_to_custom_state_dict(metas, fn, valid_target_names=set(built["meta"]))
-    targets = {src: tgt for tgt, (src, *_) in reverse.items()}
+    targets = {}
+    for n in open_checkpoint(ckpt).tensors:
+        tgt, merge, _ = fn(n)
+        if tgt != n and n in built["meta"] and tgt not in built["meta"]:
+            tgt, merge = n, None
+        targets[n] = (tgt, merge)
     return SglangLoad(built["meta"], targets, model, error, "load" if error else "done")
 
 
@@ -289,7 +291,7 @@ def sglang_verdict(ckpt: Path) -> Verdict:
     tensors = checkpoint_tensors(ckpt) if load.model is not None else {}
     for w in sorted(n for n, t in info.items() if n.endswith(".weight") and len(t.shape) == 2):
         m, ck = module_of(w), info[w]
-        tgt = load.targets.get(w)
+        tgt, shard = load.targets.get(w, (None, None))
         if tgt is None or tgt not in load.meta:
             v.errors[m] = f"no parameter for {w} in SGLang's module tree (skipped by the loader)"
             continue
@@ -306,7 +308,9 @@ def sglang_verdict(ckpt: Path) -> Verdict:
             else:
                 v.errors[m] = f"{ck.dtype} weight {tuple(ck.shape)} for a {pdt} parameter {tgt} {pshape}"
             continue
-        if str(pdt) != f"torch.{_TORCH_DTYPES[ck.dtype]}" or tuple(ck.shape) != pshape:
+        # A shard of a fused parameter (q/k/v) fills some of its rows.
+        shape_ok = tuple(ck.shape)[1:] == pshape[1:] if shard is not None else tuple(ck.shape) == pshape
+        if str(pdt) != f"torch.{_TORCH_DTYPES[ck.dtype]}" or not shape_ok:
             v.errors[m] = f"{ck.dtype} weight {tuple(ck.shape)} for a {pdt} parameter {tgt} {pshape}"
             continue
         head = tgt[: -len(".weight")]
@@ -314,7 +318,7 @@ def sglang_verdict(ckpt: Path) -> Verdict:
         if missing:
             v.errors[m] = f"quantized parameter {tgt} without {', '.join(missing)} in the checkpoint (initialised to 1)"
             continue
-        if loaded and not torch.equal(loaded[tgt].data.view(torch.uint8), tensors[w].view(torch.uint8)):
+        if loaded and shard is None and not torch.equal(loaded[tgt].data.view(torch.uint8), tensors[w].view(torch.uint8)):
             v.errors[m] = f"{tgt} holds other bytes than the checkpoint after loading"
             continue
         v.quantized.add(m)

@@ -100,3 +100,30 @@ def test_check_agrees_with_sglang_on_edited_outputs(kind, edit, status, outputs,
     assert rep.modules("error") == set(real.errors)
     assert rep.modules("dequantized") == real.bf16
     assert rep.modules("quantized") == real.quantized
+
+
+@pytest.mark.parametrize("kind", ["fp8-export", "wan-fp8-export", "qwen-image-nvfp4-export"])
+def test_sglang_module_tree_quantizes_what_targets_say(kind, outputs, tmp_path):
+    """SGLang's own DiT built with an FP8 config that ignores nothing: the Linears it creates in FP8
+    (mapped back to checkpoint names by its own name mapping; a fused q/k/v counts for its shards)
+    are exactly those `dqfast.targets` says its model class quantizes."""
+    import torch
+    from dqfast.models import detect_preset
+    from dqfast.targets import TARGETS
+    from engines import module_of, sglang_load
+
+    def fp8_no_ignore(tensors, qcfg):
+        qcfg.clear()
+        qcfg.update({"quant_method": "modelopt", "quant_algo": "FP8", "ignore": []})
+
+    d = _variant(outputs(kind), tmp_path / kind, fp8_no_ignore)
+    load = sglang_load(d)
+    assert load.meta, load.error
+    linears = {module_of(n) for n, (tgt, _) in load.targets.items() if n.endswith(".weight") and len(load.meta[tgt][1]) == 2}
+    real = {module_of(n) for n, (tgt, _) in load.targets.items() if n.endswith(".weight") and load.meta[tgt][0] == torch.float8_e4m3fn}
+    import json
+
+    family = detect_preset(json.loads((d / "config.json").read_text())).name
+    t = TARGETS["sglang"]
+    assert family in t.quantized_modules
+    assert {m for m in linears if t.model_quantizes(family, m)} == real

@@ -161,12 +161,26 @@ TARGETS: dict[str, Target] = {
                 r"^transformer_blocks\.\d+\.attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)$",
                 r"^single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)$",
             ),
+            # Wan2.x: the blocks' self/cross attention (I2V's add_k/add_v too) and FFN, and proj_out;
+            # the condition embedders (text, time, time_modulation, image) are built without one.
+            "wan": (
+                r"^blocks\.\d+\.attn[12]\.(to_[qkv]|to_out\.0|add_[kv]_proj)$",
+                r"^blocks\.\d+\.ffn\.net\.(0\.proj|2)$",
+                r"^proj_out$",
+            ),
+            # Qwen-Image: everything but the timestep MLP and norm_out.linear.
+            "qwen-image": (
+                r"^(img_in|txt_in|proj_out)$",
+                r"^transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)"
+                r"|(img|txt)_mlp\.net\.(0\.proj|2)|(img|txt)_mod\.1)$",
+            ),
         },
         quantized_modules_source={
             "flux1": "multimodal_gen/runtime/models/dits/flux.py (FluxAttention, FluxSingleTransformerBlock, "
-            "FluxTransformerBlock at tp_size 1; built by the compat suite)",
-            "*": "every Linear layer (runtime/models/dits/wanvideo.py, qwen_image.py: agrees with their module trees "
-            "on the compat suite's outputs)",
+            "FluxTransformerBlock at tp_size 1; module tree built by the compat suite)",
+            "wan": "multimodal_gen/runtime/models/dits/wanvideo.py (module tree built by the compat suite)",
+            "qwen-image": "multimodal_gen/runtime/models/dits/qwen_image.py (module tree built by the compat suite)",
+            "*": "every Linear layer (not verified for this family)",
         },
         # Its Qwen-Image builds the modulation Linear inside nn.Sequential (weights `img_mod.1.*`) with
         # the quant prefix `...img_mod`: an `ignore` entry `...img_mod.1` does not exclude it.
