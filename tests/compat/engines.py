@@ -300,7 +300,8 @@ def sglang_verdict(ckpt: Path) -> Verdict:
         if not quant and pdt not in low:
             continue  # BF16 in both
         if not quant:
-            v.errors[m] = f"BF16 weight for a {pdt} parameter {tgt}: cast to it, its scales are not in the checkpoint"
+            # An FP8 parameter of the same shape takes the cast silently (its missing scales become 1).
+            v.errors[m] = f"{ck.dtype} weight {tuple(ck.shape)} for a {pdt} parameter {tgt} {pshape} without scales in the checkpoint"
             continue
         if pdt not in low:
             if ck.dtype == "F8_E4M3" and f"{m}.weight_scale" in info:
