@@ -45,3 +45,13 @@ def test_sglang_builds_flux_and_loads_fp8_weights_as_fp8(outputs):
     assert {f"single_transformer_blocks.{i}.{m}" for i in (0, 1) for m in ("proj_mlp", "proj_out")} <= v.quantized
     load = sglang_load(outputs("fp8-export"))
     assert load.model is not None and str(load.meta["transformer_blocks.0.ff.net.2.weight"][0]) == "torch.bfloat16"
+
+
+def test_nvfp4_export_fails_is_the_verdict_table():
+    """`Target.nvfp4_export_fails` (what `ptq --build --algo nvfp4` refuses before calibrating) is
+    the set of families whose ModelOpt NVFP4 export row does not load in that engine here."""
+    from dqfast.targets import TARGETS
+
+    rows = {"flux1": "nvfp4-export", "qwen-image": "qwen-image-nvfp4-export"}
+    for engine, t in TARGETS.items():
+        assert t.nvfp4_export_fails == {f for f, kind in rows.items() if EXPECTED[(kind, engine)][0] == "fails"}, engine
