@@ -276,8 +276,9 @@ def apply_target(plan: Any, report: Any) -> None:
                         qcfg["ignore"] = [*qcfg.get("ignore", []), *_ignore_names(family, v.module)]
                         report.warnings.append(f"--target {plan.target}: listed {v.module} in ignore ({t.name}: {v.detail})")
                         forced = True
+                if forced:  # the next engine is checked against the layers this one kept in BF16
+                    tensors = plan_tensors(plan)
             if forced:
-                tensors = plan_tensors(plan)
                 continue
         break
     qcfg["ignore"] = _fix_ignore(qcfg, tensors, collision_free_ignore, report if targets else None)["ignore"]
