@@ -75,7 +75,7 @@ COMPAT_IMPORT_DEPS := transformers==5.13.0 orjson==3.13.0 psutil==7.2.2 pybase64
 	gguf==0.19.0 addict==2.4.0 imageio==2.38.2 aenum==3.1.17 prettytable==3.18.0 av==18.1.0 loguru==0.7.3 \
 	einops==0.8.2 cbor2==6.3.0 openai-harmony==0.0.8 openai==3.57.0 cachetools==8.0.2 cloudpickle==3.1.3 \
 	uvloop==0.23.0 py-cpuinfo==9.0.0 prometheus_client==0.26.0 fastapi==0.165.0 partial-json-parser==0.2.1.1.post7 \
-	xgrammar==0.2.9 llguidance==1.9.1 tiktoken==0.14.0
+	xgrammar==0.2.9 llguidance==1.9.1 tiktoken==0.14.0 uvicorn==0.54.0
 
 $(COMPAT_STAMP): $(DEPS_STAMP) Makefile
 	test -x $(COMPAT_PY) || python3 -m venv $(COMPAT_VENV)

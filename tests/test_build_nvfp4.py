@@ -191,12 +191,20 @@ def test_fp8_export_is_refused(modelopt_fixture, tmp_path):
 def test_no_preset_by_default_as_sglangs_tool(flux_nv, tmp_path):
     """Without a preset (`model_type` / `--pattern-preset` unset) an export build restores no module
     from the base, as SGLang's `build_modelopt_nvfp4_transformer` (before: FLUX.1's preset);
-    `--pattern-preset flux1-nvfp4` applies it. Both target SGLang (vLLM-Omni's FLUX.1 loads neither)."""
+    `--pattern-preset flux1-nvfp4` applies it. Neither engine's FLUX.1 loads the whole export
+    (SGLang's, at tp_size 1, builds the FeedForwards and modulation Linears unquantized: the compat
+    suite builds it), so `--target sglang` refuses it and the no-preset build opts out (`none`);
+    with the preset it targets SGLang."""
     from click.testing import CliRunner
     from dqfast.cli import main
+    from dqfast.errors import TargetError
 
     out = tmp_path / "none"
-    r = build_nvfp4_transformer(out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, target="sglang")
+    with pytest.raises(TargetError, match=r"sglang.*cannot load 'single_transformer_blocks\.0\.norm\.linear'.*flux\.py"):
+        build_nvfp4_transformer(
+            tmp_path / "refused", modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, target="sglang"
+        )
+    r = build_nvfp4_transformer(out, modelopt_hf_dir=flux_nv.hf_dir, base_transformer_dir=flux_nv.base_dir, target="none")
     assert r.counts["bf16_fallback"] == 0 and r.counts["nvfp4"] > 0
     got, export = _load_dir(out), _load_dir(flux_nv.hf_dir)
     assert {n for n in export if "_quantizer." not in n} == set(got)
@@ -207,13 +215,15 @@ def test_no_preset_by_default_as_sglangs_tool(flux_nv, tmp_path):
         str(flux_nv.hf_dir),
         "--base-transformer-dir",
         str(flux_nv.base_dir),
-        "--target",
-        "sglang",
     ]
-    res = CliRunner().invoke(main, [*args, "--output-dir", str(tmp_path / "cli"), "--json"])
+    res = CliRunner().invoke(main, [*args, "--output-dir", str(tmp_path / "cli"), "--target", "none", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["counts"]["bf16_fallback"] == 0
-    res = CliRunner().invoke(main, [*args, "--output-dir", str(tmp_path / "preset"), "--pattern-preset", "flux1-nvfp4", "--json"])
+    res = CliRunner().invoke(main, [*args, "--output-dir", str(tmp_path / "cli-sgl"), "--target", "sglang", "--json"])
+    assert res.exit_code == 2 and "single_transformer_blocks.0.norm.linear" in res.output, res.output
+    res = CliRunner().invoke(
+        main, [*args, "--output-dir", str(tmp_path / "preset"), "--target", "sglang", "--pattern-preset", "flux1-nvfp4", "--json"]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["counts"]["bf16_fallback"] > 0
 

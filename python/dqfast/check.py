@@ -72,10 +72,13 @@ def _stored(tensors: dict, module: str) -> WeightFormat | None:
     return classify(parts)
 
 
-def _engine_algo(t: Target, family: str, qc: Any, module: str) -> tuple[str | None, str]:
-    """The algorithm the engine builds ``module`` with (None: unquantized), and why."""
+def _engine_algo(t: Target, family: str, qc: Any, module: str, fmt: WeightFormat | None = None) -> tuple[str | None, str]:
+    """The algorithm the engine builds ``module`` (stored as ``fmt``) with (None: unquantized), and why."""
     if not t.model_quantizes(family, module):
         return None, f"{t.name}'s {family} model class does not quantize this layer ({t.quantized_source(family)})"
+    if qc.quant_algo == "NVFP4" and t.nvfp4_excludes_from_tensors and fmt is not None:
+        # `ignore` is not consulted: the layers stored in BF16 are the exclusions.
+        return (None, f"stored in BF16 ({t.nvfp4_excludes_source})") if fmt is BF16 else ("NVFP4", "")
     runtime = t.runtime_name(family, module)
     hit = t.ignored(qc.ignore, runtime)
     if hit is not None:
@@ -101,7 +104,7 @@ def _check_one(t: Target, d: Path, family: str, qc: Any, tensors: dict) -> Check
     for m in linears:
         fmt = _stored(tensors, m)
         stored = fmt.label if fmt is not None else tensors[f"{m}.weight"].dtype
-        algo, why = _engine_algo(t, family, qc, m) if qc is not None else (None, "no quantization config")
+        algo, why = _engine_algo(t, family, qc, m, fmt) if qc is not None else (None, "no quantization config")
         if fmt is None:
             rep.layers.append(LayerVerdict(m, stored, "error", f"{stored} weight: stored in no format {t.name} loads"))
             continue
@@ -273,8 +276,9 @@ def apply_target(plan: Any, report: Any) -> None:
                         qcfg["ignore"] = [*qcfg.get("ignore", []), *_ignore_names(family, v.module)]
                         report.warnings.append(f"--target {plan.target}: listed {v.module} in ignore ({t.name}: {v.detail})")
                         forced = True
+                if forced:  # the next engine is checked against the layers this one kept in BF16
+                    tensors = plan_tensors(plan)
             if forced:
-                tensors = plan_tensors(plan)
                 continue
         break
     qcfg["ignore"] = _fix_ignore(qcfg, tensors, collision_free_ignore, report if targets else None)["ignore"]

@@ -26,6 +26,7 @@ KINDS = {
     "components": "dqfast build components fp8 --from-bf16 (transformer/ of a pipeline root; default --target any)",
     "sglang-fp8": "SGLang 0.5.23 build_modelopt_fp8_transformer (reference)",
     "sglang-nvfp4": "SGLang 0.5.23 build_modelopt_nvfp4_transformer --pattern-preset flux1-nvfp4 (reference)",
+    "sglang-nvfp4-no-preset": "SGLang 0.5.23 build_modelopt_nvfp4_transformer, its default (no preset: the whole ModelOpt export)",
     "wan-fp8-export": "Wan2.2: dqfast build fp8 from a ModelOpt FP8 export",
     "wan-sglang-fp8": "Wan2.2: SGLang 0.5.23 build_modelopt_fp8_transformer (reference)",
     "qwen-image-nvfp4-export": "Qwen-Image: dqfast build nvfp4 from a ModelOpt NVFP4 export --target sglang (no preset)",
@@ -100,6 +101,8 @@ def build_kind(kind: str, flux: dict, root: Path) -> Path:
         sglang_fp8(f8, out)
     elif kind == "sglang-nvfp4":
         sglang_nvfp4(f4, out, pattern_preset="flux1-nvfp4")
+    elif kind == "sglang-nvfp4-no-preset":
+        sglang_nvfp4(f4, out)
     elif kind == "wan-fp8-export":
         w8 = flux["wan-fp8"]
         build_fp8_transformer(out, modelopt_hf_dir=w8.hf_dir, modelopt_backbone_ckpt=w8.backbone, base_transformer_dir=w8.base_dir)

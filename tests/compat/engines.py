@@ -6,13 +6,10 @@ its ModelOpt checkpoint adapter (``diffusion/model_loader/checkpoint_adapters/mo
 feeds every adapted tensor to the model's own ``load_weights``, one at a time, so that each failing
 tensor is reported (not only the first).
 
-``sglang_verdict`` parses the config the way SGLang's ``get_quant_config`` does
-(``normalize_flat_modelopt_quant_config`` -> ``_load_quant_cls`` -> ``from_config``) and asks the
-resulting config, per checkpoint module, whether SGLang's runtime excludes it
-(``is_layer_excluded`` / ``_is_packed_layer_excluded``). SGLang's DiT module tree is not built here
-(it needs SGLang's own distributed runtime); the consequence of an exclusion mismatch is then the
-rule stated in docs/compat.md: a quantized tensor for an excluded (BF16) layer, or a BF16 weight for
-a quantized layer, does not load.
+``sglang_verdict`` runs SGLang's own transformer loader (``TransformerLoader.load_customized``:
+config and quant-config resolution, the DiT built on the meta device, the state-dict load with its
+name mapping) on CPU with its default server args (tp_size 1), then matches every checkpoint Linear
+against the parameter SGLang's name mapping puts it in (dtype, shape, scales, loaded bytes).
 """
 
 from __future__ import annotations
@@ -195,60 +192,138 @@ def vllm_omni_verdict(ckpt: Path) -> Verdict:
 # ---------------------------------------------------------------- SGLang
 
 
-def sglang_quant_config(cfg: dict, packed_modules_mapping: dict | None = None):
-    """SGLang's ``get_quant_config`` path for a flat config.json ``quantization_config``."""
-    from sglang.multimodal_gen.runtime.utils import quantization_utils as qu
-
-    hf = qu.normalize_flat_modelopt_quant_config(dict(cfg["quantization_config"]))
-    cls = qu._load_quant_cls(hf)
-    hf["packed_modules_mapping"] = packed_modules_mapping or {}
-    return cls.from_config(hf)
-
-
-# SGLang's FLUX.1 DiT fuses q/k/v (configs/models/dits/flux.py): exclusion of a fused layer needs all
-# shards to agree, which ``_is_packed_layer_excluded`` checks.
-SGLANG_FLUX_PACKED = {"to_qkv": ["to_q", "to_k", "to_v"], "to_added_qkv": ["add_q_proj", "add_k_proj", "add_v_proj"]}
-# The prefix SGLang's DiT gives a Linear's quant method, where it differs from the checkpoint's module
-# name: its Qwen-Image (runtime/models/dits/qwen_image.py) builds `img_mod = Sequential(SiLU, Linear)`
-# with prefix `...img_mod` (the weights stay `img_mod.1.*`).
-SGLANG_PREFIX = {"QwenImageTransformer2DModel": ((r"\.(img_mod|txt_mod)\.1$", r".\1"),)}
+# diffusers `_class_name` -> the SGLang pipeline config whose `dit_config` its loader updates with
+# the checkpoint's config.json (configs/pipeline_configs/; Wan2.2 A14B for the Wan fixture).
+SGL_PIPELINE_CONFIGS = {
+    "FluxTransformer2DModel": "sglang.multimodal_gen.configs.pipeline_configs.flux.FluxPipelineConfig",
+    "WanTransformer3DModel": "sglang.multimodal_gen.configs.pipeline_configs.wan.Wan2_2_T2V_A14B_Config",
+    "QwenImageTransformer2DModel": "sglang.multimodal_gen.configs.pipeline_configs.qwen_image.QwenImagePipelineConfig",
+}
+_TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F8_E4M3": "float8_e4m3fn", "U8": "uint8", "I64": "int64"}
+SCALES = ("weight_scale", "weight_scale_2", "input_scale")
 
 
-def _sglang_prefix(class_name: str, module: str) -> str:
-    import re
+@dataclass
+class SglangLoad:
+    """What SGLang's own transformer loader built and loaded for one checkpoint."""
 
-    for pat, repl in SGLANG_PREFIX.get(class_name, ()):
-        module = re.sub(pat, repl, module)
-    return module
+    meta: dict  # parameter/buffer name -> (dtype, shape) of the module tree as SGLang built it
+    targets: dict  # checkpoint tensor -> (parameter name after SGLang's name mapping, shard index or None)
+    model: object | None  # the loaded model (None: the load raised)
+    error: str | None  # the loader's exception, if any
+    stage: str  # "config" (raised before the module tree was built) | "load" | "done"
+
+
+def sglang_load(ckpt: Path) -> SglangLoad:
+    """SGLang 0.5.23's ``TransformerLoader.load_customized`` on a transformer dir, on CPU (shims in
+    ``shims/sglang_cpu.py``): its config resolution (``resolve_transformer_quant_load_spec``:
+    ``get_quant_config``, NVFP4 layout inference from the safetensors, the model class's packed
+    mapping), its DiT built on the meta device, and ``load_model_from_full_model_state_dict``
+    (name mapping, weight loaders, dtype casts, FP8 dequantization into BF16 parameters)."""
+    import importlib
+
+    from shims import sglang_cpu
+
+    sglang_cpu.install()
+    import sglang.multimodal_gen.runtime.loader.fsdp_load as fsdp_load
+    from sglang.multimodal_gen.runtime.loader.component_loaders.transformer_loader import TransformerLoader
+    from sglang.multimodal_gen.runtime.loader.utils import get_param_names_mapping
+    from sglang.multimodal_gen.runtime.server_args import ServerArgs, set_global_server_args
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    mod, _, name = SGL_PIPELINE_CONFIGS[cfg["_class_name"]].rpartition(".")
+    pipeline_config = getattr(importlib.import_module(mod), name)()
+    # SGLang's defaults (tp/sp 1, no offload, no --quantization): as `sglang generate --model-path`.
+    server_args = ServerArgs(model_path=str(ckpt.parent), pipeline_config=pipeline_config)
+    set_global_server_args(server_args)
+    built: dict = {}
+    initialize_model = fsdp_load.initialize_model
+
+    def observe(*a, **k):  # the loader's own construction, observed (not replaced)
+        model = initialize_model(*a, **k)
+        built["meta"] = {n: (t.dtype, tuple(t.shape)) for n, t in model.state_dict().items()}
+        built["mapping"] = dict(model.param_names_mapping)
+        return model
+
+    fsdp_load.initialize_model = observe
+    try:
+        model, error = TransformerLoader().load_customized(str(ckpt), server_args, "transformer"), None
+    except Exception as e:
+        model, error = None, _first_line(e)
+    finally:
+        fsdp_load.initialize_model = initialize_model
+    if "meta" not in built:
+        return SglangLoad({}, {}, None, error, "config")
+    # SGLang's own name mapping: which parameter each checkpoint tensor lands in, and whether it is
+    # one shard of a fused parameter (merge index). A name whose mapping leaves the model's names
+    # keeps its own, as the loader's hf_to_custom_state_dict does.
+    from dqfast.reader import open_checkpoint
+
+    fn = get_param_names_mapping(built["mapping"], valid_target_names=set(built["meta"]))
+    targets = {}
+    for n in open_checkpoint(ckpt).tensors:
+        tgt, merge, _ = fn(n)
+        if tgt != n and n in built["meta"] and tgt not in built["meta"]:
+            tgt, merge = n, None
+        targets[n] = (tgt, merge)
+    return SglangLoad(built["meta"], targets, model, error, "load" if error else "done")
 
 
 def sglang_verdict(ckpt: Path) -> Verdict:
+    """Each checkpoint Linear against the parameter SGLang's loader put it in: quantized (same
+    low-precision dtype and shape, scales present, bytes loaded unchanged), BF16 (an FP8 weight in a
+    BF16 parameter: the loader dequantizes it with its weight_scale), or a load error (a uint8
+    weight in a BF16 parameter, a BF16 weight cast into a quantized parameter whose scales the
+    checkpoint lacks, no parameter, or the loader's own exception)."""
+    import torch
+
     ckpt = Path(ckpt)
-    cfg = json.loads((ckpt / "config.json").read_text())
     v = Verdict("sglang", "loads")
-    try:
-        qc = sglang_quant_config(cfg, SGLANG_FLUX_PACKED)
-    except Exception as e:
-        v.status, v.errors = "fails", {"<config>": _first_line(e)}
+    load = sglang_load(ckpt)
+    if load.stage == "config":
+        v.status, v.errors = "fails", {"<config>": load.error or ""}
         return v
-    dtypes = checkpoint_dtypes(ckpt)
-    quantized = _quantized_modules(dtypes)
     from dqfast.reader import open_checkpoint
 
-    info = open_checkpoint(ckpt)
-    # Linear layers: 2-D weights (norm weights are 1-D and never quantized).
-    linear = {module_of(n) for n, t in info.tensors.items() if n.endswith(".weight") and len(t.shape) == 2}
-    for m in sorted(linear):
-        try:
-            excluded = qc.is_layer_excluded(_sglang_prefix(cfg.get("_class_name", ""), m))
-        except Exception as e:
-            v.errors[m] = _first_line(e)
+    info = open_checkpoint(ckpt).tensors
+    low = (torch.float8_e4m3fn, torch.uint8)
+    loaded = dict(load.model.named_parameters()) if load.model is not None else {}
+    tensors = checkpoint_tensors(ckpt) if load.model is not None else {}
+    for w in sorted(n for n, t in info.items() if n.endswith(".weight") and len(t.shape) == 2):
+        m, ck = module_of(w), info[w]
+        tgt, shard = load.targets.get(w, (None, None))
+        if tgt is None or tgt not in load.meta:
+            v.errors[m] = f"no parameter for {w} in SGLang's module tree (skipped by the loader)"
             continue
-        if m in quantized and excluded:
-            v.errors[m] = "quantized tensor for a layer the runtime excludes (BF16 parameter)"
-        elif m not in quantized and not excluded:
-            v.errors[m] = "BF16 weight for a layer the runtime quantizes (no scales)"
-        elif m in quantized:
-            v.quantized.add(m)
-    v.status = "fails" if v.errors else "loads"
+        pdt, pshape = load.meta[tgt]
+        quant = ck.dtype in QUANT_DTYPES
+        if not quant and pdt not in low:
+            continue  # BF16 in both
+        if not quant:
+            # An FP8 parameter of the same shape takes the cast silently (its missing scales become 1).
+            v.errors[m] = f"{ck.dtype} weight {tuple(ck.shape)} for a {pdt} parameter {tgt} {pshape} without scales in the checkpoint"
+            continue
+        if pdt not in low:
+            if ck.dtype == "F8_E4M3" and f"{m}.weight_scale" in info:
+                v.bf16.add(m)  # fsdp_load._maybe_dequantize_fp8
+            else:
+                v.errors[m] = f"{ck.dtype} weight {tuple(ck.shape)} for a {pdt} parameter {tgt} {pshape}"
+            continue
+        # A shard of a fused parameter (q/k/v) fills some of its rows.
+        shape_ok = tuple(ck.shape)[1:] == pshape[1:] if shard is not None else tuple(ck.shape) == pshape
+        if str(pdt) != f"torch.{_TORCH_DTYPES[ck.dtype]}" or not shape_ok:
+            v.errors[m] = f"{ck.dtype} weight {tuple(ck.shape)} for a {pdt} parameter {tgt} {pshape}"
+            continue
+        head = tgt[: -len(".weight")]
+        missing = [s for s in SCALES if f"{head}.{s}" in load.meta and f"{m}.{s}" not in info]
+        if missing:
+            v.errors[m] = f"quantized parameter {tgt} without {', '.join(missing)} in the checkpoint (initialised to 1)"
+            continue
+        if loaded and shard is None and not torch.equal(loaded[tgt].data.view(torch.uint8), tensors[w].view(torch.uint8)):
+            v.errors[m] = f"{tgt} holds other bytes than the checkpoint after loading"
+            continue
+        v.quantized.add(m)
+    if load.error and not v.errors:
+        v.errors["<load>"] = load.error
+    v.status = "fails" if v.errors else ("loads-bf16" if v.bf16 else "loads")
     return v

@@ -1,4 +1,4 @@
-"""Expected verdict of each (output kind, engine) pair on the tiny FLUX.1 and Wan2.2 — asserted by
+"""Expected verdict of each (output kind, engine) pair on the tiny FLUX.1, Wan2.2 and Qwen-Image — asserted by
 test_engine_verdicts.py against the engines' own code, rendered into docs/compat.md and the README
 matrix by matrix.py. A change in either engine (or in dqfast) fails a test until this table is
 updated.
@@ -38,10 +38,17 @@ VO_MIXED_BF16 = VO_FLUX_DOUBLE | _blocks(
         "single_transformer_blocks.{i}.attn.to_v",
     ]
 )
-# SGLang's FP8 tool lists FeedForward fallbacks under its alias (`ff.proj_in`, `ff.proj_out`), but
-# SGLang's FLUX.1 DiT names them `ff.net.0.proj` / `ff.net.2`: the runtime quantizes them, while the
-# checkpoint holds BF16 weights without scales.
-SGL_FP8_FF_UNEXCLUDED = _blocks(["transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.2"])
+# SGLang's FLUX.1 at tp_size 1 (runtime/models/dits/flux.py) builds the FeedForwards (diffusers
+# FeedForward) and the modulation Linears without a quant config: the whole ModelOpt NVFP4 export
+# (SGLang's NVFP4 tool without a preset) puts uint8 weights there.
+SGL_FLUX_UNQUANTIZED = _blocks(
+    [
+        "single_transformer_blocks.{i}.norm.linear",
+        "transformer_blocks.{i}.norm1.linear",
+        "transformer_blocks.{i}.norm1_context.linear",
+        *(f"transformer_blocks.{{i}}.{f}.{m}" for f in ("ff", "ff_context") for m in ("net.0.proj", "net.2")),
+    ]
+)
 
 # The tiny Qwen-Image has 6 blocks; ModelOpt's recipe quantizes blocks 2 and 3.
 VO_QWEN_MOD = frozenset(f"transformer_blocks.{i}.{m}.1" for i in (2, 3) for m in ("img_mod", "txt_mod"))
@@ -67,10 +74,15 @@ EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]
     ("mixed-vllm-omni", "vllm-omni"): ("loads", frozenset(), frozenset()),
     ("components", "sglang"): ("loads", frozenset(), frozenset()),
     ("components", "vllm-omni"): ("loads-bf16", VO_FLUX_DOUBLE, frozenset()),
-    ("sglang-fp8", "sglang"): ("fails", frozenset(), SGL_FP8_FF_UNEXCLUDED),
+    # SGLang's FLUX.1 at tp_size 1 builds its FeedForwards unquantized (runtime/models/dits/flux.py), so
+    # the BF16 FeedForward weights its own FP8 tool writes (listed only as `ff.proj_in`/`ff.proj_out`)
+    # load as they are.
+    ("sglang-fp8", "sglang"): ("loads", frozenset(), frozenset()),
     ("sglang-fp8", "vllm-omni"): ("loads-bf16", VO_FLUX_BF16_LAYERS, frozenset()),
     ("sglang-nvfp4", "sglang"): ("loads", frozenset(), frozenset()),
     ("sglang-nvfp4", "vllm-omni"): ("fails", frozenset(), VO_FLUX_BF16_LAYERS),
+    ("sglang-nvfp4-no-preset", "sglang"): ("fails", frozenset(), SGL_FLUX_UNQUANTIZED),
+    ("sglang-nvfp4-no-preset", "vllm-omni"): ("fails", frozenset(), VO_FLUX_BF16_LAYERS | SGL_FLUX_UNQUANTIZED),
     # --target vllm-omni --fit-target: the layers vLLM-Omni's FLUX.1 keeps BF16 are written in BF16.
     ("nvfp4-bf16-fit", "sglang"): ("loads", frozenset(), frozenset()),
     ("nvfp4-bf16-fit", "vllm-omni"): ("loads", frozenset(), frozenset()),
@@ -107,8 +119,11 @@ WHY = {
     "sgl-mixed": "SGLang rejects `MIXED_PRECISION`",
     "vo-qwen-mod": "vLLM-Omni's Qwen-Image builds each block's `img_mod`/`txt_mod` Linear unquantized: "
     "ModelOpt's NVFP4 weights there meet BF16 parameters; `--fit-target` writes them in BF16",
-    "sgl-ff": "SGLang's own FP8 tool ignores FeedForward fallbacks as `ff.proj_in`/`ff.proj_out`; SGLang's FLUX.1 "
-    "runtime names them `ff.net.0.proj`/`ff.net.2`, quantizes them, and finds BF16 weights without scales",
+    "sgl-nvfp4-all": "SGLang's FLUX.1 (tp_size 1) builds the FeedForwards and the modulation Linears (`norm1*.linear`, "
+    "`norm.linear`) unquantized: the whole ModelOpt NVFP4 export puts uint8 weights in BF16 parameters there "
+    "(the `flux1-nvfp4` preset keeps them BF16)",
+    "vo-nvfp4-all": "uint8 NVFP4 weights of the double-stream blocks, FeedForwards, modulation Linears and "
+    "`single_transformer_blocks.*.proj_out` meet BF16 parameters (size mismatch)",
 }
 WHY_OF = {
     ("fp8-export", "vllm-omni"): "vo-bf16",
@@ -122,9 +137,10 @@ WHY_OF = {
     ("mixed", "vllm-omni"): "vo-mixed",
     ("mixed-vllm-omni", "sglang"): "sgl-mixed",
     ("components", "vllm-omni"): "vo-bf16",
-    ("sglang-fp8", "sglang"): "sgl-ff",
     ("sglang-fp8", "vllm-omni"): "vo-bf16-sgl",
     ("sglang-nvfp4", "vllm-omni"): "vo-nvfp4-sgl",
+    ("sglang-nvfp4-no-preset", "sglang"): "sgl-nvfp4-all",
+    ("sglang-nvfp4-no-preset", "vllm-omni"): "vo-nvfp4-all",
     ("qwen-image-nvfp4-export", "vllm-omni"): "vo-qwen-mod",
     ("qwen-image-sglang-nvfp4", "vllm-omni"): "vo-qwen-mod",
 }

@@ -330,10 +330,11 @@ def run_ptq(
 
 def _check_target_early(algo: str, family: str, target: TargetName, fit_target: bool) -> None:
     """Before calibration (hours on a real model): an NVFP4 export that an engine of ``target``
-    cannot load because its model class quantizes only some layers of the family (vLLM-Omni's
-    FLUX.1). The full check runs in the build step, on the export."""
+    cannot load because its model class quantizes only some layers of the family
+    (``Target.nvfp4_export_fails``: vLLM-Omni's FLUX.1 and Qwen-Image; SGLang loads both exports
+    with the family's preset). The full check runs in the build step, on the export."""
     for t in targets_of(target):
-        if algo == "nvfp4" and not fit_target and t.quantized_modules.get(family) is not None:
+        if algo == "nvfp4" and not fit_target and family in t.nvfp4_export_fails:
             raise TargetError(
                 f"--build --algo nvfp4: --target {target} includes {t.engine_version}, whose {family} model class quantizes "
                 f"only some layers ({t.quantized_source(family)}): ModelOpt's NVFP4 export would not load there; "

@@ -88,6 +88,14 @@ class Target:
     runtime_names_source: str = ""
     #: what happens to an FP8 weight that meets an unquantized (BF16) layer
     fp8_into_bf16: str = "error"  # "error" | "dequantized"
+    fp8_into_bf16_source: str = ""
+    #: families whose ModelOpt NVFP4 export (built with the family's dqfast preset) this engine cannot
+    #: load, because its model class leaves some of the exported layers unquantized (compat suite rows
+    #: `nvfp4-export`, `qwen-image-nvfp4-export`): `ptq --build` refuses them before calibrating
+    nvfp4_export_fails: frozenset[str] = frozenset()
+    #: NVFP4: whether the engine replaces `ignore` by the layers the safetensors store in BF16
+    nvfp4_excludes_from_tensors: bool = False
+    nvfp4_excludes_source: str = ""
     #: whether a MIXED_PRECISION `quantized_layers` entry per shard (`to_q`) reaches the fused layer
     mixed_resolves_packed: bool = True
     mixed_source: str = ""
@@ -146,14 +154,48 @@ TARGETS: dict[str, Target] = {
         needs_index=False,
         index_source="the builder tools always write one (tools/modelopt_checkpoint.py); the loader also reads one file",
         packed={"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")},
-        packed_source="multimodal_gen/runtime/models/dits/flux.py (FLUX.1 fused q/k/v)",
-        quantized_modules={},
-        quantized_modules_source={"*": "multimodal_gen/runtime/models/dits/flux.py: every Linear of FLUX.1 gets the quant config"},
+        packed_source="multimodal_gen/runtime/loader/transformer_load_utils.py takes the DiT class's "
+        "packed_modules_mapping (runtime/models/dits/qwen_image.py: these; FLUX.1 builds separate q/k/v for ModelOpt)",
+        quantized_modules={
+            # FLUX.1 at tp_size 1 (SGLang's default): only the attention projections and the single
+            # blocks' proj_mlp/proj_out get the quant config; the FeedForwards are diffusers-style
+            # FeedForward without one (with tp_size > 1 they become FluxParallelFeedForward, quantized),
+            # and the embedders, norm1/norm.linear, norm_out and proj_out are built without one.
+            "flux1": (
+                r"^transformer_blocks\.\d+\.attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)$",
+                r"^single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)$",
+            ),
+            # Wan2.x: the blocks' self/cross attention (I2V's add_k/add_v too) and FFN, and proj_out;
+            # the condition embedders (text, time, time_modulation, image) are built without one.
+            "wan": (
+                r"^blocks\.\d+\.attn[12]\.(to_[qkv]|to_out\.0|add_[kv]_proj)$",
+                r"^blocks\.\d+\.ffn\.net\.(0\.proj|2)$",
+                r"^proj_out$",
+            ),
+            # Qwen-Image: everything but the timestep MLP and norm_out.linear.
+            "qwen-image": (
+                r"^(img_in|txt_in|proj_out)$",
+                r"^transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)"
+                r"|(img|txt)_mlp\.net\.(0\.proj|2)|(img|txt)_mod\.1)$",
+            ),
+        },
+        quantized_modules_source={
+            "flux1": "multimodal_gen/runtime/models/dits/flux.py (FluxAttention, FluxSingleTransformerBlock, "
+            "FluxTransformerBlock at tp_size 1; module tree built by the compat suite)",
+            "wan": "multimodal_gen/runtime/models/dits/wanvideo.py (module tree built by the compat suite)",
+            "qwen-image": "multimodal_gen/runtime/models/dits/qwen_image.py (module tree built by the compat suite)",
+            "*": "every Linear layer (not verified for this family)",
+        },
         # Its Qwen-Image builds the modulation Linear inside nn.Sequential (weights `img_mod.1.*`) with
         # the quant prefix `...img_mod`: an `ignore` entry `...img_mod.1` does not exclude it.
         runtime_names={"qwen-image": ((r"\.(img_mod|txt_mod)\.1$", r".\1"),)},
         runtime_names_source="multimodal_gen/runtime/models/dits/qwen_image.py (QwenImageTransformerBlock)",
-        fp8_into_bf16="error",
+        fp8_into_bf16="dequantized",
+        fp8_into_bf16_source="multimodal_gen/runtime/loader/fsdp_load.py: _maybe_dequantize_fp8 multiplies an FP8 "
+        "weight that meets a higher-precision parameter by its weight_scale",
+        nvfp4_excludes_from_tensors=True,
+        nvfp4_excludes_source="multimodal_gen/runtime/loader/transformer_load_utils.py: _merge_modelopt_fp4_configs "
+        "replaces the config's exclude list by the one inferred from the safetensors (every layer stored in BF16)",
         mxfp8=False,
         mxfp8_source="multimodal_gen/runtime/layers/quantization/mxfp8.py: MXFP8Config builds on SRT's Fp8LinearMethod "
         "(srt/layers/quantization/fp8.py), whose block scale parameter is `weight_scale_inv`, not vLLM-Omni's "
@@ -192,6 +234,9 @@ TARGETS: dict[str, Target] = {
             "qwen-image": "vllm_omni/diffusion/models/qwen_image/qwen_image_transformer.py",
         },
         fp8_into_bf16="dequantized",
+        fp8_into_bf16_source="vllm_omni/diffusion/model_loader/checkpoint_adapters/modelopt.py: FP8 weights that "
+        "meet BF16 parameters are dequantized",
+        nvfp4_export_fails=frozenset({"flux1", "qwen-image"}),
         mixed_resolves_packed=False,
         mixed_source="vllm_omni/diffusion/registry.py binds packed_modules_mapping of the *pipeline* class "
         "(FluxPipeline has none) into the quant config, so ModelOptMixedPrecisionConfig cannot map a fused "

@@ -12,9 +12,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 _installed = False
 _config_ctx = None  # kept alive: the context resets the config when collected
 
@@ -40,12 +37,12 @@ def install() -> None:
     # Entered for the whole test session: vLLM reads it at layer construction.
     _config_ctx = set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu")))
     _config_ctx.__enter__()
-    init_file = Path(tempfile.mkdtemp(prefix="dqfast-compat-")) / "dist"
     # vLLM-Omni's own diffusion groups (they also bind vLLM's tensor-parallel group), as its worker does.
-    # The WORLD group first (gloo, CPU): vLLM-Omni then skips its GPU device selection.
-    import torch.distributed as dist
+    # The WORLD group first (gloo, CPU; shared with the SGLang shim): vLLM-Omni then skips its GPU
+    # device selection.
+    from shims import world_group
 
-    dist.init_process_group(backend="gloo", init_method=f"file://{init_file}", world_size=1, rank=0)
-    omni_ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=f"file://{init_file}", backend="gloo")
+    init = world_group()
+    omni_ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=init, backend="gloo")
     omni_ps.initialize_model_parallel(backend="gloo")
     _installed = True
