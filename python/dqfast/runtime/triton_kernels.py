@@ -479,25 +479,7 @@ def nvfp4_to_e4m3_in_graph(packed: torch.Tensor, block_scale: torch.Tensor, inv_
     """`nvfp4_to_e4m3` for torch.compile: the kernel launched through Triton's `kernel[grid]`,
     which Dynamo records as a user-defined Triton kernel, so Inductor's generated code launches it
     (no custom-op dispatch in Python per call, no Python launcher cache to trace)."""
-    n, kh = packed.shape
-    k = kh * 2
-    block_k = _fit_block_k(k, 128)
-    out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=packed.device)
-    _nvfp4_to_e4m3_kernel[(triton.cdiv(n, 64), k // block_k)](
-        packed,
-        block_scale,
-        inv_row_scale,
-        out,
-        n,
-        k,
-        packed.stride(0),
-        block_scale.stride(0),
-        out.stride(0),
-        BLOCK_N=64,
-        BLOCK_K=block_k,
-        num_warps=4,
-    )
-    return out
+    return _to_e4m3(packed, block_scale, inv_row_scale, in_graph=True)
 
 
 @triton.jit
@@ -557,26 +539,22 @@ _W4A8_PREP = _Launcher(_w4a8_prepare_kernel)
 def nvfp4_to_e4m3(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor) -> torch.Tensor:
     """Packed NVFP4 [N, K/2] + e4m3 block scales -> e4m3 [N, K] (see quant.nvfp4_to_e4m3 for the
     reference numerics; the global scale stays outside, in the GEMM's per-channel weight scale)."""
+    return _to_e4m3(packed, block_scale, inv_row_scale, in_graph=False)
+
+
+def _to_e4m3(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor, in_graph: bool) -> torch.Tensor:
+    # The one launch of _nvfp4_to_e4m3_kernel for both entry points; only the launch mechanism
+    # differs (Triton's kernel[grid], which Dynamo can record, or the _Launcher cache).
     n, kh = packed.shape
     k = kh * 2
     block_k = _fit_block_k(k, 128)
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=packed.device)
     grid = ((n + 63) // 64, k // block_k)
-    _TO_E4M3(
-        grid,
-        packed,
-        block_scale,
-        inv_row_scale,
-        out,
-        n,
-        k,
-        packed.stride(0),
-        block_scale.stride(0),
-        out.stride(0),
-        BLOCK_N=64,
-        BLOCK_K=block_k,
-        num_warps=4,
-    )
+    args = (packed, block_scale, inv_row_scale, out, n, k, packed.stride(0), block_scale.stride(0), out.stride(0))
+    if in_graph:
+        _nvfp4_to_e4m3_kernel[grid](*args, BLOCK_N=64, BLOCK_K=block_k, num_warps=4)
+    else:
+        _TO_E4M3(grid, *args, BLOCK_N=64, BLOCK_K=block_k, num_warps=4)
     return out
 
 
