@@ -233,6 +233,16 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     return offs_m, offs_n, offs_m < M, offs_n < N
 
 
+_GROUP_M = 8  # _grouped_tile's tile-rows per group, for every GEMM launch
+
+
+def _gemm_launch(m: int, n: int, bm: int, bn: int, bk: int, nw: int, ns: int) -> tuple[tuple[int], dict]:
+    """A _grouped_tile GEMM's 1-D grid and its tile keywords (constexprs and launch options) for
+    the config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    return grid, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": _GROUP_M, "num_warps": nw, "num_stages": ns}
+
+
 @triton.jit
 def _nvfp4_w4a16_kernel(
     x_ptr,
@@ -426,7 +436,7 @@ def nvfp4_w4a16_matmul(
     if m == 0:
         return y
     gs = global_scale.float().reshape(-1)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    grid, tile = _gemm_launch(m, n, bm, bn, bk, nw, ns)
     _nvfp4_w4a16_kernel[grid](
         x2d,
         packed,
@@ -444,12 +454,7 @@ def nvfp4_w4a16_matmul(
         PER_CHANNEL_GS=gs.numel() > 1,
         HAS_BIAS=bias is not None,
         SWAP_AB=swap,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        GROUP_M=8,
-        num_warps=nw,
-        num_stages=ns,
+        **tile,
     )
     return y
 
@@ -807,7 +812,7 @@ def fp8_linear_static(
     y = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
     if m == 0:
         return y
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    grid, tile = _gemm_launch(m, n, bm, bn, bk, nw, ns)
     _FP8_LINEAR(
         grid,
         x2d,
@@ -824,12 +829,7 @@ def fp8_linear_static(
         y.stride(0),
         PER_CHANNEL_WS=weight_scale.numel() > 1,
         HAS_BIAS=bias is not None,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        GROUP_M=8,
-        num_warps=nw,
-        num_stages=ns,
+        **tile,
     )
     return y
 
@@ -876,7 +876,7 @@ class Fp8FusedCall:
         "ints",
         "grid0",
         "kernel",
-        "cfg",
+        "launch_kw",
     )
 
     def __init__(
@@ -893,15 +893,16 @@ class Fp8FusedCall:
         n = weight.shape[0]
         bm, bn, bk, nw, ns = fp8_linear_static_config(m, n)
         bk = _fit_block_k(k, bk)
-        self.cfg = (bm, bn, bk, nw, ns)
         self.x_shape, self.x_dtype, self.dev = x.shape, x.dtype, x.get_device()
         self.aligned = x.data_ptr() % 16 == 0
         self.tensors = (weight, input_scale, weight_scale, bias)
         self.ptrs = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
         self.out_shape, self.out_dtype = (*x.shape[:-1], n), out_dtype
         self.ints = (m, n, k, k, weight.stride(0), n)
-        self.meta = (weight_scale.numel() > 1, bias is not None, bm, bn, bk, 8)
-        self.grid0 = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        self.meta = (weight_scale.numel() > 1, bias is not None, bm, bn, bk, _GROUP_M)
+        grid, tile = _gemm_launch(m, n, bm, bn, bk, nw, ns)
+        self.grid0 = grid[0]
+        self.launch_kw = {"PER_CHANNEL_WS": self.meta[0], "HAS_BIAS": self.meta[1], **tile}
         self.kernel = None
 
     @staticmethod
@@ -941,24 +942,7 @@ class Fp8FusedCall:
         kernel = self.kernel
         if kernel is None or not _hooks_idle():
             w, s, ws, b = self.tensors
-            bm, bn, bk, nw, ns = self.cfg
-            k = _fp8_linear_static_kernel[(self.grid0,)](
-                x,
-                w,
-                s,
-                ws,
-                b if b is not None else ws,
-                y,
-                *self.ints,
-                PER_CHANNEL_WS=self.meta[0],
-                HAS_BIAS=self.meta[1],
-                BLOCK_M=bm,
-                BLOCK_N=bn,
-                BLOCK_K=bk,
-                GROUP_M=8,
-                num_warps=nw,
-                num_stages=ns,
-            )
+            k = _fp8_linear_static_kernel[(self.grid0,)](x, w, s, ws, b if b is not None else ws, y, *self.ints, **self.launch_kw)
             if kernel is None and _RUNTIME_KNOBS is not None and not _INTERPRET and k is not None and hasattr(k, "packed_metadata"):
                 self.kernel = k
             return y
