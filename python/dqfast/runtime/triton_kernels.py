@@ -233,6 +233,22 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     return offs_m, offs_n, offs_m < M, offs_n < N
 
 
+@triton.jit
+def _gemm_epilogue(
+    acc, s, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    # Y tile = acc * (s * ws) + bias in Y's dtype; ws is one float32 per output channel or one
+    # value, s a scalar (1.0 where there is none: the product is then exact).
+    if PER_CHANNEL:
+        acc = acc * (s * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0))[None, :]
+    else:
+        acc = acc * (s * tl.load(ws_ptr))
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 _GROUP_M = 8  # _grouped_tile's tile-rows per group, for every GEMM launch
 
 
@@ -296,16 +312,7 @@ def _nvfp4_w4a16_kernel(
 
     if SWAP_AB:
         acc = tl.trans(acc)
-    if PER_CHANNEL_GS:
-        gs = tl.load(gs_ptr + offs_n, mask=mask_n, other=0.0)
-        acc = acc * gs[None, :]
-    else:
-        acc = acc * tl.load(gs_ptr)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _gemm_epilogue(acc, 1.0, gs_ptr, b_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, PER_CHANNEL_GS, HAS_BIAS)
 
 
 @triton.jit
@@ -743,14 +750,7 @@ def _fp8_linear_static_kernel(
         acc = tl.dot(a8, tl.trans(b), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if PER_CHANNEL_WS:
-        acc = acc * (s * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0))[None, :]
-    else:
-        acc = acc * (s * tl.load(ws_ptr))
-    if HAS_BIAS:
-        acc = acc + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _gemm_epilogue(acc, s, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, PER_CHANNEL_WS, HAS_BIAS)
 
 
 _FP8_LINEAR = _Launcher(_fp8_linear_static_kernel)
