@@ -679,7 +679,7 @@ class W4a8PrepareCall:
         if kernel is None or not _hooks_idle():
             i = self.ints
             k = _w4a8_prepare_kernel[(self.grid0,)](packed, block_scale, inv_row_scale, out, x2d, q, qs, *i, **self.launch_kw)
-            if kernel is None and _RUNTIME_KNOBS is not None and not _INTERPRET and k is not None and hasattr(k, "packed_metadata"):
+            if kernel is None and _c_launchable(k):
                 self.kernel = k
             return out, q, qs
         p = self.ptrs
@@ -854,6 +854,12 @@ except Exception:  # an older Triton: Fp8FusedCall always launches through Trito
     _RUNTIME_KNOBS = None
 
 
+def _c_launchable(kernel) -> bool:
+    """Whether a kernel that Triton just launched (the first call of a cached call object) can be
+    kept and re-launched through its C launcher (not under the interpreter, nor on an older Triton)."""
+    return _RUNTIME_KNOBS is not None and not _INTERPRET and kernel is not None and hasattr(kernel, "packed_metadata")
+
+
 class Fp8FusedCall:
     """`fp8_linear_static` for one input signature (shape, dtype, device, 16-byte alignment of
     the input) and one set of module tensors, with everything but the output allocation and the
@@ -943,7 +949,7 @@ class Fp8FusedCall:
         if kernel is None or not _hooks_idle():
             w, s, ws, b = self.tensors
             k = _fp8_linear_static_kernel[(self.grid0,)](x, w, s, ws, b if b is not None else ws, y, *self.ints, **self.launch_kw)
-            if kernel is None and _RUNTIME_KNOBS is not None and not _INTERPRET and k is not None and hasattr(k, "packed_metadata"):
+            if kernel is None and _c_launchable(k):
                 self.kernel = k
             return y
         p = self.ptrs
