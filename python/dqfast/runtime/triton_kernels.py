@@ -207,6 +207,27 @@ def _e2m1_to_f32(codes):
     return bits.to(tl.float16, bitcast=True).to(tl.float32)
 
 
+@triton.jit
+def _nvfp4_tile(w_ptr, s_ptr, N, stride_wn, stride_sn, pid_n, pid_k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Tile (pid_n, pid_k) of a packed NVFP4 weight: its rows and row mask, the E2M1 values * 2^-14
+    # [BLOCK_N, BLOCK_K // 16, 16] and the block scales [BLOCK_N, BLOCK_K // 16], both float32.
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    ks = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
+    packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kb[None, :], mask=mask_n[:, None], other=0)
+    scales = tl.load(s_ptr + offs_n[:, None].to(tl.int64) * stride_sn + ks[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+    return offs_n, mask_n, tl.reshape(_e2m1_to_f32(codes), (BLOCK_N, BLOCK_K // 16, 16)), scales
+
+
+@triton.jit
+def _store_rows(o_ptr, w, offs_n, mask_n, stride_on, pid_k, BLOCK_K: tl.constexpr):
+    # w [BLOCK_N, BLOCK_K] (already in o's dtype) into rows offs_n, K tile pid_k, of o.
+    ko = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + ko[None, :], w, mask=mask_n[:, None])
+
+
 def _fit_block_k(k: int, bk: int) -> int:
     """The GEMM kernels' K step: `bk` halved (down to 32) until it divides K."""
     while bk > 32 and k % bk:
@@ -330,26 +351,16 @@ def _nvfp4_dequant_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    ks = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
-    packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kb[None, :], mask=mask_n[:, None], other=0)
-    scales = (
-        tl.load(s_ptr + offs_n[:, None].to(tl.int64) * stride_sn + ks[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32) * 16384.0
-    )
+    offs_n, mask_n, vals, scales = _nvfp4_tile(w_ptr, s_ptr, N, stride_wn, stride_sn, tl.program_id(0), pid_k, BLOCK_N, BLOCK_K)
+    scales = scales * 16384.0
     if PER_CHANNEL_GS:
         gs = tl.load(gs_ptr + offs_n, mask=mask_n, other=0.0)
         scales = scales * gs[:, None]
     else:
         scales = scales * tl.load(gs_ptr)
-    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
-    vals = tl.reshape(_e2m1_to_f32(codes), (BLOCK_N, BLOCK_K // 16, 16))
     w = tl.reshape(vals * scales[:, :, None], (BLOCK_N, BLOCK_K))
-    ko = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + ko[None, :], w.to(o_ptr.dtype.element_ty), mask=mask_n[:, None])
+    _store_rows(o_ptr, w.to(o_ptr.dtype.element_ty), offs_n, mask_n, stride_on, pid_k, BLOCK_K)
 
 
 def nvfp4_dequantize(
@@ -471,20 +482,12 @@ def _to_e4m3_tile(
     w_ptr, s_ptr, inv_ptr, o_ptr, N, stride_wn, stride_sn, stride_on, pid_n, pid_k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
 ):
     # o[n, k] = e4m3(e2m1[n, k] * block_scale[n, k // 16] * inv[n]); inv[n] = 448 / (6 * max_j block_scale[n, j])
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    ks = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
-    packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kb[None, :], mask=mask_n[:, None], other=0)
-    scales = tl.load(s_ptr + offs_n[:, None].to(tl.int64) * stride_sn + ks[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+    offs_n, mask_n, vals, scales = _nvfp4_tile(w_ptr, s_ptr, N, stride_wn, stride_sn, pid_n, pid_k, BLOCK_N, BLOCK_K)
     inv = tl.load(inv_ptr + offs_n, mask=mask_n, other=0.0)
     # (e2m1 * 2^-14 as fp16) * (block scale * inv * 2^14): products rounded once, in float32
     scales = scales * inv[:, None] * 16384.0
-    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
-    vals = tl.reshape(_e2m1_to_f32(codes), (BLOCK_N, BLOCK_K // 16, 16))
     w = tl.clamp(tl.reshape(vals * scales[:, :, None], (BLOCK_N, BLOCK_K)), -E4M3_MAX, E4M3_MAX)
-    ko = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + ko[None, :], w.to(tl.float8e4nv), mask=mask_n[:, None])
+    _store_rows(o_ptr, w.to(tl.float8e4nv), offs_n, mask_n, stride_on, pid_k, BLOCK_K)
 
 
 def nvfp4_to_e4m3_in_graph(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor) -> torch.Tensor:
