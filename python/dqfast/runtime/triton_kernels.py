@@ -207,6 +207,27 @@ def _e2m1_to_f32(codes):
     return bits.to(tl.float16, bitcast=True).to(tl.float32)
 
 
+@triton.jit
+def _nvfp4_tile(w_ptr, s_ptr, N, stride_wn, stride_sn, pid_n, pid_k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Tile (pid_n, pid_k) of a packed NVFP4 weight: its rows and row mask, the E2M1 values * 2^-14
+    # [BLOCK_N, BLOCK_K // 16, 16] and the block scales [BLOCK_N, BLOCK_K // 16], both float32.
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    ks = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
+    packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kb[None, :], mask=mask_n[:, None], other=0)
+    scales = tl.load(s_ptr + offs_n[:, None].to(tl.int64) * stride_sn + ks[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+    return offs_n, mask_n, tl.reshape(_e2m1_to_f32(codes), (BLOCK_N, BLOCK_K // 16, 16)), scales
+
+
+@triton.jit
+def _store_rows(o_ptr, w, offs_n, mask_n, stride_on, pid_k, BLOCK_K: tl.constexpr):
+    # w [BLOCK_N, BLOCK_K] (already in o's dtype) into rows offs_n, K tile pid_k, of o.
+    ko = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + ko[None, :], w, mask=mask_n[:, None])
+
+
 def _fit_block_k(k: int, bk: int) -> int:
     """The GEMM kernels' K step: `bk` halved (down to 32) until it divides K."""
     while bk > 32 and k % bk:
@@ -231,6 +252,32 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _gemm_epilogue(
+    acc, s, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    # Y tile = acc * (s * ws) + bias in Y's dtype; ws is one float32 per output channel or one
+    # value, s a scalar (1.0 where there is none: the product is then exact).
+    if PER_CHANNEL:
+        acc = acc * (s * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0))[None, :]
+    else:
+        acc = acc * (s * tl.load(ws_ptr))
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_GROUP_M = 8  # _grouped_tile's tile-rows per group, for every GEMM launch
+
+
+def _gemm_launch(m: int, n: int, bm: int, bn: int, bk: int, nw: int, ns: int) -> tuple[tuple[int], dict]:
+    """A _grouped_tile GEMM's 1-D grid and its tile keywords (constexprs and launch options) for
+    the config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    return grid, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": _GROUP_M, "num_warps": nw, "num_stages": ns}
 
 
 @triton.jit
@@ -286,16 +333,7 @@ def _nvfp4_w4a16_kernel(
 
     if SWAP_AB:
         acc = tl.trans(acc)
-    if PER_CHANNEL_GS:
-        gs = tl.load(gs_ptr + offs_n, mask=mask_n, other=0.0)
-        acc = acc * gs[None, :]
-    else:
-        acc = acc * tl.load(gs_ptr)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _gemm_epilogue(acc, 1.0, gs_ptr, b_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, PER_CHANNEL_GS, HAS_BIAS)
 
 
 @triton.jit
@@ -313,26 +351,16 @@ def _nvfp4_dequant_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    ks = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
-    packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kb[None, :], mask=mask_n[:, None], other=0)
-    scales = (
-        tl.load(s_ptr + offs_n[:, None].to(tl.int64) * stride_sn + ks[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32) * 16384.0
-    )
+    offs_n, mask_n, vals, scales = _nvfp4_tile(w_ptr, s_ptr, N, stride_wn, stride_sn, tl.program_id(0), pid_k, BLOCK_N, BLOCK_K)
+    scales = scales * 16384.0
     if PER_CHANNEL_GS:
         gs = tl.load(gs_ptr + offs_n, mask=mask_n, other=0.0)
         scales = scales * gs[:, None]
     else:
         scales = scales * tl.load(gs_ptr)
-    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
-    vals = tl.reshape(_e2m1_to_f32(codes), (BLOCK_N, BLOCK_K // 16, 16))
     w = tl.reshape(vals * scales[:, :, None], (BLOCK_N, BLOCK_K))
-    ko = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + ko[None, :], w.to(o_ptr.dtype.element_ty), mask=mask_n[:, None])
+    _store_rows(o_ptr, w.to(o_ptr.dtype.element_ty), offs_n, mask_n, stride_on, pid_k, BLOCK_K)
 
 
 def nvfp4_dequantize(
@@ -426,7 +454,7 @@ def nvfp4_w4a16_matmul(
     if m == 0:
         return y
     gs = global_scale.float().reshape(-1)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    grid, tile = _gemm_launch(m, n, bm, bn, bk, nw, ns)
     _nvfp4_w4a16_kernel[grid](
         x2d,
         packed,
@@ -444,12 +472,7 @@ def nvfp4_w4a16_matmul(
         PER_CHANNEL_GS=gs.numel() > 1,
         HAS_BIAS=bias is not None,
         SWAP_AB=swap,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        GROUP_M=8,
-        num_warps=nw,
-        num_stages=ns,
+        **tile,
     )
     return y
 
@@ -459,45 +482,19 @@ def _to_e4m3_tile(
     w_ptr, s_ptr, inv_ptr, o_ptr, N, stride_wn, stride_sn, stride_on, pid_n, pid_k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
 ):
     # o[n, k] = e4m3(e2m1[n, k] * block_scale[n, k // 16] * inv[n]); inv[n] = 448 / (6 * max_j block_scale[n, j])
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    ks = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
-    packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kb[None, :], mask=mask_n[:, None], other=0)
-    scales = tl.load(s_ptr + offs_n[:, None].to(tl.int64) * stride_sn + ks[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+    offs_n, mask_n, vals, scales = _nvfp4_tile(w_ptr, s_ptr, N, stride_wn, stride_sn, pid_n, pid_k, BLOCK_N, BLOCK_K)
     inv = tl.load(inv_ptr + offs_n, mask=mask_n, other=0.0)
     # (e2m1 * 2^-14 as fp16) * (block scale * inv * 2^14): products rounded once, in float32
     scales = scales * inv[:, None] * 16384.0
-    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
-    vals = tl.reshape(_e2m1_to_f32(codes), (BLOCK_N, BLOCK_K // 16, 16))
     w = tl.clamp(tl.reshape(vals * scales[:, :, None], (BLOCK_N, BLOCK_K)), -E4M3_MAX, E4M3_MAX)
-    ko = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + ko[None, :], w.to(tl.float8e4nv), mask=mask_n[:, None])
+    _store_rows(o_ptr, w.to(tl.float8e4nv), offs_n, mask_n, stride_on, pid_k, BLOCK_K)
 
 
 def nvfp4_to_e4m3_in_graph(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor) -> torch.Tensor:
     """`nvfp4_to_e4m3` for torch.compile: the kernel launched through Triton's `kernel[grid]`,
     which Dynamo records as a user-defined Triton kernel, so Inductor's generated code launches it
     (no custom-op dispatch in Python per call, no Python launcher cache to trace)."""
-    n, kh = packed.shape
-    k = kh * 2
-    block_k = _fit_block_k(k, 128)
-    out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=packed.device)
-    _nvfp4_to_e4m3_kernel[(triton.cdiv(n, 64), k // block_k)](
-        packed,
-        block_scale,
-        inv_row_scale,
-        out,
-        n,
-        k,
-        packed.stride(0),
-        block_scale.stride(0),
-        out.stride(0),
-        BLOCK_N=64,
-        BLOCK_K=block_k,
-        num_warps=4,
-    )
-    return out
+    return _to_e4m3(packed, block_scale, inv_row_scale, in_graph=True)
 
 
 @triton.jit
@@ -557,26 +554,22 @@ _W4A8_PREP = _Launcher(_w4a8_prepare_kernel)
 def nvfp4_to_e4m3(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor) -> torch.Tensor:
     """Packed NVFP4 [N, K/2] + e4m3 block scales -> e4m3 [N, K] (see quant.nvfp4_to_e4m3 for the
     reference numerics; the global scale stays outside, in the GEMM's per-channel weight scale)."""
+    return _to_e4m3(packed, block_scale, inv_row_scale, in_graph=False)
+
+
+def _to_e4m3(packed: torch.Tensor, block_scale: torch.Tensor, inv_row_scale: torch.Tensor, in_graph: bool) -> torch.Tensor:
+    # The one launch of _nvfp4_to_e4m3_kernel for both entry points; only the launch mechanism
+    # differs (Triton's kernel[grid], which Dynamo can record, or the _Launcher cache).
     n, kh = packed.shape
     k = kh * 2
     block_k = _fit_block_k(k, 128)
     out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=packed.device)
     grid = ((n + 63) // 64, k // block_k)
-    _TO_E4M3(
-        grid,
-        packed,
-        block_scale,
-        inv_row_scale,
-        out,
-        n,
-        k,
-        packed.stride(0),
-        block_scale.stride(0),
-        out.stride(0),
-        BLOCK_N=64,
-        BLOCK_K=block_k,
-        num_warps=4,
-    )
+    args = (packed, block_scale, inv_row_scale, out, n, k, packed.stride(0), block_scale.stride(0), out.stride(0))
+    if in_graph:
+        _nvfp4_to_e4m3_kernel[grid](*args, BLOCK_N=64, BLOCK_K=block_k, num_warps=4)
+    else:
+        _TO_E4M3(grid, *args, BLOCK_N=64, BLOCK_K=block_k, num_warps=4)
     return out
 
 
@@ -689,7 +682,7 @@ class W4a8PrepareCall:
         if kernel is None or not _hooks_idle():
             i = self.ints
             k = _w4a8_prepare_kernel[(self.grid0,)](packed, block_scale, inv_row_scale, out, x2d, q, qs, *i, **self.launch_kw)
-            if kernel is None and _RUNTIME_KNOBS is not None and not _INTERPRET and k is not None and hasattr(k, "packed_metadata"):
+            if kernel is None and _c_launchable(k):
                 self.kernel = k
             return out, q, qs
         p = self.ptrs
@@ -760,14 +753,7 @@ def _fp8_linear_static_kernel(
         acc = tl.dot(a8, tl.trans(b), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if PER_CHANNEL_WS:
-        acc = acc * (s * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0))[None, :]
-    else:
-        acc = acc * (s * tl.load(ws_ptr))
-    if HAS_BIAS:
-        acc = acc + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _gemm_epilogue(acc, s, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, PER_CHANNEL_WS, HAS_BIAS)
 
 
 _FP8_LINEAR = _Launcher(_fp8_linear_static_kernel)
@@ -829,7 +815,7 @@ def fp8_linear_static(
     y = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
     if m == 0:
         return y
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    grid, tile = _gemm_launch(m, n, bm, bn, bk, nw, ns)
     _FP8_LINEAR(
         grid,
         x2d,
@@ -846,12 +832,7 @@ def fp8_linear_static(
         y.stride(0),
         PER_CHANNEL_WS=weight_scale.numel() > 1,
         HAS_BIAS=bias is not None,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        GROUP_M=8,
-        num_warps=nw,
-        num_stages=ns,
+        **tile,
     )
     return y
 
@@ -876,6 +857,12 @@ except Exception:  # an older Triton: Fp8FusedCall always launches through Trito
     _RUNTIME_KNOBS = None
 
 
+def _c_launchable(kernel) -> bool:
+    """Whether a kernel that Triton just launched (the first call of a cached call object) can be
+    kept and re-launched through its C launcher (not under the interpreter, nor on an older Triton)."""
+    return _RUNTIME_KNOBS is not None and not _INTERPRET and kernel is not None and hasattr(kernel, "packed_metadata")
+
+
 class Fp8FusedCall:
     """`fp8_linear_static` for one input signature (shape, dtype, device, 16-byte alignment of
     the input) and one set of module tensors, with everything but the output allocation and the
@@ -898,7 +885,7 @@ class Fp8FusedCall:
         "ints",
         "grid0",
         "kernel",
-        "cfg",
+        "launch_kw",
     )
 
     def __init__(
@@ -915,15 +902,16 @@ class Fp8FusedCall:
         n = weight.shape[0]
         bm, bn, bk, nw, ns = fp8_linear_static_config(m, n)
         bk = _fit_block_k(k, bk)
-        self.cfg = (bm, bn, bk, nw, ns)
         self.x_shape, self.x_dtype, self.dev = x.shape, x.dtype, x.get_device()
         self.aligned = x.data_ptr() % 16 == 0
         self.tensors = (weight, input_scale, weight_scale, bias)
         self.ptrs = tuple(0 if t is None else t.data_ptr() for t in self.tensors)
         self.out_shape, self.out_dtype = (*x.shape[:-1], n), out_dtype
         self.ints = (m, n, k, k, weight.stride(0), n)
-        self.meta = (weight_scale.numel() > 1, bias is not None, bm, bn, bk, 8)
-        self.grid0 = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        self.meta = (weight_scale.numel() > 1, bias is not None, bm, bn, bk, _GROUP_M)
+        grid, tile = _gemm_launch(m, n, bm, bn, bk, nw, ns)
+        self.grid0 = grid[0]
+        self.launch_kw = {"PER_CHANNEL_WS": self.meta[0], "HAS_BIAS": self.meta[1], **tile}
         self.kernel = None
 
     @staticmethod
@@ -963,25 +951,8 @@ class Fp8FusedCall:
         kernel = self.kernel
         if kernel is None or not _hooks_idle():
             w, s, ws, b = self.tensors
-            bm, bn, bk, nw, ns = self.cfg
-            k = _fp8_linear_static_kernel[(self.grid0,)](
-                x,
-                w,
-                s,
-                ws,
-                b if b is not None else ws,
-                y,
-                *self.ints,
-                PER_CHANNEL_WS=self.meta[0],
-                HAS_BIAS=self.meta[1],
-                BLOCK_M=bm,
-                BLOCK_N=bn,
-                BLOCK_K=bk,
-                GROUP_M=8,
-                num_warps=nw,
-                num_stages=ns,
-            )
-            if kernel is None and _RUNTIME_KNOBS is not None and not _INTERPRET and k is not None and hasattr(k, "packed_metadata"):
+            k = _fp8_linear_static_kernel[(self.grid0,)](x, w, s, ws, b if b is not None else ws, y, *self.ints, **self.launch_kw)
+            if kernel is None and _c_launchable(k):
                 self.kernel = k
             return y
         p = self.ptrs
