@@ -267,12 +267,19 @@ def test_core_rescale_block_scales(core: ModuleType, factor: float) -> None:
 
 
 def test_core_rejects_bad_shapes(core: ModuleType) -> None:
-    with pytest.raises(ValueError):
+    # PlanError like every other bad argument of _core (these raised a bare ValueError before).
+    from dqfast.errors import PlanError
+
+    with pytest.raises(PlanError, match="multiple of 16"):
         core.nvfp4_quantize(b"\0" * 40, "BF16", 1, 20, 1.0)  # K not a multiple of 16
-    with pytest.raises(ValueError):
+    with pytest.raises(PlanError, match="bytes"):
         core.nvfp4_quantize(b"\0" * 30, "BF16", 1, 16, 1.0)  # wrong byte count
-    with pytest.raises(ValueError):
+    with pytest.raises(PlanError, match="dtype"):
         core.nvfp4_quantize(b"\0" * 64, "I32", 1, 16, 1.0)
+    with pytest.raises(PlanError, match="whole rows"):
+        core.nvfp4_dequantize(b"\0" * 8, b"\0" * 3, 16, 1.0)
+    with pytest.raises(PlanError, match="multiple of 4"):
+        core.e2m1_encode_f32(b"\0" * 5)
 
 
 # ----------------------------------------------------------------------------- (c) exhaustive encoder

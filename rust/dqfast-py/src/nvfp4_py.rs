@@ -1,26 +1,22 @@
 //! Python bindings for the NVFP4 kernels (used by tests and small tensors; the engine calls
-//! `dqfast_core::nvfp4` directly).
+//! `dqfast_core::nvfp4` directly). Bad arguments are `PlanError`s, as everywhere in `_core`.
 
+use crate::Exc;
 use dqfast_core::dtype::Dtype;
 use dqfast_core::nvfp4;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 fn float_dtype(name: &str) -> PyResult<Dtype> {
     match Dtype::parse(&name.to_ascii_uppercase()) {
         Some(d) if d.is_float_source() => Ok(d),
-        _ => Err(PyValueError::new_err(format!(
-            "dtype must be BF16, F16 or F32, got {name:?}"
-        ))),
+        _ => Err(Exc::Plan.new_err(format!("dtype must be BF16, F16 or F32, got {name:?}"))),
     }
 }
 
 fn check_blocks(k: usize) -> PyResult<()> {
     if k == 0 || !k.is_multiple_of(nvfp4::BLOCK) {
-        return Err(PyValueError::new_err(format!(
-            "k must be a positive multiple of 16, got {k}"
-        )));
+        return Err(Exc::Plan.new_err(format!("k must be a positive multiple of 16, got {k}")));
     }
     Ok(())
 }
@@ -38,7 +34,7 @@ fn nvfp4_quantize<'py>(
     let dtype = float_dtype(dtype)?;
     check_blocks(k)?;
     if data.len() != rows * k * dtype.size() {
-        return Err(PyValueError::new_err(format!(
+        return Err(Exc::Plan.new_err(format!(
             "data holds {} bytes, expected rows*k*{} = {}",
             data.len(),
             dtype.size(),
@@ -66,9 +62,7 @@ fn nvfp4_dequantize<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     check_blocks(k)?;
     if packed.len() * 2 != scales.len() * nvfp4::BLOCK || !(packed.len() * 2).is_multiple_of(k) {
-        return Err(PyValueError::new_err(
-            "packed and scales lengths do not describe whole rows of k",
-        ));
+        return Err(Exc::Plan.new_err("packed and scales lengths do not describe whole rows of k"));
     }
     let bytes: Vec<u8> = crate::detach_catch(py, || {
         nvfp4::dequantize(packed, scales, k, weight_scale_2)
@@ -83,7 +77,7 @@ fn nvfp4_dequantize<'py>(
 #[pyfunction]
 fn e2m1_encode_f32<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
     if !data.len().is_multiple_of(4) {
-        return Err(PyValueError::new_err("data length must be a multiple of 4"));
+        return Err(Exc::Plan.new_err("data length must be a multiple of 4"));
     }
     let codes: Vec<u8> = data
         .chunks_exact(4)
