@@ -452,3 +452,30 @@ def test_no_ignore_entry_matches_a_quantized_module_of_an_export_build(export, f
         assert {m: t.ignored(ignore, m) for m in quantized if t.ignored(ignore, m)} == {}, t.name
     if fit != "none":
         assert [r.status for r in check_checkpoint(out, "any")] == ["loads", "loads"]
+
+
+def test_batch_cli_shows_each_jobs_forced_choices_and_unmangled_errors(flux_base, tmp_path):
+    """`dqfast batch` prints under each job what `dqfast build` prints on stderr (the choices the
+    target forced, warnings) and keeps them in the JSON summary; a failed job's error is printed as
+    written even when it holds "[...]" (before: no forced-choice lines at all, and the error went
+    through rich markup, which ate "[a-z]")."""
+    from dqfast.cli.batch import batch as batch_cmd
+
+    m = tmp_path / "m.toml"
+    m.write_text(
+        f'[[jobs]]\nname = "d"\nbuilder = "fp8"\noutput = "out/d"\ninputs = {{ base_transformer_dir = "{flux_base}" }}\n'
+        "options = { from_bf16 = true }\n"
+        f'[[jobs]]\nname = "bad"\nbuilder = "fp8"\noutput = "out/bad"\ninputs = {{ base_transformer_dir = "{flux_base}" }}\n'
+        'options = { from_bf16 = true, activation_amax = 448.0, fallback = ["[a-z]x("] }\n'
+    )
+    r = CliRunner().invoke(batch_cmd, [str(m)])
+    assert r.exit_code == 1, r.output
+    assert "target any: weight scales per-tensor: sglang==0.5.23" in r.stderr
+    assert "target any: activation amax 448 (input_scale 1.0)" in r.stderr
+    assert "[a-z]x(" in r.stderr
+    m.write_text(m.read_text().replace('output = "out/', 'output = "out2/'))  # fresh outputs: the jobs run again
+    r = CliRunner().invoke(batch_cmd, [str(m), "--json"])
+    jobs = {j["name"]: j for j in json.loads(r.stdout)["jobs"]}
+    forced = [n.split(":")[1].strip() for n in jobs["d"]["notes"] if n.startswith("target any: ")]
+    assert forced == ["weight scales per-tensor", "activation amax 448 (input_scale 1.0)"]
+    assert all(n.startswith(("target any: ", "warning: ")) for n in jobs["d"]["notes"])

@@ -758,6 +758,9 @@ class JobResult:
     #: Wall-clock start and end (seconds since the epoch).
     started: float = 0.0
     finished: float = 0.0
+    #: What the build said beside its output: the choices its target forced ("target any: ...")
+    #: and its warnings ("warning: ..."), one line each, as the single-build CLI prints them.
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -838,6 +841,10 @@ def run_job(job: JobSpec, *, overwrite_foreign: bool = False, verify: bool = Fal
             extra: dict[str, Any] = {"progress": progress} if takes else {}
             report = fn(out, **job.inputs, **job.options, threads=job.threads, overwrite=False, **extra)
             bytes_written = int(getattr(report, "bytes_written", 0))
+            res.notes = [f"target {getattr(report, 'target', None)}: {f}" for f in getattr(report, "target_forced", [])]
+            res.notes += [f"warning: {w}" for w in getattr(report, "warnings", [])]
+            for note in res.notes:
+                log(note)
             res.status = "done"
         checksum, files = output_checksum(out)
         res.seconds = time.monotonic() - t0

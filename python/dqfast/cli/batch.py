@@ -81,11 +81,15 @@ def batch(manifest: Path, check: bool, as_json: bool, quiet: bool, verbose: bool
             if res.status == "failed" and not as_json:
                 click.echo(f"failed: {job.name}: {res.error_type}: {res.error} (log: {res.log})", err=True)
             return
+        from rich.markup import escape  # error texts and notes hold "[...]" (regexes, lists): not markup
+
         c = colors.get(res.status, "white")
-        extra = f" {res.error_type}: {res.error}" if res.status == "failed" else f" {human(res.bytes)}"
+        extra = f" {res.error_type}: {escape(res.error)}" if res.status == "failed" else f" {human(res.bytes)}"
         line = f"[{c}]{res.status:>7}[/{c}] {job.name} ({res.seconds:.1f}s){extra}"
         if verbose or res.status == "failed":
             line += f"\n         output {res.output}, log {res.log}"
+        # What a single build prints on stderr (forced target choices, warnings) belongs to its job here.
+        line += "".join(f"\n         {escape(n)}" for n in res.notes)
         display.print(line)
 
     try:
