@@ -53,6 +53,13 @@ from dqfast.targets import DEFAULT_TARGET, TARGETS, TargetName, fp8_from_bf16_gr
 __all__ = ["build_fp8_transformer"]
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+def is_float_linear(weight: TensorMeta) -> bool:
+    """A 2-D float weight: a Linear layer a builder can quantize (not a norm, conv or embedding)."""
+    return weight.dtype in FLOAT_DTYPES and len(weight.shape) == 2
+
+
 FP8_ALGOS = family_algos("fp8")
 
 Rounding = Literal["exact", "modelopt"]
@@ -485,7 +492,7 @@ def _plan_from_bf16(
         reason = None
         if weight is None:
             pass
-        elif weight.dtype not in FLOAT_DTYPES or len(weight.shape) != 2:
+        elif not is_float_linear(weight):
             reason = "not a 2-D float weight (norm, conv or embedding)"
         elif (m := preset.fp8_fallback_match(module, extra)) is not None:
             reason = f"fallback pattern {m}"

@@ -30,7 +30,7 @@ import numpy as np
 from dqfast._core import E4M3_MAX, __version__
 from dqfast.errors import PlanError
 from dqfast.formats import FP8, NVFP4
-from dqfast.fp8 import FLOAT_DTYPES, _group_modules, _ignore_entries, _output_config, _rounding, add_fp8_layer, check_activation_amax
+from dqfast.fp8 import _group_modules, _ignore_entries, _output_config, _rounding, add_fp8_layer, check_activation_amax, is_float_linear
 from dqfast.models import MLP_PATTERNS, ModelPreset, fused_groups, pattern_list, resolve_preset
 from dqfast.nvfp4 import GROUP, NVFP4_BOUND, add_nvfp4_layer
 from dqfast.plan import BuildReport, IoMode, MaxOfAmax, ModuleDecision, ProgressFn, finish, new_plan
@@ -159,7 +159,7 @@ def build_mixed_transformer(
         w = parts.get("weight")
         if w is None:
             continue
-        if w.dtype not in FLOAT_DTYPES or len(w.shape) != 2:
+        if not is_float_linear(w):
             counts["not_linear"] += 1
             continue
         hit = _match(rules, module)

@@ -26,7 +26,7 @@ from typing import Any
 
 from dqfast import _core
 from dqfast.errors import PlanError
-from dqfast.fp8 import FLOAT_DTYPES, _fallback_res, _group_modules, _ignore_entries, _output_config
+from dqfast.fp8 import _fallback_res, _group_modules, _ignore_entries, _output_config, is_float_linear
 from dqfast.nvfp4 import fused_groups
 from dqfast.plan import BuildReport, IoMode, ModuleDecision, Mxfp8Scales, Mxfp8Weight, ProgressFn, check_quantized, finish, new_plan
 from dqfast.presets import resolve_preset
@@ -88,7 +88,7 @@ def build_mxfp8_transformer(
         w = parts.get("weight")
         if w is None:
             continue
-        if w.dtype not in FLOAT_DTYPES or len(w.shape) != 2:
+        if not is_float_linear(w):
             kept[module] = "not a 2-D float weight (norm, conv or embedding)"
             continue
         if w.shape[1] % BLOCK:

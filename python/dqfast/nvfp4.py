@@ -29,7 +29,15 @@ from dqfast import _core
 from dqfast._core import E4M3_MAX_BYTE, NVFP4_BOUND, NVFP4_GROUP, __version__
 from dqfast.errors import PlanError
 from dqfast.formats import NVFP4, classify
-from dqfast.fp8 import FLOAT_DTYPES, _check_base_tensor, _group_modules, _ignore_entries, _output_config, check_activation_amax
+from dqfast.fp8 import (
+    FLOAT_DTYPES,
+    _check_base_tensor,
+    _group_modules,
+    _ignore_entries,
+    _output_config,
+    check_activation_amax,
+    is_float_linear,
+)
 from dqfast.models import ModelPreset, fused_groups, glob_to_regex, pattern_list, resolve_preset
 from dqfast.plan import (
     F32,
@@ -300,7 +308,7 @@ def _plan_export(
                 else:
                     plan.copy(meta.name, src_export)
             continue
-        if "weight" in parts and parts["weight"].dtype in FLOAT_DTYPES and len(parts["weight"].shape) == 2:
+        if "weight" in parts and is_float_linear(parts["weight"]):
             report.decisions.append(ModuleDecision(module, "keep", "not quantized in the export"))
             counts["kept_unquantized"] += 1
         for meta in parts.values():
@@ -362,7 +370,7 @@ def _plan_from_bf16(
         reason = None
         if w is None:
             continue
-        if w.dtype not in FLOAT_DTYPES or len(w.shape) != 2:
+        if not is_float_linear(w):
             reason = "not a 2-D float weight"
         elif w.shape[1] % GROUP:
             reason = f"in-features {w.shape[1]} not a multiple of {GROUP}"
@@ -376,7 +384,7 @@ def _plan_from_bf16(
             quantize.append(module)
         else:
             report.decisions.append(ModuleDecision(module, "keep", reason))
-            if len(w.shape) == 2 and w.dtype in FLOAT_DTYPES:
+            if is_float_linear(w):
                 ignore.update(_ignore_entries(preset, module))
     # Shards that loaders fuse share one global scale (the max over the group).
     group_of: dict[str, list[str]] = {}
