@@ -37,7 +37,14 @@ def test_every_top_level_builder_and_error_is_documented():
     import dqfast
 
     text = DOC.read_text()
-    for name in ("build_fp8_transformer", "build_nvfp4_transformer", "build_mixed_transformer", "build_components", "run_batch"):
+    for name in (
+        "build_fp8_transformer",
+        "build_nvfp4_transformer",
+        "build_mixed_transformer",
+        "build_weight_only_transformer",
+        "build_components",
+        "run_batch",
+    ):
         assert name in dqfast.__all__ and f"dqfast.{name}" in text
     for err in ("DqfastError", "CheckpointError", "PlanError", "OutputExistsError", "DqfastIOError", "InternalError", "ManifestError"):
         assert err in dqfast.__all__ and err in text

@@ -253,6 +253,37 @@ def test_builder_registry_is_shared() -> None:
         builders.get_builder("int8")
 
 
+def test_each_weight_only_format_gets_builder_command_and_ops_from_its_entry() -> None:
+    """A weight-only block format is its Rust kernel file and one dqfast.formats entry: the builder,
+    its registry entry and `dqfast build <name>` command, and the plan ops are shared (no line per
+    format). Batch validates a manifest against the bound builder's own keywords, so the bound
+    function must not take **kwargs or a `weight_format`."""
+    import inspect
+
+    from click.testing import CliRunner
+    from dqfast import batch, builders, formats, plan
+    from dqfast.cli import main
+
+    wo = [f for f in formats.FORMATS.values() if f.weight_only]
+    assert wo, "MXFP8 at least"
+    for f in wo:
+        b = builders.BUILDERS[f.name]
+        fn = b.load()
+        assert fn.__name__ == f"build_{f.name}_transformer"
+        params = inspect.signature(fn).parameters
+        assert "weight_format" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values())
+        assert batch._signature_keywords(b) >= {"base_transformer_dir", "fallback", "target"}
+        assert {f.weight_op, f.block_scale_op} <= set(plan.OPS)
+        r = CliRunner().invoke(main, ["build", f.name, "--help"])
+        assert r.exit_code == 0 and f"{f.label} weight-only" in r.output, r.output
+    import dqfast.weight_only as weight_only
+
+    with pytest.raises(AttributeError, match="build_nvfp4_transformer"):
+        weight_only.build_nvfp4_transformer  # noqa: B018 - NVFP4 is no weight-only block format
+    with pytest.raises(dqfast.PlanError, match="weight_format 'nvfp4' is no weight-only block format .known: mxfp8"):
+        dqfast.build_weight_only_transformer("unused", weight_format="nvfp4", base_transformer_dir="unused")
+
+
 _TOY_BUILDER = """
 import json
 

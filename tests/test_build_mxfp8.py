@@ -1,5 +1,5 @@
-"""MXFP8 weight-only builds (``dqfast.mxfp8``, ``dqfast build mxfp8``) from synthetic FLUX.1 / Wan2.2
-BF16 checkpoints: outputs byte-equal to the Rust kernel (``_core.mxfp8_quantize``) on the base
+"""MXFP8 weight-only builds (``dqfast.weight_only``, ``dqfast build mxfp8``) from synthetic FLUX.1 / Wan2.2
+BF16 checkpoints: outputs byte-equal to the Rust kernel (``_core.block_quantize("mxfp8", ...)``) on the base
 weights, readable by the safetensors library, the config vLLM-Omni 0.30 reads, and hostile inputs
 (K not a multiple of 32, NaN weights, fused groups split by a fallback) handled as documented."""
 
@@ -18,11 +18,12 @@ from dqfast import _core
 from dqfast.batch import load_manifest, run_batch
 from dqfast.cli import main
 from dqfast.errors import CheckpointError, PlanError
+from dqfast.formats import MXFP8
 from dqfast.inspect import inspect_checkpoint
-from dqfast.mxfp8 import BLOCK, build_mxfp8_transformer
 from dqfast.reader import open_checkpoint
 from dqfast.stream import CheckpointWriter
 from dqfast.synth import make_transformer
+from dqfast.weight_only import build_mxfp8_transformer
 from hostile.util import tree_digest
 
 
@@ -67,9 +68,9 @@ def test_quantized_weights_equal_the_kernel_and_everything_else_is_copied(flux, 
     assert len(quantized) == report.counts["mxfp8"] > 10
     for m in quantized:
         dtype, (n, k), data = base[f"{m}.weight"]
-        values, scales = _core.mxfp8_quantize(data, dtype, k)
+        values, scales = _core.block_quantize("mxfp8", data, dtype, k)
         assert got[f"{m}.weight"] == ("F8_E4M3", [n, k], values), m
-        assert got[f"{m}.weight_scale"] == ("U8", [n, k // BLOCK], scales), m
+        assert got[f"{m}.weight_scale"] == ("U8", [n, k // MXFP8.block], scales), m
     # Every other tensor byte for byte; nothing else added (no input_scale: dynamic activations).
     added = {f"{m}.weight_scale" for m in quantized}
     assert set(got) == set(base) | added
@@ -149,7 +150,7 @@ def test_wan_with_fallback_and_dry_run(tmp_path):
     assert {"blocks.0.ffn.net.0.proj", "blocks.0.ffn.net.2"} <= set(ignored)
     base, got = _tensor_bytes(wan.base), _tensor_bytes(out)
     dtype, (_, k), data = base["blocks.0.attn2.to_k.weight"]
-    assert got["blocks.0.attn2.to_k.weight_scale"][2] == _core.mxfp8_quantize(data, dtype, k)[1]
+    assert got["blocks.0.attn2.to_k.weight_scale"][2] == _core.block_quantize("mxfp8", data, dtype, k)[1]
 
 
 def test_nan_weight_is_a_checkpoint_error_naming_tensor_and_row(flux, tmp_path):

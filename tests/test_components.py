@@ -142,7 +142,7 @@ def test_cli_build_components_mxfp8(pipeline, tmp_path):
     gets no from-BF16/activation options, and each component equals its standalone build."""
     from click.testing import CliRunner
     from dqfast.cli import main
-    from dqfast.mxfp8 import build_mxfp8_transformer
+    from dqfast.weight_only import build_mxfp8_transformer
 
     out = tmp_path / "mx"
     res = CliRunner().invoke(

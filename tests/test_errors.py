@@ -98,6 +98,7 @@ _UNTYPED_OK = {
     "synth.py:RuntimeError",
     "verify/reference.py",
     "ptq/__init__.py:AttributeError",
+    "weight_only.py:AttributeError",  # its module __getattr__ (build_<format>_transformer), as the protocol asks
     "ptq/flow.py:KeyError",
     "ptq/quantize.py:TypeError",
     "plan.py:TypeError",  # PlanBuilder.add given something not a typed op: a programming error, not user input

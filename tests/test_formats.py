@@ -30,7 +30,7 @@ def _t(dtype: str, shape: list[int]) -> TensorMeta:
 
 def test_numbers_come_from_the_engine() -> None:
     assert NVFP4.block == _core.NVFP4_GROUP
-    assert MXFP8.block == _core.MXFP8_BLOCK
+    assert MXFP8.block == _core.BLOCK_FORMATS["mxfp8"]["block"]
     assert NVFP4.config_weights["group_size"] == _core.NVFP4_GROUP
     assert NVFP4.layer_entry() == {"quant_algo": "NVFP4", "group_size": _core.NVFP4_GROUP}
     assert FP8.layer_entry() == {"quant_algo": "FP8"}
@@ -150,8 +150,11 @@ def test_op_outputs_come_from_the_registry() -> None:
     assert formats.op_output("fp8", (4, 64)) == ("F8_E4M3", (4, 64))
     assert formats.op_output("nvfp4_weight", (4, 64)) == ("U8", (4, 32))
     assert formats.op_output("nvfp4_block_scales", (4, 64)) == ("F8_E4M3", (4, 64 // _core.NVFP4_GROUP))
-    assert formats.op_output("mxfp8_weight", (4, 64)) == ("F8_E4M3", (4, 64))
-    assert formats.op_output("mxfp8_scales", (4, 64)) == ("U8", (4, 64 // _core.MXFP8_BLOCK))
+    assert formats.op_output("block_values", (4, 64), "mxfp8") == ("F8_E4M3", (4, 64))
+    assert formats.op_output("block_scales", (4, 64), "mxfp8") == ("U8", (4, 64 // _core.BLOCK_FORMATS["mxfp8"]["block"]))
+    # The block ops are shared by every block format: without their `format` they name no output.
+    assert formats.op_output("block_values", (4, 64)) is None
+    assert formats.op_output("block_values", (4, 64), "mxfp9") is None
     assert formats.op_output("copy", (4, 64)) is None
     assert formats.op_output("nvfp4_weight", ()) is None
     for f in formats.FORMATS.values():
@@ -177,3 +180,24 @@ def test_verify_names_a_format_it_does_not_dequantize(tmp_path: Path) -> None:
     )
     with pytest.raises(CheckpointError, match="blk: MXFP8 weights are not verified"):
         layer_errors(base, quant)
+
+
+def test_every_engine_block_format_has_one_weight_only_entry() -> None:
+    # A block format is its Rust entry (_core.BLOCK_FORMATS) plus one weight_only_format() entry:
+    # the numbers are Rust's, the entry adds only the engine's config.
+    wo = {n: f for n, f in formats.FORMATS.items() if f.weight_only}
+    assert set(wo) == set(_core.BLOCK_FORMATS)
+    for name, core in _core.BLOCK_FORMATS.items():
+        f = wo[name]
+        assert (f.block, f.elements_per_byte, f.weight_dtype, f.scale_dtype) == (
+            core["block"],
+            core["elements_per_byte"],
+            core["values_dtype"],
+            core["scales_dtype"],
+        )
+        assert f.algos == (core["label"],) and f.builder == name and f.quant_method != "modelopt"
+    # classify() tells block formats apart by (weight dtype, scale dtype): no two may share them.
+    keys = [(f.weight_dtype, f.scale_dtype) for f in formats.FORMATS.values() if f.scale_per == "block"]
+    assert len(keys) == len(set(keys))
+    with pytest.raises(formats.PlanError, match="no block format 'mxfp9' in the engine .known: mxfp8"):
+        formats.weight_only_format("mxfp9", quant_method="mxfp9", method_config={})

@@ -1,4 +1,4 @@
-"""MXFP8 weight-only kernel (``_core.mxfp8_quantize``) against two independent oracles.
+"""MXFP8 weight-only kernel (``_core.block_quantize("mxfp8", ...)``) against two independent oracles.
 
 * numpy, exact: the scale exponent is the smallest ``e`` with ``amax <= 448 * 2**e`` (read off
   ``np.frexp``, no logarithm) and elements round to the nearest e4m3 value, ties to the even code;
@@ -20,7 +20,7 @@ except ImportError:  # the numpy oracle still runs
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
 
-BLOCK = _core.MXFP8_BLOCK
+BLOCK = _core.BLOCK_FORMATS["mxfp8"]["block"]
 
 
 def _e4m3_grid() -> np.ndarray:
@@ -53,7 +53,7 @@ def _ref_numpy(w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _ours(w: np.ndarray, dtype: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-    v, s = _core.mxfp8_quantize(w.tobytes(), dtype, k)
+    v, s = _core.block_quantize("mxfp8", w.tobytes(), dtype, k)
     return np.frombuffer(v, dtype=np.uint8), np.frombuffer(s, dtype=np.uint8)
 
 
@@ -143,7 +143,7 @@ def test_f32_amax_a_few_ulps_above_a_power_of_two_follows_torch_float32_log2() -
 )
 def test_bad_input_raises_plan_error(args: tuple[bytes, str, int], match: str) -> None:
     with pytest.raises(PlanError, match=match):
-        _core.mxfp8_quantize(*args)
+        _core.block_quantize("mxfp8", *args)
 
 
 def test_non_finite_value_is_refused_with_row_and_column() -> None:
@@ -151,4 +151,4 @@ def test_non_finite_value_is_refused_with_row_and_column() -> None:
     w[2, 37] = np.nan
     w[3, 0] = np.inf
     with pytest.raises(PlanError, match="value NaN at row 2, column 37"):
-        _core.mxfp8_quantize(w.tobytes(), "F32", 64)
+        _core.block_quantize("mxfp8", w.tobytes(), "F32", 64)

@@ -19,6 +19,7 @@ from dqfast.mixed import build_mixed_transformer
 from dqfast.nvfp4 import build_nvfp4_transformer
 from dqfast.reader import open_checkpoint, read_tensor
 from dqfast.synth import make_transformer
+from dqfast.weight_only import build_mxfp8_transformer
 
 
 def _strip_versions(v: Any) -> Any:
@@ -53,6 +54,7 @@ BUILDS = {
     ),
     "nvfp4_from_bf16": lambda o, p: build_nvfp4_transformer(o, base_transformer_dir=p.base, from_bf16=True, fsync=False, target="none"),
     "mixed_default": lambda o, p: build_mixed_transformer(o, p.base, fsync=False, target="none"),
+    "mxfp8": lambda o, p: build_mxfp8_transformer(o, base_transformer_dir=p.base, fsync=False, target="none"),
 }
 
 # FLUX.1 pins moved once on purpose (issue #13, branch targets-build): `ignore` lists `p*roj_out`
@@ -61,14 +63,18 @@ BUILDS = {
 # fp8_from_export pins moved once more on purpose (issue #13, branch targets2): `ignore` also lists
 # the RMSNorm/LayerNorm weights without a calibrated scale (`*.attn.norm_q`, `blocks.0.norm2`, ...) as
 # SGLang's tool does; nothing removed from `ignore`, every tensor byte unchanged.
+# The mxfp8 pins were taken at 095ba9a (dqfast.mxfp8 with its own mxfp8_weight/mxfp8_scales ops) and
+# equal the generic weight-only builder's (dqfast.weight_only, block_values/block_scales ops).
 # (Wan's default mixed policy keeps a one-block model wholly BF16: no pin, the builder refuses it.)
 PINS = {
     "flux1/fp8_from_bf16": "18c2edaee97b8c28c645be26b1ff60a0",
     "flux1/fp8_from_export": "db63ab6260abdb2adafae881497324fb",
     "flux1/mixed_default": "ceacc583b7799d6637d8e563522762b6",
+    "flux1/mxfp8": "69b5ae0b0dc679b7ba14c9506af38b55",
     "flux1/nvfp4_from_bf16": "5c50ba91fa4bf58a78011ea109d01aa1",
     "wan/fp8_from_bf16": "89bf0940e87fa644e524698ec54c84ce",
     "wan/fp8_from_export": "50423393ea0b528f3afc3dc55f415cf8",
+    "wan/mxfp8": "c6ccb5c890d2801fab8cf6c5a64781db",
     "wan/nvfp4_from_bf16": "f5772d0a56e38406dd267aba9642b6cb",
 }
 

@@ -25,10 +25,10 @@ from dqfast import plan as plan_mod
 from dqfast.errors import PlanError
 from dqfast.fp8 import build_fp8_transformer
 from dqfast.mixed import build_mixed_transformer
-from dqfast.mxfp8 import build_mxfp8_transformer
 from dqfast.nvfp4 import build_nvfp4_transformer
 from dqfast.plan import OPS, PlanBuilder
 from dqfast.synth import make_transformer
+from dqfast.weight_only import build_mxfp8_transformer
 
 SCHEMA: dict[str, Any] = json.loads(_core.plan_schema())
 DEFS: dict[str, Any] = SCHEMA["$defs"]
@@ -200,7 +200,7 @@ def emitted(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def test_builders_emit_only_schema_valid_ops(emitted: list[str]) -> None:
     # The builders above reach these ops; each tensor of each plan was validated on the way.
     assert {"copy", "fp8", "f32", "scale_of", "scale_from_amax", "nvfp4_weight", "nvfp4_block_scales"} <= set(emitted)
-    assert {"nvfp4_global_scale", "mxfp8_weight", "mxfp8_scales"} <= set(emitted)
+    assert {"nvfp4_global_scale", "block_values", "block_scales"} <= set(emitted)
 
 
 def test_nvfp4_export_and_fused_qkv_ops(modelopt_fixture: Any, tmp_path: Path) -> None:

@@ -13,11 +13,11 @@ import pytest
 from dqfast.components import build_components
 from dqfast.fp8 import build_fp8_transformer
 from dqfast.mixed import build_mixed_transformer
-from dqfast.mxfp8 import build_mxfp8_transformer
 from dqfast.nvfp4 import build_nvfp4_transformer
 from dqfast.plan import split_module
 from dqfast.reader import open_checkpoint
 from dqfast.synth import make_transformer
+from dqfast.weight_only import build_mxfp8_transformer
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 

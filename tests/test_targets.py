@@ -256,7 +256,7 @@ def test_mxfp8_refused_where_sglang_is_a_target(flux_base, tmp_path, target):
 
 @pytest.mark.parametrize("target", ["vllm-omni", "none"])
 def test_mxfp8_builds_for_vllm_omni_and_none(flux_base, tmp_path, target):
-    from dqfast.mxfp8 import build_mxfp8_transformer
+    from dqfast.weight_only import build_mxfp8_transformer
 
     rep = build_mxfp8_transformer(tmp_path / "o", base_transformer_dir=flux_base, target=target)
     assert rep.target == target and rep.counts["mxfp8"] > 0

@@ -27,12 +27,14 @@ from dqfast.nvfp4 import build_nvfp4_transformer
 from dqfast.plan import BuildReport, ModuleDecision
 from dqfast.quant_config import QuantConfig, resolve_quant_config
 from dqfast.reader import CheckpointInfo, TensorMeta, open_checkpoint, read_tensor
+from dqfast.weight_only import build_weight_only_transformer
 
 __all__ = [
     "__version__",
     "build_fp8_transformer",
     "build_nvfp4_transformer",
     "build_mixed_transformer",
+    "build_weight_only_transformer",
     "build_components",
     "ComponentsReport",
     "run_batch",

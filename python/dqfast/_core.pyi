@@ -2,7 +2,7 @@
 
 from collections.abc import Callable, Sequence
 from os import PathLike
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -43,9 +43,17 @@ def e2m1_encode_f32(data: bytes) -> bytes: ...
 def swap_nibbles(data: bytes) -> bytes: ...
 def rescale_block_scales(data: bytes, factor: float) -> bytes: ...
 
-MXFP8_BLOCK: int
+class BlockFormatInfo(TypedDict):
+    label: str
+    block: int
+    elements_per_byte: int
+    values_dtype: str
+    scales_dtype: str
 
-def mxfp8_quantize(data: bytes, dtype: str, k: int) -> tuple[bytes, bytes]: ...
+# The weight-only block formats (dqfast-core ``formats::BLOCK_FORMATS``) by name, and their kernel.
+BLOCK_FORMATS: dict[str, BlockFormatInfo]
+
+def block_quantize(format: str, data: bytes, dtype: str, k: int) -> tuple[bytes, bytes]: ...
 def _panic_for_tests() -> None: ...
 def clean_stale_staging(output: str | PathLike[str]) -> list[str]: ...
 def staging_path(output: str | PathLike[str]) -> str: ...

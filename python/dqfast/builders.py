@@ -9,6 +9,8 @@ paths (checked to exist, fingerprinted by ``batch``, guarded against every outpu
 ``options`` are its command ``dqfast build <name>``, which ``dqfast.cli.build`` generates (adding
 the options every builder shares: output, target, threads, ...).
 To add a builder: one :class:`Builder` line in :data:`BUILDERS` (or :func:`register_builder`).
+Each weight-only block format of :data:`dqfast.formats.FORMATS` has its builder here without a
+line of its own (:func:`_weight_only_builder`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dqfast.errors import PlanError
+from dqfast.formats import FORMATS, WeightFormat
 
 __all__ = ["Builder", "BUILDERS", "Option", "register_builder", "get_builder"]
 
@@ -183,14 +186,22 @@ BUILDERS: dict[str, Builder] = {
         help="ModelOpt MIXED_PRECISION transformer (FP8 + NVFP4 + BF16 per layer) from the BF16 base, weights-only.",
         options=MIXED_OPTIONS,
     ),
-    "mxfp8": Builder(
-        "dqfast.mxfp8:build_mxfp8_transformer",
+}
+
+
+def _weight_only_builder(f: WeightFormat) -> Builder:
+    """The builder of a weight-only block format: ``dqfast.weight_only`` with the format bound."""
+    return Builder(
+        f"dqfast.weight_only:build_{f.name}_transformer",
         ("base_transformer_dir",),
         main_input="base_transformer_dir",
-        help="MXFP8 weight-only transformer for vLLM-Omni (quant_method mxfp8) from the BF16 base, calibration-free.",
+        help=f"{f.label} weight-only transformer (quant_method {f.quant_method}: one scale per {f.block} elements "
+        "along K) from the BF16 base, calibration-free; --target says which engines load it.",
         options=(Option(("--base-transformer-dir",), "BF16 base transformer.", required=True),),
-    ),
-}
+    )
+
+
+BUILDERS.update({f.name: _weight_only_builder(f) for f in FORMATS.values() if f.weight_only})
 
 
 def register_builder(

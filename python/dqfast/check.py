@@ -189,7 +189,7 @@ def plan_tensors(plan: Any) -> dict[str, _Planned]:
         elif op == "concat_rows":
             ms = [src(s) for s in t["srcs"]]
             out[t["name"]] = _Planned(ms[0].dtype, (sum(m.shape[0] for m in ms), *ms[0].shape[1:]))
-        elif "src" in t and (planned := op_output(op, tuple(src(t["src"]).shape))) is not None:
+        elif "src" in t and (planned := op_output(op, tuple(src(t["src"]).shape), t.get("format"))) is not None:
             out[t["name"]] = _Planned(*planned)  # a format's own op: dqfast.formats says what it writes
         else:
             raise PlanError(f"internal: op '{op}' of tensor '{t['name']}' has no output description for --target")

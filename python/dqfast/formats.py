@@ -11,7 +11,11 @@ here instead of keeping their own ``if algo == "NVFP4"`` chains:
 - its MIXED_PRECISION ``quantized_layers`` entry and its ``config_groups`` weight fields;
 - the plan ops that write it and the builder (a :data:`dqfast.builders.BUILDERS` key) that does.
 
-Every number comes from ``dqfast._core`` (the Rust engine), never written again here.
+Every number comes from ``dqfast._core`` (the Rust engine), never written again here. A
+weight-only block format (MXFP8) is mostly Rust's: its kernel file exports a ``BlockFormat``
+(``_core.BLOCK_FORMATS``: block, dtypes, packing), :func:`weight_only_format` turns it into an entry
+adding only what the serving engine's config needs, and the generic plan ops (``block_values``,
+``block_scales``), builder (``dqfast.weight_only``) and its ``dqfast build <name>`` command follow.
 This module imports nothing else from dqfast but ``_core`` and ``errors``: any module may use it.
 """
 
@@ -34,6 +38,7 @@ __all__ = [
     "NVFP4",
     "MXFP8",
     "MIXED_PRECISION",
+    "weight_only_format",
     "classify",
     "op_output",
     "algo_names",
@@ -94,6 +99,15 @@ class WeightFormat:
     block_scale_op: str | None = None
     #: The builder (a ``dqfast.builders.BUILDERS`` key) that writes it.
     builder: str | None = None
+    #: A non-ModelOpt ``quant_method``'s config: its fields besides ``quant_method`` and the
+    #: list of modules left unquantized (``ignore_key``, matched by exact module name).
+    method_config: Mapping[str, Any] = field(default_factory=dict)
+    ignore_key: str = "ignored_layers"
+
+    @property
+    def weight_only(self) -> bool:
+        """A weight-only block format (``_core.BLOCK_FORMATS``), built by ``dqfast.weight_only``."""
+        return self.weight_op == BLOCK_VALUES_OP
 
     def layer_entry(self, algo: str | None = None) -> dict[str, Any]:
         """This format's MIXED_PRECISION ``quantized_layers`` entry (for ``algo``, one of
@@ -125,6 +139,47 @@ class WeightFormat:
             return None
         k = weight_shape[1] * self.elements_per_byte
         return None if k % self.block else [weight_shape[0], k // self.block]
+
+
+#: The engine's generic ops of a weight-only block format (their ``format`` field names it).
+BLOCK_VALUES_OP = "block_values"
+BLOCK_SCALES_OP = "block_scales"
+
+
+def weight_only_format(
+    name: str,
+    *,
+    quant_method: str,
+    method_config: Mapping[str, Any],
+    scale_nan_byte: int | None = None,
+) -> WeightFormat:
+    """The entry of the weight-only block format ``name`` of ``_core.BLOCK_FORMATS``: block, dtypes
+    and packing from the Rust entry; ``quant_method`` and ``method_config``: the config the serving
+    engine reads (``{"quant_method": ..., **method_config, "ignored_layers": [...]}``);
+    ``scale_nan_byte``: a scale byte that means NaN (``inspect`` reports it). Its quant_algo (as
+    reports and ``dqfast check`` name it) is the Rust entry's label."""
+    core = _core.BLOCK_FORMATS.get(name)
+    if core is None:
+        raise PlanError(f"no block format '{name}' in the engine (known: {', '.join(_core.BLOCK_FORMATS)})")
+    return WeightFormat(
+        name,
+        core["label"],
+        name,
+        algos=(core["label"],),
+        quant_method=quant_method,
+        weight_dtype=core["values_dtype"],
+        scale_dtype=core["scales_dtype"],
+        scale_per="block",
+        block=core["block"],
+        elements_per_byte=core["elements_per_byte"],
+        scale_nan_byte=scale_nan_byte,
+        tensors=("weight_scale",),
+        ops=(BLOCK_VALUES_OP, BLOCK_SCALES_OP),
+        weight_op=BLOCK_VALUES_OP,
+        block_scale_op=BLOCK_SCALES_OP,
+        builder=name,
+        method_config=dict(method_config),
+    )
 
 
 BF16 = WeightFormat("bf16", "BF16", "float", weight_dtype=None)
@@ -176,25 +231,9 @@ NVFP4 = WeightFormat(
     block_scale_op="nvfp4_block_scales",
     builder="nvfp4",
 )
-MXFP8 = WeightFormat(
-    "mxfp8",
-    "MXFP8",
-    "mxfp8",
-    algos=("MXFP8",),
-    quant_method="mxfp8",
-    weight_dtype="F8_E4M3",
-    # E8M0 exponent bytes, stored as U8 the way vLLM-Omni's loader takes them.
-    scale_dtype="U8",
-    scale_per="block",
-    block=_core.MXFP8_BLOCK,
-    # E8M0's NaN code (OCP MX spec; the Rust kernel never writes it and does not export it).
-    scale_nan_byte=0xFF,
-    tensors=("weight_scale",),
-    ops=("mxfp8_weight", "mxfp8_scales"),
-    weight_op="mxfp8_weight",
-    block_scale_op="mxfp8_scales",
-    builder="mxfp8",
-)
+# vLLM-Omni 0.30's DiffusionMXFP8Config.from_config (docs/notes/sources.md §7). E8M0's NaN code
+# (OCP MX spec) is 0xFF; the kernel never writes it.
+MXFP8 = weight_only_format("mxfp8", quant_method="mxfp8", method_config={"is_checkpoint_mxfp8_serialized": True}, scale_nan_byte=0xFF)
 
 #: Every format, in the order :func:`classify` tries them (the more specific first).
 FORMATS: dict[str, WeightFormat] = {f.name: f for f in (MXFP8, NVFP4, FP8_CHANNEL, FP8, BF16)}
@@ -216,8 +255,8 @@ def classify(parts: Mapping[str, _Tensor]) -> WeightFormat | None:
     if w.dtype in _FLOAT_WEIGHTS:
         return BF16
     ws = parts.get("weight_scale")
-    for f in (MXFP8, NVFP4):
-        if w.dtype == f.weight_dtype and ws is not None and ws.dtype == f.scale_dtype:
+    for f in FORMATS.values():
+        if f.scale_per == "block" and w.dtype == f.weight_dtype and ws is not None and ws.dtype == f.scale_dtype:
             return f
     if w.dtype == FP8.weight_dtype:
         # A missing weight_scale is FP8 all the same (inspect reports it missing).
@@ -225,10 +264,16 @@ def classify(parts: Mapping[str, _Tensor]) -> WeightFormat | None:
     return None
 
 
-def op_output(op: str, src_shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]] | None:
+def op_output(op: str, src_shape: tuple[int, ...], weight_format: str | None = None) -> tuple[str, tuple[int, ...]] | None:
     """What a format's own plan op writes from a ``[N, K]`` source (:meth:`WeightFormat.op_output`
-    of the format it belongs to); None for an op no format owns (copy, scales, ...)."""
+    of the format it belongs to, or of ``weight_format``: a block op's ``format`` field); None for an
+    op no format owns (copy, scales, ...)."""
+    if weight_format is not None:
+        f = FORMATS.get(weight_format)
+        return None if f is None else f.op_output(op, src_shape)
     for f in FORMATS.values():
+        if f.weight_only:
+            continue  # its ops are shared by every block format: only with weight_format
         if (out := f.op_output(op, src_shape)) is not None:
             return out
     return None

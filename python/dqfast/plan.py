@@ -231,13 +231,20 @@ class Nvfp4GlobalScale(_Nvfp4):
 
 
 @dataclass(frozen=True)
-class Mxfp8Weight(_FromSrc):
-    OP: ClassVar[str] = "mxfp8_weight"
+class BlockValues(_FromSrc):
+    """The values of a float ``[N, K]`` weight in a weight-only block format (``format``: a
+    ``_core.BLOCK_FORMATS`` name, e.g. ``mxfp8``)."""
+
+    OP: ClassVar[str] = "block_values"
+    format: str
 
 
 @dataclass(frozen=True)
-class Mxfp8Scales(_FromSrc):
-    OP: ClassVar[str] = "mxfp8_scales"
+class BlockScales(_FromSrc):
+    """Its scales, one per block along K (``format`` as for :class:`BlockValues`)."""
+
+    OP: ClassVar[str] = "block_scales"
+    format: str
 
 
 #: Every typed op by its engine name.
@@ -257,8 +264,8 @@ OPS: dict[str, type[PlanOp]] = {
         Nvfp4Weight,
         Nvfp4BlockScales,
         Nvfp4GlobalScale,
-        Mxfp8Weight,
-        Mxfp8Scales,
+        BlockValues,
+        BlockScales,
     )
 }
 

@@ -187,8 +187,8 @@ def _normalize(cfg: dict[str, Any], source: str) -> QuantConfig | None:
     method = method.lower()
     producer = _field(cfg, "producer", dict, source, "") or {}
     own = format_for_method(method)
-    if own is not None:  # vLLM-Omni's MXFP8 weight-only (dqfast.mxfp8): exact-name ignore list
-        ignored = _str_list(cfg, "ignored_layers", source)
+    if own is not None:  # a weight-only format (vLLM-Omni's MXFP8, dqfast.weight_only): exact-name ignore list
+        ignored = _str_list(cfg, own.ignore_key, source)
         ignored = _str_list(cfg, "modules_to_not_convert", source) if ignored is None else ignored
         return QuantConfig(own.algos[0], ignore=list(ignored or []), source=source, raw=dict(cfg))
     if method not in MODELOPT_METHODS and producer.get("name") != "modelopt":

@@ -99,9 +99,11 @@ class Target:
     #: whether a MIXED_PRECISION `quantized_layers` entry per shard (`to_q`) reaches the fused layer
     mixed_resolves_packed: bool = True
     mixed_source: str = ""
-    #: whether it loads dqfast's MXFP8 layout (quant_method mxfp8, U8 ``weight_scale`` [N, K/32])
-    mxfp8: bool = False
-    mxfp8_source: str = ""
+    #: the non-ModelOpt quant_methods (of the weight-only formats, ``dqfast.weight_only``) whose
+    #: dqfast layout it loads, each with the upstream file that loads it; and, for a method it has
+    #: a loader for but cannot load dqfast's layout with, why (a method in neither: no loader)
+    quant_methods: dict[str, str] = field(default_factory=dict)
+    quant_methods_refused: dict[str, str] = field(default_factory=dict)
 
     def packed_layer(self, module: str) -> str | None:
         """The fused runtime layer ``module`` is a shard of, else None."""
@@ -196,10 +198,11 @@ TARGETS: dict[str, Target] = {
         nvfp4_excludes_from_tensors=True,
         nvfp4_excludes_source="multimodal_gen/runtime/loader/transformer_load_utils.py: _merge_modelopt_fp4_configs "
         "replaces the config's exclude list by the one inferred from the safetensors (every layer stored in BF16)",
-        mxfp8=False,
-        mxfp8_source="multimodal_gen/runtime/layers/quantization/mxfp8.py: MXFP8Config builds on SRT's Fp8LinearMethod "
-        "(srt/layers/quantization/fp8.py), whose block scale parameter is `weight_scale_inv`, not vLLM-Omni's "
-        "`weight_scale`, and needs compute capability 10.0 or an Ascend NPU",
+        quant_methods_refused={
+            "mxfp8": "multimodal_gen/runtime/layers/quantization/mxfp8.py: MXFP8Config builds on SRT's Fp8LinearMethod "
+            "(srt/layers/quantization/fp8.py), whose block scale parameter is `weight_scale_inv`, not vLLM-Omni's "
+            "`weight_scale`, and needs compute capability 10.0 or an Ascend NPU"
+        },
     ),
     "vllm-omni": Target(
         name="vllm-omni",
@@ -241,8 +244,7 @@ TARGETS: dict[str, Target] = {
         mixed_source="vllm_omni/diffusion/registry.py binds packed_modules_mapping of the *pipeline* class "
         "(FluxPipeline has none) into the quant config, so ModelOptMixedPrecisionConfig cannot map a fused "
         "layer (to_qkv) back to its shard entries: it stays BF16",
-        mxfp8=True,
-        mxfp8_source="vllm_omni/quantization/factory.py: quant_method mxfp8 -> DiffusionMXFP8Config (docs/notes/sources.md §7)",
+        quant_methods={"mxfp8": "vllm_omni/quantization/factory.py: quant_method mxfp8 -> DiffusionMXFP8Config (docs/notes/sources.md §7)"},
     ),
 }
 

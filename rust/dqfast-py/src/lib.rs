@@ -20,7 +20,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyType};
 
-mod mxfp8_py;
+mod block_py;
 mod nvfp4_py;
 mod ops_py;
 
@@ -495,7 +495,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_output_paths, m)?)?;
     m.add_class::<GuardedInputs>()?;
     nvfp4_py::register(m)?;
-    mxfp8_py::register(m)?;
+    block_py::register(m)?;
     ops_py::register(m)?;
     Ok(())
 }

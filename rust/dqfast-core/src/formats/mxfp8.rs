@@ -21,8 +21,21 @@ use rayon::prelude::*;
 use super::e4m3::{e4m3_from_f32, e4m3_to_f32, E4M3_MAX};
 use super::load::{Bf16, Elem, BLOCK as HALF, F16, F32};
 use super::nvfp4::block_amax;
-use super::with_avx2;
+use super::{with_avx2, BlockError, BlockFormat};
 use crate::dtype::Dtype;
+
+/// MXFP8 as the engine's plan ops write it (`block_values` / `block_scales` with format `mxfp8`).
+pub const FORMAT: BlockFormat = BlockFormat {
+    name: "mxfp8",
+    label: "MXFP8",
+    block: BLOCK,
+    elements_per_byte: 1,
+    values_dtype: Dtype::F8_E4M3,
+    // E8M0 exponent bytes, stored as U8 the way vLLM-Omni's loader takes them.
+    scales_dtype: Dtype::U8,
+    values: |s, d, k, out| quantize_values(s, d, k, out).map_err(BlockError::from),
+    scales: |s, d, k, out| block_scales(s, d, k, out).map_err(BlockError::from),
+};
 
 /// Elements per E8M0 scale.
 pub const BLOCK: usize = 32;
@@ -50,6 +63,15 @@ pub enum MxError {
     /// The first non-finite element in row-major order (row counted from the start of the buffer).
     #[error("value {value} at row {row}, column {col}; refusing to quantize a non-finite weight")]
     NonFinite { row: usize, col: usize, value: f32 },
+}
+
+impl From<MxError> for BlockError {
+    fn from(e: MxError) -> Self {
+        match e {
+            MxError::NonFinite { row, col, value } => BlockError::NonFinite { row, col, value },
+            e => BlockError::Invalid(e.to_string()),
+        }
+    }
 }
 
 /// `ceil(log2(q))` for a positive finite f32, with the log2 rounded to f32 first.

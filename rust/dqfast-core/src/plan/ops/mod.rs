@@ -17,12 +17,12 @@ use super::pipeline::Emit;
 use super::resolve::{Cx, Out, Src};
 use crate::error::Result;
 
+pub mod block;
 pub mod bytewise;
 pub mod concat_rows;
 pub mod copy;
 pub mod fp8;
 pub mod literal;
-pub mod mxfp8;
 pub mod nvfp4;
 pub mod rescale;
 pub mod scale_of;
@@ -138,8 +138,8 @@ registry! {
     Nvfp4BlockScales(nvfp4::Nvfp4BlockScalesOp),
     /// NVFP4 `weight_scale_2` (float32) of a float tensor; `shape` is `[]` or `[1]`.
     Nvfp4GlobalScale(nvfp4::Nvfp4GlobalScaleOp),
-    /// MXFP8 e4m3 values `[N, K]` of a float tensor `[N, K]`.
-    Mxfp8Weight(mxfp8::Mxfp8WeightOp),
-    /// MXFP8 E8M0 block scales, U8 `[N, K/32]`, of a float tensor `[N, K]`.
-    Mxfp8Scales(mxfp8::Mxfp8ScalesOp),
+    /// The values of a float tensor `[N, K]` in a weight-only block format (e.g. MXFP8's e4m3).
+    BlockValues(block::BlockValuesOp),
+    /// Its block scales, `[N, K / block]` (e.g. MXFP8's E8M0 bytes, U8 `[N, K/32]`).
+    BlockScales(block::BlockScalesOp),
 }

@@ -1,5 +1,7 @@
-//! `mxfp8_weight` / `mxfp8_scales`: the MXFP8 e4m3 values `[N, K]` and E8M0 block scales
-//! (U8 `[N, K/32]`) of one float weight `[N, K]` (see [`crate::mxfp8`]).
+//! `block_values` / `block_scales`: the values `[N, K / elements_per_byte]` and the block scales
+//! `[N, K / block]` of one float weight `[N, K]` in a weight-only block format (`format`: a
+//! [`crate::formats::BlockFormat`] by name, e.g. `mxfp8`). One op pair serves every such format:
+//! a new one is a kernel file in `formats/` and its line in `BLOCK_FORMATS`, nothing here.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -7,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{OpKind, Resolve};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::mxfp8::{self, MxError};
+use crate::formats::{block_format, BlockError, BlockFormat, BLOCK_FORMATS};
 use crate::plan::pipeline::Emit;
 use crate::plan::resolve::{Cx, Out, Src};
 use crate::plan::schedule::Loaded;
@@ -15,50 +17,65 @@ use crate::plan::schema::SrcRef;
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Mxfp8WeightOp {
+pub struct BlockValuesOp {
+    /// The block format (`formats::BLOCK_FORMATS`), e.g. `mxfp8`.
+    pub format: String,
     pub src: SrcRef,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Mxfp8ScalesOp {
+pub struct BlockScalesOp {
+    /// The block format (`formats::BLOCK_FORMATS`), e.g. `mxfp8`.
+    pub format: String,
     pub src: SrcRef,
 }
 
-impl Resolve for Mxfp8WeightOp {
+impl Resolve for BlockValuesOp {
     fn resolve<'a>(&self, cx: &Cx<'a, '_>) -> Result<Out<'a>> {
-        let m = Mx::new(cx.float_src(&self.src)?, false)?;
+        let m = Block::new(cx.float_src(&self.src)?, &self.format, false)?;
         Ok(Out::new(m.dtype(), m.shape(), m))
     }
 }
 
-impl Resolve for Mxfp8ScalesOp {
+impl Resolve for BlockScalesOp {
     fn resolve<'a>(&self, cx: &Cx<'a, '_>) -> Result<Out<'a>> {
-        let m = Mx::new(cx.float_src(&self.src)?, true)?;
+        let m = Block::new(cx.float_src(&self.src)?, &self.format, true)?;
         Ok(Out::new(m.dtype(), m.shape(), m))
     }
 }
 
-/// An MXFP8 output of one float weight `[N, K]`, values (`[N, K]` e4m3) or scales (`[N, K/32]`
-/// U8): the op's shape, fill, reads and release rule in one place.
+/// A block-format output of one float weight `[N, K]`, values or scales: the op's shape, fill,
+/// reads and release rule in one place.
 #[derive(Clone, Copy)]
-struct Mx<'a> {
+struct Block<'a> {
     src: Src<'a>,
+    format: &'static BlockFormat,
     scales: bool,
     k: usize,
 }
 
-impl<'a> Mx<'a> {
-    fn new(src: Src<'a>, scales: bool) -> Result<Self> {
-        let shape = &src.info.shape;
-        if shape.len() != 2 || !shape[1].is_multiple_of(mxfp8::BLOCK) {
+impl<'a> Block<'a> {
+    fn new(src: Src<'a>, format: &str, scales: bool) -> Result<Self> {
+        let Some(format) = block_format(format) else {
+            let known: Vec<_> = BLOCK_FORMATS.iter().map(|f| f.name).collect();
             return Err(src.err(format!(
-                "MXFP8 needs a 2-D weight whose last dimension is a multiple of {}, found {shape:?}",
-                mxfp8::BLOCK
+                "unknown block format '{format}' (known: {})",
+                known.join(", ")
+            )));
+        };
+        let shape = &src.info.shape;
+        // A packed format needs whole bytes too; the block is a multiple of it in every format.
+        let unit = format.block.max(format.elements_per_byte);
+        if shape.len() != 2 || !shape[1].is_multiple_of(unit) {
+            return Err(src.err(format!(
+                "{} needs a 2-D weight whose last dimension is a multiple of {unit}, found {shape:?}",
+                format.label
             )));
         }
-        Ok(Mx {
+        Ok(Block {
             src,
+            format,
             scales,
             k: shape[1],
         })
@@ -66,9 +83,9 @@ impl<'a> Mx<'a> {
 
     fn dtype(&self) -> Dtype {
         if self.scales {
-            Dtype::U8
+            self.format.scales_dtype
         } else {
-            Dtype::F8_E4M3
+            self.format.values_dtype
         }
     }
 
@@ -78,18 +95,18 @@ impl<'a> Mx<'a> {
 
     fn op_name(&self) -> &'static str {
         if self.scales {
-            "mxfp8_scales"
+            "block_scales"
         } else {
-            "mxfp8_weight"
+            "block_values"
         }
     }
 
     /// Output bytes per source row: the unit of work, since a block never straddles rows.
     fn row_out(&self) -> usize {
         if self.scales {
-            self.k / mxfp8::BLOCK
+            self.k / self.format.block
         } else {
-            self.k
+            self.k / self.format.elements_per_byte
         }
     }
 
@@ -105,14 +122,14 @@ impl<'a> Mx<'a> {
     fn fill(&self, ld: &Loaded, at: usize, out: &mut [u8]) -> Result<()> {
         let d = self.src.info.dtype;
         let s = &ld.data(&self.src)[self.src_range(at, at + out.len())];
-        let r = if self.scales {
-            mxfp8::block_scales(s, d, self.k, out)
+        let kernel = if self.scales {
+            self.format.scales
         } else {
-            mxfp8::quantize_values(s, d, self.k, out)
+            self.format.values
         };
-        r.map_err(|e| {
+        kernel(s, d, self.k, out).map_err(|e| {
             let e = match e {
-                MxError::NonFinite { row, col, value } => MxError::NonFinite {
+                BlockError::NonFinite { row, col, value } => BlockError::NonFinite {
                     row: at / self.row_out() + row,
                     col,
                     value,
@@ -123,7 +140,7 @@ impl<'a> Mx<'a> {
         })
     }
 
-    /// Drop the mapped source rows behind output bytes `from..to` (the other MXFP8 op of this
+    /// Drop the mapped source rows behind output bytes `from..to` (the other block op of this
     /// weight faults them back in from the page cache, which keeps RSS at one batch).
     fn release(&self, ld: &Loaded, from: usize, to: usize) {
         let r = self.src_range(from, to);
@@ -140,7 +157,7 @@ impl<'a> Mx<'a> {
     }
 }
 
-impl<'a> OpKind<'a> for Mx<'a> {
+impl<'a> OpKind<'a> for Block<'a> {
     fn name(&self) -> &'static str {
         self.op_name()
     }
@@ -148,7 +165,7 @@ impl<'a> OpKind<'a> for Mx<'a> {
         vec![self.src]
     }
     fn source_bytes(&self, _out: usize) -> usize {
-        Mx::source_bytes(self)
+        Block::source_bytes(self)
     }
     fn emit(&self, cx: &Emit<'a, '_>) -> Result<Option<Vec<f32>>> {
         let ld = cx.ld;

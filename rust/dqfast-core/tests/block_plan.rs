@@ -1,4 +1,4 @@
-//! The `mxfp8_weight` / `mxfp8_scales` plan ops: the engine writes exactly the bytes of
+//! The `block_values` / `block_scales` plan ops with format `mxfp8`: the engine writes exactly the bytes of
 //! `mxfp8::quantize` on the same data, across batch (16 MiB) and piece (1 MiB) boundaries; a
 //! non-finite weight is refused naming the tensor and its row; bad shapes and dtypes are refused
 //! before anything is written; every output re-parses with the strict reader.
@@ -35,8 +35,8 @@ fn plan(source: &Path, out: &Path, tensors: Value) -> String {
 }
 
 fn mx_ops(name: &str, t: &str, scales_first: bool) -> Value {
-    let w = json!({"name": format!("{name}.weight"), "op": "mxfp8_weight", "src": src(t)});
-    let s = json!({"name": format!("{name}.weight_scale"), "op": "mxfp8_scales", "src": src(t)});
+    let w = json!({"name": format!("{name}.weight"), "op": "block_values", "format": "mxfp8", "src": src(t)});
+    let s = json!({"name": format!("{name}.weight_scale"), "op": "block_scales", "format": "mxfp8", "src": src(t)});
     if scales_first {
         json!([s, w])
     } else {
@@ -124,17 +124,29 @@ fn bad_shapes_and_dtypes_are_refused_before_writing_naming_the_tensor() {
             ("e4m3", Dtype::F8_E4M3, vec![2, 32], None),
         ],
     );
-    for (t, op, want) in [
-        ("k48", "mxfp8_weight", "multiple of 32, found [2, 48]"),
-        ("flat", "mxfp8_scales", "2-D weight"),
-        ("cube", "mxfp8_weight", "2-D weight"),
-        ("e4m3", "mxfp8_scales", "cannot be quantized"),
+    for (t, op, format, want) in [
+        (
+            "k48",
+            "block_values",
+            "mxfp8",
+            "multiple of 32, found [2, 48]",
+        ),
+        ("flat", "block_scales", "mxfp8", "2-D weight"),
+        ("cube", "block_values", "mxfp8", "2-D weight"),
+        ("e4m3", "block_scales", "mxfp8", "cannot be quantized"),
+        (
+            "k48",
+            "block_values",
+            "mxfp9",
+            "unknown block format 'mxfp9' (known: mxfp8)",
+        ),
+        ("k48", "block_scales", "", "unknown block format ''"),
     ] {
         let out = d.path().join("out");
         let e = err_of(&plan_of(
             &s,
             &out,
-            json!([{"name": "x", "op": op, "src": src(t)}]),
+            json!([{"name": "x", "op": op, "format": format, "src": src(t)}]),
         ));
         assert!(
             e.contains(&format!("tensor '{t}'")) && e.contains(want),
