@@ -686,16 +686,10 @@ class W4a8PrepareCall:
                 self.kernel = k
             return out, q, qs
         p = self.ptrs
-        kernel.run(
+        _run_c(
+            kernel,
             self.grid0,
-            1,
-            1,
-            torch._C._cuda_getCurrentRawStream(self.dev),
-            kernel.function,
-            kernel.packed_metadata,
-            None,
-            None,
-            None,
+            self.dev,
             p[0],
             p[1],
             p[2],
@@ -863,6 +857,13 @@ def _c_launchable(kernel) -> bool:
     return _RUNTIME_KNOBS is not None and not _INTERPRET and kernel is not None and hasattr(kernel, "packed_metadata")
 
 
+def _run_c(kernel, grid0: int, dev: int, *args) -> None:
+    """Re-launch a kept kernel (see :func:`_c_launchable`) on a 1-D grid through Triton's C
+    launcher, with integer addresses for tensors and no launch hooks (the caller checked
+    :func:`_hooks_idle`): the cached call objects' fast path."""
+    kernel.run(grid0, 1, 1, torch._C._cuda_getCurrentRawStream(dev), kernel.function, kernel.packed_metadata, None, None, None, *args)
+
+
 class Fp8FusedCall:
     """`fp8_linear_static` for one input signature (shape, dtype, device, 16-byte alignment of
     the input) and one set of module tensors, with everything but the output allocation and the
@@ -956,16 +957,10 @@ class Fp8FusedCall:
                 self.kernel = k
             return y
         p = self.ptrs
-        kernel.run(
+        _run_c(
+            kernel,
             self.grid0,
-            1,
-            1,
-            torch._C._cuda_getCurrentRawStream(self.dev),
-            kernel.function,
-            kernel.packed_metadata,
-            None,
-            None,
-            None,
+            self.dev,
             x.data_ptr(),
             p[0],
             p[1],
