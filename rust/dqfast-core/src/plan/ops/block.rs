@@ -65,12 +65,12 @@ impl<'a> Block<'a> {
             )));
         };
         let shape = &src.info.shape;
-        // A packed format needs whole bytes too; the block is a multiple of it in every format.
-        let unit = format.block.max(format.elements_per_byte);
-        if shape.len() != 2 || !shape[1].is_multiple_of(unit) {
+        // Whole blocks give whole values bytes too (every block is a multiple of elements_per_byte:
+        // formats::tests).
+        if shape.len() != 2 || !shape[1].is_multiple_of(format.block) {
             return Err(src.err(format!(
-                "{} needs a 2-D weight whose last dimension is a multiple of {unit}, found {shape:?}",
-                format.label
+                "{} needs a 2-D weight whose last dimension is a multiple of {}, found {shape:?}",
+                format.label, format.block
             )));
         }
         Ok(Block {
