@@ -57,7 +57,7 @@ def flux(tmp_path_factory):
 @pytest.fixture(scope="module")
 def flux_build(flux, tmp_path_factory):
     out = tmp_path_factory.mktemp("build") / "flux-mxfp8"
-    return out, build_mxfp8_transformer(out, base_transformer_dir=flux.base, target="vllm-omni")
+    return out, build_mxfp8_transformer(out, base_transformer_dir=flux.base, target="none")
 
 
 def test_quantized_weights_equal_the_kernel_and_everything_else_is_copied(flux, flux_build):
@@ -136,10 +136,10 @@ def test_inspect_recognizes_mxfp8_and_its_problems(flux_build, tmp_path):
 
 def test_wan_with_fallback_and_dry_run(tmp_path):
     wan = make_transformer(tmp_path / "wan", "wan", blocks=1, heads=2, head_dim=32, config_overrides={"ffn_dim": 128, "text_dim": 96})
-    dry = build_mxfp8_transformer(tmp_path / "dry", base_transformer_dir=wan.base, fallback=[r"\.ffn\."], dry_run=True, target="vllm-omni")
+    dry = build_mxfp8_transformer(tmp_path / "dry", base_transformer_dir=wan.base, fallback=[r"\.ffn\."], dry_run=True, target="none")
     assert dry.dry_run and not (tmp_path / "dry").exists()
     out = tmp_path / "out"
-    r = build_mxfp8_transformer(out, base_transformer_dir=wan.base, fallback=[r"\.ffn\."], max_shard_size="40KB", target="vllm-omni")
+    r = build_mxfp8_transformer(out, base_transformer_dir=wan.base, fallback=[r"\.ffn\."], max_shard_size="40KB", target="none")
     assert [d.module for d in r.decisions] == [d.module for d in dry.decisions] and r.counts == dry.counts
     assert len(list(out.glob("*.safetensors"))) > 1  # sharded, with an index
     assert_safetensors_readable(out)
@@ -162,12 +162,12 @@ def test_nan_weight_is_a_checkpoint_error_naming_tensor_and_row(flux, tmp_path):
     before = tree_digest(base)
     out = tmp_path / "out"
     with pytest.raises(CheckpointError) as e:
-        build_mxfp8_transformer(out, base_transformer_dir=base, target="vllm-omni")
+        build_mxfp8_transformer(out, base_transformer_dir=base, target="none")
     assert e.value.tensor == name and "row 3, column 7" in str(e.value), str(e.value)
     assert not out.exists() and tree_digest(base) == before
     # The CLI: one line, exit 2, nothing at the output.
     r = CliRunner().invoke(
-        main, ["build", "mxfp8", "--base-transformer-dir", str(base), "--output-dir", str(out), "-q", "--target", "vllm-omni"]
+        main, ["build", "mxfp8", "--base-transformer-dir", str(base), "--output-dir", str(out), "-q", "--target", "none"]
     )
     assert r.exit_code == 2, r.output
     assert name in r.output and "row 3" in r.output and len(r.output.strip().splitlines()) == 1, r.output
@@ -176,7 +176,7 @@ def test_nan_weight_is_a_checkpoint_error_naming_tensor_and_row(flux, tmp_path):
 
 def test_a_fallback_that_splits_a_fused_group_is_refused(flux, tmp_path):
     with pytest.raises(PlanError, match=r"fused group 'transformer_blocks\.0\.attn\.to_qkv'.*to_k"):
-        build_mxfp8_transformer(tmp_path / "o", base_transformer_dir=flux.base, fallback=[r"blocks\.0\.attn\.to_k$"], target="vllm-omni")
+        build_mxfp8_transformer(tmp_path / "o", base_transformer_dir=flux.base, fallback=[r"blocks\.0\.attn\.to_k$"], target="none")
     assert not (tmp_path / "o").exists()
 
 
@@ -184,13 +184,13 @@ def test_cli_build_and_batch_match_the_api(flux, flux_build, tmp_path):
     out, _ = flux_build
     cli_out = tmp_path / "cli"
     r = CliRunner().invoke(
-        main, ["build", "mxfp8", "--base-transformer-dir", str(flux.base), "--output-dir", str(cli_out), "--json", "--target", "vllm-omni"]
+        main, ["build", "mxfp8", "--base-transformer-dir", str(flux.base), "--output-dir", str(cli_out), "--json", "--target", "none"]
     )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output[r.output.index("{") :])["quant_algo"] == "MXFP8"
     m = tmp_path / "jobs.toml"
     m.write_text(
-        f'[[jobs]]\nbuilder = "mxfp8"\noutput = "batch"\ninputs = {{ base_transformer_dir = "{flux.base}" }}\noptions = {{ target = "vllm-omni" }}\n'
+        f'[[jobs]]\nbuilder = "mxfp8"\noutput = "batch"\ninputs = {{ base_transformer_dir = "{flux.base}" }}\noptions = {{ target = "none" }}\n'
     )
     assert run_batch(load_manifest(m)).jobs[0].status == "done"
     for d in (cli_out, tmp_path / "batch"):
@@ -209,5 +209,5 @@ def test_an_mxfp8_checkpoint_is_recognized_and_never_taken_as_a_float_base(flux_
     # over MXFP8 tensors.
     for build in (build_mxfp8_transformer, lambda o, **kw: dqfast.build_fp8_transformer(o, from_bf16=True, **kw)):
         with pytest.raises(PlanError, match="already quantized"):
-            build(tmp_path / "o", base_transformer_dir=out, target="vllm-omni")
+            build(tmp_path / "o", base_transformer_dir=out, target="none")
         assert not (tmp_path / "o").exists()

@@ -146,12 +146,25 @@ def test_cli_build_components_mxfp8(pipeline, tmp_path):
 
     out = tmp_path / "mx"
     res = CliRunner().invoke(
-        main, ["build", "components", "mxfp8", "--root", str(pipeline), "--output-dir", str(out), "--json", "--target", "vllm-omni"]
+        main,
+        [
+            "build",
+            "components",
+            "mxfp8",
+            "--root",
+            str(pipeline),
+            "--output-dir",
+            str(out),
+            "--json",
+            "--target",
+            "vllm-omni",
+            "--fit-target",
+        ],
     )
     assert res.exit_code == 0, res.output
     for c in ("transformer", "transformer_2"):
         alone = tmp_path / f"alone-{c}"
-        build_mxfp8_transformer(alone, base_transformer_dir=pipeline / c, target="vllm-omni")
+        build_mxfp8_transformer(alone, base_transformer_dir=pipeline / c, target="vllm-omni", fit_target=True)
         assert _load(out / c).keys() == _load(alone).keys()
         assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(_load(out / c).values(), _load(alone).values()))
 

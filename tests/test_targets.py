@@ -7,6 +7,7 @@ What the engines' own code does with the same checkpoints is asserted in tests/c
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from ckpt_helpers import tiny_diffusers_base
 from click.testing import CliRunner
 from dqfast.check import check_checkpoint
 from dqfast.cli import main
+from dqfast.errors import TargetError
 from dqfast.fp8 import build_fp8_transformer
 from dqfast.mixed import build_mixed_transformer
 from dqfast.models import PRESETS
@@ -250,16 +252,46 @@ def test_mxfp8_refused_where_sglang_is_a_target(flux_base, tmp_path, target):
     args = ["build", "mxfp8", "--base-transformer-dir", str(flux_base), "--output-dir", str(tmp_path / "o")]
     r = CliRunner().invoke(main, args + ([] if target is None else ["--target", target]))
     assert r.exit_code == 2 and not (tmp_path / "o").exists()
-    assert r.output.startswith("error: build mxfp8 (quant_method mxfp8): --target")
+    assert r.output.startswith("error: --target") and "sglang==0.5.23 cannot load quant_method mxfp8" in r.output
     assert "weight_scale_inv" in r.output and "pass --target vllm-omni or --target none" in r.output
 
 
-@pytest.mark.parametrize("target", ["vllm-omni", "none"])
-def test_mxfp8_builds_for_vllm_omni_and_none(flux_base, tmp_path, target):
+def test_mxfp8_for_vllm_omni_follows_its_model_classes_and_says_npu_only(flux_base, tmp_path):
+    """vLLM-Omni's FLUX.1 builds only its single blocks' attention and MLP projections with the
+    MXFP8 method (the compat suite builds its tree with DiffusionMXFP8Config): `--target vllm-omni`
+    refused a FLUX.1 MXFP8 build that stores MXFP8 elsewhere only in `dqfast check`, which said the
+    output does not load while the build had accepted it. Now the build refuses it (naming the
+    layer and --fit-target, not SGLang, which loads no MXFP8), --fit-target keeps the other layers
+    in BF16 and lists them in ignored_layers, build and check agree, and both say that vLLM-Omni
+    0.30.0 loads serialized MXFP8 on Ascend NPU only."""
     from dqfast.weight_only import build_mxfp8_transformer
 
-    rep = build_mxfp8_transformer(tmp_path / "o", base_transformer_dir=flux_base, target=target)
-    assert rep.target == target and rep.counts["mxfp8"] > 0
+    with pytest.raises(
+        TargetError, match=r"cannot load 'context_embedder': MXFP8 weight for an unquantized.*--fit-target.*or --target none$"
+    ):
+        build_mxfp8_transformer(tmp_path / "o", base_transformer_dir=flux_base, target="vllm-omni")
+    assert not (tmp_path / "o").exists()
+    rep = build_mxfp8_transformer(tmp_path / "o", base_transformer_dir=flux_base, target="vllm-omni", fit_target=True)
+    out = open_checkpoint(tmp_path / "o").tensors
+    stored = {n[: -len(".weight")] for n, m in out.items() if n.endswith(".weight") and m.dtype == "F8_E4M3"}
+    assert stored and all(re.match(r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)$", m) for m in stored), stored
+    single = re.compile(r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)\.weight$")
+    assert stored == {n[: -len(".weight")] for n in open_checkpoint(flux_base).tensors if single.match(n)}
+    qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    kept = {n[: -len(".weight")] for n, m in out.items() if n.endswith(".weight") and len(m.shape) == 2 and m.dtype == "BF16"}
+    assert qc["ignored_layers"] == sorted(qc["ignored_layers"]) and kept <= set(qc["ignored_layers"])
+    assert any("Ascend NPU only" in w for w in rep.warnings), rep.warnings
+    # The report follows the fit: the layers kept for the target are no longer counted as MXFP8.
+    assert rep.counts["mxfp8"] == len(stored) and rep.counts["kept_for_target"] > 0
+    assert {d.module for d in rep.decisions if d.action == "mxfp8"} == stored
+    (verdict,) = check_checkpoint(tmp_path / "o", "vllm-omni")
+    assert verdict.status == "loads" and verdict.modules("quantized") == stored, verdict.summary()
+    assert "Ascend NPU only" in verdict.summary()
+    (sgl,) = check_checkpoint(tmp_path / "o", "sglang")
+    assert sgl.status == "fails" and "quant_method mxfp8 is not accepted" in (sgl.config_error or "")
+    # Without a target nothing is checked: every eligible layer is MXFP8.
+    none = build_mxfp8_transformer(tmp_path / "n", base_transformer_dir=flux_base, target="none")
+    assert none.target == "none" and none.counts["mxfp8"] > len(stored) and not none.warnings
 
 
 @pytest.mark.parametrize("target", [None, "any", "sglang", "vllm-omni"])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dqfast.errors import PlanError, TargetError
-from dqfast.formats import BF16, MIXED_PRECISION, WeightFormat, classify, family_algos, op_output
+from dqfast.formats import BF16, FORMATS, MIXED_PRECISION, WeightFormat, classify, family_algos, op_output
 from dqfast.models import detect_preset
 from dqfast.quant_config import find_component_dir, load_json, quantized_layer_entry, resolve_quant_config
 from dqfast.reader import open_checkpoint
@@ -35,6 +35,8 @@ class CheckReport:
     family: str
     config_error: str | None = None
     layers: list[LayerVerdict] = field(default_factory=list)
+    #: what the engine's verdict depends on (a platform restriction of the quant method)
+    notes: list[str] = field(default_factory=list)
 
     def modules(self, outcome: str) -> set[str]:
         return {v.module for v in self.layers if v.outcome == outcome}
@@ -53,7 +55,8 @@ class CheckReport:
         if err:
             return f"{self.target}: does not load: {len(err)} layer(s) fail, e.g. {sorted(err)[0]}"
         extra = f", {len(deq)} quantized layer(s) dequantized to BF16" if deq else ""
-        return f"{self.target}: loads ({len(q)} layer(s) quantized{extra})"
+        notes = "".join(f"; {n}" for n in self.notes)
+        return f"{self.target}: loads ({len(q)} layer(s) quantized{extra}){notes}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +65,7 @@ class CheckReport:
             "family": self.family,
             "status": self.status,
             "config_error": self.config_error,
+            "notes": self.notes,
             "layers": [vars(v) for v in self.layers],
         }
 
@@ -72,10 +76,37 @@ def _stored(tensors: dict, module: str) -> WeightFormat | None:
     return classify(parts)
 
 
+def weight_only_of(qc: Any) -> WeightFormat | None:
+    """The weight-only format of a non-ModelOpt ``quant_method`` config (MXFP8), else None."""
+    return next((f for f in FORMATS.values() if f.weight_only and qc.quant_algo in f.algos), None)
+
+
+def _refusal(t: Target, qc: Any) -> tuple[str, str] | None:
+    """What of the config engine ``t`` refuses as a whole and the rule's source (None: it takes it):
+    the quant_algo of a ModelOpt config, the quant_method of a weight-only one."""
+    wo = weight_only_of(qc)
+    if wo is not None:
+        m = wo.quant_method
+        return None if m in t.quant_methods else (f"quant_method {m}", t.quant_methods_refused.get(m, "it has no loader for it"))
+    return None if qc.quant_algo in t.algos else (f"quant_algo {qc.quant_algo}", t.algos_source)
+
+
+def _caveats(t: Target, qc: Any) -> list[str]:
+    wo = weight_only_of(qc) if qc is not None else None
+    note = t.quant_method_caveats.get(wo.quant_method) if wo is not None else None
+    return [f"{t.engine_version}: {note}"] if note else []
+
+
 def _engine_algo(t: Target, family: str, qc: Any, module: str, fmt: WeightFormat | None = None) -> tuple[str | None, str]:
     """The algorithm the engine builds ``module`` (stored as ``fmt``) with (None: unquantized), and why."""
     if not t.model_quantizes(family, module):
         return None, f"{t.name}'s {family} model class does not quantize this layer ({t.quantized_source(family)})"
+    wo = weight_only_of(qc)
+    if wo is not None:
+        # vLLM's is_layer_skipped in its exact mode: the layer's own (runtime) name is listed.
+        if module in qc.ignore or t.runtime_name(family, module) in qc.ignore:
+            return None, f"listed in {wo.ignore_key} (exact name)"
+        return qc.quant_algo, ""
     if qc.quant_algo == "NVFP4" and t.nvfp4_excludes_from_tensors and fmt is not None:
         # `ignore` is not consulted: the layers stored in BF16 are the exclusions.
         return (None, f"stored in BF16 ({t.nvfp4_excludes_source})") if fmt is BF16 else ("NVFP4", "")
@@ -97,9 +128,10 @@ def _engine_algo(t: Target, family: str, qc: Any, module: str, fmt: WeightFormat
 
 def _check_one(t: Target, d: Path, family: str, qc: Any, tensors: dict) -> CheckReport:
     rep = CheckReport(t.name, t.engine_version, family)
-    if qc is not None and qc.quant_algo not in t.algos:
-        rep.config_error = f"quant_algo {qc.quant_algo} is not accepted ({t.algos_source})"
+    if qc is not None and (refused := _refusal(t, qc)) is not None:
+        rep.config_error = f"{refused[0]} is not accepted ({refused[1]})"
         return rep
+    rep.notes = _caveats(t, qc)
     linears = sorted(n[: -len(".weight")] for n, m in tensors.items() if n.endswith(".weight") and len(m.shape) == 2)
     for m in linears:
         fmt = _stored(tensors, m)
@@ -218,8 +250,8 @@ def _ignore_names(family: str, module: str) -> list[str]:
     return names
 
 
-def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str, family: str) -> None:
-    """Rewrite ``module`` of ``plan`` to its float weight (no scales), listed in ``ignore``."""
+def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str, family: str, key: str = "ignore") -> None:
+    """Rewrite ``module`` of ``plan`` to its float weight (no scales), listed in ``ignore`` (``key``)."""
     s = _float_source(plan, f"{module}.weight")
     if s is None:
         raise PlanError(
@@ -228,22 +260,34 @@ def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str, family: s
     drop = {f"{module}.{x}" for x in ("weight", *_SCALE_SUFFIXES)}
     plan.tensors = [t for t in plan.tensors if t["name"] not in drop]
     plan.copy(f"{module}.weight", s)
-    qcfg["ignore"] = [*qcfg.get("ignore", []), *_ignore_names(family, module)]
+    qcfg[key] = [*qcfg.get(key, []), *_ignore_names(family, module)]
     if isinstance(qcfg.get("quantized_layers"), dict):
         qcfg["quantized_layers"].pop(module, None)
+
+
+def _record_kept(report: Any, module: str, why: str) -> None:
+    """The report follows a layer the target keeps in BF16: its decision says so and the count of
+    its former action moves to ``kept_for_target`` (the report said it was quantized)."""
+    for d in report.decisions:
+        if d.module == module and d.action != "keep":
+            if report.counts.get(d.action, 0) > 0:
+                report.counts[d.action] -= 1
+            report.counts["kept_for_target"] = report.counts.get("kept_for_target", 0) + 1
+            d.action, d.reason = "keep", why
 
 
 def apply_target(plan: Any, report: Any) -> None:
     """The serving-engine pass of every builder (called by :func:`dqfast.plan.finish`):
 
-    1. always: an ``ignore`` entry that an engine's matching rule applies to a module the output
-       quantizes is rewritten (vLLM's substring rule: ``proj_out`` would exclude
-       ``single_transformer_blocks.*.proj_out``);
+    1. always, for a ModelOpt config: an ``ignore`` entry that an engine's matching rule applies to
+       a module the output quantizes is rewritten (vLLM's substring rule: ``proj_out`` would exclude
+       ``single_transformer_blocks.*.proj_out``); a weight-only config's list matches exact names;
     2. with ``plan.target`` (the builders' default ``any``; ``none`` and None check nothing): the
        target's acceptance rules (the ones ``dqfast check`` runs) on the planned tensors and config;
-       a quant_algo an engine refuses, or a layer it cannot load, is a TargetError naming it, the
-       rule and the ``--target`` values that would load it; with ``plan.fit_target`` such a layer is
-       kept in BF16 / added to ``ignore`` instead (listed in ``report.warnings``).
+       a quant_algo (or weight-only quant_method) an engine refuses, or a layer it cannot load, is a
+       TargetError naming it, the rule and the ``--target`` values that would load it; with
+       ``plan.fit_target`` such a layer is kept in BF16 / added to ``ignore`` instead (listed in
+       ``report.warnings``). A quant method's platform caveat is a warning.
     """
     from dqfast.quant_config import _normalize
     from dqfast.targets import collision_free_ignore
@@ -251,6 +295,15 @@ def apply_target(plan: Any, report: Any) -> None:
     qcfg = dict(plan.quant_config)
     tensors = plan_tensors(plan)
     family = detect_preset(plan.src_config).name
+    first = _normalize(qcfg, "planned config")
+    wo = weight_only_of(first) if first is not None else None
+    key = wo.ignore_key if wo is not None else "ignore"
+
+    def planned() -> Any:
+        if wo is not None:  # exact names: nothing to rewrite
+            return _normalize(qcfg, "planned config")
+        return _normalize(_fix_ignore(qcfg, tensors, collision_free_ignore), "planned config")
+
     targets: list[Target] = []
     if plan.target is not None:
         try:
@@ -264,41 +317,50 @@ def apply_target(plan: Any, report: Any) -> None:
         if plan.fit_target and targets:
             forced = False
             for t in targets:
-                qc = _normalize(_fix_ignore(qcfg, tensors, collision_free_ignore), "planned config")
-                if qc is None or qc.quant_algo not in t.algos:
+                qc = planned()
+                if qc is None or _refusal(t, qc) is not None:
                     break
                 for v in _check_one(t, plan.output_dir, family, qc, tensors).layers:
                     if v.outcome in ("error", "dequantized") and v.stored != "BF16":
-                        _keep_bf16(plan, qcfg, v.module, f"{t.name}: {v.detail}", family)
+                        _keep_bf16(plan, qcfg, v.module, f"{t.name}: {v.detail}", family, key)
+                        _record_kept(report, v.module, f"--target {plan.target}: {t.name}: {v.detail}")
                         report.warnings.append(f"--target {plan.target}: kept {v.module} in BF16 ({t.name}: {v.detail})")
                         forced = True
                     elif v.outcome == "error":
-                        qcfg["ignore"] = [*qcfg.get("ignore", []), *_ignore_names(family, v.module)]
-                        report.warnings.append(f"--target {plan.target}: listed {v.module} in ignore ({t.name}: {v.detail})")
+                        qcfg[key] = [*qcfg.get(key, []), *_ignore_names(family, v.module)]
+                        report.warnings.append(f"--target {plan.target}: listed {v.module} in {key} ({t.name}: {v.detail})")
                         forced = True
                 if forced:  # the next engine is checked against the layers this one kept in BF16
                     tensors = plan_tensors(plan)
             if forced:
                 continue
         break
-    qcfg["ignore"] = _fix_ignore(qcfg, tensors, collision_free_ignore, report if targets else None)["ignore"]
+    if wo is not None:
+        qcfg[key] = sorted(set(qcfg.get(key, [])))
+    else:
+        qcfg["ignore"] = _fix_ignore(qcfg, tensors, collision_free_ignore, report if targets else None)["ignore"]
     qc = _normalize(qcfg, "planned config")
-    algo = qc.quant_algo if qc is not None else ""
-    algo_refused = [t for t in targets if qc is not None and algo not in t.algos]
-    if algo_refused:  # a whole format: --fit-target cannot help
-        t = algo_refused[0]
-        raise TargetError(
-            f"--target {plan.target}: {t.engine_version} cannot load quant_algo {algo} ({t.algos_source}); "
-            f"pass {other_targets(plan.target, lambda e: algo in e.algos) or '--target none'}"
-        )
+    refused = [(t, r) for t in targets if qc is not None and (r := _refusal(t, qc)) is not None]
+    if refused:  # a whole format: --fit-target cannot help
+        t, (what, source) = refused[0]
+        alts = other_targets(plan.target, lambda e: _refusal(e, qc) is None) or "--target none"
+        raise TargetError(f"--target {plan.target}: {t.engine_version} cannot load {what} ({source}); pass {alts}")
     failures: dict[str, str] = {}  # engine -> the first layer it cannot load, and why
     for t in targets:
-        bad = [v for v in _check_one(t, plan.output_dir, family, qc, tensors).layers if v.outcome == "error"]
+        rep = _check_one(t, plan.output_dir, family, qc, tensors)
+        report.warnings.extend(n for n in rep.notes if n not in report.warnings)
+        bad = [v for v in rep.layers if v.outcome == "error"]
         if bad:
             more = f" (and {len(bad) - 1} more layer(s))" if len(bad) > 1 else ""
             failures[t.name] = f"{t.engine_version} cannot load '{bad[0].module}': {bad[0].detail}{more}"
     if failures:
-        alts = other_targets(plan.target, lambda e: e.name not in failures) or "--target none"
+
+        def loads(e: Target) -> bool:  # another target, by the same rules
+            if e.name in failures or _refusal(e, qc) is not None:
+                return False
+            return not any(v.outcome == "error" for v in _check_one(e, plan.output_dir, family, qc, tensors).layers)
+
+        alts = other_targets(plan.target, loads) or "--target none"
         raise TargetError(
             f"--target {plan.target}: {next(iter(failures.values()))}; "
             f"pass --fit-target (fit_target=True) to keep such layers in BF16, or {alts}"

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal, TypedDict
 
 from dqfast import _core
 from dqfast.errors import PlanError
+from dqfast.formats import format_for_method
 
 __all__ = [
     "PlanBuilder",
@@ -512,8 +513,9 @@ def finish(plan: PlanBuilder, report: BuildReport, *, dry_run: bool, progress: P
     return the report without writing. A dry run over an existing output without overwrite is
     still a useful preview: the plan is validated as if replacing it, and a warning says so."""
     report.dry_run = dry_run
-    if plan.quant_config is not None and plan.quant_config.get("quant_method") == "modelopt":
-        # ModelOpt configs only: the targets' rules are about them (MXFP8's ignored_layers match exactly).
+    method = None if plan.quant_config is None else plan.quant_config.get("quant_method")
+    if method == "modelopt" or (isinstance(method, str) and format_for_method(method) is not None):
+        # ModelOpt and weight-only (MXFP8) configs: the targets' rules are about them.
         # Late import: dqfast.check reads checkpoints (reader) and presets, which import plan.
         from dqfast.check import apply_target
 

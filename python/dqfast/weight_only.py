@@ -41,7 +41,7 @@ from dqfast.plan import BlockScales, BlockValues, BuildReport, IoMode, ModuleDec
 from dqfast.presets import resolve_preset
 from dqfast.quant_config import load_float_base
 from dqfast.reader import open_checkpoint
-from dqfast.targets import DEFAULT_TARGET, TargetName, refuse_format
+from dqfast.targets import DEFAULT_TARGET, TargetName
 
 # Also build_<name>_transformer for each weight-only format (build_mxfp8_transformer), made on first
 # access by __getattr__ below: the registry needs no line per format.
@@ -85,9 +85,13 @@ def build_weight_only_transformer(
     one pattern) of modules to keep in BF16, on top of the preset's FP8 fallbacks. A build that
     quantizes nothing warns (``report.warnings``), or fails with ``strict``.
 
-    ``target``: a :class:`dqfast.errors.TargetError` when an engine of it has no loader for the
-    format's ``quant_method`` (MXFP8: ``any``, the default, and ``sglang`` refuse, as SGLang 0.5.23
-    does not load this layout; pass ``target="vllm-omni"`` or ``"none"``).
+    ``target``: the serving-engine rules of :func:`dqfast.check.apply_target`: an engine of it that
+    has no loader for the format's ``quant_method`` is a :class:`dqfast.errors.TargetError` (MXFP8:
+    ``any``, the default, and ``sglang`` refuse, as SGLang 0.5.23 does not load this layout; pass
+    ``target="vllm-omni"`` or ``"none"``), and so is a layer the engine's model class builds
+    unquantized (vLLM-Omni's FLUX.1 quantizes only its single blocks): ``fit_target`` keeps such
+    layers in BF16 and lists them. A platform restriction of the engine's loader (vLLM-Omni 0.30
+    loads serialized MXFP8 on Ascend NPU only) is a line of ``report.warnings``.
 
     Raises :class:`dqfast.errors.DqfastError` subclasses naming the file, tensor and problem
     (a non-finite weight: :class:`~dqfast.errors.CheckpointError` with the tensor and row);
@@ -151,16 +155,7 @@ def build_weight_only_transformer(
     _output_config(base_cfg, quant_cfg, plan)
     report.counts = counts
     check_quantized(report, counts[name], strict)
-    # Only whole-format rules exist here (no ModelOpt config for dqfast.check's layer rules).
-    refuse_format(
-        target,
-        f"build {name} (quant_method {method})",
-        lambda t: method in t.quant_methods,
-        lambda t: t.quant_methods_refused.get(method, f"it has no loader for quant_method {method}"),
-    )
-    if fit_target:
-        raise PlanError(f"--fit-target (fit_target=True): dqfast has no per-layer serving-engine rules for {fmt.label} yet")
-    report.target = None if target is None else str(target)
+    plan.target, plan.fit_target = target, fit_target
     return finish(plan, report, dry_run=dry_run, progress=progress)
 
 

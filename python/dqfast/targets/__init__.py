@@ -104,6 +104,9 @@ class Target:
     #: a loader for but cannot load dqfast's layout with, why (a method in neither: no loader)
     quant_methods: dict[str, str] = field(default_factory=dict)
     quant_methods_refused: dict[str, str] = field(default_factory=dict)
+    #: what a user of a loaded method must know (a platform restriction), shown by every build and
+    #: ``dqfast check`` of such a checkpoint
+    quant_method_caveats: dict[str, str] = field(default_factory=dict)
 
     def packed_layer(self, module: str) -> str | None:
         """The fused runtime layer ``module`` is a shard of, else None."""
@@ -245,6 +248,11 @@ TARGETS: dict[str, Target] = {
         "(FluxPipeline has none) into the quant config, so ModelOptMixedPrecisionConfig cannot map a fused "
         "layer (to_qkv) back to its shard entries: it stays BF16",
         quant_methods={"mxfp8": "vllm_omni/quantization/factory.py: quant_method mxfp8 -> DiffusionMXFP8Config (docs/notes/sources.md §7)"},
+        quant_method_caveats={
+            "mxfp8": "vLLM-Omni 0.30.0 loads a serialized MXFP8 checkpoint on Ascend NPU only: "
+            "DiffusionMXFP8Config.get_quant_method raises NotImplementedError on CUDA and XPU "
+            "(vllm_omni/quantization/mxfp8_config.py)"
+        },
     ),
 }
 
