@@ -8,8 +8,8 @@ engines' own code on the same checkpoints and asserts that both agree.
 ``any`` (the default of every builder) is the intersection: a checkpoint meets ``any`` when both
 engines load it as written. ``none`` opts out of every engine check (dqfast's own runtime, other
 loaders). :func:`fp8_from_bf16_granularity` picks, for an option the caller did not set, the
-value the target loads, and says why; :func:`refuse_format` refuses a format an engine of the
-target cannot load at all; :func:`other_targets` names the way out of a refusal.
+value the target loads, and says why; :func:`other_targets` names the way out of a refusal (the
+refusals themselves are ``dqfast.check.apply_target``'s, the same rules ``dqfast check`` runs).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ __all__ = [
     "targets_of",
     "other_targets",
     "fp8_from_bf16_granularity",
-    "refuse_format",
 ]
 
 SGLANG = "sglang==0.5.23"
@@ -351,13 +350,3 @@ def fp8_from_bf16_granularity(name: str, given: str | None, fit: bool) -> tuple[
     if fit:
         return "tensor", [f"{msg}: per-tensor instead (--fit-target)"]
     raise TargetError(f"{msg}; pass {other_targets(name, channel_ok)}, or --fit-target to use per-tensor scales")
-
-
-def refuse_format(name: str, what: str, ok: Callable[[Target], bool], why: Callable[[Target], str]) -> None:
-    """A TargetError when an engine of target ``name`` cannot load the format ``what`` at all
-    (``--fit-target`` cannot help: no layer of it would load)."""
-    for t in targets_of(name):
-        if not ok(t):
-            raise TargetError(
-                f"{what}: --target {name} includes {t.engine_version}, which cannot load it ({why(t)}); pass {other_targets(name, ok)}"
-            )
