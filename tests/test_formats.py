@@ -178,7 +178,7 @@ def test_verify_names_a_format_it_does_not_dequantize(tmp_path: Path) -> None:
         quant / "diffusion_pytorch_model.safetensors",
         {"blk.weight": ("F8_E4M3", [4, 32], bytes([0x38]) * 128), "blk.weight_scale": ("U8", [4, 1], bytes([127]) * 4)},
     )
-    with pytest.raises(CheckpointError, match="blk: MXFP8 weights are not verified"):
+    with pytest.raises(CheckpointError, match="blk: MXFP8 weights under quant_algo FP8_PER_CHANNEL_PER_TOKEN are not verified"):
         layer_errors(base, quant)
 
 

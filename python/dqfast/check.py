@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dqfast.errors import PlanError, TargetError
-from dqfast.formats import BF16, FORMATS, MIXED_PRECISION, WeightFormat, classify, family_algos, op_output
+from dqfast.formats import BF16, MIXED_PRECISION, WeightFormat, classify, family_algos, op_output, weight_only_of_algo
 from dqfast.models import detect_preset
 from dqfast.quant_config import find_component_dir, load_json, quantized_layer_entry, resolve_quant_config
 from dqfast.reader import open_checkpoint
@@ -78,7 +78,7 @@ def _stored(tensors: dict, module: str) -> WeightFormat | None:
 
 def weight_only_of(qc: Any) -> WeightFormat | None:
     """The weight-only format of a non-ModelOpt ``quant_method`` config (MXFP8), else None."""
-    return next((f for f in FORMATS.values() if f.weight_only and qc.quant_algo in f.algos), None)
+    return weight_only_of_algo(qc.quant_algo)
 
 
 def _refusal(t: Target, qc: Any) -> tuple[str, str] | None:

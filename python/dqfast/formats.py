@@ -39,6 +39,7 @@ __all__ = [
     "MXFP8",
     "MIXED_PRECISION",
     "weight_only_format",
+    "weight_only_of_algo",
     "classify",
     "op_output",
     "algo_names",
@@ -299,6 +300,11 @@ def format_of_algo(algo: str) -> WeightFormat:
 def family_algos(kind: str) -> tuple[str, ...]:
     """The quant_algo names of every format of a family (``"fp8"``: FP8, FP8_PER_CHANNEL_PER_TOKEN)."""
     return tuple(a for f in FORMATS.values() if f.kind == kind for a in f.algos)
+
+
+def weight_only_of_algo(algo: str) -> WeightFormat | None:
+    """The weight-only block format a (resolved) quant_algo names (``MXFP8``), else None."""
+    return next((f for f in FORMATS.values() if f.weight_only and algo.upper() in f.algos), None)
 
 
 def format_for_method(quant_method: str) -> WeightFormat | None:

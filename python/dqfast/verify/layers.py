@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
-from dqfast.errors import CheckpointError
-from dqfast.formats import classify, family_algos
+from dqfast import _core
+from dqfast.errors import CheckpointError, PlanError
+from dqfast.formats import WeightFormat, classify, family_algos, weight_only_of_algo
+from dqfast.quant_config import resolve_quant_config
 from dqfast.reader import open_checkpoint
 
 from ..runtime import quant as Q
@@ -48,6 +50,37 @@ def _dequantize_nvfp4(reader: _Reader, module: str, swap_nibbles: bool) -> tuple
 _DEQUANTIZE: dict[str, Callable[[_Reader, str, bool], tuple[torch.Tensor, int]]] = {"fp8": _dequantize_fp8, "nvfp4": _dequantize_nvfp4}
 
 
+def _raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _dequantize_block(reader: _Reader, module: str, fmt: WeightFormat) -> tuple[torch.Tensor, int]:
+    """A weight-only block format (every ``_core.BLOCK_FORMATS`` entry): the engine's reference
+    dequantization, in Rust; NaN scale bytes counted by the format's NaN code."""
+    w = reader.get(f"{module}.weight")
+    s = reader.get(f"{module}.weight_scale")
+    rows, k = w.shape[0], w.shape[1] * fmt.elements_per_byte
+    try:
+        out = _core.block_dequantize(fmt.name, _raw(w), _raw(s), k)
+    except PlanError as e:
+        raise CheckpointError(f"{module}: {e}") from None
+    nan_bytes = 0 if fmt.scale_nan_byte is None else int((s.view(torch.uint8) == fmt.scale_nan_byte).sum())
+    return torch.frombuffer(bytearray(out), dtype=torch.float32).reshape(rows, k), nan_bytes
+
+
+def _quant_spec(quant_dir: str | Path) -> tuple[str, bool]:
+    """(quant_algo, swap_weight_nibbles): the runtime's reading of a ModelOpt config; the config
+    reader's for a weight-only ``quant_method`` (which the runtime does not run)."""
+    try:
+        qc = resolve_quant_config(quant_dir)
+    except PlanError:
+        qc = None  # read_quant_spec says why, with the runtime's error
+    if qc is not None and weight_only_of_algo(qc.quant_algo) is not None:
+        return qc.quant_algo, False
+    spec = read_quant_spec(quant_dir)
+    return spec.quant_algo, spec.swap_weight_nibbles
+
+
 def _metrics(ref: torch.Tensor, deq: torch.Tensor) -> dict:
     ref = ref.double().flatten()
     deq = deq.double().flatten()
@@ -70,7 +103,7 @@ def layer_errors(base_dir: str | Path, quant_dir: str | Path, progress: StepFn |
     Each dict: module, algo, shape, max_abs_err, mean_abs_err, cosine, snr_db, nan (NaN in
     the dequantized weight or NaN scale bytes), nan_scale_bytes, outlier (see module constants).
     """
-    spec = read_quant_spec(quant_dir)
+    quant_algo, swap_nibbles = _quant_spec(quant_dir)
     qreader = _Reader(_tensor_files(Path(quant_dir)))
     breader = _Reader(_tensor_files(Path(base_dir)))
     metas = open_checkpoint(quant_dir).tensors
@@ -82,12 +115,17 @@ def layer_errors(base_dir: str | Path, quant_dir: str | Path, progress: StepFn |
         if fmt is None or fmt.weight_dtype is None:
             dtype = parts["weight"].dtype if "weight" in parts else "missing"
             raise CheckpointError(f"{module}.weight has dtype {dtype}; not a quantized weight")
-        if fmt.kind not in _DEQUANTIZE:
-            known = ", ".join(k.upper() for k in _DEQUANTIZE)
-            raise CheckpointError(f"{module}: {fmt.label} weights are not verified (verify dequantizes {known})")
-        deq, nan_bytes = _DEQUANTIZE[fmt.kind](qreader, module, spec.swap_weight_nibbles)
+        if fmt.weight_only:
+            # Only under its own config: an e4m3 + U8 layer in a ModelOpt FP8 checkpoint is no MXFP8.
+            if weight_only_of_algo(quant_algo) is not fmt:
+                raise CheckpointError(f"{module}: {fmt.label} weights under quant_algo {quant_algo} are not verified")
+            deq, nan_bytes = _dequantize_block(qreader, module, fmt)
+        elif fmt.kind in _DEQUANTIZE:
+            deq, nan_bytes = _DEQUANTIZE[fmt.kind](qreader, module, swap_nibbles)
+        else:
+            raise CheckpointError(f"{module}: {fmt.label} weights are not verified")
         # The config's name when it is of this family (FP8_PER_CHANNEL_PER_TOKEN), else the family's.
-        algo = spec.quant_algo if spec.quant_algo in family_algos(fmt.kind) else fmt.kind.upper()
+        algo = quant_algo if quant_algo in family_algos(fmt.kind) else fmt.kind.upper()
         base = breader.get(f"{module}.weight")
         if tuple(base.shape) != tuple(deq.shape):
             raise CheckpointError(f"{module}: base shape {tuple(base.shape)} != quantized {tuple(deq.shape)}")

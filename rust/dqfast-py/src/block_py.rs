@@ -44,6 +44,24 @@ fn block_quantize<'py>(
     Ok((PyBytes::new(py, &values), PyBytes::new(py, &scales)))
 }
 
+/// Dequantize block format `format`'s values `[rows, k / elements_per_byte]` and scales
+/// `[rows, k / block]` to float32 (little-endian bytes, `[rows, k]`): the reference dequantization
+/// of the format (verification). Bad lengths or K raise `PlanError`.
+#[pyfunction]
+fn block_dequantize<'py>(
+    py: Python<'py>,
+    format: &str,
+    values: &[u8],
+    scales: &[u8],
+    k: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let f = lookup(format)?;
+    let out = crate::detach_catch(py, || (f.dequantize)(values, scales, k))?
+        .map_err(|e| Exc::Plan.new_err(e.to_string()))?;
+    let bytes: Vec<u8> = out.iter().flat_map(|x| x.to_le_bytes()).collect();
+    Ok(PyBytes::new(py, &bytes))
+}
+
 /// `_core.BLOCK_FORMATS`: name -> {label, block, elements_per_byte, values_dtype, scales_dtype}.
 fn formats_dict<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     let all = PyDict::new(py);
@@ -59,9 +77,10 @@ fn formats_dict<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     Ok(all)
 }
 
-/// Add the block formats and their kernel to the `dqfast._core` module.
+/// Add the block formats and their kernels to the `dqfast._core` module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("BLOCK_FORMATS", formats_dict(m.py())?)?;
     m.add_function(wrap_pyfunction!(block_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(block_dequantize, m)?)?;
     Ok(())
 }

@@ -31,6 +31,9 @@ pub enum BlockError {
 /// A block kernel: rows of a `[rows, k]` BF16/F16/F32 buffer (`src`, `dtype`, `k`) into `out`.
 pub type BlockKernel = fn(&[u8], Dtype, usize, &mut [u8]) -> Result<(), BlockError>;
 
+/// Values and scales of rows of a `[rows, k]` weight back to f32 (verification, tests).
+pub type BlockDequantize = fn(&[u8], &[u8], usize) -> Result<Vec<f32>, BlockError>;
+
 /// A weight-only block format: a float weight `[N, K]` is stored as values `[N, K /
 /// elements_per_byte]` and one scale per `block` elements along K, `[N, K / block]`, each row
 /// independent of the others (so the engine may quantize any run of whole rows).
@@ -50,6 +53,8 @@ pub struct BlockFormat {
     pub values: BlockKernel,
     /// The scales of rows of a float weight (`out`: `rows * k / block` bytes).
     pub scales: BlockKernel,
+    /// The reference dequantization (what the engine it targets computes before its cast).
+    pub dequantize: BlockDequantize,
 }
 
 /// Every weight-only block format the engine writes.
@@ -113,6 +118,17 @@ mod tests {
                 (f.values)(&src, Dtype::F32, k, &mut short),
                 Err(BlockError::Invalid(_))
             ));
+            // The format's dequantization inverts its quantization within one e4m3-like step.
+            let back = (f.dequantize)(&values, &scales, k).unwrap();
+            assert_eq!(back.len(), rows * k);
+            for (i, (b, x)) in back.iter().zip(src.chunks_exact(4)).enumerate() {
+                let x = f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+                assert!(
+                    (b - x).abs() <= 0.0625 * x.abs() + 1e-6,
+                    "{} element {i}: {b} vs {x}",
+                    f.name
+                );
+            }
             let mut bad = src.clone();
             bad[4 * (k + 1)..4 * (k + 2)].copy_from_slice(&f32::NAN.to_le_bytes());
             assert!(matches!(

@@ -35,6 +35,7 @@ pub const FORMAT: BlockFormat = BlockFormat {
     scales_dtype: Dtype::U8,
     values: |s, d, k, out| quantize_values(s, d, k, out).map_err(BlockError::from),
     scales: |s, d, k, out| block_scales(s, d, k, out).map_err(BlockError::from),
+    dequantize: |v, s, k| dequantize(v, s, k).map_err(BlockError::from),
 };
 
 /// Elements per E8M0 scale.
