@@ -299,6 +299,13 @@ def apply_target(plan: Any, report: Any) -> None:
     wo = weight_only_of(first) if first is not None else None
     key = wo.ignore_key if wo is not None else "ignore"
 
+    # Every excluded module also under each engine's runtime name (vLLM-Omni's Wan2.2 `ffn.net_0.proj`,
+    # SGLang's Qwen-Image `img_mod`): the entry as written would not exclude it there.
+    linears = {n[: -len(".weight")] for n, m in tensors.items() if n.endswith(".weight") and len(m.shape) == 2}
+    if isinstance(qcfg.get(key), list):
+        named = [p for p in qcfg[key] if p in linears]
+        qcfg[key] = [*qcfg[key], *(r for p in named for r in _ignore_names(family, p)[1:] if r not in qcfg[key])]
+
     def planned() -> Any:
         if wo is not None:  # exact names: nothing to rewrite
             return _normalize(qcfg, "planned config")

@@ -246,6 +246,14 @@ TARGETS: dict[str, Target] = {
         mixed_source="vllm_omni/diffusion/registry.py binds packed_modules_mapping of the *pipeline* class "
         "(FluxPipeline has none) into the quant config, so ModelOptMixedPrecisionConfig cannot map a fused "
         "layer (to_qkv) back to its shard entries: it stays BF16",
+        # Its Wan2.2 names the FeedForward `net_0` / `net_2` and the attention output `to_out` (its
+        # load_weights renames diffusers' `ffn.net.0.`, `ffn.net.2.`, `to_out.0.`): the quant prefix an
+        # `ignore` entry must match (`…ffn.net.0.proj` is not a substring of `…ffn.net_0.proj`).
+        runtime_names={
+            "wan": ((r"\.ffn\.net\.0\.proj$", ".ffn.net_0.proj"), (r"\.ffn\.net\.2$", ".ffn.net_2"), (r"\.to_out\.0$", ".to_out"))
+        },
+        runtime_names_source="vllm_omni/diffusion/models/wan2_2/wan2_2_transformer.py (FeedForward net_0/net_2, "
+        "attention to_out; WanTransformer3DModel.load_weights renames)",
         quant_methods={"mxfp8": "vllm_omni/quantization/factory.py: quant_method mxfp8 -> DiffusionMXFP8Config (docs/notes/sources.md §7)"},
         quant_method_caveats={
             "mxfp8": "vLLM-Omni 0.30.0 loads a serialized MXFP8 checkpoint on Ascend NPU only: "
