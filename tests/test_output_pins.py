@@ -63,9 +63,10 @@ BUILDS = {
 # fp8_from_export pins moved once more on purpose (issue #13, branch targets2): `ignore` also lists
 # the RMSNorm/LayerNorm weights without a calibrated scale (`*.attn.norm_q`, `blocks.0.norm2`, ...) as
 # SGLang's tool does; nothing removed from `ignore`, every tensor byte unchanged.
-# Wan pins moved once on purpose (vLLM-Omni's Wan2.2 runtime names): `ignore` also lists each kept
-# block Linear under vLLM-Omni's name (`blocks.0.ffn.net_0.proj`, `…ffn.net_2`, `…attn1.to_out`);
-# with those entries removed each output equals its previous pin (89bf0940…, 50423393…, f5772d0a…).
+# Wan pins moved once on purpose (the engines' Wan2.2 runtime names): `ignore` also lists each kept
+# block Linear under SGLang's (`blocks.0.to_q`, `blocks.0.to_out`, `…ffn.fc_in`, `…ffn.fc_out`, ...)
+# and vLLM-Omni's names (`blocks.0.ffn.net_0.proj`, `…ffn.net_2`, `…attn1.to_out`); with those
+# entries removed each output equals its previous pin (89bf0940…, 50423393…, f5772d0a…).
 # The mxfp8 pins were taken at 095ba9a (dqfast.mxfp8 with its own mxfp8_weight/mxfp8_scales ops) and
 # equal the generic weight-only builder's (dqfast.weight_only, block_values/block_scales ops).
 # (Wan's default mixed policy keeps a one-block model wholly BF16: no pin, the builder refuses it.)
@@ -75,10 +76,10 @@ PINS = {
     "flux1/mixed_default": "ceacc583b7799d6637d8e563522762b6",
     "flux1/mxfp8": "69b5ae0b0dc679b7ba14c9506af38b55",
     "flux1/nvfp4_from_bf16": "5c50ba91fa4bf58a78011ea109d01aa1",
-    "wan/fp8_from_bf16": "734d03bcb25538a7369f06edc2b38c64",
-    "wan/fp8_from_export": "02b264260beb8a062cb06c56d4b7aa06",
+    "wan/fp8_from_bf16": "7b17512b90455c9e28dfbec286ce825f",
+    "wan/fp8_from_export": "3db73095c7a7405ba224535dd8b56fcb",
     "wan/mxfp8": "c6ccb5c890d2801fab8cf6c5a64781db",
-    "wan/nvfp4_from_bf16": "31737a2987ebe4a98082d4e8a67ab814",
+    "wan/nvfp4_from_bf16": "0ac18fc3264ddd8eac1b410fe200dee7",
 }
 
 

@@ -513,28 +513,32 @@ def test_batch_cli_shows_each_jobs_forced_choices_and_unmangled_errors(flux_base
     assert all(n.startswith(("target any: ", "warning: ")) for n in jobs["d"]["notes"])
 
 
-def test_kept_wan_layers_are_also_ignored_under_vllm_omnis_names(tmp_path):
-    """vLLM-Omni's Wan2.2 names the FeedForward `net_0`/`net_2` and the attention output `to_out`;
-    an `ignore` entry `blocks.0.ffn.net.0.proj` does not exclude its `blocks.0.ffn.net_0.proj`, so
-    its loader raised on the BF16 weights of the blocks the wan preset keeps (compat kind
-    `wan-nvfp4-bf16`). Every builder now lists each kept Linear under each engine's name too, and
-    `dqfast check` flags an output that lacks them."""
+def test_kept_wan_layers_are_also_ignored_under_each_engines_names(tmp_path):
+    """Both engines decide Wan2.2 quantization under their own module names: SGLang flattens the
+    self-attention (`blocks.0.to_q`, `blocks.0.to_out`) and names the FFN `fc_in`/`fc_out`;
+    vLLM-Omni uses `ffn.net_0.proj`, `ffn.net_2`, `to_out`. A diffusers-named `ignore` entry
+    excludes the layer in neither, so SGLang cast the BF16 weights of the blocks the wan preset
+    keeps into FP8 parameters without scales, and vLLM-Omni's loader raised on them (compat kinds
+    `wan-fp8-bf16`, `wan-nvfp4-bf16`). Every builder now lists each kept Linear under each
+    engine's name too, and `dqfast check` flags an output that lacks them."""
     paths = make_transformer(tmp_path / "in", "wan", blocks=1, heads=2, head_dim=64, seed=1)
     out = tmp_path / "o"
-    build_nvfp4_transformer(out, base_transformer_dir=paths.base, from_bf16=True)
+    build_fp8_transformer(out, base_transformer_dir=paths.base, from_bf16=True)
     cfg = json.loads((out / "config.json").read_text())
     ignore = cfg["quantization_config"]["ignore"]
-    for written, runtime in [
-        ("blocks.0.ffn.net.0.proj", "blocks.0.ffn.net_0.proj"),
-        ("blocks.0.ffn.net.2", "blocks.0.ffn.net_2"),
-        ("blocks.0.attn1.to_out.0", "blocks.0.attn1.to_out"),
+    for written, *runtime in [
+        ("blocks.0.ffn.net.0.proj", "blocks.0.ffn.net_0.proj", "blocks.0.ffn.fc_in"),
+        ("blocks.0.ffn.net.2", "blocks.0.ffn.net_2", "blocks.0.ffn.fc_out"),
+        ("blocks.0.attn1.to_out.0", "blocks.0.attn1.to_out", "blocks.0.to_out"),
+        ("blocks.0.attn1.to_q", "blocks.0.to_q"),
+        ("blocks.0.attn2.to_out.0", "blocks.0.attn2.to_out"),
     ]:
-        assert written in ignore and runtime in ignore, ignore
+        assert written in ignore and set(runtime) <= set(ignore), (written, ignore)
     assert all(c.status == "loads" for c in check_checkpoint(out, "any"))
-    # Without them (what dqfast wrote before), vLLM-Omni builds those layers NVFP4.
-    cfg["quantization_config"]["ignore"] = [p for p in ignore if "net_" not in p and not p.endswith(".to_out")]
+    # Without them (what dqfast wrote before), both engines quantize those layers.
+    original = [p for p in ignore if not re.search(r"(net_\d|fc_in|fc_out|\.to_out)$|^blocks\.\d+\.to_[qkv]$|net_0\.proj$", p)]
+    cfg["quantization_config"]["ignore"] = original
     (out / "config.json").write_text(json.dumps(cfg))
-    (vo,) = check_checkpoint(out, "vllm-omni")
-    assert vo.status == "fails" and "blocks.0.ffn.net.0.proj" in vo.modules("error"), vo.summary()
-    (sgl,) = check_checkpoint(out, "sglang")
-    assert sgl.status == "loads", sgl.summary()
+    for engine, layer in (("vllm-omni", "blocks.0.ffn.net.0.proj"), ("sglang", "blocks.0.attn1.to_q")):
+        (rep,) = check_checkpoint(out, engine)
+        assert rep.status == "fails" and layer in rep.modules("error"), rep.summary()

@@ -29,6 +29,7 @@ KINDS = {
     "sglang-nvfp4-no-preset": "SGLang 0.5.23 build_modelopt_nvfp4_transformer, its default (no preset: the whole ModelOpt export)",
     "wan-fp8-export": "Wan2.2: dqfast build fp8 from a ModelOpt FP8 export",
     "wan-sglang-fp8": "Wan2.2: SGLang 0.5.23 build_modelopt_fp8_transformer (reference)",
+    "wan-fp8-bf16": "Wan2.2: dqfast build fp8 --from-bf16 (default --target any; the wan preset keeps blocks 0-2 BF16)",
     "wan-nvfp4-bf16": "Wan2.2: dqfast build nvfp4 --from-bf16 (default --target any; the wan preset keeps blocks 0-2 BF16)",
     "qwen-image-nvfp4-export": "Qwen-Image: dqfast build nvfp4 from a ModelOpt NVFP4 export --target sglang (no preset)",
     "qwen-image-nvfp4-export-fit": "Qwen-Image: dqfast build nvfp4 from a ModelOpt NVFP4 export --fit-target (default --target any)",
@@ -107,6 +108,8 @@ def build_kind(kind: str, flux: dict, root: Path) -> Path:
     elif kind == "wan-fp8-export":
         w8 = flux["wan-fp8"]
         build_fp8_transformer(out, modelopt_hf_dir=w8.hf_dir, modelopt_backbone_ckpt=w8.backbone, base_transformer_dir=w8.base_dir)
+    elif kind == "wan-fp8-bf16":
+        build_fp8_transformer(out, from_bf16=True, base_transformer_dir=flux["wan-fp8"].base_dir)
     elif kind == "wan-nvfp4-bf16":
         build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux["wan-fp8"].base_dir)
     elif kind == "wan-sglang-fp8":

@@ -95,8 +95,11 @@ EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]
     ("wan-fp8-export", "vllm-omni"): ("loads", frozenset(), frozenset()),
     ("wan-sglang-fp8", "sglang"): ("loads", frozenset(), frozenset()),
     ("wan-sglang-fp8", "vllm-omni"): ("loads", frozenset(), frozenset()),
-    # Before the `ignore` entries carried vLLM-Omni's Wan2.2 names (`ffn.net_0.proj`, `ffn.net_2`,
-    # `to_out`), its loader raised on the BF16 FeedForwards of the blocks the preset keeps.
+    # Before the `ignore` entries carried each engine's Wan2.2 names (SGLang: `blocks.N.to_q`,
+    # `ffn.fc_in`, ...; vLLM-Omni: `ffn.net_0.proj`, `to_out`, ...), SGLang cast the kept BF16 blocks
+    # into FP8 parameters without scales and vLLM-Omni's loader raised on the kept NVFP4 FeedForwards.
+    ("wan-fp8-bf16", "sglang"): ("loads", frozenset(), frozenset()),
+    ("wan-fp8-bf16", "vllm-omni"): ("loads", frozenset(), frozenset()),
     ("wan-nvfp4-bf16", "sglang"): ("loads", frozenset(), frozenset()),
     ("wan-nvfp4-bf16", "vllm-omni"): ("loads", frozenset(), frozenset()),
     # vLLM-Omni's Qwen-Image (diffusion/models/qwen_image/qwen_image_transformer.py) builds each block's

@@ -192,8 +192,20 @@ TARGETS: dict[str, Target] = {
         },
         # Its Qwen-Image builds the modulation Linear inside nn.Sequential (weights `img_mod.1.*`) with
         # the quant prefix `...img_mod`: an `ignore` entry `...img_mod.1` does not exclude it.
-        runtime_names={"qwen-image": ((r"\.(img_mod|txt_mod)\.1$", r".\1"),)},
-        runtime_names_source="multimodal_gen/runtime/models/dits/qwen_image.py (QwenImageTransformerBlock)",
+        # Its Wan2.x flattens the self-attention into the block (`blocks.N.to_q`, `blocks.N.to_out`) and
+        # names the FFN `fc_in` / `fc_out` (its param-name mapping, observed by the compat suite).
+        runtime_names={
+            "qwen-image": ((r"\.(img_mod|txt_mod)\.1$", r".\1"),),
+            "wan": (
+                (r"^(blocks\.\d+)\.attn1\.(to_[qkv])$", r"\1.\2"),
+                (r"^(blocks\.\d+)\.attn1\.to_out\.0$", r"\1.to_out"),
+                (r"\.attn2\.to_out\.0$", ".attn2.to_out"),
+                (r"\.ffn\.net\.0\.proj$", ".ffn.fc_in"),
+                (r"\.ffn\.net\.2$", ".ffn.fc_out"),
+            ),
+        },
+        runtime_names_source="multimodal_gen/runtime/models/dits/qwen_image.py (QwenImageTransformerBlock); "
+        "multimodal_gen/runtime/models/dits/wanvideo.py (its param_names_mapping)",
         fp8_into_bf16="dequantized",
         fp8_into_bf16_source="multimodal_gen/runtime/loader/fsdp_load.py: _maybe_dequantize_fp8 multiplies an FP8 "
         "weight that meets a higher-precision parameter by its weight_scale",
