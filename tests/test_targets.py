@@ -542,3 +542,20 @@ def test_kept_wan_layers_are_also_ignored_under_each_engines_names(tmp_path):
     for engine, layer in (("vllm-omni", "blocks.0.ffn.net.0.proj"), ("sglang", "blocks.0.attn1.to_q")):
         (rep,) = check_checkpoint(out, engine)
         assert rep.status == "fails" and layer in rep.modules("error"), rep.summary()
+
+
+def test_wan_mixed_entries_are_also_written_under_vllm_omnis_names(tmp_path):
+    """vLLM-Omni looks MIXED_PRECISION `quantized_layers` up under its module names: without
+    `blocks.N.ffn.net_0.proj` its Wan2.2 built the NVFP4 FFN as BF16 (compat kind
+    `wan-mixed-vllm-omni`). Its Wan2.2 fuses only the self-attention's q/k/v: the cross-attention's
+    FP8 layers are quantized, not dequantized (dqfast check took every to_q/k/v for a fused shard)."""
+    paths = make_transformer(tmp_path / "in", "wan", blocks=2, heads=2, head_dim=64, seed=1)
+    out = tmp_path / "o"
+    build_mixed_transformer(out, paths.base, policy={"fp8": ["attn"], "nvfp4": ["ffn"]}, target="vllm-omni")
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["quantized_layers"]
+    nv = [m for m, spec in layers.items() if spec["quant_algo"] == "NVFP4" and ".ffn.net.0.proj" in m]
+    assert nv and all(layers[m.replace("net.0.proj", "net_0.proj")] == layers[m] for m in nv), layers
+    (rep,) = check_checkpoint(out, "vllm-omni")
+    deq, quantized = rep.modules("dequantized"), rep.modules("quantized")
+    assert deq and all(".attn1.to_" in m for m in deq), deq
+    assert any(".attn2.to_q" in m for m in quantized) and any(".ffn.net.0.proj" in m for m in quantized), quantized

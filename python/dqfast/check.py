@@ -117,10 +117,10 @@ def _engine_algo(t: Target, family: str, qc: Any, module: str, fmt: WeightFormat
     if qc.quant_algo != MIXED_PRECISION:
         return qc.quant_algo, ""
     layers = qc.quantized_layers
-    fused = t.packed_layer(module)
+    fused = t.packed_layer(module, family)
     if fused is not None and not t.mixed_resolves_packed and fused not in layers:
         return None, f"fused layer {fused} not resolvable from per-shard quantized_layers ({t.mixed_source})"
-    spec = quantized_layer_entry(layers, module)  # the builders' and the runtime's matcher
+    spec = quantized_layer_entry(layers, runtime)  # the builders' and the runtime's matcher, on the engine's name
     if spec is None:
         return None, "not listed in quantized_layers"
     return str(spec.get("quant_algo", "")).upper(), ""
@@ -262,7 +262,8 @@ def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str, family: s
     plan.copy(f"{module}.weight", s)
     qcfg[key] = [*qcfg.get(key, []), *_ignore_names(family, module)]
     if isinstance(qcfg.get("quantized_layers"), dict):
-        qcfg["quantized_layers"].pop(module, None)
+        for name in _ignore_names(family, module):
+            qcfg["quantized_layers"].pop(name, None)
 
 
 def _record_kept(report: Any, module: str, why: str) -> None:
@@ -305,6 +306,13 @@ def apply_target(plan: Any, report: Any) -> None:
     if isinstance(qcfg.get(key), list):
         named = [p for p in qcfg[key] if p in linears]
         qcfg[key] = [*qcfg[key], *(r for p in named for r in _ignore_names(family, p)[1:] if r not in qcfg[key])]
+    # The same for MIXED_PRECISION's per-layer entries (vLLM-Omni looks its Wan2.2 FFN up as `ffn.net_0.proj`).
+    layers = qcfg.get("quantized_layers")
+    if isinstance(layers, dict):
+        qcfg["quantized_layers"] = {
+            **layers,
+            **{r: spec for m, spec in layers.items() if m in linears for r in _ignore_names(family, m)[1:] if r not in layers},
+        }
 
     def planned() -> Any:
         if wo is not None:  # exact names: nothing to rewrite

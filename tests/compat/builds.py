@@ -31,6 +31,7 @@ KINDS = {
     "wan-sglang-fp8": "Wan2.2: SGLang 0.5.23 build_modelopt_fp8_transformer (reference)",
     "wan-fp8-bf16": "Wan2.2: dqfast build fp8 --from-bf16 (default --target any; the wan preset keeps blocks 0-2 BF16)",
     "wan-nvfp4-bf16": "Wan2.2: dqfast build nvfp4 --from-bf16 (default --target any; the wan preset keeps blocks 0-2 BF16)",
+    "wan-mixed-vllm-omni": 'Wan2.2: dqfast build mixed --target vllm-omni --policy \'{"fp8": ["attn"], "nvfp4": ["ffn"]}\'',
     "qwen-image-nvfp4-export": "Qwen-Image: dqfast build nvfp4 from a ModelOpt NVFP4 export --target sglang (no preset)",
     "qwen-image-nvfp4-export-fit": "Qwen-Image: dqfast build nvfp4 from a ModelOpt NVFP4 export --fit-target (default --target any)",
     "qwen-image-sglang-nvfp4": "Qwen-Image: SGLang 0.5.23 build_modelopt_nvfp4_transformer (reference, no preset)",
@@ -112,6 +113,8 @@ def build_kind(kind: str, flux: dict, root: Path) -> Path:
         build_fp8_transformer(out, from_bf16=True, base_transformer_dir=flux["wan-fp8"].base_dir)
     elif kind == "wan-nvfp4-bf16":
         build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux["wan-fp8"].base_dir)
+    elif kind == "wan-mixed-vllm-omni":
+        build_mixed_transformer(out, flux["wan-fp8"].base_dir, policy={"fp8": ["attn"], "nvfp4": ["ffn"]}, target="vllm-omni")
     elif kind == "wan-sglang-fp8":
         sglang_fp8(flux["wan-fp8"], out)
     elif kind == "qwen-image-nvfp4-export":

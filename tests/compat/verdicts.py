@@ -50,6 +50,9 @@ SGL_FLUX_UNQUANTIZED = _blocks(
     ]
 )
 
+# vLLM-Omni's Wan2.2 fuses each block's self-attention q/k/v (the tiny Wan2.2 has 4 blocks).
+VO_WAN_SELF_QKV = frozenset(f"blocks.{i}.attn1.to_{x}" for i in range(4) for x in "qkv")
+
 # The tiny Qwen-Image has 6 blocks; ModelOpt's recipe quantizes blocks 2 and 3.
 VO_QWEN_MOD = frozenset(f"transformer_blocks.{i}.{m}.1" for i in (2, 3) for m in ("img_mod", "txt_mod"))
 
@@ -101,6 +104,11 @@ EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]
     ("wan-fp8-bf16", "sglang"): ("loads", frozenset(), frozenset()),
     ("wan-fp8-bf16", "vllm-omni"): ("loads", frozenset(), frozenset()),
     ("wan-nvfp4-bf16", "sglang"): ("loads", frozenset(), frozenset()),
+    # vLLM-Omni looked MIXED_PRECISION entries up under its names too (`ffn.net_0.proj`): NVFP4 FFN
+    # weights met BF16 parameters. Its fused self-attention q/k/v cannot be resolved from per-shard
+    # entries (as for FLUX.1): FP8 there is dequantized.
+    ("wan-mixed-vllm-omni", "sglang"): ("fails", frozenset(), "ModelOpt mixed precision is not supported"),
+    ("wan-mixed-vllm-omni", "vllm-omni"): ("loads-bf16", VO_WAN_SELF_QKV, frozenset()),
     ("wan-nvfp4-bf16", "vllm-omni"): ("loads", frozenset(), frozenset()),
     # vLLM-Omni's Qwen-Image (diffusion/models/qwen_image/qwen_image_transformer.py) builds each block's
     # img_mod / txt_mod Linear unquantized; ModelOpt's export quantizes them in the middle blocks.
@@ -121,6 +129,8 @@ WHY = {
     "`build nvfp4 --target vllm-omni --fit-target` writes them in BF16",
     "vo-nvfp4-sgl": "uint8 NVFP4 weights of the double-stream attention and `single_transformer_blocks.*.proj_out` "
     "(`proj_out` substring in `ignore`) meet BF16 parameters (size mismatch)",
+    "vo-wan-qkv": "vLLM-Omni's Wan2.2 fuses the self-attention q/k/v and cannot map per-shard `quantized_layers` "
+    "entries to it: their FP8 weights are dequantized at load",
     "vo-mixed": "NVFP4 FeedForward weights of the double-stream blocks meet BF16 parameters; FP8 layers there are dequantized",
     "sgl-channel": "SGLang accepts only `FP8` and `NVFP4` (`Unsupported ModelOpt quant_algo ... FP8_PER_CHANNEL_PER_TOKEN`)",
     "sgl-mixed": "SGLang rejects `MIXED_PRECISION`",
@@ -143,6 +153,8 @@ WHY_OF = {
     ("mixed", "sglang"): "sgl-mixed",
     ("mixed", "vllm-omni"): "vo-mixed",
     ("mixed-vllm-omni", "sglang"): "sgl-mixed",
+    ("wan-mixed-vllm-omni", "sglang"): "sgl-mixed",
+    ("wan-mixed-vllm-omni", "vllm-omni"): "vo-wan-qkv",
     ("components", "vllm-omni"): "vo-bf16",
     ("sglang-fp8", "vllm-omni"): "vo-bf16-sgl",
     ("sglang-nvfp4", "vllm-omni"): "vo-nvfp4-sgl",

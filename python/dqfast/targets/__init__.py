@@ -107,8 +107,13 @@ class Target:
     #: ``dqfast check`` of such a checkpoint
     quant_method_caveats: dict[str, str] = field(default_factory=dict)
 
-    def packed_layer(self, module: str) -> str | None:
+    #: per family, shards the model class does not fuse after all (regexes on the module name)
+    unfused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def packed_layer(self, module: str, family: str = "") -> str | None:
         """The fused runtime layer ``module`` is a shard of, else None."""
+        if any(re.search(p, module) for p in self.unfused.get(family, ())):
+            return None
         head, _, last = module.rpartition(".")
         for fused, shards in self.packed.items():
             if last in shards:
@@ -235,6 +240,8 @@ TARGETS: dict[str, Target] = {
         index_source="vLLM-Omni's diffusers loader globs *.safetensors",
         packed={"to_qkv": ("to_q", "to_k", "to_v"), "add_kv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")},
         packed_source="vllm_omni/diffusion/model_loader/checkpoint_adapters/modelopt.py: DEFAULT_PACKED_MODULES_MAPPING",
+        # Its Wan2.2 fuses the self-attention's q/k/v only; the cross-attention keeps to_q/to_k/to_v.
+        unfused={"wan": (r"\.attn2\.to_[qkv]$",)},
         quantized_modules={
             # The double-stream blocks, embedders, norm_out and the single blocks' norm.linear are built
             # with `safe_quant_config(...)`: unquantized whatever the checkpoint says.
