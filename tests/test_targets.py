@@ -559,3 +559,23 @@ def test_wan_mixed_entries_are_also_written_under_vllm_omnis_names(tmp_path):
     deq, quantized = rep.modules("dequantized"), rep.modules("quantized")
     assert deq and all(".attn1.to_" in m for m in deq), deq
     assert any(".attn2.to_q" in m for m in quantized) and any(".ffn.net.0.proj" in m for m in quantized), quantized
+
+
+def test_a_fused_layer_whose_shards_are_all_kept_is_ignored_by_its_own_name(modelopt_fixture, tmp_path):
+    """vLLM-Omni cannot map Qwen-Image's `add_q_proj`/`add_k_proj`/`add_v_proj` entries to its
+    fused `add_kv_proj` (its pipeline class binds no packed mapping, and no shard name is a
+    substring of the fused one): its loader raised on the BF16 shards of the blocks a Qwen-Image
+    NVFP4 build keeps (compat kind `qwen-image-nvfp4-bf16-fit`), while dqfast check said it loads.
+    Builders now list the fused name too, and check decides such shards by the fused layer."""
+    q4 = modelopt_fixture("qwen-image", "nvfp4")
+    out = tmp_path / "o"
+    build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=q4.base_dir, fit_target=True)
+    cfg = json.loads((out / "config.json").read_text())
+    ignore = cfg["quantization_config"]["ignore"]
+    fused = [p for p in ignore if p.endswith(".attn.add_kv_proj")]
+    assert fused and all(f"{f.rsplit('.', 1)[0]}.add_{x}_proj" in ignore for f in fused for x in "qkv"), ignore
+    assert all(c.status == "loads" for c in check_checkpoint(out, "any"))
+    cfg["quantization_config"]["ignore"] = [p for p in ignore if p not in fused]
+    (out / "config.json").write_text(json.dumps(cfg))
+    (vo,) = check_checkpoint(out, "vllm-omni")
+    assert vo.status == "fails" and f"{fused[0].rsplit('.', 1)[0]}.add_q_proj" in vo.modules("error"), vo.summary()

@@ -111,13 +111,14 @@ def _engine_algo(t: Target, family: str, qc: Any, module: str, fmt: WeightFormat
         # `ignore` is not consulted: the layers stored in BF16 are the exclusions.
         return (None, f"stored in BF16 ({t.nvfp4_excludes_source})") if fmt is BF16 else ("NVFP4", "")
     runtime = t.runtime_name(family, module)
-    hit = t.ignored(qc.ignore, runtime)
+    fused = t.packed_layer(module, family)
+    # An engine that cannot map a fused layer back to its shards decides for the fused layer.
+    hit = t.ignored(qc.ignore, runtime if fused is None or t.mixed_resolves_packed else fused)
     if hit is not None:
         return None, f"matched by ignore entry '{hit}' ({t.ignore_matching})"
     if qc.quant_algo != MIXED_PRECISION:
         return qc.quant_algo, ""
     layers = qc.quantized_layers
-    fused = t.packed_layer(module, family)
     if fused is not None and not t.mixed_resolves_packed and fused not in layers:
         return None, f"fused layer {fused} not resolvable from per-shard quantized_layers ({t.mixed_source})"
     spec = quantized_layer_entry(layers, runtime)  # the builders' and the runtime's matcher, on the engine's name
@@ -266,6 +267,26 @@ def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str, family: s
             qcfg["quantized_layers"].pop(name, None)
 
 
+def _add_fused_names(qcfg: dict[str, Any], key: str, family: str, linears: set[str]) -> None:
+    """A fused layer every shard of which is excluded is excluded by its own name too: an engine
+    that cannot map its shards back (vLLM-Omni binds the pipeline class's packed mapping, which
+    has none) decides for the fused layer (Qwen-Image's `add_kv_proj`) alone."""
+    listed = set(qcfg[key])
+    for t in TARGETS.values():
+        if t.mixed_resolves_packed:  # it maps shard entries to its fused layers itself
+            continue
+        groups: dict[str, list[str]] = {}
+        for m in linears:
+            if (fused := t.packed_layer(m, family)) is not None:
+                groups.setdefault(fused, []).append(m)
+        for fused, shards in sorted(groups.items()):
+            # Only where no entry already excludes it under the engine's rule (vLLM's substring
+            # rule lets `…attn.to_q` exclude `…attn.to_qkv`, not `…add_q_proj` `…add_kv_proj`).
+            if fused not in listed and all(m in listed for m in shards) and t.ignored(qcfg[key], fused) is None:
+                qcfg[key].append(fused)
+                listed.add(fused)
+
+
 def _record_kept(report: Any, module: str, why: str) -> None:
     """The report follows a layer the target keeps in BF16: its decision says so and the count of
     its former action moves to ``kept_for_target`` (the report said it was quantized)."""
@@ -306,6 +327,7 @@ def apply_target(plan: Any, report: Any) -> None:
     if isinstance(qcfg.get(key), list):
         named = [p for p in qcfg[key] if p in linears]
         qcfg[key] = [*qcfg[key], *(r for p in named for r in _ignore_names(family, p)[1:] if r not in qcfg[key])]
+        _add_fused_names(qcfg, key, family, linears)
     # The same for MIXED_PRECISION's per-layer entries (vLLM-Omni looks its Wan2.2 FFN up as `ffn.net_0.proj`).
     layers = qcfg.get("quantized_layers")
     if isinstance(layers, dict):
@@ -350,6 +372,8 @@ def apply_target(plan: Any, report: Any) -> None:
             if forced:
                 continue
         break
+    if isinstance(qcfg.get(key), list):
+        _add_fused_names(qcfg, key, family, linears)
     if wo is not None:
         qcfg[key] = sorted(set(qcfg.get(key, [])))
     else:

@@ -34,6 +34,7 @@ KINDS = {
     "wan-mixed-vllm-omni": 'Wan2.2: dqfast build mixed --target vllm-omni --policy \'{"fp8": ["attn"], "nvfp4": ["ffn"]}\'',
     "qwen-image-nvfp4-export": "Qwen-Image: dqfast build nvfp4 from a ModelOpt NVFP4 export --target sglang (no preset)",
     "qwen-image-nvfp4-export-fit": "Qwen-Image: dqfast build nvfp4 from a ModelOpt NVFP4 export --fit-target (default --target any)",
+    "qwen-image-nvfp4-bf16-fit": "Qwen-Image: dqfast build nvfp4 --from-bf16 --fit-target (default --target any)",
     "qwen-image-sglang-nvfp4": "Qwen-Image: SGLang 0.5.23 build_modelopt_nvfp4_transformer (reference, no preset)",
 }
 
@@ -123,6 +124,8 @@ def build_kind(kind: str, flux: dict, root: Path) -> Path:
     elif kind == "qwen-image-nvfp4-export-fit":
         q4 = flux["qwen-image-nvfp4"]
         build_nvfp4_transformer(out, modelopt_hf_dir=q4.hf_dir, base_transformer_dir=q4.base_dir, fit_target=True)
+    elif kind == "qwen-image-nvfp4-bf16-fit":
+        build_nvfp4_transformer(out, from_bf16=True, base_transformer_dir=flux["qwen-image-nvfp4"].base_dir, fit_target=True)
     elif kind == "qwen-image-sglang-nvfp4":
         sglang_nvfp4(flux["qwen-image-nvfp4"], out)
     else:

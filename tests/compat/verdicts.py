@@ -116,6 +116,11 @@ EXPECTED: dict[tuple[str, str], tuple[str, frozenset[str], frozenset[str] | str]
     ("qwen-image-nvfp4-export", "vllm-omni"): ("fails", frozenset(), VO_QWEN_MOD),
     ("qwen-image-nvfp4-export-fit", "sglang"): ("loads", frozenset(), frozenset()),
     ("qwen-image-nvfp4-export-fit", "vllm-omni"): ("loads", frozenset(), frozenset()),
+    # The preset keeps blocks outside its range BF16: vLLM-Omni (no packed mapping from its pipeline class)
+    # decides for the fused `add_kv_proj`, which the shard entries `add_q_proj`, ... do not match
+    # under its rule; before dqfast listed the fused name too, its loader raised on those blocks.
+    ("qwen-image-nvfp4-bf16-fit", "sglang"): ("loads", frozenset(), frozenset()),
+    ("qwen-image-nvfp4-bf16-fit", "vllm-omni"): ("loads", frozenset(), frozenset()),
     ("qwen-image-sglang-nvfp4", "sglang"): ("loads", frozenset(), frozenset()),
     ("qwen-image-sglang-nvfp4", "vllm-omni"): ("fails", frozenset(), VO_QWEN_MOD),
 }

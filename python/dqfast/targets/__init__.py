@@ -95,7 +95,9 @@ class Target:
     #: NVFP4: whether the engine replaces `ignore` by the layers the safetensors store in BF16
     nvfp4_excludes_from_tensors: bool = False
     nvfp4_excludes_source: str = ""
-    #: whether a MIXED_PRECISION `quantized_layers` entry per shard (`to_q`) reaches the fused layer
+    #: whether a MIXED_PRECISION `quantized_layers` entry per shard (`to_q`) reaches the fused layer;
+    #: where not, the fused layer's own name decides for `ignore` as well (only its matching rule,
+    #: e.g. vLLM's substring, can let a shard entry exclude it)
     mixed_resolves_packed: bool = True
     mixed_source: str = ""
     #: the non-ModelOpt quant_methods (of the weight-only formats, ``dqfast.weight_only``) whose
