@@ -133,8 +133,7 @@ def _check_one(t: Target, d: Path, family: str, qc: Any, tensors: dict) -> Check
         rep.config_error = f"{refused[0]} is not accepted ({refused[1]})"
         return rep
     rep.notes = _caveats(t, qc)
-    linears = sorted(n[: -len(".weight")] for n, m in tensors.items() if n.endswith(".weight") and len(m.shape) == 2)
-    for m in linears:
+    for m in sorted(_linears(tensors)):
         fmt = _stored(tensors, m)
         stored = fmt.label if fmt is not None else tensors[f"{m}.weight"].dtype
         algo, why = _engine_algo(t, family, qc, m, fmt) if qc is not None else (None, "no quantization config")
@@ -267,6 +266,29 @@ def _keep_bf16(plan: Any, qcfg: dict[str, Any], module: str, why: str, family: s
             qcfg["quantized_layers"].pop(name, None)
 
 
+def _linears(tensors: dict[str, Any]) -> set[str]:
+    """The modules with a 2-D weight (the Linears) of a checkpoint's or a plan's tensors."""
+    return {n[: -len(".weight")] for n, m in tensors.items() if n.endswith(".weight") and len(m.shape) == 2}
+
+
+def _add_engine_names(qcfg: dict[str, Any], key: str, family: str, linears: set[str]) -> None:
+    """Every entry naming a Linear, in the exclusion list (``key``) and in MIXED_PRECISION's
+    ``quantized_layers``, also under each engine's runtime name (vLLM-Omni's Wan2.2
+    `ffn.net_0.proj`, SGLang's Qwen-Image `img_mod`), where the name as written would not reach
+    the layer; then the fused layers whose shards are all excluded (:func:`_add_fused_names`).
+    Idempotent."""
+    if isinstance(qcfg.get(key), list):
+        named = [p for p in qcfg[key] if p in linears]
+        qcfg[key] = [*qcfg[key], *(r for p in named for r in _ignore_names(family, p)[1:] if r not in qcfg[key])]
+        _add_fused_names(qcfg, key, family, linears)
+    layers = qcfg.get("quantized_layers")
+    if isinstance(layers, dict):
+        qcfg["quantized_layers"] = {
+            **layers,
+            **{r: spec for m, spec in layers.items() if m in linears for r in _ignore_names(family, m)[1:] if r not in layers},
+        }
+
+
 def _add_fused_names(qcfg: dict[str, Any], key: str, family: str, linears: set[str]) -> None:
     """A fused layer every shard of which is excluded is excluded by its own name too: an engine
     that cannot map its shards back (vLLM-Omni binds the pipeline class's packed mapping, which
@@ -321,20 +343,8 @@ def apply_target(plan: Any, report: Any) -> None:
     wo = weight_only_of(first) if first is not None else None
     key = wo.ignore_key if wo is not None else "ignore"
 
-    # Every excluded module also under each engine's runtime name (vLLM-Omni's Wan2.2 `ffn.net_0.proj`,
-    # SGLang's Qwen-Image `img_mod`): the entry as written would not exclude it there.
-    linears = {n[: -len(".weight")] for n, m in tensors.items() if n.endswith(".weight") and len(m.shape) == 2}
-    if isinstance(qcfg.get(key), list):
-        named = [p for p in qcfg[key] if p in linears]
-        qcfg[key] = [*qcfg[key], *(r for p in named for r in _ignore_names(family, p)[1:] if r not in qcfg[key])]
-        _add_fused_names(qcfg, key, family, linears)
-    # The same for MIXED_PRECISION's per-layer entries (vLLM-Omni looks its Wan2.2 FFN up as `ffn.net_0.proj`).
-    layers = qcfg.get("quantized_layers")
-    if isinstance(layers, dict):
-        qcfg["quantized_layers"] = {
-            **layers,
-            **{r: spec for m, spec in layers.items() if m in linears for r in _ignore_names(family, m)[1:] if r not in layers},
-        }
+    linears = _linears(tensors)
+    _add_engine_names(qcfg, key, family, linears)
 
     def planned() -> Any:
         if wo is not None:  # exact names: nothing to rewrite
@@ -372,8 +382,7 @@ def apply_target(plan: Any, report: Any) -> None:
             if forced:
                 continue
         break
-    if isinstance(qcfg.get(key), list):
-        _add_fused_names(qcfg, key, family, linears)
+    _add_engine_names(qcfg, key, family, linears)  # again for what --fit-target listed
     if wo is not None:
         qcfg[key] = sorted(set(qcfg.get(key, [])))
     else:
